@@ -1,0 +1,379 @@
+//! The binary codec of the log and of snapshots.
+//!
+//! Little-endian integers, length-prefixed strings. Decoding never panics on
+//! bad bytes: it answers a [`DecodeError`] naming what was wrong. The store
+//! frames and checksums these bytes; this layer only gives them meaning.
+
+use crate::command::{Command, Credit, OpenAccount, Op, Transfer};
+use crate::error::ErrorCode;
+use crate::ids::{AccountId, CellId, TransferId};
+use crate::money::Currency;
+use crate::shard::ShardMap;
+
+/// The format version written at the start of every batch and snapshot.
+pub const FORMAT_VERSION: u8 = 1;
+
+/// The most commands one logged batch may hold (I7); far above any engine batch.
+pub const BATCH_COMMANDS_MAX: u32 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode {what} at byte {offset}: {reason}")]
+pub struct DecodeError {
+    pub what: &'static str,
+    pub offset: usize,
+    pub reason: String,
+}
+
+/// Appends encoded values to a byte buffer.
+#[derive(Default)]
+pub struct Writer {
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self { buf: Vec::with_capacity(bytes) }
+    }
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    pub fn bool(&mut self, v: bool) {
+        self.buf.push(u8::from(v));
+    }
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn i64(&mut self, v: i64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn i128(&mut self, v: i128) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn str(&mut self, s: &str) {
+        self.u32(s.len() as u32);
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+    pub fn currency(&mut self, c: Currency) {
+        self.buf.extend_from_slice(&c.bytes());
+    }
+}
+
+/// Reads encoded values from a byte slice, with errors instead of panics.
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Self { bytes, pos: 0, what }
+    }
+
+    pub fn error(&self, reason: impl Into<String>) -> DecodeError {
+        DecodeError { what: self.what, offset: self.pos, reason: reason.into() }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.bytes.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| self.error(format!("needs {n} more bytes")))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    pub fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(self.error(format!("bad boolean {other}"))),
+        }
+    }
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    pub fn i64(&mut self) -> Result<i64, DecodeError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    pub fn i128(&mut self) -> Result<i128, DecodeError> {
+        Ok(i128::from_le_bytes(self.array()?))
+    }
+    pub fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let len = self.u32()? as usize;
+        let bytes = self.take(len)?;
+        std::str::from_utf8(bytes).map_err(|_| self.error("string is not UTF-8"))
+    }
+    pub fn account_id(&mut self) -> Result<AccountId, DecodeError> {
+        let s = self.str()?;
+        AccountId::new(s).map_err(|e| self.error(format!("account id: {e}")))
+    }
+    pub fn transfer_id(&mut self) -> Result<TransferId, DecodeError> {
+        let s = self.str()?;
+        TransferId::new(s).map_err(|e| self.error(format!("transfer id: {e}")))
+    }
+    pub fn currency(&mut self) -> Result<Currency, DecodeError> {
+        let bytes = self.array::<3>()?;
+        Currency::from_bytes(bytes).map_err(|e| self.error(e.to_string()))
+    }
+    pub fn error_code(&mut self) -> Result<ErrorCode, DecodeError> {
+        let tag = self.u8()?;
+        ErrorCode::from_tag(tag).ok_or_else(|| self.error(format!("unknown error code {tag}")))
+    }
+    /// A count of items that follow, checked against a limit before anything is allocated.
+    pub fn count(&mut self, max: u64) -> Result<usize, DecodeError> {
+        let n = self.u64()?;
+        if n > max {
+            return Err(self.error(format!("count {n} exceeds limit {max}")));
+        }
+        Ok(n as usize)
+    }
+}
+
+const TAG_OPEN: u8 = 1;
+const TAG_TRANSFER: u8 = 2;
+const TAG_CREDIT: u8 = 3;
+const TAG_SETTLE: u8 = 4;
+const TAG_COMPENSATE: u8 = 5;
+const TAG_SHARD_MAP: u8 = 6;
+
+pub fn encode_shard_map(w: &mut Writer, map: &ShardMap) {
+    w.u64(map.epoch());
+    w.u32(map.shards());
+    for owner in map.owners() {
+        w.u32(owner.0);
+    }
+}
+
+pub fn decode_shard_map(r: &mut Reader<'_>) -> Result<ShardMap, DecodeError> {
+    let epoch = r.u64()?;
+    let shards = r.u32()?;
+    if shards == 0 || shards > crate::shard::SHARDS_MAX {
+        return Err(r.error(format!("shard count {shards} out of range")));
+    }
+    let owners = (0..shards).map(|_| r.u32().map(CellId)).collect::<Result<Vec<_>, _>>()?;
+    ShardMap::new(epoch, owners).map_err(|e| r.error(e.to_string()))
+}
+
+/// Appends one command to `w`.
+pub fn encode_command(w: &mut Writer, cmd: &Command) {
+    match &cmd.op {
+        Op::OpenAccount(o) => {
+            w.u8(TAG_OPEN);
+            w.bool(cmd.shadow);
+            w.str(o.id.as_str());
+            w.currency(o.currency);
+            w.bool(o.overdraft);
+        }
+        Op::Transfer(t) => {
+            w.u8(TAG_TRANSFER);
+            w.bool(cmd.shadow);
+            w.str(t.id.as_str());
+            w.str(t.from.as_str());
+            w.str(t.to.as_str());
+            w.i64(t.amount);
+            match t.currency {
+                Some(c) => {
+                    w.u8(1);
+                    w.currency(c);
+                }
+                None => w.u8(0),
+            }
+            w.str(t.memo.as_deref().unwrap_or(""));
+            w.bool(t.memo.is_some());
+        }
+        Op::Credit(c) => {
+            w.u8(TAG_CREDIT);
+            w.bool(cmd.shadow);
+            w.u32(c.source.0);
+            w.u64(c.seq);
+            w.str(c.transfer.as_str());
+            w.str(c.from.as_str());
+            w.str(c.to.as_str());
+            w.i64(c.amount);
+            w.currency(c.currency);
+        }
+        Op::Settle { dest, seq } => {
+            w.u8(TAG_SETTLE);
+            w.bool(cmd.shadow);
+            w.u32(dest.0);
+            w.u64(*seq);
+        }
+        Op::Compensate { dest, seq, reason } => {
+            w.u8(TAG_COMPENSATE);
+            w.bool(cmd.shadow);
+            w.u32(dest.0);
+            w.u64(*seq);
+            w.u8(reason.tag());
+        }
+        Op::InstallShardMap(map) => {
+            w.u8(TAG_SHARD_MAP);
+            w.bool(cmd.shadow);
+            encode_shard_map(w, map);
+        }
+    }
+}
+
+/// Reads one command from `r`.
+pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
+    let tag = r.u8()?;
+    let shadow = r.bool()?;
+    let op = match tag {
+        TAG_OPEN => Op::OpenAccount(OpenAccount {
+            id: r.account_id()?,
+            currency: r.currency()?,
+            overdraft: r.bool()?,
+        }),
+        TAG_TRANSFER => {
+            let id = r.transfer_id()?;
+            let from = r.account_id()?;
+            let to = r.account_id()?;
+            let amount = r.i64()?;
+            let currency = match r.u8()? {
+                0 => None,
+                1 => Some(r.currency()?),
+                other => return Err(r.error(format!("bad currency flag {other}"))),
+            };
+            let memo_text = r.str()?;
+            let memo = r.bool()?.then(|| Box::from(memo_text));
+            Op::Transfer(Transfer { id, from, to, amount, currency, memo })
+        }
+        TAG_CREDIT => Op::Credit(Credit {
+            source: CellId(r.u32()?),
+            seq: r.u64()?,
+            transfer: r.transfer_id()?,
+            from: r.account_id()?,
+            to: r.account_id()?,
+            amount: r.i64()?,
+            currency: r.currency()?,
+        }),
+        TAG_SETTLE => Op::Settle { dest: CellId(r.u32()?), seq: r.u64()? },
+        TAG_COMPENSATE => Op::Compensate {
+            dest: CellId(r.u32()?),
+            seq: r.u64()?,
+            reason: r.error_code()?,
+        },
+        TAG_SHARD_MAP => Op::InstallShardMap(decode_shard_map(r)?),
+        other => return Err(r.error(format!("unknown command tag {other}"))),
+    };
+    Ok(Command { shadow, op })
+}
+
+/// Encodes a batch of commands: version, count, commands.
+pub fn encode_batch<'a>(w: &mut Writer, commands: impl ExactSizeIterator<Item = &'a Command>) {
+    w.u8(FORMAT_VERSION);
+    w.u32(commands.len() as u32);
+    for cmd in commands {
+        encode_command(w, cmd);
+    }
+}
+
+/// Decodes a batch written by [`encode_batch`].
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
+    let mut r = Reader::new(bytes, "batch");
+    let version = r.u8()?;
+    if version != FORMAT_VERSION {
+        return Err(r.error(format!("unknown format version {version}")));
+    }
+    let n = r.u32()?;
+    if n > BATCH_COMMANDS_MAX {
+        return Err(r.error(format!("{n} commands exceed the limit {BATCH_COMMANDS_MAX}")));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        out.push(decode_command(&mut r)?);
+    }
+    if !r.is_empty() {
+        return Err(r.error("trailing bytes after the last command"));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<Command> {
+        let a = AccountId::new("alice").unwrap();
+        let b = AccountId::new("bob").unwrap();
+        let cny = Currency::new("CNY").unwrap();
+        vec![
+            Command::real(Op::OpenAccount(OpenAccount { id: a.clone(), currency: cny, overdraft: true })),
+            Command::shadow(Op::Transfer(Transfer {
+                id: TransferId::new("t1").unwrap(),
+                from: a.clone(),
+                to: b.clone(),
+                amount: 42,
+                currency: Some(cny),
+                memo: Some("lunch".into()),
+            })),
+            Command::real(Op::Transfer(Transfer {
+                id: TransferId::new("t2").unwrap(),
+                from: a.clone(),
+                to: b.clone(),
+                amount: 7,
+                currency: None,
+                memo: None,
+            })),
+            Command::real(Op::Credit(Credit {
+                source: CellId(3),
+                seq: 9,
+                transfer: TransferId::new("t3").unwrap(),
+                from: b,
+                to: a,
+                amount: 5,
+                currency: cny,
+            })),
+            Command::real(Op::Settle { dest: CellId(1), seq: 2 }),
+            Command::shadow(Op::Compensate { dest: CellId(2), seq: 4, reason: ErrorCode::AccountNotFound }),
+            Command::real(Op::InstallShardMap(ShardMap::round_robin(16, 4).unwrap())),
+        ]
+    }
+
+    #[test]
+    fn batches_round_trip() {
+        let cmds = sample();
+        let mut w = Writer::default();
+        encode_batch(&mut w, cmds.iter());
+        assert_eq!(decode_batch(&w.buf).unwrap(), cmds);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let mut w = Writer::default();
+        encode_batch(&mut w, sample().iter());
+        for cut in 0..w.buf.len() {
+            assert!(decode_batch(&w.buf[..cut]).is_err(), "cut at {cut} decoded");
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let mut w = Writer::default();
+        encode_batch(&mut w, sample().iter());
+        for i in 0..w.buf.len() {
+            let mut bytes = w.buf.clone();
+            bytes[i] ^= 0xA5;
+            let _ = decode_batch(&bytes);
+        }
+        assert!(decode_batch(&[FORMAT_VERSION, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}

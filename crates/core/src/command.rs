@@ -1,0 +1,247 @@
+//! Commands the ledger applies, queries it answers, and what it answers with.
+//!
+//! A command changes state (and is written to the log); a query only reads.
+//! Every command carries the `shadow` flag that selects the ledger it acts on (I5).
+
+use crate::error::{ErrorCode, Rejection};
+use crate::ids::{AccountId, CellId, TransferId};
+use crate::money::Currency;
+use crate::shard::ShardMap;
+
+/// The longest memo a transfer may carry, in bytes (I7).
+pub const MEMO_BYTES_MAX: usize = 256;
+
+/// One state change for the ledger, with the ledger it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// True selects the shadow ledger; shadow and real state never mix (I5).
+    pub shadow: bool,
+    pub op: Op,
+}
+
+impl Command {
+    pub fn real(op: Op) -> Self {
+        Self { shadow: false, op }
+    }
+
+    pub fn shadow(op: Op) -> Self {
+        Self { shadow: true, op }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    OpenAccount(OpenAccount),
+    Transfer(Transfer),
+    /// A cross-cell credit arriving from the payer's cell through the relay.
+    Credit(Credit),
+    /// The payee's cell applied outbox message `seq`: the transfer is settled.
+    Settle { dest: CellId, seq: u64 },
+    /// The payee's cell refused outbox message `seq` for good: credit the payer back.
+    Compensate { dest: CellId, seq: u64, reason: ErrorCode },
+    /// Replace the shard map with one of a higher epoch. Ignores the shadow flag.
+    InstallShardMap(ShardMap),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenAccount {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub overdraft: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub id: TransferId,
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: i64,
+    /// When given, must equal both accounts' currency.
+    pub currency: Option<Currency>,
+    pub memo: Option<Box<str>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credit {
+    pub source: CellId,
+    /// Position in the source → this cell stream, from 1, without gaps.
+    pub seq: u64,
+    pub transfer: TransferId,
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: i64,
+    pub currency: Currency,
+}
+
+/// Read-only questions; answered from the state after the batch they came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    Account { shadow: bool, id: AccountId },
+    Transfer { shadow: bool, id: TransferId },
+    /// Newest first; `before` is an entry sequence number from an earlier page.
+    Entries { shadow: bool, account: AccountId, limit: usize, before: Option<u64> },
+    /// Per-shard digests of the real or shadow ledger.
+    Digests { shadow: bool },
+    /// Conservation and non-negativity figures of one ledger in this cell.
+    Audit { shadow: bool },
+    /// Undelivered outbox messages to `dest` after `after_seq`, oldest first, at most `limit`.
+    Outbox { shadow: bool, dest: CellId, after_seq: u64, limit: usize },
+}
+
+/// The status of a transfer (DESIGN.md section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferStatus {
+    Pending,
+    Settled,
+    Reversed,
+}
+
+impl TransferStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferStatus::Pending => "pending",
+            TransferStatus::Settled => "settled",
+            TransferStatus::Reversed => "reversed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountView {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub balance: i64,
+    pub overdraft: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferView {
+    pub id: TransferId,
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: i64,
+    pub currency: Currency,
+    pub status: TransferStatus,
+}
+
+/// What kind of movement a history entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Debit,
+    Credit,
+    /// The payer credited back after the payee's cell refused the money.
+    Reversal,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Debit => "debit",
+            EntryKind::Credit => "credit",
+            EntryKind::Reversal => "reversal",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryView {
+    /// The entry's sequence number; pass it as `before` for the next page.
+    pub seq: u64,
+    pub transfer: TransferId,
+    pub kind: EntryKind,
+    /// Signed: negative for a debit.
+    pub amount: i64,
+    pub balance_after: i64,
+    pub counterparty: AccountId,
+}
+
+/// One undelivered cross-cell credit in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    pub seq: u64,
+    pub transfer: TransferId,
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: i64,
+    pub currency: Currency,
+}
+
+/// A ledger's conservation figures in one cell (I1, I4).
+///
+/// Across a cluster, Σ `balance_sum` + Σ (`sent` − `compensated` − `received`)
+/// over all cells is zero at any cut, because each cell keeps its own part of
+/// that identity with every change it applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditView {
+    pub accounts: u64,
+    pub balance_sum: i128,
+    /// Money sent to other cells, per destination cell, cumulative.
+    pub sent: Vec<(CellId, i128)>,
+    /// Money credited back to payers after a refusal, per destination cell, cumulative.
+    pub compensated: Vec<(CellId, i128)>,
+    /// Money received from other cells, per source cell, cumulative.
+    pub received: Vec<(CellId, i128)>,
+    /// Σ of messages still in this cell's outbox (sent, not yet settled or compensated).
+    pub outbox_sum: i128,
+    pub outbox_messages: u64,
+    /// Accounts without overdraft whose balance is negative: must be zero (I4).
+    pub negative_accounts: u64,
+}
+
+impl AuditView {
+    /// This cell's contribution to the cluster-wide conservation sum.
+    pub fn conservation_term(&self) -> i128 {
+        let total = |v: &[(CellId, i128)]| v.iter().map(|(_, a)| a).sum::<i128>();
+        self.balance_sum + total(&self.sent) - total(&self.compensated) - total(&self.received)
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// `created` is false when the same account was opened before (idempotent replay).
+    AccountOpened { account: AccountView, created: bool },
+    /// `created` is false when the same transfer was accepted before (idempotent replay).
+    Transferred { transfer: TransferView, created: bool, outbox: Option<(CellId, u64)> },
+    /// The credit is applied (or was before, `duplicate`); the relay acknowledges it.
+    CreditApplied { duplicate: bool },
+    /// The credit is refused for good; the payer's cell compensates.
+    CreditRefused { code: ErrorCode, duplicate: bool },
+    /// Settle or compensate applied, or already done before (`duplicate`).
+    OutboxClosed { status: TransferStatus, duplicate: bool },
+    ShardMapInstalled { epoch: u64 },
+    Rejected(Rejection),
+}
+
+impl Outcome {
+    /// True when the command changed state and so must be written to the log.
+    pub fn changed_state(&self) -> bool {
+        match self {
+            Outcome::AccountOpened { created, .. } | Outcome::Transferred { created, .. } => {
+                *created
+            }
+            Outcome::CreditApplied { duplicate } | Outcome::CreditRefused { duplicate, .. } => {
+                !*duplicate
+            }
+            Outcome::OutboxClosed { duplicate, .. } => !*duplicate,
+            Outcome::ShardMapInstalled { .. } => true,
+            Outcome::Rejected(_) => false,
+        }
+    }
+
+    pub fn rejected(code: ErrorCode, message: impl Into<String>) -> Self {
+        Outcome::Rejected(Rejection::new(code, message))
+    }
+}
+
+/// What a query found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryAnswer {
+    Account(AccountView),
+    Transfer(TransferView),
+    Entries(Vec<EntryView>),
+    Digests { epoch: u64, digests: Vec<u64> },
+    Audit(AuditView),
+    Outbox(Vec<OutboxMessage>),
+    Rejected(Rejection),
+}

@@ -1,0 +1,113 @@
+//! Account and transfer ids: validated once at the edge, then cheap to clone.
+//!
+//! Both are `[A-Za-z0-9_.:-]{1,64}` (DESIGN.md section 1). They are backed by
+//! `Arc<str>` because one id is held by the account index, the transfer record,
+//! history entries and outbox messages at once.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The longest id the contract admits, in bytes (I7).
+pub const ID_BYTES_MAX: usize = 64;
+
+/// Why a string is not a valid id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("id is empty")]
+    Empty,
+    #[error("id is longer than {ID_BYTES_MAX} bytes")]
+    TooLong,
+    #[error("id may only contain A-Z a-z 0-9 _ . : -")]
+    BadChar,
+}
+
+fn check_id(s: &str) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if s.len() > ID_BYTES_MAX {
+        return Err(IdError::TooLong);
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
+    if !s.bytes().all(allowed) {
+        return Err(IdError::BadChar);
+    }
+    Ok(())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Validates `s` and wraps it.
+            pub fn new(s: &str) -> Result<Self, IdError> {
+                check_id(s)?;
+                Ok(Self(Arc::from(s)))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), &*self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+id_type!(
+    /// An account id, `[A-Za-z0-9_.:-]{1,64}`.
+    AccountId
+);
+id_type!(
+    /// A transfer id: the client-chosen idempotency key, `[A-Za-z0-9_.:-]{1,64}`.
+    TransferId
+);
+
+/// A cell's number in the shard map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CellId(pub u32);
+
+impl fmt::Display for CellId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_the_contract_charset() {
+        assert!(AccountId::new("alice_1.eu:main-2").is_ok());
+        assert!(AccountId::new(&"a".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn ids_reject_what_the_contract_forbids() {
+        assert_eq!(AccountId::new(""), Err(IdError::Empty));
+        assert_eq!(AccountId::new(&"a".repeat(65)), Err(IdError::TooLong));
+        assert_eq!(TransferId::new("a b"), Err(IdError::BadChar));
+        assert_eq!(TransferId::new("é"), Err(IdError::BadChar));
+        assert_eq!(TransferId::new("a/b"), Err(IdError::BadChar));
+    }
+}

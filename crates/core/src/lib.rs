@@ -1,0 +1,40 @@
+//! cellpay-core: the pure ledger of one cell.
+//!
+//! No tokio, no I/O, no clock. Ids, money, shard hashing, commands and their
+//! outcomes, the deterministic state machine ([`CellState`]) that applies a
+//! batch of commands in order, the per-shard digests, and the codec the store
+//! writes. Storage, network and time live at the edges (`cellpay-store`,
+//! `cellpay-cell`), so tests can drive this code directly.
+//!
+//! ```
+//! use cellpay_core::*;
+//! let map = ShardMap::round_robin(SHARDS_DEFAULT, 1).unwrap();
+//! let mut cell = CellState::new(CellId(0), map, Limits::default());
+//! let cny = Currency::new("CNY").unwrap();
+//! let bank = AccountId::new("bank").unwrap();
+//! let alice = AccountId::new("alice").unwrap();
+//! cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: bank.clone(), currency: cny, overdraft: true })));
+//! cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: alice.clone(), currency: cny, overdraft: false })));
+//! let pay = Transfer { id: TransferId::new("t1").unwrap(), from: bank, to: alice.clone(), amount: 100, currency: None, memo: None };
+//! assert!(matches!(cell.apply(&Command::real(Op::Transfer(pay))), Outcome::Transferred { created: true, .. }));
+//! assert_eq!(cell.ledger(false).account(&alice).unwrap().balance, 100);
+//! ```
+
+pub mod codec;
+pub mod command;
+pub mod digest;
+pub mod error;
+pub mod ids;
+pub mod ledger;
+pub mod money;
+pub mod shard;
+pub mod snapshot;
+pub mod state;
+
+pub use command::*;
+pub use error::{ErrorCode, Rejection};
+pub use ids::{AccountId, CellId, IdError, TransferId};
+pub use ledger::{Ledger, Limits, INBOX_REFUSALS_RETAINED};
+pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
+pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};
+pub use state::{CellState, ENTRIES_PAGE_MAX};

@@ -1,0 +1,267 @@
+//! Snapshots: the whole state of a cell as bytes, so recovery starts from a
+//! checkpoint instead of replaying all history.
+//!
+//! The encoding is deterministic: the same state always gives the same bytes.
+//! Hash indexes are not stored; they are rebuilt from the vectors they index.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::codec::{decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION};
+use crate::command::{EntryKind, TransferStatus};
+use crate::ids::CellId;
+use crate::ledger::{Account, Entry, Inbox, Ledger, Limits, Outbox, OutboxEntry, TransferRecord};
+use crate::state::CellState;
+
+const MAGIC: &[u8; 8] = b"CPSNAP01";
+/// No count in a snapshot may exceed this (I7): it bounds allocation on bad input.
+const COUNT_MAX: u64 = 1 << 32;
+
+fn status_tag(s: TransferStatus) -> u8 {
+    match s {
+        TransferStatus::Pending => 0,
+        TransferStatus::Settled => 1,
+        TransferStatus::Reversed => 2,
+    }
+}
+
+fn kind_tag(k: EntryKind) -> u8 {
+    match k {
+        EntryKind::Debit => 0,
+        EntryKind::Credit => 1,
+        EntryKind::Reversal => 2,
+    }
+}
+
+/// Encodes the whole cell state.
+pub fn encode(state: &CellState) -> Vec<u8> {
+    let accounts = state.real.accounts.len() + state.shadow.accounts.len();
+    let mut w = Writer::with_capacity(64 + accounts * 48);
+    w.buf.extend_from_slice(MAGIC);
+    w.u8(FORMAT_VERSION);
+    w.u32(state.cell.0);
+    w.u64(state.applied);
+    encode_shard_map(&mut w, &state.map);
+    encode_ledger(&mut w, &state.real);
+    encode_ledger(&mut w, &state.shadow);
+    w.buf
+}
+
+fn encode_ledger(w: &mut Writer, l: &Ledger) {
+    w.u64(l.limits.transfers_retained_max as u64);
+    w.u64(l.limits.history_entries_max as u64);
+    w.u64(l.accounts.len() as u64);
+    for a in &l.accounts {
+        w.str(a.id.as_str());
+        w.currency(a.currency);
+        w.i64(a.balance);
+        w.bool(a.overdraft);
+        w.u64(a.history_head);
+    }
+    w.u64(l.records_first_seq);
+    w.u64(l.records.len() as u64);
+    for r in &l.records {
+        w.str(r.id.as_str());
+        w.str(r.from.as_str());
+        w.str(r.to.as_str());
+        w.i64(r.amount);
+        w.currency(r.currency);
+        match r.currency_given {
+            Some(c) => {
+                w.u8(1);
+                w.currency(c);
+            }
+            None => w.u8(0),
+        }
+        w.u64(r.memo_hash);
+        w.u8(status_tag(r.status));
+    }
+    w.u64(l.history_first_seq);
+    w.u64(l.history.len() as u64);
+    for e in &l.history {
+        w.u32(e.account);
+        w.u64(e.prev);
+        w.str(e.transfer.as_str());
+        w.str(e.counterparty.as_str());
+        w.u8(kind_tag(e.kind));
+        w.i64(e.amount);
+        w.i64(e.balance_after);
+    }
+    w.u64(l.outbox.len() as u64);
+    for (dest, o) in &l.outbox {
+        w.u32(dest.0);
+        w.u64(o.last_seq);
+        w.i128(o.sent);
+        w.i128(o.compensated);
+        w.u64(o.entries.len() as u64);
+        for (seq, e) in &o.entries {
+            w.u64(*seq);
+            w.u64(e.record_seq);
+            w.str(e.transfer.as_str());
+            w.str(e.from.as_str());
+            w.str(e.to.as_str());
+            w.i64(e.amount);
+            w.currency(e.currency);
+        }
+    }
+    w.u64(l.inbox.len() as u64);
+    for (source, i) in &l.inbox {
+        w.u32(source.0);
+        w.u64(i.applied_through);
+        w.i128(i.received);
+        w.u64(i.refused.len() as u64);
+        for (seq, code) in &i.refused {
+            w.u64(*seq);
+            w.u8(code.tag());
+        }
+    }
+    for d in &l.digests {
+        w.u64(*d);
+    }
+}
+
+/// Decodes a snapshot written by [`encode`].
+pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
+    let mut r = Reader::new(bytes, "snapshot");
+    let magic: Vec<u8> = (0..MAGIC.len()).map(|_| r.u8()).collect::<Result<_, _>>()?;
+    if magic != MAGIC {
+        return Err(r.error("not a cellpay snapshot"));
+    }
+    let version = r.u8()?;
+    if version != FORMAT_VERSION {
+        return Err(r.error(format!("unknown format version {version}")));
+    }
+    let cell = CellId(r.u32()?);
+    let applied = r.u64()?;
+    let map = decode_shard_map(&mut r)?;
+    let real = decode_ledger(&mut r, &map)?;
+    let shadow = decode_ledger(&mut r, &map)?;
+    if !r.is_empty() {
+        return Err(r.error("trailing bytes after the snapshot"));
+    }
+    Ok(CellState { cell, map, real, shadow, applied })
+}
+
+fn decode_status(r: &mut Reader<'_>) -> Result<TransferStatus, DecodeError> {
+    match r.u8()? {
+        0 => Ok(TransferStatus::Pending),
+        1 => Ok(TransferStatus::Settled),
+        2 => Ok(TransferStatus::Reversed),
+        other => Err(r.error(format!("bad transfer status {other}"))),
+    }
+}
+
+fn decode_kind(r: &mut Reader<'_>) -> Result<EntryKind, DecodeError> {
+    match r.u8()? {
+        0 => Ok(EntryKind::Debit),
+        1 => Ok(EntryKind::Credit),
+        2 => Ok(EntryKind::Reversal),
+        other => Err(r.error(format!("bad entry kind {other}"))),
+    }
+}
+
+fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Ledger, DecodeError> {
+    let transfers_retained_max = r.count(COUNT_MAX)?;
+    let history_entries_max = r.count(COUNT_MAX)?;
+    if transfers_retained_max == 0 || history_entries_max == 0 {
+        return Err(r.error("retention limits must be positive"));
+    }
+    let limits = Limits { transfers_retained_max, history_entries_max };
+    let mut l = Ledger::new(limits, map.shards());
+    let n = r.count(u64::from(u32::MAX))?;
+    l.accounts.reserve(n);
+    l.index.reserve(n);
+    for i in 0..n {
+        let id = r.account_id()?;
+        let id_hash = crate::shard::stable_hash(id.as_str().as_bytes());
+        let shard = map.shard_of(id.as_str()).0;
+        let account = Account {
+            currency: r.currency()?,
+            balance: r.i64()?,
+            overdraft: r.bool()?,
+            history_head: r.u64()?,
+            id: id.clone(),
+            shard,
+            id_hash,
+        };
+        if l.index.insert(id, i as u32).is_some() {
+            return Err(r.error("an account appears twice"));
+        }
+        l.accounts.push(account);
+    }
+    l.records_first_seq = r.u64()?;
+    let n = r.count(transfers_retained_max as u64)?;
+    l.records = VecDeque::with_capacity(n);
+    l.record_index.reserve(n);
+    for k in 0..n {
+        let record = TransferRecord {
+            id: r.transfer_id()?,
+            from: r.account_id()?,
+            to: r.account_id()?,
+            amount: r.i64()?,
+            currency: r.currency()?,
+            currency_given: match r.u8()? {
+                0 => None,
+                1 => Some(r.currency()?),
+                other => return Err(r.error(format!("bad currency flag {other}"))),
+            },
+            memo_hash: r.u64()?,
+            status: decode_status(r)?,
+        };
+        if l.record_index.insert(record.id.clone(), l.records_first_seq + k as u64).is_some() {
+            return Err(r.error("a transfer record appears twice"));
+        }
+        l.records.push_back(record);
+    }
+    l.history_first_seq = r.u64()?;
+    let n = r.count(history_entries_max as u64)?;
+    l.history = VecDeque::with_capacity(n);
+    for _ in 0..n {
+        let entry = Entry {
+            account: r.u32()?,
+            prev: r.u64()?,
+            transfer: r.transfer_id()?,
+            counterparty: r.account_id()?,
+            kind: decode_kind(r)?,
+            amount: r.i64()?,
+            balance_after: r.i64()?,
+        };
+        if entry.account as usize >= l.accounts.len() {
+            return Err(r.error("a history entry names an unknown account"));
+        }
+        l.history.push_back(entry);
+    }
+    let n = r.count(COUNT_MAX)?;
+    for _ in 0..n {
+        let dest = CellId(r.u32()?);
+        let mut o = Outbox { last_seq: r.u64()?, sent: r.i128()?, compensated: r.i128()?, entries: BTreeMap::new() };
+        let m = r.count(COUNT_MAX)?;
+        for _ in 0..m {
+            let seq = r.u64()?;
+            let entry = OutboxEntry {
+                record_seq: r.u64()?,
+                transfer: r.transfer_id()?,
+                from: r.account_id()?,
+                to: r.account_id()?,
+                amount: r.i64()?,
+                currency: r.currency()?,
+            };
+            o.entries.insert(seq, entry);
+        }
+        l.outbox.insert(dest, o);
+    }
+    let n = r.count(COUNT_MAX)?;
+    for _ in 0..n {
+        let source = CellId(r.u32()?);
+        let mut i = Inbox { applied_through: r.u64()?, received: r.i128()?, refused: BTreeMap::new() };
+        let m = r.count(COUNT_MAX)?;
+        for _ in 0..m {
+            let seq = r.u64()?;
+            i.refused.insert(seq, r.error_code()?);
+        }
+        l.inbox.insert(source, i);
+    }
+    for d in l.digests.iter_mut() {
+        *d = r.u64()?;
+    }
+    Ok(l)
+}

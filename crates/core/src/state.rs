@@ -1,0 +1,149 @@
+//! The state machine of one cell: the real ledger, the shadow ledger and the
+//! shard map, driven by a batch of commands in order, deterministically.
+//!
+//! Same start state + same commands = same end state and same answers, which
+//! is what lets the store log commands and recovery replay them.
+
+use crate::command::{Command, Op, Outcome, Query, QueryAnswer};
+use crate::error::{ErrorCode, Rejection};
+use crate::ids::CellId;
+use crate::ledger::{Ledger, Limits, Place};
+use crate::shard::ShardMap;
+
+/// The most entries one history page may return (I7).
+pub const ENTRIES_PAGE_MAX: usize = 1000;
+
+/// Everything one cell knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellState {
+    pub(crate) cell: CellId,
+    pub(crate) map: ShardMap,
+    pub(crate) real: Ledger,
+    pub(crate) shadow: Ledger,
+    /// Commands applied since the cell was created (rejections excluded).
+    pub(crate) applied: u64,
+}
+
+impl CellState {
+    pub fn new(cell: CellId, map: ShardMap, limits: Limits) -> Self {
+        let shards = map.shards();
+        Self {
+            cell,
+            map,
+            real: Ledger::new(limits, shards),
+            shadow: Ledger::new(limits, shards),
+            applied: 0,
+        }
+    }
+
+    pub fn cell(&self) -> CellId {
+        self.cell
+    }
+
+    pub fn shard_map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    pub fn ledger(&self, shadow: bool) -> &Ledger {
+        if shadow {
+            &self.shadow
+        } else {
+            &self.real
+        }
+    }
+
+    /// Commands that changed state since the cell was created.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Applies one command. A rejected command leaves the state exactly as it was.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        let outcome = match &cmd.op {
+            Op::InstallShardMap(next) => self.install_shard_map(next),
+            op => self.apply_to_ledger(cmd.shadow, op),
+        };
+        if outcome.changed_state() {
+            self.applied += 1;
+        }
+        outcome
+    }
+
+    fn install_shard_map(&mut self, next: &ShardMap) -> Outcome {
+        match self.map.check_successor(next) {
+            Ok(()) => {
+                self.map = next.clone();
+                Outcome::ShardMapInstalled { epoch: next.epoch() }
+            }
+            Err(e) => Outcome::rejected(ErrorCode::InvalidRequest, e.to_string()),
+        }
+    }
+
+    fn apply_to_ledger(&mut self, shadow: bool, op: &Op) -> Outcome {
+        let place = Place { cell: self.cell, map: &self.map };
+        let ledger = if shadow { &mut self.shadow } else { &mut self.real };
+        match op {
+            Op::OpenAccount(o) => ledger.open_account(&place, o),
+            Op::Transfer(t) => ledger.transfer(&place, t),
+            Op::Credit(c) => ledger.credit(&place, c),
+            Op::Settle { dest, seq } => ledger.settle(*dest, *seq),
+            Op::Compensate { dest, seq, .. } => ledger.compensate(&place, *dest, *seq),
+            Op::InstallShardMap(_) => unreachable!("handled by apply"),
+        }
+    }
+
+    /// Applies a batch in order and answers each command.
+    pub fn apply_batch(&mut self, cmds: &[Command]) -> Vec<Outcome> {
+        cmds.iter().map(|c| self.apply(c)).collect()
+    }
+
+    /// Answers a read-only query.
+    pub fn query(&self, q: &Query) -> QueryAnswer {
+        let owned = |id: &str| {
+            let owner = self.map.owner_of(id);
+            if owner == self.cell {
+                Ok(())
+            } else {
+                let msg = format!("account {id} is owned by cell {owner} at epoch {}", self.map.epoch());
+                Err(QueryAnswer::Rejected(Rejection::new(ErrorCode::WrongCell, msg)))
+            }
+        };
+        let not_found = |id: &dyn std::fmt::Display| {
+            QueryAnswer::Rejected(Rejection::new(ErrorCode::AccountNotFound, format!("account {id} not found")))
+        };
+        match q {
+            Query::Account { shadow, id } => {
+                if let Err(e) = owned(id.as_str()) {
+                    return e;
+                }
+                self.ledger(*shadow).account(id).map_or_else(|| not_found(id), QueryAnswer::Account)
+            }
+            Query::Transfer { shadow, id } => match self.ledger(*shadow).transfer_status(id) {
+                Some(t) => QueryAnswer::Transfer(t),
+                None => QueryAnswer::Rejected(Rejection::new(
+                    ErrorCode::TransferNotFound,
+                    format!("transfer {id} not found"),
+                )),
+            },
+            Query::Entries { shadow, account, limit, before } => {
+                if let Err(e) = owned(account.as_str()) {
+                    return e;
+                }
+                if *limit == 0 || *limit > ENTRIES_PAGE_MAX {
+                    let msg = format!("limit must be between 1 and {ENTRIES_PAGE_MAX}");
+                    return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
+                }
+                let ledger = self.ledger(*shadow);
+                ledger.entries(account, *limit, *before).map_or_else(|| not_found(account), QueryAnswer::Entries)
+            }
+            Query::Digests { shadow } => QueryAnswer::Digests {
+                epoch: self.map.epoch(),
+                digests: self.ledger(*shadow).digests().to_vec(),
+            },
+            Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit()),
+            Query::Outbox { shadow, dest, after_seq, limit } => {
+                QueryAnswer::Outbox(self.ledger(*shadow).outbox_messages(*dest, *after_seq, *limit))
+            }
+        }
+    }
+}
