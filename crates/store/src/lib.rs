@@ -1,1 +1,106 @@
-//! placeholder
+//! cellpay-store: the durable store of one cell.
+//!
+//! The [`Store`] trait is deliberately narrow: append one batch durably, write
+//! a checkpoint, load the latest checkpoint, and replay the batches after it.
+//! The engine gives it opaque bytes; the store frames, checksums and fsyncs
+//! them. That is all a PostgreSQL backend would need to provide as well (a
+//! `batches` table keyed by sequence number, a `checkpoints` table, a lease row).
+//!
+//! [`EmbeddedStore`] is the default backend: an append-only log of segment
+//! files per cell, one `fdatasync` per batch, and snapshot checkpoints.
+
+mod embedded;
+mod frame;
+
+pub use embedded::{EmbeddedStore, StoreOptions, CHECKPOINTS_KEPT};
+pub use frame::{RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
+
+use std::path::PathBuf;
+
+/// A checkpoint: the snapshot of the cell state after batch `seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub snapshot: Vec<u8>,
+}
+
+/// A torn or corrupt tail that recovery cut off. Only the last record of the
+/// log can be torn by a crash (each earlier one was fsynced before the next was
+/// written), so cutting it loses nothing that was acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub file: PathBuf,
+    pub offset: u64,
+    pub bytes_dropped: u64,
+    pub reason: String,
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    /// Batches handed to the visitor.
+    pub batches: u64,
+    /// The sequence number of the last batch in the log (or of the checkpoint).
+    pub last_seq: u64,
+    pub bytes: u64,
+    pub torn_tail: Option<TornTail>,
+}
+
+/// Counters of what a store wrote since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub log_bytes_written: u64,
+    pub checkpoint_bytes_written: u64,
+    pub fsyncs: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("corrupt record in {} at offset {offset}: {reason}", file.display())]
+    Corrupt { file: PathBuf, offset: u64, reason: String },
+    #[error("the log has a gap: expected batch {expected}, found {found} in {}", file.display())]
+    Gap { file: PathBuf, expected: u64, found: u64 },
+    #[error("{} is locked by another writer of this cell", path.display())]
+    Locked { path: PathBuf },
+    #[error("batch {seq} is out of order: the next batch must be {expected}")]
+    OutOfOrder { seq: u64, expected: u64 },
+    #[error("batch of {bytes} bytes exceeds the record limit of {max} bytes")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("replay rejected batch {seq}: {reason}")]
+    Visit { seq: u64, reason: String },
+    #[error("the store must be replayed before it is appended to")]
+    NotReplayed,
+    #[error("an earlier write failed; the store refuses further writes until it is reopened")]
+    Poisoned,
+}
+
+impl StoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.into();
+        move |source| StoreError::Io { path, source }
+    }
+}
+
+/// The durable store of one cell.
+pub trait Store: Send {
+    /// The latest checkpoint, or `None` for a new cell.
+    fn load_checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError>;
+
+    /// Hands every batch after `after_seq` to `visit`, in order. Cuts a torn tail
+    /// and reports it; stops with an error on corruption before the tail.
+    fn replay(
+        &mut self,
+        after_seq: u64,
+        visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<ReplayReport, StoreError>;
+
+    /// Appends batch `seq` (the one after the last) and returns once it is durable.
+    fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError>;
+
+    /// Durably records the state after batch `seq`; older log may be dropped.
+    fn checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError>;
+
+    fn stats(&self) -> StoreStats;
+}
