@@ -377,3 +377,66 @@ mod tests {
         assert!(decode_batch(&[FORMAT_VERSION, 0xff, 0xff, 0xff, 0xff]).is_err());
     }
 }
+
+/// Builds one logged batch command by command, reusing its buffer.
+///
+/// The layout is that of [`encode_batch`]: version, count, commands.
+pub struct BatchEncoder {
+    w: Writer,
+    count: u32,
+}
+
+impl Default for BatchEncoder {
+    fn default() -> Self {
+        let mut e = Self { w: Writer::with_capacity(1 << 16), count: 0 };
+        e.clear();
+        e
+    }
+}
+
+impl BatchEncoder {
+    pub fn clear(&mut self) {
+        self.w.buf.clear();
+        self.w.u8(FORMAT_VERSION);
+        self.w.u32(0);
+        self.count = 0;
+    }
+
+    pub fn push(&mut self, cmd: &Command) {
+        assert!(self.count < BATCH_COMMANDS_MAX, "engine batches stay far below the log limit");
+        encode_command(&mut self.w, cmd);
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The encoded batch.
+    pub fn bytes(&mut self) -> &[u8] {
+        self.w.buf[1..5].copy_from_slice(&self.count.to_le_bytes());
+        &self.w.buf
+    }
+}
+
+#[cfg(test)]
+mod encoder_tests {
+    use super::*;
+    use crate::command::Op;
+
+    #[test]
+    fn the_encoder_writes_what_decode_batch_reads() {
+        let mut e = BatchEncoder::default();
+        let cmd = Command::real(Op::Settle { dest: CellId(1), seq: 5 });
+        e.push(&cmd);
+        e.push(&cmd);
+        assert_eq!(decode_batch(e.bytes()).unwrap(), vec![cmd.clone(), cmd.clone()]);
+        e.clear();
+        assert!(e.is_empty());
+        assert_eq!(decode_batch(e.bytes()).unwrap(), vec![]);
+    }
+}

@@ -1,0 +1,409 @@
+//! The engine: one writer thread per cell, a bounded queue, smart batching,
+//! one durable append per batch, answers only after the append.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use cellpay_core::codec::BatchEncoder;
+use cellpay_core::{snapshot, CellId, CellState, Command, Limits, Outcome, Query, QueryAnswer, ShardMap};
+use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::recovery::{recover, RecoveryError, RecoveryReport};
+use crate::stats::{thread_cpu_ns, EngineStats};
+
+/// Limits and tuning of one engine (I7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// The most commands one batch (one durable append) may hold.
+    pub batch_commands_max: usize,
+    /// The most commands (and queries) waiting in the queue; beyond it, `overloaded`.
+    pub queue_commands_max: usize,
+    /// A checkpoint is written once this many log bytes follow the last one.
+    pub checkpoint_log_bytes: u64,
+    /// Retention limits, used when the cell is created (a checkpoint keeps them).
+    pub limits: Limits,
+    pub store: StoreOptions,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            batch_commands_max: 8190,
+            queue_commands_max: 65_536,
+            checkpoint_log_bytes: 64 << 20,
+            limits: Limits::default(),
+            store: StoreOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("cell {cell} is overloaded: {queued} commands queued, limit {max}")]
+    Overloaded { cell: CellId, queued: usize, max: usize },
+    #[error("a request of {commands} commands exceeds the batch limit of {max}")]
+    TooLarge { commands: usize, max: usize },
+    #[error("cell {cell} is unavailable: {reason}")]
+    Unavailable { cell: CellId, reason: String },
+}
+
+type CommandsReply = oneshot::Sender<Result<Vec<Outcome>, EngineError>>;
+type QueryReply = oneshot::Sender<Result<QueryAnswer, EngineError>>;
+
+enum Work {
+    Commands { commands: Vec<Command>, reply: CommandsReply },
+    Query { query: Query, reply: QueryReply },
+    Stop,
+}
+
+impl Work {
+    /// What the work counts for against the queue and batch limits.
+    fn cost(&self) -> usize {
+        match self {
+            Work::Commands { commands, .. } => commands.len().max(1),
+            Work::Query { .. } => 1,
+            // Stop is never admitted against the queue limit, so it costs nothing.
+            Work::Stop => 0,
+        }
+    }
+}
+
+struct Shared {
+    cell: CellId,
+    config: EngineConfig,
+    queued: AtomicUsize,
+    epoch: AtomicU64,
+    failed: AtomicBool,
+    stats: EngineStats,
+}
+
+/// A cheap, cloneable way to send work to a cell.
+#[derive(Clone)]
+pub struct CellHandle {
+    tx: mpsc::Sender<Work>,
+    shared: Arc<Shared>,
+}
+
+/// The answer to a submission, to await or block on.
+pub struct Submission<T>(oneshot::Receiver<Result<T, EngineError>>, CellId);
+
+impl<T> Submission<T> {
+    fn lost(cell: CellId) -> EngineError {
+        EngineError::Unavailable { cell, reason: "the engine stopped before answering".into() }
+    }
+
+    pub async fn wait(self) -> Result<T, EngineError> {
+        let cell = self.1;
+        self.0.await.unwrap_or_else(|_| Err(Self::lost(cell)))
+    }
+
+    /// Blocks the calling thread; never call it from an async task.
+    pub fn wait_blocking(self) -> Result<T, EngineError> {
+        let cell = self.1;
+        self.0.blocking_recv().unwrap_or_else(|_| Err(Self::lost(cell)))
+    }
+}
+
+impl CellHandle {
+    pub fn cell(&self) -> CellId {
+        self.shared.cell
+    }
+
+    /// The shard map epoch the cell works at.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Relaxed)
+    }
+
+    /// Commands and queries waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.shared.queued.load(Relaxed)
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.shared.failed.load(Relaxed)
+    }
+
+    /// Reserves room in the queue or answers `overloaded` at once (never blocks).
+    fn admit(&self, cost: usize) -> Result<(), EngineError> {
+        let s = &self.shared;
+        if s.failed.load(Relaxed) {
+            return Err(EngineError::Unavailable { cell: s.cell, reason: "the engine has failed".into() });
+        }
+        let max = s.config.queue_commands_max;
+        let before = s.queued.fetch_add(cost, Relaxed);
+        if before + cost > max {
+            s.queued.fetch_sub(cost, Relaxed);
+            return Err(EngineError::Overloaded { cell: s.cell, queued: before, max });
+        }
+        Ok(())
+    }
+
+    fn send(&self, work: Work) -> Result<(), EngineError> {
+        let cost = work.cost();
+        self.admit(cost)?;
+        // The channel's capacity equals the queue limit, so with the queue
+        // admitted this only fails when the engine is gone.
+        self.tx.try_send(work).map_err(|_| {
+            self.shared.queued.fetch_sub(cost, Relaxed);
+            EngineError::Unavailable { cell: self.shared.cell, reason: "the engine is not running".into() }
+        })
+    }
+
+    /// Queues commands; the answer comes once their batch is durable.
+    pub fn submit(&self, commands: Vec<Command>) -> Result<Submission<Vec<Outcome>>, EngineError> {
+        let max = self.shared.config.batch_commands_max;
+        if commands.len() > max {
+            return Err(EngineError::TooLarge { commands: commands.len(), max });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Work::Commands { commands, reply })?;
+        Ok(Submission(rx, self.shared.cell))
+    }
+
+    /// Queues a read; it is answered with its batch, after that batch is durable.
+    pub fn query(&self, query: Query) -> Result<Submission<QueryAnswer>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Work::Query { query, reply })?;
+        Ok(Submission(rx, self.shared.cell))
+    }
+}
+
+/// A running cell: its engine thread and a handle to it.
+pub struct Cell {
+    handle: CellHandle,
+    thread: Option<JoinHandle<Result<(), StoreError>>>,
+    recovery: RecoveryReport,
+}
+
+impl Cell {
+    /// Opens the embedded store in `dir`, recovers, and starts the engine.
+    pub fn open_embedded(dir: &Path, cell: CellId, map: &ShardMap, config: EngineConfig) -> Result<Self, RecoveryError> {
+        let store = EmbeddedStore::open(dir, config.store)?;
+        Self::start(Box::new(store), cell, map, config)
+    }
+
+    /// Recovers `cell` from `store` and starts its engine thread. `map` is used
+    /// only when the store is new; otherwise the stored shard map wins.
+    pub fn start(mut store: Box<dyn Store>, cell: CellId, map: &ShardMap, config: EngineConfig) -> Result<Self, RecoveryError> {
+        assert!(config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max);
+        let (state, recovery) = recover(store.as_mut(), cell, map, config.limits)?;
+        // One slot more than the queue limit, kept for the single Stop.
+        let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
+        let shared = Arc::new(Shared {
+            cell,
+            config,
+            queued: AtomicUsize::new(0),
+            epoch: AtomicU64::new(state.shard_map().epoch()),
+            failed: AtomicBool::new(false),
+            stats: EngineStats::default(),
+        });
+        let engine = Engine {
+            shared: shared.clone(),
+            rx,
+            state,
+            store,
+            seq: recovery.last_seq,
+            encoder: BatchEncoder::default(),
+            log_bytes_since_checkpoint: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("cell-{cell}"))
+            .spawn(move || engine.run())
+            .map_err(|source| RecoveryError::Store(StoreError::Io { path: "engine thread".into(), source }))?;
+        Ok(Self { handle: CellHandle { tx, shared }, thread: Some(thread), recovery })
+    }
+
+    pub fn handle(&self) -> CellHandle {
+        self.handle.clone()
+    }
+
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// Answers everything queued before the stop, writes a final checkpoint
+    /// and joins the engine thread.
+    pub fn stop(mut self) -> Result<(), StoreError> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<(), StoreError> {
+        let Some(thread) = self.thread.take() else { return Ok(()) };
+        // Stop bypasses the queue limit; the spare channel slot is kept for it,
+        // so this never blocks (and is safe inside an async runtime).
+        let _ = self.handle.tx.try_send(Work::Stop);
+        thread.join().unwrap_or_else(|_| Err(StoreError::Poisoned))
+    }
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        let _ = self.stop_inner();
+    }
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Work>,
+    state: CellState,
+    store: Box<dyn Store>,
+    /// The last batch appended.
+    seq: u64,
+    encoder: BatchEncoder,
+    log_bytes_since_checkpoint: u64,
+}
+
+enum Answer {
+    Commands(CommandsReply, Vec<Outcome>),
+    Query(QueryReply, QueryAnswer),
+}
+
+impl Engine {
+    fn run(mut self) -> Result<(), StoreError> {
+        let mut carry: Option<Work> = None;
+        let mut batch: Vec<Work> = Vec::new();
+        loop {
+            let Some(first) = carry.take().or_else(|| self.rx.blocking_recv()) else {
+                return self.final_checkpoint();
+            };
+            let mut size = first.cost();
+            let stop = matches!(first, Work::Stop);
+            batch.push(first);
+            // Smart batching: take what is already queued, up to the batch limit.
+            while !stop && size < self.shared.config.batch_commands_max {
+                let Ok(next) = self.rx.try_recv() else { break };
+                if size + next.cost() > self.shared.config.batch_commands_max {
+                    carry = Some(next);
+                    break;
+                }
+                size += next.cost();
+                batch.push(next);
+            }
+            let stopping = batch.iter().any(|w| matches!(w, Work::Stop));
+            self.shared.queued.fetch_sub(size, Relaxed);
+            if let Err(e) = self.process(&mut batch) {
+                self.fail(&e);
+                return Err(e);
+            }
+            if stopping {
+                return self.final_checkpoint();
+            }
+        }
+    }
+
+    fn process(&mut self, batch: &mut Vec<Work>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let cpu_started = thread_cpu_ns();
+        self.encoder.clear();
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut commands = 0u64;
+        let mut queries = 0u64;
+        for work in batch.drain(..) {
+            match work {
+                Work::Commands { commands: cmds, reply } => {
+                    let mut outcomes = Vec::with_capacity(cmds.len());
+                    for cmd in &cmds {
+                        let outcome = self.state.apply(cmd);
+                        if outcome.changed_state() {
+                            self.encoder.push(cmd);
+                        }
+                        outcomes.push(outcome);
+                    }
+                    commands += cmds.len() as u64;
+                    answers.push(Answer::Commands(reply, outcomes));
+                }
+                Work::Query { query, reply } => {
+                    queries += 1;
+                    answers.push(Answer::Query(reply, self.state.query(&query)));
+                }
+                Work::Stop => {}
+            }
+        }
+        let logged = u64::from(self.encoder.len());
+        let mut append_us = None;
+        if logged > 0 {
+            let append_started = Instant::now();
+            let bytes = self.encoder.bytes();
+            let len = bytes.len() as u64;
+            if let Err(e) = self.store.append(self.seq + 1, bytes) {
+                for answer in answers {
+                    self.answer_failed(answer, &e);
+                }
+                return Err(e);
+            }
+            self.seq += 1;
+            self.log_bytes_since_checkpoint += len;
+            append_us = Some(append_started.elapsed().as_micros() as u64);
+        }
+        // Durable: now, and only now, answer.
+        for answer in answers {
+            match answer {
+                Answer::Commands(reply, outcomes) => drop(reply.send(Ok(outcomes))),
+                Answer::Query(reply, a) => drop(reply.send(Ok(a))),
+            }
+        }
+        self.shared.epoch.store(self.state.shard_map().epoch(), Relaxed);
+        let shared = self.shared.clone();
+        let s = &shared.stats;
+        s.batches.fetch_add(1, Relaxed);
+        s.commands.fetch_add(commands, Relaxed);
+        s.commands_logged.fetch_add(logged, Relaxed);
+        s.queries.fetch_add(queries, Relaxed);
+        let store_stats = self.store.stats();
+        s.log_bytes.store(store_stats.log_bytes_written, Relaxed);
+        s.fsyncs.store(store_stats.fsyncs, Relaxed);
+        s.record_batch(started.elapsed().as_micros() as u64, append_us, commands + queries);
+        if self.log_bytes_since_checkpoint >= self.shared.config.checkpoint_log_bytes {
+            self.checkpoint()?;
+        }
+        s.cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(cpu_started), Relaxed);
+        Ok(())
+    }
+
+    fn answer_failed(&self, answer: Answer, e: &StoreError) {
+        let err = EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") };
+        match answer {
+            Answer::Commands(reply, _) => drop(reply.send(Err(err))),
+            Answer::Query(reply, _) => drop(reply.send(Err(err))),
+        }
+    }
+
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let bytes = snapshot::encode(&self.state);
+        self.store.checkpoint(self.seq, &bytes)?;
+        self.log_bytes_since_checkpoint = 0;
+        self.shared.stats.record_checkpoint(started.elapsed().as_micros() as u64, bytes.len() as u64);
+        Ok(())
+    }
+
+    fn final_checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.log_bytes_since_checkpoint > 0 {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Fail-stop: the in-memory state may be ahead of the store, so the engine
+    /// serves nothing more; a restart recovers from what is durable.
+    fn fail(&mut self, e: &StoreError) {
+        self.shared.failed.store(true, Relaxed);
+        self.rx.close();
+        while let Ok(work) = self.rx.try_recv() {
+            let err = EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") };
+            match work {
+                Work::Commands { reply, .. } => drop(reply.send(Err(err))),
+                Work::Query { reply, .. } => drop(reply.send(Err(err))),
+                Work::Stop => {}
+            }
+        }
+    }
+}

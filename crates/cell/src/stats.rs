@@ -1,0 +1,148 @@
+//! Counters and latency histograms an engine keeps about itself.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+/// Live counters of one engine, shared with its handles.
+pub struct EngineStats {
+    pub batches: AtomicU64,
+    pub commands: AtomicU64,
+    pub commands_logged: AtomicU64,
+    pub queries: AtomicU64,
+    pub log_bytes: AtomicU64,
+    pub checkpoint_bytes: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub fsyncs: AtomicU64,
+    /// CPU time the engine thread used, in nanoseconds.
+    pub cpu_ns: AtomicU64,
+    /// Whole batch cycle (take, apply, append + fsync, answer), in microseconds.
+    batch_us: Mutex<Histogram<u64>>,
+    /// Append + fsync alone, in microseconds.
+    append_us: Mutex<Histogram<u64>>,
+    /// Checkpoint pauses (encode + write + fsync), in microseconds.
+    checkpoint_us: Mutex<Histogram<u64>>,
+    /// Commands per batch.
+    batch_size: Mutex<Histogram<u64>>,
+}
+
+fn histogram() -> Mutex<Histogram<u64>> {
+    Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"))
+}
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        Self {
+            batches: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            commands_logged: AtomicU64::new(0),
+            queries: AtomicU64::new(0),
+            log_bytes: AtomicU64::new(0),
+            checkpoint_bytes: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            cpu_ns: AtomicU64::new(0),
+            batch_us: histogram(),
+            append_us: histogram(),
+            checkpoint_us: histogram(),
+            batch_size: histogram(),
+        }
+    }
+}
+
+fn record(h: &Mutex<Histogram<u64>>, v: u64) {
+    let mut h = h.lock().expect("stats lock is never held across a panic");
+    h.saturating_record(v.max(1));
+}
+
+/// Percentiles of one histogram.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+fn percentiles(h: &Mutex<Histogram<u64>>) -> Percentiles {
+    let h = h.lock().expect("stats lock is never held across a panic");
+    Percentiles {
+        count: h.len(),
+        p50: h.value_at_quantile(0.5),
+        p99: h.value_at_quantile(0.99),
+        max: h.max(),
+        mean: h.mean(),
+    }
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatsSnapshot {
+    pub batches: u64,
+    pub commands: u64,
+    pub commands_logged: u64,
+    pub queries: u64,
+    pub log_bytes: u64,
+    pub checkpoint_bytes: u64,
+    pub checkpoints: u64,
+    pub fsyncs: u64,
+    pub cpu_ns: u64,
+    pub batch_us: Percentiles,
+    pub append_us: Percentiles,
+    pub checkpoint_us: Percentiles,
+    pub batch_size: Percentiles,
+}
+
+impl EngineStats {
+    pub(crate) fn record_batch(&self, batch_us: u64, append_us: Option<u64>, size: u64) {
+        record(&self.batch_us, batch_us);
+        record(&self.batch_size, size);
+        if let Some(us) = append_us {
+            record(&self.append_us, us);
+        }
+    }
+
+    pub(crate) fn record_checkpoint(&self, us: u64, bytes: u64) {
+        record(&self.checkpoint_us, us);
+        self.checkpoints.fetch_add(1, Relaxed);
+        self.checkpoint_bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// Clears the histograms, so a benchmark can measure one phase alone.
+    pub fn reset_histograms(&self) {
+        for h in [&self.batch_us, &self.append_us, &self.checkpoint_us, &self.batch_size] {
+            h.lock().expect("stats lock is never held across a panic").reset();
+        }
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            batches: self.batches.load(Relaxed),
+            commands: self.commands.load(Relaxed),
+            commands_logged: self.commands_logged.load(Relaxed),
+            queries: self.queries.load(Relaxed),
+            log_bytes: self.log_bytes.load(Relaxed),
+            checkpoint_bytes: self.checkpoint_bytes.load(Relaxed),
+            checkpoints: self.checkpoints.load(Relaxed),
+            fsyncs: self.fsyncs.load(Relaxed),
+            cpu_ns: self.cpu_ns.load(Relaxed),
+            batch_us: percentiles(&self.batch_us),
+            append_us: percentiles(&self.append_us),
+            checkpoint_us: percentiles(&self.checkpoint_us),
+            batch_size: percentiles(&self.batch_size),
+        }
+    }
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+pub(crate) fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own; the clock id is valid on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,230 @@
+//! The engine against the real embedded store on real files: answers after
+//! durability, smart batching, overload, idempotency across restarts,
+//! checkpoints and fail-stop on a store error.
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+
+use cellpay_cell::{Cell, EngineConfig, EngineError};
+use cellpay_core::*;
+use cellpay_store::{Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats};
+
+fn cny() -> Currency {
+    Currency::new("CNY").unwrap()
+}
+
+fn open_cmd(id: &str, overdraft: bool) -> Command {
+    Command::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny(), overdraft }))
+}
+
+fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
+    Command::real(Op::Transfer(Transfer {
+        id: TransferId::new(id).unwrap(),
+        from: AccountId::new(from).unwrap(),
+        to: AccountId::new(to).unwrap(),
+        amount,
+        currency: None,
+        memo: None,
+    }))
+}
+
+fn one_cell_map() -> ShardMap {
+    ShardMap::round_robin(64, 1).unwrap()
+}
+
+fn start(dir: &Path, config: EngineConfig) -> Cell {
+    Cell::open_embedded(dir, CellId(0), &one_cell_map(), config).unwrap()
+}
+
+fn balance(cell: &Cell, id: &str) -> i64 {
+    let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap() };
+    match cell.handle().query(q).unwrap().wait_blocking().unwrap() {
+        QueryAnswer::Account(a) => a.balance,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn digests(cell: &Cell, shadow: bool) -> Vec<u64> {
+    match cell.handle().query(Query::Digests { shadow }).unwrap().wait_blocking().unwrap() {
+        QueryAnswer::Digests { digests, .. } => digests,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn transfers_are_answered_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cell = start(dir.path(), EngineConfig::default());
+    assert!(cell.recovery().created);
+    let h = cell.handle();
+    let out = h
+        .submit(vec![open_cmd("bank", true), open_cmd("alice", false), transfer_cmd("t1", "bank", "alice", 500)])
+        .unwrap()
+        .wait_blocking()
+        .unwrap();
+    assert!(matches!(&out[2], Outcome::Transferred { created: true, transfer, .. } if transfer.status == TransferStatus::Settled));
+    assert_eq!(balance(&cell, "alice"), 500);
+    let before = digests(&cell, false);
+    drop(cell);
+
+    let cell = start(dir.path(), EngineConfig::default());
+    assert!(!cell.recovery().created);
+    assert_eq!(balance(&cell, "alice"), 500);
+    assert_eq!(balance(&cell, "bank"), -500);
+    assert_eq!(digests(&cell, false), before);
+    // Same id, same body: the original result. Same id, other body: conflict.
+    let out = cell
+        .handle()
+        .submit(vec![transfer_cmd("t1", "bank", "alice", 500), transfer_cmd("t1", "bank", "alice", 501)])
+        .unwrap()
+        .wait_blocking()
+        .unwrap();
+    assert!(matches!(&out[0], Outcome::Transferred { created: false, .. }));
+    assert!(matches!(&out[1], Outcome::Rejected(r) if r.code == ErrorCode::Conflict));
+    assert_eq!(balance(&cell, "alice"), 500);
+}
+
+#[test]
+fn a_request_larger_than_a_batch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig { batch_commands_max: 4, queue_commands_max: 16, ..EngineConfig::default() };
+    let cell = start(dir.path(), config);
+    let cmds = (0..5).map(|i| open_cmd(&format!("a{i}"), false)).collect();
+    assert!(matches!(cell.handle().submit(cmds), Err(EngineError::TooLarge { commands: 5, max: 4 })));
+}
+
+/// The real embedded store, with appends held until the test lets them go
+/// (or failed on demand), so the test controls when a batch becomes durable.
+struct GatedStore {
+    inner: EmbeddedStore,
+    gate: Arc<Mutex<std_mpsc::Receiver<bool>>>,
+    gated: bool,
+}
+
+impl Store for GatedStore {
+    fn load_checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError> {
+        self.inner.load_checkpoint()
+    }
+    fn replay(&mut self, after: u64, visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>) -> Result<ReplayReport, StoreError> {
+        self.inner.replay(after, visit)
+    }
+    fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
+        if self.gated && !self.gate.lock().unwrap().recv().unwrap_or(true) {
+            return Err(StoreError::Io { path: "gated".into(), source: std::io::Error::other("injected failure") });
+        }
+        self.inner.append(seq, batch)
+    }
+    fn checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+        self.inner.checkpoint(seq, snapshot)
+    }
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+}
+
+fn gated(dir: &Path, config: EngineConfig) -> (Cell, std_mpsc::Sender<bool>) {
+    let (tx, rx) = std_mpsc::channel();
+    let inner = EmbeddedStore::open(dir, StoreOptions::default()).unwrap();
+    let store = GatedStore { inner, gate: Arc::new(Mutex::new(rx)), gated: true };
+    let cell = Cell::start(Box::new(store), CellId(0), &one_cell_map(), config).unwrap();
+    (cell, tx)
+}
+
+fn wait_until(mut f: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("condition not reached in 2 s");
+}
+
+#[test]
+fn what_queues_behind_a_batch_goes_into_the_next_one_and_nothing_is_answered_before_it_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cell, gate) = gated(dir.path(), EngineConfig::default());
+    let h = cell.handle();
+    let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
+    wait_until(|| h.queue_depth() == 0); // the engine took it and waits on the gate
+    let rest: Vec<_> = (0..50).map(|i| h.submit(vec![open_cmd(&format!("u{i}"), false)]).unwrap()).collect();
+    assert_eq!(h.queue_depth(), 50);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(h.stats().snapshot().batches, 0, "no batch completes before its append");
+    gate.send(true).unwrap();
+    gate.send(true).unwrap();
+    first.wait_blocking().unwrap();
+    for s in rest {
+        assert!(matches!(s.wait_blocking().unwrap()[0], Outcome::AccountOpened { created: true, .. }));
+    }
+    let stats = h.stats().snapshot();
+    assert_eq!(stats.batches, 2, "the 50 queued requests share one batch");
+    assert_eq!(stats.commands, 51);
+}
+
+#[test]
+fn a_full_queue_answers_overloaded_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig { batch_commands_max: 8, queue_commands_max: 8, ..EngineConfig::default() };
+    let (cell, gate) = gated(dir.path(), config);
+    let h = cell.handle();
+    let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
+    wait_until(|| h.queue_depth() == 0);
+    let queued = h.submit((0..8).map(|i| open_cmd(&format!("q{i}"), false)).collect()).unwrap();
+    match h.submit(vec![open_cmd("late", false)]) {
+        Err(EngineError::Overloaded { queued: 8, max: 8, .. }) => {}
+        Err(other) => panic!("expected Overloaded, got {other}"),
+        Ok(_) => panic!("expected Overloaded, got a queued submission"),
+    }
+    gate.send(true).unwrap();
+    gate.send(true).unwrap();
+    first.wait_blocking().unwrap();
+    queued.wait_blocking().unwrap();
+    assert_eq!(h.queue_depth(), 0);
+}
+
+#[test]
+fn a_store_failure_stops_the_cell_and_answers_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cell, gate) = gated(dir.path(), EngineConfig::default());
+    let h = cell.handle();
+    let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
+    gate.send(false).unwrap();
+    assert!(matches!(first.wait_blocking(), Err(EngineError::Unavailable { .. })));
+    wait_until(|| h.is_failed());
+    assert!(matches!(h.submit(vec![open_cmd("x", false)]), Err(EngineError::Unavailable { .. })));
+    drop(cell);
+    // Nothing of the failed batch was acknowledged, and nothing of it is there.
+    let cell = start(dir.path(), EngineConfig::default());
+    let q = Query::Account { shadow: false, id: AccountId::new("bank").unwrap() };
+    let answer = cell.handle().query(q).unwrap().wait_blocking().unwrap();
+    assert!(matches!(answer, QueryAnswer::Rejected(r) if r.code == ErrorCode::AccountNotFound));
+}
+
+#[test]
+fn checkpoints_bound_replay_and_recover_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig { checkpoint_log_bytes: 4096, ..EngineConfig::default() };
+    let cell = start(dir.path(), config);
+    let h = cell.handle();
+    h.submit(vec![open_cmd("bank", true)]).unwrap().wait_blocking().unwrap();
+    for i in 0..40 {
+        let cmds = (0..20)
+            .flat_map(|j| {
+                let acct = format!("u{}", i * 20 + j);
+                [open_cmd(&acct, false), transfer_cmd(&format!("t{i}-{j}"), "bank", &acct, 7)]
+            })
+            .collect();
+        h.submit(cmds).unwrap().wait_blocking().unwrap();
+    }
+    assert!(h.stats().snapshot().checkpoints > 5);
+    let before = (digests(&cell, false), balance(&cell, "bank"));
+    cell.stop().unwrap();
+    let cell = start(dir.path(), config);
+    let r = cell.recovery();
+    assert!(r.checkpoint_seq > 0);
+    assert_eq!(r.batches_replayed, 0, "a clean stop checkpoints everything");
+    assert_eq!((digests(&cell, false), balance(&cell, "bank")), before);
+    assert_eq!(before.1, -40 * 20 * 7);
+}
