@@ -57,7 +57,7 @@ type QueryReply = oneshot::Sender<Result<QueryAnswer, EngineError>>;
 enum Work {
     Commands { commands: Vec<Command>, reply: CommandsReply },
     Query { query: Query, reply: QueryReply },
-    Stop,
+    Stop { checkpoint: bool },
 }
 
 impl Work {
@@ -67,7 +67,7 @@ impl Work {
             Work::Commands { commands, .. } => commands.len().max(1),
             Work::Query { .. } => 1,
             // Stop is never admitted against the queue limit, so it costs nothing.
-            Work::Stop => 0,
+            Work::Stop { .. } => 0,
         }
     }
 }
@@ -235,11 +235,22 @@ impl Cell {
         self.stop_inner()
     }
 
+    /// Answers everything queued before the halt and joins the engine thread,
+    /// without the final checkpoint: the store is left as a crash would leave
+    /// it after the last acknowledged batch, so the next start replays the log.
+    pub fn halt(mut self) -> Result<(), StoreError> {
+        self.stop_with(false)
+    }
+
     fn stop_inner(&mut self) -> Result<(), StoreError> {
+        self.stop_with(true)
+    }
+
+    fn stop_with(&mut self, checkpoint: bool) -> Result<(), StoreError> {
         let Some(thread) = self.thread.take() else { return Ok(()) };
         // Stop bypasses the queue limit; the spare channel slot is kept for it,
         // so this never blocks (and is safe inside an async runtime).
-        let _ = self.handle.tx.try_send(Work::Stop);
+        let _ = self.handle.tx.try_send(Work::Stop { checkpoint });
         thread.join().unwrap_or_else(|_| Err(StoreError::Poisoned))
     }
 }
@@ -275,7 +286,7 @@ impl Engine {
                 return self.final_checkpoint();
             };
             let mut size = first.cost();
-            let stop = matches!(first, Work::Stop);
+            let stop = matches!(first, Work::Stop { .. });
             batch.push(first);
             // Smart batching: take what is already queued, up to the batch limit.
             while !stop && size < self.shared.config.batch_commands_max {
@@ -287,14 +298,19 @@ impl Engine {
                 size += next.cost();
                 batch.push(next);
             }
-            let stopping = batch.iter().any(|w| matches!(w, Work::Stop));
+            let stopping = batch.iter().find_map(|w| match w {
+                Work::Stop { checkpoint } => Some(*checkpoint),
+                _ => None,
+            });
             self.shared.queued.fetch_sub(size, Relaxed);
             if let Err(e) = self.process(&mut batch) {
                 self.fail(&e);
                 return Err(e);
             }
-            if stopping {
-                return self.final_checkpoint();
+            match stopping {
+                Some(true) => return self.final_checkpoint(),
+                Some(false) => return Ok(()),
+                None => {}
             }
         }
     }
@@ -324,7 +340,7 @@ impl Engine {
                     queries += 1;
                     answers.push(Answer::Query(reply, self.state.query(&query)));
                 }
-                Work::Stop => {}
+                Work::Stop { .. } => {}
             }
         }
         let logged = u64::from(self.encoder.len());
@@ -402,7 +418,7 @@ impl Engine {
             match work {
                 Work::Commands { reply, .. } => drop(reply.send(Err(err))),
                 Work::Query { reply, .. } => drop(reply.send(Err(err))),
-                Work::Stop => {}
+                Work::Stop { .. } => {}
             }
         }
     }

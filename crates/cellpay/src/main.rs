@@ -1,1 +1,60 @@
-fn main() {}
+//! `cellpay`: one binary whose subcommands wire the crates together.
+//!
+//! `cellpay --help` and `cellpay <sub> --help` are the first page of the docs.
+
+mod bench_engine;
+mod check;
+mod crash_load;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cellpay", version, about = "A cell-based payment ledger built for flash-sale peaks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks; `--json` prints one JSON object.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Recovers one cell's store, checks its invariants and prints what it found.
+    /// Exit 1 when the store is corrupt or an invariant fails.
+    Check(check::Args),
+    /// Tools for cellpay's own tests.
+    #[command(subcommand, hide = true)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Drives transfers through one cell engine with real fsync.
+    Engine(bench_engine::Args),
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Runs one cell under concurrent transfers and prints each acknowledged
+    /// transfer, until killed or its time bound runs out (the crash test's child).
+    CrashLoad(crash_load::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Debug(DebugCommand::CrashLoad(args)) => crash_load::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

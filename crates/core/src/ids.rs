@@ -1,11 +1,14 @@
 //! Account and transfer ids: validated once at the edge, then cheap to clone.
 //!
 //! Both are `[A-Za-z0-9_.:-]{1,64}` (DESIGN.md section 1). They are backed by
-//! `Arc<str>` because one id is held by the account index, the transfer record,
-//! history entries and outbox messages at once.
+//! `SmolStr`: ids up to 23 bytes live inline (no allocation, no pointer to
+//! chase when a hash table compares keys), longer ones in an `Arc`. Either way
+//! a clone is O(1), and one id is held by the account index, the transfer
+//! record, history entries and outbox messages at once.
 
 use std::fmt;
-use std::sync::Arc;
+
+use smol_str::SmolStr;
 
 /// The longest id the contract admits, in bytes (I7).
 pub const ID_BYTES_MAX: usize = 64;
@@ -39,13 +42,13 @@ macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Arc<str>);
+        pub struct $name(SmolStr);
 
         impl $name {
             /// Validates `s` and wraps it.
             pub fn new(s: &str) -> Result<Self, IdError> {
                 check_id(s)?;
-                Ok(Self(Arc::from(s)))
+                Ok(Self(SmolStr::new(s)))
             }
 
             pub fn as_str(&self) -> &str {
@@ -55,7 +58,7 @@ macro_rules! id_type {
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), &*self.0)
+                write!(f, "{}({:?})", stringify!($name), self.0.as_str())
             }
         }
 

@@ -1,0 +1,311 @@
+//! `cellpay bench engine`: transfers through one cell engine with real fsync.
+//!
+//! Setup opens the accounts and funds each from an overdraft account. The
+//! measured phase then sends requests of `--batch` random transfers each,
+//! keeping `--pipeline` requests in flight so the engine never waits for the
+//! generator. The engine's own thread CPU time gives the CPU cost per
+//! transfer; the store's byte counters give the bytes written per transfer.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission};
+use cellpay_core::{AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId};
+use cellpay_store::StoreOptions;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Accounts to open (and fund) before the measured phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    accounts: usize,
+    /// Commands per engine batch (the engine's batch limit and the request size).
+    #[arg(long, default_value_t = 8190)]
+    batch: usize,
+    /// Length of the measured phase.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Zipf exponent of the payee distribution; uniform when absent.
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Requests kept in flight by the generator.
+    #[arg(long, default_value_t = 4)]
+    pipeline: usize,
+    /// Log bytes between checkpoints, in MiB.
+    #[arg(long, default_value_t = 64)]
+    checkpoint_mib: u64,
+    /// Transfer records kept for idempotency.
+    #[arg(long, default_value_t = Limits::default().transfers_retained_max)]
+    transfers_retained: usize,
+    /// After the run, halt the cell without a final checkpoint and time its recovery.
+    #[arg(long)]
+    recovery: bool,
+    /// Directory for the cell's store (default: a fresh temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    accounts: usize,
+    batch: usize,
+    zipf: Option<f64>,
+    seconds: f64,
+    transfers: u64,
+    rejected: BTreeMap<String, u64>,
+    transfers_per_s: f64,
+    commit_p50_ms: f64,
+    commit_p99_ms: f64,
+    commit_max_ms: f64,
+    fsync_p50_ms: f64,
+    fsync_p99_ms: f64,
+    batch_size_mean: f64,
+    cpu_us_per_transfer: f64,
+    process_cpu_us_per_transfer: f64,
+    bytes_per_transfer: f64,
+    log_bytes_per_transfer: f64,
+    checkpoints: u64,
+    checkpoint_max_ms: f64,
+    setup_s: f64,
+    recovery: Option<RecoveryFigures>,
+}
+
+#[derive(Serialize)]
+struct RecoveryFigures {
+    recovery_ms: f64,
+    accounts: usize,
+    transfers_total: u64,
+    checkpoint_seq: u64,
+    batches_replayed: u64,
+    commands_replayed: u64,
+}
+
+fn process_cpu_ns() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct we own; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let t = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1000;
+    t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+fn account_id(i: usize) -> AccountId {
+    AccountId::new(&format!("acct-{i:08}")).expect("generated ids are valid")
+}
+
+/// Sends requests with at most `pipeline` in flight, folding each answer into `tally`.
+struct Pipeline {
+    handle: CellHandle,
+    in_flight: VecDeque<Submission<Vec<Outcome>>>,
+    depth: usize,
+    transfers: u64,
+    rejected: BTreeMap<String, u64>,
+}
+
+impl Pipeline {
+    fn send(&mut self, commands: Vec<Command>) -> anyhow::Result<()> {
+        if self.in_flight.len() >= self.depth {
+            self.wait_oldest()?;
+        }
+        self.in_flight.push_back(self.handle.submit(commands)?);
+        Ok(())
+    }
+
+    fn wait_oldest(&mut self) -> anyhow::Result<()> {
+        let Some(s) = self.in_flight.pop_front() else { return Ok(()) };
+        for outcome in s.wait_blocking()? {
+            match outcome {
+                Outcome::Transferred { created: true, .. } => self.transfers += 1,
+                Outcome::Rejected(r) => *self.rejected.entry(r.code.to_string()).or_default() += 1,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> anyhow::Result<()> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        Ok(())
+    }
+}
+
+fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) -> anyhow::Result<()> {
+    let cny = Currency::new("CNY").expect("CNY is ISO 4217");
+    let open = |id: &AccountId, overdraft| Command::real(Op::OpenAccount(OpenAccount { id: id.clone(), currency: cny, overdraft }));
+    p.send(vec![open(bank, true)])?;
+    for chunk in ids.chunks(batch) {
+        p.send(chunk.iter().map(|id| open(id, false)).collect())?;
+    }
+    for (n, chunk) in ids.chunks(batch).enumerate() {
+        let cmds = chunk
+            .iter()
+            .enumerate()
+            .map(|(k, id)| {
+                Command::real(Op::Transfer(Transfer {
+                    id: TransferId::new(&format!("fund-{n}-{k}")).expect("valid id"),
+                    from: bank.clone(),
+                    to: id.clone(),
+                    amount: 1_000_000_000,
+                    currency: None,
+                    memo: None,
+                }))
+            })
+            .collect();
+        p.send(cmds)?;
+    }
+    p.drain()
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    anyhow::ensure!((1..=65_536).contains(&args.batch), "--batch must be between 1 and 65536");
+    anyhow::ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
+    anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
+    let tmp;
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::tempdir().context("creating a temporary directory")?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let config = EngineConfig {
+        batch_commands_max: args.batch,
+        queue_commands_max: (args.batch * (args.pipeline + 1)).max(65_536),
+        checkpoint_log_bytes: args.checkpoint_mib << 20,
+        limits: Limits { transfers_retained_max: args.transfers_retained, ..Limits::default() },
+        store: StoreOptions::default(),
+    };
+    let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
+    let cell = Cell::open_embedded(&dir, CellId(0), &map, config).context("opening the cell")?;
+    let handle = cell.handle();
+    let ids: Vec<AccountId> = (0..args.accounts).map(account_id).collect();
+    let bank = AccountId::new("bank").expect("valid id");
+    let mut p = Pipeline { handle: handle.clone(), in_flight: VecDeque::new(), depth: args.pipeline, transfers: 0, rejected: BTreeMap::new() };
+
+    let setup_started = Instant::now();
+    setup(&mut p, &ids, &bank, args.batch)?;
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    p.transfers = 0;
+    p.rejected.clear();
+
+    handle.stats().reset_histograms();
+    let before = handle.stats().snapshot();
+    let cpu_before = process_cpu_ns();
+    let mut rng = SmallRng::seed_from_u64(0x00c0_ffee);
+    let zipf = match args.zipf {
+        Some(s) => Some(Zipf::new(args.accounts as f64, s).context("bad --zipf exponent")?),
+        None => None,
+    };
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    let mut n: u64 = 0;
+    while Instant::now() < deadline {
+        let cmds = (0..args.batch)
+            .map(|_| {
+                let from = rng.random_range(0..args.accounts);
+                let mut to = match &zipf {
+                    Some(z) => z.sample(&mut rng) as usize - 1,
+                    None => rng.random_range(0..args.accounts),
+                };
+                if to == from {
+                    to = (to + 1) % args.accounts;
+                }
+                n += 1;
+                Command::real(Op::Transfer(Transfer {
+                    id: TransferId::new(&format!("b{n}")).expect("valid id"),
+                    from: ids[from].clone(),
+                    to: ids[to].clone(),
+                    amount: rng.random_range(1..=100),
+                    currency: None,
+                    memo: None,
+                }))
+            })
+            .collect();
+        p.send(cmds)?;
+    }
+    p.drain()?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = handle.stats().snapshot();
+    let process_cpu = process_cpu_ns() - cpu_before;
+    let transfers = p.transfers.max(1) as f64;
+    let bytes = (after.log_bytes - before.log_bytes) + (after.checkpoint_bytes - before.checkpoint_bytes);
+    let ms = |us: u64| us as f64 / 1e3;
+
+    let mut report = Report {
+        accounts: args.accounts,
+        batch: args.batch,
+        zipf: args.zipf,
+        seconds: elapsed,
+        transfers: p.transfers,
+        rejected: std::mem::take(&mut p.rejected),
+        transfers_per_s: transfers / elapsed,
+        commit_p50_ms: ms(after.batch_us.p50),
+        commit_p99_ms: ms(after.batch_us.p99),
+        commit_max_ms: ms(after.batch_us.max),
+        fsync_p50_ms: ms(after.append_us.p50),
+        fsync_p99_ms: ms(after.append_us.p99),
+        batch_size_mean: after.batch_size.mean,
+        cpu_us_per_transfer: (after.cpu_ns - before.cpu_ns) as f64 / 1e3 / transfers,
+        process_cpu_us_per_transfer: process_cpu as f64 / 1e3 / transfers,
+        bytes_per_transfer: bytes as f64 / transfers,
+        log_bytes_per_transfer: (after.log_bytes - before.log_bytes) as f64 / transfers,
+        checkpoints: after.checkpoints - before.checkpoints,
+        checkpoint_max_ms: ms(after.checkpoint_us.max),
+        setup_s,
+        recovery: None,
+    };
+    drop((handle, p));
+    if args.recovery {
+        cell.halt().context("halting the cell")?;
+        let reopened = Cell::open_embedded(&dir, CellId(0), &map, config).context("reopening the cell")?;
+        let r = reopened.recovery();
+        report.recovery = Some(RecoveryFigures {
+            recovery_ms: r.duration.as_secs_f64() * 1e3,
+            accounts: args.accounts + 1,
+            // Funding transfers plus the generated ones (some may have been rejected).
+            transfers_total: args.accounts as u64 + n,
+            checkpoint_seq: r.checkpoint_seq,
+            batches_replayed: r.batches_replayed,
+            commands_replayed: r.commands_replayed,
+        });
+    }
+    print_report(&report, args.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    println!("cellpay bench engine: {} accounts, batch {}, payees {}", r.accounts, r.batch, r.zipf.map_or("uniform".into(), |s| format!("zipf({s})")));
+    println!("  transfers      {} in {:.2} s = {:.0} transfers/s", r.transfers, r.seconds, r.transfers_per_s);
+    println!("  batch commit   p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (mean batch {:.0})", r.commit_p50_ms, r.commit_p99_ms, r.commit_max_ms, r.batch_size_mean);
+    println!("  fsync          p50 {:.3} ms, p99 {:.3} ms", r.fsync_p50_ms, r.fsync_p99_ms);
+    println!("  cpu            {:.2} µs/transfer in the engine, {:.2} µs/transfer in the process", r.cpu_us_per_transfer, r.process_cpu_us_per_transfer);
+    println!("  bytes written  {:.1} B/transfer ({:.1} B log), {} checkpoints (max {:.0} ms)", r.bytes_per_transfer, r.log_bytes_per_transfer, r.checkpoints, r.checkpoint_max_ms);
+    if !r.rejected.is_empty() {
+        println!("  rejected       {:?}", r.rejected);
+    }
+    if let Some(rec) = &r.recovery {
+        println!(
+            "  recovery       {:.0} ms for {} accounts, {} transfers ever (checkpoint at batch {}, {} batches / {} commands replayed)",
+            rec.recovery_ms, rec.accounts, rec.transfers_total, rec.checkpoint_seq, rec.batches_replayed, rec.commands_replayed
+        );
+    }
+    Ok(())
+}
