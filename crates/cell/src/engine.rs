@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use cellpay_core::codec::BatchEncoder;
-use cellpay_core::{snapshot, CellId, CellState, Command, Limits, Outcome, Query, QueryAnswer, ShardMap};
+use cellpay_core::{
+    snapshot, CellId, CellState, Command, Limits, Outcome, Query, QueryAnswer, ShardMap,
+};
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,7 +46,11 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
     #[error("cell {cell} is overloaded: {queued} commands queued, limit {max}")]
-    Overloaded { cell: CellId, queued: usize, max: usize },
+    Overloaded {
+        cell: CellId,
+        queued: usize,
+        max: usize,
+    },
     #[error("a request of {commands} commands exceeds the batch limit of {max}")]
     TooLarge { commands: usize, max: usize },
     #[error("cell {cell} is unavailable: {reason}")]
@@ -55,9 +61,17 @@ type CommandsReply = oneshot::Sender<Result<Vec<Outcome>, EngineError>>;
 type QueryReply = oneshot::Sender<Result<QueryAnswer, EngineError>>;
 
 enum Work {
-    Commands { commands: Vec<Command>, reply: CommandsReply },
-    Query { query: Query, reply: QueryReply },
-    Stop { checkpoint: bool },
+    Commands {
+        commands: Vec<Command>,
+        reply: CommandsReply,
+    },
+    Query {
+        query: Query,
+        reply: QueryReply,
+    },
+    Stop {
+        checkpoint: bool,
+    },
 }
 
 impl Work {
@@ -93,7 +107,10 @@ pub struct Submission<T>(oneshot::Receiver<Result<T, EngineError>>, CellId);
 
 impl<T> Submission<T> {
     fn lost(cell: CellId) -> EngineError {
-        EngineError::Unavailable { cell, reason: "the engine stopped before answering".into() }
+        EngineError::Unavailable {
+            cell,
+            reason: "the engine stopped before answering".into(),
+        }
     }
 
     pub async fn wait(self) -> Result<T, EngineError> {
@@ -104,7 +121,9 @@ impl<T> Submission<T> {
     /// Blocks the calling thread; never call it from an async task.
     pub fn wait_blocking(self) -> Result<T, EngineError> {
         let cell = self.1;
-        self.0.blocking_recv().unwrap_or_else(|_| Err(Self::lost(cell)))
+        self.0
+            .blocking_recv()
+            .unwrap_or_else(|_| Err(Self::lost(cell)))
     }
 }
 
@@ -135,13 +154,20 @@ impl CellHandle {
     fn admit(&self, cost: usize) -> Result<(), EngineError> {
         let s = &self.shared;
         if s.failed.load(Relaxed) {
-            return Err(EngineError::Unavailable { cell: s.cell, reason: "the engine has failed".into() });
+            return Err(EngineError::Unavailable {
+                cell: s.cell,
+                reason: "the engine has failed".into(),
+            });
         }
         let max = s.config.queue_commands_max;
         let before = s.queued.fetch_add(cost, Relaxed);
         if before + cost > max {
             s.queued.fetch_sub(cost, Relaxed);
-            return Err(EngineError::Overloaded { cell: s.cell, queued: before, max });
+            return Err(EngineError::Overloaded {
+                cell: s.cell,
+                queued: before,
+                max,
+            });
         }
         Ok(())
     }
@@ -153,7 +179,10 @@ impl CellHandle {
         // admitted this only fails when the engine is gone.
         self.tx.try_send(work).map_err(|_| {
             self.shared.queued.fetch_sub(cost, Relaxed);
-            EngineError::Unavailable { cell: self.shared.cell, reason: "the engine is not running".into() }
+            EngineError::Unavailable {
+                cell: self.shared.cell,
+                reason: "the engine is not running".into(),
+            }
         })
     }
 
@@ -161,7 +190,10 @@ impl CellHandle {
     pub fn submit(&self, commands: Vec<Command>) -> Result<Submission<Vec<Outcome>>, EngineError> {
         let max = self.shared.config.batch_commands_max;
         if commands.len() > max {
-            return Err(EngineError::TooLarge { commands: commands.len(), max });
+            return Err(EngineError::TooLarge {
+                commands: commands.len(),
+                max,
+            });
         }
         let (reply, rx) = oneshot::channel();
         self.send(Work::Commands { commands, reply })?;
@@ -185,15 +217,27 @@ pub struct Cell {
 
 impl Cell {
     /// Opens the embedded store in `dir`, recovers, and starts the engine.
-    pub fn open_embedded(dir: &Path, cell: CellId, map: &ShardMap, config: EngineConfig) -> Result<Self, RecoveryError> {
+    pub fn open_embedded(
+        dir: &Path,
+        cell: CellId,
+        map: &ShardMap,
+        config: EngineConfig,
+    ) -> Result<Self, RecoveryError> {
         let store = EmbeddedStore::open(dir, config.store)?;
         Self::start(Box::new(store), cell, map, config)
     }
 
     /// Recovers `cell` from `store` and starts its engine thread. `map` is used
     /// only when the store is new; otherwise the stored shard map wins.
-    pub fn start(mut store: Box<dyn Store>, cell: CellId, map: &ShardMap, config: EngineConfig) -> Result<Self, RecoveryError> {
-        assert!(config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max);
+    pub fn start(
+        mut store: Box<dyn Store>,
+        cell: CellId,
+        map: &ShardMap,
+        config: EngineConfig,
+    ) -> Result<Self, RecoveryError> {
+        assert!(
+            config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max
+        );
         let (state, recovery) = recover(store.as_mut(), cell, map, config.limits)?;
         // One slot more than the queue limit, kept for the single Stop.
         let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
@@ -217,8 +261,17 @@ impl Cell {
         let thread = std::thread::Builder::new()
             .name(format!("cell-{cell}"))
             .spawn(move || engine.run())
-            .map_err(|source| RecoveryError::Store(StoreError::Io { path: "engine thread".into(), source }))?;
-        Ok(Self { handle: CellHandle { tx, shared }, thread: Some(thread), recovery })
+            .map_err(|source| {
+                RecoveryError::Store(StoreError::Io {
+                    path: "engine thread".into(),
+                    source,
+                })
+            })?;
+        Ok(Self {
+            handle: CellHandle { tx, shared },
+            thread: Some(thread),
+            recovery,
+        })
     }
 
     pub fn handle(&self) -> CellHandle {
@@ -247,11 +300,13 @@ impl Cell {
     }
 
     fn stop_with(&mut self, checkpoint: bool) -> Result<(), StoreError> {
-        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
         // Stop bypasses the queue limit; the spare channel slot is kept for it,
         // so this never blocks (and is safe inside an async runtime).
         let _ = self.handle.tx.try_send(Work::Stop { checkpoint });
-        thread.join().unwrap_or_else(|_| Err(StoreError::Poisoned))
+        thread.join().unwrap_or(Err(StoreError::Poisoned))
     }
 }
 
@@ -324,7 +379,10 @@ impl Engine {
         let mut queries = 0u64;
         for work in batch.drain(..) {
             match work {
-                Work::Commands { commands: cmds, reply } => {
+                Work::Commands {
+                    commands: cmds,
+                    reply,
+                } => {
                     let mut outcomes = Vec::with_capacity(cmds.len());
                     for cmd in &cmds {
                         let outcome = self.state.apply(cmd);
@@ -366,7 +424,9 @@ impl Engine {
                 Answer::Query(reply, a) => drop(reply.send(Ok(a))),
             }
         }
-        self.shared.epoch.store(self.state.shard_map().epoch(), Relaxed);
+        self.shared
+            .epoch
+            .store(self.state.shard_map().epoch(), Relaxed);
         let shared = self.shared.clone();
         let s = &shared.stats;
         s.batches.fetch_add(1, Relaxed);
@@ -376,16 +436,24 @@ impl Engine {
         let store_stats = self.store.stats();
         s.log_bytes.store(store_stats.log_bytes_written, Relaxed);
         s.fsyncs.store(store_stats.fsyncs, Relaxed);
-        s.record_batch(started.elapsed().as_micros() as u64, append_us, commands + queries);
+        s.record_batch(
+            started.elapsed().as_micros() as u64,
+            append_us,
+            commands + queries,
+        );
         if self.log_bytes_since_checkpoint >= self.shared.config.checkpoint_log_bytes {
             self.checkpoint()?;
         }
-        s.cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(cpu_started), Relaxed);
+        s.cpu_ns
+            .fetch_add(thread_cpu_ns().saturating_sub(cpu_started), Relaxed);
         Ok(())
     }
 
     fn answer_failed(&self, answer: Answer, e: &StoreError) {
-        let err = EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") };
+        let err = EngineError::Unavailable {
+            cell: self.shared.cell,
+            reason: format!("store failed: {e}"),
+        };
         match answer {
             Answer::Commands(reply, _) => drop(reply.send(Err(err))),
             Answer::Query(reply, _) => drop(reply.send(Err(err))),
@@ -397,7 +465,9 @@ impl Engine {
         let bytes = snapshot::encode(&self.state);
         self.store.checkpoint(self.seq, &bytes)?;
         self.log_bytes_since_checkpoint = 0;
-        self.shared.stats.record_checkpoint(started.elapsed().as_micros() as u64, bytes.len() as u64);
+        self.shared
+            .stats
+            .record_checkpoint(started.elapsed().as_micros() as u64, bytes.len() as u64);
         Ok(())
     }
 
@@ -414,7 +484,10 @@ impl Engine {
         self.shared.failed.store(true, Relaxed);
         self.rx.close();
         while let Ok(work) = self.rx.try_recv() {
-            let err = EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") };
+            let err = EngineError::Unavailable {
+                cell: self.shared.cell,
+                reason: format!("store failed: {e}"),
+            };
             match work {
                 Work::Commands { reply, .. } => drop(reply.send(Err(err))),
                 Work::Query { reply, .. } => drop(reply.send(Err(err))),

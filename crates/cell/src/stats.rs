@@ -112,8 +112,15 @@ impl EngineStats {
 
     /// Clears the histograms, so a benchmark can measure one phase alone.
     pub fn reset_histograms(&self) {
-        for h in [&self.batch_us, &self.append_us, &self.checkpoint_us, &self.batch_size] {
-            h.lock().expect("stats lock is never held across a panic").reset();
+        for h in [
+            &self.batch_us,
+            &self.append_us,
+            &self.checkpoint_us,
+            &self.batch_size,
+        ] {
+            h.lock()
+                .expect("stats lock is never held across a panic")
+                .reset();
         }
     }
 
@@ -138,7 +145,10 @@ impl EngineStats {
 
 /// CPU time of the calling thread, in nanoseconds.
 pub(crate) fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own; the clock id is valid on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if rc != 0 {

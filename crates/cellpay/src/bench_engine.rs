@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission};
-use cellpay_core::{AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId};
+use cellpay_core::{
+    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer,
+    TransferId,
+};
 use cellpay_store::StoreOptions;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -123,7 +126,9 @@ impl Pipeline {
     }
 
     fn wait_oldest(&mut self) -> anyhow::Result<()> {
-        let Some(s) = self.in_flight.pop_front() else { return Ok(()) };
+        let Some(s) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
         for outcome in s.wait_blocking()? {
             match outcome {
                 Outcome::Transferred { created: true, .. } => self.transfers += 1,
@@ -142,9 +147,20 @@ impl Pipeline {
     }
 }
 
-fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) -> anyhow::Result<()> {
+fn setup(
+    p: &mut Pipeline,
+    ids: &[AccountId],
+    bank: &AccountId,
+    batch: usize,
+) -> anyhow::Result<()> {
     let cny = Currency::new("CNY").expect("CNY is ISO 4217");
-    let open = |id: &AccountId, overdraft| Command::real(Op::OpenAccount(OpenAccount { id: id.clone(), currency: cny, overdraft }));
+    let open = |id: &AccountId, overdraft| {
+        Command::real(Op::OpenAccount(OpenAccount {
+            id: id.clone(),
+            currency: cny,
+            overdraft,
+        }))
+    };
     p.send(vec![open(bank, true)])?;
     for chunk in ids.chunks(batch) {
         p.send(chunk.iter().map(|id| open(id, false)).collect())?;
@@ -171,7 +187,10 @@ fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) ->
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
-    anyhow::ensure!((1..=65_536).contains(&args.batch), "--batch must be between 1 and 65536");
+    anyhow::ensure!(
+        (1..=65_536).contains(&args.batch),
+        "--batch must be between 1 and 65536"
+    );
     anyhow::ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
     anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
     let tmp;
@@ -186,7 +205,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         batch_commands_max: args.batch,
         queue_commands_max: (args.batch * (args.pipeline + 1)).max(65_536),
         checkpoint_log_bytes: args.checkpoint_mib << 20,
-        limits: Limits { transfers_retained_max: args.transfers_retained, ..Limits::default() },
+        limits: Limits {
+            transfers_retained_max: args.transfers_retained,
+            ..Limits::default()
+        },
         store: StoreOptions::default(),
     };
     let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
@@ -194,7 +216,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let handle = cell.handle();
     let ids: Vec<AccountId> = (0..args.accounts).map(account_id).collect();
     let bank = AccountId::new("bank").expect("valid id");
-    let mut p = Pipeline { handle: handle.clone(), in_flight: VecDeque::new(), depth: args.pipeline, transfers: 0, rejected: BTreeMap::new() };
+    let mut p = Pipeline {
+        handle: handle.clone(),
+        in_flight: VecDeque::new(),
+        depth: args.pipeline,
+        transfers: 0,
+        rejected: BTreeMap::new(),
+    };
 
     let setup_started = Instant::now();
     setup(&mut p, &ids, &bank, args.batch)?;
@@ -242,7 +270,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let after = handle.stats().snapshot();
     let process_cpu = process_cpu_ns() - cpu_before;
     let transfers = p.transfers.max(1) as f64;
-    let bytes = (after.log_bytes - before.log_bytes) + (after.checkpoint_bytes - before.checkpoint_bytes);
+    let bytes =
+        (after.log_bytes - before.log_bytes) + (after.checkpoint_bytes - before.checkpoint_bytes);
     let ms = |us: u64| us as f64 / 1e3;
 
     let mut report = Report {
@@ -271,7 +300,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     drop((handle, p));
     if args.recovery {
         cell.halt().context("halting the cell")?;
-        let reopened = Cell::open_embedded(&dir, CellId(0), &map, config).context("reopening the cell")?;
+        let reopened =
+            Cell::open_embedded(&dir, CellId(0), &map, config).context("reopening the cell")?;
         let r = reopened.recovery();
         report.recovery = Some(RecoveryFigures {
             recovery_ms: r.duration.as_secs_f64() * 1e3,
@@ -292,12 +322,32 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(r)?);
         return Ok(());
     }
-    println!("cellpay bench engine: {} accounts, batch {}, payees {}", r.accounts, r.batch, r.zipf.map_or("uniform".into(), |s| format!("zipf({s})")));
-    println!("  transfers      {} in {:.2} s = {:.0} transfers/s", r.transfers, r.seconds, r.transfers_per_s);
-    println!("  batch commit   p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (mean batch {:.0})", r.commit_p50_ms, r.commit_p99_ms, r.commit_max_ms, r.batch_size_mean);
-    println!("  fsync          p50 {:.3} ms, p99 {:.3} ms", r.fsync_p50_ms, r.fsync_p99_ms);
-    println!("  cpu            {:.2} µs/transfer in the engine, {:.2} µs/transfer in the process", r.cpu_us_per_transfer, r.process_cpu_us_per_transfer);
-    println!("  bytes written  {:.1} B/transfer ({:.1} B log), {} checkpoints (max {:.0} ms)", r.bytes_per_transfer, r.log_bytes_per_transfer, r.checkpoints, r.checkpoint_max_ms);
+    println!(
+        "cellpay bench engine: {} accounts, batch {}, payees {}",
+        r.accounts,
+        r.batch,
+        r.zipf.map_or("uniform".into(), |s| format!("zipf({s})"))
+    );
+    println!(
+        "  transfers      {} in {:.2} s = {:.0} transfers/s",
+        r.transfers, r.seconds, r.transfers_per_s
+    );
+    println!(
+        "  batch commit   p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (mean batch {:.0})",
+        r.commit_p50_ms, r.commit_p99_ms, r.commit_max_ms, r.batch_size_mean
+    );
+    println!(
+        "  fsync          p50 {:.3} ms, p99 {:.3} ms",
+        r.fsync_p50_ms, r.fsync_p99_ms
+    );
+    println!(
+        "  cpu            {:.2} µs/transfer in the engine, {:.2} µs/transfer in the process",
+        r.cpu_us_per_transfer, r.process_cpu_us_per_transfer
+    );
+    println!(
+        "  bytes written  {:.1} B/transfer ({:.1} B log), {} checkpoints (max {:.0} ms)",
+        r.bytes_per_transfer, r.log_bytes_per_transfer, r.checkpoints, r.checkpoint_max_ms
+    );
     if !r.rejected.is_empty() {
         println!("  rejected       {:?}", r.rejected);
     }

@@ -20,7 +20,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !args.cell_dir.join("checkpoint").is_dir() {
-        anyhow::bail!("{} is not a cell store (no checkpoint directory)", args.cell_dir.display());
+        anyhow::bail!(
+            "{} is not a cell store (no checkpoint directory)",
+            args.cell_dir.display()
+        );
     }
     let mut store = EmbeddedStore::open(&args.cell_dir, StoreOptions::default())
         .with_context(|| format!("opening {}", args.cell_dir.display()))?;
@@ -44,7 +47,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         report.last_seq
     );
     if let Some(t) = &report.torn_tail {
-        println!("torn tail cut: {} bytes at offset {} of {} ({})", t.bytes_dropped, t.offset, t.file.display(), t.reason);
+        println!(
+            "torn tail cut: {} bytes at offset {} of {} ({})",
+            t.bytes_dropped,
+            t.offset,
+            t.file.display(),
+            t.reason
+        );
     }
     let mut ok = true;
     for (name, shadow) in [("real", false), ("shadow", true)] {
@@ -66,5 +75,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{}", if ok { "ok" } else { "INVARIANT VIOLATED" });
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -4,7 +4,7 @@
 //! bad bytes: it answers a [`DecodeError`] naming what was wrong. The store
 //! frames and checksums these bytes; this layer only gives them meaning.
 
-use crate::command::{Command, Credit, OpenAccount, Op, Transfer};
+use crate::command::{Command, Credit, Op, OpenAccount, Transfer};
 use crate::error::ErrorCode;
 use crate::ids::{AccountId, CellId, TransferId};
 use crate::money::Currency;
@@ -32,7 +32,9 @@ pub struct Writer {
 
 impl Writer {
     pub fn with_capacity(bytes: usize) -> Self {
-        Self { buf: Vec::with_capacity(bytes) }
+        Self {
+            buf: Vec::with_capacity(bytes),
+        }
     }
     pub fn u8(&mut self, v: u8) {
         self.buf.push(v);
@@ -70,11 +72,19 @@ pub struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub fn new(bytes: &'a [u8], what: &'static str) -> Self {
-        Self { bytes, pos: 0, what }
+        Self {
+            bytes,
+            pos: 0,
+            what,
+        }
     }
 
     pub fn error(&self, reason: impl Into<String>) -> DecodeError {
-        DecodeError { what: self.what, offset: self.pos, reason: reason.into() }
+        DecodeError {
+            what: self.what,
+            offset: self.pos,
+            reason: reason.into(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -169,7 +179,9 @@ pub fn decode_shard_map(r: &mut Reader<'_>) -> Result<ShardMap, DecodeError> {
     if shards == 0 || shards > crate::shard::SHARDS_MAX {
         return Err(r.error(format!("shard count {shards} out of range")));
     }
-    let owners = (0..shards).map(|_| r.u32().map(CellId)).collect::<Result<Vec<_>, _>>()?;
+    let owners = (0..shards)
+        .map(|_| r.u32().map(CellId))
+        .collect::<Result<Vec<_>, _>>()?;
     ShardMap::new(epoch, owners).map_err(|e| r.error(e.to_string()))
 }
 
@@ -254,7 +266,14 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             };
             let memo_text = r.str()?;
             let memo = r.bool()?.then(|| Box::from(memo_text));
-            Op::Transfer(Transfer { id, from, to, amount, currency, memo })
+            Op::Transfer(Transfer {
+                id,
+                from,
+                to,
+                amount,
+                currency,
+                memo,
+            })
         }
         TAG_CREDIT => Op::Credit(Credit {
             source: CellId(r.u32()?),
@@ -265,7 +284,10 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             amount: r.i64()?,
             currency: r.currency()?,
         }),
-        TAG_SETTLE => Op::Settle { dest: CellId(r.u32()?), seq: r.u64()? },
+        TAG_SETTLE => Op::Settle {
+            dest: CellId(r.u32()?),
+            seq: r.u64()?,
+        },
         TAG_COMPENSATE => Op::Compensate {
             dest: CellId(r.u32()?),
             seq: r.u64()?,
@@ -295,7 +317,9 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
     }
     let n = r.u32()?;
     if n > BATCH_COMMANDS_MAX {
-        return Err(r.error(format!("{n} commands exceed the limit {BATCH_COMMANDS_MAX}")));
+        return Err(r.error(format!(
+            "{n} commands exceed the limit {BATCH_COMMANDS_MAX}"
+        )));
     }
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -316,7 +340,11 @@ mod tests {
         let b = AccountId::new("bob").unwrap();
         let cny = Currency::new("CNY").unwrap();
         vec![
-            Command::real(Op::OpenAccount(OpenAccount { id: a.clone(), currency: cny, overdraft: true })),
+            Command::real(Op::OpenAccount(OpenAccount {
+                id: a.clone(),
+                currency: cny,
+                overdraft: true,
+            })),
             Command::shadow(Op::Transfer(Transfer {
                 id: TransferId::new("t1").unwrap(),
                 from: a.clone(),
@@ -342,8 +370,15 @@ mod tests {
                 amount: 5,
                 currency: cny,
             })),
-            Command::real(Op::Settle { dest: CellId(1), seq: 2 }),
-            Command::shadow(Op::Compensate { dest: CellId(2), seq: 4, reason: ErrorCode::AccountNotFound }),
+            Command::real(Op::Settle {
+                dest: CellId(1),
+                seq: 2,
+            }),
+            Command::shadow(Op::Compensate {
+                dest: CellId(2),
+                seq: 4,
+                reason: ErrorCode::AccountNotFound,
+            }),
             Command::real(Op::InstallShardMap(ShardMap::round_robin(16, 4).unwrap())),
         ]
     }
@@ -388,7 +423,10 @@ pub struct BatchEncoder {
 
 impl Default for BatchEncoder {
     fn default() -> Self {
-        let mut e = Self { w: Writer::with_capacity(1 << 16), count: 0 };
+        let mut e = Self {
+            w: Writer::with_capacity(1 << 16),
+            count: 0,
+        };
         e.clear();
         e
     }
@@ -403,7 +441,10 @@ impl BatchEncoder {
     }
 
     pub fn push(&mut self, cmd: &Command) {
-        assert!(self.count < BATCH_COMMANDS_MAX, "engine batches stay far below the log limit");
+        assert!(
+            self.count < BATCH_COMMANDS_MAX,
+            "engine batches stay far below the log limit"
+        );
         encode_command(&mut self.w, cmd);
         self.count += 1;
     }
@@ -431,10 +472,16 @@ mod encoder_tests {
     #[test]
     fn the_encoder_writes_what_decode_batch_reads() {
         let mut e = BatchEncoder::default();
-        let cmd = Command::real(Op::Settle { dest: CellId(1), seq: 5 });
+        let cmd = Command::real(Op::Settle {
+            dest: CellId(1),
+            seq: 5,
+        });
         e.push(&cmd);
         e.push(&cmd);
-        assert_eq!(decode_batch(e.bytes()).unwrap(), vec![cmd.clone(), cmd.clone()]);
+        assert_eq!(
+            decode_batch(e.bytes()).unwrap(),
+            vec![cmd.clone(), cmd.clone()]
+        );
         e.clear();
         assert!(e.is_empty());
         assert_eq!(decode_batch(e.bytes()).unwrap(), vec![]);

@@ -36,9 +36,16 @@ pub enum Op {
     /// A cross-cell credit arriving from the payer's cell through the relay.
     Credit(Credit),
     /// The payee's cell applied outbox message `seq`: the transfer is settled.
-    Settle { dest: CellId, seq: u64 },
+    Settle {
+        dest: CellId,
+        seq: u64,
+    },
     /// The payee's cell refused outbox message `seq` for good: credit the payer back.
-    Compensate { dest: CellId, seq: u64, reason: ErrorCode },
+    Compensate {
+        dest: CellId,
+        seq: u64,
+        reason: ErrorCode,
+    },
     /// Replace the shard map with one of a higher epoch. Ignores the shadow flag.
     InstallShardMap(ShardMap),
 }
@@ -76,16 +83,36 @@ pub struct Credit {
 /// Read-only questions; answered from the state after the batch they came with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Query {
-    Account { shadow: bool, id: AccountId },
-    Transfer { shadow: bool, id: TransferId },
+    Account {
+        shadow: bool,
+        id: AccountId,
+    },
+    Transfer {
+        shadow: bool,
+        id: TransferId,
+    },
     /// Newest first; `before` is an entry sequence number from an earlier page.
-    Entries { shadow: bool, account: AccountId, limit: usize, before: Option<u64> },
+    Entries {
+        shadow: bool,
+        account: AccountId,
+        limit: usize,
+        before: Option<u64>,
+    },
     /// Per-shard digests of the real or shadow ledger.
-    Digests { shadow: bool },
+    Digests {
+        shadow: bool,
+    },
     /// Conservation and non-negativity figures of one ledger in this cell.
-    Audit { shadow: bool },
+    Audit {
+        shadow: bool,
+    },
     /// Undelivered outbox messages to `dest` after `after_seq`, oldest first, at most `limit`.
-    Outbox { shadow: bool, dest: CellId, after_seq: u64, limit: usize },
+    Outbox {
+        shadow: bool,
+        dest: CellId,
+        after_seq: u64,
+        limit: usize,
+    },
 }
 
 /// The status of a transfer (DESIGN.md section 4).
@@ -200,16 +227,33 @@ impl AuditView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// `created` is false when the same account was opened before (idempotent replay).
-    AccountOpened { account: AccountView, created: bool },
+    AccountOpened {
+        account: AccountView,
+        created: bool,
+    },
     /// `created` is false when the same transfer was accepted before (idempotent replay).
-    Transferred { transfer: TransferView, created: bool, outbox: Option<(CellId, u64)> },
+    Transferred {
+        transfer: TransferView,
+        created: bool,
+        outbox: Option<(CellId, u64)>,
+    },
     /// The credit is applied (or was before, `duplicate`); the relay acknowledges it.
-    CreditApplied { duplicate: bool },
+    CreditApplied {
+        duplicate: bool,
+    },
     /// The credit is refused for good; the payer's cell compensates.
-    CreditRefused { code: ErrorCode, duplicate: bool },
+    CreditRefused {
+        code: ErrorCode,
+        duplicate: bool,
+    },
     /// Settle or compensate applied, or already done before (`duplicate`).
-    OutboxClosed { status: TransferStatus, duplicate: bool },
-    ShardMapInstalled { epoch: u64 },
+    OutboxClosed {
+        status: TransferStatus,
+        duplicate: bool,
+    },
+    ShardMapInstalled {
+        epoch: u64,
+    },
     Rejected(Rejection),
 }
 

@@ -95,7 +95,10 @@ impl ErrorCode {
 
     /// A stable one-byte tag for the log and snapshot codec.
     pub fn tag(self) -> u8 {
-        Self::ALL.iter().position(|c| *c == self).expect("ALL lists every code") as u8
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .expect("ALL lists every code") as u8
     }
 
     pub fn from_tag(tag: u8) -> Option<Self> {
@@ -118,7 +121,10 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 

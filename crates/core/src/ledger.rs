@@ -36,7 +36,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { transfers_retained_max: 1 << 20, history_entries_max: 1 << 20 }
+        Self {
+            transfers_retained_max: 1 << 20,
+            history_entries_max: 1 << 20,
+        }
     }
 }
 
@@ -118,7 +121,10 @@ impl Place<'_> {
         let owner = self.map.owner_of(id.as_str());
         Outcome::rejected(
             ErrorCode::WrongCell,
-            format!("account {id} is owned by cell {owner} at epoch {}", self.map.epoch()),
+            format!(
+                "account {id} is owned by cell {owner} at epoch {}",
+                self.map.epoch()
+            ),
         )
     }
 }
@@ -189,7 +195,12 @@ impl Ledger {
 
     fn view(&self, i: u32) -> AccountView {
         let a = &self.accounts[i as usize];
-        AccountView { id: a.id.clone(), currency: a.currency, balance: a.balance, overdraft: a.overdraft }
+        AccountView {
+            id: a.id.clone(),
+            currency: a.currency,
+            balance: a.balance,
+            overdraft: a.overdraft,
+        }
     }
 
     /// Sets a balance and keeps the account's shard digest in step.
@@ -208,7 +219,14 @@ impl Ledger {
         *d = d.wrapping_add(digest::leg_term(transfer, kind));
     }
 
-    fn push_history(&mut self, i: u32, transfer: &TransferId, counterparty: &AccountId, kind: EntryKind, amount: i64) {
+    fn push_history(
+        &mut self,
+        i: u32,
+        transfer: &TransferId,
+        counterparty: &AccountId,
+        kind: EntryKind,
+        amount: i64,
+    ) {
         if self.history.len() == self.limits.history_entries_max {
             self.history.pop_front();
             self.history_first_seq += 1;
@@ -232,7 +250,11 @@ impl Ledger {
         if self.records.len() == self.limits.transfers_retained_max {
             let old = self.records.pop_front().expect("a full ring is not empty");
             let removed = self.record_index.remove(&old.id);
-            debug_assert_eq!(removed, Some(self.records_first_seq), "the index points at the ring");
+            debug_assert_eq!(
+                removed,
+                Some(self.records_first_seq),
+                "the index points at the ring"
+            );
             self.records_first_seq += 1;
         }
         let seq = self.records_first_seq + self.records.len() as u64;
@@ -259,14 +281,20 @@ impl Ledger {
         if let Some(&i) = self.index.get(&o.id) {
             let a = &self.accounts[i as usize];
             if a.currency == o.currency && a.overdraft == o.overdraft {
-                return Outcome::AccountOpened { account: self.view(i), created: false };
+                return Outcome::AccountOpened {
+                    account: self.view(i),
+                    created: false,
+                };
             }
             return Outcome::rejected(
                 ErrorCode::Conflict,
                 format!("account {} exists with other attributes", o.id),
             );
         }
-        assert!(self.accounts.len() < u32::MAX as usize, "accounts per cell fit a u32 index");
+        assert!(
+            self.accounts.len() < u32::MAX as usize,
+            "accounts per cell fit a u32 index"
+        );
         let i = self.accounts.len() as u32;
         let id_hash = stable_hash(o.id.as_str().as_bytes());
         let shard = place.map.shard_of(o.id.as_str()).0;
@@ -282,7 +310,10 @@ impl Ledger {
         self.index.insert(o.id.clone(), i);
         let d = &mut self.digests[shard as usize];
         *d = d.wrapping_add(digest::account_term(id_hash, 0));
-        Outcome::AccountOpened { account: self.view(i), created: true }
+        Outcome::AccountOpened {
+            account: self.view(i),
+            created: true,
+        }
     }
 
     fn transfer_view(record: &TransferRecord) -> TransferView {
@@ -311,7 +342,10 @@ impl Ledger {
             return Err(Outcome::rejected(ErrorCode::InvalidRequest, msg));
         }
         if t.from == t.to {
-            return Err(Outcome::rejected(ErrorCode::InvalidRequest, "from and to must differ"));
+            return Err(Outcome::rejected(
+                ErrorCode::InvalidRequest,
+                "from and to must differ",
+            ));
         }
         if t.memo.as_ref().is_some_and(|m| m.len() > MEMO_BYTES_MAX) {
             let msg = format!("memo is longer than {MEMO_BYTES_MAX} bytes");
@@ -322,7 +356,10 @@ impl Ledger {
 
     fn find(&self, id: &AccountId, role: &str) -> Result<u32, Outcome> {
         self.index.get(id).copied().ok_or_else(|| {
-            Outcome::rejected(ErrorCode::AccountNotFound, format!("{role} account {id} not found"))
+            Outcome::rejected(
+                ErrorCode::AccountNotFound,
+                format!("{role} account {id} not found"),
+            )
         })
     }
 
@@ -337,7 +374,11 @@ impl Ledger {
             let record = self.record(seq).expect("the index points into the ring");
             if Self::same_body(record, t) {
                 let transfer = Self::transfer_view(record);
-                return Outcome::Transferred { transfer, created: false, outbox: None };
+                return Outcome::Transferred {
+                    transfer,
+                    created: false,
+                    outbox: None,
+                };
             }
             let msg = format!("transfer {} exists with a different body", t.id);
             return Outcome::rejected(ErrorCode::Conflict, msg);
@@ -356,7 +397,10 @@ impl Ledger {
             return Outcome::rejected(ErrorCode::BalanceOverflow, "payer balance would overflow");
         };
         if !payer_account.overdraft && payer_after < 0 {
-            return Outcome::rejected(ErrorCode::InsufficientFunds, format!("account {} lacks funds", t.from));
+            return Outcome::rejected(
+                ErrorCode::InsufficientFunds,
+                format!("account {} lacks funds", t.from),
+            );
         }
         if place.owns(&t.to) {
             self.transfer_local(t, payer, payer_after, currency)
@@ -365,7 +409,13 @@ impl Ledger {
         }
     }
 
-    fn transfer_local(&mut self, t: &Transfer, payer: u32, payer_after: i64, currency: Currency) -> Outcome {
+    fn transfer_local(
+        &mut self,
+        t: &Transfer,
+        payer: u32,
+        payer_after: i64,
+        currency: Currency,
+    ) -> Outcome {
         let payee = match self.find(&t.to, "payee") {
             Ok(i) => i,
             Err(rejection) => return rejection,
@@ -388,7 +438,11 @@ impl Ledger {
         let record = self.new_record(t, currency, TransferStatus::Settled);
         let transfer = Self::transfer_view(&record);
         self.push_record(record);
-        Outcome::Transferred { transfer, created: true, outbox: None }
+        Outcome::Transferred {
+            transfer,
+            created: true,
+            outbox: None,
+        }
     }
 
     fn transfer_remote(
@@ -423,10 +477,19 @@ impl Ledger {
                 currency,
             },
         );
-        Outcome::Transferred { transfer, created: true, outbox: Some((dest, seq)) }
+        Outcome::Transferred {
+            transfer,
+            created: true,
+            outbox: Some((dest, seq)),
+        }
     }
 
-    fn new_record(&self, t: &Transfer, currency: Currency, status: TransferStatus) -> TransferRecord {
+    fn new_record(
+        &self,
+        t: &Transfer,
+        currency: Currency,
+        status: TransferStatus,
+    ) -> TransferRecord {
         TransferRecord {
             id: t.id.clone(),
             from: t.from.clone(),
@@ -443,16 +506,26 @@ impl Ledger {
         let inbox = self.inbox.entry(c.source).or_default();
         if c.seq <= inbox.applied_through {
             if c.seq + INBOX_REFUSALS_RETAINED <= inbox.applied_through {
-                let msg = format!("credit {} from cell {} is older than the refusal window", c.seq, c.source);
+                let msg = format!(
+                    "credit {} from cell {} is older than the refusal window",
+                    c.seq, c.source
+                );
                 return Outcome::rejected(ErrorCode::OutOfOrder, msg);
             }
             return match inbox.refused.get(&c.seq) {
-                Some(&code) => Outcome::CreditRefused { code, duplicate: true },
+                Some(&code) => Outcome::CreditRefused {
+                    code,
+                    duplicate: true,
+                },
                 None => Outcome::CreditApplied { duplicate: true },
             };
         }
         if c.seq != inbox.applied_through + 1 {
-            let msg = format!("expected credit {} from cell {}", inbox.applied_through + 1, c.source);
+            let msg = format!(
+                "expected credit {} from cell {}",
+                inbox.applied_through + 1,
+                c.source
+            );
             return Outcome::rejected(ErrorCode::OutOfOrder, msg);
         }
         if !place.owns(&c.to) {
@@ -474,10 +547,17 @@ impl Ledger {
                 inbox.applied_through = c.seq;
                 inbox.refused.insert(c.seq, code);
                 let horizon = c.seq.saturating_sub(INBOX_REFUSALS_RETAINED);
-                while inbox.refused.first_key_value().is_some_and(|(&s, _)| s <= horizon) {
+                while inbox
+                    .refused
+                    .first_key_value()
+                    .is_some_and(|(&s, _)| s <= horizon)
+                {
                     inbox.refused.pop_first();
                 }
-                Outcome::CreditRefused { code, duplicate: false }
+                Outcome::CreditRefused {
+                    code,
+                    duplicate: false,
+                }
             }
         }
     }
@@ -487,12 +567,19 @@ impl Ledger {
         if !amount_is_valid(c.amount) {
             return Err(ErrorCode::InvalidRequest);
         }
-        let payee = self.index.get(&c.to).copied().ok_or(ErrorCode::AccountNotFound)?;
+        let payee = self
+            .index
+            .get(&c.to)
+            .copied()
+            .ok_or(ErrorCode::AccountNotFound)?;
         let account = &self.accounts[payee as usize];
         if account.currency != c.currency {
             return Err(ErrorCode::CurrencyMismatch);
         }
-        let after = account.balance.checked_add(c.amount).ok_or(ErrorCode::BalanceOverflow)?;
+        let after = account
+            .balance
+            .checked_add(c.amount)
+            .ok_or(ErrorCode::BalanceOverflow)?;
         Ok((payee, after))
     }
 
@@ -502,18 +589,28 @@ impl Ledger {
             let msg = format!("outbox to cell {dest} has no message {seq}");
             return Outcome::rejected(ErrorCode::InvalidRequest, msg);
         }
-        Outcome::OutboxClosed { status: fallback, duplicate: true }
+        Outcome::OutboxClosed {
+            status: fallback,
+            duplicate: true,
+        }
     }
 
     pub(crate) fn settle(&mut self, dest: CellId, seq: u64) -> Outcome {
-        let Some(entry) = self.outbox.get_mut(&dest).and_then(|o| o.entries.remove(&seq)) else {
+        let Some(entry) = self
+            .outbox
+            .get_mut(&dest)
+            .and_then(|o| o.entries.remove(&seq))
+        else {
             return self.closed_before(dest, seq, TransferStatus::Settled);
         };
         if let Some(record) = self.record_mut(entry.record_seq) {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = TransferStatus::Settled;
         }
-        Outcome::OutboxClosed { status: TransferStatus::Settled, duplicate: false }
+        Outcome::OutboxClosed {
+            status: TransferStatus::Settled,
+            duplicate: false,
+        }
     }
 
     pub(crate) fn compensate(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
@@ -523,8 +620,15 @@ impl Ledger {
         if !place.owns(&entry.from) {
             return place.wrong_cell(&entry.from);
         }
-        let payer = self.index.get(&entry.from).copied().expect("a payer with an outbox entry exists");
-        let Some(after) = self.accounts[payer as usize].balance.checked_add(entry.amount) else {
+        let payer = self
+            .index
+            .get(&entry.from)
+            .copied()
+            .expect("a payer with an outbox entry exists");
+        let Some(after) = self.accounts[payer as usize]
+            .balance
+            .checked_add(entry.amount)
+        else {
             return Outcome::rejected(ErrorCode::BalanceOverflow, "payer balance would overflow");
         };
         // Commit point.
@@ -533,12 +637,21 @@ impl Ledger {
         outbox.compensated += i128::from(entry.amount);
         self.set_balance(payer, after);
         self.add_leg(payer, &entry.transfer, EntryKind::Reversal);
-        self.push_history(payer, &entry.transfer, &entry.to, EntryKind::Reversal, entry.amount);
+        self.push_history(
+            payer,
+            &entry.transfer,
+            &entry.to,
+            EntryKind::Reversal,
+            entry.amount,
+        );
         if let Some(record) = self.record_mut(entry.record_seq) {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = TransferStatus::Reversed;
         }
-        Outcome::OutboxClosed { status: TransferStatus::Reversed, duplicate: false }
+        Outcome::OutboxClosed {
+            status: TransferStatus::Reversed,
+            duplicate: false,
+        }
     }
 
     pub fn account(&self, id: &AccountId) -> Option<AccountView> {
@@ -551,13 +664,21 @@ impl Ledger {
     }
 
     /// History of one account, newest first, entries with `seq < before` only.
-    pub fn entries(&self, id: &AccountId, limit: usize, before: Option<u64>) -> Option<Vec<EntryView>> {
+    pub fn entries(
+        &self,
+        id: &AccountId,
+        limit: usize,
+        before: Option<u64>,
+    ) -> Option<Vec<EntryView>> {
         let &i = self.index.get(id)?;
         let mut out = Vec::with_capacity(limit.min(256));
         let mut next = self.accounts[i as usize].history_head;
         while next > 0 && out.len() < limit {
             let seq = next - 1;
-            let Some(entry) = seq.checked_sub(self.history_first_seq).and_then(|k| self.history.get(k as usize)) else {
+            let Some(entry) = seq
+                .checked_sub(self.history_first_seq)
+                .and_then(|k| self.history.get(k as usize))
+            else {
                 break; // older entries have left the retention window
             };
             debug_assert_eq!(entry.account, i);
@@ -576,8 +697,15 @@ impl Ledger {
         Some(out)
     }
 
-    pub fn outbox_messages(&self, dest: CellId, after_seq: u64, limit: usize) -> Vec<OutboxMessage> {
-        let Some(outbox) = self.outbox.get(&dest) else { return Vec::new() };
+    pub fn outbox_messages(
+        &self,
+        dest: CellId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Vec<OutboxMessage> {
+        let Some(outbox) = self.outbox.get(&dest) else {
+            return Vec::new();
+        };
         outbox
             .entries
             .range(after_seq.saturating_add(1)..)
@@ -594,7 +722,10 @@ impl Ledger {
     }
 
     pub fn audit(&self) -> AuditView {
-        let mut view = AuditView { accounts: self.accounts.len() as u64, ..AuditView::default() };
+        let mut view = AuditView {
+            accounts: self.accounts.len() as u64,
+            ..AuditView::default()
+        };
         for a in &self.accounts {
             view.balance_sum += i128::from(a.balance);
             if !a.overdraft && a.balance < 0 {
@@ -605,7 +736,11 @@ impl Ledger {
             view.sent.push((dest, o.sent));
             view.compensated.push((dest, o.compensated));
             view.outbox_messages += o.entries.len() as u64;
-            view.outbox_sum += o.entries.values().map(|e| i128::from(e.amount)).sum::<i128>();
+            view.outbox_sum += o
+                .entries
+                .values()
+                .map(|e| i128::from(e.amount))
+                .sum::<i128>();
         }
         view.received = self.inbox.iter().map(|(&s, i)| (s, i.received)).collect();
         view

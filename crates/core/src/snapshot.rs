@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::codec::{decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION};
+use crate::codec::{
+    decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION,
+};
 use crate::command::{EntryKind, TransferStatus};
 use crate::ids::CellId;
 use crate::ledger::{Account, Entry, Inbox, Ledger, Limits, Outbox, OutboxEntry, TransferRecord};
@@ -138,7 +140,13 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
     if !r.is_empty() {
         return Err(r.error("trailing bytes after the snapshot"));
     }
-    Ok(CellState { cell, map, real, shadow, applied })
+    Ok(CellState {
+        cell,
+        map,
+        real,
+        shadow,
+        applied,
+    })
 }
 
 fn decode_status(r: &mut Reader<'_>) -> Result<TransferStatus, DecodeError> {
@@ -165,7 +173,10 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     if transfers_retained_max == 0 || history_entries_max == 0 {
         return Err(r.error("retention limits must be positive"));
     }
-    let limits = Limits { transfers_retained_max, history_entries_max };
+    let limits = Limits {
+        transfers_retained_max,
+        history_entries_max,
+    };
     let mut l = Ledger::new(limits, map.shards());
     let n = r.count(u64::from(u32::MAX))?;
     l.accounts.reserve(n);
@@ -207,7 +218,10 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
             memo_hash: r.u64()?,
             status: decode_status(r)?,
         };
-        if l.record_index.insert(record.id.clone(), l.records_first_seq + k as u64).is_some() {
+        if l.record_index
+            .insert(record.id.clone(), l.records_first_seq + k as u64)
+            .is_some()
+        {
             return Err(r.error("a transfer record appears twice"));
         }
         l.records.push_back(record);
@@ -233,7 +247,12 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let n = r.count(COUNT_MAX)?;
     for _ in 0..n {
         let dest = CellId(r.u32()?);
-        let mut o = Outbox { last_seq: r.u64()?, sent: r.i128()?, compensated: r.i128()?, entries: BTreeMap::new() };
+        let mut o = Outbox {
+            last_seq: r.u64()?,
+            sent: r.i128()?,
+            compensated: r.i128()?,
+            entries: BTreeMap::new(),
+        };
         let m = r.count(COUNT_MAX)?;
         for _ in 0..m {
             let seq = r.u64()?;
@@ -252,7 +271,11 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let n = r.count(COUNT_MAX)?;
     for _ in 0..n {
         let source = CellId(r.u32()?);
-        let mut i = Inbox { applied_through: r.u64()?, received: r.i128()?, refused: BTreeMap::new() };
+        let mut i = Inbox {
+            applied_through: r.u64()?,
+            received: r.i128()?,
+            refused: BTreeMap::new(),
+        };
         let m = r.count(COUNT_MAX)?;
         for _ in 0..m {
             let seq = r.u64()?;

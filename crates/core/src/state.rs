@@ -73,15 +73,24 @@ impl CellState {
         match self.map.check_successor(next) {
             Ok(()) => {
                 self.map = next.clone();
-                Outcome::ShardMapInstalled { epoch: next.epoch() }
+                Outcome::ShardMapInstalled {
+                    epoch: next.epoch(),
+                }
             }
             Err(e) => Outcome::rejected(ErrorCode::InvalidRequest, e.to_string()),
         }
     }
 
     fn apply_to_ledger(&mut self, shadow: bool, op: &Op) -> Outcome {
-        let place = Place { cell: self.cell, map: &self.map };
-        let ledger = if shadow { &mut self.shadow } else { &mut self.real };
+        let place = Place {
+            cell: self.cell,
+            map: &self.map,
+        };
+        let ledger = if shadow {
+            &mut self.shadow
+        } else {
+            &mut self.real
+        };
         match op {
             Op::OpenAccount(o) => ledger.open_account(&place, o),
             Op::Transfer(t) => ledger.transfer(&place, t),
@@ -99,24 +108,29 @@ impl CellState {
 
     /// Answers a read-only query.
     pub fn query(&self, q: &Query) -> QueryAnswer {
-        let owned = |id: &str| {
+        // The refusal for an account this cell does not own at its epoch (I6).
+        let fenced = |id: &str| {
             let owner = self.map.owner_of(id);
-            if owner == self.cell {
-                Ok(())
-            } else {
-                let msg = format!("account {id} is owned by cell {owner} at epoch {}", self.map.epoch());
-                Err(QueryAnswer::Rejected(Rejection::new(ErrorCode::WrongCell, msg)))
-            }
+            (owner != self.cell).then(|| {
+                let epoch = self.map.epoch();
+                let msg = format!("account {id} is owned by cell {owner} at epoch {epoch}");
+                QueryAnswer::Rejected(Rejection::new(ErrorCode::WrongCell, msg))
+            })
         };
         let not_found = |id: &dyn std::fmt::Display| {
-            QueryAnswer::Rejected(Rejection::new(ErrorCode::AccountNotFound, format!("account {id} not found")))
+            QueryAnswer::Rejected(Rejection::new(
+                ErrorCode::AccountNotFound,
+                format!("account {id} not found"),
+            ))
         };
         match q {
             Query::Account { shadow, id } => {
-                if let Err(e) = owned(id.as_str()) {
-                    return e;
+                if let Some(refusal) = fenced(id.as_str()) {
+                    return refusal;
                 }
-                self.ledger(*shadow).account(id).map_or_else(|| not_found(id), QueryAnswer::Account)
+                self.ledger(*shadow)
+                    .account(id)
+                    .map_or_else(|| not_found(id), QueryAnswer::Account)
             }
             Query::Transfer { shadow, id } => match self.ledger(*shadow).transfer_status(id) {
                 Some(t) => QueryAnswer::Transfer(t),
@@ -125,25 +139,38 @@ impl CellState {
                     format!("transfer {id} not found"),
                 )),
             },
-            Query::Entries { shadow, account, limit, before } => {
-                if let Err(e) = owned(account.as_str()) {
-                    return e;
+            Query::Entries {
+                shadow,
+                account,
+                limit,
+                before,
+            } => {
+                if let Some(refusal) = fenced(account.as_str()) {
+                    return refusal;
                 }
                 if *limit == 0 || *limit > ENTRIES_PAGE_MAX {
                     let msg = format!("limit must be between 1 and {ENTRIES_PAGE_MAX}");
                     return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
                 }
                 let ledger = self.ledger(*shadow);
-                ledger.entries(account, *limit, *before).map_or_else(|| not_found(account), QueryAnswer::Entries)
+                ledger
+                    .entries(account, *limit, *before)
+                    .map_or_else(|| not_found(account), QueryAnswer::Entries)
             }
             Query::Digests { shadow } => QueryAnswer::Digests {
                 epoch: self.map.epoch(),
                 digests: self.ledger(*shadow).digests().to_vec(),
             },
             Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit()),
-            Query::Outbox { shadow, dest, after_seq, limit } => {
-                QueryAnswer::Outbox(self.ledger(*shadow).outbox_messages(*dest, *after_seq, *limit))
-            }
+            Query::Outbox {
+                shadow,
+                dest,
+                after_seq,
+                limit,
+            } => QueryAnswer::Outbox(
+                self.ledger(*shadow)
+                    .outbox_messages(*dest, *after_seq, *limit),
+            ),
         }
     }
 }

@@ -17,7 +17,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::frame::{self, RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
-use crate::{Checkpoint, ReplayReport, Store, StoreError, StoreStats, TornTail};
+use crate::{Checkpoint, ReplayReport, Store, StoreError, StoreStats, TornTail, Visitor};
 
 const SEGMENT_MAGIC: &[u8; 8] = b"CPSEG001";
 const SEGMENT_HEADER_BYTES: usize = 16;
@@ -36,7 +36,9 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { segment_bytes_max: 64 << 20 }
+        Self {
+            segment_bytes_max: 64 << 20,
+        }
     }
 }
 
@@ -76,7 +78,9 @@ fn parse_numbered(name: &str, ext: &str) -> Option<u64> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(StoreError::io(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io(dir))
 }
 
 fn list_numbered(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>, StoreError> {
@@ -135,11 +139,17 @@ impl EmbeddedStore {
 
     fn segments(&self) -> Result<Vec<Segment>, StoreError> {
         let list = list_numbered(&self.log_dir(), ".seg")?;
-        Ok(list.into_iter().map(|(first_seq, path)| Segment { first_seq, path }).collect())
+        Ok(list
+            .into_iter()
+            .map(|(first_seq, path)| Segment { first_seq, path })
+            .collect())
     }
 
     fn truncate(&mut self, path: &Path, len: u64) -> Result<(), StoreError> {
-        let f = OpenOptions::new().write(true).open(path).map_err(StoreError::io(path))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(StoreError::io(path))?;
         f.set_len(len).map_err(StoreError::io(path))?;
         f.sync_all().map_err(StoreError::io(path))?;
         self.stats.fsyncs += 1;
@@ -147,9 +157,16 @@ impl EmbeddedStore {
     }
 
     fn open_for_append(&mut self, path: &Path) -> Result<(), StoreError> {
-        let f = OpenOptions::new().append(true).open(path).map_err(StoreError::io(path))?;
+        let f = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(StoreError::io(path))?;
         let len = f.metadata().map_err(StoreError::io(path))?.len();
-        self.active = Some(Active { file: f, path: path.to_path_buf(), len });
+        self.active = Some(Active {
+            file: f,
+            path: path.to_path_buf(),
+            len,
+        });
         Ok(())
     }
 
@@ -168,7 +185,11 @@ impl EmbeddedStore {
         sync_dir(&self.log_dir())?;
         self.stats.fsyncs += 2;
         self.stats.log_bytes_written += SEGMENT_HEADER_BYTES as u64;
-        self.active = Some(Active { file: f, path, len: SEGMENT_HEADER_BYTES as u64 });
+        self.active = Some(Active {
+            file: f,
+            path,
+            len: SEGMENT_HEADER_BYTES as u64,
+        });
         Ok(())
     }
 
@@ -180,7 +201,7 @@ impl EmbeddedStore {
         is_last: bool,
         after_seq: u64,
         report: &mut ReplayReport,
-        visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
+        visit: Visitor<'_>,
     ) -> Result<(), StoreError> {
         let buf = fs::read(&seg.path).map_err(StoreError::io(&seg.path))?;
         let corrupt = |offset: usize, reason: String| StoreError::Corrupt {
@@ -205,7 +226,13 @@ impl EmbeddedStore {
         }
         let first = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
         if first != seg.first_seq {
-            return Err(corrupt(8, format!("header says first batch {first}, file name says {}", seg.first_seq)));
+            return Err(corrupt(
+                8,
+                format!(
+                    "header says first batch {first}, file name says {}",
+                    seg.first_seq
+                ),
+            ));
         }
         let mut at = SEGMENT_HEADER_BYTES;
         let mut expected = seg.first_seq;
@@ -213,11 +240,17 @@ impl EmbeddedStore {
             match frame::decode(&buf, at) {
                 Ok(record) => {
                     if record.seq != expected {
-                        return Err(StoreError::Gap { file: seg.path.clone(), expected, found: record.seq });
+                        return Err(StoreError::Gap {
+                            file: seg.path.clone(),
+                            expected,
+                            found: record.seq,
+                        });
                     }
                     if record.seq > after_seq {
-                        visit(record.seq, record.payload)
-                            .map_err(|reason| StoreError::Visit { seq: record.seq, reason })?;
+                        visit(record.seq, record.payload).map_err(|reason| StoreError::Visit {
+                            seq: record.seq,
+                            reason,
+                        })?;
                         report.batches += 1;
                         report.bytes += (record.end - at) as u64;
                     }
@@ -230,7 +263,10 @@ impl EmbeddedStore {
                     let later = frame::valid_record_after(&buf, at + 1, expected, seq_max);
                     if !is_last || later.is_some() {
                         let why = match later {
-                            Some(next) => format!("{}; a valid record follows at offset {next}", bad.describe()),
+                            Some(next) => format!(
+                                "{}; a valid record follows at offset {next}",
+                                bad.describe()
+                            ),
                             None => format!("{}; later segments follow", bad.describe()),
                         };
                         return Err(corrupt(at, why));
@@ -282,7 +318,9 @@ impl EmbeddedStore {
         for (_, path) in &checkpoints[..keep_from] {
             fs::remove_file(path).map_err(StoreError::io(path))?;
         }
-        let Some(&(oldest_kept, _)) = checkpoints.get(keep_from) else { return Ok(()) };
+        let Some(&(oldest_kept, _)) = checkpoints.get(keep_from) else {
+            return Ok(());
+        };
         let segments = self.segments()?;
         for pair in segments.windows(2) {
             // pair[0] holds batches first_seq..pair[1].first_seq - 1.
@@ -312,9 +350,15 @@ impl EmbeddedStore {
             return Err(corrupt(16, "checkpoint length does not match the file"));
         }
         if crc32c::crc32c(body) != crc {
-            return Err(corrupt(CHECKPOINT_HEADER_BYTES as u64, "checkpoint checksum mismatch"));
+            return Err(corrupt(
+                CHECKPOINT_HEADER_BYTES as u64,
+                "checkpoint checksum mismatch",
+            ));
         }
-        Ok(Checkpoint { seq, snapshot: body.to_vec() })
+        Ok(Checkpoint {
+            seq,
+            snapshot: body.to_vec(),
+        })
     }
 }
 
@@ -334,24 +378,34 @@ impl Store for EmbeddedStore {
         }
     }
 
-    fn replay(
-        &mut self,
-        after_seq: u64,
-        visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
-    ) -> Result<ReplayReport, StoreError> {
+    fn replay(&mut self, after_seq: u64, visit: Visitor<'_>) -> Result<ReplayReport, StoreError> {
         let segments = self.segments()?;
-        let mut report = ReplayReport { last_seq: after_seq, ..ReplayReport::default() };
+        let mut report = ReplayReport {
+            last_seq: after_seq,
+            ..ReplayReport::default()
+        };
         // Segments wholly before the checkpoint are skipped (a crash may have
         // stopped their deletion); the first one read must hold after_seq + 1.
-        let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
+        let start = segments
+            .iter()
+            .rposition(|s| s.first_seq <= after_seq + 1)
+            .unwrap_or(0);
         if let Some(first) = segments.get(start) {
             if first.first_seq > after_seq + 1 {
-                return Err(StoreError::Gap { file: first.path.clone(), expected: after_seq + 1, found: first.first_seq });
+                return Err(StoreError::Gap {
+                    file: first.path.clone(),
+                    expected: after_seq + 1,
+                    found: first.first_seq,
+                });
             }
         }
         for (i, seg) in segments.iter().enumerate().skip(start) {
             if i > start && seg.first_seq != report.last_seq + 1 {
-                return Err(StoreError::Gap { file: seg.path.clone(), expected: report.last_seq + 1, found: seg.first_seq });
+                return Err(StoreError::Gap {
+                    file: seg.path.clone(),
+                    expected: report.last_seq + 1,
+                    found: seg.first_seq,
+                });
             }
             self.replay_segment(seg, i + 1 == segments.len(), after_seq, &mut report, visit)?;
         }
@@ -360,7 +414,10 @@ impl Store for EmbeddedStore {
         if let Some(last) = segments.last().filter(|s| s.path.exists()) {
             let path = last.path.clone();
             self.open_for_append(&path)?;
-            self.roll_on_next_append = self.active.as_ref().is_some_and(|a| a.len >= self.options.segment_bytes_max);
+            self.roll_on_next_append = self
+                .active
+                .as_ref()
+                .is_some_and(|a| a.len >= self.options.segment_bytes_max);
         }
         self.next_seq = Some(report.last_seq + 1);
         Ok(report)
@@ -375,7 +432,10 @@ impl Store for EmbeddedStore {
             return Err(StoreError::OutOfOrder { seq, expected });
         }
         if batch.len() > RECORD_BYTES_MAX {
-            return Err(StoreError::TooLarge { bytes: batch.len(), max: RECORD_BYTES_MAX });
+            return Err(StoreError::TooLarge {
+                bytes: batch.len(),
+                max: RECORD_BYTES_MAX,
+            });
         }
         self.poisoned = true; // cleared below once the batch is durable
         if self.active.is_none() || self.roll_on_next_append {
@@ -385,8 +445,14 @@ impl Store for EmbeddedStore {
         self.buf.clear();
         frame::encode(&mut self.buf, seq, batch);
         let active = self.active.as_mut().expect("created above");
-        active.file.write_all(&self.buf).map_err(StoreError::io(&active.path))?;
-        active.file.sync_data().map_err(StoreError::io(&active.path))?;
+        active
+            .file
+            .write_all(&self.buf)
+            .map_err(StoreError::io(&active.path))?;
+        active
+            .file
+            .sync_data()
+            .map_err(StoreError::io(&active.path))?;
         active.len += self.buf.len() as u64;
         if active.len >= self.options.segment_bytes_max {
             self.roll_on_next_append = true;
@@ -403,7 +469,10 @@ impl Store for EmbeddedStore {
             return Err(StoreError::Poisoned);
         }
         let next = self.next_seq.ok_or(StoreError::NotReplayed)?;
-        assert!(seq < next, "a checkpoint covers only batches already appended");
+        assert!(
+            seq < next,
+            "a checkpoint covers only batches already appended"
+        );
         self.write_checkpoint_file(seq, snapshot)?;
         self.roll_on_next_append = true;
         self.drop_covered()

@@ -57,11 +57,22 @@ pub struct StoreStats {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("corrupt record in {} at offset {offset}: {reason}", file.display())]
-    Corrupt { file: PathBuf, offset: u64, reason: String },
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
     #[error("the log has a gap: expected batch {expected}, found {found} in {}", file.display())]
-    Gap { file: PathBuf, expected: u64, found: u64 },
+    Gap {
+        file: PathBuf,
+        expected: u64,
+        found: u64,
+    },
     #[error("{} is locked by another writer of this cell", path.display())]
     Locked { path: PathBuf },
     #[error("batch {seq} is out of order: the next batch must be {expected}")]
@@ -83,6 +94,10 @@ impl StoreError {
     }
 }
 
+/// Receives each replayed batch: its sequence number and bytes. An `Err`
+/// stops the replay with that reason.
+pub type Visitor<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
+
 /// The durable store of one cell.
 pub trait Store: Send {
     /// The latest checkpoint, or `None` for a new cell.
@@ -90,11 +105,7 @@ pub trait Store: Send {
 
     /// Hands every batch after `after_seq` to `visit`, in order. Cuts a torn tail
     /// and reports it; stops with an error on corruption before the tail.
-    fn replay(
-        &mut self,
-        after_seq: u64,
-        visit: &mut dyn FnMut(u64, &[u8]) -> Result<(), String>,
-    ) -> Result<ReplayReport, StoreError>;
+    fn replay(&mut self, after_seq: u64, visit: Visitor<'_>) -> Result<ReplayReport, StoreError>;
 
     /// Appends batch `seq` (the one after the last) and returns once it is durable.
     fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError>;
