@@ -49,18 +49,15 @@ pub fn recover(
     let had_checkpoint = checkpoint.is_some();
     let (mut state, checkpoint_seq) = match &checkpoint {
         Some(c) => {
-            let state = snapshot::decode(&c.snapshot)
-                .map_err(|source| RecoveryError::Snapshot { seq: c.seq, source })?;
+            let state =
+                snapshot::decode(&c.snapshot).map_err(|source| RecoveryError::Snapshot { seq: c.seq, source })?;
             (state, c.seq)
         }
         None => (CellState::new(cell, map.clone(), limits), 0),
     };
     drop(checkpoint);
     if state.cell() != cell {
-        return Err(RecoveryError::WrongCell {
-            expected: cell,
-            found: state.cell(),
-        });
+        return Err(RecoveryError::WrongCell { expected: cell, found: state.cell() });
     }
     let mut commands = 0u64;
     let report = store.replay(checkpoint_seq, &mut |seq, bytes| {
@@ -70,9 +67,7 @@ pub fn recover(
             if !outcome.changed_state() {
                 // Only state changes are logged, so each must apply again: anything
                 // else means the log or the state machine is not what wrote it.
-                return Err(format!(
-                    "command {i} of batch {seq} did not apply on replay: {outcome:?}"
-                ));
+                return Err(format!("command {i} of batch {seq} did not apply on replay: {outcome:?}"));
             }
         }
         commands += batch.len() as u64;
@@ -80,12 +75,10 @@ pub fn recover(
     })?;
     let created = !had_checkpoint;
     if created && report.last_seq > 0 {
-        return Err(RecoveryError::MissingCheckpoint {
-            last_seq: report.last_seq,
-        });
+        return Err(RecoveryError::MissingCheckpoint { last_seq: report.last_seq });
     }
     if created {
-        store.checkpoint(0, &snapshot::encode(&state))?;
+        store.checkpoint(0, snapshot::encode(&state))?;
     }
     Ok((
         state,

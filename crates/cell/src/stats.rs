@@ -21,7 +21,7 @@ pub struct EngineStats {
     batch_us: Mutex<Histogram<u64>>,
     /// Append + fsync alone, in microseconds.
     append_us: Mutex<Histogram<u64>>,
-    /// Checkpoint pauses (encode + write + fsync), in microseconds.
+    /// Checkpoint pauses of the engine (encoding the snapshot), in microseconds.
     checkpoint_us: Mutex<Histogram<u64>>,
     /// Commands per batch.
     batch_size: Mutex<Histogram<u64>>,
@@ -104,23 +104,15 @@ impl EngineStats {
         }
     }
 
-    pub(crate) fn record_checkpoint(&self, us: u64, bytes: u64) {
+    pub(crate) fn record_checkpoint(&self, us: u64) {
         record(&self.checkpoint_us, us);
         self.checkpoints.fetch_add(1, Relaxed);
-        self.checkpoint_bytes.fetch_add(bytes, Relaxed);
     }
 
     /// Clears the histograms, so a benchmark can measure one phase alone.
     pub fn reset_histograms(&self) {
-        for h in [
-            &self.batch_us,
-            &self.append_us,
-            &self.checkpoint_us,
-            &self.batch_size,
-        ] {
-            h.lock()
-                .expect("stats lock is never held across a panic")
-                .reset();
+        for h in [&self.batch_us, &self.append_us, &self.checkpoint_us, &self.batch_size] {
+            h.lock().expect("stats lock is never held across a panic").reset();
         }
     }
 
@@ -145,10 +137,7 @@ impl EngineStats {
 
 /// CPU time of the calling thread, in nanoseconds.
 pub(crate) fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own; the clock id is valid on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if rc != 0 {

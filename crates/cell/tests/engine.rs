@@ -8,20 +8,14 @@ use std::sync::{Arc, Mutex};
 
 use cellpay_cell::{Cell, EngineConfig, EngineError};
 use cellpay_core::*;
-use cellpay_store::{
-    Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, Visitor,
-};
+use cellpay_store::{Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, Visitor};
 
 fn cny() -> Currency {
     Currency::new("CNY").unwrap()
 }
 
 fn open_cmd(id: &str, overdraft: bool) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount {
-        id: AccountId::new(id).unwrap(),
-        currency: cny(),
-        overdraft,
-    }))
+    Command::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny(), overdraft }))
 }
 
 fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
@@ -44,10 +38,7 @@ fn start(dir: &Path, config: EngineConfig) -> Cell {
 }
 
 fn balance(cell: &Cell, id: &str) -> i64 {
-    let q = Query::Account {
-        shadow: false,
-        id: AccountId::new(id).unwrap(),
-    };
+    let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap() };
     match cell.handle().query(q).unwrap().wait_blocking().unwrap() {
         QueryAnswer::Account(a) => a.balance,
         other => panic!("{other:?}"),
@@ -55,13 +46,7 @@ fn balance(cell: &Cell, id: &str) -> i64 {
 }
 
 fn digests(cell: &Cell, shadow: bool) -> Vec<u64> {
-    match cell
-        .handle()
-        .query(Query::Digests { shadow })
-        .unwrap()
-        .wait_blocking()
-        .unwrap()
-    {
+    match cell.handle().query(Query::Digests { shadow }).unwrap().wait_blocking().unwrap() {
         QueryAnswer::Digests { digests, .. } => digests,
         other => panic!("{other:?}"),
     }
@@ -74,11 +59,7 @@ fn transfers_are_answered_and_survive_a_restart() {
     assert!(cell.recovery().created);
     let h = cell.handle();
     let out = h
-        .submit(vec![
-            open_cmd("bank", true),
-            open_cmd("alice", false),
-            transfer_cmd("t1", "bank", "alice", 500),
-        ])
+        .submit(vec![open_cmd("bank", true), open_cmd("alice", false), transfer_cmd("t1", "bank", "alice", 500)])
         .unwrap()
         .wait_blocking()
         .unwrap();
@@ -97,17 +78,11 @@ fn transfers_are_answered_and_survive_a_restart() {
     // Same id, same body: the original result. Same id, other body: conflict.
     let out = cell
         .handle()
-        .submit(vec![
-            transfer_cmd("t1", "bank", "alice", 500),
-            transfer_cmd("t1", "bank", "alice", 501),
-        ])
+        .submit(vec![transfer_cmd("t1", "bank", "alice", 500), transfer_cmd("t1", "bank", "alice", 501)])
         .unwrap()
         .wait_blocking()
         .unwrap();
-    assert!(matches!(
-        &out[0],
-        Outcome::Transferred { created: false, .. }
-    ));
+    assert!(matches!(&out[0], Outcome::Transferred { created: false, .. }));
     assert!(matches!(&out[1], Outcome::Rejected(r) if r.code == ErrorCode::Conflict));
     assert_eq!(balance(&cell, "alice"), 500);
 }
@@ -115,20 +90,10 @@ fn transfers_are_answered_and_survive_a_restart() {
 #[test]
 fn a_request_larger_than_a_batch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        batch_commands_max: 4,
-        queue_commands_max: 16,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { batch_commands_max: 4, queue_commands_max: 16, ..EngineConfig::default() };
     let cell = start(dir.path(), config);
     let cmds = (0..5).map(|i| open_cmd(&format!("a{i}"), false)).collect();
-    assert!(matches!(
-        cell.handle().submit(cmds),
-        Err(EngineError::TooLarge {
-            commands: 5,
-            max: 4
-        })
-    ));
+    assert!(matches!(cell.handle().submit(cmds), Err(EngineError::TooLarge { commands: 5, max: 4 })));
 }
 
 /// The real embedded store, with appends held until the test lets them go
@@ -148,14 +113,11 @@ impl Store for GatedStore {
     }
     fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
         if self.gated && !self.gate.lock().unwrap().recv().unwrap_or(true) {
-            return Err(StoreError::Io {
-                path: "gated".into(),
-                source: std::io::Error::other("injected failure"),
-            });
+            return Err(StoreError::Io { path: "gated".into(), source: std::io::Error::other("injected failure") });
         }
         self.inner.append(seq, batch)
     }
-    fn checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+    fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError> {
         self.inner.checkpoint(seq, snapshot)
     }
     fn stats(&self) -> StoreStats {
@@ -166,11 +128,7 @@ impl Store for GatedStore {
 fn gated(dir: &Path, config: EngineConfig) -> (Cell, std_mpsc::Sender<bool>) {
     let (tx, rx) = std_mpsc::channel();
     let inner = EmbeddedStore::open(dir, StoreOptions::default()).unwrap();
-    let store = GatedStore {
-        inner,
-        gate: Arc::new(Mutex::new(rx)),
-        gated: true,
-    };
+    let store = GatedStore { inner, gate: Arc::new(Mutex::new(rx)), gated: true };
     let cell = Cell::start(Box::new(store), CellId(0), &one_cell_map(), config).unwrap();
     (cell, tx)
 }
@@ -186,31 +144,21 @@ fn wait_until(mut f: impl FnMut() -> bool) {
 }
 
 #[test]
-fn what_queues_behind_a_batch_goes_into_the_next_one_and_nothing_is_answered_before_it_is_durable()
-{
+fn what_queues_behind_a_batch_goes_into_the_next_one_and_nothing_is_answered_before_it_is_durable() {
     let dir = tempfile::tempdir().unwrap();
     let (cell, gate) = gated(dir.path(), EngineConfig::default());
     let h = cell.handle();
     let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
     wait_until(|| h.queue_depth() == 0); // the engine took it and waits on the gate
-    let rest: Vec<_> = (0..50)
-        .map(|i| h.submit(vec![open_cmd(&format!("u{i}"), false)]).unwrap())
-        .collect();
+    let rest: Vec<_> = (0..50).map(|i| h.submit(vec![open_cmd(&format!("u{i}"), false)]).unwrap()).collect();
     assert_eq!(h.queue_depth(), 50);
     std::thread::sleep(std::time::Duration::from_millis(20));
-    assert_eq!(
-        h.stats().snapshot().batches,
-        0,
-        "no batch completes before its append"
-    );
+    assert_eq!(h.stats().snapshot().batches, 0, "no batch completes before its append");
     gate.send(true).unwrap();
     gate.send(true).unwrap();
     first.wait_blocking().unwrap();
     for s in rest {
-        assert!(matches!(
-            s.wait_blocking().unwrap()[0],
-            Outcome::AccountOpened { created: true, .. }
-        ));
+        assert!(matches!(s.wait_blocking().unwrap()[0], Outcome::AccountOpened { created: true, .. }));
     }
     let stats = h.stats().snapshot();
     assert_eq!(stats.batches, 2, "the 50 queued requests share one batch");
@@ -220,22 +168,14 @@ fn what_queues_behind_a_batch_goes_into_the_next_one_and_nothing_is_answered_bef
 #[test]
 fn a_full_queue_answers_overloaded_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        batch_commands_max: 8,
-        queue_commands_max: 8,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { batch_commands_max: 8, queue_commands_max: 8, ..EngineConfig::default() };
     let (cell, gate) = gated(dir.path(), config);
     let h = cell.handle();
     let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
     wait_until(|| h.queue_depth() == 0);
-    let queued = h
-        .submit((0..8).map(|i| open_cmd(&format!("q{i}"), false)).collect())
-        .unwrap();
+    let queued = h.submit((0..8).map(|i| open_cmd(&format!("q{i}"), false)).collect()).unwrap();
     match h.submit(vec![open_cmd("late", false)]) {
-        Err(EngineError::Overloaded {
-            queued: 8, max: 8, ..
-        }) => {}
+        Err(EngineError::Overloaded { queued: 8, max: 8, .. }) => {}
         Err(other) => panic!("expected Overloaded, got {other}"),
         Ok(_) => panic!("expected Overloaded, got a queued submission"),
     }
@@ -253,22 +193,13 @@ fn a_store_failure_stops_the_cell_and_answers_unavailable() {
     let h = cell.handle();
     let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
     gate.send(false).unwrap();
-    assert!(matches!(
-        first.wait_blocking(),
-        Err(EngineError::Unavailable { .. })
-    ));
+    assert!(matches!(first.wait_blocking(), Err(EngineError::Unavailable { .. })));
     wait_until(|| h.is_failed());
-    assert!(matches!(
-        h.submit(vec![open_cmd("x", false)]),
-        Err(EngineError::Unavailable { .. })
-    ));
+    assert!(matches!(h.submit(vec![open_cmd("x", false)]), Err(EngineError::Unavailable { .. })));
     drop(cell);
     // Nothing of the failed batch was acknowledged, and nothing of it is there.
     let cell = start(dir.path(), EngineConfig::default());
-    let q = Query::Account {
-        shadow: false,
-        id: AccountId::new("bank").unwrap(),
-    };
+    let q = Query::Account { shadow: false, id: AccountId::new("bank").unwrap() };
     let answer = cell.handle().query(q).unwrap().wait_blocking().unwrap();
     assert!(matches!(answer, QueryAnswer::Rejected(r) if r.code == ErrorCode::AccountNotFound));
 }
@@ -276,24 +207,15 @@ fn a_store_failure_stops_the_cell_and_answers_unavailable() {
 #[test]
 fn checkpoints_bound_replay_and_recover_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
-    let config = EngineConfig {
-        checkpoint_log_bytes: 4096,
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig { checkpoint_log_bytes: 4096, ..EngineConfig::default() };
     let cell = start(dir.path(), config);
     let h = cell.handle();
-    h.submit(vec![open_cmd("bank", true)])
-        .unwrap()
-        .wait_blocking()
-        .unwrap();
+    h.submit(vec![open_cmd("bank", true)]).unwrap().wait_blocking().unwrap();
     for i in 0..40 {
         let cmds = (0..20)
             .flat_map(|j| {
                 let acct = format!("u{}", i * 20 + j);
-                [
-                    open_cmd(&acct, false),
-                    transfer_cmd(&format!("t{i}-{j}"), "bank", &acct, 7),
-                ]
+                [open_cmd(&acct, false), transfer_cmd(&format!("t{i}-{j}"), "bank", &acct, 7)]
             })
             .collect();
         h.submit(cmds).unwrap().wait_blocking().unwrap();

@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission};
 use cellpay_core::{
-    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer,
-    TransferId,
+    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId,
 };
 use cellpay_store::StoreOptions;
 use rand::rngs::SmallRng;
@@ -41,7 +40,7 @@ pub struct Args {
     #[arg(long, default_value_t = 4)]
     pipeline: usize,
     /// Log bytes between checkpoints, in MiB.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = EngineConfig::default().checkpoint_log_bytes >> 20)]
     checkpoint_mib: u64,
     /// Transfer records kept for idempotency.
     #[arg(long, default_value_t = Limits::default().transfers_retained_max)]
@@ -147,19 +146,10 @@ impl Pipeline {
     }
 }
 
-fn setup(
-    p: &mut Pipeline,
-    ids: &[AccountId],
-    bank: &AccountId,
-    batch: usize,
-) -> anyhow::Result<()> {
+fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) -> anyhow::Result<()> {
     let cny = Currency::new("CNY").expect("CNY is ISO 4217");
     let open = |id: &AccountId, overdraft| {
-        Command::real(Op::OpenAccount(OpenAccount {
-            id: id.clone(),
-            currency: cny,
-            overdraft,
-        }))
+        Command::real(Op::OpenAccount(OpenAccount { id: id.clone(), currency: cny, overdraft }))
     };
     p.send(vec![open(bank, true)])?;
     for chunk in ids.chunks(batch) {
@@ -187,10 +177,7 @@ fn setup(
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
-    anyhow::ensure!(
-        (1..=65_536).contains(&args.batch),
-        "--batch must be between 1 and 65536"
-    );
+    anyhow::ensure!((1..=65_536).contains(&args.batch), "--batch must be between 1 and 65536");
     anyhow::ensure!(args.pipeline >= 1, "--pipeline must be at least 1");
     anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
     let tmp;
@@ -205,10 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         batch_commands_max: args.batch,
         queue_commands_max: (args.batch * (args.pipeline + 1)).max(65_536),
         checkpoint_log_bytes: args.checkpoint_mib << 20,
-        limits: Limits {
-            transfers_retained_max: args.transfers_retained,
-            ..Limits::default()
-        },
+        limits: Limits { transfers_retained_max: args.transfers_retained, ..Limits::default() },
         store: StoreOptions::default(),
     };
     let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
@@ -270,8 +254,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let after = handle.stats().snapshot();
     let process_cpu = process_cpu_ns() - cpu_before;
     let transfers = p.transfers.max(1) as f64;
-    let bytes =
-        (after.log_bytes - before.log_bytes) + (after.checkpoint_bytes - before.checkpoint_bytes);
+    let bytes = (after.log_bytes - before.log_bytes) + (after.checkpoint_bytes - before.checkpoint_bytes);
     let ms = |us: u64| us as f64 / 1e3;
 
     let mut report = Report {
@@ -300,8 +283,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     drop((handle, p));
     if args.recovery {
         cell.halt().context("halting the cell")?;
-        let reopened =
-            Cell::open_embedded(&dir, CellId(0), &map, config).context("reopening the cell")?;
+        let reopened = Cell::open_embedded(&dir, CellId(0), &map, config).context("reopening the cell")?;
         let r = reopened.recovery();
         report.recovery = Some(RecoveryFigures {
             recovery_ms: r.duration.as_secs_f64() * 1e3,
@@ -328,18 +310,12 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         r.batch,
         r.zipf.map_or("uniform".into(), |s| format!("zipf({s})"))
     );
-    println!(
-        "  transfers      {} in {:.2} s = {:.0} transfers/s",
-        r.transfers, r.seconds, r.transfers_per_s
-    );
+    println!("  transfers      {} in {:.2} s = {:.0} transfers/s", r.transfers, r.seconds, r.transfers_per_s);
     println!(
         "  batch commit   p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms (mean batch {:.0})",
         r.commit_p50_ms, r.commit_p99_ms, r.commit_max_ms, r.batch_size_mean
     );
-    println!(
-        "  fsync          p50 {:.3} ms, p99 {:.3} ms",
-        r.fsync_p50_ms, r.fsync_p99_ms
-    );
+    println!("  fsync          p50 {:.3} ms, p99 {:.3} ms", r.fsync_p50_ms, r.fsync_p99_ms);
     println!(
         "  cpu            {:.2} µs/transfer in the engine, {:.2} µs/transfer in the process",
         r.cpu_us_per_transfer, r.process_cpu_us_per_transfer

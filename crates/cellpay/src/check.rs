@@ -20,10 +20,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !args.cell_dir.join("checkpoint").is_dir() {
-        anyhow::bail!(
-            "{} is not a cell store (no checkpoint directory)",
-            args.cell_dir.display()
-        );
+        anyhow::bail!("{} is not a cell store (no checkpoint directory)", args.cell_dir.display());
     }
     let mut store = EmbeddedStore::open(&args.cell_dir, StoreOptions::default())
         .with_context(|| format!("opening {}", args.cell_dir.display()))?;
@@ -75,9 +72,5 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{}", if ok { "ok" } else { "INVARIANT VIOLATED" });
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

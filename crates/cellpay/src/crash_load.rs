@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cellpay_cell::{Cell, EngineConfig};
 use cellpay_core::{
-    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer,
-    TransferId,
+    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId,
 };
 use cellpay_store::StoreOptions;
 use rand::{Rng, SeedableRng};
@@ -47,32 +46,19 @@ fn account(i: usize) -> AccountId {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = EngineConfig {
         checkpoint_log_bytes: args.checkpoint_bytes,
-        store: StoreOptions {
-            segment_bytes_max: 256 << 10,
-        },
-        limits: Limits {
-            transfers_retained_max: 1 << 21,
-            history_entries_max: 1 << 16,
-        },
+        store: StoreOptions { segment_bytes_max: 256 << 10 },
+        limits: Limits { transfers_retained_max: 1 << 21, history_entries_max: 1 << 16 },
         ..EngineConfig::default()
     };
     let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
-    let cell =
-        Cell::open_embedded(&args.cell_dir, CellId(0), &map, config).context("opening the cell")?;
+    let cell = Cell::open_embedded(&args.cell_dir, CellId(0), &map, config).context("opening the cell")?;
     let h = cell.handle();
     let cny = Currency::new("CNY").expect("ISO code");
     let bank = AccountId::new("bank").expect("valid id");
-    let mut setup = vec![Command::real(Op::OpenAccount(OpenAccount {
-        id: bank.clone(),
-        currency: cny,
-        overdraft: true,
-    }))];
+    let mut setup =
+        vec![Command::real(Op::OpenAccount(OpenAccount { id: bank.clone(), currency: cny, overdraft: true }))];
     for i in 0..args.accounts {
-        setup.push(Command::real(Op::OpenAccount(OpenAccount {
-            id: account(i),
-            currency: cny,
-            overdraft: false,
-        })));
+        setup.push(Command::real(Op::OpenAccount(OpenAccount { id: account(i), currency: cny, overdraft: false })));
         setup.push(Command::real(Op::Transfer(Transfer {
             id: TransferId::new(&format!("fund-{i}")).expect("valid id"),
             from: bank.clone(),
@@ -118,16 +104,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     let Ok(outcomes) = outcomes else { continue };
                     let mut text = String::new();
                     for o in outcomes {
-                        if let Outcome::Transferred {
-                            transfer: t,
-                            created: true,
-                            ..
-                        } = o
-                        {
-                            text.push_str(&format!(
-                                "ACK {} {} {} {}\n",
-                                t.id, t.from, t.to, t.amount
-                            ));
+                        if let Outcome::Transferred { transfer: t, created: true, .. } = o {
+                            text.push_str(&format!("ACK {} {} {} {}\n", t.id, t.from, t.to, t.amount));
                         }
                     }
                     let mut out = out.lock().expect("stdout lock");

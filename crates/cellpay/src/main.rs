@@ -11,11 +11,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cellpay",
-    version,
-    about = "A cell-based payment ledger built for flash-sale peaks"
-)]
+#[command(name = "cellpay", version, about = "A cell-based payment ledger built for flash-sale peaks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

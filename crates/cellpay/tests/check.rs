@@ -11,11 +11,7 @@ use cellpay_core::Command as Command_;
 use cellpay_core::*;
 
 fn run_check(dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cellpay"))
-        .args(["check", "--cell-dir"])
-        .arg(dir)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_cellpay")).args(["check", "--cell-dir"]).arg(dir).output().unwrap()
 }
 
 /// A cell with a bank, two accounts and `batches` logged batches after its last checkpoint.
@@ -25,16 +21,9 @@ fn make_store(dir: &Path, batches: usize) {
     let h = cell.handle();
     let cny = Currency::new("CNY").unwrap();
     let open = |id: &str, overdraft| {
-        Command_::real(Op::OpenAccount(OpenAccount {
-            id: AccountId::new(id).unwrap(),
-            currency: cny,
-            overdraft,
-        }))
+        Command_::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny, overdraft }))
     };
-    h.submit(vec![open("bank", true), open("a", false), open("b", false)])
-        .unwrap()
-        .wait_blocking()
-        .unwrap();
+    h.submit(vec![open("bank", true), open("a", false), open("b", false)]).unwrap().wait_blocking().unwrap();
     for i in 0..batches {
         let t = Transfer {
             id: TransferId::new(&format!("t{i}")).unwrap(),
@@ -44,20 +33,14 @@ fn make_store(dir: &Path, batches: usize) {
             currency: None,
             memo: None,
         };
-        h.submit(vec![Command_::real(Op::Transfer(t))])
-            .unwrap()
-            .wait_blocking()
-            .unwrap();
+        h.submit(vec![Command_::real(Op::Transfer(t))]).unwrap().wait_blocking().unwrap();
     }
     drop(h);
     cell.halt().unwrap(); // leave the batches in the log, as a crash would
 }
 
 fn segment(dir: &Path) -> PathBuf {
-    let mut segs: Vec<_> = fs::read_dir(dir.join("log"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut segs: Vec<_> = fs::read_dir(dir.join("log")).unwrap().map(|e| e.unwrap().path()).collect();
     segs.sort();
     segs.pop().unwrap()
 }
@@ -81,9 +64,7 @@ fn a_healthy_store_checks_ok() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("replayed 6 batches")
-            && stdout.contains("balance sum 0")
-            && stdout.ends_with("ok\n"),
+        stdout.contains("replayed 6 batches") && stdout.contains("balance sum 0") && stdout.ends_with("ok\n"),
         "{stdout}"
     );
 }
@@ -102,14 +83,8 @@ fn a_corrupt_record_in_the_middle_names_file_and_offset_and_exits_non_zero() {
     let out = run_check(dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains(seg.to_str().unwrap()),
-        "names the file: {stderr}"
-    );
-    assert!(
-        stderr.contains(&format!("offset {victim}")),
-        "names the offset: {stderr}"
-    );
+    assert!(stderr.contains(seg.to_str().unwrap()), "names the file: {stderr}");
+    assert!(stderr.contains(&format!("offset {victim}")), "names the offset: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -119,20 +94,12 @@ fn a_torn_tail_is_cut_and_reported() {
     make_store(dir.path(), 4);
     let seg = segment(dir.path());
     let len = fs::metadata(&seg).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 7)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 7).unwrap();
     let out = run_check(dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(stdout.contains("torn tail cut"), "{stdout}");
-    assert!(
-        stdout.contains("replayed 4 batches"),
-        "the last of 5 batches was torn: {stdout}"
-    );
+    assert!(stdout.contains("replayed 4 batches"), "the last of 5 batches was torn: {stdout}");
 }
 
 #[test]

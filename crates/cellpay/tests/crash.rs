@@ -11,9 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cellpay_cell::recover;
-use cellpay_core::{
-    CellId, CellState, Limits, ShardMap, TransferId, TransferStatus, SHARDS_DEFAULT,
-};
+use cellpay_core::{CellId, CellState, Limits, ShardMap, TransferId, TransferStatus, SHARDS_DEFAULT};
 use cellpay_store::{EmbeddedStore, StoreOptions};
 use rand::{Rng, SeedableRng};
 
@@ -30,16 +28,7 @@ fn spawn_child(dir: &Path, tag: &str) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
         .args(["debug", "crash-load", "--cell-dir"])
         .arg(dir)
-        .args([
-            "--tag",
-            tag,
-            "--accounts",
-            "64",
-            "--clients",
-            "4",
-            "--max-seconds",
-            "20",
-        ])
+        .args(["--tag", tag, "--accounts", "64", "--clients", "4", "--max-seconds", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -71,8 +60,7 @@ fn parse_ack(line: &str) -> Option<Ack> {
 }
 
 fn recover_cell(dir: &Path) -> (CellState, cellpay_cell::RecoveryReport) {
-    let mut store =
-        EmbeddedStore::open(dir, StoreOptions::default()).expect("the killed child's lock is gone");
+    let mut store = EmbeddedStore::open(dir, StoreOptions::default()).expect("the killed child's lock is gone");
     let map = ShardMap::round_robin(SHARDS_DEFAULT, 1).unwrap();
     recover(&mut store, CellId(0), &map, Limits::default()).expect("recovery after kill -9")
 }
@@ -85,9 +73,7 @@ fn every_acknowledged_transfer_survives_kill_9() {
     let mut torn_tails = 0usize;
     for round in 0..ROUNDS {
         let (mut child, lines) = spawn_child(dir.path(), &format!("r{round}"));
-        let ready = lines
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the child starts");
+        let ready = lines.recv_timeout(Duration::from_secs(60)).expect("the child starts");
         assert_eq!(ready, "READY");
         // Let it run for a random moment, then kill -9 (SIGKILL) mid-flight.
         std::thread::sleep(Duration::from_millis(rng.random_range(20..400)));
@@ -95,8 +81,7 @@ fn every_acknowledged_transfer_survives_kill_9() {
         child.wait().unwrap();
         let mut acks = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             acks.extend(parse_ack(&line));
         }
 
@@ -105,13 +90,9 @@ fn every_acknowledged_transfer_survives_kill_9() {
         let ledger = state.ledger(false);
         for ack in &acks {
             let id = TransferId::new(&ack.id).unwrap();
-            let t = ledger
-                .transfer_status(&id)
-                .unwrap_or_else(|| panic!("round {round}: acknowledged {} is lost", ack.id));
-            assert_eq!(
-                (t.from.as_str(), t.to.as_str(), t.amount),
-                (ack.from.as_str(), ack.to.as_str(), ack.amount)
-            );
+            let t =
+                ledger.transfer_status(&id).unwrap_or_else(|| panic!("round {round}: acknowledged {} is lost", ack.id));
+            assert_eq!((t.from.as_str(), t.to.as_str(), t.amount), (ack.from.as_str(), ack.to.as_str(), ack.amount));
             assert_eq!(t.status, TransferStatus::Settled);
         }
         let audit = ledger.audit();
@@ -122,8 +103,5 @@ fn every_acknowledged_transfer_survives_kill_9() {
         acked_total += acks.len();
     }
     eprintln!("{ROUNDS} rounds, {acked_total} acknowledged transfers checked, {torn_tails} torn tails cut");
-    assert!(
-        acked_total > ROUNDS * 10,
-        "the child acknowledged too little for the test to mean anything"
-    );
+    assert!(acked_total > ROUNDS * 10, "the child acknowledged too little for the test to mean anything");
 }

@@ -32,9 +32,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn with_capacity(bytes: usize) -> Self {
-        Self {
-            buf: Vec::with_capacity(bytes),
-        }
+        Self { buf: Vec::with_capacity(bytes) }
     }
     pub fn u8(&mut self, v: u8) {
         self.buf.push(v);
@@ -61,6 +59,12 @@ impl Writer {
     pub fn currency(&mut self, c: Currency) {
         self.buf.extend_from_slice(&c.bytes());
     }
+    /// An account or transfer id: one length byte (ids are at most 64 bytes), then the bytes.
+    pub fn id(&mut self, s: &str) {
+        debug_assert!(s.len() <= crate::ids::ID_BYTES_MAX, "ids are validated on entry");
+        self.buf.push(s.len() as u8);
+        self.buf.extend_from_slice(s.as_bytes());
+    }
 }
 
 /// Reads encoded values from a byte slice, with errors instead of panics.
@@ -68,23 +72,18 @@ pub struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
     what: &'static str,
+    /// The last currency decoded: most ledgers hold one or a few, so this
+    /// skips the ISO table lookup almost every time.
+    last_currency: Option<Currency>,
 }
 
 impl<'a> Reader<'a> {
     pub fn new(bytes: &'a [u8], what: &'static str) -> Self {
-        Self {
-            bytes,
-            pos: 0,
-            what,
-        }
+        Self { bytes, pos: 0, what, last_currency: None }
     }
 
     pub fn error(&self, reason: impl Into<String>) -> DecodeError {
-        DecodeError {
-            what: self.what,
-            offset: self.pos,
-            reason: reason.into(),
-        }
+        DecodeError { what: self.what, offset: self.pos, reason: reason.into() }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -132,17 +131,26 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len)?;
         std::str::from_utf8(bytes).map_err(|_| self.error("string is not UTF-8"))
     }
+    fn id_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = usize::from(self.u8()?);
+        self.take(len)
+    }
     pub fn account_id(&mut self) -> Result<AccountId, DecodeError> {
-        let s = self.str()?;
-        AccountId::new(s).map_err(|e| self.error(format!("account id: {e}")))
+        let bytes = self.id_bytes()?;
+        AccountId::from_bytes(bytes).map_err(|e| self.error(format!("account id: {e}")))
     }
     pub fn transfer_id(&mut self) -> Result<TransferId, DecodeError> {
-        let s = self.str()?;
-        TransferId::new(s).map_err(|e| self.error(format!("transfer id: {e}")))
+        let bytes = self.id_bytes()?;
+        TransferId::from_bytes(bytes).map_err(|e| self.error(format!("transfer id: {e}")))
     }
     pub fn currency(&mut self) -> Result<Currency, DecodeError> {
         let bytes = self.array::<3>()?;
-        Currency::from_bytes(bytes).map_err(|e| self.error(e.to_string()))
+        if let Some(c) = self.last_currency.filter(|c| c.bytes() == bytes) {
+            return Ok(c);
+        }
+        let c = Currency::from_bytes(bytes).map_err(|e| self.error(e.to_string()))?;
+        self.last_currency = Some(c);
+        Ok(c)
     }
     pub fn error_code(&mut self) -> Result<ErrorCode, DecodeError> {
         let tag = self.u8()?;
@@ -179,9 +187,7 @@ pub fn decode_shard_map(r: &mut Reader<'_>) -> Result<ShardMap, DecodeError> {
     if shards == 0 || shards > crate::shard::SHARDS_MAX {
         return Err(r.error(format!("shard count {shards} out of range")));
     }
-    let owners = (0..shards)
-        .map(|_| r.u32().map(CellId))
-        .collect::<Result<Vec<_>, _>>()?;
+    let owners = (0..shards).map(|_| r.u32().map(CellId)).collect::<Result<Vec<_>, _>>()?;
     ShardMap::new(epoch, owners).map_err(|e| r.error(e.to_string()))
 }
 
@@ -191,16 +197,16 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
         Op::OpenAccount(o) => {
             w.u8(TAG_OPEN);
             w.bool(cmd.shadow);
-            w.str(o.id.as_str());
+            w.id(o.id.as_str());
             w.currency(o.currency);
             w.bool(o.overdraft);
         }
         Op::Transfer(t) => {
             w.u8(TAG_TRANSFER);
             w.bool(cmd.shadow);
-            w.str(t.id.as_str());
-            w.str(t.from.as_str());
-            w.str(t.to.as_str());
+            w.id(t.id.as_str());
+            w.id(t.from.as_str());
+            w.id(t.to.as_str());
             w.i64(t.amount);
             match t.currency {
                 Some(c) => {
@@ -217,9 +223,9 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             w.bool(cmd.shadow);
             w.u32(c.source.0);
             w.u64(c.seq);
-            w.str(c.transfer.as_str());
-            w.str(c.from.as_str());
-            w.str(c.to.as_str());
+            w.id(c.transfer.as_str());
+            w.id(c.from.as_str());
+            w.id(c.to.as_str());
             w.i64(c.amount);
             w.currency(c.currency);
         }
@@ -249,11 +255,7 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
     let tag = r.u8()?;
     let shadow = r.bool()?;
     let op = match tag {
-        TAG_OPEN => Op::OpenAccount(OpenAccount {
-            id: r.account_id()?,
-            currency: r.currency()?,
-            overdraft: r.bool()?,
-        }),
+        TAG_OPEN => Op::OpenAccount(OpenAccount { id: r.account_id()?, currency: r.currency()?, overdraft: r.bool()? }),
         TAG_TRANSFER => {
             let id = r.transfer_id()?;
             let from = r.account_id()?;
@@ -266,14 +268,7 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             };
             let memo_text = r.str()?;
             let memo = r.bool()?.then(|| Box::from(memo_text));
-            Op::Transfer(Transfer {
-                id,
-                from,
-                to,
-                amount,
-                currency,
-                memo,
-            })
+            Op::Transfer(Transfer { id, from, to, amount, currency, memo })
         }
         TAG_CREDIT => Op::Credit(Credit {
             source: CellId(r.u32()?),
@@ -284,15 +279,8 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             amount: r.i64()?,
             currency: r.currency()?,
         }),
-        TAG_SETTLE => Op::Settle {
-            dest: CellId(r.u32()?),
-            seq: r.u64()?,
-        },
-        TAG_COMPENSATE => Op::Compensate {
-            dest: CellId(r.u32()?),
-            seq: r.u64()?,
-            reason: r.error_code()?,
-        },
+        TAG_SETTLE => Op::Settle { dest: CellId(r.u32()?), seq: r.u64()? },
+        TAG_COMPENSATE => Op::Compensate { dest: CellId(r.u32()?), seq: r.u64()?, reason: r.error_code()? },
         TAG_SHARD_MAP => Op::InstallShardMap(decode_shard_map(r)?),
         other => return Err(r.error(format!("unknown command tag {other}"))),
     };
@@ -317,9 +305,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
     }
     let n = r.u32()?;
     if n > BATCH_COMMANDS_MAX {
-        return Err(r.error(format!(
-            "{n} commands exceed the limit {BATCH_COMMANDS_MAX}"
-        )));
+        return Err(r.error(format!("{n} commands exceed the limit {BATCH_COMMANDS_MAX}")));
     }
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -340,11 +326,7 @@ mod tests {
         let b = AccountId::new("bob").unwrap();
         let cny = Currency::new("CNY").unwrap();
         vec![
-            Command::real(Op::OpenAccount(OpenAccount {
-                id: a.clone(),
-                currency: cny,
-                overdraft: true,
-            })),
+            Command::real(Op::OpenAccount(OpenAccount { id: a.clone(), currency: cny, overdraft: true })),
             Command::shadow(Op::Transfer(Transfer {
                 id: TransferId::new("t1").unwrap(),
                 from: a.clone(),
@@ -370,15 +352,8 @@ mod tests {
                 amount: 5,
                 currency: cny,
             })),
-            Command::real(Op::Settle {
-                dest: CellId(1),
-                seq: 2,
-            }),
-            Command::shadow(Op::Compensate {
-                dest: CellId(2),
-                seq: 4,
-                reason: ErrorCode::AccountNotFound,
-            }),
+            Command::real(Op::Settle { dest: CellId(1), seq: 2 }),
+            Command::shadow(Op::Compensate { dest: CellId(2), seq: 4, reason: ErrorCode::AccountNotFound }),
             Command::real(Op::InstallShardMap(ShardMap::round_robin(16, 4).unwrap())),
         ]
     }
@@ -423,10 +398,7 @@ pub struct BatchEncoder {
 
 impl Default for BatchEncoder {
     fn default() -> Self {
-        let mut e = Self {
-            w: Writer::with_capacity(1 << 16),
-            count: 0,
-        };
+        let mut e = Self { w: Writer::with_capacity(1 << 16), count: 0 };
         e.clear();
         e
     }
@@ -441,10 +413,7 @@ impl BatchEncoder {
     }
 
     pub fn push(&mut self, cmd: &Command) {
-        assert!(
-            self.count < BATCH_COMMANDS_MAX,
-            "engine batches stay far below the log limit"
-        );
+        assert!(self.count < BATCH_COMMANDS_MAX, "engine batches stay far below the log limit");
         encode_command(&mut self.w, cmd);
         self.count += 1;
     }
@@ -472,16 +441,10 @@ mod encoder_tests {
     #[test]
     fn the_encoder_writes_what_decode_batch_reads() {
         let mut e = BatchEncoder::default();
-        let cmd = Command::real(Op::Settle {
-            dest: CellId(1),
-            seq: 5,
-        });
+        let cmd = Command::real(Op::Settle { dest: CellId(1), seq: 5 });
         e.push(&cmd);
         e.push(&cmd);
-        assert_eq!(
-            decode_batch(e.bytes()).unwrap(),
-            vec![cmd.clone(), cmd.clone()]
-        );
+        assert_eq!(decode_batch(e.bytes()).unwrap(), vec![cmd.clone(), cmd.clone()]);
         e.clear();
         assert!(e.is_empty());
         assert_eq!(decode_batch(e.bytes()).unwrap(), vec![]);

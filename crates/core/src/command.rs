@@ -261,12 +261,8 @@ impl Outcome {
     /// True when the command changed state and so must be written to the log.
     pub fn changed_state(&self) -> bool {
         match self {
-            Outcome::AccountOpened { created, .. } | Outcome::Transferred { created, .. } => {
-                *created
-            }
-            Outcome::CreditApplied { duplicate } | Outcome::CreditRefused { duplicate, .. } => {
-                !*duplicate
-            }
+            Outcome::AccountOpened { created, .. } | Outcome::Transferred { created, .. } => *created,
+            Outcome::CreditApplied { duplicate } | Outcome::CreditRefused { duplicate, .. } => !*duplicate,
             Outcome::OutboxClosed { duplicate, .. } => !*duplicate,
             Outcome::ShardMapInstalled { .. } => true,
             Outcome::Rejected(_) => false,

@@ -81,9 +81,7 @@ impl ErrorCode {
             ErrorCode::AccountNotFound | ErrorCode::TransferNotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::InsufficientFunds
-            | ErrorCode::CurrencyMismatch
-            | ErrorCode::BalanceOverflow => 422,
+            ErrorCode::InsufficientFunds | ErrorCode::CurrencyMismatch | ErrorCode::BalanceOverflow => 422,
             ErrorCode::RateLimited => 429,
             ErrorCode::Overloaded
             | ErrorCode::Degraded
@@ -95,10 +93,7 @@ impl ErrorCode {
 
     /// A stable one-byte tag for the log and snapshot codec.
     pub fn tag(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|c| *c == self)
-            .expect("ALL lists every code") as u8
+        Self::ALL.iter().position(|c| *c == self).expect("ALL lists every code") as u8
     }
 
     pub fn from_tag(tag: u8) -> Option<Self> {
@@ -121,10 +116,7 @@ pub struct Rejection {
 
 impl Rejection {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 }
 

@@ -24,15 +24,15 @@ pub enum IdError {
     BadChar,
 }
 
-fn check_id(s: &str) -> Result<(), IdError> {
+fn check_id(s: &[u8]) -> Result<(), IdError> {
     if s.is_empty() {
         return Err(IdError::Empty);
     }
     if s.len() > ID_BYTES_MAX {
         return Err(IdError::TooLong);
     }
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
-    if !s.bytes().all(allowed) {
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
+    if !s.iter().all(allowed) {
         return Err(IdError::BadChar);
     }
     Ok(())
@@ -47,7 +47,14 @@ macro_rules! id_type {
         impl $name {
             /// Validates `s` and wraps it.
             pub fn new(s: &str) -> Result<Self, IdError> {
-                check_id(s)?;
+                check_id(s.as_bytes())?;
+                Ok(Self(SmolStr::new(s)))
+            }
+
+            /// Validates raw bytes (as the codec reads them) and wraps them.
+            pub fn from_bytes(bytes: &[u8]) -> Result<Self, IdError> {
+                check_id(bytes)?;
+                let s = std::str::from_utf8(bytes).expect("the id charset is ASCII");
                 Ok(Self(SmolStr::new(s)))
             }
 

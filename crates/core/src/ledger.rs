@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use foldhash::fast::RandomState;
 
 use crate::command::{
-    AccountView, AuditView, Credit, EntryKind, EntryView, OpenAccount, OutboxMessage, Outcome,
-    Transfer, TransferStatus, TransferView, MEMO_BYTES_MAX,
+    AccountView, AuditView, Credit, EntryKind, EntryView, OpenAccount, OutboxMessage, Outcome, Transfer,
+    TransferStatus, TransferView, MEMO_BYTES_MAX,
 };
 use crate::digest;
 use crate::error::ErrorCode;
@@ -36,10 +36,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            transfers_retained_max: 1 << 20,
-            history_entries_max: 1 << 20,
-        }
+        Self { transfers_retained_max: 1 << 20, history_entries_max: 1 << 20 }
     }
 }
 
@@ -58,8 +55,9 @@ pub(crate) struct Account {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct TransferRecord {
     pub id: TransferId,
-    pub from: AccountId,
-    pub to: AccountId,
+    /// The payer is always an account of this ledger.
+    pub from: u32,
+    pub to: AccountRef,
     pub amount: i64,
     pub currency: Currency,
     /// The currency as the client sent it (part of the idempotency body).
@@ -74,10 +72,19 @@ pub(crate) struct Entry {
     /// Sequence number + 1 of the same account's previous entry, 0 for none.
     pub prev: u64,
     pub transfer: TransferId,
-    pub counterparty: AccountId,
+    pub counterparty: AccountRef,
     pub kind: EntryKind,
     pub amount: i64,
     pub balance_after: i64,
+}
+
+/// An account named by a record or entry: an index into this ledger's
+/// accounts when it lives here (no string to copy, store or compare), its id
+/// when it lives in another cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AccountRef {
+    Local(u32),
+    Remote(AccountId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,10 +128,7 @@ impl Place<'_> {
         let owner = self.map.owner_of(id.as_str());
         Outcome::rejected(
             ErrorCode::WrongCell,
-            format!(
-                "account {id} is owned by cell {owner} at epoch {}",
-                self.map.epoch()
-            ),
+            format!("account {id} is owned by cell {owner} at epoch {}", self.map.epoch()),
         )
     }
 }
@@ -195,12 +199,7 @@ impl Ledger {
 
     fn view(&self, i: u32) -> AccountView {
         let a = &self.accounts[i as usize];
-        AccountView {
-            id: a.id.clone(),
-            currency: a.currency,
-            balance: a.balance,
-            overdraft: a.overdraft,
-        }
+        AccountView { id: a.id.clone(), currency: a.currency, balance: a.balance, overdraft: a.overdraft }
     }
 
     /// Sets a balance and keeps the account's shard digest in step.
@@ -219,14 +218,7 @@ impl Ledger {
         *d = d.wrapping_add(digest::leg_term(transfer, kind));
     }
 
-    fn push_history(
-        &mut self,
-        i: u32,
-        transfer: &TransferId,
-        counterparty: &AccountId,
-        kind: EntryKind,
-        amount: i64,
-    ) {
+    fn push_history(&mut self, i: u32, transfer: &TransferId, counterparty: AccountRef, kind: EntryKind, amount: i64) {
         if self.history.len() == self.limits.history_entries_max {
             self.history.pop_front();
             self.history_first_seq += 1;
@@ -237,7 +229,7 @@ impl Ledger {
             account: i,
             prev: account.history_head,
             transfer: transfer.clone(),
-            counterparty: counterparty.clone(),
+            counterparty,
             kind,
             amount,
             balance_after: account.balance,
@@ -250,11 +242,7 @@ impl Ledger {
         if self.records.len() == self.limits.transfers_retained_max {
             let old = self.records.pop_front().expect("a full ring is not empty");
             let removed = self.record_index.remove(&old.id);
-            debug_assert_eq!(
-                removed,
-                Some(self.records_first_seq),
-                "the index points at the ring"
-            );
+            debug_assert_eq!(removed, Some(self.records_first_seq), "the index points at the ring");
             self.records_first_seq += 1;
         }
         let seq = self.records_first_seq + self.records.len() as u64;
@@ -281,23 +269,15 @@ impl Ledger {
         if let Some(&i) = self.index.get(&o.id) {
             let a = &self.accounts[i as usize];
             if a.currency == o.currency && a.overdraft == o.overdraft {
-                return Outcome::AccountOpened {
-                    account: self.view(i),
-                    created: false,
-                };
+                return Outcome::AccountOpened { account: self.view(i), created: false };
             }
-            return Outcome::rejected(
-                ErrorCode::Conflict,
-                format!("account {} exists with other attributes", o.id),
-            );
+            return Outcome::rejected(ErrorCode::Conflict, format!("account {} exists with other attributes", o.id));
         }
-        assert!(
-            self.accounts.len() < u32::MAX as usize,
-            "accounts per cell fit a u32 index"
-        );
+        assert!(self.accounts.len() < u32::MAX as usize, "accounts per cell fit a u32 index");
         let i = self.accounts.len() as u32;
         let id_hash = stable_hash(o.id.as_str().as_bytes());
-        let shard = place.map.shard_of(o.id.as_str()).0;
+        // shard_of is this same hash modulo the shard count; reuse it.
+        let shard = (id_hash % u64::from(place.map.shards())) as u32;
         self.accounts.push(Account {
             id: o.id.clone(),
             currency: o.currency,
@@ -310,26 +290,42 @@ impl Ledger {
         self.index.insert(o.id.clone(), i);
         let d = &mut self.digests[shard as usize];
         *d = d.wrapping_add(digest::account_term(id_hash, 0));
-        Outcome::AccountOpened {
-            account: self.view(i),
-            created: true,
+        Outcome::AccountOpened { account: self.view(i), created: true }
+    }
+
+    fn resolve(&self, r: &AccountRef) -> AccountId {
+        match r {
+            AccountRef::Local(i) => self.accounts[*i as usize].id.clone(),
+            AccountRef::Remote(id) => id.clone(),
         }
     }
 
-    fn transfer_view(record: &TransferRecord) -> TransferView {
+    fn refers_to(&self, r: &AccountRef, id: &AccountId) -> bool {
+        match r {
+            AccountRef::Local(i) => self.accounts[*i as usize].id == *id,
+            AccountRef::Remote(remote) => remote == id,
+        }
+    }
+
+    fn transfer_view(&self, record: &TransferRecord) -> TransferView {
         TransferView {
             id: record.id.clone(),
-            from: record.from.clone(),
-            to: record.to.clone(),
+            from: self.accounts[record.from as usize].id.clone(),
+            to: self.resolve(&record.to),
             amount: record.amount,
             currency: record.currency,
             status: record.status,
         }
     }
 
-    fn same_body(record: &TransferRecord, t: &Transfer) -> bool {
-        record.from == t.from
-            && record.to == t.to
+    /// The view of a transfer just accepted, built from its command.
+    fn accepted_view(t: &Transfer, currency: Currency, status: TransferStatus) -> TransferView {
+        TransferView { id: t.id.clone(), from: t.from.clone(), to: t.to.clone(), amount: t.amount, currency, status }
+    }
+
+    fn same_body(&self, record: &TransferRecord, t: &Transfer) -> bool {
+        self.accounts[record.from as usize].id == t.from
+            && self.refers_to(&record.to, &t.to)
             && record.amount == t.amount
             && record.currency_given == t.currency
             && record.memo_hash == memo_hash(t.memo.as_deref())
@@ -342,10 +338,7 @@ impl Ledger {
             return Err(Outcome::rejected(ErrorCode::InvalidRequest, msg));
         }
         if t.from == t.to {
-            return Err(Outcome::rejected(
-                ErrorCode::InvalidRequest,
-                "from and to must differ",
-            ));
+            return Err(Outcome::rejected(ErrorCode::InvalidRequest, "from and to must differ"));
         }
         if t.memo.as_ref().is_some_and(|m| m.len() > MEMO_BYTES_MAX) {
             let msg = format!("memo is longer than {MEMO_BYTES_MAX} bytes");
@@ -355,12 +348,10 @@ impl Ledger {
     }
 
     fn find(&self, id: &AccountId, role: &str) -> Result<u32, Outcome> {
-        self.index.get(id).copied().ok_or_else(|| {
-            Outcome::rejected(
-                ErrorCode::AccountNotFound,
-                format!("{role} account {id} not found"),
-            )
-        })
+        self.index
+            .get(id)
+            .copied()
+            .ok_or_else(|| Outcome::rejected(ErrorCode::AccountNotFound, format!("{role} account {id} not found")))
     }
 
     pub(crate) fn transfer(&mut self, place: &Place<'_>, t: &Transfer) -> Outcome {
@@ -372,13 +363,9 @@ impl Ledger {
         }
         if let Some(&seq) = self.record_index.get(&t.id) {
             let record = self.record(seq).expect("the index points into the ring");
-            if Self::same_body(record, t) {
-                let transfer = Self::transfer_view(record);
-                return Outcome::Transferred {
-                    transfer,
-                    created: false,
-                    outbox: None,
-                };
+            if self.same_body(record, t) {
+                let transfer = self.transfer_view(record);
+                return Outcome::Transferred { transfer, created: false, outbox: None };
             }
             let msg = format!("transfer {} exists with a different body", t.id);
             return Outcome::rejected(ErrorCode::Conflict, msg);
@@ -397,10 +384,7 @@ impl Ledger {
             return Outcome::rejected(ErrorCode::BalanceOverflow, "payer balance would overflow");
         };
         if !payer_account.overdraft && payer_after < 0 {
-            return Outcome::rejected(
-                ErrorCode::InsufficientFunds,
-                format!("account {} lacks funds", t.from),
-            );
+            return Outcome::rejected(ErrorCode::InsufficientFunds, format!("account {} lacks funds", t.from));
         }
         if place.owns(&t.to) {
             self.transfer_local(t, payer, payer_after, currency)
@@ -409,13 +393,7 @@ impl Ledger {
         }
     }
 
-    fn transfer_local(
-        &mut self,
-        t: &Transfer,
-        payer: u32,
-        payer_after: i64,
-        currency: Currency,
-    ) -> Outcome {
+    fn transfer_local(&mut self, t: &Transfer, payer: u32, payer_after: i64, currency: Currency) -> Outcome {
         let payee = match self.find(&t.to, "payee") {
             Ok(i) => i,
             Err(rejection) => return rejection,
@@ -433,16 +411,11 @@ impl Ledger {
         self.set_balance(payee, payee_after);
         self.add_leg(payer, &t.id, EntryKind::Debit);
         self.add_leg(payee, &t.id, EntryKind::Credit);
-        self.push_history(payer, &t.id, &t.to, EntryKind::Debit, -t.amount);
-        self.push_history(payee, &t.id, &t.from, EntryKind::Credit, t.amount);
-        let record = self.new_record(t, currency, TransferStatus::Settled);
-        let transfer = Self::transfer_view(&record);
-        self.push_record(record);
-        Outcome::Transferred {
-            transfer,
-            created: true,
-            outbox: None,
-        }
+        self.push_history(payer, &t.id, AccountRef::Local(payee), EntryKind::Debit, -t.amount);
+        self.push_history(payee, &t.id, AccountRef::Local(payer), EntryKind::Credit, t.amount);
+        self.push_record(Self::new_record(t, payer, AccountRef::Local(payee), currency, TransferStatus::Settled));
+        let transfer = Self::accepted_view(t, currency, TransferStatus::Settled);
+        Outcome::Transferred { transfer, created: true, outbox: None }
     }
 
     fn transfer_remote(
@@ -458,10 +431,10 @@ impl Ledger {
         // Commit point.
         self.set_balance(payer, payer_after);
         self.add_leg(payer, &t.id, EntryKind::Debit);
-        self.push_history(payer, &t.id, &t.to, EntryKind::Debit, -t.amount);
-        let record = self.new_record(t, currency, TransferStatus::Pending);
-        let transfer = Self::transfer_view(&record);
-        let record_seq = self.push_record(record);
+        let payee = AccountRef::Remote(t.to.clone());
+        self.push_history(payer, &t.id, payee.clone(), EntryKind::Debit, -t.amount);
+        let record_seq = self.push_record(Self::new_record(t, payer, payee, currency, TransferStatus::Pending));
+        let transfer = Self::accepted_view(t, currency, TransferStatus::Pending);
         let outbox = self.outbox.entry(dest).or_default();
         outbox.last_seq += 1;
         let seq = outbox.last_seq;
@@ -477,23 +450,20 @@ impl Ledger {
                 currency,
             },
         );
-        Outcome::Transferred {
-            transfer,
-            created: true,
-            outbox: Some((dest, seq)),
-        }
+        Outcome::Transferred { transfer, created: true, outbox: Some((dest, seq)) }
     }
 
     fn new_record(
-        &self,
         t: &Transfer,
+        payer: u32,
+        to: AccountRef,
         currency: Currency,
         status: TransferStatus,
     ) -> TransferRecord {
         TransferRecord {
             id: t.id.clone(),
-            from: t.from.clone(),
-            to: t.to.clone(),
+            from: payer,
+            to,
             amount: t.amount,
             currency,
             currency_given: t.currency,
@@ -506,26 +476,16 @@ impl Ledger {
         let inbox = self.inbox.entry(c.source).or_default();
         if c.seq <= inbox.applied_through {
             if c.seq + INBOX_REFUSALS_RETAINED <= inbox.applied_through {
-                let msg = format!(
-                    "credit {} from cell {} is older than the refusal window",
-                    c.seq, c.source
-                );
+                let msg = format!("credit {} from cell {} is older than the refusal window", c.seq, c.source);
                 return Outcome::rejected(ErrorCode::OutOfOrder, msg);
             }
             return match inbox.refused.get(&c.seq) {
-                Some(&code) => Outcome::CreditRefused {
-                    code,
-                    duplicate: true,
-                },
+                Some(&code) => Outcome::CreditRefused { code, duplicate: true },
                 None => Outcome::CreditApplied { duplicate: true },
             };
         }
         if c.seq != inbox.applied_through + 1 {
-            let msg = format!(
-                "expected credit {} from cell {}",
-                inbox.applied_through + 1,
-                c.source
-            );
+            let msg = format!("expected credit {} from cell {}", inbox.applied_through + 1, c.source);
             return Outcome::rejected(ErrorCode::OutOfOrder, msg);
         }
         if !place.owns(&c.to) {
@@ -539,7 +499,7 @@ impl Ledger {
                 inbox.received += i128::from(c.amount);
                 self.set_balance(payee, payee_after);
                 self.add_leg(payee, &c.transfer, EntryKind::Credit);
-                self.push_history(payee, &c.transfer, &c.from, EntryKind::Credit, c.amount);
+                self.push_history(payee, &c.transfer, AccountRef::Remote(c.from.clone()), EntryKind::Credit, c.amount);
                 Outcome::CreditApplied { duplicate: false }
             }
             Err(code) => {
@@ -547,17 +507,10 @@ impl Ledger {
                 inbox.applied_through = c.seq;
                 inbox.refused.insert(c.seq, code);
                 let horizon = c.seq.saturating_sub(INBOX_REFUSALS_RETAINED);
-                while inbox
-                    .refused
-                    .first_key_value()
-                    .is_some_and(|(&s, _)| s <= horizon)
-                {
+                while inbox.refused.first_key_value().is_some_and(|(&s, _)| s <= horizon) {
                     inbox.refused.pop_first();
                 }
-                Outcome::CreditRefused {
-                    code,
-                    duplicate: false,
-                }
+                Outcome::CreditRefused { code, duplicate: false }
             }
         }
     }
@@ -567,19 +520,12 @@ impl Ledger {
         if !amount_is_valid(c.amount) {
             return Err(ErrorCode::InvalidRequest);
         }
-        let payee = self
-            .index
-            .get(&c.to)
-            .copied()
-            .ok_or(ErrorCode::AccountNotFound)?;
+        let payee = self.index.get(&c.to).copied().ok_or(ErrorCode::AccountNotFound)?;
         let account = &self.accounts[payee as usize];
         if account.currency != c.currency {
             return Err(ErrorCode::CurrencyMismatch);
         }
-        let after = account
-            .balance
-            .checked_add(c.amount)
-            .ok_or(ErrorCode::BalanceOverflow)?;
+        let after = account.balance.checked_add(c.amount).ok_or(ErrorCode::BalanceOverflow)?;
         Ok((payee, after))
     }
 
@@ -589,28 +535,18 @@ impl Ledger {
             let msg = format!("outbox to cell {dest} has no message {seq}");
             return Outcome::rejected(ErrorCode::InvalidRequest, msg);
         }
-        Outcome::OutboxClosed {
-            status: fallback,
-            duplicate: true,
-        }
+        Outcome::OutboxClosed { status: fallback, duplicate: true }
     }
 
     pub(crate) fn settle(&mut self, dest: CellId, seq: u64) -> Outcome {
-        let Some(entry) = self
-            .outbox
-            .get_mut(&dest)
-            .and_then(|o| o.entries.remove(&seq))
-        else {
+        let Some(entry) = self.outbox.get_mut(&dest).and_then(|o| o.entries.remove(&seq)) else {
             return self.closed_before(dest, seq, TransferStatus::Settled);
         };
         if let Some(record) = self.record_mut(entry.record_seq) {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = TransferStatus::Settled;
         }
-        Outcome::OutboxClosed {
-            status: TransferStatus::Settled,
-            duplicate: false,
-        }
+        Outcome::OutboxClosed { status: TransferStatus::Settled, duplicate: false }
     }
 
     pub(crate) fn compensate(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
@@ -620,15 +556,8 @@ impl Ledger {
         if !place.owns(&entry.from) {
             return place.wrong_cell(&entry.from);
         }
-        let payer = self
-            .index
-            .get(&entry.from)
-            .copied()
-            .expect("a payer with an outbox entry exists");
-        let Some(after) = self.accounts[payer as usize]
-            .balance
-            .checked_add(entry.amount)
-        else {
+        let payer = self.index.get(&entry.from).copied().expect("a payer with an outbox entry exists");
+        let Some(after) = self.accounts[payer as usize].balance.checked_add(entry.amount) else {
             return Outcome::rejected(ErrorCode::BalanceOverflow, "payer balance would overflow");
         };
         // Commit point.
@@ -640,7 +569,7 @@ impl Ledger {
         self.push_history(
             payer,
             &entry.transfer,
-            &entry.to,
+            AccountRef::Remote(entry.to.clone()),
             EntryKind::Reversal,
             entry.amount,
         );
@@ -648,10 +577,7 @@ impl Ledger {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = TransferStatus::Reversed;
         }
-        Outcome::OutboxClosed {
-            status: TransferStatus::Reversed,
-            duplicate: false,
-        }
+        Outcome::OutboxClosed { status: TransferStatus::Reversed, duplicate: false }
     }
 
     pub fn account(&self, id: &AccountId) -> Option<AccountView> {
@@ -660,25 +586,17 @@ impl Ledger {
 
     pub fn transfer_status(&self, id: &TransferId) -> Option<TransferView> {
         let seq = *self.record_index.get(id)?;
-        self.record(seq).map(Self::transfer_view)
+        self.record(seq).map(|r| self.transfer_view(r))
     }
 
     /// History of one account, newest first, entries with `seq < before` only.
-    pub fn entries(
-        &self,
-        id: &AccountId,
-        limit: usize,
-        before: Option<u64>,
-    ) -> Option<Vec<EntryView>> {
+    pub fn entries(&self, id: &AccountId, limit: usize, before: Option<u64>) -> Option<Vec<EntryView>> {
         let &i = self.index.get(id)?;
         let mut out = Vec::with_capacity(limit.min(256));
         let mut next = self.accounts[i as usize].history_head;
         while next > 0 && out.len() < limit {
             let seq = next - 1;
-            let Some(entry) = seq
-                .checked_sub(self.history_first_seq)
-                .and_then(|k| self.history.get(k as usize))
-            else {
+            let Some(entry) = seq.checked_sub(self.history_first_seq).and_then(|k| self.history.get(k as usize)) else {
                 break; // older entries have left the retention window
             };
             debug_assert_eq!(entry.account, i);
@@ -689,7 +607,7 @@ impl Ledger {
                     kind: entry.kind,
                     amount: entry.amount,
                     balance_after: entry.balance_after,
-                    counterparty: entry.counterparty.clone(),
+                    counterparty: self.resolve(&entry.counterparty),
                 });
             }
             next = entry.prev;
@@ -697,12 +615,7 @@ impl Ledger {
         Some(out)
     }
 
-    pub fn outbox_messages(
-        &self,
-        dest: CellId,
-        after_seq: u64,
-        limit: usize,
-    ) -> Vec<OutboxMessage> {
+    pub fn outbox_messages(&self, dest: CellId, after_seq: u64, limit: usize) -> Vec<OutboxMessage> {
         let Some(outbox) = self.outbox.get(&dest) else {
             return Vec::new();
         };
@@ -722,10 +635,7 @@ impl Ledger {
     }
 
     pub fn audit(&self) -> AuditView {
-        let mut view = AuditView {
-            accounts: self.accounts.len() as u64,
-            ..AuditView::default()
-        };
+        let mut view = AuditView { accounts: self.accounts.len() as u64, ..AuditView::default() };
         for a in &self.accounts {
             view.balance_sum += i128::from(a.balance);
             if !a.overdraft && a.balance < 0 {
@@ -736,11 +646,7 @@ impl Ledger {
             view.sent.push((dest, o.sent));
             view.compensated.push((dest, o.compensated));
             view.outbox_messages += o.entries.len() as u64;
-            view.outbox_sum += o
-                .entries
-                .values()
-                .map(|e| i128::from(e.amount))
-                .sum::<i128>();
+            view.outbox_sum += o.entries.values().map(|e| i128::from(e.amount)).sum::<i128>();
         }
         view.received = self.inbox.iter().map(|(&s, i)| (s, i.received)).collect();
         view

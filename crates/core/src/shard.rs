@@ -36,10 +36,7 @@ pub fn mix64(mut z: u64) -> u64 {
 
 /// The shard an id belongs to.
 pub fn shard_of(id: &str, shards: u32) -> ShardId {
-    assert!(
-        shards > 0 && shards <= SHARDS_MAX,
-        "shard count is validated at cluster creation"
-    );
+    assert!(shards > 0 && shards <= SHARDS_MAX, "shard count is validated at cluster creation");
     ShardId((stable_hash(id.as_bytes()) % u64::from(shards)) as u32)
 }
 
@@ -103,16 +100,10 @@ impl ShardMap {
     /// Checks that `next` may replace `self`: a higher epoch, the same shard count.
     pub fn check_successor(&self, next: &ShardMap) -> Result<(), ShardMapError> {
         if next.epoch <= self.epoch {
-            return Err(ShardMapError::StaleEpoch {
-                current: self.epoch,
-                proposed: next.epoch,
-            });
+            return Err(ShardMapError::StaleEpoch { current: self.epoch, proposed: next.epoch });
         }
         if next.owners.len() != self.owners.len() {
-            return Err(ShardMapError::ShardCountChanged {
-                current: self.owners.len(),
-                proposed: next.owners.len(),
-            });
+            return Err(ShardMapError::ShardCountChanged { current: self.owners.len(), proposed: next.owners.len() });
         }
         Ok(())
     }
@@ -126,28 +117,18 @@ mod tests {
     /// and every existing cluster would route accounts to the wrong shard.
     #[test]
     fn the_shard_hash_is_pinned() {
-        let got: Vec<u64> = ["", "alice", "bob", "merchant:taobao-001"]
-            .iter()
-            .map(|s| stable_hash(s.as_bytes()))
-            .collect();
+        let got: Vec<u64> =
+            ["", "alice", "bob", "merchant:taobao-001"].iter().map(|s| stable_hash(s.as_bytes())).collect();
         assert_eq!(got, PINNED);
         assert_eq!(shard_of("alice", 1024), ShardId((PINNED[1] % 1024) as u32));
         assert_eq!(
             PINNED_SHARDS,
-            [
-                shard_of("alice", 1024).0,
-                shard_of("bob", 1024).0,
-                shard_of("merchant:taobao-001", 1024).0,
-            ]
+            [shard_of("alice", 1024).0, shard_of("bob", 1024).0, shard_of("merchant:taobao-001", 1024).0,]
         );
     }
 
-    const PINNED: [u64; 4] = [
-        0xf52a_15e9_a9b5_e89b,
-        0xc5d1_556d_6677_4a5c,
-        0x6e85_72d0_8b26_8dec,
-        0x5028_1bca_579d_8dc8,
-    ];
+    const PINNED: [u64; 4] =
+        [0xf52a_15e9_a9b5_e89b, 0xc5d1_556d_6677_4a5c, 0x6e85_72d0_8b26_8dec, 0x5028_1bca_579d_8dc8];
     const PINNED_SHARDS: [u32; 3] = [604, 492, 456];
 
     #[test]
@@ -161,10 +142,7 @@ mod tests {
         let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
         // A fair hash gives binomial counts: every shard within five standard deviations.
         let band = 5.0 * mean.sqrt();
-        assert!(
-            f64::from(min) > mean - band && f64::from(max) < mean + band,
-            "{min}..{max}"
-        );
+        assert!(f64::from(min) > mean - band && f64::from(max) < mean + band, "{min}..{max}");
     }
 
     #[test]

@@ -6,12 +6,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::codec::{
-    decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION,
-};
+use crate::codec::{decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION};
 use crate::command::{EntryKind, TransferStatus};
 use crate::ids::CellId;
-use crate::ledger::{Account, Entry, Inbox, Ledger, Limits, Outbox, OutboxEntry, TransferRecord};
+use crate::ledger::{Account, AccountRef, Entry, Inbox, Ledger, Limits, Outbox, OutboxEntry, TransferRecord};
 use crate::state::CellState;
 
 const MAGIC: &[u8; 8] = b"CPSNAP01";
@@ -36,8 +34,13 @@ fn kind_tag(k: EntryKind) -> u8 {
 
 /// Encodes the whole cell state.
 pub fn encode(state: &CellState) -> Vec<u8> {
-    let accounts = state.real.accounts.len() + state.shadow.accounts.len();
-    let mut w = Writer::with_capacity(64 + accounts * 48);
+    encode_with_capacity(state, 0)
+}
+
+/// Encodes the whole cell state into a buffer of at least `capacity` bytes;
+/// pass the size of the last snapshot to avoid regrowing the buffer.
+pub fn encode_with_capacity(state: &CellState, capacity: usize) -> Vec<u8> {
+    let mut w = Writer::with_capacity(capacity.max(4096));
     w.buf.extend_from_slice(MAGIC);
     w.u8(FORMAT_VERSION);
     w.u32(state.cell.0);
@@ -53,7 +56,7 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
     w.u64(l.limits.history_entries_max as u64);
     w.u64(l.accounts.len() as u64);
     for a in &l.accounts {
-        w.str(a.id.as_str());
+        w.id(a.id.as_str());
         w.currency(a.currency);
         w.i64(a.balance);
         w.bool(a.overdraft);
@@ -62,9 +65,9 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
     w.u64(l.records_first_seq);
     w.u64(l.records.len() as u64);
     for r in &l.records {
-        w.str(r.id.as_str());
-        w.str(r.from.as_str());
-        w.str(r.to.as_str());
+        w.id(r.id.as_str());
+        w.u32(r.from);
+        encode_ref(w, &r.to);
         w.i64(r.amount);
         w.currency(r.currency);
         match r.currency_given {
@@ -82,8 +85,8 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
     for e in &l.history {
         w.u32(e.account);
         w.u64(e.prev);
-        w.str(e.transfer.as_str());
-        w.str(e.counterparty.as_str());
+        w.id(e.transfer.as_str());
+        encode_ref(w, &e.counterparty);
         w.u8(kind_tag(e.kind));
         w.i64(e.amount);
         w.i64(e.balance_after);
@@ -98,9 +101,9 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
         for (seq, e) in &o.entries {
             w.u64(*seq);
             w.u64(e.record_seq);
-            w.str(e.transfer.as_str());
-            w.str(e.from.as_str());
-            w.str(e.to.as_str());
+            w.id(e.transfer.as_str());
+            w.id(e.from.as_str());
+            w.id(e.to.as_str());
             w.i64(e.amount);
             w.currency(e.currency);
         }
@@ -140,13 +143,36 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
     if !r.is_empty() {
         return Err(r.error("trailing bytes after the snapshot"));
     }
-    Ok(CellState {
-        cell,
-        map,
-        real,
-        shadow,
-        applied,
-    })
+    Ok(CellState { cell, map, real, shadow, applied })
+}
+
+fn encode_ref(w: &mut Writer, r: &AccountRef) {
+    match r {
+        AccountRef::Local(i) => {
+            w.u8(0);
+            w.u32(*i);
+        }
+        AccountRef::Remote(id) => {
+            w.u8(1);
+            w.id(id.as_str());
+        }
+    }
+}
+
+fn decode_local(r: &mut Reader<'_>, accounts: usize) -> Result<u32, DecodeError> {
+    let i = r.u32()?;
+    if i as usize >= accounts {
+        return Err(r.error(format!("account index {i} out of range")));
+    }
+    Ok(i)
+}
+
+fn decode_ref(r: &mut Reader<'_>, accounts: usize) -> Result<AccountRef, DecodeError> {
+    match r.u8()? {
+        0 => decode_local(r, accounts).map(AccountRef::Local),
+        1 => r.account_id().map(AccountRef::Remote),
+        other => Err(r.error(format!("bad account reference tag {other}"))),
+    }
 }
 
 fn decode_status(r: &mut Reader<'_>) -> Result<TransferStatus, DecodeError> {
@@ -173,10 +199,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     if transfers_retained_max == 0 || history_entries_max == 0 {
         return Err(r.error("retention limits must be positive"));
     }
-    let limits = Limits {
-        transfers_retained_max,
-        history_entries_max,
-    };
+    let limits = Limits { transfers_retained_max, history_entries_max };
     let mut l = Ledger::new(limits, map.shards());
     let n = r.count(u64::from(u32::MAX))?;
     l.accounts.reserve(n);
@@ -184,7 +207,8 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     for i in 0..n {
         let id = r.account_id()?;
         let id_hash = crate::shard::stable_hash(id.as_str().as_bytes());
-        let shard = map.shard_of(id.as_str()).0;
+        let shard = (id_hash % u64::from(map.shards())) as u32;
+        debug_assert_eq!(shard, map.shard_of(id.as_str()).0);
         let account = Account {
             currency: r.currency()?,
             balance: r.i64()?,
@@ -199,6 +223,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
         }
         l.accounts.push(account);
     }
+    let accounts = l.accounts.len();
     l.records_first_seq = r.u64()?;
     let n = r.count(transfers_retained_max as u64)?;
     l.records = VecDeque::with_capacity(n);
@@ -206,8 +231,8 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     for k in 0..n {
         let record = TransferRecord {
             id: r.transfer_id()?,
-            from: r.account_id()?,
-            to: r.account_id()?,
+            from: decode_local(r, accounts)?,
+            to: decode_ref(r, accounts)?,
             amount: r.i64()?,
             currency: r.currency()?,
             currency_given: match r.u8()? {
@@ -218,10 +243,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
             memo_hash: r.u64()?,
             status: decode_status(r)?,
         };
-        if l.record_index
-            .insert(record.id.clone(), l.records_first_seq + k as u64)
-            .is_some()
-        {
+        if l.record_index.insert(record.id.clone(), l.records_first_seq + k as u64).is_some() {
             return Err(r.error("a transfer record appears twice"));
         }
         l.records.push_back(record);
@@ -234,7 +256,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
             account: r.u32()?,
             prev: r.u64()?,
             transfer: r.transfer_id()?,
-            counterparty: r.account_id()?,
+            counterparty: decode_ref(r, accounts)?,
             kind: decode_kind(r)?,
             amount: r.i64()?,
             balance_after: r.i64()?,
@@ -247,12 +269,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let n = r.count(COUNT_MAX)?;
     for _ in 0..n {
         let dest = CellId(r.u32()?);
-        let mut o = Outbox {
-            last_seq: r.u64()?,
-            sent: r.i128()?,
-            compensated: r.i128()?,
-            entries: BTreeMap::new(),
-        };
+        let mut o = Outbox { last_seq: r.u64()?, sent: r.i128()?, compensated: r.i128()?, entries: BTreeMap::new() };
         let m = r.count(COUNT_MAX)?;
         for _ in 0..m {
             let seq = r.u64()?;
@@ -271,11 +288,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let n = r.count(COUNT_MAX)?;
     for _ in 0..n {
         let source = CellId(r.u32()?);
-        let mut i = Inbox {
-            applied_through: r.u64()?,
-            received: r.i128()?,
-            refused: BTreeMap::new(),
-        };
+        let mut i = Inbox { applied_through: r.u64()?, received: r.i128()?, refused: BTreeMap::new() };
         let m = r.count(COUNT_MAX)?;
         for _ in 0..m {
             let seq = r.u64()?;

@@ -27,13 +27,7 @@ pub struct CellState {
 impl CellState {
     pub fn new(cell: CellId, map: ShardMap, limits: Limits) -> Self {
         let shards = map.shards();
-        Self {
-            cell,
-            map,
-            real: Ledger::new(limits, shards),
-            shadow: Ledger::new(limits, shards),
-            applied: 0,
-        }
+        Self { cell, map, real: Ledger::new(limits, shards), shadow: Ledger::new(limits, shards), applied: 0 }
     }
 
     pub fn cell(&self) -> CellId {
@@ -73,24 +67,15 @@ impl CellState {
         match self.map.check_successor(next) {
             Ok(()) => {
                 self.map = next.clone();
-                Outcome::ShardMapInstalled {
-                    epoch: next.epoch(),
-                }
+                Outcome::ShardMapInstalled { epoch: next.epoch() }
             }
             Err(e) => Outcome::rejected(ErrorCode::InvalidRequest, e.to_string()),
         }
     }
 
     fn apply_to_ledger(&mut self, shadow: bool, op: &Op) -> Outcome {
-        let place = Place {
-            cell: self.cell,
-            map: &self.map,
-        };
-        let ledger = if shadow {
-            &mut self.shadow
-        } else {
-            &mut self.real
-        };
+        let place = Place { cell: self.cell, map: &self.map };
+        let ledger = if shadow { &mut self.shadow } else { &mut self.real };
         match op {
             Op::OpenAccount(o) => ledger.open_account(&place, o),
             Op::Transfer(t) => ledger.transfer(&place, t),
@@ -118,19 +103,14 @@ impl CellState {
             })
         };
         let not_found = |id: &dyn std::fmt::Display| {
-            QueryAnswer::Rejected(Rejection::new(
-                ErrorCode::AccountNotFound,
-                format!("account {id} not found"),
-            ))
+            QueryAnswer::Rejected(Rejection::new(ErrorCode::AccountNotFound, format!("account {id} not found")))
         };
         match q {
             Query::Account { shadow, id } => {
                 if let Some(refusal) = fenced(id.as_str()) {
                     return refusal;
                 }
-                self.ledger(*shadow)
-                    .account(id)
-                    .map_or_else(|| not_found(id), QueryAnswer::Account)
+                self.ledger(*shadow).account(id).map_or_else(|| not_found(id), QueryAnswer::Account)
             }
             Query::Transfer { shadow, id } => match self.ledger(*shadow).transfer_status(id) {
                 Some(t) => QueryAnswer::Transfer(t),
@@ -139,12 +119,7 @@ impl CellState {
                     format!("transfer {id} not found"),
                 )),
             },
-            Query::Entries {
-                shadow,
-                account,
-                limit,
-                before,
-            } => {
+            Query::Entries { shadow, account, limit, before } => {
                 if let Some(refusal) = fenced(account.as_str()) {
                     return refusal;
                 }
@@ -153,24 +128,15 @@ impl CellState {
                     return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
                 }
                 let ledger = self.ledger(*shadow);
-                ledger
-                    .entries(account, *limit, *before)
-                    .map_or_else(|| not_found(account), QueryAnswer::Entries)
+                ledger.entries(account, *limit, *before).map_or_else(|| not_found(account), QueryAnswer::Entries)
             }
-            Query::Digests { shadow } => QueryAnswer::Digests {
-                epoch: self.map.epoch(),
-                digests: self.ledger(*shadow).digests().to_vec(),
-            },
+            Query::Digests { shadow } => {
+                QueryAnswer::Digests { epoch: self.map.epoch(), digests: self.ledger(*shadow).digests().to_vec() }
+            }
             Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit()),
-            Query::Outbox {
-                shadow,
-                dest,
-                after_seq,
-                limit,
-            } => QueryAnswer::Outbox(
-                self.ledger(*shadow)
-                    .outbox_messages(*dest, *after_seq, *limit),
-            ),
+            Query::Outbox { shadow, dest, after_seq, limit } => {
+                QueryAnswer::Outbox(self.ledger(*shadow).outbox_messages(*dest, *after_seq, *limit))
+            }
         }
     }
 }

@@ -14,33 +14,11 @@ const SHARDS: u32 = 64;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Open {
-        account: usize,
-        overdraft: bool,
-        misroute: bool,
-        shadow: bool,
-    },
-    Transfer {
-        id: u8,
-        from: usize,
-        to: usize,
-        amount: i64,
-        shadow: bool,
-        misroute: bool,
-    },
-    Deliver {
-        src: usize,
-        shadow: bool,
-    },
-    Redeliver {
-        src: usize,
-        shadow: bool,
-        back: u64,
-    },
-    Ack {
-        src: usize,
-        shadow: bool,
-    },
+    Open { account: usize, overdraft: bool, misroute: bool, shadow: bool },
+    Transfer { id: u8, from: usize, to: usize, amount: i64, shadow: bool, misroute: bool },
+    Deliver { src: usize, shadow: bool },
+    Redeliver { src: usize, shadow: bool, back: u64 },
+    Ack { src: usize, shadow: bool },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -79,13 +57,8 @@ struct Cluster {
 impl Cluster {
     fn new() -> Self {
         let map = ShardMap::round_robin(SHARDS, 2).unwrap();
-        let limits = Limits {
-            transfers_retained_max: 1000,
-            history_entries_max: 50,
-        };
-        let cells = (0..2)
-            .map(|c| CellState::new(CellId(c), map.clone(), limits))
-            .collect();
+        let limits = Limits { transfers_retained_max: 1000, history_entries_max: 50 };
+        let cells = (0..2).map(|c| CellState::new(CellId(c), map.clone(), limits)).collect();
         Self {
             map,
             cells,
@@ -115,71 +88,29 @@ impl Cluster {
 
     fn run(&mut self, s: &Step) {
         match s.clone() {
-            Step::Open {
-                account,
-                overdraft,
-                misroute,
-                shadow,
-            } => {
+            Step::Open { account, overdraft, misroute, shadow } => {
                 let id = name(account);
                 let cell = self.owner(&id) ^ usize::from(misroute);
                 let cny = Currency::new("CNY").unwrap();
-                let out = self.apply(
-                    cell,
-                    Command {
-                        shadow,
-                        op: Op::OpenAccount(OpenAccount {
-                            id,
-                            currency: cny,
-                            overdraft,
-                        }),
-                    },
-                );
+                let out = self
+                    .apply(cell, Command { shadow, op: Op::OpenAccount(OpenAccount { id, currency: cny, overdraft }) });
                 if misroute {
-                    assert!(
-                        matches!(&out, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell),
-                        "I6"
-                    );
+                    assert!(matches!(&out, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell), "I6");
                 }
             }
-            Step::Transfer {
-                id,
-                from,
-                to,
-                amount,
-                shadow,
-                misroute,
-            } => {
+            Step::Transfer { id, from, to, amount, shadow, misroute } => {
                 let tid = TransferId::new(&format!("t{id}")).unwrap();
                 let (from, to) = (name(from), name(to));
                 let cell = self.owner(&from) ^ usize::from(misroute);
-                let t = Transfer {
-                    id: tid.clone(),
-                    from,
-                    to,
-                    amount,
-                    currency: None,
-                    memo: None,
-                };
-                let out = self.apply(
-                    cell,
-                    Command {
-                        shadow,
-                        op: Op::Transfer(t),
-                    },
-                );
+                let t = Transfer { id: tid.clone(), from, to, amount, currency: None, memo: None };
+                let out = self.apply(cell, Command { shadow, op: Op::Transfer(t) });
                 if misroute {
                     assert!(
                         matches!(&out, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell || r.code == ErrorCode::InvalidRequest),
                         "I6"
                     );
                 }
-                if let Outcome::Transferred {
-                    created: true,
-                    outbox,
-                    ..
-                } = out
-                {
+                if let Outcome::Transferred { created: true, outbox, .. } = out {
                     let legs = self.legs.entry((shadow, cell, tid)).or_default();
                     legs.0 += 1;
                     if outbox.is_none() {
@@ -190,15 +121,8 @@ impl Cluster {
             Step::Deliver { src, shadow } => {
                 let dst = 1 - src;
                 let after = *self.delivered.get(&(src, shadow)).unwrap_or(&0);
-                let q = Query::Outbox {
-                    shadow,
-                    dest: CellId(dst as u32),
-                    after_seq: after,
-                    limit: 1,
-                };
-                let QueryAnswer::Outbox(msgs) = self.cells[src].query(&q) else {
-                    panic!()
-                };
+                let q = Query::Outbox { shadow, dest: CellId(dst as u32), after_seq: after, limit: 1 };
+                let QueryAnswer::Outbox(msgs) = self.cells[src].query(&q) else { panic!() };
                 let Some(m) = msgs.into_iter().next() else {
                     return;
                 };
@@ -206,19 +130,12 @@ impl Cluster {
                 assert!(
                     matches!(
                         out,
-                        Outcome::CreditApplied { duplicate: false }
-                            | Outcome::CreditRefused {
-                                duplicate: false,
-                                ..
-                            }
+                        Outcome::CreditApplied { duplicate: false } | Outcome::CreditRefused { duplicate: false, .. }
                     ),
                     "{out:?}"
                 );
                 self.delivered.insert((src, shadow), m.seq);
-                self.acks
-                    .entry((src, shadow))
-                    .or_default()
-                    .push((m.seq, out));
+                self.acks.entry((src, shadow)).or_default().push((m.seq, out));
             }
             Step::Redeliver { src, shadow, back } => {
                 // Redeliver a message still in the outbox whose credit was already applied.
@@ -228,37 +145,18 @@ impl Cluster {
                 let Some((seq, first)) = pending.iter().rev().nth(back as usize).cloned() else {
                     return;
                 };
-                let q = Query::Outbox {
-                    shadow,
-                    dest: CellId(1 - src as u32),
-                    after_seq: seq - 1,
-                    limit: 1,
-                };
-                let QueryAnswer::Outbox(msgs) = self.cells[src].query(&q) else {
-                    panic!()
-                };
-                let m = msgs
-                    .into_iter()
-                    .next()
-                    .expect("unacked messages stay in the outbox");
+                let q = Query::Outbox { shadow, dest: CellId(1 - src as u32), after_seq: seq - 1, limit: 1 };
+                let QueryAnswer::Outbox(msgs) = self.cells[src].query(&q) else { panic!() };
+                let m = msgs.into_iter().next().expect("unacked messages stay in the outbox");
                 let out = self.deliver(src, 1 - src, shadow, &m);
                 let same = match (&first, &out) {
-                    (Outcome::CreditApplied { .. }, Outcome::CreditApplied { duplicate: true }) => {
-                        true
+                    (Outcome::CreditApplied { .. }, Outcome::CreditApplied { duplicate: true }) => true,
+                    (Outcome::CreditRefused { code: a, .. }, Outcome::CreditRefused { code: b, duplicate: true }) => {
+                        a == b
                     }
-                    (
-                        Outcome::CreditRefused { code: a, .. },
-                        Outcome::CreditRefused {
-                            code: b,
-                            duplicate: true,
-                        },
-                    ) => a == b,
                     _ => false,
                 };
-                assert!(
-                    same,
-                    "a redelivery answers as the first delivery did (I3): {first:?} then {out:?}"
-                );
+                assert!(same, "a redelivery answers as the first delivery did (I3): {first:?} then {out:?}");
             }
             Step::Ack { src, shadow } => {
                 let Some(pending) = self.acks.get_mut(&(src, shadow)) else {
@@ -271,42 +169,14 @@ impl Cluster {
                 let dest = CellId(1 - src as u32);
                 let op = match outcome {
                     Outcome::CreditApplied { .. } => Op::Settle { dest, seq },
-                    Outcome::CreditRefused { code, .. } => Op::Compensate {
-                        dest,
-                        seq,
-                        reason: code,
-                    },
+                    Outcome::CreditRefused { code, .. } => Op::Compensate { dest, seq, reason: code },
                     other => panic!("{other:?}"),
                 };
-                let out = self.apply(
-                    src,
-                    Command {
-                        shadow,
-                        op: op.clone(),
-                    },
-                );
-                assert!(
-                    matches!(
-                        out,
-                        Outcome::OutboxClosed {
-                            duplicate: false,
-                            ..
-                        }
-                    ),
-                    "{out:?}"
-                );
+                let out = self.apply(src, Command { shadow, op: op.clone() });
+                assert!(matches!(out, Outcome::OutboxClosed { duplicate: false, .. }), "{out:?}");
                 // An ack applied twice is a no-op the second time (I3).
                 let again = self.apply(src, Command { shadow, op });
-                assert!(
-                    matches!(
-                        again,
-                        Outcome::OutboxClosed {
-                            duplicate: true,
-                            ..
-                        }
-                    ),
-                    "{again:?}"
-                );
+                assert!(matches!(again, Outcome::OutboxClosed { duplicate: true, .. }), "{again:?}");
             }
         }
     }
@@ -321,29 +191,16 @@ impl Cluster {
             amount: m.amount,
             currency: m.currency,
         };
-        let out = self.apply(
-            dst,
-            Command {
-                shadow,
-                op: Op::Credit(credit),
-            },
-        );
+        let out = self.apply(dst, Command { shadow, op: Op::Credit(credit) });
         if let Outcome::CreditApplied { duplicate: false } = out {
-            self.legs
-                .entry((shadow, src, m.transfer.clone()))
-                .or_default()
-                .1 += 1;
+            self.legs.entry((shadow, src, m.transfer.clone())).or_default().1 += 1;
         }
         out
     }
 
     fn check_invariants(&self) {
         for shadow in [false, true] {
-            let audits: Vec<AuditView> = self
-                .cells
-                .iter()
-                .map(|c| c.ledger(shadow).audit())
-                .collect();
+            let audits: Vec<AuditView> = self.cells.iter().map(|c| c.ledger(shadow).audit()).collect();
             // I1: conservation over the cluster at this cut.
             let total: i128 = audits.iter().map(|a| a.conservation_term()).sum();
             assert_eq!(total, 0, "I1 (shadow={shadow}): {audits:?}");
@@ -354,20 +211,10 @@ impl Cluster {
             for src in 0..2 {
                 let applied = *self.delivered.get(&(src, shadow)).unwrap_or(&0);
                 let refused: Vec<u64> = self.acks.get(&(src, shadow)).map_or(vec![], |v| {
-                    v.iter()
-                        .filter(|(_, o)| matches!(o, Outcome::CreditRefused { .. }))
-                        .map(|(s, _)| *s)
-                        .collect()
+                    v.iter().filter(|(_, o)| matches!(o, Outcome::CreditRefused { .. })).map(|(s, _)| *s).collect()
                 });
-                let q = Query::Outbox {
-                    shadow,
-                    dest: CellId(1 - src as u32),
-                    after_seq: 0,
-                    limit: usize::MAX,
-                };
-                let QueryAnswer::Outbox(msgs) = self.cells[src].query(&q) else {
-                    panic!()
-                };
+                let q = Query::Outbox { shadow, dest: CellId(1 - src as u32), after_seq: 0, limit: usize::MAX };
+                let QueryAnswer::Outbox(msgs) = self.cells[src].query(&q) else { panic!() };
                 in_flight += msgs
                     .iter()
                     .filter(|m| m.seq > applied || refused.contains(&m.seq))
@@ -376,27 +223,18 @@ impl Cluster {
             }
             assert_eq!(balances + in_flight, 0, "I1 by outbox (shadow={shadow})");
             // I4.
-            assert!(
-                audits.iter().all(|a| a.negative_accounts == 0),
-                "I4 (shadow={shadow})"
-            );
+            assert!(audits.iter().all(|a| a.negative_accounts == 0), "I4 (shadow={shadow})");
         }
         // I3: no leg of any transfer applied twice.
         for (k, (debits, credits)) in &self.legs {
-            assert!(
-                *debits <= 1 && *credits <= 1,
-                "I3: {k:?} debits {debits} credits {credits}"
-            );
+            assert!(*debits <= 1 && *credits <= 1, "I3: {k:?} debits {debits} credits {credits}");
         }
     }
 }
 
 /// Rebuilds each cell from its log (through the codec, as recovery does).
 fn replay(cluster: &Cluster) -> Vec<CellState> {
-    let limits = Limits {
-        transfers_retained_max: 1000,
-        history_entries_max: 50,
-    };
+    let limits = Limits { transfers_retained_max: 1000, history_entries_max: 50 };
     (0..2)
         .map(|c| {
             let mut w = Writer::default();
@@ -404,10 +242,7 @@ fn replay(cluster: &Cluster) -> Vec<CellState> {
             let cmds = decode_batch(&w.buf).unwrap();
             let mut state = CellState::new(CellId(c as u32), cluster.map.clone(), limits);
             for cmd in &cmds {
-                assert!(
-                    state.apply(cmd).changed_state(),
-                    "a logged command applies again"
-                );
+                assert!(state.apply(cmd).changed_state(), "a logged command applies again");
             }
             state
         })
@@ -469,31 +304,12 @@ proptest! {
 #[test]
 fn a_digest_changes_when_a_real_balance_changes() {
     let mut cluster = Cluster::new();
-    cluster.run(&Step::Open {
-        account: 0,
-        overdraft: true,
-        misroute: false,
-        shadow: false,
-    });
+    cluster.run(&Step::Open { account: 0, overdraft: true, misroute: false, shadow: false });
     // Find an account in the same cell as acct-0, so the transfer is local.
     let home = cluster.owner(&name(0));
-    let peer = (1..ACCOUNTS)
-        .find(|&i| cluster.owner(&name(i)) == home)
-        .expect("8 accounts over 2 cells");
-    cluster.run(&Step::Open {
-        account: peer,
-        overdraft: false,
-        misroute: false,
-        shadow: false,
-    });
+    let peer = (1..ACCOUNTS).find(|&i| cluster.owner(&name(i)) == home).expect("8 accounts over 2 cells");
+    cluster.run(&Step::Open { account: peer, overdraft: false, misroute: false, shadow: false });
     let before = cluster.cells[home].ledger(false).digests().to_vec();
-    cluster.run(&Step::Transfer {
-        id: 1,
-        from: 0,
-        to: peer,
-        amount: 5,
-        shadow: false,
-        misroute: false,
-    });
+    cluster.run(&Step::Transfer { id: 1, from: 0, to: peer, amount: 5, shadow: false, misroute: false });
     assert_ne!(cluster.cells[home].ledger(false).digests(), &before[..]);
 }

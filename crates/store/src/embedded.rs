@@ -15,6 +15,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use crate::frame::{self, RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
 use crate::{Checkpoint, ReplayReport, Store, StoreError, StoreStats, TornTail, Visitor};
@@ -23,6 +26,9 @@ const SEGMENT_MAGIC: &[u8; 8] = b"CPSEG001";
 const SEGMENT_HEADER_BYTES: usize = 16;
 const CHECKPOINT_MAGIC: &[u8; 8] = b"CPCKPT01";
 const CHECKPOINT_HEADER_BYTES: usize = 28;
+
+/// A checkpoint is written and flushed in pieces of this size.
+const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
 
 /// Checkpoints kept on disk: the newest and the one before it.
 pub const CHECKPOINTS_KEPT: usize = 2;
@@ -36,9 +42,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self {
-            segment_bytes_max: 64 << 20,
-        }
+        Self { segment_bytes_max: 64 << 20 }
     }
 }
 
@@ -65,7 +69,17 @@ pub struct EmbeddedStore {
     roll_on_next_append: bool,
     buf: Vec<u8>,
     stats: StoreStats,
+    checkpoint_counters: Arc<CheckpointCounters>,
+    /// The background writer of the latest checkpoint, until it is joined.
+    checkpoint_in_flight: Option<JoinHandle<Result<(), StoreError>>>,
     poisoned: bool,
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // A checkpoint in flight finishes (or fails) before the lock is let go.
+        let _ = self.finish_checkpoint();
+    }
 }
 
 fn segment_name(first_seq: u64) -> String {
@@ -78,9 +92,7 @@ fn parse_numbered(name: &str, ext: &str) -> Option<u64> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::io(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(StoreError::io(dir))
 }
 
 fn list_numbered(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>, StoreError> {
@@ -94,6 +106,72 @@ fn list_numbered(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>, StoreErro
     }
     out.sort();
     Ok(out)
+}
+
+/// Counters the background checkpoint writer adds to.
+#[derive(Default)]
+struct CheckpointCounters {
+    bytes: AtomicU64,
+    fsyncs: AtomicU64,
+}
+
+/// Writes a checkpoint file (temporary name, fsync, rename, fsync the directory).
+fn write_checkpoint_file(
+    dir: &Path,
+    seq: u64,
+    snapshot: &[u8],
+    counters: &CheckpointCounters,
+) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{seq:020}.ckpt.tmp"));
+    let path = dir.join(format!("{seq:020}.ckpt"));
+    let mut f = File::create(&tmp).map_err(StoreError::io(&tmp))?;
+    let mut header = Vec::with_capacity(CHECKPOINT_HEADER_BYTES);
+    header.extend_from_slice(CHECKPOINT_MAGIC);
+    header.extend_from_slice(&seq.to_le_bytes());
+    header.extend_from_slice(&(snapshot.len() as u64).to_le_bytes());
+    header.extend_from_slice(&crc32c::crc32c(snapshot).to_le_bytes());
+    f.write_all(&header).map_err(StoreError::io(&tmp))?;
+    // Write and flush in chunks: one large flush at the end would queue the
+    // whole snapshot ahead of the log's next fdatasync and stall commits.
+    for chunk in snapshot.chunks(CHECKPOINT_CHUNK_BYTES) {
+        f.write_all(chunk).map_err(StoreError::io(&tmp))?;
+        f.sync_data().map_err(StoreError::io(&tmp))?;
+        counters.fsyncs.fetch_add(1, Relaxed);
+    }
+    f.sync_all().map_err(StoreError::io(&tmp))?;
+    fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
+    sync_dir(dir)?;
+    counters.fsyncs.fetch_add(2, Relaxed);
+    counters.bytes.fetch_add((header.len() + snapshot.len()) as u64, Relaxed);
+    Ok(())
+}
+
+fn list_segments(log_dir: &Path) -> Result<Vec<Segment>, StoreError> {
+    let list = list_numbered(log_dir, ".seg")?;
+    Ok(list.into_iter().map(|(first_seq, path)| Segment { first_seq, path }).collect())
+}
+
+/// Drops checkpoints beyond the newest [`CHECKPOINTS_KEPT`] and the segments
+/// that the oldest kept checkpoint wholly covers. Safe beside appends: it never
+/// touches the newest segment.
+fn drop_covered(checkpoint_dir: &Path, log_dir: &Path) -> Result<(), StoreError> {
+    let checkpoints = list_numbered(checkpoint_dir, ".ckpt")?;
+    let keep_from = checkpoints.len().saturating_sub(CHECKPOINTS_KEPT);
+    for (_, path) in &checkpoints[..keep_from] {
+        fs::remove_file(path).map_err(StoreError::io(path))?;
+    }
+    let Some(&(oldest_kept, _)) = checkpoints.get(keep_from) else {
+        return Ok(());
+    };
+    let segments = list_segments(log_dir)?;
+    for pair in segments.windows(2) {
+        // pair[0] holds batches first_seq..pair[1].first_seq - 1.
+        if pair[1].first_seq <= oldest_kept + 1 {
+            fs::remove_file(&pair[0].path).map_err(StoreError::io(&pair[0].path))?;
+        }
+    }
+    sync_dir(log_dir)?;
+    sync_dir(checkpoint_dir)
 }
 
 impl EmbeddedStore {
@@ -125,6 +203,8 @@ impl EmbeddedStore {
             roll_on_next_append: false,
             buf: Vec::new(),
             stats: StoreStats::default(),
+            checkpoint_counters: Arc::default(),
+            checkpoint_in_flight: None,
             poisoned: false,
         })
     }
@@ -138,18 +218,19 @@ impl EmbeddedStore {
     }
 
     fn segments(&self) -> Result<Vec<Segment>, StoreError> {
-        let list = list_numbered(&self.log_dir(), ".seg")?;
-        Ok(list
-            .into_iter()
-            .map(|(first_seq, path)| Segment { first_seq, path })
-            .collect())
+        list_segments(&self.log_dir())
+    }
+
+    /// Waits for the checkpoint in flight, if any, and answers its failure.
+    fn finish_checkpoint(&mut self) -> Result<(), StoreError> {
+        match self.checkpoint_in_flight.take() {
+            None => Ok(()),
+            Some(writer) => writer.join().unwrap_or(Err(StoreError::Poisoned)),
+        }
     }
 
     fn truncate(&mut self, path: &Path, len: u64) -> Result<(), StoreError> {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(StoreError::io(path))?;
+        let f = OpenOptions::new().write(true).open(path).map_err(StoreError::io(path))?;
         f.set_len(len).map_err(StoreError::io(path))?;
         f.sync_all().map_err(StoreError::io(path))?;
         self.stats.fsyncs += 1;
@@ -157,26 +238,15 @@ impl EmbeddedStore {
     }
 
     fn open_for_append(&mut self, path: &Path) -> Result<(), StoreError> {
-        let f = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(StoreError::io(path))?;
+        let f = OpenOptions::new().append(true).open(path).map_err(StoreError::io(path))?;
         let len = f.metadata().map_err(StoreError::io(path))?.len();
-        self.active = Some(Active {
-            file: f,
-            path: path.to_path_buf(),
-            len,
-        });
+        self.active = Some(Active { file: f, path: path.to_path_buf(), len });
         Ok(())
     }
 
     fn create_segment(&mut self, first_seq: u64) -> Result<(), StoreError> {
         let path = self.log_dir().join(segment_name(first_seq));
-        let mut f = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(StoreError::io(&path))?;
+        let mut f = OpenOptions::new().create_new(true).append(true).open(&path).map_err(StoreError::io(&path))?;
         let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES);
         header.extend_from_slice(SEGMENT_MAGIC);
         header.extend_from_slice(&first_seq.to_le_bytes());
@@ -185,11 +255,7 @@ impl EmbeddedStore {
         sync_dir(&self.log_dir())?;
         self.stats.fsyncs += 2;
         self.stats.log_bytes_written += SEGMENT_HEADER_BYTES as u64;
-        self.active = Some(Active {
-            file: f,
-            path,
-            len: SEGMENT_HEADER_BYTES as u64,
-        });
+        self.active = Some(Active { file: f, path, len: SEGMENT_HEADER_BYTES as u64 });
         Ok(())
     }
 
@@ -226,13 +292,7 @@ impl EmbeddedStore {
         }
         let first = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
         if first != seg.first_seq {
-            return Err(corrupt(
-                8,
-                format!(
-                    "header says first batch {first}, file name says {}",
-                    seg.first_seq
-                ),
-            ));
+            return Err(corrupt(8, format!("header says first batch {first}, file name says {}", seg.first_seq)));
         }
         let mut at = SEGMENT_HEADER_BYTES;
         let mut expected = seg.first_seq;
@@ -240,17 +300,11 @@ impl EmbeddedStore {
             match frame::decode(&buf, at) {
                 Ok(record) => {
                     if record.seq != expected {
-                        return Err(StoreError::Gap {
-                            file: seg.path.clone(),
-                            expected,
-                            found: record.seq,
-                        });
+                        return Err(StoreError::Gap { file: seg.path.clone(), expected, found: record.seq });
                     }
                     if record.seq > after_seq {
-                        visit(record.seq, record.payload).map_err(|reason| StoreError::Visit {
-                            seq: record.seq,
-                            reason,
-                        })?;
+                        visit(record.seq, record.payload)
+                            .map_err(|reason| StoreError::Visit { seq: record.seq, reason })?;
                         report.batches += 1;
                         report.bytes += (record.end - at) as u64;
                     }
@@ -263,10 +317,7 @@ impl EmbeddedStore {
                     let later = frame::valid_record_after(&buf, at + 1, expected, seq_max);
                     if !is_last || later.is_some() {
                         let why = match later {
-                            Some(next) => format!(
-                                "{}; a valid record follows at offset {next}",
-                                bad.describe()
-                            ),
+                            Some(next) => format!("{}; a valid record follows at offset {next}", bad.describe()),
                             None => format!("{}; later segments follow", bad.describe()),
                         };
                         return Err(corrupt(at, why));
@@ -290,55 +341,10 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    fn write_checkpoint_file(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
-        let dir = self.checkpoint_dir();
-        let tmp = dir.join(format!("{seq:020}.ckpt.tmp"));
-        let path = dir.join(format!("{seq:020}.ckpt"));
-        let mut f = File::create(&tmp).map_err(StoreError::io(&tmp))?;
-        let mut header = Vec::with_capacity(CHECKPOINT_HEADER_BYTES);
-        header.extend_from_slice(CHECKPOINT_MAGIC);
-        header.extend_from_slice(&seq.to_le_bytes());
-        header.extend_from_slice(&(snapshot.len() as u64).to_le_bytes());
-        header.extend_from_slice(&crc32c::crc32c(snapshot).to_le_bytes());
-        f.write_all(&header).map_err(StoreError::io(&tmp))?;
-        f.write_all(snapshot).map_err(StoreError::io(&tmp))?;
-        f.sync_all().map_err(StoreError::io(&tmp))?;
-        fs::rename(&tmp, &path).map_err(StoreError::io(&path))?;
-        sync_dir(&dir)?;
-        self.stats.fsyncs += 2;
-        self.stats.checkpoint_bytes_written += (header.len() + snapshot.len()) as u64;
-        Ok(())
-    }
-
-    /// Drops checkpoints beyond the newest [`CHECKPOINTS_KEPT`] and the segments
-    /// that the oldest kept checkpoint wholly covers.
-    fn drop_covered(&mut self) -> Result<(), StoreError> {
-        let checkpoints = list_numbered(&self.checkpoint_dir(), ".ckpt")?;
-        let keep_from = checkpoints.len().saturating_sub(CHECKPOINTS_KEPT);
-        for (_, path) in &checkpoints[..keep_from] {
-            fs::remove_file(path).map_err(StoreError::io(path))?;
-        }
-        let Some(&(oldest_kept, _)) = checkpoints.get(keep_from) else {
-            return Ok(());
-        };
-        let segments = self.segments()?;
-        for pair in segments.windows(2) {
-            // pair[0] holds batches first_seq..pair[1].first_seq - 1.
-            if pair[1].first_seq <= oldest_kept + 1 {
-                fs::remove_file(&pair[0].path).map_err(StoreError::io(&pair[0].path))?;
-            }
-        }
-        sync_dir(&self.log_dir())?;
-        sync_dir(&self.checkpoint_dir())
-    }
-
     fn read_checkpoint(path: &Path) -> Result<Checkpoint, StoreError> {
         let buf = fs::read(path).map_err(StoreError::io(path))?;
-        let corrupt = |offset: u64, reason: &str| StoreError::Corrupt {
-            file: path.to_path_buf(),
-            offset,
-            reason: reason.into(),
-        };
+        let corrupt =
+            |offset: u64, reason: &str| StoreError::Corrupt { file: path.to_path_buf(), offset, reason: reason.into() };
         if buf.len() < CHECKPOINT_HEADER_BYTES || &buf[..8] != CHECKPOINT_MAGIC {
             return Err(corrupt(0, "bad checkpoint header"));
         }
@@ -350,15 +356,9 @@ impl EmbeddedStore {
             return Err(corrupt(16, "checkpoint length does not match the file"));
         }
         if crc32c::crc32c(body) != crc {
-            return Err(corrupt(
-                CHECKPOINT_HEADER_BYTES as u64,
-                "checkpoint checksum mismatch",
-            ));
+            return Err(corrupt(CHECKPOINT_HEADER_BYTES as u64, "checkpoint checksum mismatch"));
         }
-        Ok(Checkpoint {
-            seq,
-            snapshot: body.to_vec(),
-        })
+        Ok(Checkpoint { seq, snapshot: body.to_vec() })
     }
 }
 
@@ -380,16 +380,10 @@ impl Store for EmbeddedStore {
 
     fn replay(&mut self, after_seq: u64, visit: Visitor<'_>) -> Result<ReplayReport, StoreError> {
         let segments = self.segments()?;
-        let mut report = ReplayReport {
-            last_seq: after_seq,
-            ..ReplayReport::default()
-        };
+        let mut report = ReplayReport { last_seq: after_seq, ..ReplayReport::default() };
         // Segments wholly before the checkpoint are skipped (a crash may have
         // stopped their deletion); the first one read must hold after_seq + 1.
-        let start = segments
-            .iter()
-            .rposition(|s| s.first_seq <= after_seq + 1)
-            .unwrap_or(0);
+        let start = segments.iter().rposition(|s| s.first_seq <= after_seq + 1).unwrap_or(0);
         if let Some(first) = segments.get(start) {
             if first.first_seq > after_seq + 1 {
                 return Err(StoreError::Gap {
@@ -414,10 +408,7 @@ impl Store for EmbeddedStore {
         if let Some(last) = segments.last().filter(|s| s.path.exists()) {
             let path = last.path.clone();
             self.open_for_append(&path)?;
-            self.roll_on_next_append = self
-                .active
-                .as_ref()
-                .is_some_and(|a| a.len >= self.options.segment_bytes_max);
+            self.roll_on_next_append = self.active.as_ref().is_some_and(|a| a.len >= self.options.segment_bytes_max);
         }
         self.next_seq = Some(report.last_seq + 1);
         Ok(report)
@@ -427,15 +418,15 @@ impl Store for EmbeddedStore {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
+        if self.checkpoint_in_flight.as_ref().is_some_and(|w| w.is_finished()) {
+            self.finish_checkpoint()?;
+        }
         let expected = self.next_seq.ok_or(StoreError::NotReplayed)?;
         if seq != expected {
             return Err(StoreError::OutOfOrder { seq, expected });
         }
         if batch.len() > RECORD_BYTES_MAX {
-            return Err(StoreError::TooLarge {
-                bytes: batch.len(),
-                max: RECORD_BYTES_MAX,
-            });
+            return Err(StoreError::TooLarge { bytes: batch.len(), max: RECORD_BYTES_MAX });
         }
         self.poisoned = true; // cleared below once the batch is durable
         if self.active.is_none() || self.roll_on_next_append {
@@ -445,14 +436,8 @@ impl Store for EmbeddedStore {
         self.buf.clear();
         frame::encode(&mut self.buf, seq, batch);
         let active = self.active.as_mut().expect("created above");
-        active
-            .file
-            .write_all(&self.buf)
-            .map_err(StoreError::io(&active.path))?;
-        active
-            .file
-            .sync_data()
-            .map_err(StoreError::io(&active.path))?;
+        active.file.write_all(&self.buf).map_err(StoreError::io(&active.path))?;
+        active.file.sync_data().map_err(StoreError::io(&active.path))?;
         active.len += self.buf.len() as u64;
         if active.len >= self.options.segment_bytes_max {
             self.roll_on_next_append = true;
@@ -464,21 +449,35 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    fn checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+    fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
         let next = self.next_seq.ok_or(StoreError::NotReplayed)?;
-        assert!(
-            seq < next,
-            "a checkpoint covers only batches already appended"
-        );
-        self.write_checkpoint_file(seq, snapshot)?;
+        assert!(seq < next, "a checkpoint covers only batches already appended");
+        // At most one checkpoint in flight: wait for the previous one.
+        self.finish_checkpoint()?;
+        // Batches after this checkpoint go to a new segment, so that the
+        // segments before it can be dropped whole.
         self.roll_on_next_append = true;
-        self.drop_covered()
+        let (checkpoint_dir, log_dir) = (self.checkpoint_dir(), self.log_dir());
+        let counters = self.checkpoint_counters.clone();
+        let writer = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || {
+                write_checkpoint_file(&checkpoint_dir, seq, &snapshot, &counters)?;
+                drop_covered(&checkpoint_dir, &log_dir)
+            })
+            .map_err(StoreError::io(self.checkpoint_dir()))?;
+        self.checkpoint_in_flight = Some(writer);
+        Ok(())
     }
 
     fn stats(&self) -> StoreStats {
-        self.stats
+        StoreStats {
+            checkpoint_bytes_written: self.checkpoint_counters.bytes.load(Relaxed),
+            fsyncs: self.stats.fsyncs + self.checkpoint_counters.fsyncs.load(Relaxed),
+            ..self.stats
+        }
     }
 }

@@ -65,22 +65,13 @@ pub(crate) fn decode(buf: &[u8], at: usize) -> Result<Record<'_>, Bad> {
     if checksum(seq, payload) != crc {
         return Err(Bad::Checksum);
     }
-    Ok(Record {
-        seq,
-        payload,
-        end: start + len,
-    })
+    Ok(Record { seq, payload, end: start + len })
 }
 
 /// True when a valid record with a sequence number in `seq_min..seq_max` starts
 /// anywhere in `buf[from..]`. Used to tell a torn tail (nothing valid follows)
 /// from corruption in the middle (acknowledged records follow).
-pub(crate) fn valid_record_after(
-    buf: &[u8],
-    from: usize,
-    seq_min: u64,
-    seq_max: u64,
-) -> Option<usize> {
+pub(crate) fn valid_record_after(buf: &[u8], from: usize, seq_min: u64, seq_max: u64) -> Option<usize> {
     let last = buf.len().checked_sub(RECORD_HEADER_BYTES)?;
     (from..=last).find(|&at| {
         let seq = u64::from_le_bytes(buf[at + 8..at + 16].try_into().expect("8 bytes"));
@@ -97,18 +88,12 @@ mod tests {
         let mut buf = Vec::new();
         encode(&mut buf, 7, b"hello ledger");
         let r = decode(&buf, 0).ok().expect("valid");
-        assert_eq!(
-            (r.seq, r.payload, r.end),
-            (7, &b"hello ledger"[..], buf.len())
-        );
+        assert_eq!((r.seq, r.payload, r.end), (7, &b"hello ledger"[..], buf.len()));
         for i in 0..buf.len() {
             for bit in 0..8 {
                 let mut bad = buf.clone();
                 bad[i] ^= 1 << bit;
-                assert!(
-                    decode(&bad, 0).is_err(),
-                    "flip at byte {i} bit {bit} went unseen"
-                );
+                assert!(decode(&bad, 0).is_err(), "flip at byte {i} bit {bit} went unseen");
             }
         }
         for cut in 0..buf.len() {

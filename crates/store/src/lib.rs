@@ -57,22 +57,11 @@ pub struct StoreStats {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("corrupt record in {} at offset {offset}: {reason}", file.display())]
-    Corrupt {
-        file: PathBuf,
-        offset: u64,
-        reason: String,
-    },
+    Corrupt { file: PathBuf, offset: u64, reason: String },
     #[error("the log has a gap: expected batch {expected}, found {found} in {}", file.display())]
-    Gap {
-        file: PathBuf,
-        expected: u64,
-        found: u64,
-    },
+    Gap { file: PathBuf, expected: u64, found: u64 },
     #[error("{} is locked by another writer of this cell", path.display())]
     Locked { path: PathBuf },
     #[error("batch {seq} is out of order: the next batch must be {expected}")]
@@ -110,8 +99,11 @@ pub trait Store: Send {
     /// Appends batch `seq` (the one after the last) and returns once it is durable.
     fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError>;
 
-    /// Durably records the state after batch `seq`; older log may be dropped.
-    fn checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError>;
+    /// Records the state after batch `seq`. The write may finish in the
+    /// background: a checkpoint counts (for `load_checkpoint` and for dropping
+    /// older log) only once it is durable, and at most one is in flight. A
+    /// background failure is answered by the next call.
+    fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError>;
 
     fn stats(&self) -> StoreStats;
 }

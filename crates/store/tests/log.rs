@@ -17,11 +17,7 @@ fn open(dir: &Path, segment_bytes_max: u64) -> EmbeddedStore {
 }
 
 /// A reopened store, the batches it replayed, and its report.
-type Recovered = (
-    EmbeddedStore,
-    Vec<(u64, Vec<u8>)>,
-    cellpay_store::ReplayReport,
-);
+type Recovered = (EmbeddedStore, Vec<(u64, Vec<u8>)>, cellpay_store::ReplayReport);
 
 /// Opens, loads the checkpoint and replays; returns the store and what it replayed.
 fn recover(dir: &Path, segment_bytes_max: u64) -> Result<Recovered, StoreError> {
@@ -44,10 +40,7 @@ fn write_batches(dir: &Path, n: u64, segment_bytes_max: u64) {
 }
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<_> = fs::read_dir(dir.join("log"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut v: Vec<_> = fs::read_dir(dir.join("log")).unwrap().map(|e| e.unwrap().path()).collect();
     v.sort();
     v
 }
@@ -71,18 +64,9 @@ fn batches_survive_reopen_in_order_across_segments() {
 fn appends_must_follow_replay_and_be_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = open(dir.path(), 1 << 20);
-    assert!(matches!(
-        store.append(1, b"x"),
-        Err(StoreError::NotReplayed)
-    ));
+    assert!(matches!(store.append(1, b"x"), Err(StoreError::NotReplayed)));
     store.replay(0, &mut |_, _| Ok(())).unwrap();
-    assert!(matches!(
-        store.append(2, b"x"),
-        Err(StoreError::OutOfOrder {
-            seq: 2,
-            expected: 1
-        })
-    ));
+    assert!(matches!(store.append(2, b"x"), Err(StoreError::OutOfOrder { seq: 2, expected: 1 })));
     store.append(1, b"x").unwrap();
 }
 
@@ -100,33 +84,24 @@ fn a_checkpoint_drops_covered_segments_and_replay_starts_after_it() {
     write_batches(dir.path(), 100, 2048);
     {
         let (mut store, _, _) = recover(dir.path(), 2048).unwrap();
-        store.checkpoint(100, b"state after 100").unwrap();
+        store.checkpoint(100, b"state after 100".to_vec()).unwrap();
         for seq in 101..=120 {
             store.append(seq, &payload(seq)).unwrap();
         }
-        store.checkpoint(120, b"state after 120").unwrap();
+        store.checkpoint(120, b"state after 120".to_vec()).unwrap();
         for seq in 121..=130 {
             store.append(seq, &payload(seq)).unwrap();
         }
     }
     // Segments before the older kept checkpoint (100) are gone.
-    let first: u64 = segments(dir.path())[0]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let first: u64 = segments(dir.path())[0].file_stem().unwrap().to_str().unwrap().parse().unwrap();
     assert!(first > 1 && first <= 101, "first segment starts at {first}");
     let (_, seen, report) = recover(dir.path(), 2048).unwrap();
     let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (121..=130).collect::<Vec<_>>());
     assert_eq!(report.last_seq, 130);
     let mut store = open(dir.path(), 2048);
-    assert_eq!(
-        store.load_checkpoint().unwrap().unwrap().snapshot,
-        b"state after 120"
-    );
+    assert_eq!(store.load_checkpoint().unwrap().unwrap().snapshot, b"state after 120");
 }
 
 #[test]
@@ -135,7 +110,7 @@ fn a_checkpoint_with_no_later_batches_recovers_to_its_seq() {
     write_batches(dir.path(), 10, 1 << 20);
     {
         let (mut store, _, _) = recover(dir.path(), 1 << 20).unwrap();
-        store.checkpoint(10, b"ten").unwrap();
+        store.checkpoint(10, b"ten".to_vec()).unwrap();
     }
     let (mut store, seen, report) = recover(dir.path(), 1 << 20).unwrap();
     assert!(seen.is_empty());
@@ -153,12 +128,7 @@ fn a_cut_tail_is_truncated_reported_and_appends_continue() {
     write_batches(dir.path(), 50, 1 << 20);
     let seg = last_segment(dir.path());
     let len = fs::metadata(&seg).unwrap().len();
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 5)
-        .unwrap();
+    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 5).unwrap();
     let (mut store, seen, report) = recover(dir.path(), 1 << 20).unwrap();
     assert_eq!(seen.len(), 49);
     let torn = report.torn_tail.expect("the cut is reported");
@@ -209,23 +179,16 @@ fn corruption_in_the_middle_stops_recovery_naming_file_and_offset() {
     let offset: usize = 16 + (1..10).map(|s| 16 + payload(s).len()).sum::<usize>();
     bytes[offset + 20] ^= 0xff;
     fs::write(&seg, &bytes).unwrap();
-    let err = recover(dir.path(), 1 << 20)
-        .err()
-        .expect("recovery must stop");
+    let err = recover(dir.path(), 1 << 20).err().expect("recovery must stop");
     match &err {
-        StoreError::Corrupt {
-            file, offset: at, ..
-        } => {
+        StoreError::Corrupt { file, offset: at, .. } => {
             assert_eq!(file, &seg);
             assert_eq!(*at, offset as u64);
         }
         other => panic!("expected Corrupt, got {other}"),
     }
     let text = err.to_string();
-    assert!(
-        text.contains(seg.to_str().unwrap()) && text.contains(&offset.to_string()),
-        "{text}"
-    );
+    assert!(text.contains(seg.to_str().unwrap()) && text.contains(&offset.to_string()), "{text}");
     // Nothing was cut: the file is as it was.
     assert_eq!(fs::read(&seg).unwrap(), bytes);
 }
@@ -239,10 +202,7 @@ fn corruption_in_an_earlier_segment_is_never_a_tail() {
     let n = bytes.len();
     bytes[n - 1] ^= 0x01;
     fs::write(&first, &bytes).unwrap();
-    assert!(matches!(
-        recover(dir.path(), 2048),
-        Err(StoreError::Corrupt { .. })
-    ));
+    assert!(matches!(recover(dir.path(), 2048), Err(StoreError::Corrupt { .. })));
 }
 
 #[test]
@@ -251,21 +211,15 @@ fn a_corrupt_checkpoint_is_a_clear_error() {
     write_batches(dir.path(), 3, 1 << 20);
     {
         let (mut store, _, _) = recover(dir.path(), 1 << 20).unwrap();
-        store.checkpoint(3, b"snapshot bytes").unwrap();
+        store.checkpoint(3, b"snapshot bytes".to_vec()).unwrap();
     }
-    let ckpt = dir
-        .path()
-        .join("checkpoint")
-        .join(format!("{:020}.ckpt", 3));
+    let ckpt = dir.path().join("checkpoint").join(format!("{:020}.ckpt", 3));
     let mut bytes = fs::read(&ckpt).unwrap();
     let n = bytes.len();
     bytes[n - 1] ^= 0x40;
     fs::write(&ckpt, &bytes).unwrap();
     let err = recover(dir.path(), 1 << 20).err().unwrap();
-    assert!(
-        err.to_string().contains("checkpoint checksum mismatch"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("checkpoint checksum mismatch"), "{err}");
 }
 
 proptest! {
