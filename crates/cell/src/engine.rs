@@ -396,6 +396,7 @@ impl Engine {
         if self.log_bytes_since_checkpoint >= self.shared.config.checkpoint_log_bytes {
             self.checkpoint()?;
         }
+        s.log_bytes_since_checkpoint.store(self.log_bytes_since_checkpoint, Relaxed);
         s.cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(cpu_started), Relaxed);
         Ok(())
     }

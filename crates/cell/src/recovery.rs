@@ -4,8 +4,11 @@
 use std::time::{Duration, Instant};
 
 use cellpay_core::codec::{decode_batch, DecodeError};
-use cellpay_core::{snapshot, CellId, CellState, Limits, ShardMap};
+use cellpay_core::{snapshot, CellId, CellState, Command, Limits, ShardMap};
 use cellpay_store::{Store, StoreError, TornTail};
+
+/// Decoded log batches waiting for the snapshot to finish decoding (I7).
+const REPLAY_BATCHES_BUFFERED: usize = 64;
 
 /// What recovery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,32 +50,49 @@ pub fn recover(
     let started = Instant::now();
     let checkpoint = store.load_checkpoint()?;
     let had_checkpoint = checkpoint.is_some();
-    let (mut state, checkpoint_seq) = match &checkpoint {
-        Some(c) => {
-            let state =
-                snapshot::decode(&c.snapshot).map_err(|source| RecoveryError::Snapshot { seq: c.seq, source })?;
-            (state, c.seq)
-        }
-        None => (CellState::new(cell, map.clone(), limits), 0),
-    };
-    drop(checkpoint);
-    if state.cell() != cell {
-        return Err(RecoveryError::WrongCell { expected: cell, found: state.cell() });
-    }
-    let mut commands = 0u64;
-    let report = store.replay(checkpoint_seq, &mut |seq, bytes| {
-        let batch = decode_batch(bytes).map_err(|e| e.to_string())?;
-        for (i, cmd) in batch.iter().enumerate() {
-            let outcome = state.apply(cmd);
-            if !outcome.changed_state() {
-                // Only state changes are logged, so each must apply again: anything
-                // else means the log or the state machine is not what wrote it.
-                return Err(format!("command {i} of batch {seq} did not apply on replay: {outcome:?}"));
+    let checkpoint_seq = checkpoint.as_ref().map_or(0, |c| c.seq);
+    // Two cores at work: one thread decodes the snapshot and then applies the
+    // log's batches; this thread reads and decodes those batches meanwhile,
+    // handing them over through a bounded channel (I7).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<Command>)>(REPLAY_BATCHES_BUFFERED);
+    let (applied, report) = std::thread::scope(|scope| {
+        let applier = scope.spawn(move || -> Result<(CellState, u64), RecoveryError> {
+            let mut state = match checkpoint {
+                Some(c) => {
+                    snapshot::decode(&c.snapshot).map_err(|source| RecoveryError::Snapshot { seq: c.seq, source })?
+                }
+                None => CellState::new(cell, map.clone(), limits),
+            };
+            if state.cell() != cell {
+                return Err(RecoveryError::WrongCell { expected: cell, found: state.cell() });
             }
-        }
-        commands += batch.len() as u64;
-        Ok(())
-    })?;
+            let mut commands = 0u64;
+            for (seq, batch) in rx {
+                for (i, cmd) in batch.iter().enumerate() {
+                    let outcome = state.apply(cmd);
+                    if !outcome.changed_state() {
+                        // Only state changes are logged, so each must apply again: anything
+                        // else means the log or the state machine is not what wrote it.
+                        let reason = format!("command {i} of batch {seq} did not apply on replay: {outcome:?}");
+                        return Err(RecoveryError::Store(cellpay_store::StoreError::Visit { seq, reason }));
+                    }
+                }
+                commands += batch.len() as u64;
+            }
+            Ok((state, commands))
+        });
+        let report = store.replay(checkpoint_seq, &mut |seq, bytes| {
+            let batch = decode_batch(bytes).map_err(|e| e.to_string())?;
+            // A closed channel means the applier stopped on an error, answered below.
+            tx.send((seq, batch)).map_err(|_| "replay stopped".to_string())
+        });
+        drop(tx);
+        let applied = applier.join().expect("the recovery thread does not panic");
+        (applied, report)
+    });
+    // The applier's error is the cause when both failed.
+    let (state, commands) = applied?;
+    let report = report?;
     let created = !had_checkpoint;
     if created && report.last_seq > 0 {
         return Err(RecoveryError::MissingCheckpoint { last_seq: report.last_seq });

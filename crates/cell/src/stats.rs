@@ -14,6 +14,8 @@ pub struct EngineStats {
     pub log_bytes: AtomicU64,
     pub checkpoint_bytes: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Log bytes written since the last checkpoint: what a restart would replay.
+    pub log_bytes_since_checkpoint: AtomicU64,
     pub fsyncs: AtomicU64,
     /// CPU time the engine thread used, in nanoseconds.
     pub cpu_ns: AtomicU64,
@@ -41,6 +43,7 @@ impl Default for EngineStats {
             log_bytes: AtomicU64::new(0),
             checkpoint_bytes: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            log_bytes_since_checkpoint: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
             batch_us: histogram(),

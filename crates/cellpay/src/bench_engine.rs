@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -45,7 +46,8 @@ pub struct Args {
     /// Transfer records kept for idempotency.
     #[arg(long, default_value_t = Limits::default().transfers_retained_max)]
     transfers_retained: usize,
-    /// After the run, halt the cell without a final checkpoint and time its recovery.
+    /// After the run, keep writing until the next checkpoint is due (the most
+    /// log to replay), halt the cell without a final checkpoint, and time its recovery.
     #[arg(long)]
     recovery: bool,
     /// Directory for the cell's store (default: a fresh temporary directory).
@@ -175,6 +177,42 @@ fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) ->
     p.drain()
 }
 
+/// Random transfers between funded accounts; payees uniform or zipf.
+struct Generator<'a> {
+    rng: SmallRng,
+    zipf: Option<Zipf<f64>>,
+    ids: &'a [AccountId],
+    /// Transfers generated so far; also their ids.
+    n: u64,
+}
+
+impl Generator<'_> {
+    fn request(&mut self, size: usize) -> Vec<Command> {
+        let accounts = self.ids.len();
+        (0..size)
+            .map(|_| {
+                let from = self.rng.random_range(0..accounts);
+                let mut to = match &self.zipf {
+                    Some(z) => z.sample(&mut self.rng) as usize - 1,
+                    None => self.rng.random_range(0..accounts),
+                };
+                if to == from {
+                    to = (to + 1) % accounts;
+                }
+                self.n += 1;
+                Command::real(Op::Transfer(Transfer {
+                    id: TransferId::new(&format!("b{}", self.n)).expect("valid id"),
+                    from: self.ids[from].clone(),
+                    to: self.ids[to].clone(),
+                    amount: self.rng.random_range(1..=100),
+                    currency: None,
+                    memo: None,
+                }))
+            })
+            .collect()
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.accounts >= 2, "--accounts must be at least 2");
     anyhow::ensure!((1..=65_536).contains(&args.batch), "--batch must be between 1 and 65536");
@@ -217,37 +255,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     handle.stats().reset_histograms();
     let before = handle.stats().snapshot();
     let cpu_before = process_cpu_ns();
-    let mut rng = SmallRng::seed_from_u64(0x00c0_ffee);
     let zipf = match args.zipf {
         Some(s) => Some(Zipf::new(args.accounts as f64, s).context("bad --zipf exponent")?),
         None => None,
     };
+    let mut gen = Generator { rng: SmallRng::seed_from_u64(0x00c0_ffee), zipf, ids: &ids, n: 0 };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
-    let mut n: u64 = 0;
     while Instant::now() < deadline {
-        let cmds = (0..args.batch)
-            .map(|_| {
-                let from = rng.random_range(0..args.accounts);
-                let mut to = match &zipf {
-                    Some(z) => z.sample(&mut rng) as usize - 1,
-                    None => rng.random_range(0..args.accounts),
-                };
-                if to == from {
-                    to = (to + 1) % args.accounts;
-                }
-                n += 1;
-                Command::real(Op::Transfer(Transfer {
-                    id: TransferId::new(&format!("b{n}")).expect("valid id"),
-                    from: ids[from].clone(),
-                    to: ids[to].clone(),
-                    amount: rng.random_range(1..=100),
-                    currency: None,
-                    memo: None,
-                }))
-            })
-            .collect();
-        p.send(cmds)?;
+        p.send(gen.request(args.batch))?;
     }
     p.drain()?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -280,6 +296,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         setup_s,
         recovery: None,
     };
+    if args.recovery {
+        // Measure recovery at its worst: just before the next checkpoint, when
+        // a restart has the most log to replay.
+        let worst = config.checkpoint_log_bytes / 20 * 19;
+        while handle.stats().log_bytes_since_checkpoint.load(Relaxed) < worst {
+            p.send(gen.request(args.batch))?;
+            p.drain()?;
+        }
+    }
     drop((handle, p));
     if args.recovery {
         cell.halt().context("halting the cell")?;
@@ -289,7 +314,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             recovery_ms: r.duration.as_secs_f64() * 1e3,
             accounts: args.accounts + 1,
             // Funding transfers plus the generated ones (some may have been rejected).
-            transfers_total: args.accounts as u64 + n,
+            transfers_total: args.accounts as u64 + gen.n,
             checkpoint_seq: r.checkpoint_seq,
             batches_replayed: r.batches_replayed,
             commands_replayed: r.commands_replayed,
