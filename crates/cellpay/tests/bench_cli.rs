@@ -8,7 +8,20 @@ use std::process::Command;
 fn bench_engine_json_reports_the_contract_fields() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_cellpay"))
-        .args(["bench", "engine", "--accounts", "2000", "--batch", "100", "--seconds", "0.5", "--recovery", "--checkpoint-mib", "1", "--json"])
+        .args([
+            "bench",
+            "engine",
+            "--accounts",
+            "2000",
+            "--batch",
+            "100",
+            "--seconds",
+            "0.5",
+            "--recovery",
+            "--checkpoint-mib",
+            "1",
+            "--json",
+        ])
         .arg("--dir")
         .arg(dir.path())
         .output()
