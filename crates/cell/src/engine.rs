@@ -10,7 +10,7 @@ use std::time::Instant;
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{snapshot, CellId, CellState, Command, Limits, Outcome, Query, QueryAnswer, ShardMap};
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::recovery::{recover, RecoveryError, RecoveryReport};
 use crate::stats::{thread_cpu_ns, EngineStats};
@@ -74,6 +74,8 @@ impl Work {
 
 struct Shared {
     cell: CellId,
+    /// Bumped after each batch that added outbox messages; relays watch it.
+    outbox: watch::Sender<u64>,
     config: EngineConfig,
     queued: AtomicUsize,
     epoch: AtomicU64,
@@ -129,6 +131,11 @@ impl CellHandle {
 
     pub fn is_failed(&self) -> bool {
         self.shared.failed.load(Relaxed)
+    }
+
+    /// A receiver that sees a change whenever the outbox may have grown.
+    pub fn outbox_watch(&self) -> watch::Receiver<u64> {
+        self.shared.outbox.subscribe()
     }
 
     /// Reserves room in the queue or answers `overloaded` at once (never blocks).
@@ -209,6 +216,7 @@ impl Cell {
         let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
         let shared = Arc::new(Shared {
             cell,
+            outbox: watch::Sender::new(0),
             config,
             queued: AtomicUsize::new(0),
             epoch: AtomicU64::new(state.shard_map().epoch()),
@@ -336,6 +344,7 @@ impl Engine {
         let mut answers = Vec::with_capacity(batch.len());
         let mut commands = 0u64;
         let mut queries = 0u64;
+        let mut outbox_grew = false;
         for work in batch.drain(..) {
             match work {
                 Work::Commands { commands: cmds, reply } => {
@@ -345,6 +354,7 @@ impl Engine {
                         if outcome.changed_state() {
                             self.encoder.push(cmd);
                         }
+                        outbox_grew |= matches!(outcome, Outcome::Transferred { outbox: Some(_), created: true, .. });
                         outcomes.push(outcome);
                     }
                     commands += cmds.len() as u64;
@@ -392,6 +402,9 @@ impl Engine {
                 Answer::Commands(reply, outcomes) => drop(reply.send(Ok(outcomes))),
                 Answer::Query(reply, a) => drop(reply.send(Ok(a))),
             }
+        }
+        if outbox_grew {
+            self.shared.outbox.send_modify(|generation| *generation += 1);
         }
         if self.log_bytes_since_checkpoint >= self.shared.config.checkpoint_log_bytes {
             self.checkpoint()?;

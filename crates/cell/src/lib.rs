@@ -7,10 +7,14 @@
 //! that changed state in one durable append, and only then answers every
 //! request of the batch. A full queue answers `overloaded` at once.
 
+mod client;
 mod engine;
 mod recovery;
+mod relay;
 mod stats;
 
+pub use client::{BoxFuture, CellClient, CellStatus};
 pub use engine::{Cell, CellHandle, EngineConfig, EngineError, Submission};
 pub use recovery::{recover, RecoveryError, RecoveryReport};
+pub use relay::{Relay, RelayConfig, RelayStats};
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};

@@ -4,7 +4,9 @@
 
 mod bench_engine;
 mod check;
+mod config;
 mod crash_load;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs a whole cluster in one process: N cells, the router, the relays
+    /// and the HTTP API (DESIGN.md section 4).
+    Serve(config::ServeArgs),
     /// Benchmarks; `--json` prints one JSON object.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -45,7 +50,12 @@ enum DebugCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
         Command::Check(args) => check::run(args),
         Command::Debug(DebugCommand::CrashLoad(args)) => crash_load::run(args),

@@ -211,6 +211,8 @@ pub struct AuditView {
     /// Σ of messages still in this cell's outbox (sent, not yet settled or compensated).
     pub outbox_sum: i128,
     pub outbox_messages: u64,
+    /// Undelivered outbox messages per destination cell (the relay backlog).
+    pub outbox_backlog: Vec<(CellId, u64)>,
     /// Accounts without overdraft whose balance is negative: must be zero (I4).
     pub negative_accounts: u64,
 }

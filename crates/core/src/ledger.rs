@@ -646,6 +646,7 @@ impl Ledger {
             view.sent.push((dest, o.sent));
             view.compensated.push((dest, o.compensated));
             view.outbox_messages += o.entries.len() as u64;
+            view.outbox_backlog.push((dest, o.entries.len() as u64));
             view.outbox_sum += o.entries.values().map(|e| i128::from(e.amount)).sum::<i128>();
         }
         view.received = self.inbox.iter().map(|(&s, i)| (s, i.received)).collect();

@@ -1,0 +1,149 @@
+//! Bearer tokens with roles `client` and `admin`.
+//!
+//! Secrets are kept only as SHA-256 digests and compared in constant time
+//! against every configured token, so neither timing nor a log line reveals
+//! one. Only the role ever reaches a log or an error message.
+
+use std::fmt;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use cellpay_core::ErrorCode;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The shortest secret accepted (I7): a guessable token is no token.
+pub const SECRET_BYTES_MIN: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Client,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// A configured token: its role and the digest of its secret.
+#[derive(Clone)]
+pub struct Token {
+    role: Role,
+    digest: [u8; 32],
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({}, <secret>)", self.role.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenError(pub String);
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TokenError {}
+
+fn digest(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
+}
+
+impl Token {
+    pub fn new(role: Role, secret: &str) -> Result<Self, TokenError> {
+        if secret.len() < SECRET_BYTES_MIN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenError(format!(
+                "a {} token secret must be at least {SECRET_BYTES_MIN} printable ASCII characters",
+                role.as_str()
+            )));
+        }
+        Ok(Self { role, digest: digest(secret.as_bytes()) })
+    }
+
+    /// Parses `ROLE:SECRET`; the error never repeats the secret.
+    pub fn parse(spec: &str) -> Result<Self, TokenError> {
+        let (role, secret) = spec.split_once(':').ok_or_else(|| TokenError("a token is ROLE:SECRET".into()))?;
+        let role = match role {
+            "client" => Role::Client,
+            "admin" => Role::Admin,
+            _ => return Err(TokenError("a token's role is client or admin".into())),
+        };
+        Self::new(role, secret)
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+}
+
+/// The configured tokens.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    tokens: Vec<Token>,
+}
+
+impl Auth {
+    pub fn new(tokens: Vec<Token>) -> Self {
+        assert!(!tokens.is_empty(), "serve always has tokens (configured or generated)");
+        Self { tokens }
+    }
+
+    /// The role of a presented secret. Compares against every token without
+    /// stopping early.
+    pub fn role_of(&self, secret: &[u8]) -> Option<Role> {
+        let presented = digest(secret);
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(t.digest.ct_eq(&presented)) {
+                found = found.max(Some(t.role));
+            }
+        }
+        found
+    }
+}
+
+/// Middleware for `/v1`: a valid bearer token or 401; its role goes into the
+/// request's extensions for handlers that need `admin`.
+pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let Some(role) = presented.and_then(|secret| state.auth.role_of(secret)) else {
+        return ApiError::new(ErrorCode::Unauthorized, "a valid bearer token is required").into_response();
+    };
+    request.extensions_mut().insert(role);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_are_found_by_secret_and_secrets_stay_out_of_errors() {
+        let auth = Auth::new(vec![
+            Token::parse("client:client-secret-0123456789").unwrap(),
+            Token::parse("admin:admin-secret-0123456789").unwrap(),
+        ]);
+        assert_eq!(auth.role_of(b"client-secret-0123456789"), Some(Role::Client));
+        assert_eq!(auth.role_of(b"admin-secret-0123456789"), Some(Role::Admin));
+        assert_eq!(auth.role_of(b"admin-secret-012345678"), None);
+        let err = Token::parse("root:short-and-secret").unwrap_err().to_string();
+        assert!(!err.contains("short-and-secret"));
+        let err = Token::parse("admin:tooshort").unwrap_err().to_string();
+        assert!(!err.contains("tooshort"), "{err}");
+        assert!(!format!("{:?}", Token::parse("admin:admin-secret-0123456789").unwrap()).contains("admin-secret"));
+    }
+}

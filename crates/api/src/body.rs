@@ -1,0 +1,86 @@
+//! Request bodies: read within the size limit, parsed strictly (unknown
+//! fields are refused), and turned into validated commands before any cell
+//! sees them.
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use cellpay_core::{AccountId, Command, Currency, ErrorCode, Ledger, Op, OpenAccount, Outcome, Transfer, TransferId};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// Reads a body of at most `max` bytes: beyond it, 413 `payload_too_large`.
+pub async fn read(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {max} bytes"));
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, max).await.map_err(|_| too_large())
+}
+
+/// Parses a whole JSON body; any error is 400 `invalid_request` naming what was wrong.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenAccountBody {
+    pub id: String,
+    pub currency: String,
+    #[serde(default)]
+    pub overdraft: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferBody {
+    pub id: String,
+    pub from: String,
+    pub to: String,
+    pub amount: i64,
+    pub currency: Option<String>,
+    pub memo: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody<'a> {
+    #[serde(borrow)]
+    pub transfers: Vec<&'a serde_json::value::RawValue>,
+}
+
+pub fn account_id(field: &str, s: &str) -> Result<AccountId, ApiError> {
+    AccountId::new(s).map_err(|e| ApiError::invalid(format!("{field}: {e}")))
+}
+
+pub fn transfer_id(s: &str) -> Result<TransferId, ApiError> {
+    TransferId::new(s).map_err(|e| ApiError::invalid(format!("id: {e}")))
+}
+
+fn currency(s: &str) -> Result<Currency, ApiError> {
+    Currency::new(s).map_err(|e| ApiError::invalid(format!("currency: {e}")))
+}
+
+pub fn open_account(b: OpenAccountBody, shadow: bool) -> Result<Command, ApiError> {
+    let op = OpenAccount { id: account_id("id", &b.id)?, currency: currency(&b.currency)?, overdraft: b.overdraft };
+    Ok(Command { shadow, op: Op::OpenAccount(op) })
+}
+
+/// A transfer command, or the error the ledger would give, without asking it.
+pub fn transfer(b: TransferBody, shadow: bool) -> Result<Command, ApiError> {
+    let t = Transfer {
+        id: transfer_id(&b.id)?,
+        from: account_id("from", &b.from)?,
+        to: account_id("to", &b.to)?,
+        amount: b.amount,
+        currency: b.currency.as_deref().map(currency).transpose()?,
+        memo: b.memo.map(String::into_boxed_str),
+    };
+    if let Err(Outcome::Rejected(r)) = Ledger::validate_transfer(&t) {
+        return Err(r.into());
+    }
+    Ok(Command { shadow, op: Op::Transfer(t) })
+}

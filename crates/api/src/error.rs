@@ -1,0 +1,82 @@
+//! Every error a client can cause, as the contract writes it:
+//! `{"error": {"code": "...", "message": "..."}}` with the code's status, and
+//! `Retry-After` on every 503. Nothing a client sends becomes a 500.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use cellpay_cell::EngineError;
+use cellpay_core::{CellId, ErrorCode, Rejection};
+use serde_json::json;
+
+use crate::headers::cell_headers;
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_S: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The cell (and its epoch) that answered, when one did.
+    pub served_by: Option<(CellId, u64)>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into(), served_by: None }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+
+    pub fn at(mut self, cell: CellId, epoch: u64) -> Self {
+        self.served_by = Some((cell, epoch));
+        self
+    }
+
+    /// The code a client sees: internal routing codes become `cell_unavailable`.
+    pub fn public_code(&self) -> ErrorCode {
+        match self.code {
+            ErrorCode::WrongCell | ErrorCode::OutOfOrder => ErrorCode::CellUnavailable,
+            other => other,
+        }
+    }
+
+    /// The JSON body, also used for one item of a batch.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"code": self.public_code().as_str(), "message": self.message})
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(r: Rejection) -> Self {
+        Self::new(r.code, r.message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let code = match &e {
+            EngineError::Overloaded { .. } => ErrorCode::Overloaded,
+            EngineError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
+            EngineError::Unavailable { .. } => ErrorCode::CellUnavailable,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.public_code();
+        let status = StatusCode::from_u16(code.http_status()).expect("contract statuses are valid");
+        let mut response = (status, axum::Json(json!({"error": self.body()}))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert("retry-after", HeaderValue::from(RETRY_AFTER_S));
+        }
+        if let Some((cell, epoch)) = self.served_by {
+            cell_headers(response.headers_mut(), cell, epoch);
+        }
+        response
+    }
+}

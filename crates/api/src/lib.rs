@@ -1,0 +1,108 @@
+//! cellpay-api: the HTTP v1 contract of DESIGN.md section 4.
+//!
+//! One axum router: `/v1/*` behind bearer-token auth, the operations
+//! endpoints (`/metrics`, `/healthz`, `/readyz`, `/openapi.json`) without.
+//! Every error is the contract's JSON error with its status; cell-served
+//! answers carry `X-Cellpay-Cell` and `X-Cellpay-Epoch`.
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod listener;
+pub mod metrics;
+pub mod routes;
+pub mod views;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use cellpay_cell::CellHandle;
+use cellpay_core::ErrorCode;
+use cellpay_router::{Cluster, RelayHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+pub use auth::{Auth, Role, Token};
+pub use error::ApiError;
+
+/// The contract's limits on what one request may carry (I7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Request bodies beyond this answer 413 `payload_too_large`.
+    pub body_bytes_max: usize,
+    /// Transfers per batch request; beyond it, 413 `payload_too_large`.
+    pub batch_items_max: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self { body_bytes_max: 4 << 20, batch_items_max: 8190 }
+    }
+}
+
+pub struct Inner {
+    pub auth: Auth,
+    pub limits: ApiLimits,
+    /// Set once every cell has recovered; until then `/v1` answers 503.
+    pub cluster: OnceLock<Arc<Cluster>>,
+    pub local_cells: OnceLock<Vec<CellHandle>>,
+    pub relays: OnceLock<Vec<RelayHandle>>,
+    pub metrics: PrometheusHandle,
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(auth: Auth, limits: ApiLimits) -> Self {
+        Self(Arc::new(Inner {
+            auth,
+            limits,
+            cluster: OnceLock::new(),
+            local_cells: OnceLock::new(),
+            relays: OnceLock::new(),
+            metrics: metrics::handle(),
+        }))
+    }
+
+    /// The cluster, or 503 while cells are still recovering.
+    pub fn cluster(&self) -> Result<&Arc<Cluster>, ApiError> {
+        self.0.cluster.get().ok_or_else(|| ApiError::new(ErrorCode::CellUnavailable, "the cluster is still recovering"))
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    use routes::{accounts, ops, transfers};
+    let v1 = Router::new()
+        .route("/v1/accounts", post(accounts::open))
+        .route("/v1/accounts/{id}", get(accounts::get))
+        .route("/v1/accounts/{id}/entries", get(accounts::entries))
+        .route("/v1/transfers", post(transfers::create))
+        .route("/v1/transfers/batch", post(transfers::batch))
+        .route("/v1/transfers/{id}", get(transfers::status))
+        .route("/v1/audit", get(ops::audit))
+        .route("/v1/cluster", get(ops::cluster))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+    Router::new()
+        .merge(v1)
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(ops::no_route)
+        // Bodies are read by the handlers within `ApiLimits`, answering our own 413.
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(metrics::track))
+        .with_state(state)
+}

@@ -1,0 +1,99 @@
+//! Prometheus metrics: HTTP requests by route and code with latency
+//! histograms, and per-cell engine figures (batches, batch sizes, commit
+//! latency, queue depth, CPU, bytes written), relay counters and the outbox
+//! backlog per cell pair, read fresh at every scrape.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use cellpay_core::{Query, QueryAnswer};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::AppState;
+
+const LATENCY_BUCKETS_S: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
+
+/// The process-wide recorder (installed once) and its handle.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_S)
+                .expect("bucket list is not empty")
+                .install_recorder()
+                .expect("the metrics recorder is installed once per process")
+        })
+        .clone()
+}
+
+/// Middleware: counts every request by route and status code and times it.
+pub async fn track(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let code = response.status().as_u16().to_string();
+    counter!("cellpay_http_requests_total", "route" => route.clone(), "code" => code).increment(1);
+    histogram!("cellpay_http_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Refreshes the per-cell and per-relay figures, then renders everything.
+pub async fn render(state: &AppState) -> String {
+    if let Some(cells) = state.local_cells.get() {
+        for h in cells {
+            let cell = h.cell().to_string();
+            let s = h.stats().snapshot();
+            gauge!("cellpay_cell_queue_depth", "cell" => cell.clone()).set(h.queue_depth() as f64);
+            gauge!("cellpay_cell_failed", "cell" => cell.clone()).set(f64::from(u8::from(h.is_failed())));
+            counter!("cellpay_cell_batches_total", "cell" => cell.clone()).absolute(s.batches);
+            counter!("cellpay_cell_commands_total", "cell" => cell.clone()).absolute(s.commands);
+            counter!("cellpay_cell_queries_total", "cell" => cell.clone()).absolute(s.queries);
+            counter!("cellpay_cell_log_bytes_total", "cell" => cell.clone()).absolute(s.log_bytes);
+            counter!("cellpay_cell_checkpoint_bytes_total", "cell" => cell.clone()).absolute(s.checkpoint_bytes);
+            counter!("cellpay_cell_fsyncs_total", "cell" => cell.clone()).absolute(s.fsyncs);
+            counter!("cellpay_cell_checkpoints_total", "cell" => cell.clone()).absolute(s.checkpoints);
+            gauge!("cellpay_cell_cpu_seconds_total", "cell" => cell.clone()).set(s.cpu_ns as f64 / 1e9);
+            gauge!("cellpay_cell_batch_size_mean", "cell" => cell.clone()).set(s.batch_size.mean);
+            for (q, us) in [("0.5", s.batch_us.p50), ("0.99", s.batch_us.p99), ("1", s.batch_us.max)] {
+                gauge!("cellpay_cell_commit_latency_quantile_seconds", "cell" => cell.clone(), "quantile" => q)
+                    .set(us as f64 / 1e6);
+            }
+        }
+    }
+    if let Some(relays) = state.relays.get() {
+        for r in relays {
+            let (source, dest) = (r.source.to_string(), r.dest.to_string());
+            let ledger = if r.shadow { "shadow" } else { "real" };
+            let labels = [("source", source), ("dest", dest), ("ledger", ledger.to_string())];
+            counter!("cellpay_relay_delivered_total", &labels)
+                .absolute(r.stats.delivered.load(std::sync::atomic::Ordering::Relaxed));
+            counter!("cellpay_relay_refused_total", &labels)
+                .absolute(r.stats.refused.load(std::sync::atomic::Ordering::Relaxed));
+            counter!("cellpay_relay_failed_rounds_total", &labels)
+                .absolute(r.stats.failed_rounds.load(std::sync::atomic::Ordering::Relaxed));
+        }
+    }
+    if let Ok(cluster) = state.cluster() {
+        for cell in cluster.cells() {
+            for shadow in [false, true] {
+                let ledger = if shadow { "shadow" } else { "real" };
+                if let Ok(QueryAnswer::Audit(view)) = cell.query(Query::Audit { shadow }).await {
+                    for (dest, backlog) in view.outbox_backlog {
+                        let labels = [
+                            ("source", cell.cell().to_string()),
+                            ("dest", dest.to_string()),
+                            ("ledger", ledger.to_string()),
+                        ];
+                        gauge!("cellpay_outbox_backlog_messages", &labels).set(backlog as f64);
+                    }
+                }
+            }
+        }
+    }
+    state.metrics.render()
+}

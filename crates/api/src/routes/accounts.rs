@@ -1,0 +1,112 @@
+//! `POST /v1/accounts`, `GET /v1/accounts/{id}`, `GET /v1/accounts/{id}/entries`.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use cellpay_core::{ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
+use serde_json::json;
+
+use crate::auth::Role;
+use crate::body::{self, OpenAccountBody};
+use crate::error::ApiError;
+use crate::headers::{cell_headers, shadow};
+use crate::{views, AppState};
+
+/// Entries returned when the request names no `limit`.
+pub const ENTRIES_PAGE_DEFAULT: usize = 50;
+
+pub async fn open(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow(&headers)?)?;
+    if matches!(&command.op, Op::OpenAccount(o) if o.overdraft) && role != Role::Admin {
+        return Err(ApiError::new(ErrorCode::Forbidden, "opening an overdraft account needs the admin role"));
+    }
+    let cluster = state.cluster()?;
+    let routed = cluster.submit_one(command).await;
+    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
+    match routed.result.map_err(|e| at(e.into()))? {
+        Outcome::AccountOpened { account, created } => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let mut response = (status, Json(views::account(&account))).into_response();
+            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
+            Ok(response)
+        }
+        Outcome::Rejected(r) => Err(at(r.into())),
+        other => unreachable!("opening an account answers AccountOpened or Rejected, not {other:?}"),
+    }
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = body::account_id("id", &id)?;
+    let query = Query::Account { shadow: shadow(&headers)?, id: id.clone() };
+    let routed = state.cluster()?.query_account(&id, query).await;
+    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
+    match routed.result.map_err(|e| at(e.into()))? {
+        QueryAnswer::Account(a) => {
+            let mut response = Json(views::account(&a)).into_response();
+            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
+            Ok(response)
+        }
+        QueryAnswer::Rejected(r) => Err(at(r.into())),
+        other => unreachable!("an account query answers Account or Rejected, not {other:?}"),
+    }
+}
+
+/// `limit` (1..=1000, default 50) and `before` (an entry `seq`) from the query string.
+fn page(raw: Option<&str>) -> Result<(usize, Option<u64>), ApiError> {
+    let mut limit = ENTRIES_PAGE_DEFAULT;
+    let mut before = None;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=ENTRIES_PAGE_MAX).contains(n))
+                    .ok_or_else(|| ApiError::invalid(format!("limit must be between 1 and {ENTRIES_PAGE_MAX}")))?
+            }
+            "before" => before = Some(value.parse().map_err(|_| ApiError::invalid("before must be an entry seq"))?),
+            other => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok((limit, before))
+}
+
+pub async fn entries(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let account = body::account_id("id", &id)?;
+    let (limit, before) = page(raw.as_deref())?;
+    let query = Query::Entries { shadow: shadow(&headers)?, account: account.clone(), limit, before };
+    let routed = state.cluster()?.query_account(&account, query).await;
+    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
+    match routed.result.map_err(|e| at(e.into()))? {
+        QueryAnswer::Entries(entries) => {
+            let next_before = (entries.len() == limit).then(|| entries.last().map(|e| e.seq)).flatten();
+            let body = json!({
+                "entries": entries.iter().map(views::entry).collect::<Vec<_>>(),
+                "next_before": next_before,
+            });
+            let mut response = Json(body).into_response();
+            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
+            Ok(response)
+        }
+        QueryAnswer::Rejected(r) => Err(at(r.into())),
+        other => unreachable!("an entries query answers Entries or Rejected, not {other:?}"),
+    }
+}

@@ -1,0 +1,5 @@
+//! One file per resource of the contract.
+
+pub mod accounts;
+pub mod ops;
+pub mod transfers;

@@ -1,0 +1,101 @@
+//! Operations: audit, cluster view, health, readiness, metrics, OpenAPI.
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cellpay_core::ErrorCode;
+use cellpay_router::LedgerAudit;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The OpenAPI 3.1 document, kept in the repository beside this crate.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+fn ledger_json(a: &LedgerAudit) -> Value {
+    json!({
+        "ok": a.ok(),
+        "sum": a.sum,
+        "in_flight": a.in_flight,
+        "balances": a.balances,
+        "negative_accounts": a.negative_accounts,
+        "cells": a.cells.iter().map(|(cell, v)| json!({
+            "cell": cell.0,
+            "accounts": v.accounts,
+            "balance_sum": v.balance_sum,
+            "outbox_messages": v.outbox_messages,
+            "outbox_sum": v.outbox_sum,
+            "negative_accounts": v.negative_accounts,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// I1 and I4 over the whole cluster, for the real and the shadow ledger. The
+/// top-level `sum`, `in_flight` and `cells` are the real ledger's; `ok` holds
+/// only when both ledgers are sound.
+pub async fn audit(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let cluster = state.cluster()?;
+    let unavailable = |(cell, e): (cellpay_core::CellId, cellpay_cell::EngineError)| {
+        ApiError::new(ErrorCode::CellUnavailable, format!("cell {cell} did not answer the audit: {e}"))
+    };
+    let real = cluster.audit(false).await.map_err(unavailable)?;
+    let shadow = cluster.audit(true).await.map_err(unavailable)?;
+    let mut body = ledger_json(&real);
+    body["ok"] = Value::from(real.ok() && shadow.ok());
+    body["real"] = ledger_json(&real);
+    body["shadow"] = ledger_json(&shadow);
+    Ok(Json(body).into_response())
+}
+
+pub async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let cluster = state.cluster()?;
+    let map = cluster.map();
+    let cells: Vec<Value> = cluster
+        .cells()
+        .iter()
+        .map(|c| {
+            let s = c.status();
+            let shards = map.owners().iter().filter(|o| **o == s.cell).count();
+            json!({
+                "id": s.cell.0,
+                "status": if s.failed { "failed" } else { "ready" },
+                "epoch": s.epoch,
+                "queue_depth": s.queue_depth,
+                "shards": shards,
+            })
+        })
+        .collect();
+    let owners: Vec<u32> = map.owners().iter().map(|c| c.0).collect();
+    Ok(Json(json!({"epoch": map.epoch(), "shards": map.shards(), "cells": cells, "shard_map": owners})).into_response())
+}
+
+pub async fn healthz() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.cluster().is_ok_and(|c| c.cells().iter().all(|cell| !cell.status().failed));
+    if ready {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(ErrorCode::CellUnavailable, "not every cell has recovered and is serving").into_response()
+    }
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = crate::metrics::render(&state).await;
+    ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+pub async fn openapi() -> Response {
+    ([(CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// Any path the contract does not have.
+pub async fn no_route() -> Response {
+    let body = json!({"error": {"code": "invalid_request", "message": "no such route in the v1 contract"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}

@@ -1,0 +1,109 @@
+//! `POST /v1/transfers`, `POST /v1/transfers/batch`, `GET /v1/transfers/{id}`.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cellpay_core::{ErrorCode, Outcome, QueryAnswer};
+use serde_json::{json, Value};
+
+use crate::body::{self, BatchBody, TransferBody};
+use crate::error::ApiError;
+use crate::headers::{cell_headers, shadow};
+use crate::{views, AppState};
+
+pub async fn create(State(state): State<AppState>, headers: HeaderMap, request: Body) -> Result<Response, ApiError> {
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow(&headers)?)?;
+    let routed = state.cluster()?.submit_one(command).await;
+    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
+    match routed.result.map_err(|e| at(e.into()))? {
+        Outcome::Transferred { transfer, created, .. } => {
+            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+            let mut response = (status, Json(views::transfer(&transfer))).into_response();
+            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
+            Ok(response)
+        }
+        Outcome::Rejected(r) => Err(at(r.into())),
+        other => unreachable!("a transfer answers Transferred or Rejected, not {other:?}"),
+    }
+}
+
+/// The id of a batch item, if its JSON has a string `id`, for its answer.
+fn item_id(raw: &serde_json::value::RawValue) -> Value {
+    #[derive(serde::Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a str>,
+    }
+    serde_json::from_str::<IdOnly<'_>>(raw.get()).ok().and_then(|i| i.id).map_or(Value::Null, Value::from)
+}
+
+pub async fn batch(State(state): State<AppState>, headers: HeaderMap, request: Body) -> Result<Response, ApiError> {
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let shadow = shadow(&headers)?;
+    let parsed: BatchBody<'_> =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
+    let max = state.limits.batch_items_max;
+    if parsed.transfers.len() > max {
+        let msg = format!("a batch holds at most {max} transfers, got {}", parsed.transfers.len());
+        return Err(ApiError::new(ErrorCode::PayloadTooLarge, msg));
+    }
+    if parsed.transfers.is_empty() {
+        return Err(ApiError::invalid("a batch holds at least one transfer"));
+    }
+    let cluster = state.cluster()?;
+    let mut results: Vec<Value> = Vec::with_capacity(parsed.transfers.len());
+    let mut commands = Vec::with_capacity(parsed.transfers.len());
+    let mut positions = Vec::with_capacity(parsed.transfers.len());
+    for raw in &parsed.transfers {
+        let item = serde_json::from_str::<TransferBody>(raw.get())
+            .map_err(|e| ApiError::invalid(format!("malformed transfer: {e}")))
+            .and_then(|b| body::transfer(b, shadow));
+        match item {
+            Ok(cmd) => {
+                positions.push(results.len());
+                commands.push(cmd);
+                results.push(Value::Null);
+            }
+            Err(e) => results.push(json!({"id": item_id(raw), "error": e.body()})),
+        }
+    }
+    let ids: Vec<String> = commands
+        .iter()
+        .map(|c| match &c.op {
+            cellpay_core::Op::Transfer(t) => t.id.to_string(),
+            _ => unreachable!("batch items are transfers"),
+        })
+        .collect();
+    let answers = cluster.submit_transfers(commands).await;
+    for ((position, id), routed) in positions.into_iter().zip(ids).zip(answers) {
+        results[position] = match routed.result {
+            Ok(Outcome::Transferred { transfer, .. }) => json!({"id": id, "status": transfer.status.as_str()}),
+            Ok(Outcome::Rejected(r)) => json!({"id": id, "error": ApiError::from(r).body()}),
+            Ok(other) => unreachable!("a transfer answers Transferred or Rejected, not {other:?}"),
+            Err(e) => json!({"id": id, "error": ApiError::from(e).body()}),
+        };
+    }
+    Ok(Json(json!({"results": results})).into_response())
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = body::transfer_id(&id)?;
+    let routed = state.cluster()?.transfer_status(shadow(&headers)?, &id).await;
+    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
+    match routed.result.map_err(|e| at(e.into()))? {
+        QueryAnswer::Transfer(t) => {
+            let mut response = Json(views::transfer(&t)).into_response();
+            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
+            Ok(response)
+        }
+        QueryAnswer::Rejected(r) => Err(at(r.into())),
+        other => unreachable!("a transfer query answers Transfer or Rejected, not {other:?}"),
+    }
+}

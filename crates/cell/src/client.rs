@@ -1,0 +1,62 @@
+//! How the router and the relays talk to a cell, wherever it runs.
+//!
+//! [`CellClient`] is the one interface: submit commands, ask a query, read the
+//! cell's status, and wait for its outbox to change. A [`CellHandle`] serves it
+//! for a cell in this process; a cell in another process gets a client that
+//! speaks the same calls over the network, and nothing above this line changes.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
+use tokio::sync::watch;
+
+use crate::engine::{CellHandle, EngineError};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A cell's health as its client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellStatus {
+    pub cell: CellId,
+    /// The shard map epoch the cell works at.
+    pub epoch: u64,
+    pub queue_depth: usize,
+    /// True once the cell has failed (fail-stop) and serves nothing.
+    pub failed: bool,
+}
+
+pub trait CellClient: Send + Sync + 'static {
+    fn cell(&self) -> CellId;
+    fn status(&self) -> CellStatus;
+    /// Commands, answered once their batch is durable.
+    fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>>;
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>>;
+    /// A signal that changes whenever the cell's outbox may have grown; a relay
+    /// keeps one receiver for its whole life, so no change is missed.
+    fn outbox_signal(&self) -> watch::Receiver<u64>;
+}
+
+impl CellClient for CellHandle {
+    fn cell(&self) -> CellId {
+        CellHandle::cell(self)
+    }
+
+    fn status(&self) -> CellStatus {
+        CellStatus { cell: self.cell(), epoch: self.epoch(), queue_depth: self.queue_depth(), failed: self.is_failed() }
+    }
+
+    fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {
+        let submitted = CellHandle::submit(self, commands);
+        Box::pin(async move { submitted?.wait().await })
+    }
+
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>> {
+        let submitted = CellHandle::query(self, query);
+        Box::pin(async move { submitted?.wait().await })
+    }
+
+    fn outbox_signal(&self) -> watch::Receiver<u64> {
+        self.outbox_watch()
+    }
+}

@@ -1,0 +1,165 @@
+//! The relay: carries cross-cell credits from a payer's cell to a payee's
+//! cell, exactly once in effect, in order, per (source, destination, ledger).
+//!
+//! One round: read the oldest undelivered messages from the source's outbox,
+//! submit them as `Credit`s to the destination in one request (the
+//! destination applies them in sequence order and answers each), then submit
+//! `Settle` (applied) or `Compensate` (refused for good) for each to the
+//! source. Nothing is acknowledged before the destination's batch is durable,
+//! and a message leaves the outbox only when its `Settle`/`Compensate` is
+//! durable at the source. After any failure or restart the next round starts
+//! again from the oldest message still in the outbox; the destination answers
+//! a redelivery with what it answered the first time, so nothing is applied
+//! twice and nothing is lost (I3).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellpay_core::{CellId, Command, Credit, ErrorCode, Op, OutboxMessage, Outcome, Query, QueryAnswer};
+use tokio::sync::watch;
+
+use crate::client::CellClient;
+
+/// Limits and timing of one relay (I7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Messages carried per round (one request to each side). Must stay below
+    /// the engine batch limit and the inbox's refusal window.
+    pub messages_per_round_max: usize,
+    /// How long an idle relay waits for the outbox signal before looking anyway.
+    pub idle_poll: Duration,
+    /// Pause after a failed round (a cell unavailable or overloaded).
+    pub backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { messages_per_round_max: 4096, idle_poll: Duration::from_millis(200), backoff: Duration::from_millis(50) }
+    }
+}
+
+/// Counters of one relay, for metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub delivered: AtomicU64,
+    pub refused: AtomicU64,
+    pub failed_rounds: AtomicU64,
+    /// Messages seen waiting at the start of the last round (capped at a round's size).
+    pub backlog: AtomicU64,
+}
+
+/// The stream of one (source, destination, ledger).
+pub struct Relay {
+    pub source: Arc<dyn CellClient>,
+    pub dest: Arc<dyn CellClient>,
+    pub shadow: bool,
+    pub config: RelayConfig,
+    pub stats: Arc<RelayStats>,
+}
+
+/// Why a round did not finish; the next round retries from the outbox.
+#[derive(Debug)]
+enum RoundError {
+    Unavailable(String),
+    Unexpected(String),
+}
+
+impl Relay {
+    /// Runs rounds until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut signal = self.source.outbox_signal();
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let pause = match self.round_inner().await {
+                Ok(0) => {
+                    // Idle: wait for the outbox to grow (or poll anyway now and then).
+                    let _ = tokio::time::timeout(self.config.idle_poll, signal.changed()).await;
+                    None
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    self.stats.failed_rounds.fetch_add(1, Relaxed);
+                    if let RoundError::Unexpected(why) = &e {
+                        tracing::warn!(source = %self.source.cell(), dest = %self.dest.cell(), shadow = self.shadow, "relay round failed: {why}");
+                    }
+                    Some(self.config.backoff)
+                }
+            };
+            if let Some(pause) = pause {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Carries one round of messages; answers how many were closed.
+    pub async fn round(&self) -> Result<usize, String> {
+        self.round_inner().await.map_err(|e| match e {
+            RoundError::Unavailable(s) | RoundError::Unexpected(s) => s,
+        })
+    }
+
+    async fn round_inner(&self) -> Result<usize, RoundError> {
+        let unavailable = |e: crate::EngineError| RoundError::Unavailable(e.to_string());
+        let dest = self.dest.cell();
+        let limit = self.config.messages_per_round_max;
+        let query = Query::Outbox { shadow: self.shadow, dest, after_seq: 0, limit };
+        let messages = match self.source.query(query).await.map_err(unavailable)? {
+            QueryAnswer::Outbox(m) => m,
+            other => return Err(RoundError::Unexpected(format!("outbox query answered {other:?}"))),
+        };
+        self.stats.backlog.store(messages.len() as u64, Relaxed);
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        let source = self.source.cell();
+        let credits = messages.iter().map(|m| self.credit(source, m)).collect();
+        let answers = self.dest.submit(credits).await.map_err(unavailable)?;
+        let mut acks = Vec::with_capacity(messages.len());
+        for (m, answer) in messages.iter().zip(answers) {
+            let op = match answer {
+                Outcome::CreditApplied { .. } => Op::Settle { dest, seq: m.seq },
+                Outcome::CreditRefused { code, .. } => Op::Compensate { dest, seq: m.seq, reason: code },
+                // The payee's shard is not at that cell (a move in progress) or a
+                // message is missing in between: stop here, retry later.
+                Outcome::Rejected(r) if matches!(r.code, ErrorCode::WrongCell | ErrorCode::OutOfOrder) => break,
+                other => return Err(RoundError::Unexpected(format!("credit {} answered {other:?}", m.seq))),
+            };
+            acks.push(Command { shadow: self.shadow, op });
+        }
+        let acked = acks.len();
+        let refused = acks.iter().filter(|c| matches!(c.op, Op::Compensate { .. })).count() as u64;
+        let closed = self.source.submit(acks).await.map_err(unavailable)?;
+        for outcome in &closed {
+            if !matches!(outcome, Outcome::OutboxClosed { .. }) {
+                return Err(RoundError::Unexpected(format!("closing a message answered {outcome:?}")));
+            }
+        }
+        self.stats.delivered.fetch_add(acked as u64 - refused, Relaxed);
+        self.stats.refused.fetch_add(refused, Relaxed);
+        if acked < messages.len() {
+            return Err(RoundError::Unavailable(format!("{} credits must wait", messages.len() - acked)));
+        }
+        Ok(acked)
+    }
+
+    fn credit(&self, source: CellId, m: &OutboxMessage) -> Command {
+        Command {
+            shadow: self.shadow,
+            op: Op::Credit(Credit {
+                source,
+                seq: m.seq,
+                transfer: m.transfer.clone(),
+                from: m.from.clone(),
+                to: m.to.clone(),
+                amount: m.amount,
+                currency: m.currency,
+            }),
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `cellpay serve` configuration: one typed struct with defaults, read from a
+//! TOML file (`--config`), every field overridable by a flag and by an
+//! environment variable `CELLPAY_<FIELD>`. Precedence: flag, environment,
+//! file, default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Flags (and their environment variables) of `cellpay serve`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// A TOML file with any of the fields below (and `[[auth.tokens]]` role/secret tables).
+    #[arg(long, env = "CELLPAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Number of cells; fixed when the cluster is created [default: 4].
+    #[arg(long, env = "CELLPAY_CELLS")]
+    pub cells: Option<u32>,
+    /// Number of shards; fixed when the cluster is created [default: 1024].
+    #[arg(long, env = "CELLPAY_SHARDS")]
+    pub shards: Option<u32>,
+    /// Address of the HTTP API [default: 127.0.0.1:7070]; port 0 picks a free one.
+    #[arg(long, env = "CELLPAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Where the cluster keeps its stores, shard map and generated tokens [default: ./cellpay-data].
+    #[arg(long, env = "CELLPAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// A bearer token, ROLE:SECRET with ROLE client or admin (repeatable;
+    /// CELLPAY_TOKENS takes a comma-separated list). None configured: tokens are
+    /// generated into <data-dir>/tokens.toml.
+    #[arg(long = "token", env = "CELLPAY_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    pub tokens: Vec<String>,
+    /// Largest request body in bytes; beyond it 413 [default: 4194304].
+    #[arg(long, env = "CELLPAY_BODY_BYTES_MAX")]
+    pub body_bytes_max: Option<usize>,
+    /// Most transfers in one batch request; beyond it 413 [default: 8190].
+    #[arg(long, env = "CELLPAY_BATCH_ITEMS_MAX")]
+    pub batch_items_max: Option<usize>,
+    /// Most commands in one engine batch (one fsync) [default: 8190].
+    #[arg(long, env = "CELLPAY_BATCH_COMMANDS_MAX")]
+    pub batch_commands_max: Option<usize>,
+    /// Most commands queued per cell; beyond it 503 overloaded [default: 65536].
+    #[arg(long, env = "CELLPAY_QUEUE_COMMANDS_MAX")]
+    pub queue_commands_max: Option<usize>,
+    /// Most open client connections [default: 4096].
+    #[arg(long, env = "CELLPAY_CONNECTIONS_MAX")]
+    pub connections_max: Option<usize>,
+    /// Transfer records kept per ledger per cell for idempotency and status [default: 1048576].
+    #[arg(long, env = "CELLPAY_TRANSFERS_RETAINED_MAX")]
+    pub transfers_retained_max: Option<usize>,
+    /// History entries kept per ledger per cell [default: 1048576].
+    #[arg(long, env = "CELLPAY_HISTORY_ENTRIES_MAX")]
+    pub history_entries_max: Option<usize>,
+    /// Log written between checkpoints, in MiB [default: 32].
+    #[arg(long, env = "CELLPAY_CHECKPOINT_LOG_MIB")]
+    pub checkpoint_log_mib: Option<u64>,
+    /// Cross-cell credits a relay carries per round [default: 4096].
+    #[arg(long, env = "CELLPAY_RELAY_MESSAGES_PER_ROUND_MAX")]
+    pub relay_messages_per_round_max: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    cells: Option<u32>,
+    shards: Option<u32>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    body_bytes_max: Option<usize>,
+    batch_items_max: Option<usize>,
+    batch_commands_max: Option<usize>,
+    queue_commands_max: Option<usize>,
+    connections_max: Option<usize>,
+    transfers_retained_max: Option<usize>,
+    history_entries_max: Option<usize>,
+    checkpoint_log_mib: Option<u64>,
+    relay_messages_per_round_max: Option<usize>,
+    auth: Option<FileAuth>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    #[serde(default)]
+    pub tokens: Vec<FileToken>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileToken {
+    pub role: String,
+    pub secret: String,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cells: u32,
+    pub shards: u32,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `ROLE:SECRET` specs from flags, environment or file; empty: generate.
+    pub tokens: Vec<String>,
+    pub body_bytes_max: usize,
+    pub batch_items_max: usize,
+    pub batch_commands_max: usize,
+    pub queue_commands_max: usize,
+    pub connections_max: usize,
+    pub transfers_retained_max: usize,
+    pub history_entries_max: usize,
+    pub checkpoint_log_mib: u64,
+    pub relay_messages_per_round_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cells: 4,
+            shards: cellpay_core::SHARDS_DEFAULT,
+            listen: "127.0.0.1:7070".parse().expect("a valid address"),
+            data_dir: PathBuf::from("./cellpay-data"),
+            tokens: Vec::new(),
+            body_bytes_max: 4 << 20,
+            batch_items_max: 8190,
+            batch_commands_max: 8190,
+            queue_commands_max: 65_536,
+            connections_max: 4096,
+            transfers_retained_max: 1 << 20,
+            history_entries_max: 1 << 20,
+            checkpoint_log_mib: 32,
+            relay_messages_per_round_max: 4096,
+        }
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("{} is not a valid cellpay config", path.display()))
+}
+
+impl Config {
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let mut tokens = args.tokens;
+        if tokens.is_empty() {
+            let file_tokens = file.auth.map(|a| a.tokens).unwrap_or_default();
+            tokens = file_tokens.into_iter().map(|t| format!("{}:{}", t.role, t.secret)).collect();
+        }
+        let c = Config {
+            cells: args.cells.or(file.cells).unwrap_or(d.cells),
+            shards: args.shards.or(file.shards).unwrap_or(d.shards),
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            tokens,
+            body_bytes_max: args.body_bytes_max.or(file.body_bytes_max).unwrap_or(d.body_bytes_max),
+            batch_items_max: args.batch_items_max.or(file.batch_items_max).unwrap_or(d.batch_items_max),
+            batch_commands_max: args.batch_commands_max.or(file.batch_commands_max).unwrap_or(d.batch_commands_max),
+            queue_commands_max: args.queue_commands_max.or(file.queue_commands_max).unwrap_or(d.queue_commands_max),
+            connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.connections_max),
+            transfers_retained_max: args
+                .transfers_retained_max
+                .or(file.transfers_retained_max)
+                .unwrap_or(d.transfers_retained_max),
+            history_entries_max: args.history_entries_max.or(file.history_entries_max).unwrap_or(d.history_entries_max),
+            checkpoint_log_mib: args.checkpoint_log_mib.or(file.checkpoint_log_mib).unwrap_or(d.checkpoint_log_mib),
+            relay_messages_per_round_max: args
+                .relay_messages_per_round_max
+                .or(file.relay_messages_per_round_max)
+                .unwrap_or(d.relay_messages_per_round_max),
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!((1..=256).contains(&self.cells), "cells must be between 1 and 256");
+        anyhow::ensure!(
+            self.shards >= self.cells && self.shards <= cellpay_core::SHARDS_MAX,
+            "shards must be between the cell count and {}",
+            cellpay_core::SHARDS_MAX
+        );
+        anyhow::ensure!(self.body_bytes_max >= 1024, "body_bytes_max must be at least 1024");
+        anyhow::ensure!((1..=65_536).contains(&self.batch_commands_max), "batch_commands_max must be 1..=65536");
+        anyhow::ensure!(
+            (1..=self.batch_commands_max).contains(&self.batch_items_max),
+            "batch_items_max must be between 1 and batch_commands_max"
+        );
+        anyhow::ensure!(
+            self.queue_commands_max >= self.batch_commands_max,
+            "queue_commands_max must be at least batch_commands_max"
+        );
+        anyhow::ensure!(self.connections_max >= 1, "connections_max must be at least 1");
+        anyhow::ensure!(self.transfers_retained_max >= 1, "transfers_retained_max must be at least 1");
+        anyhow::ensure!(self.history_entries_max >= 1, "history_entries_max must be at least 1");
+        anyhow::ensure!(self.checkpoint_log_mib >= 1, "checkpoint_log_mib must be at least 1");
+        anyhow::ensure!(
+            (1..=self.batch_commands_max.min(cellpay_core::INBOX_REFUSALS_RETAINED as usize))
+                .contains(&self.relay_messages_per_round_max),
+            "relay_messages_per_round_max must be between 1 and batch_commands_max"
+        );
+        Ok(())
+    }
+}

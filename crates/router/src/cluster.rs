@@ -1,0 +1,164 @@
+//! The cluster as the router sees it: the shard map and a client per cell.
+
+use std::sync::Arc;
+
+use cellpay_cell::{CellClient, EngineError, Relay, RelayConfig, RelayStats};
+use cellpay_core::{AccountId, CellId, Command, Op, Outcome, Query, QueryAnswer, ShardMap, TransferId};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// An answer and the cell (at its epoch) that gave it: the API puts both in
+/// `X-Cellpay-Cell` and `X-Cellpay-Epoch`.
+#[derive(Debug)]
+pub struct Routed<T> {
+    pub cell: CellId,
+    pub epoch: u64,
+    pub result: Result<T, EngineError>,
+}
+
+/// A running relay and its counters.
+pub struct RelayHandle {
+    pub source: CellId,
+    pub dest: CellId,
+    pub shadow: bool,
+    pub stats: Arc<RelayStats>,
+}
+
+pub struct Cluster {
+    map: ShardMap,
+    cells: Vec<Arc<dyn CellClient>>,
+}
+
+impl Cluster {
+    /// `cells[i]` must be the client of cell `i`, and every cell the map names must be there.
+    pub fn new(map: ShardMap, cells: Vec<Arc<dyn CellClient>>) -> Self {
+        for (i, c) in cells.iter().enumerate() {
+            assert_eq!(c.cell(), CellId(i as u32), "cells are listed in id order");
+        }
+        assert!(map.owners().iter().all(|o| (o.0 as usize) < cells.len()), "the map names only known cells");
+        Self { map, cells }
+    }
+
+    pub fn map(&self) -> &ShardMap {
+        &self.map
+    }
+
+    pub fn cells(&self) -> &[Arc<dyn CellClient>] {
+        &self.cells
+    }
+
+    /// The client of the cell that owns `account`.
+    pub fn owner(&self, account: &AccountId) -> &Arc<dyn CellClient> {
+        &self.cells[self.map.owner_of(account.as_str()).0 as usize]
+    }
+
+    async fn on(cell: &Arc<dyn CellClient>, commands: Vec<Command>) -> Routed<Vec<Outcome>> {
+        let result = cell.submit(commands).await;
+        Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
+    }
+
+    /// One command, routed by the account it acts on (the payer for a transfer).
+    pub async fn submit_one(&self, command: Command) -> Routed<Outcome> {
+        let cell = match &command.op {
+            Op::OpenAccount(o) => self.owner(&o.id),
+            Op::Transfer(t) => self.owner(&t.from),
+            other => panic!("the router only routes client commands, not {other:?}"),
+        };
+        let routed = Self::on(cell, vec![command]).await;
+        Routed {
+            cell: routed.cell,
+            epoch: routed.epoch,
+            result: routed.result.map(|mut v| v.pop().expect("one answer per command")),
+        }
+    }
+
+    /// Transfers of a batch, each routed by its payer; answers in the input order.
+    pub async fn submit_transfers(&self, commands: Vec<Command>) -> Vec<Routed<Outcome>> {
+        let n = commands.len();
+        let mut per_cell: Vec<(Vec<usize>, Vec<Command>)> = vec![(Vec::new(), Vec::new()); self.cells.len()];
+        for (i, cmd) in commands.into_iter().enumerate() {
+            let Op::Transfer(t) = &cmd.op else { panic!("a batch holds transfers only") };
+            let cell = self.map.owner_of(t.from.as_str()).0 as usize;
+            per_cell[cell].0.push(i);
+            per_cell[cell].1.push(cmd);
+        }
+        let mut tasks = JoinSet::new();
+        for (cell, (positions, cmds)) in per_cell.into_iter().enumerate() {
+            if cmds.is_empty() {
+                continue;
+            }
+            let client = self.cells[cell].clone();
+            tasks.spawn(async move { (positions, Self::on(&client, cmds).await) });
+        }
+        let mut out: Vec<Option<Routed<Outcome>>> = (0..n).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            let (positions, routed) = joined.expect("routing tasks do not panic");
+            match routed.result {
+                Ok(outcomes) => {
+                    for (i, outcome) in positions.into_iter().zip(outcomes) {
+                        out[i] = Some(Routed { cell: routed.cell, epoch: routed.epoch, result: Ok(outcome) });
+                    }
+                }
+                Err(e) => {
+                    for i in positions {
+                        out[i] = Some(Routed { cell: routed.cell, epoch: routed.epoch, result: Err(e.clone()) });
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|r| r.expect("every item was routed")).collect()
+    }
+
+    /// A read about one account, at the cell that owns it.
+    pub async fn query_account(&self, account: &AccountId, query: Query) -> Routed<QueryAnswer> {
+        let cell = self.owner(account);
+        let result = cell.query(query).await;
+        Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
+    }
+
+    /// A transfer's status: asked of every cell, answered by the one that has it.
+    pub async fn transfer_status(&self, shadow: bool, id: &TransferId) -> Routed<QueryAnswer> {
+        let mut tasks = JoinSet::new();
+        for cell in &self.cells {
+            let (cell, id) = (cell.clone(), id.clone());
+            tasks.spawn(async move {
+                let result = cell.query(Query::Transfer { shadow, id }).await;
+                Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
+            });
+        }
+        let mut fallback: Option<Routed<QueryAnswer>> = None;
+        while let Some(joined) = tasks.join_next().await {
+            let routed = joined.expect("status tasks do not panic");
+            match &routed.result {
+                Ok(QueryAnswer::Transfer(_)) => return routed,
+                // A cell that could not answer outranks "not found" from the others:
+                // the transfer may be there.
+                Err(_) => fallback = Some(routed),
+                Ok(_) if fallback.as_ref().is_none_or(|f| f.result.is_ok()) => fallback = Some(routed),
+                Ok(_) => {}
+            }
+        }
+        fallback.expect("a cluster has at least one cell")
+    }
+
+    /// Starts a relay for every ordered pair of cells and both ledgers. They
+    /// stop when `stop` turns true.
+    pub fn spawn_relays(&self, config: RelayConfig, stop: &watch::Receiver<bool>) -> Vec<RelayHandle> {
+        let mut handles = Vec::new();
+        for source in &self.cells {
+            for dest in &self.cells {
+                if source.cell() == dest.cell() {
+                    continue;
+                }
+                for shadow in [false, true] {
+                    let stats = Arc::new(RelayStats::default());
+                    let relay =
+                        Relay { source: source.clone(), dest: dest.clone(), shadow, config, stats: stats.clone() };
+                    tokio::spawn(relay.run(stop.clone()));
+                    handles.push(RelayHandle { source: source.cell(), dest: dest.cell(), shadow, stats });
+                }
+            }
+        }
+        handles
+    }
+}

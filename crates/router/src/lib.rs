@@ -1,0 +1,15 @@
+//! cellpay-router: the stateless front of a cluster.
+//!
+//! It routes each request by the payer's shard to the cell that owns it
+//! (DESIGN.md section 2), splits a batch by payer cell and puts the answers
+//! back in order, fans a transfer-status read out to every cell (a transfer
+//! lives in its payer's cell, which its id alone does not name), sums the audit
+//! over all cells, and starts the relays between every pair of cells. Cells
+//! are reached through [`CellClient`], so a cell in another process fits the
+//! same slot as one in this process.
+
+mod audit;
+mod cluster;
+
+pub use audit::{ClusterAudit, LedgerAudit};
+pub use cluster::{Cluster, RelayHandle, Routed};
