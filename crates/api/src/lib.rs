@@ -93,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/transfers/{id}", get(transfers::status))
         .route("/v1/audit", get(ops::audit))
         .route("/v1/cluster", get(ops::cluster))
+        .route("/v1/digests", get(ops::digests))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(v1)

@@ -82,15 +82,15 @@ pub async fn render(state: &AppState) -> String {
         for cell in cluster.cells() {
             for shadow in [false, true] {
                 let ledger = if shadow { "shadow" } else { "real" };
-                if let Ok(QueryAnswer::Audit(view)) = cell.query(Query::Audit { shadow }).await {
-                    for (dest, backlog) in view.outbox_backlog {
-                        let labels = [
-                            ("source", cell.cell().to_string()),
-                            ("dest", dest.to_string()),
-                            ("ledger", ledger.to_string()),
-                        ];
-                        gauge!("cellpay_outbox_backlog_messages", &labels).set(backlog as f64);
-                    }
+                let Ok(QueryAnswer::Audit(view)) = cell.query(Query::Audit { shadow }).await else { continue };
+                for dest in cluster.cells().iter().map(|c| c.cell()).filter(|d| *d != cell.cell()) {
+                    let backlog = view.outbox_backlog.iter().find(|(d, _)| *d == dest).map_or(0, |(_, n)| *n);
+                    let labels = [
+                        ("source", cell.cell().to_string()),
+                        ("dest", dest.to_string()),
+                        ("ledger", ledger.to_string()),
+                    ];
+                    gauge!("cellpay_outbox_backlog_messages", &labels).set(backlog as f64);
                 }
             }
         }

@@ -24,6 +24,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, FileAuth, FileToken, ServeArgs};
 
+/// Prints a line to stdout, ignoring a closed stdout: a server does not stop
+/// because whoever started it stopped reading.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// What `<data-dir>/cluster.toml` records when the cluster is created.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,9 +104,9 @@ fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
         }
         let out = Out { tokens: fresh.tokens.iter().map(|t| OutToken { role: &t.role, secret: &t.secret }).collect() };
         write_private(&path, &toml::to_string(&out)?, 0o600)?;
-        println!("no tokens configured: wrote a client and an admin token to {}", path.display());
+        say!("no tokens configured: wrote a client and an admin token to {}", path.display());
     } else {
-        println!("using the tokens in {}", path.display());
+        say!("using the tokens in {}", path.display());
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let stored: FileAuth = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
@@ -161,7 +169,7 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = tcp.local_addr()?;
-    println!(
+    say!(
         "cellpay listening on http://{addr} ({} cells, {} shards, data in {})",
         config.cells,
         map.shards(),
@@ -213,10 +221,10 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
     let _ = state.0.local_cells.set(handles);
     let _ = state.0.relays.set(relays);
     let _ = state.0.cluster.set(cluster);
-    println!("cellpay ready: every cell has recovered");
+    say!("cellpay ready: every cell has recovered");
 
     shutdown_signal().await;
-    println!("cellpay stopping: draining requests, then stopping cells");
+    say!("cellpay stopping: draining requests, then stopping cells");
     let _ = stop_tx.send(true);
     server.await.context("the HTTP server task")?.context("the HTTP server")?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -227,6 +235,6 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
     })
     .await
     .expect("stopping cells does not panic")?;
-    println!("cellpay stopped");
+    say!("cellpay stopped");
     Ok(ExitCode::SUCCESS)
 }

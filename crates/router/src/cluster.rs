@@ -162,3 +162,23 @@ impl Cluster {
         handles
     }
 }
+
+impl Cluster {
+    /// Per-shard digests of one ledger, each read from the cell that owns the shard.
+    pub async fn digests(&self, shadow: bool) -> Result<(u64, Vec<u64>), (CellId, EngineError)> {
+        let mut per_cell = Vec::with_capacity(self.cells.len());
+        for cell in &self.cells {
+            match cell.query(Query::Digests { shadow }).await {
+                Ok(QueryAnswer::Digests { digests, .. }) => per_cell.push(digests),
+                Ok(other) => {
+                    let reason = format!("digests answered {other:?}");
+                    return Err((cell.cell(), EngineError::Unavailable { cell: cell.cell(), reason }));
+                }
+                Err(e) => return Err((cell.cell(), e)),
+            }
+        }
+        let digests =
+            self.map.owners().iter().enumerate().map(|(shard, owner)| per_cell[owner.0 as usize][shard]).collect();
+        Ok((self.map.epoch(), digests))
+    }
+}

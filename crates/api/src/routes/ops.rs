@@ -50,6 +50,27 @@ pub async fn audit(State(state): State<AppState>) -> Result<Response, ApiError> 
     Ok(Json(body).into_response())
 }
 
+/// Per-shard digests of the real ledger (or the shadow one with
+/// `X-Cellpay-Shadow: 1`), so a test or a stress run can prove that nothing
+/// real changed. Admin only.
+pub async fn digests(
+    State(state): State<AppState>,
+    axum::Extension(role): axum::Extension<crate::Role>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    if role != crate::Role::Admin {
+        return Err(ApiError::new(ErrorCode::Forbidden, "reading digests needs the admin role"));
+    }
+    let shadow = crate::headers::shadow(&headers)?;
+    let (epoch, digests) =
+        state.cluster()?.digests(shadow).await.map_err(|(cell, e)| {
+            ApiError::new(ErrorCode::CellUnavailable, format!("cell {cell} did not answer: {e}"))
+        })?;
+    let hex: Vec<String> = digests.iter().map(|d| format!("{d:016x}")).collect();
+    let ledger = if shadow { "shadow" } else { "real" };
+    Ok(Json(json!({"epoch": epoch, "ledger": ledger, "digests": hex})).into_response())
+}
+
 pub async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError> {
     let cluster = state.cluster()?;
     let map = cluster.map();

@@ -1,0 +1,305 @@
+//! The HTTP v1 contract against the real binary on a loopback port: every
+//! endpoint and every error code a client can cause, idempotency, cross-cell
+//! settlement and reversal, and every answer checked against the OpenAPI
+//! document's schemas.
+
+mod common;
+
+use common::{ids_in_cells, Reply, Server, ADMIN, CLIENT};
+use serde_json::{json, Value};
+
+fn openapi() -> Value {
+    serde_json::from_str(include_str!("../../api/openapi.json")).unwrap()
+}
+
+/// Validates a body against `#/components/schemas/<name>` of the OpenAPI document.
+fn conforms(body: &Value, name: &str) {
+    let doc = openapi();
+    let schema = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": doc["components"],
+    });
+    let validator = jsonschema::validator_for(&schema).expect("the OpenAPI schemas compile");
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{name} does not match its schema: {errors:?}\n{body}");
+}
+
+/// Asserts an error answer: status, code, the contract's shape, Retry-After on 503.
+fn is_error(r: &Reply, status: u16, code: &str) {
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (status, Some(code)), "{}", r.body);
+    conforms(&r.body, "Error");
+    if status == 503 {
+        assert!(r.retry_after.is_some(), "503 carries Retry-After");
+    }
+}
+
+fn open(s: &Server, token: &str, id: &str, overdraft: bool) -> Reply {
+    s.post("/v1/accounts", token, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}))
+}
+
+fn pay(s: &Server, id: &str, from: &str, to: &str, amount: i64) -> Reply {
+    s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}))
+}
+
+fn balance(s: &Server, id: &str) -> i64 {
+    let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    conforms(&r.body, "Account");
+    r.body["balance"].as_i64().unwrap()
+}
+
+#[test]
+fn accounts_transfers_and_every_client_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2", "--body-bytes-max", "65536", "--batch-items-max", "100"]);
+    let ids = ids_in_cells(2);
+    let (bank, alice, bob) = (&ids[0][0], &ids[0][1], &ids[0][2]);
+
+    // Accounts: created, replayed, conflicting, forbidden, malformed.
+    let r = open(&s, ADMIN, bank, true);
+    assert_eq!(r.status, 201);
+    conforms(&r.body, "Account");
+    assert_eq!((r.cell, r.epoch), (Some(0), Some(1)), "served by the owning cell");
+    assert_eq!(open(&s, ADMIN, bank, true).status, 200, "same body: replay");
+    is_error(&open(&s, ADMIN, bank, false), 409, "conflict");
+    is_error(&open(&s, CLIENT, "other", true), 403, "forbidden");
+    for id in [alice, bob] {
+        assert_eq!(open(&s, CLIENT, id, false).status, 201);
+    }
+    is_error(&s.post("/v1/accounts", CLIENT, &json!({"id": "x", "currency": "XYZ"})), 400, "invalid_request");
+    is_error(&s.post("/v1/accounts", CLIENT, &json!({"id": "bad id", "currency": "CNY"})), 400, "invalid_request");
+    is_error(
+        &s.post("/v1/accounts", CLIENT, &json!({"id": "x", "currency": "CNY", "extra": 1})),
+        400,
+        "invalid_request",
+    );
+    is_error(&s.request("POST", "/v1/accounts", Some(CLIENT), &[], Some("{not json")), 400, "invalid_request");
+
+    // Auth: no token, a wrong token, on every /v1 route.
+    for path in ["/v1/accounts/x", "/v1/transfers/x", "/v1/audit", "/v1/cluster", "/v1/digests"] {
+        is_error(&s.request("GET", path, None, &[], None), 401, "unauthorized");
+        is_error(&s.request("GET", path, Some("wrong-token-wrong-token"), &[], None), 401, "unauthorized");
+    }
+    is_error(&s.get("/v1/digests", CLIENT), 403, "forbidden");
+
+    // Transfers: accepted, replayed, conflicting; each rule's error.
+    let r = pay(&s, "fund-1", bank, alice, 1_000);
+    assert_eq!(r.status, 201);
+    conforms(&r.body, "Transfer");
+    assert_eq!(r.body["status"], "settled");
+    assert_eq!(pay(&s, "fund-1", bank, alice, 1_000).status, 200);
+    is_error(&pay(&s, "fund-1", bank, alice, 999), 409, "conflict");
+    is_error(&pay(&s, "t-zero", alice, bob, 0), 400, "invalid_request");
+    is_error(&pay(&s, "t-neg", alice, bob, -5), 400, "invalid_request");
+    is_error(&pay(&s, "t-big", alice, bob, 1 << 53), 400, "invalid_request");
+    is_error(&pay(&s, "t-self", alice, alice, 5), 400, "invalid_request");
+    is_error(&pay(&s, "t-poor", alice, bob, 1_001), 422, "insufficient_funds");
+    is_error(&pay(&s, "t-ghost", "ghost-payer", bob, 1), 404, "account_not_found");
+    let usd = json!({"id": "t-usd", "from": alice, "to": bob, "amount": 1, "currency": "USD"});
+    is_error(&s.post("/v1/transfers", CLIENT, &usd), 422, "currency_mismatch");
+    let wrong_type = json!({"id": "t-type", "from": alice, "to": bob, "amount": "5"});
+    is_error(&s.post("/v1/transfers", CLIENT, &wrong_type), 400, "invalid_request");
+    let float = json!({"id": "t-float", "from": alice, "to": bob, "amount": 1.5});
+    is_error(&s.post("/v1/transfers", CLIENT, &float), 400, "invalid_request");
+    let memo = json!({"id": "t-memo", "from": alice, "to": bob, "amount": 1, "memo": "m".repeat(257)});
+    is_error(&s.post("/v1/transfers", CLIENT, &memo), 400, "invalid_request");
+    let huge = json!({"id": "t-huge", "from": alice, "to": bob, "amount": 1, "memo": "m".repeat(70_000)});
+    is_error(&s.post("/v1/transfers", CLIENT, &huge), 413, "payload_too_large");
+    assert_eq!(balance(&s, alice), 1_000, "no rejected transfer moved money");
+    is_error(&s.get("/v1/accounts/nobody", CLIENT), 404, "account_not_found");
+    is_error(&s.get("/v1/transfers/nothing", CLIENT), 404, "transfer_not_found");
+    is_error(&s.get("/v1/accounts/bad%20id", CLIENT), 400, "invalid_request");
+
+    // A transfer's status and the payer's history.
+    assert_eq!(pay(&s, "t-ok", alice, bob, 250).status, 201);
+    let r = s.get("/v1/transfers/t-ok", CLIENT);
+    conforms(&r.body, "Transfer");
+    assert_eq!((r.body["status"].as_str(), r.cell), (Some("settled"), Some(0)));
+    let r = s.get(&format!("/v1/accounts/{alice}/entries?limit=1"), CLIENT);
+    conforms(&r.body, "Entries");
+    assert_eq!(r.body["entries"][0]["amount"], -250);
+    let next = r.body["next_before"].as_u64().expect("a full page names the next one");
+    let r = s.get(&format!("/v1/accounts/{alice}/entries?limit=5&before={next}"), CLIENT);
+    assert_eq!(r.body["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(r.body["entries"][0]["amount"], 1_000);
+    is_error(&s.get(&format!("/v1/accounts/{alice}/entries?limit=0"), CLIENT), 400, "invalid_request");
+    is_error(&s.get(&format!("/v1/accounts/{alice}/entries?limit=1001"), CLIENT), 400, "invalid_request");
+    is_error(&s.get(&format!("/v1/accounts/{alice}/entries?cursor=1"), CLIENT), 400, "invalid_request");
+
+    // The operations endpoints.
+    let r = s.get("/v1/cluster", CLIENT);
+    conforms(&r.body, "Cluster");
+    assert_eq!(r.body["cells"].as_array().unwrap().len(), 2);
+    let r = s.get("/v1/audit", CLIENT);
+    conforms(&r.body, "Audit");
+    assert_eq!((r.body["ok"].as_bool(), r.body["sum"].as_i64()), (Some(true), Some(0)));
+    let r = s.get("/v1/digests", ADMIN);
+    conforms(&r.body, "Digests");
+    assert_eq!(r.body["digests"].as_array().unwrap().len(), 1024);
+    for path in ["/healthz", "/readyz"] {
+        let r = s.request("GET", path, None, &[], None);
+        assert_eq!(r.status, 200);
+        conforms(&r.body, "Status");
+    }
+    let r = s.request("GET", "/openapi.json", None, &[], None);
+    assert_eq!(r.body, openapi());
+    let metrics = s.request("GET", "/metrics", None, &[], None);
+    let text = metrics.body.as_str().unwrap();
+    for name in [
+        "cellpay_http_requests_total",
+        "cellpay_http_request_duration_seconds_bucket",
+        "cellpay_cell_queue_depth",
+        "cellpay_cell_commit_latency_quantile_seconds",
+        "cellpay_cell_batch_size_mean",
+        "cellpay_outbox_backlog_messages",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}");
+    }
+    assert!(!text.contains(CLIENT) && !text.contains(ADMIN), "no secret in metrics");
+    let r = s.request("GET", "/v2/nothing", Some(CLIENT), &[], None);
+    assert_eq!(r.status, 404);
+    conforms(&r.body, "Error");
+}
+
+#[test]
+fn batches_answer_each_item_and_are_idempotent_per_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2", "--batch-items-max", "100"]);
+    let ids = ids_in_cells(2);
+    let (bank, a, b) = (&ids[0][0], &ids[0][1], &ids[1][0]);
+    open(&s, ADMIN, bank, true);
+    open(&s, CLIENT, a, false);
+    open(&s, CLIENT, b, false);
+    let batch = json!({"transfers": [
+        {"id": "b-1", "from": bank, "to": a, "amount": 100},
+        {"id": "b-2", "from": bank, "to": b, "amount": 50},
+        {"id": "b-3", "from": a, "to": a, "amount": 1},
+        {"id": "b-4", "from": a, "to": b, "amount": 1_000_000},
+        {"nonsense": true},
+    ]});
+    let r = s.post("/v1/transfers/batch", CLIENT, &batch);
+    assert_eq!(r.status, 200);
+    conforms(&r.body, "BatchResponse");
+    let results = r.body["results"].as_array().unwrap();
+    assert_eq!(results[0], json!({"id": "b-1", "status": "settled"}));
+    assert_eq!(results[1], json!({"id": "b-2", "status": "pending"}), "b is in the other cell");
+    assert_eq!(results[2]["error"]["code"], "invalid_request");
+    assert_eq!(results[3]["error"]["code"], "insufficient_funds");
+    assert_eq!(
+        (results[4]["id"].clone(), results[4]["error"]["code"].as_str()),
+        (Value::Null, Some("invalid_request"))
+    );
+    // The same batch again: accepted items replay, nothing moves twice.
+    let again = s.post("/v1/transfers/batch", CLIENT, &batch);
+    assert_eq!(again.body["results"][0], results[0]);
+    let conflict = json!({"transfers": [{"id": "b-1", "from": bank, "to": a, "amount": 101}]});
+    assert_eq!(s.post("/v1/transfers/batch", CLIENT, &conflict).body["results"][0]["error"]["code"], "conflict");
+    s.eventually("b-2 settles", || s.get("/v1/transfers/b-2", CLIENT).body["status"] == "settled");
+    assert_eq!((balance(&s, a), balance(&s, b)), (100, 50));
+    // Too many items, none at all, malformed.
+    let many: Vec<Value> = (0..101).map(|i| json!({"id": format!("m{i}"), "from": a, "to": b, "amount": 1})).collect();
+    is_error(&s.post("/v1/transfers/batch", CLIENT, &json!({"transfers": many})), 413, "payload_too_large");
+    is_error(&s.post("/v1/transfers/batch", CLIENT, &json!({"transfers": []})), 400, "invalid_request");
+    is_error(&s.post("/v1/transfers/batch", CLIENT, &json!({"items": []})), 400, "invalid_request");
+    assert_eq!(balance(&s, a), 100);
+}
+
+#[test]
+fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "4"]);
+    let ids = ids_in_cells(4);
+    let bank = &ids[0][0];
+    open(&s, ADMIN, bank, true);
+    for payees in &ids[1..] {
+        open(&s, CLIENT, &payees[0], false);
+    }
+    for (cell, payees) in ids.iter().enumerate().skip(1) {
+        let r = pay(&s, &format!("x{cell}"), bank, &payees[0], 100 * cell as i64);
+        assert_eq!((r.status, r.body["status"].as_str(), r.cell), (201, Some("pending"), Some(0)));
+    }
+    for (cell, payees) in ids.iter().enumerate().skip(1) {
+        let id = format!("x{cell}");
+        s.eventually(&format!("{id} settles"), || {
+            s.get(&format!("/v1/transfers/{id}"), CLIENT).body["status"] == "settled"
+        });
+        assert_eq!(balance(&s, &payees[0]), 100 * cell as i64);
+    }
+    // A payee that does not exist in its cell: the credit is refused, the payer made whole.
+    let ghost = &ids[2][5];
+    let r = pay(&s, "to-ghost", bank, ghost, 77);
+    assert_eq!(r.body["status"], "pending");
+    s.eventually("to-ghost is reversed", || s.get("/v1/transfers/to-ghost", CLIENT).body["status"] == "reversed");
+    assert_eq!(balance(&s, bank), -600);
+    let r = s.get(&format!("/v1/accounts/{bank}/entries"), CLIENT);
+    assert_eq!(r.body["entries"][0]["kind"], "reversal");
+    let audit = s.get("/v1/audit", CLIENT);
+    assert_eq!(
+        (audit.body["ok"].as_bool(), audit.body["sum"].as_i64(), audit.body["in_flight"].as_i64()),
+        (Some(true), Some(0), Some(0))
+    );
+    assert_eq!(s.terminate(), Some(0), "SIGTERM drains and exits 0");
+    // A restart finds the same cluster.
+    let s = Server::start(dir.path(), &["--cells", "4"]);
+    assert_eq!(balance(&s, &ids[3][0]), 300);
+    assert_eq!(s.get("/v1/transfers/to-ghost", CLIENT).body["status"], "reversed");
+}
+
+#[test]
+fn a_different_cell_count_than_the_stored_cluster_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2"]);
+    assert_eq!(s.terminate(), Some(0));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells", "3", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holds a cluster of 2 cells, but 3 were asked for"), "{stderr}");
+}
+
+#[test]
+fn without_configured_tokens_serve_writes_private_ones_and_never_prints_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells", "1", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let path = dir.path().join("tokens.toml");
+    for _ in 0..500 {
+        if path.exists() && std::fs::read_to_string(&path).is_ok_and(|t| t.contains("admin")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let secrets: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("secret = \"")).map(|s| s.trim_end_matches('"')).collect();
+    assert_eq!(secrets.len(), 2);
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains(path.to_str().unwrap()), "the path is printed: {printed}");
+    for secret in secrets {
+        assert!(!printed.contains(secret), "a secret was printed");
+    }
+}
+
+#[test]
+fn the_schema_check_refuses_what_does_not_match() {
+    let wrong = json!({"id": "a", "currency": "CNY", "balance": "12", "overdraft": false});
+    let caught = std::panic::catch_unwind(|| conforms(&wrong, "Account"));
+    assert!(caught.is_err(), "a string balance must not pass the Account schema");
+    let extra = json!({"error": {"code": "invalid_request", "message": "m", "more": 1}});
+    assert!(std::panic::catch_unwind(|| conforms(&extra, "Error")).is_err());
+}

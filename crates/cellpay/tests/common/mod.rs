@@ -1,0 +1,163 @@
+//! A real `cellpay serve` on a loopback port with a temporary data dir, and a
+//! small HTTP client for the tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub const CLIENT: &str = "client-secret-for-tests-0001";
+pub const ADMIN: &str = "admin-secret-for-tests-00001";
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub dir: PathBuf,
+    agent: ureq::Agent,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub cell: Option<u32>,
+    pub epoch: Option<u64>,
+    pub retry_after: Option<String>,
+}
+
+impl Server {
+    /// Starts `cellpay serve` on a free port with the test tokens and waits until it is ready.
+    pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn cellpay serve");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Read to the end, even after the test stops listening, so the
+            // server never writes into a closed pipe.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut base = None;
+        loop {
+            let line = rx.recv_timeout(Duration::from_secs(60)).expect("serve prints its address and readiness");
+            if let Some(rest) = line.strip_prefix("cellpay listening on ") {
+                base = Some(rest.split(' ').next().unwrap().to_string());
+            }
+            if line.starts_with("cellpay ready") {
+                break;
+            }
+        }
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        Server {
+            child,
+            base: base.expect("address printed before ready"),
+            dir: dir.to_path_buf(),
+            agent: config.into(),
+        }
+    }
+
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Reply {
+        let url = format!("{}{}", self.base, path);
+        let mut req = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(body.unwrap_or("").to_string()).unwrap();
+        let mut resp = self.agent.run(req).expect("the server answers");
+        let status = resp.status().as_u16();
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let cell = header("x-cellpay-cell").map(|v| v.parse().unwrap());
+        let epoch = header("x-cellpay-epoch").map(|v| v.parse().unwrap());
+        let retry_after = header("retry-after");
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body, cell, epoch, retry_after }
+    }
+
+    pub fn post(&self, path: &str, token: &str, body: &Value) -> Reply {
+        self.request("POST", path, Some(token), &[], Some(&body.to_string()))
+    }
+
+    pub fn post_shadow(&self, path: &str, token: &str, body: &Value) -> Reply {
+        self.request("POST", path, Some(token), &[("X-Cellpay-Shadow", "1")], Some(&body.to_string()))
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> Reply {
+        self.request("GET", path, Some(token), &[], None)
+    }
+
+    /// SIGTERM and wait; answers the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code()
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Polls until `f` holds (cross-cell settlement is asynchronous).
+    pub fn eventually(&self, what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{what}: not reached in 10 s");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two account ids owned by different cells and two owned by the same cell, per the default map.
+pub fn ids_in_cells(cells: u32) -> Vec<Vec<String>> {
+    let map = cellpay_core::ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, cells).unwrap();
+    let mut out = vec![Vec::new(); cells as usize];
+    for i in 0.. {
+        let id = format!("acct-{i}");
+        let c = map.owner_of(&id).0 as usize;
+        if out[c].len() < 8 {
+            out[c].push(id);
+        }
+        if out.iter().all(|v| v.len() == 8) {
+            return out;
+        }
+    }
+    unreachable!()
+}
