@@ -102,6 +102,22 @@ impl Server {
         Reply { status, body, cell, epoch, retry_after }
     }
 
+    /// A request that may fail at the transport (the server was killed): `None` then.
+    pub fn try_request(&self, method: &str, path: &str, token: &str, body: &str) -> Option<Reply> {
+        let url = format!("{}{}", self.base, path);
+        let req = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .body(body.to_string())
+            .unwrap();
+        let mut resp = self.agent.run(req).ok()?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().ok()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Some(Reply { status, body, cell: None, epoch: None, retry_after: None })
+    }
+
     pub fn post(&self, path: &str, token: &str, body: &Value) -> Reply {
         self.request("POST", path, Some(token), &[], Some(&body.to_string()))
     }
