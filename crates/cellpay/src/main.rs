@@ -3,6 +3,7 @@
 //! `cellpay --help` and `cellpay <sub> --help` are the first page of the docs.
 
 mod bench_engine;
+mod bench_http;
 mod check;
 mod config;
 mod crash_load;
@@ -39,6 +40,8 @@ enum Command {
 enum BenchCommand {
     /// Drives transfers through one cell engine with real fsync.
     Engine(bench_engine::Args),
+    /// Payments over HTTP against a whole cluster (a fresh `cellpay serve` unless --target).
+    Http(bench_http::Args),
 }
 
 #[derive(Subcommand)]
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
+        Command::Bench(BenchCommand::Http(args)) => bench_http::run(args),
         Command::Check(args) => check::run(args),
         Command::Debug(DebugCommand::CrashLoad(args)) => crash_load::run(args),
     };

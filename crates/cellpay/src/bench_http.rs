@@ -1,0 +1,370 @@
+//! `cellpay bench http`: payments over HTTP against a whole cluster.
+//!
+//! Starts `cellpay serve` as a separate process (or uses `--target`), opens
+//! and funds the accounts, then drives `POST /v1/transfers` (or, with
+//! `--batch N`, `POST /v1/transfers/batch` of N transfers) from `--connections`
+//! HTTP/1.1 connections for `--seconds`. Each connection sends its next request
+//! when the previous one is answered (closed loop: this measures capacity;
+//! the open-loop generator with no coordinated omission is `cellpay stress`).
+//! Latency is measured per request into HdrHistograms. `--cross-cell` is the
+//! share of payments whose payee lives in another cell than the payer.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::process::{Child, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cellpay_core::{ShardMap, SHARDS_DEFAULT};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rand::distr::{Alphanumeric, SampleString};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A running cluster's base URL (http://host:port); without it a fresh `cellpay serve` is started.
+    #[arg(long, requires = "token")]
+    target: Option<String>,
+    /// An admin token secret for `--target`.
+    #[arg(long, env = "CELLPAY_BENCH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Cells of the started cluster (and of the target's shard map).
+    #[arg(long, default_value_t = 4)]
+    cells: u32,
+    #[arg(long, default_value_t = 1_000_000)]
+    accounts: usize,
+    #[arg(long, default_value_t = 256)]
+    connections: usize,
+    #[arg(long, default_value_t = 20.0)]
+    seconds: f64,
+    /// Share of payments whose payee is in another cell than the payer.
+    #[arg(long, default_value_t = 0.2)]
+    cross_cell: f64,
+    /// Transfers per request through the batch endpoint; 0 sends single transfers.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    mode: String,
+    connections: usize,
+    accounts: usize,
+    cross_cell: f64,
+    seconds: f64,
+    requests: u64,
+    transfers: u64,
+    transfers_per_s: f64,
+    requests_per_s: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    latency_p999_ms: f64,
+    latency_max_ms: f64,
+    errors: BTreeMap<String, u64>,
+    setup_s: f64,
+}
+
+/// One HTTP/1.1 connection.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+    auth: String,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, token: &str) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(Self { sender, host: addr.to_string(), auth: format!("Bearer {token}") })
+    }
+
+    async fn send(&mut self, method: &str, path: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.host)
+            .header("authorization", &self.auth)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+}
+
+/// A `cellpay serve` child on a free port with a fresh data dir.
+struct Started {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(cells: u32, token: &str) -> anyhow::Result<(Started, SocketAddr)> {
+    let dir = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells", &cells.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .env("CELLPAY_TOKENS", format!("admin:{token}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut addr = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("cellpay listening on http://") {
+            addr = Some(rest.split(' ').next().unwrap_or_default().parse()?);
+        }
+        if line.starts_with("cellpay ready") {
+            break;
+        }
+    }
+    // Keep draining the child's stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = addr.context("serve did not print its address")?;
+    Ok((Started { child, _dir: dir }, addr))
+}
+
+fn account(i: usize) -> String {
+    format!("u{i:07}")
+}
+
+async fn setup(addr: SocketAddr, token: &str, accounts: usize, connections: usize) -> anyhow::Result<()> {
+    let mut conn = Conn::open(addr, token).await?;
+    let bank = json!({"id": "bench-bank", "currency": "CNY", "overdraft": true}).to_string();
+    let (status, _) = conn.send("POST", "/v1/accounts", bank).await?;
+    anyhow::ensure!(status == 201 || status == 200, "opening the bank answered {status}");
+    let mut tasks = tokio::task::JoinSet::new();
+    let per = accounts.div_ceil(connections.min(64));
+    for start in (0..accounts).step_by(per) {
+        let token = token.to_string();
+        tasks.spawn(async move {
+            let mut conn = Conn::open(addr, &token).await?;
+            for i in start..(start + per).min(accounts) {
+                let body = json!({"id": account(i), "currency": "CNY"}).to_string();
+                let (status, _) = conn.send("POST", "/v1/accounts", body).await?;
+                anyhow::ensure!(status == 201 || status == 200, "opening {} answered {status}", account(i));
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    for (n, chunk) in (0..accounts).collect::<Vec<_>>().chunks(8190).enumerate() {
+        let transfers: Vec<_> = chunk
+            .iter()
+            .map(|&i| json!({"id": format!("bench-fund-{n}-{i}"), "from": "bench-bank", "to": account(i), "amount": 1_000_000_000}))
+            .collect();
+        let (status, body) =
+            conn.send("POST", "/v1/transfers/batch", json!({"transfers": transfers}).to_string()).await?;
+        anyhow::ensure!(status == 200, "funding answered {status}: {}", String::from_utf8_lossy(&body));
+    }
+    // Wait until every cross-cell funding credit has arrived.
+    for _ in 0..600 {
+        let (_, body) = conn.send("GET", "/v1/audit", String::new()).await?;
+        let audit: serde_json::Value = serde_json::from_slice(&body)?;
+        if audit["in_flight"] == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("funding credits did not arrive within a minute")
+}
+
+struct Outcome {
+    latency_us: Histogram<u64>,
+    requests: u64,
+    transfers: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    addr: SocketAddr,
+    token: String,
+    c: usize,
+    by_cell: std::sync::Arc<Vec<Vec<usize>>>,
+    cross_cell: f64,
+    batch: usize,
+    deadline: Instant,
+) -> anyhow::Result<Outcome> {
+    let mut conn = Conn::open(addr, &token).await?;
+    let mut rng = SmallRng::seed_from_u64(c as u64);
+    let mut out = Outcome {
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        requests: 0,
+        transfers: 0,
+        errors: BTreeMap::new(),
+    };
+    let mut n = 0u64;
+    let cells = by_cell.len();
+    let mut transfer = |rng: &mut SmallRng| {
+        n += 1;
+        let payer_cell = rng.random_range(0..cells);
+        let payee_cell = if cells > 1 && rng.random_bool(cross_cell) {
+            (payer_cell + rng.random_range(1..cells)) % cells
+        } else {
+            payer_cell
+        };
+        let from = by_cell[payer_cell][rng.random_range(0..by_cell[payer_cell].len())];
+        let mut to = by_cell[payee_cell][rng.random_range(0..by_cell[payee_cell].len())];
+        if to == from {
+            to = by_cell[payee_cell]
+                [(by_cell[payee_cell].iter().position(|&a| a == from).unwrap_or(0) + 1) % by_cell[payee_cell].len()];
+        }
+        json!({"id": format!("h{c}-{n}"), "from": account(from), "to": account(to), "amount": rng.random_range(1..=100)})
+    };
+    while Instant::now() < deadline {
+        let (path, body, count) = if batch == 0 {
+            ("/v1/transfers", transfer(&mut rng).to_string(), 1)
+        } else {
+            let items: Vec<_> = (0..batch).map(|_| transfer(&mut rng)).collect();
+            ("/v1/transfers/batch", json!({"transfers": items}).to_string(), batch as u64)
+        };
+        let started = Instant::now();
+        let (status, bytes) = conn.send("POST", path, body).await?;
+        out.latency_us.saturating_record(started.elapsed().as_micros() as u64);
+        out.requests += 1;
+        if batch == 0 {
+            if status == 201 || status == 200 {
+                out.transfers += 1;
+            } else {
+                *out.errors.entry(status.to_string()).or_default() += 1;
+            }
+        } else if status == 200 {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+            for r in v["results"].as_array().into_iter().flatten() {
+                match r["error"]["code"].as_str() {
+                    None => out.transfers += 1,
+                    Some(code) => *out.errors.entry(code.to_string()).or_default() += 1,
+                }
+            }
+        } else {
+            *out.errors.entry(status.to_string()).or_default() += count;
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.accounts >= 2 * args.cells as usize, "--accounts must be at least twice --cells");
+    anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!((0.0..=1.0).contains(&args.cross_cell), "--cross-cell is a share between 0 and 1");
+    anyhow::ensure!(args.batch <= 8190, "--batch is at most 8190");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> anyhow::Result<ExitCode> {
+    let (_started, addr, token) = match &args.target {
+        Some(url) => {
+            let addr: SocketAddr = url
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .parse()
+                .context("--target is http://IP:PORT")?;
+            (None, addr, args.token.clone().expect("clap requires --token with --target"))
+        }
+        None => {
+            let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
+            let (started, addr) = start_server(args.cells, &token)?;
+            (Some(started), addr, token)
+        }
+    };
+    let setup_started = Instant::now();
+    setup(addr, &token, args.accounts, args.connections).await?;
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    let map = ShardMap::round_robin(SHARDS_DEFAULT, args.cells)?;
+    let mut by_cell = vec![Vec::new(); args.cells as usize];
+    for i in 0..args.accounts {
+        by_cell[map.owner_of(&account(i)).0 as usize].push(i);
+    }
+    let by_cell = std::sync::Arc::new(by_cell);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(args.seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..args.connections {
+        tasks.spawn(drive(addr, token.clone(), c, by_cell.clone(), args.cross_cell, args.batch, deadline));
+    }
+    let mut total = Outcome {
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        requests: 0,
+        transfers: 0,
+        errors: BTreeMap::new(),
+    };
+    while let Some(r) = tasks.join_next().await {
+        let o = r??;
+        total.latency_us.add(&o.latency_us)?;
+        total.requests += o.requests;
+        total.transfers += o.transfers;
+        for (k, v) in o.errors {
+            *total.errors.entry(k).or_default() += v;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ms = |q: f64| total.latency_us.value_at_quantile(q) as f64 / 1e3;
+    let report = Report {
+        mode: if args.batch == 0 { "single".into() } else { format!("batch-{}", args.batch) },
+        connections: args.connections,
+        accounts: args.accounts,
+        cross_cell: args.cross_cell,
+        seconds: elapsed,
+        requests: total.requests,
+        transfers: total.transfers,
+        transfers_per_s: total.transfers as f64 / elapsed,
+        requests_per_s: total.requests as f64 / elapsed,
+        latency_p50_ms: ms(0.5),
+        latency_p99_ms: ms(0.99),
+        latency_p999_ms: ms(0.999),
+        latency_max_ms: total.latency_us.max() as f64 / 1e3,
+        errors: total.errors,
+        setup_s,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "cellpay bench http ({}): {} connections, {} accounts, {:.0} % cross-cell",
+            report.mode,
+            report.connections,
+            report.accounts,
+            report.cross_cell * 100.0
+        );
+        println!(
+            "  {:.0} transfers/s ({:.0} requests/s) over {:.1} s",
+            report.transfers_per_s, report.requests_per_s, report.seconds
+        );
+        println!(
+            "  latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, max {:.2} ms",
+            report.latency_p50_ms, report.latency_p99_ms, report.latency_p999_ms, report.latency_max_ms
+        );
+        if !report.errors.is_empty() {
+            println!("  errors {:?}", report.errors);
+        }
+        println!("  setup (open + fund accounts) {:.1} s", report.setup_s);
+    }
+    Ok(ExitCode::SUCCESS)
+}
