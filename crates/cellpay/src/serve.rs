@@ -143,12 +143,24 @@ fn open_cells(config: &Config, map: &ShardMap) -> anyhow::Result<Vec<Cell>> {
     })
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, registered once at start: a signal that arrives between
+/// two waits is kept for the next wait, never lost.
+struct ShutdownSignal {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
 
@@ -163,6 +175,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<ExitCode> {
+    let mut shutdown = ShutdownSignal::install()?;
     let limits = ApiLimits { body_bytes_max: config.body_bytes_max, batch_items_max: config.batch_items_max };
     let state = AppState::new(auth, limits);
     let tcp = tokio::net::TcpListener::bind(config.listen)
@@ -193,7 +206,7 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
     };
     let cells = tokio::select! {
         opened = recovering => opened.expect("recovery does not panic")?,
-        _ = shutdown_signal() => {
+        _ = shutdown.recv() => {
             let _ = stop_tx.send(true);
             return Ok(ExitCode::SUCCESS);
         }
@@ -223,7 +236,7 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
     let _ = state.0.cluster.set(cluster);
     say!("cellpay ready: every cell has recovered");
 
-    shutdown_signal().await;
+    shutdown.recv().await;
     say!("cellpay stopping: draining requests, then stopping cells");
     let _ = stop_tx.send(true);
     server.await.context("the HTTP server task")?.context("the HTTP server")?;

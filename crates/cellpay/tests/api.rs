@@ -303,3 +303,76 @@ fn the_schema_check_refuses_what_does_not_match() {
     let extra = json!({"error": {"code": "invalid_request", "message": "m", "more": 1}});
     assert!(std::panic::catch_unwind(|| conforms(&extra, "Error")).is_err());
 }
+
+#[test]
+fn settings_come_from_flag_then_environment_then_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cellpay.toml");
+    std::fs::write(&config, "cells = 3\nbatch_items_max = 5\nbody_bytes_max = 10000\n").unwrap();
+    let data = dir.path().join("data");
+    let path = config.to_str().unwrap();
+    let s = Server::start_with_env(
+        &data,
+        &["--config", path, "--body-bytes-max", "20000"],
+        &[("CELLPAY_BATCH_ITEMS_MAX", "7")],
+    );
+    assert_eq!(s.get("/v1/cluster", CLIENT).body["cells"].as_array().unwrap().len(), 3, "from the file");
+    let items = |n: usize| json!({"transfers": (0..n).map(|i| json!({"id": format!("c{i}"), "from": "a", "to": "b", "amount": 1})).collect::<Vec<_>>()});
+    assert_eq!(s.post("/v1/transfers/batch", CLIENT, &items(7)).status, 200, "the environment beats the file");
+    is_error(&s.post("/v1/transfers/batch", CLIENT, &items(8)), 413, "payload_too_large");
+    // 15 kB passes the flag's 20 kB limit (not the file's 10 kB) and reaches the memo check.
+    let memo = |n: usize| json!({"id": "m", "from": "a", "to": "b", "amount": 1, "memo": "x".repeat(n)});
+    is_error(&s.post("/v1/transfers", CLIENT, &memo(15_000)), 400, "invalid_request");
+    is_error(&s.post("/v1/transfers", CLIENT, &memo(25_000)), 413, "payload_too_large");
+    drop(s);
+    std::fs::write(&config, "cells = 3\nunknown_setting = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["serve", "--config", path, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a valid cellpay config"));
+}
+
+#[test]
+fn a_full_cell_queue_answers_503_overloaded_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = [
+        "--cells",
+        "1",
+        "--queue-commands-max",
+        "2",
+        "--batch-commands-max",
+        "1",
+        "--batch-items-max",
+        "1",
+        "--relay-messages-per-round-max",
+        "1",
+    ];
+    let s = std::sync::Arc::new(Server::start(dir.path(), &limits));
+    assert_eq!(open(&s, ADMIN, "bank", true).status, 201);
+    assert_eq!(open(&s, CLIENT, "shop", false).status, 201);
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                for n in 0..40 {
+                    let r = pay(&s, &format!("q{t}-{n}"), "bank", "shop", 1);
+                    if r.status == 503 {
+                        is_error(&r, 503, "overloaded");
+                    } else {
+                        assert_eq!(r.status, 201, "{}", r.body);
+                    }
+                    seen.push(r.status);
+                }
+                seen
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let accepted = statuses.iter().filter(|s| **s == 201).count() as i64;
+    assert!(statuses.contains(&503), "16 clients against a queue of 2 overflow it");
+    assert_eq!(balance(&s, "shop"), accepted, "exactly the accepted payments moved money");
+}

@@ -32,11 +32,17 @@ pub struct Reply {
 impl Server {
     /// Starts `cellpay serve` on a free port with the test tokens and waits until it is ready.
     pub fn start(dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// As `start`, with extra environment variables for the server.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -130,11 +136,17 @@ impl Server {
         self.request("GET", path, Some(token), &[], None)
     }
 
-    /// SIGTERM and wait; answers the exit code.
+    /// SIGTERM and wait (at most 30 s); answers the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap().code()
+        for _ in 0..3000 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the server did not stop within 30 s of SIGTERM");
     }
 
     pub fn kill9(mut self) {
