@@ -47,6 +47,7 @@ fn shadow_traffic_never_touches_real_money() {
         let r = s.post_shadow("/v1/transfers", CLIENT, &t);
         assert_eq!(r.status, 201, "a shadow id never collides with a real one: {}", r.body);
     }
+    s.eventually("shadow funding arrives", || s.get("/v1/audit", CLIENT).body["shadow"]["in_flight"] == 0);
     let batch: Vec<Value> = (0..200)
         .map(|n| {
             let (from, to) = (&ids[n % ids.len()], &ids[(n * 7 + 1) % ids.len()]);
