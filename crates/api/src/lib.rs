@@ -12,6 +12,7 @@ pub mod headers;
 pub mod listener;
 pub mod metrics;
 pub mod routes;
+pub mod served;
 pub mod views;
 
 use std::sync::{Arc, OnceLock};

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cellpay_core::{CellId, Command, Credit, ErrorCode, Op, OutboxMessage, Outcome, Query, QueryAnswer};
+use cellpay_core::{CellId, Command, ErrorCode, Op, OutboxMessage, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
 use crate::client::CellClient;
@@ -149,17 +149,6 @@ impl Relay {
     }
 
     fn credit(&self, source: CellId, m: &OutboxMessage) -> Command {
-        Command {
-            shadow: self.shadow,
-            op: Op::Credit(Credit {
-                source,
-                seq: m.seq,
-                transfer: m.transfer.clone(),
-                from: m.from.clone(),
-                to: m.to.clone(),
-                amount: m.amount,
-                currency: m.currency,
-            }),
-        }
+        Command { shadow: self.shadow, op: Op::Credit(m.credit(source)) }
     }
 }

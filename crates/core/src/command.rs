@@ -193,6 +193,21 @@ pub struct OutboxMessage {
     pub currency: Currency,
 }
 
+impl OutboxMessage {
+    /// The credit that carries this message from cell `source` to the payee's cell.
+    pub fn credit(&self, source: CellId) -> Credit {
+        Credit {
+            source,
+            seq: self.seq,
+            transfer: self.transfer.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            amount: self.amount,
+            currency: self.currency,
+        }
+    }
+}
+
 /// A ledger's conservation figures in one cell (I1, I4).
 ///
 /// Across a cluster, Σ `balance_sum` + Σ (`sent` − `compensated` − `received`)

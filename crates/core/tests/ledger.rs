@@ -117,16 +117,7 @@ fn credit_for(a: &CellState, dest: CellId) -> Credit {
     let QueryAnswer::Outbox(msgs) = a.query(&Query::Outbox { shadow: false, dest, after_seq: 0, limit: 10 }) else {
         panic!()
     };
-    let m = &msgs[0];
-    Credit {
-        source: a.cell(),
-        seq: m.seq,
-        transfer: m.transfer.clone(),
-        from: m.from.clone(),
-        to: m.to.clone(),
-        amount: m.amount,
-        currency: m.currency,
-    }
+    msgs[0].credit(a.cell())
 }
 
 fn status(cell: &CellState, tid: &str) -> TransferStatus {
@@ -184,16 +175,7 @@ fn credits_out_of_order_are_refused_without_effect() {
     else {
         panic!()
     };
-    let m = &msgs[0];
-    let second = Credit {
-        source: CellId(0),
-        seq: m.seq,
-        transfer: m.transfer.clone(),
-        from: m.from.clone(),
-        to: m.to.clone(),
-        amount: m.amount,
-        currency: m.currency,
-    };
+    let second = msgs[0].credit(CellId(0));
     assert_eq!(code(&b.apply(&Command::real(Op::Credit(second)))), Some(ErrorCode::OutOfOrder));
     assert_eq!(balance(&b, &payee), 0);
 }

@@ -182,15 +182,7 @@ impl Cluster {
     }
 
     fn deliver(&mut self, src: usize, dst: usize, shadow: bool, m: &OutboxMessage) -> Outcome {
-        let credit = Credit {
-            source: CellId(src as u32),
-            seq: m.seq,
-            transfer: m.transfer.clone(),
-            from: m.from.clone(),
-            to: m.to.clone(),
-            amount: m.amount,
-            currency: m.currency,
-        };
+        let credit = m.credit(CellId(src as u32));
         let out = self.apply(dst, Command { shadow, op: Op::Credit(credit) });
         if let Outcome::CreditApplied { duplicate: false } = out {
             self.legs.entry((shadow, src, m.transfer.clone())).or_default().1 += 1;

@@ -3,15 +3,16 @@
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
+use axum::response::Response;
+use axum::Extension;
 use cellpay_core::{ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
 use serde_json::json;
 
 use crate::auth::Role;
 use crate::body::{self, OpenAccountBody};
 use crate::error::ApiError;
-use crate::headers::{cell_headers, shadow};
+use crate::headers::shadow;
+use crate::served::Served;
 use crate::{views, AppState};
 
 /// Entries returned when the request names no `limit`.
@@ -29,16 +30,13 @@ pub async fn open(
         return Err(ApiError::new(ErrorCode::Forbidden, "opening an overdraft account needs the admin role"));
     }
     let cluster = state.cluster()?;
-    let routed = cluster.submit_one(command).await;
-    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
-    match routed.result.map_err(|e| at(e.into()))? {
+    let served = Served::from(cluster.submit_one(command).await)?;
+    match &served.answer {
         Outcome::AccountOpened { account, created } => {
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            let mut response = (status, Json(views::account(&account))).into_response();
-            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
-            Ok(response)
+            let status = if *created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(served.respond(status, views::account(account)))
         }
-        Outcome::Rejected(r) => Err(at(r.into())),
+        Outcome::Rejected(r) => Err(served.reject(r)),
         other => unreachable!("opening an account answers AccountOpened or Rejected, not {other:?}"),
     }
 }
@@ -50,15 +48,10 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     let id = body::account_id("id", &id)?;
     let query = Query::Account { shadow: shadow(&headers)?, id: id.clone() };
-    let routed = state.cluster()?.query_account(&id, query).await;
-    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
-    match routed.result.map_err(|e| at(e.into()))? {
-        QueryAnswer::Account(a) => {
-            let mut response = Json(views::account(&a)).into_response();
-            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
-            Ok(response)
-        }
-        QueryAnswer::Rejected(r) => Err(at(r.into())),
+    let served = Served::from(state.cluster()?.query_account(&id, query).await)?;
+    match &served.answer {
+        QueryAnswer::Account(a) => Ok(served.respond(StatusCode::OK, views::account(a))),
+        QueryAnswer::Rejected(r) => Err(served.reject(r)),
         other => unreachable!("an account query answers Account or Rejected, not {other:?}"),
     }
 }
@@ -93,20 +86,17 @@ pub async fn entries(
     let account = body::account_id("id", &id)?;
     let (limit, before) = page(raw.as_deref())?;
     let query = Query::Entries { shadow: shadow(&headers)?, account: account.clone(), limit, before };
-    let routed = state.cluster()?.query_account(&account, query).await;
-    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
-    match routed.result.map_err(|e| at(e.into()))? {
+    let served = Served::from(state.cluster()?.query_account(&account, query).await)?;
+    match &served.answer {
         QueryAnswer::Entries(entries) => {
             let next_before = (entries.len() == limit).then(|| entries.last().map(|e| e.seq)).flatten();
             let body = json!({
                 "entries": entries.iter().map(views::entry).collect::<Vec<_>>(),
                 "next_before": next_before,
             });
-            let mut response = Json(body).into_response();
-            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
-            Ok(response)
+            Ok(served.respond(StatusCode::OK, body))
         }
-        QueryAnswer::Rejected(r) => Err(at(r.into())),
+        QueryAnswer::Rejected(r) => Err(served.reject(r)),
         other => unreachable!("an entries query answers Entries or Rejected, not {other:?}"),
     }
 }

@@ -10,22 +10,20 @@ use serde_json::{json, Value};
 
 use crate::body::{self, BatchBody, TransferBody};
 use crate::error::ApiError;
-use crate::headers::{cell_headers, shadow};
+use crate::headers::shadow;
+use crate::served::Served;
 use crate::{views, AppState};
 
 pub async fn create(State(state): State<AppState>, headers: HeaderMap, request: Body) -> Result<Response, ApiError> {
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow(&headers)?)?;
-    let routed = state.cluster()?.submit_one(command).await;
-    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
-    match routed.result.map_err(|e| at(e.into()))? {
+    let served = Served::from(state.cluster()?.submit_one(command).await)?;
+    match &served.answer {
         Outcome::Transferred { transfer, created, .. } => {
-            let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-            let mut response = (status, Json(views::transfer(&transfer))).into_response();
-            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
-            Ok(response)
+            let status = if *created { StatusCode::CREATED } else { StatusCode::OK };
+            Ok(served.respond(status, views::transfer(transfer)))
         }
-        Outcome::Rejected(r) => Err(at(r.into())),
+        Outcome::Rejected(r) => Err(served.reject(r)),
         other => unreachable!("a transfer answers Transferred or Rejected, not {other:?}"),
     }
 }
@@ -95,15 +93,10 @@ pub async fn status(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = body::transfer_id(&id)?;
-    let routed = state.cluster()?.transfer_status(shadow(&headers)?, &id).await;
-    let at = |e: ApiError| e.at(routed.cell, routed.epoch);
-    match routed.result.map_err(|e| at(e.into()))? {
-        QueryAnswer::Transfer(t) => {
-            let mut response = Json(views::transfer(&t)).into_response();
-            cell_headers(response.headers_mut(), routed.cell, routed.epoch);
-            Ok(response)
-        }
-        QueryAnswer::Rejected(r) => Err(at(r.into())),
+    let served = Served::from(state.cluster()?.transfer_status(shadow(&headers)?, &id).await)?;
+    match &served.answer {
+        QueryAnswer::Transfer(t) => Ok(served.respond(StatusCode::OK, views::transfer(t))),
+        QueryAnswer::Rejected(r) => Err(served.reject(r)),
         other => unreachable!("a transfer query answers Transfer or Rejected, not {other:?}"),
     }
 }
