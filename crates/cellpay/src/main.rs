@@ -8,6 +8,7 @@ mod check;
 mod config;
 mod crash_load;
 mod serve;
+mod stress;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,9 @@ enum Command {
     /// Runs a whole cluster in one process: N cells, the router, the relays
     /// and the HTTP API (DESIGN.md section 4).
     Serve(config::ServeArgs),
+    /// A full-link stress run on shadow traffic; writes the readiness report.
+    /// Exit 0 go, 1 no-go, 2 error.
+    Stress(stress::Args),
     /// Benchmarks; `--json` prints one JSON object.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Stress(args) => stress::run(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
         Command::Bench(BenchCommand::Http(args)) => bench_http::run(args),
         Command::Check(args) => check::run(args),

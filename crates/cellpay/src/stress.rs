@@ -1,0 +1,64 @@
+//! `cellpay stress`: a full-link stress run against a cluster, shadow by
+//! default. Writes `report.json` to `--report`; exit 0 go, 1 no-go, 2 error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use cellpay_stress::{Profile, Report, RunOptions, Runner};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The cluster's base URL, e.g. http://127.0.0.1:7070.
+    #[arg(long)]
+    pub target: String,
+    /// The workload profile (TOML), e.g. profiles/double11.toml.
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// Where to write report.json.
+    #[arg(long, default_value = "stress-report")]
+    pub report: PathBuf,
+    /// An admin token secret (the run opens a shadow overdraft account and reads digests).
+    #[arg(long, env = "CELLPAY_STRESS_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Send real traffic instead of shadow traffic. Real money moves.
+    #[arg(long)]
+    pub real: bool,
+    /// Requests in flight at most; beyond it the generator waits and says so.
+    #[arg(long, default_value_t = 4096)]
+    pub in_flight_max: usize,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs a profile and writes its report; answers the report.
+pub fn run_profile(args: &Args) -> anyhow::Result<Report> {
+    let profile = Profile::load(&args.profile)?;
+    anyhow::ensure!(args.in_flight_max >= 1, "--in-flight-max must be at least 1");
+    let options = RunOptions {
+        target: args.target.clone(),
+        token: args.token.clone(),
+        shadow: !args.real,
+        in_flight_max: args.in_flight_max,
+        progress: !args.quiet,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(async {
+        let runner = Runner::prepare(profile, options).await?;
+        Arc::new(runner).run().await
+    })?;
+    std::fs::create_dir_all(&args.report).with_context(|| format!("creating {}", args.report.display()))?;
+    let path = args.report.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(report)
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let report = run_profile(&args)?;
+    println!("{}", report.readiness);
+    println!("report: {}", args.report.join("report.json").display());
+    Ok(if report.go { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

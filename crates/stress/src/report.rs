@@ -1,0 +1,169 @@
+//! The readiness report: what a run measured, the checks it made, the SLO
+//! verdict per threshold, and one go / no-go line with its reason.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::profile::{Operation, Slo};
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(h: &hdrhistogram::Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        Self { p50_ms: ms(0.5), p95_ms: ms(0.95), p99_ms: ms(0.99), p999_ms: ms(0.999), max_ms: h.max() as f64 / 1e3 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OperationReport {
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub throughput_per_s: f64,
+    pub latency: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CellReport {
+    pub cell: u32,
+    pub requests: u64,
+    pub throughput_per_s: f64,
+    pub latency: Percentiles,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Second {
+    pub t: u64,
+    pub stage: String,
+    pub intended_rate: f64,
+    pub requests: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub p99_ms: BTreeMap<String, f64>,
+    pub cells: BTreeMap<u32, u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SloVerdict {
+    pub operation: String,
+    pub threshold: String,
+    pub limit: f64,
+    pub measured: f64,
+    pub pass: bool,
+}
+
+/// Invariant and routing checks made while the run went on.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Checks {
+    /// Answers from another cell than the shard map names (each fails the run).
+    pub wrong_cell_answers: u64,
+    pub audit_polls: u64,
+    /// Polls at which Σ ≠ 0 or a negative balance showed, real or shadow ledger.
+    pub audit_failures: u64,
+    /// Shards whose real-ledger digest changed during the run.
+    pub real_digests_changed: u64,
+    pub real_traffic: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Generator {
+    pub intended_requests: u64,
+    pub sent_requests: u64,
+    /// The most a request was sent behind its intended time.
+    pub send_lag_max_ms: f64,
+    /// True when the generator could not keep its schedule (its own limit, not the server's).
+    pub saturated: bool,
+    pub in_flight_max: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Cost {
+    pub payments: u64,
+    /// Server CPU per payment, from `/metrics` (cells' engine threads).
+    pub cpu_us_per_payment: Option<f64>,
+    /// Bytes the cells wrote (log and checkpoints) per payment, from `/metrics`.
+    pub bytes_per_payment: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub profile: String,
+    pub target: String,
+    pub shadow: bool,
+    pub duration_s: f64,
+    pub peak_throughput_per_s: f64,
+    pub operations: BTreeMap<String, OperationReport>,
+    pub cells: Vec<CellReport>,
+    pub errors_by_code: BTreeMap<String, u64>,
+    pub shed: u64,
+    pub degraded: u64,
+    pub timeline: Vec<Second>,
+    pub slo: Vec<SloVerdict>,
+    pub checks: Checks,
+    pub generator: Generator,
+    pub cost: Cost,
+    pub bottleneck: String,
+    pub go: bool,
+    pub readiness: String,
+}
+
+/// The SLO verdicts of every operation the profile gives thresholds for.
+pub fn slo_verdicts(slo: &BTreeMap<Operation, Slo>, ops: &BTreeMap<String, OperationReport>) -> Vec<SloVerdict> {
+    let mut out = Vec::new();
+    for (op, s) in slo {
+        let Some(r) = ops.get(op.as_str()) else { continue };
+        let mut push = |threshold: &str, limit: f64, measured: f64| {
+            out.push(SloVerdict {
+                operation: op.as_str().into(),
+                threshold: threshold.into(),
+                limit,
+                measured,
+                pass: measured <= limit,
+            })
+        };
+        push("p99_ms", s.p99_ms, r.latency.p99_ms);
+        push("p999_ms", s.p999_ms, r.latency.p999_ms);
+        push("error_rate", s.error_rate, r.error_rate);
+    }
+    out
+}
+
+/// Go when every SLO and every check holds and the generator kept its schedule.
+pub fn readiness(slo: &[SloVerdict], checks: &Checks, generator: &Generator) -> (bool, String) {
+    let mut reasons = Vec::new();
+    if generator.saturated {
+        reasons.push(format!(
+            "generator saturated (sent up to {:.0} ms behind schedule): the run did not measure the profile",
+            generator.send_lag_max_ms
+        ));
+    }
+    if checks.wrong_cell_answers > 0 {
+        reasons.push(format!("{} answers came from the wrong cell", checks.wrong_cell_answers));
+    }
+    if checks.audit_failures > 0 {
+        reasons.push(format!("the audit failed at {} of {} polls", checks.audit_failures, checks.audit_polls));
+    }
+    if checks.real_digests_changed > 0 {
+        reasons.push(format!("{} real shard digests changed during a shadow run", checks.real_digests_changed));
+    }
+    for v in slo.iter().filter(|v| !v.pass) {
+        reasons.push(format!("{} {} {:.3} over the SLO {:.3}", v.operation, v.threshold, v.measured, v.limit));
+    }
+    if reasons.is_empty() {
+        (true, format!("GO: every SLO ({} thresholds) and every check held", slo.len()))
+    } else {
+        (false, format!("NO-GO: {}", reasons.join("; ")))
+    }
+}

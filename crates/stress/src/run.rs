@@ -1,0 +1,562 @@
+//! One stress run: seed the shadow accounts, drive the profile open-loop,
+//! check routing and the audit while it runs, and build the report.
+//!
+//! Open loop: every request has an intended send time from the profile's
+//! rate curve; it is sent then whatever the server does, and its latency is
+//! measured from that intended time, so a stalled server shows in every
+//! request scheduled during the stall (no coordinated omission). In-flight
+//! requests are bounded; when the bound holds a request back, the delay counts
+//! in its latency and the generator reports how far behind schedule it fell.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellpay_core::{CellId, ShardMap};
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution as _, Zipf};
+use serde_json::json;
+
+use crate::http::{Answer, Http};
+use crate::profile::{Distribution, Operation, Profile};
+use crate::report::*;
+
+/// A generator that falls this far behind its schedule is saturated.
+pub const SEND_LAG_SATURATED_MS: f64 = 100.0;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub target: String,
+    /// An admin token: the run opens a shadow overdraft account and reads digests.
+    pub token: String,
+    /// Shadow traffic (the default); `false` sends real traffic.
+    pub shadow: bool,
+    pub in_flight_max: usize,
+    /// Prints a progress line every second to stderr.
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Target(String),
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
+/// Everything the request tasks record.
+struct Record {
+    ops: BTreeMap<Operation, (Histogram<u64>, u64, u64)>,
+    cells: BTreeMap<u32, (Histogram<u64>, u64)>,
+    errors: BTreeMap<String, u64>,
+    seconds: Vec<(BTreeMap<Operation, (Histogram<u64>, u64)>, u64, BTreeMap<u32, u64>)>,
+    wrong_cell: u64,
+    payments: u64,
+}
+
+impl Record {
+    fn new(seconds: usize) -> Self {
+        Self {
+            ops: BTreeMap::new(),
+            cells: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            seconds: (0..seconds).map(|_| (BTreeMap::new(), 0, BTreeMap::new())).collect(),
+            wrong_cell: 0,
+            payments: 0,
+        }
+    }
+}
+
+/// The seeded accounts, grouped by cell, and the chooser of keys.
+struct Keys {
+    ids: Vec<String>,
+    by_cell: Vec<Vec<usize>>,
+    cell_of: Vec<u32>,
+    zipf_payer: Option<Zipf<f64>>,
+    zipf_payee: Option<Zipf<f64>>,
+}
+
+impl Keys {
+    fn pick(&self, rng: &mut SmallRng, d: &Option<Zipf<f64>>) -> usize {
+        match d {
+            Some(z) => (z.sample(rng) as usize - 1).min(self.ids.len() - 1),
+            None => rng.random_range(0..self.ids.len()),
+        }
+    }
+}
+
+pub struct Runner {
+    profile: Profile,
+    options: RunOptions,
+    http: Http,
+    keys: Keys,
+    run_id: String,
+    recent: Mutex<VecDeque<(String, usize)>>,
+}
+
+fn account_name(profile: &str, i: usize) -> String {
+    format!("stress-{profile}-{i}")
+}
+
+impl Runner {
+    /// Reads the cluster's shard map and seeds the accounts.
+    pub async fn prepare(profile: Profile, options: RunOptions) -> Result<Self, RunError> {
+        let http = Http::new(&options.target, &options.token, options.shadow);
+        let cluster = http.send("GET", "/v1/cluster", None).await.map_err(RunError::Target)?;
+        if cluster.status != 200 {
+            return Err(RunError::Target(format!(
+                "GET /v1/cluster answered {}: {}",
+                cluster.status,
+                cluster.error_code()
+            )));
+        }
+        let c = cluster.json();
+        let owners: Vec<CellId> = c["shard_map"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_u64())
+            .map(|v| CellId(v as u32))
+            .collect();
+        let map = ShardMap::new(c["epoch"].as_u64().unwrap_or(0), owners)
+            .map_err(|e| RunError::Target(format!("the cluster's shard map: {e}")))?;
+        let cells = c["cells"].as_array().map_or(0, |v| v.len());
+        let ids: Vec<String> = (0..profile.accounts).map(|i| account_name(&profile.name, i)).collect();
+        let mut by_cell = vec![Vec::new(); cells.max(1)];
+        let cell_of: Vec<u32> = ids.iter().map(|id| map.owner_of(id).0).collect();
+        for (i, c) in cell_of.iter().enumerate() {
+            by_cell[*c as usize].push(i);
+        }
+        let zipf = |d: &Distribution| match d {
+            Distribution::Uniform => None,
+            Distribution::Zipf { exponent } => Zipf::new(ids.len() as f64, *exponent).ok(),
+        };
+        let keys = Keys {
+            zipf_payer: zipf(&profile.keys.payer),
+            zipf_payee: zipf(&profile.keys.payee),
+            ids,
+            by_cell,
+            cell_of,
+        };
+        let run_id: String = format!("{:08x}", rand::random::<u32>());
+        let runner = Self { profile, options, http, keys, run_id, recent: Mutex::new(VecDeque::new()) };
+        runner.seed().await?;
+        Ok(runner)
+    }
+
+    async fn seed(&self) -> Result<(), RunError> {
+        let bank = format!("stress-{}-bank", self.profile.name);
+        let r = self
+            .http
+            .send("POST", "/v1/accounts", Some(json!({"id": bank, "currency": "CNY", "overdraft": true}).to_string()))
+            .await
+            .map_err(RunError::Target)?;
+        if r.status != 201 && r.status != 200 {
+            return Err(RunError::Target(format!("opening the stress bank answered {}", r.error_code())));
+        }
+        let opening = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in &self.keys.ids {
+            let (http, id, permit) = (self.http.clone(), id.clone(), opening.clone().acquire_owned().await);
+            tasks.spawn(async move {
+                let _permit = permit;
+                let body = json!({"id": id, "currency": "CNY"}).to_string();
+                http.send("POST", "/v1/accounts", Some(body)).await.and_then(|r| {
+                    (r.status == 201 || r.status == 200)
+                        .then_some(())
+                        .ok_or(format!("opening {id}: {}", r.error_code()))
+                })
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.map_err(|e| RunError::Target(e.to_string()))?.map_err(RunError::Target)?;
+        }
+        for (n, chunk) in self.keys.ids.chunks(8190).enumerate() {
+            let transfers: Vec<_> = chunk
+                .iter()
+                .map(|id| json!({"id": format!("stress-fund-{}-{n}-{id}", self.profile.name), "from": bank, "to": id, "amount": 1_000_000_000i64}))
+                .collect();
+            let body = json!({"transfers": transfers}).to_string();
+            let r = self.http.send("POST", "/v1/transfers/batch", Some(body)).await.map_err(RunError::Target)?;
+            if r.status != 200 {
+                return Err(RunError::Target(format!("funding answered {}", r.error_code())));
+            }
+        }
+        for _ in 0..600 {
+            let audit = self.http.send("GET", "/v1/audit", None).await.map_err(RunError::Target)?.json();
+            let ledger = if self.options.shadow { "shadow" } else { "real" };
+            if audit[ledger]["in_flight"] == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(RunError::Target("the funding credits did not arrive within a minute".into()))
+    }
+
+    fn payer_payee(&self, rng: &mut SmallRng) -> (usize, usize) {
+        let k = &self.keys;
+        let n = k.ids.len();
+        let payer = k.pick(rng, &k.zipf_payer);
+        let p = &self.profile.keys;
+        let mut payee = if p.hot_share > 0.0 && rng.random_bool(p.hot_share) {
+            rng.random_range(0..p.hot_merchants)
+        } else if k.by_cell.len() > 1 && rng.random_bool(p.cross_cell_share) {
+            let own = k.cell_of[payer] as usize;
+            let other = (own + rng.random_range(1..k.by_cell.len())) % k.by_cell.len();
+            let pool = &k.by_cell[other];
+            if pool.is_empty() {
+                k.pick(rng, &k.zipf_payee)
+            } else {
+                pool[rng.random_range(0..pool.len())]
+            }
+        } else {
+            let pool = &k.by_cell[k.cell_of[payer] as usize];
+            let _ = &k.zipf_payee;
+            pool[rng.random_range(0..pool.len())]
+        };
+        if payee == payer {
+            payee = (payer + 1) % n;
+        }
+        (payer, payee)
+    }
+
+    /// One request of operation `op`; answers what to record.
+    async fn request(&self, op: Operation, rng: &mut SmallRng, n: u64) -> (Result<Answer, String>, Option<u32>, u64) {
+        let ids = &self.keys.ids;
+        let expect = |i: usize| Some(self.keys.cell_of[i]);
+        match op {
+            Operation::Transfer => {
+                let (a, b) = self.payer_payee(rng);
+                let id = format!("s-{}-{n}", self.run_id);
+                let body = json!({"id": id, "from": ids[a], "to": ids[b], "amount": rng.random_range(1..=100)});
+                let answer = self.http.send("POST", "/v1/transfers", Some(body.to_string())).await;
+                let mut recent = self.recent.lock().expect("recent lock");
+                recent.push_back((id, a));
+                if recent.len() > 4096 {
+                    recent.pop_front();
+                }
+                (answer, expect(a), 1)
+            }
+            Operation::Batch => {
+                let items: Vec<_> = (0..self.profile.batch_size)
+                    .map(|k| {
+                        let (a, b) = self.payer_payee(rng);
+                        json!({"id": format!("s-{}-{n}-{k}", self.run_id), "from": ids[a], "to": ids[b], "amount": rng.random_range(1..=100)})
+                    })
+                    .collect();
+                let body = json!({"transfers": items}).to_string();
+                (self.http.send("POST", "/v1/transfers/batch", Some(body)).await, None, self.profile.batch_size as u64)
+            }
+            Operation::Balance => {
+                let a = self.keys.pick(rng, &self.keys.zipf_payer);
+                (self.http.send("GET", &format!("/v1/accounts/{}", ids[a]), None).await, expect(a), 0)
+            }
+            Operation::History => {
+                let a = self.keys.pick(rng, &self.keys.zipf_payer);
+                (self.http.send("GET", &format!("/v1/accounts/{}/entries?limit=20", ids[a]), None).await, expect(a), 0)
+            }
+            Operation::Status => {
+                let known = self.recent.lock().expect("recent lock").back().cloned();
+                match known {
+                    Some((id, payer)) => {
+                        (self.http.send("GET", &format!("/v1/transfers/{id}"), None).await, expect(payer), 0)
+                    }
+                    None => {
+                        let a = self.keys.pick(rng, &self.keys.zipf_payer);
+                        (self.http.send("GET", &format!("/v1/accounts/{}", ids[a]), None).await, expect(a), 0)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sums a metric's samples in Prometheus text (all label sets).
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = false;
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            sum += v;
+            found = true;
+        }
+    }
+    found.then_some(sum)
+}
+
+impl Runner {
+    async fn real_digests(&self) -> Option<Vec<String>> {
+        let r = self.http.with_shadow(false).send("GET", "/v1/digests", None).await.ok()?;
+        let v = r.json();
+        v["digests"].as_array().map(|a| a.iter().filter_map(|d| d.as_str().map(str::to_string)).collect())
+    }
+
+    async fn server_costs(&self) -> (Option<f64>, Option<f64>) {
+        let Ok(r) = self.http.send("GET", "/metrics", None).await else { return (None, None) };
+        let text = String::from_utf8_lossy(&r.body);
+        let cpu = metric_sum(&text, "cellpay_cell_cpu_seconds_total");
+        let bytes = match (
+            metric_sum(&text, "cellpay_cell_log_bytes_total"),
+            metric_sum(&text, "cellpay_cell_checkpoint_bytes_total"),
+        ) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        (cpu, bytes)
+    }
+
+    fn choose(&self, rng: &mut SmallRng) -> Operation {
+        let total: f64 = self.profile.mix.values().sum();
+        let mut x = rng.random_range(0.0..total);
+        for (op, w) in &self.profile.mix {
+            if x < *w {
+                return *op;
+            }
+            x -= w;
+        }
+        *self.profile.mix.keys().next_back().expect("a checked profile has a mix")
+    }
+
+    /// Drives the profile and builds the report.
+    pub async fn run(self: Arc<Self>) -> Result<Report, RunError> {
+        let digests_before = if self.options.shadow { self.real_digests().await } else { None };
+        let (cpu_before, bytes_before) = self.server_costs().await;
+        let arrivals = self.profile.arrivals();
+        let seconds = self.profile.duration_s().ceil() as usize + 1;
+        let record = Arc::new(Mutex::new(Record::new(seconds)));
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.options.in_flight_max));
+        let done = Arc::new(AtomicBool::new(false));
+        let (audit_polls, audit_failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let poller = {
+            let (http, done, polls, failures) =
+                (self.http.clone(), done.clone(), audit_polls.clone(), audit_failures.clone());
+            tokio::spawn(async move {
+                while !done.load(Relaxed) {
+                    if let Ok(a) = http.send("GET", "/v1/audit", None).await {
+                        let v = a.json();
+                        polls.fetch_add(1, Relaxed);
+                        let sound = |l: &serde_json::Value| l["sum"] == 0 && l["negative_accounts"] == 0;
+                        if a.status != 200 || !sound(&v["real"]) || !sound(&v["shadow"]) {
+                            failures.fetch_add(1, Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1000)).await;
+                }
+            })
+        };
+        let mut generator = Generator {
+            intended_requests: arrivals.len() as u64,
+            in_flight_max: self.options.in_flight_max,
+            ..Generator::default()
+        };
+        let start = tokio::time::Instant::now();
+        let mut next_progress = 1.0;
+        for (n, t) in arrivals.iter().enumerate() {
+            let intended = start + Duration::from_secs_f64(*t);
+            tokio::time::sleep_until(intended).await;
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            let lag_ms = intended.elapsed().as_secs_f64() * 1e3;
+            generator.send_lag_max_ms = generator.send_lag_max_ms.max(lag_ms);
+            generator.sent_requests += 1;
+            let second = (*t as usize).min(seconds - 1);
+            let (runner, task_record) = (self.clone(), record.clone());
+            let intended_std = Instant::now() - intended.elapsed();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut rng =
+                    SmallRng::seed_from_u64(runner.profile.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let op = runner.choose(&mut rng);
+                let (answer, expected, payments) = runner.request(op, &mut rng, n as u64).await;
+                let latency_us = intended_std.elapsed().as_micros() as u64;
+                let mut r = task_record.lock().expect("record lock");
+                r.record(op, second, latency_us, &answer, expected, payments);
+            });
+            if *t >= next_progress && self.options.progress {
+                next_progress += 1.0;
+                let r = record.lock().expect("record lock");
+                let (rate, stage) = self.profile.rate_at(*t).map_or((0.0, "end"), |(r, s)| (r, s.name.as_str()));
+                let p99 =
+                    r.ops.get(&Operation::Transfer).map_or(0.0, |(h, _, _)| h.value_at_quantile(0.99) as f64 / 1e3);
+                let errors: u64 = r.ops.values().map(|(_, _, e)| e).sum();
+                eprintln!(
+                    "[{t:>6.1} s] {stage:<12} {rate:>9.0} req/s intended  transfer p99 {p99:>8.2} ms  errors {errors}"
+                );
+            }
+        }
+        let _all_done = permits.acquire_many(self.options.in_flight_max as u32).await.expect("never closed");
+        done.store(true, Relaxed);
+        let _ = poller.await;
+        let duration_s = start.elapsed().as_secs_f64();
+        generator.saturated = generator.send_lag_max_ms > SEND_LAG_SATURATED_MS;
+
+        let mut checks = Checks {
+            audit_polls: audit_polls.load(Relaxed),
+            audit_failures: audit_failures.load(Relaxed),
+            real_traffic: !self.options.shadow,
+            ..Checks::default()
+        };
+        if let (Some(before), Some(after)) = (digests_before, self.real_digests().await) {
+            checks.real_digests_changed = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u64;
+        }
+        let (cpu_after, bytes_after) = self.server_costs().await;
+        let record =
+            Arc::try_unwrap(record).ok().expect("every request task is done").into_inner().expect("record lock");
+        checks.wrong_cell_answers = record.wrong_cell;
+        let per = |a: Option<f64>, b: Option<f64>, scale: f64| match (a, b) {
+            (Some(a), Some(b)) if record.payments > 0 => Some((b - a) * scale / record.payments as f64),
+            _ => None,
+        };
+        let cost = Cost {
+            payments: record.payments,
+            cpu_us_per_payment: per(cpu_before, cpu_after, 1e6),
+            bytes_per_payment: per(bytes_before, bytes_after, 1.0),
+        };
+        Ok(self.report(record, checks, generator, cost, duration_s))
+    }
+
+    fn report(&self, record: Record, checks: Checks, generator: Generator, cost: Cost, duration_s: f64) -> Report {
+        let operations: BTreeMap<String, OperationReport> = record
+            .ops
+            .iter()
+            .map(|(op, (h, requests, errors))| {
+                let report = OperationReport {
+                    requests: *requests,
+                    errors: *errors,
+                    error_rate: *errors as f64 / (*requests).max(1) as f64,
+                    throughput_per_s: *requests as f64 / duration_s,
+                    latency: Percentiles::of(h),
+                };
+                (op.as_str().to_string(), report)
+            })
+            .collect();
+        let cells: Vec<CellReport> = record
+            .cells
+            .iter()
+            .map(|(cell, (h, n))| CellReport {
+                cell: *cell,
+                requests: *n,
+                throughput_per_s: *n as f64 / duration_s,
+                latency: Percentiles::of(h),
+            })
+            .collect();
+        let timeline: Vec<Second> = record
+            .seconds
+            .iter()
+            .enumerate()
+            .map(|(t, (ops, errors, cells))| {
+                let (rate, stage) =
+                    self.profile.rate_at(t as f64).map_or((0.0, String::new()), |(r, s)| (r, s.name.clone()));
+                Second {
+                    t: t as u64,
+                    stage,
+                    intended_rate: rate,
+                    requests: ops.iter().map(|(op, (_, n))| (op.as_str().to_string(), *n)).collect(),
+                    errors: *errors,
+                    p99_ms: ops
+                        .iter()
+                        .map(|(op, (h, _))| (op.as_str().to_string(), h.value_at_quantile(0.99) as f64 / 1e3))
+                        .collect(),
+                    cells: cells.clone(),
+                }
+            })
+            .collect();
+        let peak = timeline.iter().map(|s| s.requests.values().sum::<u64>()).max().unwrap_or(0) as f64;
+        let shed = record.errors.get("overloaded").copied().unwrap_or(0);
+        let degraded = record.errors.get("degraded").copied().unwrap_or(0);
+        let slo = slo_verdicts(&self.profile.slo, &operations);
+        let bottleneck = if generator.saturated {
+            "the generator: it fell behind its schedule".to_string()
+        } else if shed > 0 {
+            format!("cell queues: {shed} requests shed as overloaded")
+        } else {
+            cells
+                .iter()
+                .max_by(|a, b| a.latency.p99_ms.total_cmp(&b.latency.p99_ms))
+                .map_or("none measured".into(), |c| {
+                    format!("cell {}: the highest p99 ({:.2} ms)", c.cell, c.latency.p99_ms)
+                })
+        };
+        let (go, readiness) = readiness(&slo, &checks, &generator);
+        Report {
+            profile: self.profile.name.clone(),
+            target: self.options.target.clone(),
+            shadow: self.options.shadow,
+            duration_s,
+            peak_throughput_per_s: peak,
+            operations,
+            cells,
+            errors_by_code: record.errors,
+            shed,
+            degraded,
+            timeline,
+            slo,
+            checks,
+            generator,
+            cost,
+            bottleneck,
+            go,
+            readiness,
+        }
+    }
+}
+
+impl Record {
+    fn record(
+        &mut self,
+        op: Operation,
+        second: usize,
+        latency_us: u64,
+        answer: &Result<Answer, String>,
+        expected: Option<u32>,
+        payments: u64,
+    ) {
+        let latency_us = latency_us.max(1);
+        let entry = self.ops.entry(op).or_insert_with(|| (histogram(), 0, 0));
+        entry.0.saturating_record(latency_us);
+        entry.1 += 1;
+        let slot = &mut self.seconds[second];
+        let per_second = slot.0.entry(op).or_insert_with(|| (histogram(), 0));
+        per_second.0.saturating_record(latency_us);
+        per_second.1 += 1;
+        match answer {
+            Ok(a) if (200..300).contains(&a.status) => {
+                self.payments += payments;
+                if let Some(cell) = a.cell {
+                    let c = self.cells.entry(cell).or_insert_with(|| (histogram(), 0));
+                    c.0.saturating_record(latency_us);
+                    c.1 += 1;
+                    *slot.2.entry(cell).or_default() += 1;
+                    if expected.is_some_and(|e| e != cell) {
+                        self.wrong_cell += 1;
+                    }
+                }
+                if op == Operation::Batch {
+                    for item in a.json()["results"].as_array().into_iter().flatten() {
+                        if let Some(code) = item["error"]["code"].as_str() {
+                            *self.errors.entry(code.to_string()).or_default() += 1;
+                        }
+                    }
+                }
+            }
+            Ok(a) => {
+                entry.2 += 1;
+                slot.1 += 1;
+                *self.errors.entry(a.error_code()).or_default() += 1;
+            }
+            Err(_) => {
+                entry.2 += 1;
+                slot.1 += 1;
+                *self.errors.entry("transport".into()).or_default() += 1;
+            }
+        }
+    }
+}
