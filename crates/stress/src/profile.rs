@@ -164,7 +164,7 @@ impl Profile {
         }
         for s in &self.stages {
             let ok = |r: f64| r.is_finite() && (0.0..=RATE_MAX).contains(&r);
-            if !(s.duration_s.is_finite() && s.duration_s > 0.0) || !ok(s.rate_from) || !ok(s.rate_to) {
+            if !(s.duration_s.is_finite() && s.duration_s > 0.0 && ok(s.rate_from) && ok(s.rate_to)) {
                 return Err(format!(
                     "stage {:?}: duration_s must be positive and rates between 0 and {RATE_MAX}",
                     s.name

@@ -49,12 +49,20 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
 }
 
+/// One second of the run: latency and count per operation, errors, answers per cell.
+#[derive(Default)]
+struct SecondRecord {
+    ops: BTreeMap<Operation, (Histogram<u64>, u64)>,
+    errors: u64,
+    cells: BTreeMap<u32, u64>,
+}
+
 /// Everything the request tasks record.
 struct Record {
     ops: BTreeMap<Operation, (Histogram<u64>, u64, u64)>,
     cells: BTreeMap<u32, (Histogram<u64>, u64)>,
     errors: BTreeMap<String, u64>,
-    seconds: Vec<(BTreeMap<Operation, (Histogram<u64>, u64)>, u64, BTreeMap<u32, u64>)>,
+    seconds: Vec<SecondRecord>,
     wrong_cell: u64,
     payments: u64,
 }
@@ -65,7 +73,7 @@ impl Record {
             ops: BTreeMap::new(),
             cells: BTreeMap::new(),
             errors: BTreeMap::new(),
-            seconds: (0..seconds).map(|_| (BTreeMap::new(), 0, BTreeMap::new())).collect(),
+            seconds: (0..seconds).map(|_| SecondRecord::default()).collect(),
             wrong_cell: 0,
             payments: 0,
         }
@@ -452,7 +460,7 @@ impl Runner {
             .seconds
             .iter()
             .enumerate()
-            .map(|(t, (ops, errors, cells))| {
+            .map(|(t, SecondRecord { ops, errors, cells })| {
                 let (rate, stage) =
                     self.profile.rate_at(t as f64).map_or((0.0, String::new()), |(r, s)| (r, s.name.clone()));
                 Second {
@@ -524,7 +532,7 @@ impl Record {
         entry.0.saturating_record(latency_us);
         entry.1 += 1;
         let slot = &mut self.seconds[second];
-        let per_second = slot.0.entry(op).or_insert_with(|| (histogram(), 0));
+        let per_second = slot.ops.entry(op).or_insert_with(|| (histogram(), 0));
         per_second.0.saturating_record(latency_us);
         per_second.1 += 1;
         match answer {
@@ -534,7 +542,7 @@ impl Record {
                     let c = self.cells.entry(cell).or_insert_with(|| (histogram(), 0));
                     c.0.saturating_record(latency_us);
                     c.1 += 1;
-                    *slot.2.entry(cell).or_default() += 1;
+                    *slot.cells.entry(cell).or_default() += 1;
                     if expected.is_some_and(|e| e != cell) {
                         self.wrong_cell += 1;
                     }
@@ -549,12 +557,12 @@ impl Record {
             }
             Ok(a) => {
                 entry.2 += 1;
-                slot.1 += 1;
+                slot.errors += 1;
                 *self.errors.entry(a.error_code()).or_default() += 1;
             }
             Err(_) => {
                 entry.2 += 1;
-                slot.1 += 1;
+                slot.errors += 1;
                 *self.errors.entry("transport".into()).or_default() += 1;
             }
         }
