@@ -1,0 +1,84 @@
+//! `cellpay stress` against the real `cellpay serve`: a shadow run leaves the
+//! real digests and balances unchanged and says go; a real transfer sent in the
+//! middle of a shadow run changes a real digest and turns the verdict to no-go.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Server, ADMIN, CLIENT};
+use serde_json::{json, Value};
+
+const PROFILE: &str = r#"
+name = "suite"
+accounts = 300
+batch_size = 10
+[[stages]]
+name = "steady"
+duration_s = 3
+rate_from = 150
+rate_to = 150
+[mix]
+transfer = 6
+batch = 1
+balance = 2
+history = 1
+status = 1
+[keys]
+hot_merchants = 3
+hot_share = 0.3
+cross_cell_share = 0.2
+[slo.transfer]
+p99_ms = 2000
+p999_ms = 5000
+error_rate = 0.01
+"#;
+
+fn stress(s: &Server, dir: &std::path::Path) -> std::process::Child {
+    let profile = dir.join("suite.toml");
+    std::fs::write(&profile, PROFILE).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["stress", "--quiet", "--target", &s.base, "--token", ADMIN, "--profile"])
+        .arg(&profile)
+        .arg("--report")
+        .arg(dir.join("report"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn report(dir: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("report").join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]);
+    assert_eq!(s.post("/v1/accounts", ADMIN, &json!({"id": "real-bank", "currency": "CNY", "overdraft": true})).status, 201);
+    assert_eq!(s.post("/v1/accounts", CLIENT, &json!({"id": "real-shop", "currency": "CNY"})).status, 201);
+    let real_before = s.get("/v1/accounts/real-bank", CLIENT).body["balance"].clone();
+
+    let clean = stress(&s, dir.path()).wait_with_output().unwrap();
+    let r = report(dir.path());
+    assert_eq!(clean.status.code(), Some(0), "{}", r["readiness"]);
+    assert_eq!(r["checks"]["real_digests_changed"], 0);
+    assert_eq!(r["checks"]["wrong_cell_answers"], 0);
+    assert!(r["checks"]["audit_polls"].as_u64().unwrap() >= 2);
+    for key in ["peak_throughput_per_s", "operations", "cells", "errors_by_code", "shed", "degraded", "timeline", "slo", "cost", "bottleneck", "readiness"] {
+        assert!(!r[key].is_null(), "the report has {key}");
+    }
+    assert!(r["operations"]["transfer"]["requests"].as_u64().unwrap() > 200);
+    assert_eq!(s.get("/v1/accounts/real-bank", CLIENT).body["balance"], real_before, "real money untouched");
+
+    let mut dirty = stress(&s, dir.path());
+    std::thread::sleep(Duration::from_millis(2500));
+    let t = json!({"id": "mid-run", "from": "real-bank", "to": "real-shop", "amount": 1});
+    assert_eq!(s.post("/v1/transfers", CLIENT, &t).status, 201);
+    let status = dirty.wait().unwrap();
+    let r = report(dir.path());
+    assert_eq!(status.code(), Some(1), "a touched real ledger is no-go");
+    assert!(r["checks"]["real_digests_changed"].as_u64().unwrap() > 0);
+    assert!(r["readiness"].as_str().unwrap().contains("real shard digests changed"));
+}
