@@ -10,9 +10,8 @@
 //! share of payments whose payee lives in another cell than the payer.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::net::SocketAddr;
-use std::process::{Child, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -104,47 +103,6 @@ impl Conn {
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))
     }
-}
-
-/// A `cellpay serve` child on a free port with a fresh data dir.
-struct Started {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(cells: u32, token: &str) -> anyhow::Result<(Started, SocketAddr)> {
-    let dir = tempfile::tempdir()?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--cells", &cells.to_string(), "--data-dir"])
-        .arg(dir.path())
-        .env("CELLPAY_TOKENS", format!("admin:{token}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let mut addr = None;
-    for line in lines.by_ref() {
-        let line = line?;
-        if let Some(rest) = line.strip_prefix("cellpay listening on http://") {
-            addr = Some(rest.split(' ').next().unwrap_or_default().parse()?);
-        }
-        if line.starts_with("cellpay ready") {
-            break;
-        }
-    }
-    // Keep draining the child's stdout so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    let addr = addr.context("serve did not print its address")?;
-    Ok((Started { child, _dir: dir }, addr))
 }
 
 fn account(i: usize) -> String {
@@ -290,7 +248,7 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => {
             let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
-            let (started, addr) = start_server(args.cells, &token)?;
+            let (started, addr) = crate::child::start_server(args.cells, &token)?;
             (Some(started), addr, token)
         }
     };

@@ -5,8 +5,10 @@
 mod bench_engine;
 mod bench_http;
 mod check;
+mod child;
 mod config;
 mod crash_load;
+mod rehearse;
 mod serve;
 mod stress;
 
@@ -29,6 +31,9 @@ enum Command {
     /// A full-link stress run on shadow traffic; writes the readiness report.
     /// Exit 0 go, 1 no-go, 2 error.
     Stress(stress::Args),
+    /// The one-command Double-11 rehearsal on a fresh cluster (or --target):
+    /// shadow traffic, audit, readiness report. Exit 0 go, 1 no-go, 2 error.
+    Rehearse(rehearse::Args),
     /// Benchmarks; `--json` prints one JSON object.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -64,6 +69,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Stress(args) => stress::run(args),
+        Command::Rehearse(args) => rehearse::run(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
         Command::Bench(BenchCommand::Http(args)) => bench_http::run(args),
         Command::Check(args) => check::run(args),

@@ -1,7 +1,8 @@
 //! `cellpay stress`: a full-link stress run against a cluster, shadow by
-//! default. Writes `report.json` to `--report`; exit 0 go, 1 no-go, 2 error.
+//! default. Writes `report.json` and `report.html` to `--report`; exit 0 go,
+//! 1 no-go, 2 error.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ pub struct Args {
     /// The workload profile (TOML), e.g. profiles/double11.toml.
     #[arg(long)]
     pub profile: PathBuf,
-    /// Where to write report.json.
+    /// Where to write report.json and report.html.
     #[arg(long, default_value = "stress-report")]
     pub report: PathBuf,
     /// An admin token secret (the run opens a shadow overdraft account and reads digests).
@@ -33,10 +34,26 @@ pub struct Args {
     pub quiet: bool,
 }
 
-/// Runs a profile and writes its report; answers the report.
-pub fn run_profile(args: &Args) -> anyhow::Result<Report> {
+/// Runs `profile` against `options.target` and writes the report files into `dir`.
+pub fn execute(profile: Profile, options: RunOptions, dir: &Path) -> anyhow::Result<Report> {
+    anyhow::ensure!(options.in_flight_max >= 1, "--in-flight-max must be at least 1");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = runtime.block_on(async {
+        let runner = Runner::prepare(profile, options).await?;
+        Arc::new(runner).run().await
+    })?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("report.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let html = dir.join("report.html");
+    std::fs::write(&html, cellpay_stress::html::render(&report))
+        .with_context(|| format!("writing {}", html.display()))?;
+    Ok(report)
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let profile = Profile::load(&args.profile)?;
-    anyhow::ensure!(args.in_flight_max >= 1, "--in-flight-max must be at least 1");
     let options = RunOptions {
         target: args.target.clone(),
         token: args.token.clone(),
@@ -44,21 +61,8 @@ pub fn run_profile(args: &Args) -> anyhow::Result<Report> {
         in_flight_max: args.in_flight_max,
         progress: !args.quiet,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let report = runtime.block_on(async {
-        let runner = Runner::prepare(profile, options).await?;
-        Arc::new(runner).run().await
-    })?;
-    std::fs::create_dir_all(&args.report).with_context(|| format!("creating {}", args.report.display()))?;
-    let path = args.report.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(report)
-}
-
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let report = run_profile(&args)?;
+    let report = execute(profile, options, &args.report)?;
     println!("{}", report.readiness);
-    println!("report: {}", args.report.join("report.json").display());
+    println!("report: {}", args.report.join("report.html").display());
     Ok(if report.go { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

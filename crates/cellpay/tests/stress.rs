@@ -56,7 +56,10 @@ fn report(dir: &std::path::Path) -> Value {
 fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("data"), &[]);
-    assert_eq!(s.post("/v1/accounts", ADMIN, &json!({"id": "real-bank", "currency": "CNY", "overdraft": true})).status, 201);
+    assert_eq!(
+        s.post("/v1/accounts", ADMIN, &json!({"id": "real-bank", "currency": "CNY", "overdraft": true})).status,
+        201
+    );
     assert_eq!(s.post("/v1/accounts", CLIENT, &json!({"id": "real-shop", "currency": "CNY"})).status, 201);
     let real_before = s.get("/v1/accounts/real-bank", CLIENT).body["balance"].clone();
 
@@ -66,7 +69,19 @@ fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
     assert_eq!(r["checks"]["real_digests_changed"], 0);
     assert_eq!(r["checks"]["wrong_cell_answers"], 0);
     assert!(r["checks"]["audit_polls"].as_u64().unwrap() >= 2);
-    for key in ["peak_throughput_per_s", "operations", "cells", "errors_by_code", "shed", "degraded", "timeline", "slo", "cost", "bottleneck", "readiness"] {
+    for key in [
+        "peak_throughput_per_s",
+        "operations",
+        "cells",
+        "errors_by_code",
+        "shed",
+        "degraded",
+        "timeline",
+        "slo",
+        "cost",
+        "bottleneck",
+        "readiness",
+    ] {
         assert!(!r[key].is_null(), "the report has {key}");
     }
     assert!(r["operations"]["transfer"]["requests"].as_u64().unwrap() > 200);

@@ -53,6 +53,8 @@ pub struct Second {
     pub errors: u64,
     pub p99_ms: BTreeMap<String, f64>,
     pub cells: BTreeMap<u32, u64>,
+    /// Commands queued per cell, polled from `/v1/cluster` during this second.
+    pub queue_depth: BTreeMap<u32, u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

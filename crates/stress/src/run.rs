@@ -55,6 +55,7 @@ struct SecondRecord {
     ops: BTreeMap<Operation, (Histogram<u64>, u64)>,
     errors: u64,
     cells: BTreeMap<u32, u64>,
+    queue_depth: BTreeMap<u32, u64>,
 }
 
 /// Everything the request tasks record.
@@ -344,9 +345,11 @@ impl Runner {
         let permits = Arc::new(tokio::sync::Semaphore::new(self.options.in_flight_max));
         let done = Arc::new(AtomicBool::new(false));
         let (audit_polls, audit_failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let start = tokio::time::Instant::now();
         let poller = {
             let (http, done, polls, failures) =
                 (self.http.clone(), done.clone(), audit_polls.clone(), audit_failures.clone());
+            let record = record.clone();
             tokio::spawn(async move {
                 while !done.load(Relaxed) {
                     if let Ok(a) = http.send("GET", "/v1/audit", None).await {
@@ -355,6 +358,16 @@ impl Runner {
                         let sound = |l: &serde_json::Value| l["sum"] == 0 && l["negative_accounts"] == 0;
                         if a.status != 200 || !sound(&v["real"]) || !sound(&v["shadow"]) {
                             failures.fetch_add(1, Relaxed);
+                        }
+                    }
+                    if let Ok(c) = http.send("GET", "/v1/cluster", None).await {
+                        let second = (start.elapsed().as_secs() as usize).min(seconds - 1);
+                        let mut r = record.lock().expect("record lock");
+                        for cell in c.json()["cells"].as_array().into_iter().flatten() {
+                            if let (Some(id), Some(depth)) = (cell["id"].as_u64(), cell["queue_depth"].as_u64()) {
+                                let slot = r.seconds[second].queue_depth.entry(id as u32).or_default();
+                                *slot = (*slot).max(depth);
+                            }
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -460,7 +473,7 @@ impl Runner {
             .seconds
             .iter()
             .enumerate()
-            .map(|(t, SecondRecord { ops, errors, cells })| {
+            .map(|(t, SecondRecord { ops, errors, cells, queue_depth })| {
                 let (rate, stage) =
                     self.profile.rate_at(t as f64).map_or((0.0, String::new()), |(r, s)| (r, s.name.clone()));
                 Second {
@@ -474,6 +487,7 @@ impl Runner {
                         .map(|(op, (h, _))| (op.as_str().to_string(), h.value_at_quantile(0.99) as f64 / 1e3))
                         .collect(),
                     cells: cells.clone(),
+                    queue_depth: queue_depth.clone(),
                 }
             })
             .collect();

@@ -1,0 +1,52 @@
+//! `cellpay rehearse`: the one-command Double-11 rehearsal. Starts a fresh
+//! `cellpay serve` on a temporary dir and a free port (or uses `--target`),
+//! runs the bundled profile on shadow traffic, audits, writes the report and
+//! prints the verdict and the report's path. Exit 0 go, 1 no-go, 2 error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use cellpay_stress::{Profile, RunOptions};
+use rand::distr::{Alphanumeric, SampleString};
+
+const DOUBLE11: &str = include_str!("../../../profiles/double11.toml");
+const QUICK: &str = include_str!("../../../profiles/quick.toml");
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The short profile (under 2 minutes) instead of the full Double 11 (under 10).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write report.json and report.html.
+    #[arg(long, default_value = "rehearsal-report")]
+    report: PathBuf,
+    /// A running cluster to rehearse against instead of a fresh one (needs --token).
+    #[arg(long, requires = "token")]
+    target: Option<String>,
+    /// An admin token secret for --target.
+    #[arg(long, env = "CELLPAY_STRESS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let (text, name) = if args.quick { (QUICK, "profiles/quick.toml") } else { (DOUBLE11, "profiles/double11.toml") };
+    let profile = Profile::parse(text, name)?;
+    let (_started, target, token) = match &args.target {
+        Some(t) => (None, t.clone(), args.token.clone().expect("clap requires --token with --target")),
+        None => {
+            let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
+            let (started, addr) = crate::child::start_server(4, &token).context("starting a fresh cluster")?;
+            eprintln!("rehearsing {} on a fresh 4-cell cluster at http://{addr}", profile.name);
+            (Some(started), format!("http://{addr}"), token)
+        }
+    };
+    let options = RunOptions { target, token, shadow: true, in_flight_max: 4096, progress: !args.quiet };
+    let report = crate::stress::execute(profile, options, &args.report)?;
+    println!("{}", report.readiness);
+    println!("report: {}", args.report.join("report.html").display());
+    Ok(if report.go { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
