@@ -51,6 +51,9 @@ pub struct Inner {
     pub local_cells: OnceLock<Vec<CellHandle>>,
     pub relays: OnceLock<Vec<RelayHandle>>,
     pub metrics: PrometheusHandle,
+    /// Requests answered, and those answered 503 (shed or unavailable), for the dashboard.
+    pub answered: std::sync::atomic::AtomicU64,
+    pub unavailable_answers: std::sync::atomic::AtomicU64,
 }
 
 /// Shared by every handler.
@@ -73,6 +76,8 @@ impl AppState {
             local_cells: OnceLock::new(),
             relays: OnceLock::new(),
             metrics: metrics::handle(),
+            answered: Default::default(),
+            unavailable_answers: Default::default(),
         }))
     }
 
@@ -84,7 +89,7 @@ impl AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    use routes::{accounts, ops, transfers};
+    use routes::{accounts, dashboard, ops, transfers};
     let v1 = Router::new()
         .route("/v1/accounts", post(accounts::open))
         .route("/v1/accounts/{id}", get(accounts::get))
@@ -102,9 +107,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/openapi.json", get(ops::openapi))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/data", get(dashboard::data))
         .fallback(ops::no_route)
         // Bodies are read by the handlers within `ApiLimits`, answering our own 413.
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
 }

@@ -32,10 +32,18 @@ pub fn handle() -> PrometheusHandle {
 }
 
 /// Middleware: counts every request by route and status code and times it.
-pub async fn track(request: Request, next: Next) -> Response {
+pub async fn track(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |p| p.as_str().to_string());
     let started = Instant::now();
     let response = next.run(request).await;
+    state.answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE {
+        state.unavailable_answers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let code = response.status().as_u16().to_string();
     counter!("cellpay_http_requests_total", "route" => route.clone(), "code" => code).increment(1);
     histogram!("cellpay_http_request_duration_seconds", "route" => route).record(started.elapsed().as_secs_f64());

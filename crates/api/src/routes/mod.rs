@@ -1,5 +1,6 @@
 //! One file per resource of the contract.
 
 pub mod accounts;
+pub mod dashboard;
 pub mod ops;
 pub mod transfers;

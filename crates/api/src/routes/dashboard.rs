@@ -1,0 +1,78 @@
+//! `GET /dashboard`: a self-contained live page (no CDN: the machines have no
+//! internet) that polls `GET /dashboard/data` every second: cells and their
+//! health, per-cell throughput and commit p99, queue depth, outbox backlog,
+//! 503 counts, degrade switches, relays.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cellpay_core::{Query, QueryAnswer};
+use serde_json::{json, Value};
+
+use crate::AppState;
+
+const PAGE: &str = include_str!("../../dashboard.html");
+
+pub async fn page() -> Response {
+    ([(CONTENT_TYPE, "text/html; charset=utf-8")], PAGE).into_response()
+}
+
+pub async fn data(State(state): State<AppState>) -> Response {
+    let Ok(cluster) = state.cluster() else {
+        return Json(json!({"epoch": 0, "cells": [], "relays": [], "shed": 0, "requests": 0, "degrade": []}))
+            .into_response();
+    };
+    let map = cluster.map();
+    let mut cells: Vec<Value> = Vec::new();
+    for client in cluster.cells() {
+        let s = client.status();
+        let backlog = match client.query(Query::Audit { shadow: false }).await {
+            Ok(QueryAnswer::Audit(v)) => v.outbox_messages,
+            _ => 0,
+        };
+        let engine = state.local_cells.get().and_then(|cells| cells.iter().find(|h| h.cell() == s.cell));
+        let (commands, p99_ms) = engine.map_or((0, 0.0), |h| {
+            let snap = h.stats().snapshot();
+            (snap.commands, snap.batch_us.p99 as f64 / 1e3)
+        });
+        cells.push(json!({
+            "id": s.cell.0,
+            "status": if s.failed { "failed" } else { "ready" },
+            "epoch": s.epoch,
+            "shards": map.owners().iter().filter(|o| **o == s.cell).count(),
+            "queue_depth": s.queue_depth,
+            "commands_total": commands,
+            "commit_p99_ms": p99_ms,
+            "outbox_backlog": backlog,
+        }));
+    }
+    let relays: Vec<Value> = state
+        .relays
+        .get()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            json!({
+                "source": r.source.0,
+                "dest": r.dest.0,
+                "ledger": if r.shadow { "shadow" } else { "real" },
+                "delivered": r.stats.delivered.load(Relaxed),
+                "refused": r.stats.refused.load(Relaxed),
+                "failed_rounds": r.stats.failed_rounds.load(Relaxed),
+            })
+        })
+        .collect();
+    Json(json!({
+        "epoch": map.epoch(),
+        "cells": cells,
+        "relays": relays,
+        "shed": state.unavailable_answers.load(Relaxed),
+        "requests": state.answered.load(Relaxed),
+        // No degrade plan exists yet: nothing can be switched, and the page says so.
+        "degrade": Vec::<String>::new(),
+    }))
+    .into_response()
+}
