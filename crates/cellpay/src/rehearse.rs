@@ -27,14 +27,17 @@ pub struct Args {
     /// An admin token secret for --target.
     #[arg(long, env = "CELLPAY_STRESS_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// No progress lines on stderr.
+    /// Multiplies every stage's arrival rates of the bundled profile.
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    /// No progress bar on stderr.
     #[arg(long)]
     quiet: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (text, name) = if args.quick { (QUICK, "profiles/quick.toml") } else { (DOUBLE11, "profiles/double11.toml") };
-    let profile = Profile::parse(text, name)?;
+    let profile = Profile::parse(text, name)?.scaled(args.rate_scale).map_err(anyhow::Error::msg)?;
     let (_started, target, token) = match &args.target {
         Some(t) => (None, t.clone(), args.token.clone().expect("clap requires --token with --target")),
         None => {

@@ -29,7 +29,10 @@ pub struct Args {
     /// Requests in flight at most; beyond it the generator waits and says so.
     #[arg(long, default_value_t = 4096)]
     pub in_flight_max: usize,
-    /// No progress lines on stderr.
+    /// Multiplies every stage's arrival rates (to find the rate at which a profile still passes).
+    #[arg(long, default_value_t = 1.0)]
+    pub rate_scale: f64,
+    /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -53,7 +56,7 @@ pub fn execute(profile: Profile, options: RunOptions, dir: &Path) -> anyhow::Res
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let profile = Profile::load(&args.profile)?;
+    let profile = Profile::load(&args.profile)?.scaled(args.rate_scale).map_err(anyhow::Error::msg)?;
     let options = RunOptions {
         target: args.target.clone(),
         token: args.token.clone(),

@@ -141,11 +141,12 @@ figure{{margin:1em 0}}figcaption{{font-weight:600}}</style></head><body>\
                 c.requests.to_string(),
                 format!("{:.1}", c.throughput_per_s),
                 format!("{:.2}", c.latency.p99_ms),
+                c.engine_cpu_share.map_or("n/a".into(), |s| format!("{:.0} %", s * 100.0)),
             ]
         })
         .collect();
     html.push_str("<h2>Cells</h2>");
-    html.push_str(&table(&["cell", "answers", "answers/s", "p99 ms"], &rows));
+    html.push_str(&table(&["cell", "answers", "answers/s", "p99 ms", "engine CPU (of a core)"], &rows));
     html.push_str("<h2>SLO verdict</h2>");
     let rows: Vec<Vec<String>> = r
         .slo

@@ -202,6 +202,20 @@ impl Profile {
         Ok(())
     }
 
+    /// Multiplies every stage's rates by `factor` (a capacity search runs one
+    /// profile at several scales); the result is checked like a loaded profile.
+    pub fn scaled(mut self, factor: f64) -> Result<Self, String> {
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err("a rate scale must be positive".into());
+        }
+        for s in &mut self.stages {
+            s.rate_from *= factor;
+            s.rate_to *= factor;
+        }
+        self.check()?;
+        Ok(self)
+    }
+
     /// The whole run's length in seconds.
     pub fn duration_s(&self) -> f64 {
         self.stages.iter().map(|s| s.duration_s).sum()

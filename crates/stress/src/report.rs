@@ -41,6 +41,8 @@ pub struct CellReport {
     pub requests: u64,
     pub throughput_per_s: f64,
     pub latency: Percentiles,
+    /// The share of one core the cell's engine thread used during the run (from `/metrics`).
+    pub engine_cpu_share: Option<f64>,
 }
 
 /// One second of the run.

@@ -24,6 +24,9 @@ use crate::http::{Answer, Http};
 use crate::profile::{Distribution, Operation, Profile};
 use crate::report::*;
 
+/// An engine thread busy this share of the run is called CPU-bound.
+pub const ENGINE_CPU_SATURATED: f64 = 0.8;
+
 /// A generator that falls this far behind its schedule is saturated.
 pub const SEND_LAG_SATURATED_MS: f64 = 100.0;
 
@@ -302,7 +305,26 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found.then_some(sum)
 }
 
+/// Each cell's sample of a per-cell metric, by the `cell` label.
+fn metric_by_cell(text: &str, name: &str) -> BTreeMap<u32, f64> {
+    let prefix = format!("{name}{{cell=\"");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (cell, tail) = rest.split_once('"')?;
+            Some((cell.parse().ok()?, tail.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
 impl Runner {
+    async fn engine_cpu(&self) -> BTreeMap<u32, f64> {
+        match self.http.send("GET", "/metrics", None).await {
+            Ok(r) => metric_by_cell(&String::from_utf8_lossy(&r.body), "cellpay_cell_cpu_seconds_total"),
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
     async fn real_digests(&self) -> Option<Vec<String>> {
         let r = self.http.with_shadow(false).send("GET", "/v1/digests", None).await.ok()?;
         let v = r.json();
@@ -339,6 +361,7 @@ impl Runner {
     pub async fn run(self: Arc<Self>) -> Result<Report, RunError> {
         let digests_before = if self.options.shadow { self.real_digests().await } else { None };
         let (cpu_before, bytes_before) = self.server_costs().await;
+        let engine_cpu_before = self.engine_cpu().await;
         let arrivals = self.profile.arrivals();
         let seconds = self.profile.duration_s().ceil() as usize + 1;
         let record = Arc::new(Mutex::new(Record::new(seconds)));
@@ -381,6 +404,14 @@ impl Runner {
         };
         let start = tokio::time::Instant::now();
         let mut next_progress = 1.0;
+        // A progress bar on stderr: stage, intended rate, transfer p99 and errors.
+        let bar = self.options.progress.then(|| {
+            let bar = indicatif::ProgressBar::new(self.profile.duration_s().ceil() as u64);
+            let style = indicatif::ProgressStyle::with_template("{bar:30} {pos:>4}/{len} s  {msg}")
+                .expect("a valid progress template");
+            bar.set_style(style);
+            bar
+        });
         for (n, t) in arrivals.iter().enumerate() {
             let intended = start + Duration::from_secs_f64(*t);
             tokio::time::sleep_until(intended).await;
@@ -401,19 +432,25 @@ impl Runner {
                 let mut r = task_record.lock().expect("record lock");
                 r.record(op, second, latency_us, &answer, expected, payments);
             });
-            if *t >= next_progress && self.options.progress {
+            if *t >= next_progress {
                 next_progress += 1.0;
-                let r = record.lock().expect("record lock");
-                let (rate, stage) = self.profile.rate_at(*t).map_or((0.0, "end"), |(r, s)| (r, s.name.as_str()));
-                let p99 =
-                    r.ops.get(&Operation::Transfer).map_or(0.0, |(h, _, _)| h.value_at_quantile(0.99) as f64 / 1e3);
-                let errors: u64 = r.ops.values().map(|(_, _, e)| e).sum();
-                eprintln!(
-                    "[{t:>6.1} s] {stage:<12} {rate:>9.0} req/s intended  transfer p99 {p99:>8.2} ms  errors {errors}"
-                );
+                if let Some(bar) = &bar {
+                    let r = record.lock().expect("record lock");
+                    let (rate, stage) = self.profile.rate_at(*t).map_or((0.0, "end"), |(r, s)| (r, s.name.as_str()));
+                    let p99 =
+                        r.ops.get(&Operation::Transfer).map_or(0.0, |(h, _, _)| h.value_at_quantile(0.99) as f64 / 1e3);
+                    let errors: u64 = r.ops.values().map(|(_, _, e)| e).sum();
+                    bar.set_position(*t as u64);
+                    bar.set_message(format!(
+                        "{stage:<14} {rate:>7.0} req/s  transfer p99 {p99:>7.2} ms  errors {errors}"
+                    ));
+                }
             }
         }
         let _all_done = permits.acquire_many(self.options.in_flight_max as u32).await.expect("never closed");
+        if let Some(bar) = bar {
+            bar.finish();
+        }
         done.store(true, Relaxed);
         let _ = poller.await;
         let duration_s = start.elapsed().as_secs_f64();
@@ -429,6 +466,12 @@ impl Runner {
             checks.real_digests_changed = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u64;
         }
         let (cpu_after, bytes_after) = self.server_costs().await;
+        let engine_cpu_share: BTreeMap<u32, f64> = self
+            .engine_cpu()
+            .await
+            .into_iter()
+            .filter_map(|(cell, after)| Some((cell, (after - engine_cpu_before.get(&cell)?) / duration_s)))
+            .collect();
         let record =
             Arc::try_unwrap(record).ok().expect("every request task is done").into_inner().expect("record lock");
         checks.wrong_cell_answers = record.wrong_cell;
@@ -441,10 +484,18 @@ impl Runner {
             cpu_us_per_payment: per(cpu_before, cpu_after, 1e6),
             bytes_per_payment: per(bytes_before, bytes_after, 1.0),
         };
-        Ok(self.report(record, checks, generator, cost, duration_s))
+        Ok(self.report(record, checks, generator, cost, duration_s, &engine_cpu_share))
     }
 
-    fn report(&self, record: Record, checks: Checks, generator: Generator, cost: Cost, duration_s: f64) -> Report {
+    fn report(
+        &self,
+        record: Record,
+        checks: Checks,
+        generator: Generator,
+        cost: Cost,
+        duration_s: f64,
+        engine_cpu_share: &BTreeMap<u32, f64>,
+    ) -> Report {
         let operations: BTreeMap<String, OperationReport> = record
             .ops
             .iter()
@@ -467,6 +518,7 @@ impl Runner {
                 requests: *n,
                 throughput_per_s: *n as f64 / duration_s,
                 latency: Percentiles::of(h),
+                engine_cpu_share: engine_cpu_share.get(cell).copied(),
             })
             .collect();
         let timeline: Vec<Second> = record
@@ -495,8 +547,11 @@ impl Runner {
         let shed = record.errors.get("overloaded").copied().unwrap_or(0);
         let degraded = record.errors.get("degraded").copied().unwrap_or(0);
         let slo = slo_verdicts(&self.profile.slo, &operations);
+        let busiest = engine_cpu_share.iter().max_by(|a, b| a.1.total_cmp(b.1));
         let bottleneck = if generator.saturated {
             "the generator: it fell behind its schedule".to_string()
+        } else if let Some((cell, share)) = busiest.filter(|(_, share)| **share >= ENGINE_CPU_SATURATED) {
+            format!("cell {cell}: its engine thread used {:.0} % of a core (CPU-bound)", share * 100.0)
         } else if shed > 0 {
             format!("cell queues: {shed} requests shed as overloaded")
         } else {
