@@ -47,7 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             (Some(started), format!("http://{addr}"), token)
         }
     };
-    let options = RunOptions { target, token, shadow: true, in_flight_max: 4096, progress: !args.quiet };
+    let options = RunOptions { target, token, shadow: true, in_flight_max: 1024, progress: !args.quiet };
     let report = crate::stress::execute(profile, options, &args.report)?;
     println!("{}", report.readiness);
     println!("report: {}", args.report.join("report.html").display());

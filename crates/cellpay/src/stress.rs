@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(long)]
     pub real: bool,
     /// Requests in flight at most; beyond it the generator waits and says so.
-    #[arg(long, default_value_t = 4096)]
+    /// Keep it below the server's connection limit (serve's default is 4096).
+    #[arg(long, default_value_t = 1024)]
     pub in_flight_max: usize,
     /// Multiplies every stage's arrival rates (to find the rate at which a profile still passes).
     #[arg(long, default_value_t = 1.0)]

@@ -9,6 +9,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+/// The longest a request may take before it counts as a `timeout` error (I7):
+/// a run always ends, whatever the server does.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Clone)]
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -64,10 +68,23 @@ impl Http {
             req = req.header("x-cellpay-shadow", "1");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| e.to_string())?;
-        let resp = self.client.request(req).await.map_err(|e| format!("{method} {path}: {e}"))?;
-        let status = resp.status().as_u16();
-        let cell = resp.headers().get("x-cellpay-cell").and_then(|v| v.to_str().ok()?.parse().ok());
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok(Answer { status, cell, body })
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| format!("{method} {path}: {e}"))?;
+            let status = resp.status().as_u16();
+            let cell = resp.headers().get("x-cellpay-cell").and_then(|v| v.to_str().ok()?.parse().ok());
+            let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+            Ok(Answer { status, cell, body })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange).await.map_err(|_| TIMEOUT.to_string())?
+    }
+}
+
+/// The error text of a request that ran out of time.
+pub const TIMEOUT: &str = "timeout";
+
+impl Http {
+    /// Whether an error from `send` was a timeout.
+    pub fn is_timeout(error: &str) -> bool {
+        error == TIMEOUT
     }
 }

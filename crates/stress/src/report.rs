@@ -90,6 +90,9 @@ pub struct Generator {
     /// True when the generator could not keep its schedule (its own limit, not the server's).
     pub saturated: bool,
     pub in_flight_max: usize,
+    /// Requests that waited for an in-flight slot (the server answering slower than
+    /// requests arrive); their wait is part of their measured latency.
+    pub in_flight_waits: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -415,9 +415,18 @@ impl Runner {
         for (n, t) in arrivals.iter().enumerate() {
             let intended = start + Duration::from_secs_f64(*t);
             tokio::time::sleep_until(intended).await;
-            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            // The generator's own lateness: how far behind schedule it woke up.
             let lag_ms = intended.elapsed().as_secs_f64() * 1e3;
             generator.send_lag_max_ms = generator.send_lag_max_ms.max(lag_ms);
+            // A full in-flight bound means the server is slow to answer: the wait
+            // counts in the request's latency (timed from `intended`), not as lag.
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    generator.in_flight_waits += 1;
+                    permits.clone().acquire_owned().await.expect("never closed")
+                }
+            };
             generator.sent_requests += 1;
             let second = (*t as usize).min(seconds - 1);
             let (runner, task_record) = (self.clone(), record.clone());
@@ -629,10 +638,11 @@ impl Record {
                 slot.errors += 1;
                 *self.errors.entry(a.error_code()).or_default() += 1;
             }
-            Err(_) => {
+            Err(e) => {
                 entry.2 += 1;
                 slot.errors += 1;
-                *self.errors.entry("transport".into()).or_default() += 1;
+                let code = if Http::is_timeout(e) { "timeout" } else { "transport" };
+                *self.errors.entry(code.into()).or_default() += 1;
             }
         }
     }
