@@ -563,6 +563,13 @@ impl Runner {
             format!("cell {cell}: its engine thread used {:.0} % of a core (CPU-bound)", share * 100.0)
         } else if shed > 0 {
             format!("cell queues: {shed} requests shed as overloaded")
+        } else if generator.in_flight_waits > 0 {
+            let busiest = busiest.map_or("unknown".into(), |(c, share)| format!("{:.0} % (cell {c})", share * 100.0));
+            format!(
+                "the HTTP front, before the cells: {} requests waited for an in-flight slot while the busiest \
+                 engine thread used {busiest} of a core",
+                generator.in_flight_waits
+            )
         } else {
             cells
                 .iter()
