@@ -228,7 +228,6 @@ impl Runner {
             }
         } else {
             let pool = &k.by_cell[k.cell_of[payer] as usize];
-            let _ = &k.zipf_payee;
             pool[rng.random_range(0..pool.len())]
         };
         if payee == payer {
@@ -317,24 +316,30 @@ fn metric_by_cell(text: &str, name: &str) -> BTreeMap<u32, f64> {
         .collect()
 }
 
-impl Runner {
-    async fn engine_cpu(&self) -> BTreeMap<u32, f64> {
-        match self.http.send("GET", "/metrics", None).await {
-            Ok(r) => metric_by_cell(&String::from_utf8_lossy(&r.body), "cellpay_cell_cpu_seconds_total"),
-            Err(_) => BTreeMap::new(),
-        }
-    }
+/// Engine CPU seconds per cell and bytes written by all cells, as `/metrics` reports them.
+#[derive(Default)]
+struct ServerFigures {
+    engine_cpu_s: BTreeMap<u32, f64>,
+    bytes: Option<f64>,
+}
 
+impl ServerFigures {
+    fn cpu_s(&self) -> Option<f64> {
+        (!self.engine_cpu_s.is_empty()).then(|| self.engine_cpu_s.values().sum())
+    }
+}
+
+impl Runner {
     async fn real_digests(&self) -> Option<Vec<String>> {
         let r = self.http.with_shadow(false).send("GET", "/v1/digests", None).await.ok()?;
         let v = r.json();
         v["digests"].as_array().map(|a| a.iter().filter_map(|d| d.as_str().map(str::to_string)).collect())
     }
 
-    async fn server_costs(&self) -> (Option<f64>, Option<f64>) {
-        let Ok(r) = self.http.send("GET", "/metrics", None).await else { return (None, None) };
+    /// The server's cost counters from one read of `/metrics`.
+    async fn server_figures(&self) -> ServerFigures {
+        let Ok(r) = self.http.send("GET", "/metrics", None).await else { return ServerFigures::default() };
         let text = String::from_utf8_lossy(&r.body);
-        let cpu = metric_sum(&text, "cellpay_cell_cpu_seconds_total");
         let bytes = match (
             metric_sum(&text, "cellpay_cell_log_bytes_total"),
             metric_sum(&text, "cellpay_cell_checkpoint_bytes_total"),
@@ -342,7 +347,7 @@ impl Runner {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
-        (cpu, bytes)
+        ServerFigures { engine_cpu_s: metric_by_cell(&text, "cellpay_cell_cpu_seconds_total"), bytes }
     }
 
     fn choose(&self, rng: &mut SmallRng) -> Operation {
@@ -360,8 +365,7 @@ impl Runner {
     /// Drives the profile and builds the report.
     pub async fn run(self: Arc<Self>) -> Result<Report, RunError> {
         let digests_before = if self.options.shadow { self.real_digests().await } else { None };
-        let (cpu_before, bytes_before) = self.server_costs().await;
-        let engine_cpu_before = self.engine_cpu().await;
+        let before = self.server_figures().await;
         let arrivals = self.profile.arrivals();
         let seconds = self.profile.duration_s().ceil() as usize + 1;
         let record = Arc::new(Mutex::new(Record::new(seconds)));
@@ -474,12 +478,11 @@ impl Runner {
         if let (Some(before), Some(after)) = (digests_before, self.real_digests().await) {
             checks.real_digests_changed = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u64;
         }
-        let (cpu_after, bytes_after) = self.server_costs().await;
-        let engine_cpu_share: BTreeMap<u32, f64> = self
-            .engine_cpu()
-            .await
-            .into_iter()
-            .filter_map(|(cell, after)| Some((cell, (after - engine_cpu_before.get(&cell)?) / duration_s)))
+        let after = self.server_figures().await;
+        let engine_cpu_share: BTreeMap<u32, f64> = after
+            .engine_cpu_s
+            .iter()
+            .filter_map(|(cell, a)| Some((*cell, (a - before.engine_cpu_s.get(cell)?) / duration_s)))
             .collect();
         let record =
             Arc::try_unwrap(record).ok().expect("every request task is done").into_inner().expect("record lock");
@@ -490,8 +493,8 @@ impl Runner {
         };
         let cost = Cost {
             payments: record.payments,
-            cpu_us_per_payment: per(cpu_before, cpu_after, 1e6),
-            bytes_per_payment: per(bytes_before, bytes_after, 1.0),
+            cpu_us_per_payment: per(before.cpu_s(), after.cpu_s(), 1e6),
+            bytes_per_payment: per(before.bytes, after.bytes, 1.0),
         };
         Ok(self.report(record, checks, generator, cost, duration_s, &engine_cpu_share))
     }
