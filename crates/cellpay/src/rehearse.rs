@@ -49,7 +49,5 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let options = RunOptions { target, token, shadow: true, in_flight_max: 1024, progress: !args.quiet };
     let report = crate::stress::execute(profile, options, &args.report)?;
-    println!("{}", report.readiness);
-    println!("report: {}", args.report.join("report.html").display());
-    Ok(if report.go { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(crate::stress::verdict(&report, &args.report))
 }

@@ -66,7 +66,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         progress: !args.quiet,
     };
     let report = execute(profile, options, &args.report)?;
+    Ok(verdict(&report, &args.report))
+}
+
+/// Prints the readiness line and the report's path; exit 0 for go, 1 for no-go.
+pub fn verdict(report: &Report, dir: &Path) -> ExitCode {
     println!("{}", report.readiness);
-    println!("report: {}", args.report.join("report.html").display());
-    Ok(if report.go { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    println!("report: {}", dir.join("report.html").display());
+    if report.go {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }
