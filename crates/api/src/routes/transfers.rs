@@ -58,25 +58,21 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, request: B
     for raw in &parsed.transfers {
         let item = serde_json::from_str::<TransferBody>(raw.get())
             .map_err(|e| ApiError::invalid(format!("malformed transfer: {e}")))
-            .and_then(|b| body::transfer(b, shadow));
+            .and_then(|b| {
+                let id = b.id.clone();
+                body::transfer(b, shadow).map(|cmd| (id, cmd))
+            });
         match item {
-            Ok(cmd) => {
-                positions.push(results.len());
+            Ok((id, cmd)) => {
+                positions.push((results.len(), id));
                 commands.push(cmd);
                 results.push(Value::Null);
             }
             Err(e) => results.push(json!({"id": item_id(raw), "error": e.body()})),
         }
     }
-    let ids: Vec<String> = commands
-        .iter()
-        .map(|c| match &c.op {
-            cellpay_core::Op::Transfer(t) => t.id.to_string(),
-            _ => unreachable!("batch items are transfers"),
-        })
-        .collect();
     let answers = cluster.submit_transfers(commands).await;
-    for ((position, id), routed) in positions.into_iter().zip(ids).zip(answers) {
+    for ((position, id), routed) in positions.into_iter().zip(answers) {
         results[position] = match routed.result {
             Ok(Outcome::Transferred { transfer, .. }) => json!({"id": id, "status": transfer.status.as_str()}),
             Ok(Outcome::Rejected(r)) => json!({"id": id, "error": ApiError::from(r).body()}),
