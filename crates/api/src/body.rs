@@ -10,14 +10,38 @@ use serde::Deserialize;
 
 use crate::error::ApiError;
 
+/// A body over the limit is still read and dropped, up to this many bytes, before
+/// the 413 goes out: closing a socket with unread bytes resets it, and the client
+/// would see a broken connection instead of the answer (I7: the drain is bounded).
+pub const DRAIN_BYTES_MAX: u64 = 16 << 20;
+
 /// Reads a body of at most `max` bytes: beyond it, 413 `payload_too_large`.
 pub async fn read(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {max} bytes"));
     let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
+    if declared.is_some_and(|n| n > DRAIN_BYTES_MAX) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, max).await.map_err(|_| too_large())
+    let mut body = body;
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n.min(max as u64) as usize));
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::invalid(format!("the request body could not be read: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len() as u64;
+        if seen > max as u64 {
+            if seen > DRAIN_BYTES_MAX {
+                return Err(too_large());
+            }
+            continue; // over the limit: keep reading (and dropping) to answer cleanly
+        }
+        buf.extend_from_slice(&data);
+    }
+    if seen > max as u64 {
+        return Err(too_large());
+    }
+    Ok(buf.into())
 }
 
 /// Parses a whole JSON body; any error is 400 `invalid_request` naming what was wrong.
