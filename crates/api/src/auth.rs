@@ -105,25 +105,44 @@ impl Auth {
     /// The role of a presented secret. Compares against every token without
     /// stopping early.
     pub fn role_of(&self, secret: &[u8]) -> Option<Role> {
+        self.caller_of(secret).map(|c| c.role)
+    }
+
+    /// Which token a presented secret is (its number and role), comparing
+    /// against every token without stopping early.
+    pub fn caller_of(&self, secret: &[u8]) -> Option<Caller> {
         let presented = digest(secret);
-        let mut found = None;
-        for t in &self.tokens {
-            if bool::from(t.digest.ct_eq(&presented)) {
-                found = found.max(Some(t.role));
+        let mut found: Option<Caller> = None;
+        for (token, t) in self.tokens.iter().enumerate() {
+            if bool::from(t.digest.ct_eq(&presented)) && found.is_none_or(|f| f.role < t.role) {
+                found = Some(Caller { token, role: t.role });
             }
         }
         found
     }
+
+    /// The role of each token, by number: what per-token rate limits are keyed on.
+    pub fn token_roles(&self) -> Vec<String> {
+        self.tokens.iter().map(|t| t.role.as_str().to_string()).collect()
+    }
+}
+
+/// Who sent a request: the number of its token and the token's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub token: usize,
+    pub role: Role,
 }
 
 /// Middleware for `/v1`: a valid bearer token or 401; its role goes into the
 /// request's extensions for handlers that need `admin`.
 pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-    let Some(role) = presented.and_then(|secret| state.auth.role_of(secret)) else {
+    let Some(caller) = presented.and_then(|secret| state.auth.caller_of(secret)) else {
         return ApiError::new(ErrorCode::Unauthorized, "a valid bearer token is required").into_response();
     };
-    request.extensions_mut().insert(role);
+    request.extensions_mut().insert(caller.role);
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }
 

@@ -58,11 +58,24 @@ impl From<Rejection> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let code = match &e {
-            EngineError::Overloaded { .. } => ErrorCode::Overloaded,
+            EngineError::Overloaded { .. } | EngineError::Shed { .. } => ErrorCode::Overloaded,
             EngineError::TooLarge { .. } => ErrorCode::PayloadTooLarge,
             EngineError::Unavailable { .. } => ErrorCode::CellUnavailable,
         };
         Self::new(code, e.to_string())
+    }
+}
+
+impl From<cellpay_router::RouteError> for ApiError {
+    fn from(e: cellpay_router::RouteError) -> Self {
+        use cellpay_router::RouteError as R;
+        match e {
+            R::Engine(e) => Self::from(e),
+            R::RateLimited(m) => Self::new(ErrorCode::RateLimited, m),
+            R::Overloaded(m) => Self::new(ErrorCode::Overloaded, m),
+            R::Degraded(m) => Self::new(ErrorCode::Degraded, m),
+            e @ R::Unavailable { .. } => Self::new(ErrorCode::CellUnavailable, e.to_string()),
+        }
     }
 }
 

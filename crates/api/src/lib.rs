@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod body;
 pub mod error;
+pub mod guard;
 pub mod headers;
 pub mod listener;
 pub mod metrics;
@@ -20,12 +21,12 @@ use std::sync::{Arc, OnceLock};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use cellpay_cell::CellHandle;
+use cellpay_cell::{BoxFuture, CellSlot};
 use cellpay_core::ErrorCode;
 use cellpay_router::{Cluster, RelayHandle};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-pub use auth::{Auth, Role, Token};
+pub use auth::{Auth, Caller, Role, Token};
 pub use error::ApiError;
 
 /// The contract's limits on what one request may carry (I7).
@@ -48,12 +49,24 @@ pub struct Inner {
     pub limits: ApiLimits,
     /// Set once every cell has recovered; until then `/v1` answers 503.
     pub cluster: OnceLock<Arc<Cluster>>,
-    pub local_cells: OnceLock<Vec<CellHandle>>,
+    pub local_cells: OnceLock<Vec<Arc<CellSlot>>>,
+    /// Halting and restarting cells, for drills; unset: the drill endpoints answer 403.
+    pub control: OnceLock<Arc<dyn CellControl>>,
+    /// Balances served while `balance_reads_stale` is on.
+    pub stale: guard::StaleBalances,
     pub relays: OnceLock<Vec<RelayHandle>>,
     pub metrics: PrometheusHandle,
     /// Requests answered, and those answered 503 (shed or unavailable), for the dashboard.
     pub answered: std::sync::atomic::AtomicU64,
     pub unavailable_answers: std::sync::atomic::AtomicU64,
+}
+
+/// Stops and starts a cell's engine in this process (the kill-cell drill).
+pub trait CellControl: Send + Sync + 'static {
+    /// Stops the cell's engine the way a crash would (no final checkpoint).
+    fn halt(&self, cell: u32) -> BoxFuture<'_, Result<String, String>>;
+    /// Recovers the cell from its store and starts its engine again.
+    fn restart(&self, cell: u32) -> BoxFuture<'_, Result<String, String>>;
 }
 
 /// Shared by every handler.
@@ -74,6 +87,8 @@ impl AppState {
             limits,
             cluster: OnceLock::new(),
             local_cells: OnceLock::new(),
+            control: OnceLock::new(),
+            stale: Default::default(),
             relays: OnceLock::new(),
             metrics: metrics::handle(),
             answered: Default::default(),
@@ -89,7 +104,7 @@ impl AppState {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    use routes::{accounts, dashboard, ops, transfers};
+    use routes::{accounts, admin, dashboard, ops, transfers};
     let v1 = Router::new()
         .route("/v1/accounts", post(accounts::open))
         .route("/v1/accounts/{id}", get(accounts::get))
@@ -100,6 +115,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(ops::audit))
         .route("/v1/cluster", get(ops::cluster))
         .route("/v1/digests", get(ops::digests))
+        .route("/v1/admin/degrade", get(admin::degrade).put(admin::replace_plan))
+        .route("/v1/admin/degrade/{switch}", axum::routing::put(admin::set_switch))
+        .route("/v1/admin/rules", get(admin::rules).put(admin::replace_rules))
+        .route("/v1/admin/cells/{id}/halt", post(admin::halt))
+        .route("/v1/admin/cells/{id}/restart", post(admin::restart))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(v1)

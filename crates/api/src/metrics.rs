@@ -1,7 +1,9 @@
 //! Prometheus metrics: HTTP requests by route and code with latency
 //! histograms, and per-cell engine figures (batches, batch sizes, commit
 //! latency, queue depth, CPU, bytes written), relay counters and the outbox
-//! backlog per cell pair, read fresh at every scrape.
+//! backlog per cell pair, read fresh at every scrape; the protection stack's
+//! refusals by layer and class (`cellpay_shed_total`), retries, breakers,
+//! concurrency limits and degrade switches.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -9,7 +11,11 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
-use cellpay_core::{Query, QueryAnswer};
+use std::sync::atomic::Ordering::Relaxed;
+
+use cellpay_cell::CellClient;
+use cellpay_core::{Priority, Query, QueryAnswer};
+use cellpay_router::Layer;
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -53,9 +59,18 @@ pub async fn track(
 /// Refreshes the per-cell and per-relay figures, then renders everything.
 pub async fn render(state: &AppState) -> String {
     if let Some(cells) = state.local_cells.get() {
-        for h in cells {
-            let cell = h.cell().to_string();
+        for slot in cells {
+            let cell = slot.cell().to_string();
+            let Some(h) = slot.handle() else {
+                gauge!("cellpay_cell_failed", "cell" => cell).set(1.0);
+                continue;
+            };
             let s = h.stats().snapshot();
+            for class in Priority::ALL {
+                counter!("cellpay_shed_total", "layer" => "cell_queue", "class" => class.as_str(), "cell" => cell.clone())
+                    .absolute(h.stats().shed[class.rank()].load(Relaxed));
+            }
+            gauge!("cellpay_cell_shed_level", "cell" => cell.clone()).set(h.shed_level() as f64);
             gauge!("cellpay_cell_queue_depth", "cell" => cell.clone()).set(h.queue_depth() as f64);
             gauge!("cellpay_cell_failed", "cell" => cell.clone()).set(f64::from(u8::from(h.is_failed())));
             counter!("cellpay_cell_batches_total", "cell" => cell.clone()).absolute(s.batches);
@@ -87,6 +102,17 @@ pub async fn render(state: &AppState) -> String {
         }
     }
     if let Ok(cluster) = state.cluster() {
+        let p = cluster.protection();
+        for layer in Layer::ALL {
+            for class in Priority::ALL {
+                counter!("cellpay_shed_total", "layer" => layer.as_str(), "class" => class.as_str(), "cell" => "router")
+                    .absolute(p.counters.refused(layer, class));
+            }
+        }
+        counter!("cellpay_router_requests_total").absolute(p.counters.requests.load(Relaxed));
+        counter!("cellpay_retries_total").absolute(p.counters.retries.load(Relaxed));
+        counter!("cellpay_retries_refused_by_budget_total").absolute(p.counters.retries_refused.load(Relaxed));
+        counter!("cellpay_hot_keys_untracked_total").absolute(p.layers().hot_keys.untracked.load(Relaxed));
         for cell in cluster.cells() {
             for shadow in [false, true] {
                 let ledger = if shadow { "shadow" } else { "real" };

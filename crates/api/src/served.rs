@@ -28,6 +28,14 @@ impl<T> Served<T> {
         }
     }
 
+    pub fn cell(&self) -> CellId {
+        self.cell
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// A rejection by the ledger, as this cell's error answer.
     pub fn reject(&self, r: &Rejection) -> ApiError {
         ApiError::from(r.clone()).at(self.cell, self.epoch)

@@ -22,6 +22,8 @@ pub struct CellStatus {
     /// The shard map epoch the cell works at.
     pub epoch: u64,
     pub queue_depth: usize,
+    /// The longest queue wait of the cell's latest batch, in µs (0 when idle).
+    pub queue_delay_us: u64,
     /// True once the cell has failed (fail-stop) and serves nothing.
     pub failed: bool,
 }
@@ -43,7 +45,13 @@ impl CellClient for CellHandle {
     }
 
     fn status(&self) -> CellStatus {
-        CellStatus { cell: self.cell(), epoch: self.epoch(), queue_depth: self.queue_depth(), failed: self.is_failed() }
+        CellStatus {
+            cell: self.cell(),
+            epoch: self.epoch(),
+            queue_depth: self.queue_depth(),
+            queue_delay_us: self.queue_delay_us(),
+            failed: self.is_failed(),
+        }
     }
 
     fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {

@@ -5,13 +5,16 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
-use cellpay_core::{snapshot, CellId, CellState, Command, Limits, Outcome, Query, QueryAnswer, ShardMap};
+use cellpay_core::{
+    priority_of, snapshot, CellId, CellState, Command, Limits, Outcome, Priority, Query, QueryAnswer, ShardMap,
+};
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::codel::QueueDelay;
 use crate::recovery::{recover, RecoveryError, RecoveryReport};
 use crate::stats::{thread_cpu_ns, EngineStats};
 
@@ -27,7 +30,18 @@ pub struct EngineConfig {
     /// Retention limits, used when the cell is created (a checkpoint keeps them).
     pub limits: Limits,
     pub store: StoreOptions,
+    /// Queue-delay shedding (CoDel-like): the time a request may wait in the
+    /// queue before the cell starts shedding the lowest class still served.
+    pub queue_delay_target: Duration,
+    /// How long the queue delay must stay above (or below) the target before
+    /// one more class is shed (or one is served again).
+    pub queue_delay_interval: Duration,
 }
+
+/// The share of the queue each class may fill, in percent, highest class
+/// first: the top of the queue is kept for payments, so a flood of shadow or
+/// read traffic can never fill it (I7).
+pub const QUEUE_SHARE_PERCENT: [usize; 4] = [100, 90, 75, 50];
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -37,6 +51,8 @@ impl Default for EngineConfig {
             checkpoint_log_bytes: 32 << 20,
             limits: Limits::default(),
             store: StoreOptions::default(),
+            queue_delay_target: Duration::from_millis(5),
+            queue_delay_interval: Duration::from_millis(100),
         }
     }
 }
@@ -47,6 +63,10 @@ pub enum EngineError {
     Overloaded { cell: CellId, queued: usize, max: usize },
     #[error("a request of {commands} commands exceeds the batch limit of {max}")]
     TooLarge { commands: usize, max: usize },
+    #[error(
+        "cell {cell} shed this {class} request after it waited {waited_ms} ms (queue delay target {target_ms} ms)"
+    )]
+    Shed { cell: CellId, class: &'static str, waited_ms: u64, target_ms: u64 },
     #[error("cell {cell} is unavailable: {reason}")]
     Unavailable { cell: CellId, reason: String },
 }
@@ -55,12 +75,36 @@ type CommandsReply = oneshot::Sender<Result<Vec<Outcome>, EngineError>>;
 type QueryReply = oneshot::Sender<Result<QueryAnswer, EngineError>>;
 
 enum Work {
-    Commands { commands: Vec<Command>, reply: CommandsReply },
-    Query { query: Query, reply: QueryReply },
+    Commands { commands: Vec<Command>, reply: CommandsReply, queued_at: Instant },
+    Query { query: Query, reply: QueryReply, queued_at: Instant },
     Stop { checkpoint: bool },
 }
 
 impl Work {
+    fn priority(&self) -> Priority {
+        match self {
+            Work::Commands { commands, .. } => priority_of(commands),
+            Work::Query { query, .. } => query.priority(),
+            Work::Stop { .. } => Priority::Critical,
+        }
+    }
+
+    fn queued_at(&self) -> Option<Instant> {
+        match self {
+            Work::Commands { queued_at, .. } | Work::Query { queued_at, .. } => Some(*queued_at),
+            Work::Stop { .. } => None,
+        }
+    }
+
+    /// Answers the work with `err` instead of serving it.
+    fn refuse(self, err: EngineError) {
+        match self {
+            Work::Commands { reply, .. } => drop(reply.send(Err(err))),
+            Work::Query { reply, .. } => drop(reply.send(Err(err))),
+            Work::Stop { .. } => {}
+        }
+    }
+
     /// What the work counts for against the queue and batch limits.
     fn cost(&self) -> usize {
         match self {
@@ -80,6 +124,10 @@ struct Shared {
     queued: AtomicUsize,
     epoch: AtomicU64,
     failed: AtomicBool,
+    /// Set by the engine's queue-delay controller, read by handles.
+    shed_level: AtomicUsize,
+    /// The longest queue wait in the latest batch, in microseconds.
+    queue_delay_us: AtomicU64,
     stats: EngineStats,
 }
 
@@ -138,16 +186,32 @@ impl CellHandle {
         self.shared.outbox.subscribe()
     }
 
-    /// Reserves room in the queue or answers `overloaded` at once (never blocks).
-    fn admit(&self, cost: usize) -> Result<(), EngineError> {
+    /// The shedding level of the queue-delay controller: how many of the
+    /// lowest classes are shed when they wait too long (0 = none, 3 = all but payments).
+    pub fn shed_level(&self) -> usize {
+        self.shared.shed_level.load(Relaxed)
+    }
+
+    /// The longest queue wait of the latest batch, in microseconds; 0 once the queue is empty.
+    pub fn queue_delay_us(&self) -> u64 {
+        if self.queue_depth() == 0 {
+            return 0;
+        }
+        self.shared.queue_delay_us.load(Relaxed)
+    }
+
+    /// Reserves room in the queue or answers `overloaded` at once (never
+    /// blocks). A class may fill only its share of the queue.
+    fn admit(&self, cost: usize, class: Priority) -> Result<(), EngineError> {
         let s = &self.shared;
         if s.failed.load(Relaxed) {
             return Err(EngineError::Unavailable { cell: s.cell, reason: "the engine has failed".into() });
         }
-        let max = s.config.queue_commands_max;
+        let max = s.config.queue_commands_max * QUEUE_SHARE_PERCENT[class.rank()] / 100;
         let before = s.queued.fetch_add(cost, Relaxed);
         if before + cost > max {
             s.queued.fetch_sub(cost, Relaxed);
+            s.stats.shed[class.rank()].fetch_add(1, Relaxed);
             return Err(EngineError::Overloaded { cell: s.cell, queued: before, max });
         }
         Ok(())
@@ -155,7 +219,7 @@ impl CellHandle {
 
     fn send(&self, work: Work) -> Result<(), EngineError> {
         let cost = work.cost();
-        self.admit(cost)?;
+        self.admit(cost, work.priority())?;
         // The channel's capacity equals the queue limit, so with the queue
         // admitted this only fails when the engine is gone.
         self.tx.try_send(work).map_err(|_| {
@@ -171,14 +235,14 @@ impl CellHandle {
             return Err(EngineError::TooLarge { commands: commands.len(), max });
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Work::Commands { commands, reply })?;
+        self.send(Work::Commands { commands, reply, queued_at: Instant::now() })?;
         Ok(Submission(rx, self.shared.cell))
     }
 
     /// Queues a read; it is answered with its batch, after that batch is durable.
     pub fn query(&self, query: Query) -> Result<Submission<QueryAnswer>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Work::Query { query, reply })?;
+        self.send(Work::Query { query, reply, queued_at: Instant::now() })?;
         Ok(Submission(rx, self.shared.cell))
     }
 }
@@ -221,6 +285,8 @@ impl Cell {
             queued: AtomicUsize::new(0),
             epoch: AtomicU64::new(state.shard_map().epoch()),
             failed: AtomicBool::new(false),
+            shed_level: AtomicUsize::new(0),
+            queue_delay_us: AtomicU64::new(0),
             stats: EngineStats::default(),
         });
         let engine = Engine {
@@ -232,6 +298,7 @@ impl Cell {
             encoder: BatchEncoder::default(),
             log_bytes_since_checkpoint: 0,
             snapshot_bytes_last: 0,
+            queue_delay: QueueDelay::new(config.queue_delay_target, config.queue_delay_interval),
         };
         let thread = std::thread::Builder::new()
             .name(format!("cell-{cell}"))
@@ -292,6 +359,7 @@ struct Engine {
     encoder: BatchEncoder,
     log_bytes_since_checkpoint: u64,
     snapshot_bytes_last: usize,
+    queue_delay: QueueDelay,
 }
 
 enum Answer {
@@ -325,6 +393,7 @@ impl Engine {
                 _ => None,
             });
             self.shared.queued.fetch_sub(size, Relaxed);
+            self.shed_late(&mut batch);
             if let Err(e) = self.process(&mut batch) {
                 self.fail(&e);
                 return Err(e);
@@ -337,6 +406,47 @@ impl Engine {
         }
     }
 
+    /// Queue-delay shedding: measures how long each request waited, lets the
+    /// controller move the shedding level, and answers `overloaded` to the
+    /// requests of a shed class that waited longer than the target. Payments
+    /// are never shed here.
+    fn shed_late(&mut self, batch: &mut Vec<Work>) {
+        let now = Instant::now();
+        let mut longest = Duration::ZERO;
+        for work in batch.iter() {
+            if let Some(at) = work.queued_at() {
+                let waited = now.saturating_duration_since(at);
+                longest = longest.max(waited);
+                self.queue_delay.observe(waited);
+            }
+        }
+        self.shared.queue_delay_us.store(longest.as_micros() as u64, Relaxed);
+        let level = self.queue_delay.tick(now);
+        self.shared.shed_level.store(level, Relaxed);
+        if level == 0 {
+            return;
+        }
+        let target = self.queue_delay.target();
+        let (cell, stats) = (self.shared.cell, &self.shared.stats);
+        let mut kept = Vec::with_capacity(batch.len());
+        for work in batch.drain(..) {
+            let class = work.priority();
+            let waited = work.queued_at().map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+            if QueueDelay::sheds(level, class) && waited > target {
+                stats.shed[class.rank()].fetch_add(1, Relaxed);
+                work.refuse(EngineError::Shed {
+                    cell,
+                    class: class.as_str(),
+                    waited_ms: waited.as_millis() as u64,
+                    target_ms: target.as_millis() as u64,
+                });
+            } else {
+                kept.push(work);
+            }
+        }
+        *batch = kept;
+    }
+
     fn process(&mut self, batch: &mut Vec<Work>) -> Result<(), StoreError> {
         let started = Instant::now();
         let cpu_started = thread_cpu_ns();
@@ -347,7 +457,7 @@ impl Engine {
         let mut outbox_grew = false;
         for work in batch.drain(..) {
             match work {
-                Work::Commands { commands: cmds, reply } => {
+                Work::Commands { commands: cmds, reply, .. } => {
                     let mut outcomes = Vec::with_capacity(cmds.len());
                     for cmd in &cmds {
                         let outcome = self.state.apply(cmd);
@@ -360,7 +470,7 @@ impl Engine {
                     commands += cmds.len() as u64;
                     answers.push(Answer::Commands(reply, outcomes));
                 }
-                Work::Query { query, reply } => {
+                Work::Query { query, reply, .. } => {
                     queries += 1;
                     answers.push(Answer::Query(reply, self.state.query(&query)));
                 }
@@ -448,12 +558,7 @@ impl Engine {
         self.shared.failed.store(true, Relaxed);
         self.rx.close();
         while let Ok(work) = self.rx.try_recv() {
-            let err = EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") };
-            match work {
-                Work::Commands { reply, .. } => drop(reply.send(Err(err))),
-                Work::Query { reply, .. } => drop(reply.send(Err(err))),
-                Work::Stop { .. } => {}
-            }
+            work.refuse(EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") });
         }
     }
 }

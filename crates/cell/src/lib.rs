@@ -5,16 +5,23 @@
 //! bounded queue; it takes whatever is queued up to a maximum batch (smart
 //! batching: no fixed wait), applies the batch in order, writes the commands
 //! that changed state in one durable append, and only then answers every
-//! request of the batch. A full queue answers `overloaded` at once.
+//! request of the batch. A full queue answers `overloaded` at once, and a
+//! queue that stays long sheds its lowest classes first ([`QueueDelay`]).
 
+mod breaker;
 mod client;
+mod codel;
 mod engine;
 mod recovery;
 mod relay;
+mod slot;
 mod stats;
 
+pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass as BreakerPass};
 pub use client::{BoxFuture, CellClient, CellStatus};
-pub use engine::{Cell, CellHandle, EngineConfig, EngineError, Submission};
+pub use codel::{QueueDelay, SHED_LEVEL_MAX};
+pub use engine::{Cell, CellHandle, EngineConfig, EngineError, Submission, QUEUE_SHARE_PERCENT};
 pub use recovery::{recover, RecoveryError, RecoveryReport};
-pub use relay::{Relay, RelayConfig, RelayStats};
+pub use relay::{Relay, RelayConfig, RelayGate, RelayStats};
+pub use slot::CellSlot;
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};

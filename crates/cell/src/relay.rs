@@ -12,13 +12,14 @@
 //! a redelivery with what it answered the first time, so nothing is applied
 //! twice and nothing is lost (I3).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cellpay_core::{CellId, Command, ErrorCode, Op, OutboxMessage, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
+use crate::breaker::{Breaker, BreakerRules};
 use crate::client::CellClient;
 
 /// Limits and timing of one relay (I7).
@@ -49,6 +50,23 @@ pub struct RelayStats {
     pub backlog: AtomicU64,
 }
 
+/// What may hold a relay back: its pair's circuit breaker, and the
+/// `cross_cell_defer` degrade switch. Either way the credits wait in the
+/// payer cell's durable outbox and nothing is lost or doubled.
+pub struct RelayGate {
+    pub breaker: Breaker,
+    /// True while cross-cell delivery is deferred.
+    pub deferred: Arc<AtomicBool>,
+    /// Rounds skipped because the breaker was open or delivery deferred.
+    pub held_rounds: AtomicU64,
+}
+
+impl RelayGate {
+    pub fn new(rules: BreakerRules, deferred: Arc<AtomicBool>) -> Self {
+        Self { breaker: Breaker::new(rules), deferred, held_rounds: AtomicU64::new(0) }
+    }
+}
+
 /// The stream of one (source, destination, ledger).
 pub struct Relay {
     pub source: Arc<dyn CellClient>,
@@ -56,6 +74,7 @@ pub struct Relay {
     pub shadow: bool,
     pub config: RelayConfig,
     pub stats: Arc<RelayStats>,
+    pub gate: Arc<RelayGate>,
 }
 
 /// Why a round did not finish; the next round retries from the outbox.
@@ -63,6 +82,8 @@ pub struct Relay {
 enum RoundError {
     Unavailable(String),
     Unexpected(String),
+    /// Not attempted: the breaker is open or delivery is deferred; look again after this long.
+    Held(Duration),
 }
 
 impl Relay {
@@ -73,13 +94,17 @@ impl Relay {
             if *stop.borrow() {
                 return;
             }
-            let pause = match self.round_inner().await {
+            let pause = match self.gated_round().await {
                 Ok(0) => {
                     // Idle: wait for the outbox to grow (or poll anyway now and then).
                     let _ = tokio::time::timeout(self.config.idle_poll, signal.changed()).await;
                     None
                 }
                 Ok(_) => None,
+                Err(RoundError::Held(wait)) => {
+                    self.gate.held_rounds.fetch_add(1, Relaxed);
+                    Some(wait)
+                }
                 Err(e) => {
                     self.stats.failed_rounds.fetch_add(1, Relaxed);
                     if let RoundError::Unexpected(why) = &e {
@@ -99,9 +124,21 @@ impl Relay {
 
     /// Carries one round of messages; answers how many were closed.
     pub async fn round(&self) -> Result<usize, String> {
-        self.round_inner().await.map_err(|e| match e {
+        self.gated_round().await.map_err(|e| match e {
             RoundError::Unavailable(s) | RoundError::Unexpected(s) => s,
+            RoundError::Held(wait) => format!("held back by the breaker or a deferral for {} ms", wait.as_millis()),
         })
+    }
+
+    /// A round, if the gate lets it run; its outcome feeds the pair's breaker.
+    async fn gated_round(&self) -> Result<usize, RoundError> {
+        if self.gate.deferred.load(Relaxed) {
+            return Err(RoundError::Held(self.config.idle_poll));
+        }
+        let pass = self.gate.breaker.try_pass().map_err(|open| RoundError::Held(open.retry_after))?;
+        let result = self.round_inner().await;
+        self.gate.breaker.record(pass, matches!(result, Err(RoundError::Unavailable(_))));
+        result
     }
 
     async fn round_inner(&self) -> Result<usize, RoundError> {

@@ -19,6 +19,9 @@ pub struct EngineStats {
     pub fsyncs: AtomicU64,
     /// CPU time the engine thread used, in nanoseconds.
     pub cpu_ns: AtomicU64,
+    /// Requests refused `overloaded` by this cell (its class's queue share
+    /// full, or shed by queue delay), per priority class, highest first.
+    pub shed: [AtomicU64; 4],
     /// Whole batch cycle (take, apply, append + fsync, answer), in microseconds.
     batch_us: Mutex<Histogram<u64>>,
     /// Append + fsync alone, in microseconds.
@@ -46,6 +49,7 @@ impl Default for EngineStats {
             log_bytes_since_checkpoint: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
             cpu_ns: AtomicU64::new(0),
+            shed: Default::default(),
             batch_us: histogram(),
             append_us: histogram(),
             checkpoint_us: histogram(),

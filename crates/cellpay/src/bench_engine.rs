@@ -17,7 +17,6 @@ use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission};
 use cellpay_core::{
     AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId,
 };
-use cellpay_store::StoreOptions;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
@@ -231,7 +230,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         queue_commands_max: (args.batch * (args.pipeline + 1)).max(65_536),
         checkpoint_log_bytes: args.checkpoint_mib << 20,
         limits: Limits { transfers_retained_max: args.transfers_retained, ..Limits::default() },
-        store: StoreOptions::default(),
+        ..EngineConfig::default()
     };
     let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
     let cell = Cell::open_embedded(&dir, CellId(0), &map, config).context("opening the cell")?;

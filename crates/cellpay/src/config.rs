@@ -59,6 +59,19 @@ pub struct ServeArgs {
     /// Cross-cell credits a relay carries per round [default: 4096].
     #[arg(long, env = "CELLPAY_RELAY_MESSAGES_PER_ROUND_MAX")]
     pub relay_messages_per_round_max: Option<usize>,
+    /// Queue delay in ms above which a cell sheds its lowest classes first [default: 5].
+    #[arg(long, env = "CELLPAY_QUEUE_DELAY_TARGET_MS")]
+    pub queue_delay_target_ms: Option<u64>,
+    /// Flow rules (rate limits, hot-key limits, concurrency, breakers, retry
+    /// budget) as TOML; changeable live with PUT /v1/admin/rules [default: built in].
+    #[arg(long, env = "CELLPAY_RULES")]
+    pub rules: Option<PathBuf>,
+    /// The degrade plan: declared switches as TOML [default: the bundled plan].
+    #[arg(long, env = "CELLPAY_DEGRADE_PLAN")]
+    pub degrade_plan: Option<PathBuf>,
+    /// Allow the drill endpoints (halt and restart a cell) for `cellpay drill kill-cell` [default: false].
+    #[arg(long, env = "CELLPAY_DRILLS")]
+    pub drills: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -77,6 +90,10 @@ struct FileConfig {
     history_entries_max: Option<usize>,
     checkpoint_log_mib: Option<u64>,
     relay_messages_per_round_max: Option<usize>,
+    queue_delay_target_ms: Option<u64>,
+    rules: Option<PathBuf>,
+    degrade_plan: Option<PathBuf>,
+    drills: Option<bool>,
     auth: Option<FileAuth>,
 }
 
@@ -112,6 +129,12 @@ pub struct Config {
     pub history_entries_max: usize,
     pub checkpoint_log_mib: u64,
     pub relay_messages_per_round_max: usize,
+    pub queue_delay_target_ms: u64,
+    /// None: the built-in flow rules.
+    pub rules: Option<PathBuf>,
+    /// None: the bundled degrade plan.
+    pub degrade_plan: Option<PathBuf>,
+    pub drills: bool,
 }
 
 impl Default for Config {
@@ -131,6 +154,10 @@ impl Default for Config {
             history_entries_max: 1 << 20,
             checkpoint_log_mib: 32,
             relay_messages_per_round_max: 4096,
+            queue_delay_target_ms: 5,
+            rules: None,
+            degrade_plan: None,
+            drills: false,
         }
     }
 }
@@ -173,6 +200,13 @@ impl Config {
                 .relay_messages_per_round_max
                 .or(file.relay_messages_per_round_max)
                 .unwrap_or(d.relay_messages_per_round_max),
+            queue_delay_target_ms: args
+                .queue_delay_target_ms
+                .or(file.queue_delay_target_ms)
+                .unwrap_or(d.queue_delay_target_ms),
+            rules: args.rules.or(file.rules),
+            degrade_plan: args.degrade_plan.or(file.degrade_plan),
+            drills: args.drills.or(file.drills).unwrap_or(d.drills),
         };
         c.check()?;
         Ok(c)
@@ -198,6 +232,7 @@ impl Config {
         anyhow::ensure!(self.connections_max >= 1, "connections_max must be at least 1");
         anyhow::ensure!(self.transfers_retained_max >= 1, "transfers_retained_max must be at least 1");
         anyhow::ensure!(self.history_entries_max >= 1, "history_entries_max must be at least 1");
+        anyhow::ensure!((1..=10_000).contains(&self.queue_delay_target_ms), "queue_delay_target_ms must be 1..=10000");
         anyhow::ensure!(self.checkpoint_log_mib >= 1, "checkpoint_log_mib must be at least 1");
         anyhow::ensure!(
             (1..=self.batch_commands_max.min(cellpay_core::INBOX_REFUSALS_RETAINED as usize))

@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Runs a whole cluster in one process: N cells, the router, the relays
     /// and the HTTP API (DESIGN.md section 4).
-    Serve(config::ServeArgs),
+    Serve(Box<config::ServeArgs>),
     /// A full-link stress run on shadow traffic; writes the readiness report.
     /// Exit 0 go, 1 no-go, 2 error.
     Stress(stress::Args),
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Stress(args) => stress::run(args),
         Command::Rehearse(args) => rehearse::run(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),

@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cellpay_api::{listener::LimitedListener, ApiLimits, AppState, Auth, Token};
-use cellpay_cell::{Cell, CellClient, EngineConfig, RelayConfig};
+use cellpay_cell::{BoxFuture, Cell, CellClient, CellSlot, EngineConfig, RelayConfig};
 use cellpay_core::{CellId, Limits, ShardMap};
-use cellpay_router::Cluster;
+use cellpay_router::{Cluster, FlowRules, Plan, Protection};
 use cellpay_store::StoreOptions;
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
@@ -123,6 +123,8 @@ fn engine_config(config: &Config) -> EngineConfig {
             history_entries_max: config.history_entries_max,
         },
         store: StoreOptions::default(),
+        queue_delay_target: std::time::Duration::from_millis(config.queue_delay_target_ms),
+        ..EngineConfig::default()
     }
 }
 
@@ -164,17 +166,107 @@ impl ShutdownSignal {
     }
 }
 
+/// The flow rules and degrade plan: from their files, or the defaults.
+fn protection_files(config: &Config) -> anyhow::Result<(FlowRules, Plan)> {
+    let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
+    let rules = match &config.rules {
+        Some(path) => FlowRules::from_toml(&read(path)?)
+            .map_err(|e| anyhow::anyhow!("{} is not valid flow rules: {e}", path.display()))?,
+        None => FlowRules::default(),
+    };
+    let plan = match &config.degrade_plan {
+        Some(path) => Plan::from_toml(&read(path)?)
+            .map_err(|e| anyhow::anyhow!("{} is not a valid degrade plan: {e}", path.display()))?,
+        None => Plan::from_toml(cellpay_router::degrade::PLAN_BUNDLED).expect("the bundled plan is valid"),
+    };
+    Ok((rules, plan))
+}
+
+/// The cells of this process, by slot: the drills halt and restart them.
+struct LocalCells {
+    config: Config,
+    map: ShardMap,
+    slots: Vec<Arc<CellSlot>>,
+    running: Vec<std::sync::Mutex<Option<Cell>>>,
+}
+
+impl LocalCells {
+    fn stop_all(&self) -> anyhow::Result<()> {
+        for (slot, running) in self.slots.iter().zip(&self.running) {
+            slot.clear();
+            if let Some(cell) = running.lock().expect("cell lock").take() {
+                cell.stop().context("stopping a cell")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn halt_blocking(&self, cell: u32) -> Result<String, String> {
+        let i = cell as usize;
+        self.slots[i].clear();
+        let running = self.running[i].lock().expect("cell lock").take();
+        let Some(running) = running else { return Err(format!("cell {cell} is not running")) };
+        running.halt().map_err(|e| format!("halting cell {cell}: {e}"))?;
+        tracing::warn!(cell, "cell halted for a drill");
+        Ok(format!("cell {cell} halted"))
+    }
+
+    fn restart_blocking(&self, cell: u32) -> Result<(String, cellpay_cell::CellHandle), String> {
+        let i = cell as usize;
+        let mut running = self.running[i].lock().expect("cell lock");
+        if running.is_some() {
+            return Err(format!("cell {cell} is already running"));
+        }
+        let dir = self.config.data_dir.join(format!("cell-{cell}"));
+        let opened = Cell::open_embedded(&dir, CellId(cell), &self.map, engine_config(&self.config))
+            .map_err(|e| format!("recovering cell {cell}: {e}"))?;
+        let ms = opened.recovery().duration.as_millis();
+        let handle = opened.handle();
+        *running = Some(opened);
+        tracing::warn!(cell, ms = ms as u64, "cell restarted for a drill");
+        Ok((format!("cell {cell} recovered in {ms} ms and serves again"), handle))
+    }
+}
+
+/// The drill endpoints' view of the local cells.
+struct Drills(Arc<LocalCells>);
+
+impl cellpay_api::CellControl for Drills {
+    fn halt(&self, cell: u32) -> BoxFuture<'_, Result<String, String>> {
+        let cells = self.0.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || cells.halt_blocking(cell)).await.map_err(|e| e.to_string())?
+        })
+    }
+
+    fn restart(&self, cell: u32) -> BoxFuture<'_, Result<String, String>> {
+        let cells = self.0.clone();
+        Box::pin(async move {
+            let (message, handle) = tokio::task::spawn_blocking({
+                let cells = cells.clone();
+                move || cells.restart_blocking(cell)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            cells.slots[cell as usize].install(handle);
+            Ok(message)
+        })
+    }
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::resolve(args)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let map = cluster_file(&config)?;
     let auth = Auth::new(tokens(&config)?);
+    let (rules, plan) = protection_files(&config)?;
+    let protection = Arc::new(Protection::new(rules, plan, auth.token_roles(), config.cells as usize));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve(config, map, auth))
+    runtime.block_on(serve(config, map, auth, protection))
 }
 
-async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<ExitCode> {
+async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protection>) -> anyhow::Result<ExitCode> {
     let mut shutdown = ShutdownSignal::install()?;
     let limits = ApiLimits { body_bytes_max: config.body_bytes_max, batch_items_max: config.batch_items_max };
     let state = AppState::new(auth, limits);
@@ -224,14 +316,31 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
             tracing::warn!(file = %t.file.display(), offset = t.offset, bytes = t.bytes_dropped, "cut a torn log tail: {}", t.reason);
         }
     }
-    let handles: Vec<_> = cells.iter().map(|c| c.handle()).collect();
-    let clients: Vec<Arc<dyn CellClient>> =
-        handles.iter().map(|h| Arc::new(h.clone()) as Arc<dyn CellClient>).collect();
-    let cluster = Arc::new(Cluster::new(map, clients));
+    let slots: Vec<Arc<CellSlot>> = cells
+        .iter()
+        .map(|c| {
+            let slot = Arc::new(CellSlot::new(c.handle().cell()));
+            slot.install(c.handle());
+            slot
+        })
+        .collect();
+    let clients: Vec<Arc<dyn CellClient>> = slots.iter().map(|s| s.clone() as Arc<dyn CellClient>).collect();
+    let cluster = Arc::new(Cluster::new(map.clone(), clients, protection));
     let relay_config =
         RelayConfig { messages_per_round_max: config.relay_messages_per_round_max, ..RelayConfig::default() };
     let relays = cluster.spawn_relays(relay_config, &stop_rx);
-    let _ = state.0.local_cells.set(handles);
+    let signals = cluster.spawn_signals(stop_rx.clone());
+    let local = Arc::new(LocalCells {
+        config: config.clone(),
+        map,
+        slots: slots.clone(),
+        running: cells.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect(),
+    });
+    if config.drills {
+        let _ = state.0.control.set(Arc::new(Drills(local.clone())));
+        say!("drills enabled: POST /v1/admin/cells/{{id}}/halt and /restart are open to admin tokens");
+    }
+    let _ = state.0.local_cells.set(slots);
     let _ = state.0.relays.set(relays);
     let _ = state.0.cluster.set(cluster);
     say!("cellpay ready: every cell has recovered");
@@ -240,14 +349,8 @@ async fn serve(config: Config, map: ShardMap, auth: Auth) -> anyhow::Result<Exit
     say!("cellpay stopping: draining requests, then stopping cells");
     let _ = stop_tx.send(true);
     server.await.context("the HTTP server task")?.context("the HTTP server")?;
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        for cell in cells {
-            cell.stop().context("stopping a cell")?;
-        }
-        Ok(())
-    })
-    .await
-    .expect("stopping cells does not panic")?;
+    let _ = signals.await;
+    tokio::task::spawn_blocking(move || local.stop_all()).await.expect("stopping cells does not panic")?;
     say!("cellpay stopped");
     Ok(ExitCode::SUCCESS)
 }

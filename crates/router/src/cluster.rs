@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
-use cellpay_cell::{CellClient, EngineError, Relay, RelayConfig, RelayStats};
-use cellpay_core::{AccountId, CellId, Command, Op, Outcome, Query, QueryAnswer, ShardMap, TransferId};
+use cellpay_cell::{CellClient, EngineError, Relay, RelayConfig, RelayGate, RelayStats};
+use cellpay_core::{priority_of, AccountId, CellId, Command, Op, Outcome, Query, QueryAnswer, ShardMap, TransferId};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+use crate::degrade::Action;
+use crate::protect::{Protection, RouteError};
 
 /// An answer and the cell (at its epoch) that gave it: the API puts both in
 /// `X-Cellpay-Cell` and `X-Cellpay-Epoch`.
@@ -13,7 +16,7 @@ use tokio::task::JoinSet;
 pub struct Routed<T> {
     pub cell: CellId,
     pub epoch: u64,
-    pub result: Result<T, EngineError>,
+    pub result: Result<T, RouteError>,
 }
 
 /// A running relay and its counters.
@@ -22,21 +25,29 @@ pub struct RelayHandle {
     pub dest: CellId,
     pub shadow: bool,
     pub stats: Arc<RelayStats>,
+    pub gate: Arc<RelayGate>,
 }
 
 pub struct Cluster {
     map: ShardMap,
     cells: Vec<Arc<dyn CellClient>>,
+    protection: Arc<Protection>,
+    signals: std::sync::Mutex<crate::Signals>,
 }
 
 impl Cluster {
     /// `cells[i]` must be the client of cell `i`, and every cell the map names must be there.
-    pub fn new(map: ShardMap, cells: Vec<Arc<dyn CellClient>>) -> Self {
+    pub fn new(map: ShardMap, cells: Vec<Arc<dyn CellClient>>, protection: Arc<Protection>) -> Self {
         for (i, c) in cells.iter().enumerate() {
             assert_eq!(c.cell(), CellId(i as u32), "cells are listed in id order");
         }
         assert!(map.owners().iter().all(|o| (o.0 as usize) < cells.len()), "the map names only known cells");
-        Self { map, cells }
+        Self { map, cells, protection, signals: Default::default() }
+    }
+
+    /// The protection layers every call goes through.
+    pub fn protection(&self) -> &Arc<Protection> {
+        &self.protection
     }
 
     pub fn map(&self) -> &ShardMap {
@@ -52,8 +63,19 @@ impl Cluster {
         &self.cells[self.map.owner_of(account.as_str()).0 as usize]
     }
 
-    async fn on(cell: &Arc<dyn CellClient>, commands: Vec<Command>) -> Routed<Vec<Outcome>> {
-        let result = cell.submit(commands).await;
+    /// Commands to one cell, through the per-call layers (retry budget,
+    /// breaker, concurrency limit). Client commands are idempotent by their
+    /// ids, so a retry answers what the first attempt would have.
+    async fn on(protection: &Protection, cell: &Arc<dyn CellClient>, commands: Vec<Command>) -> Routed<Vec<Outcome>> {
+        let class = priority_of(&commands);
+        let result = protection.call(cell.as_ref(), class, || cell.submit(commands.clone())).await;
+        Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
+    }
+
+    /// A read at one cell, through the same layers (reads are always safe to retry).
+    async fn ask(protection: &Protection, cell: &Arc<dyn CellClient>, query: Query) -> Routed<QueryAnswer> {
+        let class = query.priority();
+        let result = protection.call(cell.as_ref(), class, || cell.query(query.clone())).await;
         Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
     }
 
@@ -64,7 +86,7 @@ impl Cluster {
             Op::Transfer(t) => self.owner(&t.from),
             other => panic!("the router only routes client commands, not {other:?}"),
         };
-        let routed = Self::on(cell, vec![command]).await;
+        let routed = Self::on(&self.protection, cell, vec![command]).await;
         Routed {
             cell: routed.cell,
             epoch: routed.epoch,
@@ -87,8 +109,8 @@ impl Cluster {
             if cmds.is_empty() {
                 continue;
             }
-            let client = self.cells[cell].clone();
-            tasks.spawn(async move { (positions, Self::on(&client, cmds).await) });
+            let (client, protection) = (self.cells[cell].clone(), self.protection.clone());
+            tasks.spawn(async move { (positions, Self::on(&protection, &client, cmds).await) });
         }
         let mut out: Vec<Option<Routed<Outcome>>> = (0..n).map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
@@ -111,20 +133,15 @@ impl Cluster {
 
     /// A read about one account, at the cell that owns it.
     pub async fn query_account(&self, account: &AccountId, query: Query) -> Routed<QueryAnswer> {
-        let cell = self.owner(account);
-        let result = cell.query(query).await;
-        Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
+        Self::ask(&self.protection, self.owner(account), query).await
     }
 
     /// A transfer's status: asked of every cell, answered by the one that has it.
     pub async fn transfer_status(&self, shadow: bool, id: &TransferId) -> Routed<QueryAnswer> {
         let mut tasks = JoinSet::new();
         for cell in &self.cells {
-            let (cell, id) = (cell.clone(), id.clone());
-            tasks.spawn(async move {
-                let result = cell.query(Query::Transfer { shadow, id }).await;
-                Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
-            });
+            let (cell, id, protection) = (cell.clone(), id.clone(), self.protection.clone());
+            tasks.spawn(async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id }).await });
         }
         let mut fallback: Option<Routed<QueryAnswer>> = None;
         while let Some(joined) = tasks.join_next().await {
@@ -152,10 +169,18 @@ impl Cluster {
                 }
                 for shadow in [false, true] {
                     let stats = Arc::new(RelayStats::default());
-                    let relay =
-                        Relay { source: source.clone(), dest: dest.clone(), shadow, config, stats: stats.clone() };
+                    let deferred = self.protection.degrade.flag(Action::CrossCellDefer);
+                    let gate = Arc::new(RelayGate::new(self.protection.rules().breaker, deferred));
+                    let relay = Relay {
+                        source: source.clone(),
+                        dest: dest.clone(),
+                        shadow,
+                        config,
+                        stats: stats.clone(),
+                        gate: gate.clone(),
+                    };
                     tokio::spawn(relay.run(stop.clone()));
-                    handles.push(RelayHandle { source: source.cell(), dest: dest.cell(), shadow, stats });
+                    handles.push(RelayHandle { source: source.cell(), dest: dest.cell(), shadow, stats, gate });
                 }
             }
         }
@@ -180,5 +205,44 @@ impl Cluster {
         let digests =
             self.map.owners().iter().enumerate().map(|(shard, owner)| per_cell[owner.0 as usize][shard]).collect();
         Ok((self.map.epoch(), digests))
+    }
+}
+
+/// How often the router reads its signals and feeds the degrade triggers.
+pub const SIGNALS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Cluster {
+    /// Reads the signals every [`SIGNALS_PERIOD`], feeds the degrade plan's
+    /// triggers, and publishes the protection gauges, until `stop` turns true.
+    pub fn spawn_signals(self: &Arc<Self>, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(SIGNALS_PERIOD) => {}
+                    _ = stop.changed() => return,
+                }
+                let p = &cluster.protection;
+                let signals = p.signals(&cluster.cells);
+                p.degrade.evaluate(&signals, std::time::Instant::now());
+                metrics::gauge!("cellpay_signal_critical_p99_ms").set(signals.critical_p99_ms);
+                metrics::gauge!("cellpay_signal_queue_delay_ms").set(signals.queue_delay_ms);
+                metrics::gauge!("cellpay_signal_error_ratio").set(signals.error_ratio);
+                let layers = p.layers();
+                for (i, guard) in layers.cells.iter().enumerate() {
+                    let cell = i.to_string();
+                    metrics::gauge!("cellpay_breaker_state", "cell" => cell.clone())
+                        .set(f64::from(guard.breaker.state().level()));
+                    metrics::gauge!("cellpay_concurrency_limit", "cell" => cell).set(f64::from(guard.limit.limit()));
+                }
+                metrics::gauge!("cellpay_hot_keys_tracked").set(layers.hot_keys.tracked() as f64);
+                *cluster.signals.lock().expect("signals lock") = signals;
+            }
+        })
+    }
+
+    /// The signals as last read.
+    pub fn last_signals(&self) -> crate::Signals {
+        *self.signals.lock().expect("signals lock")
     }
 }

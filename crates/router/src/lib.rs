@@ -6,10 +6,17 @@
 //! lives in its payer's cell, which its id alone does not name), sums the audit
 //! over all cells, and starts the relays between every pair of cells. Cells
 //! are reached through [`CellClient`], so a cell in another process fits the
-//! same slot as one in this process.
+//! same slot as one in this process. Every request and every call to a cell
+//! passes the protection stack of [`protect`], and the declared degrade plan
+//! of [`degrade`] decides what is switched off first.
 
 mod audit;
 mod cluster;
+pub mod degrade;
+pub mod protect;
 
 pub use audit::{ClusterAudit, LedgerAudit};
 pub use cluster::{Cluster, RelayHandle, Routed};
+pub use degrade::{Action, Degrade, Mode, Plan, Signals};
+pub use protect::rules::{FlowRules, Route};
+pub use protect::{Admission, Layer, Protection, RouteError};

@@ -2,18 +2,25 @@
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderValue;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use cellpay_core::{ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
+use cellpay_core::{ErrorCode, Op, Outcome, Priority, Query, QueryAnswer, ENTRIES_PAGE_MAX};
+use cellpay_router::{Action, Route};
 use serde_json::json;
 
-use crate::auth::Role;
+use crate::auth::{Caller, Role};
 use crate::body::{self, OpenAccountBody};
 use crate::error::ApiError;
+use crate::guard;
+use crate::headers::cell_headers;
 use crate::headers::shadow;
 use crate::served::Served;
 use crate::{views, AppState};
+
+/// Set on a balance served from the cache while `balance_reads_stale` is on: its age in ms.
+pub const STALE_MS: &str = "x-cellpay-stale-ms";
 
 /// Entries returned when the request names no `limit`.
 pub const ENTRIES_PAGE_DEFAULT: usize = 50;
@@ -21,11 +28,14 @@ pub const ENTRIES_PAGE_DEFAULT: usize = 50;
 pub async fn open(
     State(state): State<AppState>,
     Extension(role): Extension<Role>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     request: Body,
 ) -> Result<Response, ApiError> {
+    let shadow = shadow(&headers)?;
+    guard::admit(&state, Some(caller), Route::Payments, Priority::of(shadow, Priority::Critical), 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
-    let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow(&headers)?)?;
+    let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow)?;
     if matches!(&command.op, Op::OpenAccount(o) if o.overdraft) && role != Role::Admin {
         return Err(ApiError::new(ErrorCode::Forbidden, "opening an overdraft account needs the admin role"));
     }
@@ -43,14 +53,32 @@ pub async fn open(
 
 pub async fn get(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let shadow = shadow(&headers)?;
+    guard::admit(&state, Some(caller), Route::Balance, Priority::of(shadow, Priority::Reads), 1)?;
     let id = body::account_id("id", &id)?;
-    let query = Query::Account { shadow: shadow(&headers)?, id: id.clone() };
+    let degrade = &state.cluster()?.protection().degrade;
+    let stale = degrade.is_on(Action::BalanceReadsStale);
+    if stale {
+        if let Some((view, cell, epoch, age)) = state.stale.get(shadow, &id, degrade.stale_max()) {
+            let mut response = (StatusCode::OK, axum::Json(view)).into_response();
+            cell_headers(response.headers_mut(), cell, epoch);
+            response.headers_mut().insert(STALE_MS, HeaderValue::from(age.as_millis() as u64));
+            return Ok(response);
+        }
+    }
+    let query = Query::Account { shadow, id: id.clone() };
     let served = Served::from(state.cluster()?.query_account(&id, query).await)?;
     match &served.answer {
-        QueryAnswer::Account(a) => Ok(served.respond(StatusCode::OK, views::account(a))),
+        QueryAnswer::Account(a) => {
+            if stale {
+                state.stale.put(shadow, id.clone(), views::account(a), served.cell(), served.epoch());
+            }
+            Ok(served.respond(StatusCode::OK, views::account(a)))
+        }
         QueryAnswer::Rejected(r) => Err(served.reject(r)),
         other => unreachable!("an account query answers Account or Rejected, not {other:?}"),
     }
@@ -79,13 +107,16 @@ fn page(raw: Option<&str>) -> Result<(usize, Option<u64>), ApiError> {
 
 pub async fn entries(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let shadow = shadow(&headers)?;
+    guard::admit(&state, Some(caller), Route::History, Priority::of(shadow, Priority::History), 1)?;
     let account = body::account_id("id", &id)?;
     let (limit, before) = page(raw.as_deref())?;
-    let query = Query::Entries { shadow: shadow(&headers)?, account: account.clone(), limit, before };
+    let query = Query::Entries { shadow, account: account.clone(), limit, before };
     let served = Served::from(state.cluster()?.query_account(&account, query).await)?;
     match &served.answer {
         QueryAnswer::Entries(entries) => {

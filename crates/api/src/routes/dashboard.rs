@@ -9,7 +9,9 @@ use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use cellpay_core::{Query, QueryAnswer};
+use cellpay_cell::CellClient;
+use cellpay_core::{Priority, Query, QueryAnswer};
+use cellpay_router::Layer;
 use serde_json::{json, Value};
 
 use crate::AppState;
@@ -33,7 +35,11 @@ pub async fn data(State(state): State<AppState>) -> Response {
             Ok(QueryAnswer::Audit(v)) => v.outbox_messages,
             _ => 0,
         };
-        let engine = state.local_cells.get().and_then(|cells| cells.iter().find(|h| h.cell() == s.cell));
+        let engine = state
+            .local_cells
+            .get()
+            .and_then(|cells| cells.iter().find(|h| h.cell() == s.cell))
+            .and_then(|h| h.handle());
         let (commands, p99_ms) = engine.map_or((0, 0.0), |h| {
             let snap = h.stats().snapshot();
             (snap.commands, snap.batch_us.p99 as f64 / 1e3)
@@ -65,14 +71,37 @@ pub async fn data(State(state): State<AppState>) -> Response {
             })
         })
         .collect();
+    let p = cluster.protection();
+    let layers = p.layers();
+    let guards: Vec<Value> = layers
+        .cells
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            json!({"cell": i, "breaker": g.breaker.state().as_str(), "concurrency_limit": g.limit.limit(),
+                   "in_flight": g.limit.in_flight()})
+        })
+        .collect();
+    let mut refused = serde_json::Map::new();
+    for class in Priority::ALL {
+        let mut by_layer: u64 = Layer::ALL.iter().map(|l| p.counters.refused(*l, class)).sum();
+        for slot in state.local_cells.get().into_iter().flatten() {
+            by_layer += slot.handle().map_or(0, |h| h.stats().shed[class.rank()].load(Relaxed));
+        }
+        refused.insert(class.as_str().to_string(), Value::from(by_layer));
+    }
     Json(json!({
         "epoch": map.epoch(),
         "cells": cells,
         "relays": relays,
         "shed": state.unavailable_answers.load(Relaxed),
         "requests": state.answered.load(Relaxed),
-        // No degrade plan exists yet: nothing can be switched, and the page says so.
-        "degrade": Vec::<String>::new(),
+        "degrade": p.degrade.switches(),
+        "degrade_changes": p.degrade.changes(),
+        "signals": cluster.last_signals(),
+        "guards": guards,
+        "refused_by_class": refused,
+        "retries": p.counters.retries.load(Relaxed),
     }))
     .into_response()
 }

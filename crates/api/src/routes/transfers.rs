@@ -4,19 +4,32 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use cellpay_core::{ErrorCode, Outcome, QueryAnswer};
+use axum::{Extension, Json};
+use cellpay_core::{ErrorCode, Op, Outcome, Priority, QueryAnswer};
+use cellpay_router::Route;
 use serde_json::{json, Value};
 
 use crate::body::{self, BatchBody, TransferBody};
 use crate::error::ApiError;
+use crate::guard;
 use crate::headers::shadow;
 use crate::served::Served;
-use crate::{views, AppState};
+use crate::{views, AppState, Caller};
 
-pub async fn create(State(state): State<AppState>, headers: HeaderMap, request: Body) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    let shadow = shadow(&headers)?;
+    let class = Priority::of(shadow, Priority::Critical);
+    guard::admit(&state, Some(caller), Route::Payments, class, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
-    let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow(&headers)?)?;
+    let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow)?;
+    if let Op::Transfer(t) = &command.op {
+        guard::admit_payment(&state, class, shadow, &t.from, &t.to)?;
+    }
     let served = Served::from(state.cluster()?.submit_one(command).await)?;
     match &served.answer {
         Outcome::Transferred { transfer, created, .. } => {
@@ -38,9 +51,15 @@ fn item_id(raw: &serde_json::value::RawValue) -> Value {
     serde_json::from_str::<IdOnly<'_>>(raw.get()).ok().and_then(|i| i.id).map_or(Value::Null, Value::from)
 }
 
-pub async fn batch(State(state): State<AppState>, headers: HeaderMap, request: Body) -> Result<Response, ApiError> {
-    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+pub async fn batch(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
+    let class = Priority::of(shadow, Priority::Critical);
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let parsed: BatchBody<'_> =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
     let max = state.limits.batch_items_max;
@@ -51,6 +70,7 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, request: B
     if parsed.transfers.is_empty() {
         return Err(ApiError::invalid("a batch holds at least one transfer"));
     }
+    guard::admit(&state, Some(caller), Route::Payments, class, parsed.transfers.len() as u32)?;
     let cluster = state.cluster()?;
     let mut results: Vec<Value> = Vec::with_capacity(parsed.transfers.len());
     let mut commands = Vec::with_capacity(parsed.transfers.len());
@@ -61,6 +81,10 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, request: B
             .and_then(|b| {
                 let id = b.id.clone();
                 body::transfer(b, shadow).map(|cmd| (id, cmd))
+            })
+            .and_then(|(id, cmd)| match &cmd.op {
+                Op::Transfer(t) => guard::admit_payment(&state, class, shadow, &t.from, &t.to).map(|()| (id, cmd)),
+                _ => Ok((id, cmd)),
             });
         match item {
             Ok((id, cmd)) => {
@@ -85,11 +109,14 @@ pub async fn batch(State(state): State<AppState>, headers: HeaderMap, request: B
 
 pub async fn status(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let shadow = shadow(&headers)?;
+    guard::admit(&state, Some(caller), Route::Status, Priority::of(shadow, Priority::Critical), 1)?;
     let id = body::transfer_id(&id)?;
-    let served = Served::from(state.cluster()?.transfer_status(shadow(&headers)?, &id).await)?;
+    let served = Served::from(state.cluster()?.transfer_status(shadow, &id).await)?;
     match &served.answer {
         QueryAnswer::Transfer(t) => Ok(served.respond(StatusCode::OK, views::transfer(t))),
         QueryAnswer::Rejected(r) => Err(served.reject(r)),

@@ -1,0 +1,77 @@
+//! The edge of the protection stack as handlers use it: classify a request,
+//! pass it through the degrade switches, the rate limits and the hot-key
+//! limits (layers 1–3 of `cellpay_router::protect`), and the stale-balance
+//! cache of the `balance_reads_stale` switch.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cellpay_core::{AccountId, CellId, Priority};
+use cellpay_router::protect::hotkey::Side;
+use cellpay_router::{Admission, Route};
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::{AppState, Caller};
+
+/// The most balances the stale cache holds; a full cache starts over (I7).
+pub const STALE_BALANCES_MAX: usize = 65_536;
+
+/// Layers 1 and 2 for one request of `route`, costing `cost` units.
+pub fn admit(
+    state: &AppState,
+    caller: Option<Caller>,
+    route: Route,
+    class: Priority,
+    cost: u32,
+) -> Result<(), ApiError> {
+    let cluster = state.cluster()?;
+    let admission = Admission { route, token: caller.map(|c| c.token), class, cost };
+    cluster.protection().admit(&admission).map_err(ApiError::from)
+}
+
+/// Layer 3 for a payment: its payer's and its payee's hot-key limits.
+pub fn admit_payment(
+    state: &AppState,
+    class: Priority,
+    shadow: bool,
+    from: &AccountId,
+    to: &AccountId,
+) -> Result<(), ApiError> {
+    let protection = state.cluster()?.protection();
+    protection.admit_account(class, shadow, from, Side::Payer)?;
+    protection.admit_account(class, shadow, to, Side::Payee)?;
+    Ok(())
+}
+
+/// A balance as served: its body, the cell and epoch that served it, and when.
+type Cached = (Value, CellId, u64, Instant);
+
+/// Balances last read from the cells, by ledger and account.
+#[derive(Default)]
+pub struct StaleBalances {
+    entries: Mutex<HashMap<(bool, AccountId), Cached>>,
+}
+
+impl StaleBalances {
+    /// A cached balance no older than `max_age`, with its age.
+    pub fn get(&self, shadow: bool, id: &AccountId, max_age: Duration) -> Option<(Value, CellId, u64, Duration)> {
+        let entries = self.entries.lock().expect("stale cache lock");
+        let (v, cell, epoch, at) = entries.get(&(shadow, id.clone()))?;
+        let age = at.elapsed();
+        (age <= max_age).then(|| (v.clone(), *cell, *epoch, age))
+    }
+
+    pub fn put(&self, shadow: bool, id: AccountId, view: Value, cell: CellId, epoch: u64) {
+        let mut entries = self.entries.lock().expect("stale cache lock");
+        if entries.len() >= STALE_BALANCES_MAX {
+            entries.clear();
+        }
+        entries.insert((shadow, id), (view, cell, epoch, Instant::now()));
+    }
+
+    pub fn clear(&self) {
+        self.entries.lock().expect("stale cache lock").clear();
+    }
+}

@@ -1,0 +1,130 @@
+//! `/v1/admin/*` (admin role): the degrade plan and its switches, the flow
+//! rules, and the drill controls. A bad plan or rule set is refused with 400
+//! `invalid_request` and the message of the first mistake; the old one stays.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use cellpay_core::ErrorCode;
+use cellpay_router::{FlowRules, Mode, Plan};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::{body, AppState, Role};
+
+fn admin_only(role: Role, what: &str) -> Result<(), ApiError> {
+    if role != Role::Admin {
+        return Err(ApiError::new(ErrorCode::Forbidden, format!("{what} needs the admin role")));
+    }
+    Ok(())
+}
+
+fn degrade_view(state: &AppState) -> Result<Value, ApiError> {
+    let cluster = state.cluster()?;
+    let d = &cluster.protection().degrade;
+    Ok(json!({
+        "switches": d.switches(),
+        "changes": d.changes(),
+        "changes_total": d.changes_total.load(std::sync::atomic::Ordering::Relaxed),
+        "signals": cluster.last_signals(),
+    }))
+}
+
+/// `GET /v1/admin/degrade`: the declared switches, their state, recent changes, the signals.
+pub async fn degrade(State(state): State<AppState>, Extension(role): Extension<Role>) -> Result<Response, ApiError> {
+    admin_only(role, "reading the degrade plan")?;
+    Ok(Json(degrade_view(&state)?).into_response())
+}
+
+/// `PUT /v1/admin/degrade`: a new plan (JSON, the TOML file's shape).
+pub async fn replace_plan(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    admin_only(role, "replacing the degrade plan")?;
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let plan = Plan::from_json(&bytes).map_err(|e| ApiError::invalid(format!("degrade plan refused: {e}")))?;
+    state.cluster()?.protection().degrade.replace(plan);
+    Ok(Json(degrade_view(&state)?).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchBody {
+    mode: Mode,
+}
+
+/// `PUT /v1/admin/degrade/{switch}` with `{"mode": "on" | "off" | "auto"}`.
+pub async fn set_switch(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    Path(switch): Path<String>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    admin_only(role, "turning a degrade switch")?;
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let order: SwitchBody = body::parse(&bytes)?;
+    let cluster = state.cluster()?;
+    let view = cluster.protection().degrade.set(&switch, order.mode).map_err(ApiError::invalid)?;
+    if !cluster.protection().degrade.is_on(cellpay_router::Action::BalanceReadsStale) {
+        state.stale.clear();
+    }
+    Ok(Json(view).into_response())
+}
+
+/// `GET /v1/admin/rules`: the flow rules in force.
+pub async fn rules(State(state): State<AppState>, Extension(role): Extension<Role>) -> Result<Response, ApiError> {
+    admin_only(role, "reading the flow rules")?;
+    Ok(Json(state.cluster()?.protection().rules()).into_response())
+}
+
+/// `PUT /v1/admin/rules`: a whole new rule set, checked before it replaces the old one.
+pub async fn replace_rules(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    admin_only(role, "changing the flow rules")?;
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let rules = FlowRules::from_json(&bytes).map_err(|e| ApiError::invalid(format!("flow rules refused: {e}")))?;
+    let protection = state.cluster()?.protection();
+    protection.replace_rules(rules);
+    Ok(Json(protection.rules()).into_response())
+}
+
+async fn control(state: &AppState, role: Role, id: &str, halt: bool) -> Result<Response, ApiError> {
+    admin_only(role, "halting or restarting a cell")?;
+    let Some(control) = state.control.get() else {
+        return Err(ApiError::new(ErrorCode::Forbidden, "drills are not enabled on this server (serve --drills true)"));
+    };
+    let cells = state.cluster()?.cells().len();
+    let cell = id.parse::<u32>().ok().filter(|c| (*c as usize) < cells);
+    let cell = cell.ok_or_else(|| ApiError::invalid(format!("no cell {id:?} in this cluster of {cells}")))?;
+    let done = if halt { control.halt(cell).await } else { control.restart(cell).await };
+    let message = done.map_err(|e| ApiError::new(ErrorCode::Conflict, e))?;
+    Ok(Json(json!({"cell": cell, "message": message})).into_response())
+}
+
+/// `POST /v1/admin/cells/{id}/halt`: stops the cell's engine as a crash would (drills only).
+pub async fn halt(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    control(&state, role, &id, true).await
+}
+
+/// `POST /v1/admin/cells/{id}/restart`: recovers the cell and starts it again (drills only).
+pub async fn restart(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    control(&state, role, &id, false).await
+}

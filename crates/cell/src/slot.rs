@@ -1,0 +1,84 @@
+//! A cell's place in the cluster, which outlives one run of its engine.
+//!
+//! The router and the relays hold a [`CellSlot`] rather than the engine's
+//! handle, so an engine can be stopped and started again (the kill-cell
+//! drill, a restart after a failure) without rewiring them: while the slot is
+//! empty every call answers `cell_unavailable`, and the outbox signal the
+//! relays wait on stays the same across engines.
+
+use std::sync::RwLock;
+
+use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
+use tokio::sync::watch;
+
+use crate::client::{BoxFuture, CellClient, CellStatus};
+use crate::engine::{CellHandle, EngineError};
+
+pub struct CellSlot {
+    cell: CellId,
+    current: RwLock<Option<CellHandle>>,
+    /// Stable across engines: bumped whenever the current engine's outbox grows.
+    outbox: watch::Sender<u64>,
+}
+
+impl CellSlot {
+    pub fn new(cell: CellId) -> Self {
+        Self { cell, current: RwLock::new(None), outbox: watch::Sender::new(0) }
+    }
+
+    /// The running engine's handle, if one runs.
+    pub fn handle(&self) -> Option<CellHandle> {
+        self.current.read().expect("slot lock is never held across a panic").clone()
+    }
+
+    /// Puts a running engine in the slot, and forwards its outbox signal
+    /// (needs a tokio runtime) until the engine goes.
+    pub fn install(&self, handle: CellHandle) {
+        assert_eq!(handle.cell(), self.cell, "a slot holds its own cell");
+        let mut engine_signal = handle.outbox_watch();
+        let slot_signal = self.outbox.clone();
+        tokio::spawn(async move {
+            while engine_signal.changed().await.is_ok() {
+                slot_signal.send_modify(|g| *g += 1);
+            }
+        });
+        *self.current.write().expect("slot lock is never held across a panic") = Some(handle);
+        self.outbox.send_modify(|g| *g += 1);
+    }
+
+    /// Empties the slot: calls answer `cell_unavailable` until the next install.
+    pub fn clear(&self) -> Option<CellHandle> {
+        self.current.write().expect("slot lock is never held across a panic").take()
+    }
+
+    fn down(&self) -> EngineError {
+        EngineError::Unavailable { cell: self.cell, reason: "the cell's engine is not running".into() }
+    }
+}
+
+impl CellClient for CellSlot {
+    fn cell(&self) -> CellId {
+        self.cell
+    }
+
+    fn status(&self) -> CellStatus {
+        match self.handle() {
+            Some(h) => CellClient::status(&h),
+            None => CellStatus { cell: self.cell, epoch: 0, queue_depth: 0, queue_delay_us: 0, failed: true },
+        }
+    }
+
+    fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {
+        let submitted = self.handle().ok_or_else(|| self.down()).and_then(|h| h.submit(commands));
+        Box::pin(async move { submitted?.wait().await })
+    }
+
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>> {
+        let submitted = self.handle().ok_or_else(|| self.down()).and_then(|h| h.query(query));
+        Box::pin(async move { submitted?.wait().await })
+    }
+
+    fn outbox_signal(&self) -> watch::Receiver<u64> {
+        self.outbox.subscribe()
+    }
+}

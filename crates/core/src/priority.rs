@@ -1,0 +1,104 @@
+//! Priority classes (DESIGN.md section 6), highest first: payments and their
+//! status; balance reads; history; shadow traffic. Under overload the lowest
+//! class is shed first. The class follows from the work itself, so the router,
+//! the engine and the metrics all classify a request the same way.
+
+use crate::command::{Command, Op, Query};
+
+/// A priority class. The order of the variants is the order of importance:
+/// `Critical < Reads < History < Shadow`, and a larger rank is shed earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Payments, payment status, account opening, the relay's legs, operator reads.
+    Critical = 0,
+    /// Balance reads.
+    Reads = 1,
+    /// History and other best-effort reads.
+    History = 2,
+    /// Stress-test traffic: shed before anything real.
+    Shadow = 3,
+}
+
+impl Priority {
+    /// Every class, highest first.
+    pub const ALL: [Priority; 4] = [Priority::Critical, Priority::Reads, Priority::History, Priority::Shadow];
+
+    pub fn rank(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Reads => "reads",
+            Priority::History => "history",
+            Priority::Shadow => "shadow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// The class of a request that is shadow or not and would otherwise be `real`.
+    pub fn of(shadow: bool, real: Priority) -> Self {
+        if shadow {
+            Priority::Shadow
+        } else {
+            real
+        }
+    }
+}
+
+impl Command {
+    /// Commands that move or create money are critical; shadow ones are shadow.
+    pub fn priority(&self) -> Priority {
+        match self.op {
+            // A shard map is installed by the operator, never shed.
+            Op::InstallShardMap(_) => Priority::Critical,
+            _ => Priority::of(self.shadow, Priority::Critical),
+        }
+    }
+}
+
+impl Query {
+    pub fn priority(&self) -> Priority {
+        match self {
+            Query::Account { shadow, .. } => Priority::of(*shadow, Priority::Reads),
+            Query::Entries { shadow, .. } => Priority::of(*shadow, Priority::History),
+            Query::Transfer { shadow, .. } => Priority::of(*shadow, Priority::Critical),
+            // The relay, the audit and the digests keep money moving and provable.
+            Query::Outbox { shadow, .. } => Priority::of(*shadow, Priority::Critical),
+            Query::Digests { .. } | Query::Audit { .. } => Priority::Critical,
+        }
+    }
+}
+
+/// The class of a whole submission: its most important command.
+pub fn priority_of(commands: &[Command]) -> Priority {
+    commands.iter().map(Command::priority).min().unwrap_or(Priority::Critical)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_order_and_names_round_trip() {
+        assert!(Priority::Critical < Priority::Reads && Priority::Reads < Priority::History);
+        assert!(Priority::History < Priority::Shadow);
+        for p in Priority::ALL {
+            assert_eq!(Priority::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Priority::parse("payments"), None);
+    }
+
+    #[test]
+    fn shadow_reads_are_shadow_and_real_reads_keep_their_class() {
+        let id = crate::AccountId::new("a").unwrap();
+        let q = |shadow| Query::Entries { shadow, account: id.clone(), limit: 1, before: None };
+        assert_eq!(q(false).priority(), Priority::History);
+        assert_eq!(q(true).priority(), Priority::Shadow);
+        assert_eq!(Query::Account { shadow: false, id: id.clone() }.priority(), Priority::Reads);
+    }
+}

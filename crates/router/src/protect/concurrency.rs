@@ -1,0 +1,127 @@
+//! The adaptive concurrency limit of one cell (AIMD on measured latency).
+//!
+//! Calls in flight to the cell are capped by a limit that learns: each call
+//! that comes back within the latency target while the limit was in use adds
+//! `1/limit` (about +1 per round trip); a call slower than the target, or shed
+//! by the cell, cuts the limit by 10 %, at most once per `latency_target`
+//! (one cut per congestion signal, not one per call in flight). Lower classes
+//! may use only a share of the limit, so under pressure they are refused
+//! first and payments keep the head room.
+
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cellpay_core::Priority;
+
+use super::rules::ConcurrencyRules;
+
+/// The share of the limit each class may fill, in percent, highest class first.
+pub const LIMIT_SHARE_PERCENT: [u32; 4] = [100, 85, 70, 50];
+
+struct Learned {
+    limit: f64,
+    last_cut: Instant,
+}
+
+pub struct AdaptiveLimit {
+    rules: ConcurrencyRules,
+    in_flight: AtomicU32,
+    /// The limit as a whole number, for admission without the lock.
+    limit: AtomicU32,
+    learned: Mutex<Learned>,
+}
+
+/// A call admitted under the limit; give it back with [`AdaptiveLimit::done`].
+#[must_use = "an admitted call must report how it went"]
+pub struct Permit {
+    started: Instant,
+}
+
+impl AdaptiveLimit {
+    pub fn new(rules: ConcurrencyRules) -> Self {
+        Self {
+            rules,
+            in_flight: AtomicU32::new(0),
+            limit: AtomicU32::new(rules.initial),
+            learned: Mutex::new(Learned { limit: f64::from(rules.initial), last_cut: Instant::now() }),
+        }
+    }
+
+    pub fn limit(&self) -> u32 {
+        self.limit.load(Relaxed)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Admits a call of `class` if the class's share of the limit has room.
+    pub fn try_acquire(&self, class: Priority) -> Option<Permit> {
+        let cap = (self.limit() * LIMIT_SHARE_PERCENT[class.rank()] / 100).max(1);
+        let before = self.in_flight.fetch_add(1, Relaxed);
+        if before >= cap {
+            self.in_flight.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Permit { started: Instant::now() })
+    }
+
+    /// Reports an admitted call: `congested` when the cell shed it or said it is overloaded.
+    pub fn done(&self, permit: Permit, congested: bool) {
+        let latency = permit.started.elapsed();
+        let in_flight = self.in_flight.fetch_sub(1, Relaxed);
+        let target = Duration::from_millis(u64::from(self.rules.latency_target_ms));
+        let mut l = self.learned.lock().expect("limit lock is never held across a panic");
+        if congested || latency > target {
+            if l.last_cut.elapsed() >= target {
+                l.limit = (l.limit * 0.9).max(f64::from(self.rules.min));
+                l.last_cut = Instant::now();
+            }
+        } else if f64::from(in_flight) * 2.0 >= l.limit {
+            // Grow only when the limit was really in use.
+            l.limit = (l.limit + 1.0 / l.limit).min(f64::from(self.rules.max));
+        }
+        self.limit.store(l.limit as u32, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> ConcurrencyRules {
+        ConcurrencyRules { initial: 20, min: 2, max: 100, latency_target_ms: 1 }
+    }
+
+    #[test]
+    fn lower_classes_get_a_smaller_share_of_the_limit() {
+        let l = AdaptiveLimit::new(rules());
+        let shadow: Vec<_> = std::iter::from_fn(|| l.try_acquire(Priority::Shadow)).take(100).collect();
+        assert_eq!(shadow.len(), 10, "shadow may fill half of 20");
+        let critical: Vec<_> = std::iter::from_fn(|| l.try_acquire(Priority::Critical)).take(100).collect();
+        assert_eq!(critical.len(), 10, "payments get the rest");
+        assert!(l.try_acquire(Priority::Critical).is_none());
+        for p in shadow.into_iter().chain(critical) {
+            l.done(p, false);
+        }
+        assert_eq!(l.in_flight(), 0);
+    }
+
+    #[test]
+    fn congestion_cuts_the_limit_and_fast_full_calls_grow_it() {
+        let l = AdaptiveLimit::new(rules());
+        std::thread::sleep(Duration::from_millis(2));
+        let p = l.try_acquire(Priority::Critical).unwrap();
+        l.done(p, true);
+        assert_eq!(l.limit(), 18);
+        // Fast calls at full use grow it back by about one per limit's worth of calls.
+        for _ in 0..200 {
+            let permits: Vec<_> = (0..18).filter_map(|_| l.try_acquire(Priority::Critical)).collect();
+            for p in permits {
+                l.done(p, false);
+            }
+        }
+        assert!(l.limit() > 18, "limit {}", l.limit());
+    }
+}

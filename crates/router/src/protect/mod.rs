@@ -1,0 +1,337 @@
+//! Protection of the critical path (DESIGN.md section 6), as one stack.
+//!
+//! A request meets these layers in this order; each refuses cheaply, before
+//! the next costs anything:
+//!
+//! | # | layer | per | refuses with |
+//! |---|-------|-----|--------------|
+//! | 1 | degrade switches ([`crate::degrade`]) | request | 503 `degraded` |
+//! | 2 | rate limits per route and per token ([`rate`]) | request | 429 `rate_limited` |
+//! | 3 | hot-key limits per payer / payee ([`hotkey`]) | account | 429 `rate_limited` |
+//! | 4 | retry with a budget ([`retry`]) | call to a cell | (retries `cell_unavailable`) |
+//! | 5 | circuit breaker ([`cellpay_cell::Breaker`]) | cell | 503 `cell_unavailable` |
+//! | 6 | adaptive concurrency limit, class shares ([`concurrency`]) | cell | 503 `overloaded` |
+//! | 7 | the cell's queue: class shares, then queue-delay shedding (CoDel) | cell | 503 `overloaded` |
+//!
+//! Layers 1–3 run once per HTTP request ([`Protection::admit`],
+//! [`Protection::admit_account`]); 4–6 wrap every call the router makes to a
+//! cell ([`Protection::call`]); 7 lives in the cell engine. Every refusal is
+//! counted by layer and priority class. The flow rules behind 2–6 can be
+//! replaced live; a replacement starts the limiters, breakers and budget afresh.
+
+pub mod concurrency;
+pub mod hotkey;
+pub mod rate;
+pub mod retry;
+pub mod rules;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+
+use cellpay_cell::{Breaker, CellClient, EngineError};
+use cellpay_core::{AccountId, CellId, Priority};
+use hdrhistogram::Histogram;
+
+use crate::degrade::{Action, Degrade, Plan, Signals};
+use concurrency::AdaptiveLimit;
+use hotkey::{HotKeys, Side};
+use rate::EdgeLimits;
+use retry::RetryBudget;
+use rules::{FlowRules, Route};
+
+/// Where a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Degrade,
+    RateLimit,
+    HotKey,
+    Breaker,
+    Concurrency,
+}
+
+impl Layer {
+    pub const ALL: [Layer; 5] = [Layer::Degrade, Layer::RateLimit, Layer::HotKey, Layer::Breaker, Layer::Concurrency];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::Degrade => "degrade",
+            Layer::RateLimit => "rate_limit",
+            Layer::HotKey => "hot_key",
+            Layer::Breaker => "breaker",
+            Layer::Concurrency => "concurrency",
+        }
+    }
+}
+
+/// Why the router did not (or could not) serve a call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    RateLimited(String),
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("{0}")]
+    Degraded(String),
+    #[error("cell {cell} is unavailable: {reason}")]
+    Unavailable { cell: CellId, reason: String },
+}
+
+impl RouteError {
+    /// Whether a retry may help: the cell could not serve it at all.
+    fn retryable(&self) -> bool {
+        matches!(self, RouteError::Engine(EngineError::Unavailable { .. }) | RouteError::Unavailable { .. })
+    }
+
+    /// Whether the cell said it has too much to do.
+    fn congested(&self) -> bool {
+        matches!(self, RouteError::Engine(EngineError::Overloaded { .. } | EngineError::Shed { .. }))
+    }
+}
+
+/// The breaker and concurrency limit of one cell.
+pub struct CellGuard {
+    pub breaker: Breaker,
+    pub limit: AdaptiveLimit,
+}
+
+/// The layers built from one set of flow rules.
+pub struct Layers {
+    pub rules: FlowRules,
+    edge: EdgeLimits,
+    pub hot_keys: HotKeys,
+    pub cells: Vec<CellGuard>,
+    retry: RetryBudget,
+}
+
+impl Layers {
+    fn new(rules: FlowRules, token_roles: &[String], cells: usize) -> Self {
+        let roles: Vec<&str> = token_roles.iter().map(String::as_str).collect();
+        Self {
+            edge: EdgeLimits::new(&rules, &roles),
+            hot_keys: HotKeys::new(rules.hot_keys.clone()),
+            cells: (0..cells)
+                .map(|_| CellGuard {
+                    breaker: Breaker::new(rules.breaker),
+                    limit: AdaptiveLimit::new(rules.concurrency),
+                })
+                .collect(),
+            retry: RetryBudget::new(rules.retry),
+            rules,
+        }
+    }
+}
+
+/// Counters that outlive a change of rules.
+#[derive(Default)]
+pub struct Counters {
+    /// Refusals by layer (index of [`Layer::ALL`]) and class (rank).
+    pub refused: [[AtomicU64; 4]; 5],
+    pub requests: AtomicU64,
+    pub retries: AtomicU64,
+    /// Retries wanted that the budget refused.
+    pub retries_refused: AtomicU64,
+    pub rules_changes: AtomicU64,
+}
+
+impl Counters {
+    fn refuse(&self, layer: Layer, class: Priority) {
+        let l = Layer::ALL.iter().position(|x| *x == layer).expect("every layer is listed");
+        self.refused[l][class.rank()].fetch_add(1, Relaxed);
+    }
+
+    pub fn refused(&self, layer: Layer, class: Priority) -> u64 {
+        let l = Layer::ALL.iter().position(|x| *x == layer).expect("every layer is listed");
+        self.refused[l][class.rank()].load(Relaxed)
+    }
+}
+
+/// Calls measured since the signals were last read.
+struct Window {
+    critical_us: Histogram<u64>,
+    calls: u64,
+    failed: u64,
+}
+
+impl Window {
+    fn new() -> Self {
+        Self {
+            critical_us: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+            calls: 0,
+            failed: 0,
+        }
+    }
+}
+
+pub struct Protection {
+    layers: RwLock<Arc<Layers>>,
+    token_roles: Vec<String>,
+    cells: usize,
+    pub degrade: Degrade,
+    pub counters: Counters,
+    window: Mutex<Window>,
+}
+
+/// What the edge knows of a request before any cell is asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    pub route: Route,
+    /// The number of the token that sent it, as the API numbers them.
+    pub token: Option<usize>,
+    pub class: Priority,
+    /// Units it takes from the rate limits (items of a batch).
+    pub cost: u32,
+}
+
+impl Protection {
+    /// `token_roles[i]` is the role of token `i`.
+    pub fn new(rules: FlowRules, plan: Plan, token_roles: Vec<String>, cells: usize) -> Self {
+        Self {
+            layers: RwLock::new(Arc::new(Layers::new(rules, &token_roles, cells))),
+            token_roles,
+            cells,
+            degrade: Degrade::new(plan),
+            counters: Counters::default(),
+            window: Mutex::new(Window::new()),
+        }
+    }
+
+    pub fn layers(&self) -> Arc<Layers> {
+        self.layers.read().expect("rules lock is never held across a panic").clone()
+    }
+
+    pub fn rules(&self) -> FlowRules {
+        self.layers().rules.clone()
+    }
+
+    /// Installs checked rules; the caller checked them (`FlowRules::check`).
+    pub fn replace_rules(&self, rules: FlowRules) {
+        let layers = Arc::new(Layers::new(rules, &self.token_roles, self.cells));
+        *self.layers.write().expect("rules lock is never held across a panic") = layers;
+        self.counters.rules_changes.fetch_add(1, Relaxed);
+        metrics::counter!("cellpay_rules_changes_total").increment(1);
+        tracing::warn!("flow rules replaced");
+    }
+
+    /// Layers 1 and 2: degrade switches, then rate limits per route and token.
+    pub fn admit(&self, a: &Admission) -> Result<(), RouteError> {
+        self.counters.requests.fetch_add(1, Relaxed);
+        let switched_off = match (a.class, a.route) {
+            (Priority::Shadow, _) if self.degrade.is_on(Action::ShadowOff) => Some(Action::ShadowOff),
+            (_, Route::History) if self.degrade.is_on(Action::HistoryOff) => Some(Action::HistoryOff),
+            _ => None,
+        };
+        if let Some(action) = switched_off {
+            self.counters.refuse(Layer::Degrade, a.class);
+            return Err(RouteError::Degraded(format!("degraded: switch {} is on", action.as_str())));
+        }
+        self.layers().edge.admit(a.route, a.token, a.cost).map_err(|e| {
+            self.counters.refuse(Layer::RateLimit, a.class);
+            RouteError::RateLimited(e.0)
+        })
+    }
+
+    /// Layer 3: the hot-key limit of one account a request touches.
+    pub fn admit_account(
+        &self,
+        class: Priority,
+        shadow: bool,
+        account: &AccountId,
+        side: Side,
+    ) -> Result<(), RouteError> {
+        self.layers().hot_keys.admit(shadow, account, side).map_err(|rate| {
+            self.counters.refuse(Layer::HotKey, class);
+            RouteError::RateLimited(format!(
+                "account {account} is over its hot-key limit of {} per second (burst {})",
+                rate.rate_per_s, rate.burst
+            ))
+        })
+    }
+
+    /// Layers 4–6 around one call to `cell`: `attempt` makes the call afresh
+    /// each time (a retry repeats it, so it must be idempotent).
+    pub async fn call<T, F, Fut>(&self, cell: &dyn CellClient, class: Priority, attempt: F) -> Result<T, RouteError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, EngineError>>,
+    {
+        let layers = self.layers();
+        layers.retry.request();
+        let mut tries = 1;
+        loop {
+            let result = self.once(&layers, cell, class, &attempt).await;
+            match &result {
+                Err(e) if e.retryable() && tries < layers.retry.attempts_max() => match layers.retry.retry(tries) {
+                    Some(wait) => {
+                        self.counters.retries.fetch_add(1, Relaxed);
+                        tokio::time::sleep(wait).await;
+                        tries += 1;
+                    }
+                    None => {
+                        self.counters.retries_refused.fetch_add(1, Relaxed);
+                        return result;
+                    }
+                },
+                _ => return result,
+            }
+        }
+    }
+
+    async fn once<T, F, Fut>(
+        &self,
+        layers: &Layers,
+        cell: &dyn CellClient,
+        class: Priority,
+        attempt: &F,
+    ) -> Result<T, RouteError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, EngineError>>,
+    {
+        let id = cell.cell();
+        let guard = &layers.cells[id.0 as usize];
+        let Some(permit) = guard.limit.try_acquire(class) else {
+            self.counters.refuse(Layer::Concurrency, class);
+            return Err(RouteError::Overloaded(format!(
+                "cell {id} is at its concurrency limit for {} requests ({} in flight)",
+                class.as_str(),
+                guard.limit.in_flight()
+            )));
+        };
+        let pass = match guard.breaker.try_pass() {
+            Ok(pass) => pass,
+            Err(open) => {
+                guard.limit.done(permit, false);
+                self.counters.refuse(Layer::Breaker, class);
+                let reason = format!("its circuit breaker is open; retry in {} ms", open.retry_after.as_millis());
+                return Err(RouteError::Unavailable { cell: id, reason });
+            }
+        };
+        let started = std::time::Instant::now();
+        let result = attempt().await.map_err(RouteError::from);
+        let failed = matches!(result, Err(RouteError::Engine(EngineError::Unavailable { .. })));
+        let congested = result.as_ref().err().is_some_and(RouteError::congested);
+        guard.limit.done(permit, congested);
+        guard.breaker.record(pass, failed);
+        let mut w = self.window.lock().expect("window lock is never held across a panic");
+        w.calls += 1;
+        w.failed += u64::from(failed || congested);
+        if class == Priority::Critical {
+            w.critical_us.saturating_record(started.elapsed().as_micros().max(1) as u64);
+        }
+        result
+    }
+
+    /// The signals over the calls since the last read, and the cells' queue delay.
+    pub fn signals(&self, cells: &[Arc<dyn CellClient>]) -> Signals {
+        let w = std::mem::replace(&mut *self.window.lock().expect("window lock"), Window::new());
+        let queue_delay_us = cells.iter().map(|c| c.status().queue_delay_us).max().unwrap_or(0);
+        Signals {
+            critical_p99_ms: w.critical_us.value_at_quantile(0.99) as f64 / 1e3,
+            queue_delay_ms: queue_delay_us as f64 / 1e3,
+            error_ratio: if w.calls == 0 { 0.0 } else { w.failed as f64 / w.calls as f64 },
+        }
+    }
+}
