@@ -94,11 +94,24 @@ pub struct Breaker {
     inner: Mutex<Inner>,
 }
 
-/// A call the breaker let through.
+/// A call the breaker let through; report it with [`Breaker::record`]. A
+/// probe dropped unreported (its caller gave up) frees its probe slot.
 #[must_use = "a call let through must report how it went"]
-pub struct Pass {
+pub struct Pass<'a> {
+    breaker: &'a Breaker,
     started: Instant,
     probe: bool,
+    recorded: bool,
+}
+
+impl Drop for Pass<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            if let Phase::HalfOpen { admitted, .. } = &mut self.breaker.lock().phase {
+                *admitted = admitted.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// Refused: the breaker is open; retry after this long.
@@ -130,26 +143,27 @@ impl Breaker {
         self.lock().opened
     }
 
-    pub fn try_pass(&self) -> Result<Pass, Open> {
+    pub fn try_pass(&self) -> Result<Pass<'_>, Open> {
         let mut inner = self.lock();
         let now = Instant::now();
         match &mut inner.phase {
-            Phase::Closed => Ok(Pass { started: now, probe: false }),
+            Phase::Closed => Ok(Pass { breaker: self, started: now, probe: false, recorded: false }),
             Phase::Open { until } if now < *until => Err(Open { retry_after: *until - now }),
             Phase::Open { .. } => {
                 inner.phase = Phase::HalfOpen { admitted: 1, succeeded: 0 };
-                Ok(Pass { started: now, probe: true })
+                Ok(Pass { breaker: self, started: now, probe: true, recorded: false })
             }
             Phase::HalfOpen { admitted, .. } if *admitted < self.rules.half_open_probes => {
                 *admitted += 1;
-                Ok(Pass { started: now, probe: true })
+                Ok(Pass { breaker: self, started: now, probe: true, recorded: false })
             }
             Phase::HalfOpen { .. } => Err(Open { retry_after: Duration::from_millis(u64::from(self.rules.open_ms)) }),
         }
     }
 
     /// Reports a call let through: `failed` when the callee could not serve it.
-    pub fn record(&self, pass: Pass, failed: bool) {
+    pub fn record(&self, mut pass: Pass<'_>, failed: bool) {
+        pass.recorded = true;
         let slow = pass.started.elapsed() > Duration::from_millis(u64::from(self.rules.slow_call_ms));
         let mut inner = self.lock();
         let r = self.rules;

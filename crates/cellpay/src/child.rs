@@ -23,10 +23,16 @@ impl Drop for Started {
 
 /// Starts `cellpay serve` with `cells` cells and one admin token; returns once it is ready.
 pub fn start_server(cells: u32, admin_token: &str) -> anyhow::Result<(Started, SocketAddr)> {
+    start_server_with(cells, admin_token, &[])
+}
+
+/// The same, with more `serve` flags.
+pub fn start_server_with(cells: u32, admin_token: &str, extra: &[&str]) -> anyhow::Result<(Started, SocketAddr)> {
     let dir = tempfile::tempdir()?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--cells", &cells.to_string(), "--data-dir"])
         .arg(dir.path())
+        .args(extra)
         .env("CELLPAY_TOKENS", format!("admin:{admin_token}"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

@@ -8,6 +8,7 @@ mod check;
 mod child;
 mod config;
 mod crash_load;
+mod drill;
 mod rehearse;
 mod serve;
 mod stress;
@@ -34,6 +35,9 @@ enum Command {
     /// The one-command Double-11 rehearsal on a fresh cluster (or --target):
     /// shadow traffic, audit, readiness report. Exit 0 go, 1 no-go, 2 error.
     Rehearse(rehearse::Args),
+    /// A drill of the protection stack and degrade plan on a fresh cluster:
+    /// overload (3x capacity), hot-merchant, kill-cell. Exit 0 pass, 1 fail, 2 error.
+    Drill(drill::Args),
     /// Benchmarks; `--json` prints one JSON object.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Stress(args) => stress::run(args),
         Command::Rehearse(args) => rehearse::run(args),
+        Command::Drill(args) => drill::run(args),
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
         Command::Bench(BenchCommand::Http(args)) => bench_http::run(args),
         Command::Check(args) => check::run(args),

@@ -46,14 +46,20 @@ pub fn execute(profile: Profile, options: RunOptions, dir: &Path) -> anyhow::Res
         let runner = Runner::prepare(profile, options).await?;
         Arc::new(runner).run().await
     })?;
+    write_report(&report, dir)?;
+    Ok(report)
+}
+
+/// Writes `report.json` and `report.html` into `dir`.
+pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = dir.join("report.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&report)?)
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     let html = dir.join("report.html");
-    std::fs::write(&html, cellpay_stress::html::render(&report))
+    std::fs::write(&html, cellpay_stress::html::render(report))
         .with_context(|| format!("writing {}", html.display()))?;
-    Ok(report)
+    Ok(())
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {

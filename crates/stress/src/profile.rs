@@ -193,6 +193,14 @@ impl Profile {
                 }
             }
         }
+        for e in &self.events {
+            if !matches!(e.action.as_str(), "halt_cell" | "restart_cell") || e.cell.is_none() {
+                return Err(format!("event at {} s: action is halt_cell or restart_cell, with a cell", e.at_s));
+            }
+            if !(e.at_s.is_finite() && (0.0..=self.duration_s()).contains(&e.at_s)) {
+                return Err(format!("event at {} s: at_s must fall within the run", e.at_s));
+            }
+        }
         for (op, slo) in &self.slo {
             let valid = slo.p99_ms > 0.0 && slo.p999_ms >= slo.p99_ms && share(slo.error_rate);
             if !valid {

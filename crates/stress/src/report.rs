@@ -32,7 +32,33 @@ pub struct OperationReport {
     pub errors: u64,
     pub error_rate: f64,
     pub throughput_per_s: f64,
+    /// Every answer, refusals included, timed from its intended send time.
     pub latency: Percentiles,
+    /// Answers that succeeded (2xx) only: what admitted work got.
+    pub admitted_latency: Percentiles,
+    /// Failed answers by error code (`rate_limited`, `overloaded`, `degraded`, ...).
+    pub errors_by_code: BTreeMap<String, u64>,
+}
+
+/// An event of the profile, done: when, what, and what the target answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventDone {
+    pub at_s: f64,
+    pub action: String,
+    pub cell: Option<u32>,
+    pub status: u16,
+    pub message: String,
+}
+
+/// Single transfers to the profile's hot merchants, and everyone else's.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HotMerchant {
+    pub requests: u64,
+    pub admitted: u64,
+    pub rate_limited: u64,
+    pub admitted_per_s: f64,
+    /// Admitted single transfers to other payees.
+    pub other_payments_latency: Percentiles,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +83,8 @@ pub struct Second {
     pub cells: BTreeMap<u32, u64>,
     /// Commands queued per cell, polled from `/v1/cluster` during this second.
     pub queue_depth: BTreeMap<u32, u64>,
+    /// Per owning cell (payer or account): answers (ok, failed).
+    pub owners: BTreeMap<u32, (u64, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +104,8 @@ pub struct Checks {
     pub audit_polls: u64,
     /// Polls at which Σ ≠ 0 or a negative balance showed, real or shadow ledger.
     pub audit_failures: u64,
+    /// Polls the cluster could not answer (a cell down): no verdict either way.
+    pub audit_unavailable: u64,
     /// Shards whose real-ledger digest changed during the run.
     pub real_digests_changed: u64,
     pub real_traffic: bool,
@@ -117,6 +147,9 @@ pub struct Report {
     pub shed: u64,
     pub degraded: u64,
     pub timeline: Vec<Second>,
+    pub hot_merchant: HotMerchant,
+    /// The profile's events as they were carried out.
+    pub events: Vec<EventDone>,
     pub slo: Vec<SloVerdict>,
     pub checks: Checks,
     pub generator: Generator,

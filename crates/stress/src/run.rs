@@ -59,27 +59,57 @@ struct SecondRecord {
     errors: u64,
     cells: BTreeMap<u32, u64>,
     queue_depth: BTreeMap<u32, u64>,
+    /// Per owning cell (the payer's or the account's): answers ok and failed.
+    owners: BTreeMap<u32, (u64, u64)>,
 }
+
+/// Acknowledged transfer ids kept to check after the run that none was lost (I7).
+pub const ACKED_SAMPLE_MAX: usize = 2000;
 
 /// Everything the request tasks record.
 struct Record {
     ops: BTreeMap<Operation, (Histogram<u64>, u64, u64)>,
+    /// Latency of answers that succeeded (2xx), per operation.
+    admitted: BTreeMap<Operation, Histogram<u64>>,
+    codes: BTreeMap<Operation, BTreeMap<String, u64>>,
     cells: BTreeMap<u32, (Histogram<u64>, u64)>,
     errors: BTreeMap<String, u64>,
     seconds: Vec<SecondRecord>,
     wrong_cell: u64,
     payments: u64,
+    /// Single transfers to a hot merchant: sent, admitted, refused `rate_limited`.
+    hot: (u64, u64, u64),
+    /// Latency of admitted single transfers to other payees.
+    cold_payments: Histogram<u64>,
+    /// The latest acknowledged transfer ids.
+    acked: VecDeque<String>,
+}
+
+/// What one request was, for the record.
+struct Sent {
+    answer: Result<Answer, String>,
+    /// The cell the shard map says owns it (payer or account); none for a batch.
+    expected: Option<u32>,
+    payments: u64,
+    /// For a single transfer: whether its payee is a hot merchant.
+    hot: Option<bool>,
+    transfer_id: Option<String>,
 }
 
 impl Record {
     fn new(seconds: usize) -> Self {
         Self {
             ops: BTreeMap::new(),
+            admitted: BTreeMap::new(),
+            codes: BTreeMap::new(),
             cells: BTreeMap::new(),
             errors: BTreeMap::new(),
             seconds: (0..seconds).map(|_| SecondRecord::default()).collect(),
             wrong_cell: 0,
             payments: 0,
+            hot: (0, 0, 0),
+            cold_payments: histogram(),
+            acked: VecDeque::new(),
         }
     }
 }
@@ -109,6 +139,9 @@ pub struct Runner {
     keys: Keys,
     run_id: String,
     recent: Mutex<VecDeque<(String, usize)>>,
+    /// Single transfers in flight: request number → (hot payee, transfer id).
+    last_transfer: Mutex<std::collections::HashMap<u64, (bool, String)>>,
+    acked: Mutex<Vec<String>>,
 }
 
 fn account_name(profile: &str, i: usize) -> String {
@@ -156,7 +189,16 @@ impl Runner {
             cell_of,
         };
         let run_id: String = format!("{:08x}", rand::random::<u32>());
-        let runner = Self { profile, options, http, keys, run_id, recent: Mutex::new(VecDeque::new()) };
+        let runner = Self {
+            profile,
+            options,
+            http,
+            keys,
+            run_id,
+            recent: Mutex::new(VecDeque::new()),
+            last_transfer: Mutex::new(Default::default()),
+            acked: Mutex::new(Vec::new()),
+        };
         runner.seed().await?;
         Ok(runner)
     }
@@ -237,12 +279,20 @@ impl Runner {
     }
 
     /// One request of operation `op`; answers what to record.
-    async fn request(&self, op: Operation, rng: &mut SmallRng, n: u64) -> (Result<Answer, String>, Option<u32>, u64) {
+    async fn request(&self, op: Operation, rng: &mut SmallRng, n: u64) -> Sent {
+        let (answer, expected, payments) = self.request_inner(op, rng, n).await;
+        let (hot, transfer_id) = self.last_transfer.lock().expect("last transfer lock").remove(&n).unzip();
+        Sent { answer, expected, payments, hot, transfer_id }
+    }
+
+    async fn request_inner(&self, op: Operation, rng: &mut SmallRng, n: u64) -> (Result<Answer, String>, Option<u32>, u64) {
         let ids = &self.keys.ids;
         let expect = |i: usize| Some(self.keys.cell_of[i]);
         match op {
             Operation::Transfer => {
                 let (a, b) = self.payer_payee(rng);
+                let hot = b < self.profile.keys.hot_merchants && self.profile.keys.hot_share > 0.0;
+                self.last_transfer.lock().expect("last transfer lock").insert(n, (hot, format!("s-{}-{n}", self.run_id)));
                 let id = format!("s-{}-{n}", self.run_id);
                 let body = json!({"id": id, "from": ids[a], "to": ids[b], "amount": rng.random_range(1..=100)});
                 let answer = self.http.send("POST", "/v1/transfers", Some(body.to_string())).await;
@@ -372,10 +422,16 @@ impl Runner {
         let permits = Arc::new(tokio::sync::Semaphore::new(self.options.in_flight_max));
         let done = Arc::new(AtomicBool::new(false));
         let (audit_polls, audit_failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let audit_unavailable = Arc::new(AtomicU64::new(0));
         let start = tokio::time::Instant::now();
         let poller = {
-            let (http, done, polls, failures) =
-                (self.http.clone(), done.clone(), audit_polls.clone(), audit_failures.clone());
+            let (http, done, polls, failures, unavailable) = (
+                self.http.clone(),
+                done.clone(),
+                audit_polls.clone(),
+                audit_failures.clone(),
+                audit_unavailable.clone(),
+            );
             let record = record.clone();
             tokio::spawn(async move {
                 while !done.load(Relaxed) {
@@ -383,7 +439,11 @@ impl Runner {
                         let v = a.json();
                         polls.fetch_add(1, Relaxed);
                         let sound = |l: &serde_json::Value| l["sum"] == 0 && l["negative_accounts"] == 0;
-                        if a.status != 200 || !sound(&v["real"]) || !sound(&v["shadow"]) {
+                        // A cell that cannot answer (a drill halted it) is not a broken invariant;
+                        // it is counted apart and the next poll audits again.
+                        if a.status != 200 {
+                            unavailable.fetch_add(1, Relaxed);
+                        } else if !sound(&v["real"]) || !sound(&v["shadow"]) {
                             failures.fetch_add(1, Relaxed);
                         }
                     }
@@ -401,6 +461,7 @@ impl Runner {
                 }
             })
         };
+        let events = self.spawn_events(start);
         let mut generator = Generator {
             intended_requests: arrivals.len() as u64,
             in_flight_max: self.options.in_flight_max,
@@ -440,10 +501,10 @@ impl Runner {
                 let mut rng =
                     SmallRng::seed_from_u64(runner.profile.seed ^ (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let op = runner.choose(&mut rng);
-                let (answer, expected, payments) = runner.request(op, &mut rng, n as u64).await;
+                let sent = runner.request(op, &mut rng, n as u64).await;
                 let latency_us = intended_std.elapsed().as_micros() as u64;
                 let mut r = task_record.lock().expect("record lock");
-                r.record(op, second, latency_us, &answer, expected, payments);
+                r.record(op, second, latency_us, sent);
             });
             if *t >= next_progress {
                 next_progress += 1.0;
@@ -466,12 +527,14 @@ impl Runner {
         }
         done.store(true, Relaxed);
         let _ = poller.await;
+        let events = events.await.unwrap_or_default();
         let duration_s = start.elapsed().as_secs_f64();
         generator.saturated = generator.send_lag_max_ms > SEND_LAG_SATURATED_MS;
 
         let mut checks = Checks {
             audit_polls: audit_polls.load(Relaxed),
             audit_failures: audit_failures.load(Relaxed),
+            audit_unavailable: audit_unavailable.load(Relaxed),
             real_traffic: !self.options.shadow,
             ..Checks::default()
         };
@@ -496,7 +559,64 @@ impl Runner {
             cpu_us_per_payment: per(before.cpu_s(), after.cpu_s(), 1e6),
             bytes_per_payment: per(before.bytes, after.bytes, 1.0),
         };
-        Ok(self.report(record, checks, generator, cost, duration_s, &engine_cpu_share))
+        let mut report = self.report(record, checks, generator, cost, duration_s, &engine_cpu_share);
+        report.events = events;
+        Ok(report)
+    }
+
+    /// Acts on the profile's events at their times: `halt_cell` and
+    /// `restart_cell` call the drill endpoints of the target (admin token,
+    /// `serve --drills true`).
+    fn spawn_events(&self, start: tokio::time::Instant) -> tokio::task::JoinHandle<Vec<EventDone>> {
+        let (http, events) = (self.http.with_shadow(false), self.profile.events.clone());
+        tokio::spawn(async move {
+            let mut done = Vec::new();
+            for e in events {
+                tokio::time::sleep_until(start + Duration::from_secs_f64(e.at_s)).await;
+                let verb = match e.action.as_str() {
+                    "halt_cell" => "halt",
+                    "restart_cell" => "restart",
+                    other => unreachable!("a checked profile has no event {other}"),
+                };
+                let path = format!("/v1/admin/cells/{}/{verb}", e.cell.unwrap_or(0));
+                let answer = http.send("POST", &path, None).await;
+                let (status, message) = match answer {
+                    Ok(a) => (a.status, a.json()["message"].as_str().map_or_else(|| a.error_code(), str::to_string)),
+                    Err(e) => (0, e),
+                };
+                let at_s = start.elapsed().as_secs_f64();
+                done.push(EventDone { at_s, action: e.action.clone(), cell: e.cell, status, message });
+            }
+            done
+        })
+    }
+
+    /// Asks the cluster for every sampled acknowledged transfer: each must be
+    /// there (I2). Answers (checked, missing).
+    pub async fn verify_acked(&self) -> (u64, u64) {
+        let ids = self.acked.lock().expect("acked lock").clone();
+        let gate = Arc::new(tokio::sync::Semaphore::new(32));
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in ids {
+            let (http, permit) = (self.http.clone(), gate.clone().acquire_owned().await.expect("never closed"));
+            tasks.spawn(async move {
+                let _permit = permit;
+                for _ in 0..20 {
+                    match http.send("GET", &format!("/v1/transfers/{id}"), None).await {
+                        Ok(a) if a.status == 200 => return true,
+                        Ok(a) if a.status == 404 => return false,
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                false
+            });
+        }
+        let (mut checked, mut missing) = (0, 0);
+        while let Some(found) = tasks.join_next().await {
+            checked += 1;
+            missing += u64::from(!found.unwrap_or(false));
+        }
+        (checked, missing)
     }
 
     fn report(
@@ -518,6 +638,8 @@ impl Runner {
                     error_rate: *errors as f64 / (*requests).max(1) as f64,
                     throughput_per_s: *requests as f64 / duration_s,
                     latency: Percentiles::of(h),
+                    admitted_latency: record.admitted.get(op).map(Percentiles::of).unwrap_or_default(),
+                    errors_by_code: record.codes.get(op).cloned().unwrap_or_default(),
                 };
                 (op.as_str().to_string(), report)
             })
@@ -537,7 +659,7 @@ impl Runner {
             .seconds
             .iter()
             .enumerate()
-            .map(|(t, SecondRecord { ops, errors, cells, queue_depth })| {
+            .map(|(t, SecondRecord { ops, errors, cells, queue_depth, owners })| {
                 let (rate, stage) =
                     self.profile.rate_at(t as f64).map_or((0.0, String::new()), |(r, s)| (r, s.name.clone()));
                 Second {
@@ -552,6 +674,7 @@ impl Runner {
                         .collect(),
                     cells: cells.clone(),
                     queue_depth: queue_depth.clone(),
+                    owners: owners.clone(),
                 }
             })
             .collect();
@@ -582,7 +705,17 @@ impl Runner {
                 })
         };
         let (go, readiness) = readiness(&slo, &checks, &generator);
+        *self.acked.lock().expect("acked lock") = record.acked.iter().cloned().collect();
+        let hot_merchant = HotMerchant {
+            requests: record.hot.0,
+            admitted: record.hot.1,
+            rate_limited: record.hot.2,
+            admitted_per_s: record.hot.1 as f64 / duration_s,
+            other_payments_latency: Percentiles::of(&record.cold_payments),
+        };
         Report {
+            hot_merchant,
+            events: Vec::new(),
             profile: self.profile.name.clone(),
             target: self.options.target.clone(),
             shadow: self.options.shadow,
@@ -606,16 +739,45 @@ impl Runner {
 }
 
 impl Record {
-    fn record(
-        &mut self,
-        op: Operation,
-        second: usize,
-        latency_us: u64,
-        answer: &Result<Answer, String>,
-        expected: Option<u32>,
-        payments: u64,
-    ) {
+    fn record(&mut self, op: Operation, second: usize, latency_us: u64, sent: Sent) {
+        let Sent { answer, expected, payments, hot, transfer_id } = sent;
+        let answer = &answer;
         let latency_us = latency_us.max(1);
+        let ok = matches!(answer, Ok(a) if (200..300).contains(&a.status));
+        if let Some(owner) = expected {
+            let slot = self.seconds[second].owners.entry(owner).or_default();
+            if ok {
+                slot.0 += 1;
+            } else {
+                slot.1 += 1;
+            }
+        }
+        if let Some(hot) = hot {
+            let limited = matches!(answer, Ok(a) if a.status == 429);
+            if hot {
+                self.hot.0 += 1;
+                self.hot.1 += u64::from(ok);
+                self.hot.2 += u64::from(limited);
+            } else if ok {
+                self.cold_payments.saturating_record(latency_us);
+            }
+        }
+        if ok {
+            self.admitted.entry(op).or_insert_with(histogram).saturating_record(latency_us);
+            if let Some(id) = transfer_id {
+                if self.acked.len() == ACKED_SAMPLE_MAX {
+                    self.acked.pop_front();
+                }
+                self.acked.push_back(id);
+            }
+        } else {
+            let code = match answer {
+                Ok(a) => a.error_code(),
+                Err(e) if Http::is_timeout(e) => "timeout".into(),
+                Err(_) => "transport".into(),
+            };
+            *self.codes.entry(op).or_default().entry(code).or_default() += 1;
+        }
         let entry = self.ops.entry(op).or_insert_with(|| (histogram(), 0, 0));
         entry.0.saturating_record(latency_us);
         entry.1 += 1;
@@ -624,7 +786,7 @@ impl Record {
         per_second.0.saturating_record(latency_us);
         per_second.1 += 1;
         match answer {
-            Ok(a) if (200..300).contains(&a.status) => {
+            Ok(a) if ok => {
                 self.payments += payments;
                 if let Some(cell) = a.cell {
                     let c = self.cells.entry(cell).or_insert_with(|| (histogram(), 0));

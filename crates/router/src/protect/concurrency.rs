@@ -32,10 +32,30 @@ pub struct AdaptiveLimit {
     learned: Mutex<Learned>,
 }
 
-/// A call admitted under the limit; give it back with [`AdaptiveLimit::done`].
+/// A call admitted under the limit; report it with [`Permit::done`]. A
+/// permit dropped unreported (its caller gave up) gives its slot back and
+/// teaches the limit nothing.
 #[must_use = "an admitted call must report how it went"]
-pub struct Permit {
+pub struct Permit<'a> {
+    limit: &'a AdaptiveLimit,
     started: Instant,
+}
+
+impl Permit<'_> {
+    /// Reports the call: `congested` when the cell shed it or said it is overloaded.
+    pub fn done(self, congested: bool) {
+        let limit = self.limit;
+        let latency = self.started.elapsed();
+        // Drop gives the slot back; learn from what the call saw.
+        drop(self);
+        limit.learn(latency, congested);
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.limit.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 impl AdaptiveLimit {
@@ -57,20 +77,18 @@ impl AdaptiveLimit {
     }
 
     /// Admits a call of `class` if the class's share of the limit has room.
-    pub fn try_acquire(&self, class: Priority) -> Option<Permit> {
+    pub fn try_acquire(&self, class: Priority) -> Option<Permit<'_>> {
         let cap = (self.limit() * LIMIT_SHARE_PERCENT[class.rank()] / 100).max(1);
         let before = self.in_flight.fetch_add(1, Relaxed);
         if before >= cap {
             self.in_flight.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(Permit { started: Instant::now() })
+        Some(Permit { limit: self, started: Instant::now() })
     }
 
-    /// Reports an admitted call: `congested` when the cell shed it or said it is overloaded.
-    pub fn done(&self, permit: Permit, congested: bool) {
-        let latency = permit.started.elapsed();
-        let in_flight = self.in_flight.fetch_sub(1, Relaxed);
+    fn learn(&self, latency: Duration, congested: bool) {
+        let in_flight = self.in_flight.load(Relaxed) + 1;
         let target = Duration::from_millis(u64::from(self.rules.latency_target_ms));
         let mut l = self.learned.lock().expect("limit lock is never held across a panic");
         if congested || latency > target {
@@ -103,7 +121,7 @@ mod tests {
         assert_eq!(critical.len(), 10, "payments get the rest");
         assert!(l.try_acquire(Priority::Critical).is_none());
         for p in shadow.into_iter().chain(critical) {
-            l.done(p, false);
+            p.done(false);
         }
         assert_eq!(l.in_flight(), 0);
     }
@@ -112,16 +130,24 @@ mod tests {
     fn congestion_cuts_the_limit_and_fast_full_calls_grow_it() {
         let l = AdaptiveLimit::new(rules());
         std::thread::sleep(Duration::from_millis(2));
-        let p = l.try_acquire(Priority::Critical).unwrap();
-        l.done(p, true);
+        l.try_acquire(Priority::Critical).unwrap().done(true);
         assert_eq!(l.limit(), 18);
         // Fast calls at full use grow it back by about one per limit's worth of calls.
         for _ in 0..200 {
             let permits: Vec<_> = (0..18).filter_map(|_| l.try_acquire(Priority::Critical)).collect();
             for p in permits {
-                l.done(p, false);
+                p.done(false);
             }
         }
         assert!(l.limit() > 18, "limit {}", l.limit());
+    }
+
+    #[test]
+    fn a_permit_dropped_unreported_gives_its_slot_back() {
+        let l = AdaptiveLimit::new(rules());
+        let p = l.try_acquire(Priority::Critical).unwrap();
+        assert_eq!(l.in_flight(), 1);
+        drop(p);
+        assert_eq!((l.in_flight(), l.limit()), (0, 20));
     }
 }

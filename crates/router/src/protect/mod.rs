@@ -303,7 +303,7 @@ impl Protection {
         let pass = match guard.breaker.try_pass() {
             Ok(pass) => pass,
             Err(open) => {
-                guard.limit.done(permit, false);
+                drop(permit);
                 self.counters.refuse(Layer::Breaker, class);
                 let reason = format!("its circuit breaker is open; retry in {} ms", open.retry_after.as_millis());
                 return Err(RouteError::Unavailable { cell: id, reason });
@@ -313,7 +313,7 @@ impl Protection {
         let result = attempt().await.map_err(RouteError::from);
         let failed = matches!(result, Err(RouteError::Engine(EngineError::Unavailable { .. })));
         let congested = result.as_ref().err().is_some_and(RouteError::congested);
-        guard.limit.done(permit, congested);
+        permit.done(congested);
         guard.breaker.record(pass, failed);
         let mut w = self.window.lock().expect("window lock is never held across a panic");
         w.calls += 1;

@@ -1,0 +1,343 @@
+//! `cellpay drill <overload|hot-merchant|kill-cell>`: the degrade plan and
+//! the protection stack, tested ahead of the day on a fresh cluster.
+//!
+//! Each drill starts its own `cellpay serve`, drives it with the stress
+//! generator, prints a verdict with the figure that decided it, and writes
+//! `drill.json` plus the stress reports it ran into `--report`. Exit 0 pass,
+//! 1 fail, 2 error. `--short` runs a form of a few seconds (the test suite's).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use cellpay_stress::{Profile, Report, RunOptions, Runner};
+use rand::distr::{Alphanumeric, SampleString};
+use serde_json::{json, Value};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Overload,
+    HotMerchant,
+    KillCell,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(value_enum)]
+    kind: Kind,
+    /// A form of a few seconds, for the test suite.
+    #[arg(long)]
+    short: bool,
+    /// Where to write drill.json and the stress reports.
+    #[arg(long, default_value = "drill-report")]
+    report: PathBuf,
+    /// No progress bars on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The p99 admitted payments must keep in every drill, in ms.
+pub const PAYMENT_P99_SLO_MS: f64 = 100.0;
+
+/// One check of a drill: what was measured against what limit.
+struct Check {
+    name: &'static str,
+    pass: bool,
+    figure: String,
+}
+
+fn check(name: &'static str, pass: bool, figure: String) -> Check {
+    Check { name, pass, figure }
+}
+
+/// A profile from TOML text; drills write theirs in code so the figures sit beside the checks.
+fn profile(text: &str) -> anyhow::Result<Profile> {
+    Ok(Profile::parse(text, "drill profile")?)
+}
+
+fn stage(name: &str, seconds: f64, from: f64, to: f64) -> String {
+    format!("[[stages]]\nname = \"{name}\"\nduration_s = {seconds}\nrate_from = {from:.0}\nrate_to = {to:.0}\n")
+}
+
+struct Cluster {
+    _server: crate::child::Started,
+    target: String,
+    token: String,
+}
+
+fn start(extra: &[&str]) -> anyhow::Result<Cluster> {
+    let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
+    let (server, addr) = crate::child::start_server_with(4, &token, extra).context("starting a fresh cluster")?;
+    Ok(Cluster { _server: server, target: format!("http://{addr}"), token })
+}
+
+impl Cluster {
+    fn options(&self, shadow: bool, progress: bool) -> RunOptions {
+        RunOptions { target: self.target.clone(), token: self.token.clone(), shadow, in_flight_max: 2048, progress }
+    }
+}
+
+/// Runs profiles at once against the cluster; answers each report and its missing acknowledged transfers.
+async fn run_all(runs: Vec<(Profile, RunOptions)>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
+    let mut runners = Vec::new();
+    for (p, o) in runs {
+        runners.push(Arc::new(Runner::prepare(p, o).await?));
+    }
+    let reports = futures_join(runners.iter().map(|r| r.clone().run()).collect()).await;
+    let mut out = Vec::new();
+    for (runner, report) in runners.iter().zip(reports) {
+        let (checked, missing) = runner.verify_acked().await;
+        out.push((report?, checked, missing));
+    }
+    Ok(out)
+}
+
+async fn futures_join<F: std::future::Future + Send + 'static>(futures: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("a run does not panic"));
+    }
+    out
+}
+
+/// The final audit once relays have drained: sound, and nothing in flight.
+async fn final_audit(c: &Cluster) -> Check {
+    let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
+    for _ in 0..300 {
+        if let Ok(a) = http.send("GET", "/v1/audit", None).await {
+            let v = a.json();
+            if a.status == 200 && v["real"]["in_flight"] == 0 && v["shadow"]["in_flight"] == 0 {
+                let ok = v["ok"] == true;
+                return check("audit", ok, format!("real sum {}, shadow sum {}, nothing in flight", v["real"]["sum"], v["shadow"]["sum"]));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    check("audit", false, "credits still in flight 30 s after the run".into())
+}
+
+fn refused(r: &Report, op: &str) -> (u64, u64) {
+    r.operations.get(op).map_or((0, 0), |o| {
+        let shed: u64 = ["overloaded", "degraded", "rate_limited"].iter().filter_map(|c| o.errors_by_code.get(*c)).sum();
+        (shed, o.requests)
+    })
+}
+
+fn goodput(r: &Report) -> f64 {
+    r.operations.values().map(|o| (o.requests - o.errors) as f64).sum::<f64>() / r.duration_s
+}
+
+fn payments_p99(r: &Report) -> f64 {
+    r.operations.get("transfer").map_or(0.0, |o| o.admitted_latency.p99_ms)
+}
+
+async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
+    let (ramp_s, top, hold_s) = if short { (6.0, 6_000.0, 6.0) } else { (15.0, 30_000.0, 20.0) };
+    let mix = "[mix]\ntransfer = 60\nbalance = 20\nhistory = 15\nstatus = 5\n";
+    let keys = "[keys]\ncross_cell_share = 0.2\n";
+    let find = profile(&format!(
+        "name = \"drill-capacity\"\naccounts = 4000\nseed = 1\n{}{mix}{keys}",
+        stage("ramp", ramp_s, 200.0, top)
+    ))?;
+    let found = run_all(vec![(find, c.options(false, progress))]).await?;
+    let ramp = &found[0].0;
+    let capacity = ramp
+        .timeline
+        .iter()
+        .map(|s| s.requests.values().sum::<u64>().saturating_sub(s.errors) as f64)
+        .fold(0.0, f64::max);
+    anyhow::ensure!(capacity > 0.0, "the capacity ramp served nothing");
+    let (real_rate, shadow_rate) = (2.4 * capacity, 0.6 * capacity);
+    let real = profile(&format!(
+        "name = \"drill-real\"\naccounts = 4000\nseed = 2\n{}{mix}{keys}",
+        stage("overload", hold_s, real_rate, real_rate)
+    ))?;
+    let shadow = profile(&format!(
+        "name = \"drill-shadow\"\naccounts = 4000\nseed = 3\n{}{mix}{keys}",
+        stage("overload", hold_s, shadow_rate, shadow_rate)
+    ))?;
+    let runs = run_all(vec![(real, c.options(false, progress)), (shadow, c.options(true, false))]).await?;
+    let (real, shadow) = (&runs[0], &runs[1]);
+    let good = goodput(&real.0) + goodput(&shadow.0);
+    let p99 = payments_p99(&real.0);
+    let ratio = |(s, n): (u64, u64)| if n == 0 { 0.0 } else { s as f64 / n as f64 };
+    let payments = {
+        let (a, b) = (refused(&real.0, "transfer"), refused(&real.0, "status"));
+        (a.0 + b.0, a.1 + b.1)
+    };
+    let classes = [
+        ("shadow", shadow.0.operations.keys().map(|op| refused(&shadow.0, op)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))),
+        ("history", refused(&real.0, "history")),
+        ("reads", refused(&real.0, "balance")),
+        ("payments", payments),
+    ];
+    let ordered = classes.windows(2).all(|w| ratio(w[0].1) >= ratio(w[1].1));
+    let shed_figure = classes
+        .iter()
+        .map(|(name, (s, n))| format!("{name} {s}/{n} ({:.1} %)", ratio((*s, *n)) * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let missing = real.2 + shadow.2;
+    let checks = vec![
+        check("payments_p99", p99 <= PAYMENT_P99_SLO_MS, format!("admitted payments p99 {p99:.1} ms (SLO {PAYMENT_P99_SLO_MS} ms)")),
+        check("goodput", good >= 0.9 * capacity, format!("goodput {good:.0}/s = {:.0} % of capacity {capacity:.0}/s", good / capacity * 100.0)),
+        check("shed_order", ordered, format!("shed: {shed_figure}")),
+        check("nothing_lost", missing == 0, format!("{missing} of {} sampled acknowledged transfers missing", real.1 + shadow.1)),
+        check("audit_polls", real.0.checks.audit_failures + shadow.0.checks.audit_failures == 0, format!("{} failed audit polls", real.0.checks.audit_failures + shadow.0.checks.audit_failures)),
+    ];
+    let figures = json!({
+        "capacity_per_s": capacity,
+        "offered_per_s": real_rate + shadow_rate,
+        "goodput_per_s": good,
+        "payments_admitted_p99_ms": p99,
+        "shed_by_class": classes.iter().map(|(n, (s, r))| (n.to_string(), json!({"shed": s, "requests": r}))).collect::<serde_json::Map<_, _>>(),
+    });
+    let mut reports = vec![found.into_iter().next().expect("one run").0];
+    reports.extend(runs.into_iter().map(|r| r.0));
+    Ok((checks, figures, reports))
+}
+
+/// The hot merchant's own limit in the drill, per second, and its burst.
+const MERCHANT_RATE_PER_S: u32 = 200;
+const MERCHANT_BURST: u32 = 50;
+
+async fn hot_merchant(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
+    let (seconds, rate) = if short { (6.0, 600.0) } else { (20.0, 2_000.0) };
+    let p = profile(&format!(
+        "name = \"drill-hot\"\naccounts = 4000\nseed = 4\n{}[mix]\ntransfer = 85\nbalance = 15\n\
+         [keys]\nhot_merchants = 1\nhot_share = 0.5\ncross_cell_share = 0.2\n",
+        stage("sale", seconds, rate, rate)
+    ))?;
+    let runs = run_all(vec![(p, c.options(false, progress))]).await?;
+    let (report, checked, missing) = &runs[0];
+    let h = &report.hot_merchant;
+    let allowed = f64::from(MERCHANT_RATE_PER_S) * 1.1 + f64::from(MERCHANT_BURST) / report.duration_s;
+    let others = h.other_payments_latency.p99_ms;
+    let checks = vec![
+        check("merchant_limit", h.admitted_per_s <= allowed && h.rate_limited > 0, format!(
+            "merchant admitted {:.0}/s of {} sent (limit {MERCHANT_RATE_PER_S}/s, burst {MERCHANT_BURST}), {} refused rate_limited",
+            h.admitted_per_s, h.requests, h.rate_limited
+        )),
+        check("others_p99", others > 0.0 && others <= PAYMENT_P99_SLO_MS, format!("other payments p99 {others:.1} ms (SLO {PAYMENT_P99_SLO_MS} ms)")),
+        check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
+    ];
+    let figures = serde_json::to_value(h)?;
+    Ok((checks, figures, runs.into_iter().map(|r| r.0).collect()))
+}
+
+/// The flow rules of the hot-merchant drill: the defaults plus the merchant's own limit.
+fn hot_merchant_rules(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut rules = cellpay_router::FlowRules::default();
+    let rate = cellpay_router::protect::rules::Rate { rate_per_s: MERCHANT_RATE_PER_S, burst: MERCHANT_BURST };
+    rules.hot_keys.accounts.insert("stress-drill-hot-0".into(), rate);
+    let path = dir.join("rules.toml");
+    std::fs::write(&path, toml::to_string(&rules)?)?;
+    Ok(path)
+}
+
+/// The cell the kill-cell drill halts.
+const KILLED: u32 = 1;
+
+async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
+    let (seconds, rate) = if short { (12.0, 400.0) } else { (30.0, 2_000.0) };
+    let (halt_at, restart_at) = (seconds / 3.0, 2.0 * seconds / 3.0);
+    let p = profile(&format!(
+        "name = \"drill-kill\"\naccounts = 4000\nseed = 5\n{}[mix]\ntransfer = 70\nbalance = 20\nstatus = 10\n\
+         [keys]\ncross_cell_share = 0.2\n\
+         [[events]]\nat_s = {halt_at}\naction = \"halt_cell\"\ncell = {KILLED}\n\
+         [[events]]\nat_s = {restart_at}\naction = \"restart_cell\"\ncell = {KILLED}\n",
+        stage("steady", seconds, rate, rate)
+    ))?;
+    let runs = run_all(vec![(p, c.options(false, progress))]).await?;
+    let (report, checked, missing) = &runs[0];
+    let event_at = |action: &str| report.events.iter().find(|e| e.action == action && e.status == 200).map(|e| e.at_s);
+    let (Some(halted), Some(restarted)) = (event_at("halt_cell"), event_at("restart_cell")) else {
+        anyhow::bail!("the drill could not halt and restart cell {KILLED}: {:?}", report.events);
+    };
+    let sum = |from: f64, to: f64, owner: Option<u32>| -> (u64, u64) {
+        report
+            .timeline
+            .iter()
+            .filter(|s| s.t as f64 >= from && ((s.t + 1) as f64) <= to)
+            .flat_map(|s| s.owners.iter())
+            .filter(|(cell, _)| owner.is_none_or(|o| o == **cell))
+            .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed))
+    };
+    let others: (u64, u64) = report
+        .timeline
+        .iter()
+        .flat_map(|s| s.owners.iter())
+        .filter(|(cell, _)| **cell != KILLED)
+        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed));
+    let others_success = others.0 as f64 / (others.0 + others.1).max(1) as f64;
+    // Whole seconds inside the outage, after the breaker had a second to open.
+    let outage = sum(halted.ceil(), restarted.floor(), None);
+    let failed_share = outage.1 as f64 / (outage.0 + outage.1).max(1) as f64;
+    let shard_share = 0.25;
+    let after = sum(restarted.ceil() + 1.0, f64::INFINITY, Some(KILLED));
+    let recovered = after.0 as f64 / (after.0 + after.1).max(1) as f64;
+    let checks = vec![
+        check("other_cells", others_success >= 0.999, format!("requests owned by other cells: {:.3} % succeeded ({} of {})", others_success * 100.0, others.0, others.0 + others.1)),
+        check("failed_share", (0.5 * shard_share..=1.5 * shard_share).contains(&failed_share), format!("during the outage {:.1} % failed; cell {KILLED} owns {:.0} % of shards", failed_share * 100.0, shard_share * 100.0)),
+        check("recovered", after.0 > 0 && recovered >= 0.99, format!("after the restart cell {KILLED} served {:.2} % of its {} requests", recovered * 100.0, after.0 + after.1)),
+        check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
+    ];
+    let figures = json!({
+        "halted_at_s": halted, "restarted_at_s": restarted,
+        "other_cells_success": others_success, "outage_failed_share": failed_share,
+        "shard_share": shard_share, "recovered_success": recovered,
+    });
+    Ok((checks, figures, runs.into_iter().map(|r| r.0).collect()))
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let files = tempfile::tempdir()?;
+    let extra: Vec<String> = match args.kind {
+        Kind::Overload => vec![],
+        Kind::HotMerchant => vec!["--rules".into(), hot_merchant_rules(files.path())?.display().to_string()],
+        Kind::KillCell => vec!["--drills".into(), "true".into()],
+    };
+    let cluster = start(&extra.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let progress = !args.quiet;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let (mut checks, figures, reports) = runtime.block_on(async {
+        let out = match args.kind {
+            Kind::Overload => overload(&cluster, args.short, progress).await,
+            Kind::HotMerchant => hot_merchant(&cluster, args.short, progress).await,
+            Kind::KillCell => kill_cell(&cluster, args.short, progress).await,
+        }?;
+        anyhow::Ok(out)
+    })?;
+    checks.push(runtime.block_on(final_audit(&cluster)));
+    let pass = checks.iter().all(|c| c.pass);
+    let name = match args.kind {
+        Kind::Overload => "overload",
+        Kind::HotMerchant => "hot-merchant",
+        Kind::KillCell => "kill-cell",
+    };
+    for (i, r) in reports.iter().enumerate() {
+        crate::stress::write_report(r, &args.report.join(format!("run-{i}-{}", r.profile)))?;
+    }
+    let out = json!({
+        "drill": name,
+        "short": args.short,
+        "pass": pass,
+        "checks": checks.iter().map(|c| json!({"check": c.name, "pass": c.pass, "figure": c.figure})).collect::<Vec<_>>(),
+        "figures": figures,
+        "runs": reports.iter().enumerate().map(|(i, r)| format!("run-{i}-{}/report.html", r.profile)).collect::<Vec<_>>(),
+    });
+    std::fs::create_dir_all(&args.report)?;
+    std::fs::write(args.report.join("drill.json"), serde_json::to_string_pretty(&out)?)?;
+    for c in &checks {
+        println!("{} {:<14} {}", if c.pass { "pass" } else { "FAIL" }, c.name, c.figure);
+    }
+    let decided = checks.iter().find(|c| !c.pass).unwrap_or(&checks[0]);
+    println!("{} drill {name}: {}", if pass { "PASS" } else { "FAIL" }, decided.figure);
+    println!("report: {}", args.report.join("drill.json").display());
+    Ok(if pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
