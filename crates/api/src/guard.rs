@@ -31,6 +31,44 @@ pub fn admit(
     cluster.protection().admit(&admission).map_err(ApiError::from)
 }
 
+/// The class of a request from its method, path and shadow header alone
+/// (before its body is read); `None` for operator routes, which are never shed.
+pub fn classify(method: &axum::http::Method, path: &str, shadow: bool) -> Option<Priority> {
+    use axum::http::Method;
+    let real = match (method, path) {
+        (&Method::POST, "/v1/transfers" | "/v1/transfers/batch" | "/v1/accounts") => Priority::Critical,
+        (&Method::GET, p) if p.starts_with("/v1/transfers/") => Priority::Critical,
+        (&Method::GET, p) if p.starts_with("/v1/accounts/") && p.ends_with("/entries") => Priority::History,
+        (&Method::GET, p) if p.starts_with("/v1/accounts/") => Priority::Reads,
+        _ => return None,
+    };
+    Some(Priority::of(shadow, real))
+}
+
+/// Middleware, layer 0: the HTTP front's adaptive concurrency limit. A
+/// request over its class's share is answered 503 `overloaded` before its
+/// body is read; an admitted one teaches the limit its latency.
+pub async fn edge(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let shadow = crate::headers::shadow(request.headers()).unwrap_or(false);
+    let (Ok(cluster), Some(class)) = (state.cluster(), classify(request.method(), request.uri().path(), shadow)) else {
+        return next.run(request).await;
+    };
+    let protection = cluster.protection().clone();
+    let layers = protection.layers();
+    let permit = match protection.enter(&layers, class) {
+        Ok(permit) => permit,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let response = next.run(request).await;
+    permit.done(response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    response
+}
+
 /// Layer 3 for a payment: its payer's and its payee's hot-key limits.
 pub fn admit_payment(
     state: &AppState,

@@ -120,7 +120,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/rules", get(admin::rules).put(admin::replace_rules))
         .route("/v1/admin/cells/{id}/halt", post(admin::halt))
         .route("/v1/admin/cells/{id}/restart", post(admin::restart))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
+        // Layer 0 of the protection stack, outside auth: refusing costs the least here.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::edge));
     Router::new()
         .merge(v1)
         .route("/metrics", get(ops::metrics))

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 
-use cellpay_cell::{Cell, EngineConfig, EngineError};
+use cellpay_cell::{Cell, EngineConfig, EngineError, Submission};
 use cellpay_core::*;
 use cellpay_store::{Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, Visitor};
 
@@ -229,4 +229,56 @@ fn checkpoints_bound_replay_and_recover_the_same_state() {
     assert_eq!(r.batches_replayed, 0, "a clean stop checkpoints everything");
     assert_eq!((digests(&cell, false), balance(&cell, "bank")), before);
     assert_eq!(before.1, -40 * 20 * 7);
+}
+
+#[test]
+fn a_standing_queue_sheds_shadow_then_history_then_reads_and_never_payments() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        queue_delay_target: std::time::Duration::from_millis(2),
+        queue_delay_interval: std::time::Duration::from_millis(10),
+        ..EngineConfig::default()
+    };
+    let (cell, gate) = gated(dir.path(), config);
+    let h = cell.handle();
+    let id = |s: &str| AccountId::new(s).unwrap();
+    let per_class = 10;
+    // Each round queues its reads and the next write while the engine is
+    // held on the previous write's append, so every request waits ~15 ms.
+    let mut held = h.submit(vec![open_cmd("w0", false)]).unwrap();
+    wait_until(|| h.queue_depth() == 0);
+    let mut answers: Vec<(Priority, Submission<QueryAnswer>)> = Vec::new();
+    for round in 1..=5 {
+        for i in 0..per_class {
+            let n = format!("a{round}-{i}");
+            answers.push((Priority::Shadow, h.query(Query::Account { shadow: true, id: id(&n) }).unwrap()));
+            let entries = Query::Entries { shadow: false, account: id(&n), limit: 1, before: None };
+            answers.push((Priority::History, h.query(entries).unwrap()));
+            answers.push((Priority::Reads, h.query(Query::Account { shadow: false, id: id(&n) }).unwrap()));
+            let status = Query::Transfer { shadow: false, id: TransferId::new(&n).unwrap() };
+            answers.push((Priority::Critical, h.query(status).unwrap()));
+        }
+        let next = h.submit(vec![open_cmd(&format!("w{round}"), false)]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        gate.send(true).unwrap();
+        held.wait_blocking().unwrap();
+        held = next;
+    }
+    gate.send(true).unwrap();
+    held.wait_blocking().unwrap();
+    let mut shed = [0u64; 4];
+    for (class, answer) in answers {
+        match answer.wait_blocking() {
+            Err(EngineError::Shed { .. }) => shed[class.rank()] += 1,
+            Err(other) => panic!("{class:?}: {other}"),
+            Ok(_) => {}
+        }
+    }
+    let [critical, reads, history, shadow] = shed;
+    assert_eq!(critical, 0, "payments are never shed by queue delay");
+    assert!(shadow > history && history > reads && reads > 0, "shed per class {shed:?}");
+    // The first interval also saw the unqueued first write, so shedding starts one interval later.
+    assert!(shadow >= 3 * per_class as u64, "shadow is shed from the first standing interval on: {shed:?}");
+    let counted: Vec<u64> = h.stats().shed.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
+    assert_eq!(counted, shed.to_vec(), "the engine counts what it shed, per class");
 }

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use cellpay_stress::profile::Stage;
 use cellpay_stress::{Profile, Report, RunOptions, Runner};
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Value};
@@ -74,16 +75,13 @@ fn start(extra: &[&str]) -> anyhow::Result<Cluster> {
 
 impl Cluster {
     fn options(&self, shadow: bool, progress: bool) -> RunOptions {
-        RunOptions { target: self.target.clone(), token: self.token.clone(), shadow, in_flight_max: 2048, progress }
+        RunOptions { target: self.target.clone(), token: self.token.clone(), shadow, in_flight_max: 1024, progress }
     }
 }
 
-/// Runs profiles at once against the cluster; answers each report and its missing acknowledged transfers.
-async fn run_all(runs: Vec<(Profile, RunOptions)>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
-    let mut runners = Vec::new();
-    for (p, o) in runs {
-        runners.push(Arc::new(Runner::prepare(p, o).await?));
-    }
+/// Runs prepared runners at once; answers each report and its missing acknowledged transfers.
+async fn run_prepared(runners: Vec<Runner>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
+    let runners: Vec<Arc<Runner>> = runners.into_iter().map(Arc::new).collect();
     let reports = futures_join(runners.iter().map(|r| r.clone().run()).collect()).await;
     let mut out = Vec::new();
     for (runner, report) in runners.iter().zip(reports) {
@@ -91,6 +89,15 @@ async fn run_all(runs: Vec<(Profile, RunOptions)>) -> anyhow::Result<Vec<(Report
         out.push((report?, checked, missing));
     }
     Ok(out)
+}
+
+/// Seeds and runs profiles at once against the cluster.
+async fn run_all(runs: Vec<(Profile, RunOptions)>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
+    let mut runners = Vec::new();
+    for (p, o) in runs {
+        runners.push(Runner::prepare(p, o).await?);
+    }
+    run_prepared(runners).await
 }
 
 async fn futures_join<F: std::future::Future + Send + 'static>(futures: Vec<F>) -> Vec<F::Output>
@@ -113,7 +120,11 @@ async fn final_audit(c: &Cluster) -> Check {
             let v = a.json();
             if a.status == 200 && v["real"]["in_flight"] == 0 && v["shadow"]["in_flight"] == 0 {
                 let ok = v["ok"] == true;
-                return check("audit", ok, format!("real sum {}, shadow sum {}, nothing in flight", v["real"]["sum"], v["shadow"]["sum"]));
+                return check(
+                    "audit",
+                    ok,
+                    format!("real sum {}, shadow sum {}, nothing in flight", v["real"]["sum"], v["shadow"]["sum"]),
+                );
             }
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -123,7 +134,8 @@ async fn final_audit(c: &Cluster) -> Check {
 
 fn refused(r: &Report, op: &str) -> (u64, u64) {
     r.operations.get(op).map_or((0, 0), |o| {
-        let shed: u64 = ["overloaded", "degraded", "rate_limited"].iter().filter_map(|c| o.errors_by_code.get(*c)).sum();
+        let shed: u64 =
+            ["overloaded", "degraded", "rate_limited"].iter().filter_map(|c| o.errors_by_code.get(*c)).sum();
         (shed, o.requests)
     })
 }
@@ -137,31 +149,46 @@ fn payments_p99(r: &Report) -> f64 {
 }
 
 async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
-    let (ramp_s, top, hold_s) = if short { (6.0, 6_000.0, 6.0) } else { (15.0, 30_000.0, 20.0) };
+    let (ramp_s, top, hold_s) = if short { (8.0, 16_000.0, 6.0) } else { (20.0, 40_000.0, 20.0) };
     let mix = "[mix]\ntransfer = 60\nbalance = 20\nhistory = 15\nstatus = 5\n";
     let keys = "[keys]\ncross_cell_share = 0.2\n";
     let find = profile(&format!(
         "name = \"drill-capacity\"\naccounts = 4000\nseed = 1\n{}{mix}{keys}",
         stage("ramp", ramp_s, 200.0, top)
     ))?;
+    // Seed every run first: the ramp may well turn shadow traffic off.
+    let mut real = Runner::prepare(
+        profile(&format!(
+            "name = \"drill-real\"\naccounts = 4000\nseed = 2\n{}{mix}{keys}",
+            stage("overload", hold_s, 1.0, 1.0)
+        ))?,
+        c.options(false, progress),
+    )
+    .await?;
+    let mut shadow = Runner::prepare(
+        profile(&format!(
+            "name = \"drill-shadow\"\naccounts = 4000\nseed = 3\n{}{mix}{keys}",
+            stage("overload", hold_s, 1.0, 1.0)
+        ))?,
+        c.options(true, false),
+    )
+    .await?;
     let found = run_all(vec![(find, c.options(false, progress))]).await?;
     let ramp = &found[0].0;
+    // Capacity: the most requests served in one second while that second's
+    // payments kept their p99 and nothing failed.
     let capacity = ramp
         .timeline
         .iter()
-        .map(|s| s.requests.values().sum::<u64>().saturating_sub(s.errors) as f64)
+        .filter(|s| s.errors == 0 && s.p99_ms.get("transfer").is_some_and(|p| *p <= PAYMENT_P99_SLO_MS))
+        .map(|s| s.requests.values().sum::<u64>() as f64)
         .fold(0.0, f64::max);
     anyhow::ensure!(capacity > 0.0, "the capacity ramp served nothing");
     let (real_rate, shadow_rate) = (2.4 * capacity, 0.6 * capacity);
-    let real = profile(&format!(
-        "name = \"drill-real\"\naccounts = 4000\nseed = 2\n{}{mix}{keys}",
-        stage("overload", hold_s, real_rate, real_rate)
-    ))?;
-    let shadow = profile(&format!(
-        "name = \"drill-shadow\"\naccounts = 4000\nseed = 3\n{}{mix}{keys}",
-        stage("overload", hold_s, shadow_rate, shadow_rate)
-    ))?;
-    let runs = run_all(vec![(real, c.options(false, progress)), (shadow, c.options(true, false))]).await?;
+    let at = |rate: f64| vec![Stage { name: "overload".into(), duration_s: hold_s, rate_from: rate, rate_to: rate }];
+    real = real.with_stages(at(real_rate))?;
+    shadow = shadow.with_stages(at(shadow_rate))?;
+    let runs = run_prepared(vec![real, shadow]).await?;
     let (real, shadow) = (&runs[0], &runs[1]);
     let good = goodput(&real.0) + goodput(&shadow.0);
     let p99 = payments_p99(&real.0);
@@ -171,7 +198,10 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
         (a.0 + b.0, a.1 + b.1)
     };
     let classes = [
-        ("shadow", shadow.0.operations.keys().map(|op| refused(&shadow.0, op)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))),
+        (
+            "shadow",
+            shadow.0.operations.keys().map(|op| refused(&shadow.0, op)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        ),
         ("history", refused(&real.0, "history")),
         ("reads", refused(&real.0, "balance")),
         ("payments", payments),
@@ -184,13 +214,32 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
         .join(", ");
     let missing = real.2 + shadow.2;
     let checks = vec![
-        check("payments_p99", p99 <= PAYMENT_P99_SLO_MS, format!("admitted payments p99 {p99:.1} ms (SLO {PAYMENT_P99_SLO_MS} ms)")),
-        check("goodput", good >= 0.9 * capacity, format!("goodput {good:.0}/s = {:.0} % of capacity {capacity:.0}/s", good / capacity * 100.0)),
+        check(
+            "payments_p99",
+            p99 <= PAYMENT_P99_SLO_MS,
+            format!("admitted payments p99 {p99:.1} ms (SLO {PAYMENT_P99_SLO_MS} ms)"),
+        ),
+        check(
+            "goodput",
+            good >= 0.9 * capacity,
+            format!("goodput {good:.0}/s = {:.0} % of capacity {capacity:.0}/s", good / capacity * 100.0),
+        ),
         check("shed_order", ordered, format!("shed: {shed_figure}")),
-        check("nothing_lost", missing == 0, format!("{missing} of {} sampled acknowledged transfers missing", real.1 + shadow.1)),
-        check("audit_polls", real.0.checks.audit_failures + shadow.0.checks.audit_failures == 0, format!("{} failed audit polls", real.0.checks.audit_failures + shadow.0.checks.audit_failures)),
+        check(
+            "nothing_lost",
+            missing == 0,
+            format!("{missing} of {} sampled acknowledged transfers missing", real.1 + shadow.1),
+        ),
+        check(
+            "audit_polls",
+            real.0.checks.audit_failures + shadow.0.checks.audit_failures == 0,
+            format!("{} failed audit polls", real.0.checks.audit_failures + shadow.0.checks.audit_failures),
+        ),
     ];
+    let server = server_shed(c).await;
     let figures = json!({
+        "server_refusals": server,
+        "generator_saturated": real.0.generator.saturated || shadow.0.generator.saturated,
         "capacity_per_s": capacity,
         "offered_per_s": real_rate + shadow_rate,
         "goodput_per_s": good,
@@ -200,6 +249,30 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let mut reports = vec![found.into_iter().next().expect("one run").0];
     reports.extend(runs.into_iter().map(|r| r.0));
     Ok((checks, figures, reports))
+}
+
+/// The server's own count of refusals, by layer and class, and its degrade changes.
+async fn server_shed(c: &Cluster) -> Value {
+    let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
+    let mut by = serde_json::Map::new();
+    if let Ok(m) = http.send("GET", "/metrics", None).await {
+        for line in String::from_utf8_lossy(&m.body).lines().filter(|l| l.starts_with("cellpay_shed_total{")) {
+            let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next());
+            let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            if let (Some(layer), Some(class)) = (label("layer"), label("class")) {
+                if value > 0.0 {
+                    let key = format!("{layer}/{class}");
+                    let sum = by.get(&key).and_then(Value::as_f64).unwrap_or(0.0) + value;
+                    by.insert(key, Value::from(sum));
+                }
+            }
+        }
+    }
+    let degrade = match http.send("GET", "/v1/admin/degrade", None).await {
+        Ok(a) => a.json()["changes"].clone(),
+        Err(_) => Value::Null,
+    };
+    json!({"shed_by_layer_and_class": by, "degrade_changes": degrade})
 }
 
 /// The hot merchant's own limit in the drill, per second, and its burst.
@@ -282,9 +355,34 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
     let after = sum(restarted.ceil() + 1.0, f64::INFINITY, Some(KILLED));
     let recovered = after.0 as f64 / (after.0 + after.1).max(1) as f64;
     let checks = vec![
-        check("other_cells", others_success >= 0.999, format!("requests owned by other cells: {:.3} % succeeded ({} of {})", others_success * 100.0, others.0, others.0 + others.1)),
-        check("failed_share", (0.5 * shard_share..=1.5 * shard_share).contains(&failed_share), format!("during the outage {:.1} % failed; cell {KILLED} owns {:.0} % of shards", failed_share * 100.0, shard_share * 100.0)),
-        check("recovered", after.0 > 0 && recovered >= 0.99, format!("after the restart cell {KILLED} served {:.2} % of its {} requests", recovered * 100.0, after.0 + after.1)),
+        check(
+            "other_cells",
+            others_success >= 0.999,
+            format!(
+                "requests owned by other cells: {:.3} % succeeded ({} of {})",
+                others_success * 100.0,
+                others.0,
+                others.0 + others.1
+            ),
+        ),
+        check(
+            "failed_share",
+            (0.5 * shard_share..=1.5 * shard_share).contains(&failed_share),
+            format!(
+                "during the outage {:.1} % failed; cell {KILLED} owns {:.0} % of shards",
+                failed_share * 100.0,
+                shard_share * 100.0
+            ),
+        ),
+        check(
+            "recovered",
+            after.0 > 0 && recovered >= 0.99,
+            format!(
+                "after the restart cell {KILLED} served {:.2} % of its {} requests",
+                recovered * 100.0,
+                after.0 + after.1
+            ),
+        ),
         check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
     ];
     let figures = json!({

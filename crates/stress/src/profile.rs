@@ -155,7 +155,7 @@ impl Profile {
         Ok(profile)
     }
 
-    fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         if !(2..=ACCOUNTS_MAX).contains(&self.accounts) {
             return Err(format!("accounts must be between 2 and {ACCOUNTS_MAX}"));
         }

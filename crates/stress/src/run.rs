@@ -203,6 +203,16 @@ impl Runner {
         Ok(runner)
     }
 
+    /// The same run (its seeded accounts) with other stages: a drill seeds
+    /// first and sets the rates once it has measured the capacity.
+    pub fn with_stages(mut self, stages: Vec<crate::profile::Stage>) -> Result<Self, RunError> {
+        let mut profile = self.profile.clone();
+        profile.stages = stages;
+        profile.check().map_err(RunError::Target)?;
+        self.profile = profile;
+        Ok(self)
+    }
+
     async fn seed(&self) -> Result<(), RunError> {
         let bank = format!("stress-{}-bank", self.profile.name);
         let r = self
@@ -285,14 +295,22 @@ impl Runner {
         Sent { answer, expected, payments, hot, transfer_id }
     }
 
-    async fn request_inner(&self, op: Operation, rng: &mut SmallRng, n: u64) -> (Result<Answer, String>, Option<u32>, u64) {
+    async fn request_inner(
+        &self,
+        op: Operation,
+        rng: &mut SmallRng,
+        n: u64,
+    ) -> (Result<Answer, String>, Option<u32>, u64) {
         let ids = &self.keys.ids;
         let expect = |i: usize| Some(self.keys.cell_of[i]);
         match op {
             Operation::Transfer => {
                 let (a, b) = self.payer_payee(rng);
                 let hot = b < self.profile.keys.hot_merchants && self.profile.keys.hot_share > 0.0;
-                self.last_transfer.lock().expect("last transfer lock").insert(n, (hot, format!("s-{}-{n}", self.run_id)));
+                self.last_transfer
+                    .lock()
+                    .expect("last transfer lock")
+                    .insert(n, (hot, format!("s-{}-{n}", self.run_id)));
                 let id = format!("s-{}-{n}", self.run_id);
                 let body = json!({"id": id, "from": ids[a], "to": ids[b], "amount": rng.random_range(1..=100)});
                 let answer = self.http.send("POST", "/v1/transfers", Some(body.to_string())).await;

@@ -5,6 +5,7 @@
 //!
 //! | # | layer | per | refuses with |
 //! |---|-------|-----|--------------|
+//! | 0 | adaptive concurrency of the HTTP front, class shares ([`Protection::enter`]) | router | 503 `overloaded` |
 //! | 1 | degrade switches ([`crate::degrade`]) | request | 503 `degraded` |
 //! | 2 | rate limits per route and per token ([`rate`]) | request | 429 `rate_limited` |
 //! | 3 | hot-key limits per payer / payee ([`hotkey`]) | account | 429 `rate_limited` |
@@ -13,7 +14,7 @@
 //! | 6 | adaptive concurrency limit, class shares ([`concurrency`]) | cell | 503 `overloaded` |
 //! | 7 | the cell's queue: class shares, then queue-delay shedding (CoDel) | cell | 503 `overloaded` |
 //!
-//! Layers 1–3 run once per HTTP request ([`Protection::admit`],
+//! Layer 0 runs before a request's body is read; layers 1–3 once per HTTP request ([`Protection::admit`],
 //! [`Protection::admit_account`]); 4–6 wrap every call the router makes to a
 //! cell ([`Protection::call`]); 7 lives in the cell engine. Every refusal is
 //! counted by layer and priority class. The flow rules behind 2–6 can be
@@ -43,6 +44,7 @@ use rules::{FlowRules, Route};
 /// Where a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layer {
+    Edge,
     Degrade,
     RateLimit,
     HotKey,
@@ -51,10 +53,12 @@ pub enum Layer {
 }
 
 impl Layer {
-    pub const ALL: [Layer; 5] = [Layer::Degrade, Layer::RateLimit, Layer::HotKey, Layer::Breaker, Layer::Concurrency];
+    pub const ALL: [Layer; 6] =
+        [Layer::Edge, Layer::Degrade, Layer::RateLimit, Layer::HotKey, Layer::Breaker, Layer::Concurrency];
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Layer::Edge => "edge",
             Layer::Degrade => "degrade",
             Layer::RateLimit => "rate_limit",
             Layer::HotKey => "hot_key",
@@ -100,8 +104,9 @@ pub struct CellGuard {
 /// The layers built from one set of flow rules.
 pub struct Layers {
     pub rules: FlowRules,
-    edge: EdgeLimits,
+    rates: EdgeLimits,
     pub hot_keys: HotKeys,
+    pub edge: AdaptiveLimit,
     pub cells: Vec<CellGuard>,
     retry: RetryBudget,
 }
@@ -110,8 +115,9 @@ impl Layers {
     fn new(rules: FlowRules, token_roles: &[String], cells: usize) -> Self {
         let roles: Vec<&str> = token_roles.iter().map(String::as_str).collect();
         Self {
-            edge: EdgeLimits::new(&rules, &roles),
+            rates: EdgeLimits::new(&rules, &roles),
             hot_keys: HotKeys::new(rules.hot_keys.clone()),
+            edge: AdaptiveLimit::new(rules.edge_concurrency),
             cells: (0..cells)
                 .map(|_| CellGuard {
                     breaker: Breaker::new(rules.breaker),
@@ -128,7 +134,7 @@ impl Layers {
 #[derive(Default)]
 pub struct Counters {
     /// Refusals by layer (index of [`Layer::ALL`]) and class (rank).
-    pub refused: [[AtomicU64; 4]; 5],
+    pub refused: [[AtomicU64; 4]; 6],
     pub requests: AtomicU64,
     pub retries: AtomicU64,
     /// Retries wanted that the budget refused.
@@ -215,6 +221,19 @@ impl Protection {
         tracing::warn!("flow rules replaced");
     }
 
+    /// Layer 0: a request of `class` enters the HTTP front, or is refused at
+    /// once. Hold the permit until the response is ready, then report it.
+    pub fn enter<'a>(&self, layers: &'a Layers, class: Priority) -> Result<concurrency::Permit<'a>, RouteError> {
+        layers.edge.try_acquire(class).ok_or_else(|| {
+            self.counters.refuse(Layer::Edge, class);
+            RouteError::Overloaded(format!(
+                "the router is at its concurrency limit for {} requests ({} in flight)",
+                class.as_str(),
+                layers.edge.in_flight()
+            ))
+        })
+    }
+
     /// Layers 1 and 2: degrade switches, then rate limits per route and token.
     pub fn admit(&self, a: &Admission) -> Result<(), RouteError> {
         self.counters.requests.fetch_add(1, Relaxed);
@@ -227,7 +246,7 @@ impl Protection {
             self.counters.refuse(Layer::Degrade, a.class);
             return Err(RouteError::Degraded(format!("degraded: switch {} is on", action.as_str())));
         }
-        self.layers().edge.admit(a.route, a.token, a.cost).map_err(|e| {
+        self.layers().rates.admit(a.route, a.token, a.cost).map_err(|e| {
             self.counters.refuse(Layer::RateLimit, a.class);
             RouteError::RateLimited(e.0)
         })

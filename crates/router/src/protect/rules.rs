@@ -101,6 +101,10 @@ pub struct FlowRules {
     #[serde(default)]
     pub tokens: BTreeMap<String, Rate>,
     pub hot_keys: HotKeyRules,
+    /// Requests in flight in this router's HTTP front, all cells together:
+    /// beyond it a request is refused before its body is read.
+    pub edge_concurrency: ConcurrencyRules,
+    /// Calls in flight to each cell.
     pub concurrency: ConcurrencyRules,
     pub breaker: BreakerRules,
     pub retry: RetryRules,
@@ -117,6 +121,7 @@ impl Default for FlowRules {
                 accounts: BTreeMap::new(),
                 keys_tracked_max: 65_536,
             },
+            edge_concurrency: ConcurrencyRules { initial: 512, min: 32, max: 8192, latency_target_ms: 25 },
             concurrency: ConcurrencyRules { initial: 256, min: 8, max: 4096, latency_target_ms: 50 },
             breaker: BreakerRules::default(),
             retry: RetryRules { budget_percent: 10.0, attempts_max: 3, backoff_base_ms: 10, backoff_max_ms: 200 },
@@ -167,9 +172,11 @@ impl FlowRules {
                 "hot_keys.keys_tracked_max must be between 1 and {KEYS_TRACKED_MAX} and hold every named account"
             ));
         }
-        let c = &self.concurrency;
-        if !(1 <= c.min && c.min <= c.initial && c.initial <= c.max && c.max <= 1 << 20) || c.latency_target_ms == 0 {
-            return Err("concurrency: need 1 <= min <= initial <= max <= 1048576 and latency_target_ms > 0".into());
+        for (what, c) in [("edge_concurrency", &self.edge_concurrency), ("concurrency", &self.concurrency)] {
+            if !(1 <= c.min && c.min <= c.initial && c.initial <= c.max && c.max <= 1 << 20) || c.latency_target_ms == 0
+            {
+                return Err(format!("{what}: need 1 <= min <= initial <= max <= 1048576 and latency_target_ms > 0"));
+            }
         }
         let b = &self.breaker;
         let ratio = |x: f64| x > 0.0 && x <= 1.0;
