@@ -376,3 +376,82 @@ fn a_full_cell_queue_answers_503_overloaded_with_retry_after() {
     assert!(statuses.contains(&503), "16 clients against a queue of 2 overflow it");
     assert_eq!(balance(&s, "shop"), accepted, "exactly the accepted payments moved money");
 }
+
+#[test]
+fn degrade_switches_and_flow_rules_change_live_and_every_answer_matches_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2"]);
+    let ids = ids_in_cells(2);
+    let (bank, alice, merchant) = (&ids[0][0], &ids[0][1], &ids[1][0]);
+    for (id, overdraft) in [(bank, true), (alice, false), (merchant, false)] {
+        assert_eq!(open(&s, ADMIN, id, overdraft).status, 201);
+        let r = s.post_shadow("/v1/accounts", ADMIN, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    assert_eq!(pay(&s, "fund-alice", bank, alice, 10_000).status, 201);
+
+    // The plan: declared switches, all off, readable by admins only.
+    let r = s.get("/v1/admin/degrade", ADMIN);
+    assert_eq!(r.status, 200);
+    conforms(&r.body, "DegradeState");
+    assert!(r.body["switches"].as_array().unwrap().iter().all(|w| w["active"] == false));
+    is_error(&s.get("/v1/admin/degrade", CLIENT), 403, "forbidden");
+
+    // shadow_off by hand: shadow traffic answers degraded, real traffic is untouched.
+    let r = s.put("/v1/admin/degrade/shadow_off", ADMIN, &json!({"mode": "on"}));
+    assert_eq!((r.status, &r.body["active"]), (200, &json!(true)), "{}", r.body);
+    conforms(&r.body, "Switch");
+    let shadow_pay = json!({"id": "sh-1", "from": bank, "to": alice, "amount": 5});
+    is_error(&s.post_shadow("/v1/transfers", CLIENT, &shadow_pay), 503, "degraded");
+    assert_eq!(pay(&s, "real-1", alice, merchant, 5).status, 201);
+    let metrics = s.request("GET", "/metrics", None, &[], None).body;
+    let metrics = metrics.as_str().unwrap();
+    assert!(
+        metrics.contains("cellpay_degrade_changes_total{switch=\"shadow_off\",to=\"on\"} 1"),
+        "changes are counted"
+    );
+    assert!(metrics.contains("cellpay_shed_total{layer=\"degrade\",class=\"shadow\",cell=\"router\"} 1"));
+    assert_eq!(s.put("/v1/admin/degrade/shadow_off", ADMIN, &json!({"mode": "auto"})).status, 200);
+    assert_eq!(s.post_shadow("/v1/transfers", CLIENT, &shadow_pay).status, 201);
+    let r = s.get("/v1/admin/degrade", ADMIN);
+    assert_eq!(r.body["changes"].as_array().unwrap().len(), 2, "{}", r.body);
+    // Nothing undeclared can be switched, and a bad order changes nothing.
+    is_error(&s.put("/v1/admin/degrade/payments_off", ADMIN, &json!({"mode": "on"})), 400, "invalid_request");
+    is_error(&s.put("/v1/admin/degrade/history_off", ADMIN, &json!({"mode": "sideways"})), 400, "invalid_request");
+    let bad_plan = json!({"switch": [{"name": "history_off", "description": "x",
+        "trigger": {"signal": "error_ratio", "above": 0.5, "for_s": 1.0}}]});
+    is_error(&s.put("/v1/admin/degrade", ADMIN, &bad_plan), 400, "invalid_request");
+    assert_eq!(s.get("/v1/admin/degrade", ADMIN).body["switches"].as_array().unwrap().len(), 4, "the old plan stays");
+
+    // Stale balances: the second read is served from the cache, with its age.
+    assert_eq!(s.put("/v1/admin/degrade/balance_reads_stale", ADMIN, &json!({"mode": "on"})).status, 200);
+    assert_eq!(balance(&s, merchant), 5);
+    assert_eq!(pay(&s, "real-2", alice, merchant, 7).status, 201);
+    let r = s.get(&format!("/v1/accounts/{merchant}"), CLIENT);
+    assert_eq!((r.status, r.body["balance"].as_i64()), (200, Some(5)), "served stale");
+    assert!(r.stale_ms.is_some() && r.cell.is_some());
+    conforms(&r.body, "Account");
+    assert_eq!(s.put("/v1/admin/degrade/balance_reads_stale", ADMIN, &json!({"mode": "off"})).status, 200);
+    s.eventually("the payee's credit", || balance(&s, merchant) == 12);
+
+    // Flow rules: a bad set is refused and the old one stays; a good one applies at once.
+    let r = s.get("/v1/admin/rules", ADMIN);
+    assert_eq!(r.status, 200);
+    conforms(&r.body, "FlowRules");
+    let mut rules = r.body.clone();
+    rules["retry"]["budget_percent"] = json!(50.0);
+    is_error(&s.put("/v1/admin/rules", ADMIN, &rules), 400, "invalid_request");
+    assert_eq!(s.get("/v1/admin/rules", ADMIN).body, r.body, "the old rules stay");
+    let mut rules = r.body.clone();
+    rules["hot_keys"]["accounts"] = json!({ merchant.as_str(): {"rate_per_s": 1, "burst": 2} });
+    let r = s.put("/v1/admin/rules", ADMIN, &rules);
+    assert_eq!(r.status, 200, "{}", r.body);
+    conforms(&r.body, "FlowRules");
+    assert_eq!(pay(&s, "hot-1", alice, merchant, 1).status, 201);
+    assert_eq!(pay(&s, "hot-2", alice, merchant, 1).status, 201);
+    is_error(&pay(&s, "hot-3", alice, merchant, 1), 429, "rate_limited");
+    assert_eq!(pay(&s, "cold-1", alice, bank, 1).status, 201, "other payees are not limited");
+
+    // The drill endpoints are closed unless serve runs with --drills true.
+    is_error(&s.post("/v1/admin/cells/0/halt", ADMIN, &json!({})), 403, "forbidden");
+}

@@ -27,6 +27,8 @@ pub struct Reply {
     pub cell: Option<u32>,
     pub epoch: Option<u64>,
     pub retry_after: Option<String>,
+    /// `X-Cellpay-Stale-Ms`: a balance served from the stale cache.
+    pub stale_ms: Option<String>,
 }
 
 impl Server {
@@ -103,9 +105,10 @@ impl Server {
         let cell = header("x-cellpay-cell").map(|v| v.parse().unwrap());
         let epoch = header("x-cellpay-epoch").map(|v| v.parse().unwrap());
         let retry_after = header("retry-after");
+        let stale_ms = header("x-cellpay-stale-ms");
         let text = resp.body_mut().read_to_string().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply { status, body, cell, epoch, retry_after }
+        Reply { status, body, cell, epoch, retry_after, stale_ms }
     }
 
     /// A request that may fail at the transport (the server was killed): `None` then.
@@ -121,7 +124,7 @@ impl Server {
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().ok()?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Some(Reply { status, body, cell: None, epoch: None, retry_after: None })
+        Some(Reply { status, body, cell: None, epoch: None, retry_after: None, stale_ms: None })
     }
 
     pub fn post(&self, path: &str, token: &str, body: &Value) -> Reply {
@@ -130,6 +133,10 @@ impl Server {
 
     pub fn post_shadow(&self, path: &str, token: &str, body: &Value) -> Reply {
         self.request("POST", path, Some(token), &[("X-Cellpay-Shadow", "1")], Some(&body.to_string()))
+    }
+
+    pub fn put(&self, path: &str, token: &str, body: &Value) -> Reply {
+        self.request("PUT", path, Some(token), &[], Some(&body.to_string()))
     }
 
     pub fn get(&self, path: &str, token: &str) -> Reply {

@@ -91,12 +91,15 @@ impl AdaptiveLimit {
         let in_flight = self.in_flight.load(Relaxed) + 1;
         let target = Duration::from_millis(u64::from(self.rules.latency_target_ms));
         let mut l = self.learned.lock().expect("limit lock is never held across a panic");
-        if congested || latency > target {
+        // Only a limit in use learns: a slow call far below the limit (a
+        // checkpoint pause at low load) says nothing about concurrency.
+        let in_use = f64::from(in_flight) * 2.0 >= l.limit;
+        if congested || (latency > target && in_use) {
             if l.last_cut.elapsed() >= target {
                 l.limit = (l.limit * 0.9).max(f64::from(self.rules.min));
                 l.last_cut = Instant::now();
             }
-        } else if f64::from(in_flight) * 2.0 >= l.limit {
+        } else if in_use && latency <= target {
             // Grow only when the limit was really in use.
             l.limit = (l.limit + 1.0 / l.limit).min(f64::from(self.rules.max));
         }
