@@ -81,6 +81,14 @@ fn the_dashboard_and_the_report_load_cleanly_and_show_every_cell() {
         assert_eq!(row[1], "ready");
     }
 
+    let switches = rows(&dom, "degrade");
+    let names: Vec<&str> = switches.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, ["shadow_off", "history_off", "balance_reads_stale", "cross_cell_defer"], "{switches:?}");
+    assert!(switches.iter().all(|r| r[1] == "off"));
+    assert_eq!(rows(&dom, "guards").len(), 4, "a breaker and a limit per cell");
+    let r = s.request("PUT", "/v1/admin/degrade/history_off", Some(ADMIN), &[], Some(r#"{"mode":"on"}"#));
+    assert_eq!(r.status, 200);
+
     // Load runs while the page is open a second time.
     let running = Arc::new(AtomicBool::new(true));
     let load_thread = {
@@ -104,6 +112,10 @@ fn the_dashboard_and_the_report_load_cleanly_and_show_every_cell() {
     let rates: Vec<u64> = after.iter().filter_map(|r| r[4].parse().ok()).collect();
     assert!(rates.iter().any(|r| *r > 0), "a live rate shows while load runs: {after:?}");
     assert!(!rows(&dom, "relays").is_empty(), "the relays are listed");
+    let history = rows(&dom, "degrade").into_iter().find(|r| r[0] == "history_off").unwrap();
+    assert_eq!((history[1].as_str(), history[2].as_str()), ("ON", "on"), "the operator's switch shows");
+    let changes = rows(&dom, "changes");
+    assert_eq!((changes.len(), changes[0][1].as_str(), changes[0][3].as_str()), (1, "history_off", "operator"));
 
     // The HTML readiness report of a short stress run.
     let profile = dir.path().join("p.toml");
