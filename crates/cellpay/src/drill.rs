@@ -149,13 +149,16 @@ fn payments_p99(r: &Report) -> f64 {
 }
 
 async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
-    let (ramp_s, top, hold_s) = if short { (8.0, 16_000.0, 6.0) } else { (20.0, 40_000.0, 20.0) };
     let mix = "[mix]\ntransfer = 60\nbalance = 20\nhistory = 15\nstatus = 5\n";
     let keys = "[keys]\ncross_cell_share = 0.2\n";
-    let find = profile(&format!(
-        "name = \"drill-capacity\"\naccounts = 4000\nseed = 1\n{}{mix}{keys}",
-        stage("ramp", ramp_s, 200.0, top)
-    ))?;
+    // Steps of constant rate; capacity is the fastest step that held the SLO throughout.
+    let (steps, step_s, hold_s): (Vec<f64>, f64, f64) = if short {
+        (vec![3_000.0, 5_000.0, 7_000.0, 9_000.0], 2.0, 6.0)
+    } else {
+        ((1..=8).map(|k| 2_000.0 * f64::from(k)).collect(), 4.0, 20.0)
+    };
+    let stages: String = steps.iter().map(|r| stage(&format!("step-{r:.0}"), step_s, *r, *r)).collect();
+    let find = profile(&format!("name = \"drill-capacity\"\naccounts = 4000\nseed = 1\n{stages}{mix}{keys}"))?;
     // Seed every run first: the ramp may well turn shadow traffic off.
     let mut real = Runner::prepare(
         profile(&format!(
@@ -175,13 +178,20 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     .await?;
     let found = run_all(vec![(find, c.options(false, progress))]).await?;
     let ramp = &found[0].0;
-    // Capacity: the most requests served in one second while that second's
-    // payments kept their p99 and nothing failed.
-    let capacity = ramp
-        .timeline
+    let capacity = steps
         .iter()
-        .filter(|s| s.errors == 0 && s.p99_ms.get("transfer").is_some_and(|p| *p <= PAYMENT_P99_SLO_MS))
-        .map(|s| s.requests.values().sum::<u64>() as f64)
+        .filter_map(|rate| {
+            let name = format!("step-{rate:.0}");
+            // The first second of a step is a transition; judge the rest.
+            let seconds: Vec<_> = ramp.timeline.iter().filter(|s| s.stage == name).skip(1).collect();
+            let held = !seconds.is_empty()
+                && seconds
+                    .iter()
+                    .all(|s| s.errors == 0 && s.p99_ms.get("transfer").is_some_and(|p| *p <= PAYMENT_P99_SLO_MS));
+            held.then(|| {
+                seconds.iter().map(|s| s.requests.values().sum::<u64>() as f64).sum::<f64>() / seconds.len() as f64
+            })
+        })
         .fold(0.0, f64::max);
     anyhow::ensure!(capacity > 0.0, "the capacity ramp served nothing");
     let (real_rate, shadow_rate) = (2.4 * capacity, 0.6 * capacity);
@@ -191,6 +201,10 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let runs = run_prepared(vec![real, shadow]).await?;
     let (real, shadow) = (&runs[0], &runs[1]);
     let good = goodput(&real.0) + goodput(&shadow.0);
+    let answered: f64 = [&real.0, &shadow.0]
+        .iter()
+        .map(|r| r.operations.values().map(|o| o.requests as f64).sum::<f64>() / r.duration_s)
+        .sum();
     let p99 = payments_p99(&real.0);
     let ratio = |(s, n): (u64, u64)| if n == 0 { 0.0 } else { s as f64 / n as f64 };
     let payments = {
@@ -242,6 +256,7 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
         "generator_saturated": real.0.generator.saturated || shadow.0.generator.saturated,
         "capacity_per_s": capacity,
         "offered_per_s": real_rate + shadow_rate,
+        "answered_per_s": answered,
         "goodput_per_s": good,
         "payments_admitted_p99_ms": p99,
         "shed_by_class": classes.iter().map(|(n, (s, r))| (n.to_string(), json!({"shed": s, "requests": r}))).collect::<serde_json::Map<_, _>>(),
