@@ -328,6 +328,15 @@ fn hot_merchant_rules(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The share of all shards `cell` owns, from the cluster's shard map.
+async fn shard_share(c: &Cluster, cell: u32) -> anyhow::Result<f64> {
+    let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
+    let map = http.send("GET", "/v1/cluster", None).await.map_err(anyhow::Error::msg)?.json();
+    let owners = map["shard_map"].as_array().context("the cluster view has a shard map")?;
+    let owned = owners.iter().filter(|o| o.as_u64() == Some(u64::from(cell))).count();
+    Ok(owned as f64 / owners.len().max(1) as f64)
+}
+
 /// The cell the kill-cell drill halts.
 const KILLED: u32 = 1;
 
@@ -366,7 +375,7 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
     // Whole seconds inside the outage, after the breaker had a second to open.
     let outage = sum(halted.ceil(), restarted.floor(), None);
     let failed_share = outage.1 as f64 / (outage.0 + outage.1).max(1) as f64;
-    let shard_share = 0.25;
+    let shard_share = shard_share(c, KILLED).await?;
     let after = sum(restarted.ceil() + 1.0, f64::INFINITY, Some(KILLED));
     let recovered = after.0 as f64 / (after.0 + after.1).max(1) as f64;
     let checks = vec![
