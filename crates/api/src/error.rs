@@ -74,7 +74,7 @@ impl From<cellpay_router::RouteError> for ApiError {
             R::RateLimited(m) => Self::new(ErrorCode::RateLimited, m),
             R::Overloaded(m) => Self::new(ErrorCode::Overloaded, m),
             R::Degraded(m) => Self::new(ErrorCode::Degraded, m),
-            e @ R::Unavailable { .. } => Self::new(ErrorCode::CellUnavailable, e.to_string()),
+            e @ (R::Unavailable { .. } | R::WrongCell { .. }) => Self::new(ErrorCode::CellUnavailable, e.to_string()),
         }
     }
 }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use cellpay_cell::{CellClient, EngineError, Relay, RelayConfig, RelayGate, RelayStats};
-use cellpay_core::{priority_of, AccountId, CellId, Command, Op, Outcome, Query, QueryAnswer, ShardMap, TransferId};
+use cellpay_core::{
+    priority_of, AccountId, CellId, Command, ErrorCode, Op, Outcome, Query, QueryAnswer, ShardMap, TransferId,
+};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -65,17 +67,37 @@ impl Cluster {
 
     /// Commands to one cell, through the per-call layers (retry budget,
     /// breaker, concurrency limit). Client commands are idempotent by their
-    /// ids, so a retry answers what the first attempt would have.
+    /// ids, so a retry answers what the first attempt would have. A single
+    /// command the cell refuses as `wrong_cell` is retried like an unavailable
+    /// cell (a batch keeps its per-item answers).
     async fn on(protection: &Protection, cell: &Arc<dyn CellClient>, commands: Vec<Command>) -> Routed<Vec<Outcome>> {
         let class = priority_of(&commands);
-        let result = protection.call(cell.as_ref(), class, || cell.submit(commands.clone())).await;
+        let single = commands.len() == 1;
+        let attempt = || async {
+            let outcomes = cell.submit(commands.clone()).await?;
+            match outcomes.first() {
+                Some(Outcome::Rejected(r)) if single && r.code == ErrorCode::WrongCell => {
+                    Err(RouteError::WrongCell { cell: cell.cell(), reason: r.message.clone() })
+                }
+                _ => Ok(outcomes),
+            }
+        };
+        let result = protection.call(cell.as_ref(), class, attempt).await;
         Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
     }
 
     /// A read at one cell, through the same layers (reads are always safe to retry).
     async fn ask(protection: &Protection, cell: &Arc<dyn CellClient>, query: Query) -> Routed<QueryAnswer> {
         let class = query.priority();
-        let result = protection.call(cell.as_ref(), class, || cell.query(query.clone())).await;
+        let attempt = || async {
+            match cell.query(query.clone()).await? {
+                QueryAnswer::Rejected(r) if r.code == ErrorCode::WrongCell => {
+                    Err(RouteError::WrongCell { cell: cell.cell(), reason: r.message })
+                }
+                answer => Ok(answer),
+            }
+        };
+        let result = protection.call(cell.as_ref(), class, attempt).await;
         Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
     }
 

@@ -11,7 +11,7 @@ use cellpay_core::*;
 use cellpay_router::protect::hotkey::{HotKeys, Side};
 use cellpay_router::protect::rate::EdgeLimits;
 use cellpay_router::protect::rules::{FlowRules, Rate, RetryRules};
-use cellpay_router::{Cluster, Plan, Protection, Route};
+use cellpay_router::{Cluster, Plan, Protection, Route, RouteError};
 
 #[test]
 fn a_route_limit_admits_its_configured_rate_within_ten_percent() {
@@ -64,7 +64,8 @@ async fn retries_never_exceed_the_budget_when_a_cell_fails_every_request() {
     let q = Query::Account { shadow: false, id: AccountId::new("a").unwrap() };
     let mut failed = 0;
     for _ in 0..500 {
-        failed += u32::from(protection.call(&down, q.priority(), || down.query(q.clone())).await.is_err());
+        let attempt = || async { down.query(q.clone()).await.map_err(RouteError::from) };
+        failed += u32::from(protection.call(&down, q.priority(), attempt).await.is_err());
     }
     let c = &protection.counters;
     assert_eq!(failed, 500);
@@ -153,4 +154,35 @@ async fn a_relay_breaker_opens_while_the_payee_cell_is_down_and_delivery_resumes
     assert_eq!(real_0_to_1.breaker.state(), BreakerState::Closed);
     let _ = stop_tx.send(true);
     drop((cell0, cell1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_cell_is_retried_within_the_budget_and_never_trips_the_breaker() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let owners = ShardMap::round_robin(64, 2).unwrap();
+    let open =
+        |c: u32| Cell::open_embedded(dirs[c as usize].path(), CellId(c), &owners, EngineConfig::default()).unwrap();
+    let cells = [open(0), open(1)];
+    // A stale router map: every shard at cell 0, so cell 1's accounts reach the wrong cell.
+    let stale = ShardMap::round_robin(64, 1).unwrap();
+    let retry = RetryRules { budget_percent: 10.0, attempts_max: 3, backoff_base_ms: 1, backoff_max_ms: 2 };
+    let protection =
+        Arc::new(Protection::new(FlowRules { retry, ..FlowRules::default() }, Plan { switches: vec![] }, vec![], 2));
+    let clients = cells.iter().map(|c| Arc::new(c.handle()) as Arc<dyn CellClient>).collect();
+    let cluster = Cluster::new(stale, clients, protection.clone());
+    let (mut answered, mut wrong) = (0, 0);
+    for i in 0..400 {
+        let id = format!("acct{i}");
+        if owners.owner_of(&id) != CellId(1) {
+            continue;
+        }
+        let q = Query::Account { shadow: false, id: AccountId::new(&id).unwrap() };
+        let routed = cluster.query_account(&AccountId::new(&id).unwrap(), q).await;
+        answered += 1;
+        wrong += u32::from(matches!(routed.result, Err(RouteError::WrongCell { .. })));
+    }
+    assert_eq!(wrong, answered, "every misrouted read ends as wrong_cell");
+    let retries = protection.counters.retries.load(Relaxed);
+    assert!(retries >= 1 && retries <= u64::from(answered) / 10 + 1, "{retries} retries for {answered} reads");
+    assert_eq!(protection.layers().cells[0].breaker.state(), BreakerState::Closed, "a healthy cell stays closed");
 }

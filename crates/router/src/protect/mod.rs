@@ -81,12 +81,21 @@ pub enum RouteError {
     Degraded(String),
     #[error("cell {cell} is unavailable: {reason}")]
     Unavailable { cell: CellId, reason: String },
+    /// The cell does not own the shard at its epoch (a shard moved): retried,
+    /// and never counted against the cell's breaker.
+    #[error("cell {cell} does not own this account's shard: {reason}")]
+    WrongCell { cell: CellId, reason: String },
 }
 
 impl RouteError {
     /// Whether a retry may help: the cell could not serve it at all.
     fn retryable(&self) -> bool {
-        matches!(self, RouteError::Engine(EngineError::Unavailable { .. }) | RouteError::Unavailable { .. })
+        matches!(
+            self,
+            RouteError::Engine(EngineError::Unavailable { .. })
+                | RouteError::Unavailable { .. }
+                | RouteError::WrongCell { .. }
+        )
     }
 
     /// Whether the cell said it has too much to do.
@@ -270,11 +279,12 @@ impl Protection {
     }
 
     /// Layers 4–6 around one call to `cell`: `attempt` makes the call afresh
-    /// each time (a retry repeats it, so it must be idempotent).
+    /// each time (a retry repeats it, so it must be idempotent). Only
+    /// `cell_unavailable` and `wrong_cell` are retried.
     pub async fn call<T, F, Fut>(&self, cell: &dyn CellClient, class: Priority, attempt: F) -> Result<T, RouteError>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<T, EngineError>>,
+        Fut: Future<Output = Result<T, RouteError>>,
     {
         let layers = self.layers();
         layers.retry.request();
@@ -307,7 +317,7 @@ impl Protection {
     ) -> Result<T, RouteError>
     where
         F: Fn() -> Fut,
-        Fut: Future<Output = Result<T, EngineError>>,
+        Fut: Future<Output = Result<T, RouteError>>,
     {
         let id = cell.cell();
         let guard = &layers.cells[id.0 as usize];
@@ -329,7 +339,7 @@ impl Protection {
             }
         };
         let started = std::time::Instant::now();
-        let result = attempt().await.map_err(RouteError::from);
+        let result = attempt().await;
         let failed = matches!(result, Err(RouteError::Engine(EngineError::Unavailable { .. })));
         let congested = result.as_ref().err().is_some_and(RouteError::congested);
         permit.done(congested);
