@@ -90,9 +90,14 @@ impl AdaptiveLimit {
     fn learn(&self, latency: Duration, congested: bool) {
         let in_flight = self.in_flight.load(Relaxed) + 1;
         let target = Duration::from_millis(u64::from(self.rules.latency_target_ms));
-        let mut l = self.learned.lock().expect("limit lock is never held across a panic");
         // Only a limit in use learns: a slow call far below the limit (a
-        // checkpoint pause at low load) says nothing about concurrency.
+        // checkpoint pause at low load) says nothing about concurrency. The
+        // common case at low load takes no lock.
+        let in_use = in_flight.saturating_mul(2) >= self.limit.load(Relaxed);
+        if !congested && !in_use {
+            return;
+        }
+        let mut l = self.learned.lock().expect("limit lock is never held across a panic");
         let in_use = f64::from(in_flight) * 2.0 >= l.limit;
         if congested || (latency > target && in_use) {
             if l.last_cut.elapsed() >= target {
