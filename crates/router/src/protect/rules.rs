@@ -223,6 +223,12 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_the_defaults() {
+        let example = FlowRules::from_toml(include_str!("../../rules.example.toml")).unwrap();
+        assert_eq!(example, FlowRules::default());
+    }
+
+    #[test]
     fn a_retry_budget_above_ten_percent_is_refused_with_its_name() {
         let mut rules = FlowRules::default();
         rules.retry.budget_percent = 25.0;
