@@ -262,6 +262,9 @@ fn a_standing_queue_sheds_shadow_then_history_then_reads_and_never_payments() {
         std::thread::sleep(std::time::Duration::from_millis(15));
         gate.send(true).unwrap();
         held.wait_blocking().unwrap();
+        // The engine has taken this round's batch and holds on its write's
+        // append before the next round queues anything.
+        wait_until(|| h.queue_depth() == 0);
         held = next;
     }
     gate.send(true).unwrap();
