@@ -18,31 +18,26 @@ use crate::{AppState, Caller};
 /// The most balances the stale cache holds; a full cache starts over (I7).
 pub const STALE_BALANCES_MAX: usize = 65_536;
 
-/// Layers 1 and 2 for one request of `route`, costing `cost` units.
-pub fn admit(
-    state: &AppState,
-    caller: Option<Caller>,
-    route: Route,
-    class: Priority,
-    cost: u32,
-) -> Result<(), ApiError> {
+/// Layers 1 and 2 for one request of `route`, costing `cost` units; answers
+/// the request's priority class.
+pub fn admit(state: &AppState, caller: Caller, route: Route, shadow: bool, cost: u32) -> Result<Priority, ApiError> {
     let cluster = state.cluster()?;
-    let admission = Admission { route, token: caller.map(|c| c.token), class, cost };
-    cluster.protection().admit(&admission).map_err(ApiError::from)
+    let admission = Admission { route, token: Some(caller.token), shadow, cost };
+    cluster.protection().admit(&admission)?;
+    Ok(admission.class())
 }
 
-/// The class of a request from its method, path and shadow header alone
-/// (before its body is read); `None` for operator routes, which are never shed.
-pub fn classify(method: &axum::http::Method, path: &str, shadow: bool) -> Option<Priority> {
+/// The route of a request from its method and path alone (before its body
+/// is read); `None` for operator routes, which are never shed.
+pub fn classify(method: &axum::http::Method, path: &str) -> Option<Route> {
     use axum::http::Method;
-    let real = match (method, path) {
-        (&Method::POST, "/v1/transfers" | "/v1/transfers/batch" | "/v1/accounts") => Priority::Critical,
-        (&Method::GET, p) if p.starts_with("/v1/transfers/") => Priority::Critical,
-        (&Method::GET, p) if p.starts_with("/v1/accounts/") && p.ends_with("/entries") => Priority::History,
-        (&Method::GET, p) if p.starts_with("/v1/accounts/") => Priority::Reads,
+    Some(match (method, path) {
+        (&Method::POST, "/v1/transfers" | "/v1/transfers/batch" | "/v1/accounts") => Route::Payments,
+        (&Method::GET, p) if p.starts_with("/v1/transfers/") => Route::Status,
+        (&Method::GET, p) if p.starts_with("/v1/accounts/") && p.ends_with("/entries") => Route::History,
+        (&Method::GET, p) if p.starts_with("/v1/accounts/") => Route::Balance,
         _ => return None,
-    };
-    Some(Priority::of(shadow, real))
+    })
 }
 
 /// Middleware, layer 0: the HTTP front's adaptive concurrency limit. A
@@ -55,9 +50,10 @@ pub async fn edge(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let shadow = crate::headers::shadow(request.headers()).unwrap_or(false);
-    let (Ok(cluster), Some(class)) = (state.cluster(), classify(request.method(), request.uri().path(), shadow)) else {
+    let (Ok(cluster), Some(route)) = (state.cluster(), classify(request.method(), request.uri().path())) else {
         return next.run(request).await;
     };
+    let class = Priority::of(shadow, route.priority());
     let protection = cluster.protection().clone();
     let layers = protection.layers();
     let permit = match protection.enter(&layers, class) {

@@ -6,7 +6,7 @@ use axum::http::HeaderValue;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use cellpay_core::{ErrorCode, Op, Outcome, Priority, Query, QueryAnswer, ENTRIES_PAGE_MAX};
+use cellpay_core::{ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
 use cellpay_router::{Action, Route};
 use serde_json::json;
 
@@ -33,7 +33,7 @@ pub async fn open(
     request: Body,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
-    guard::admit(&state, Some(caller), Route::Payments, Priority::of(shadow, Priority::Critical), 1)?;
+    guard::admit(&state, caller, Route::Payments, shadow, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow)?;
     if matches!(&command.op, Op::OpenAccount(o) if o.overdraft) && role != Role::Admin {
@@ -58,7 +58,7 @@ pub async fn get(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
-    guard::admit(&state, Some(caller), Route::Balance, Priority::of(shadow, Priority::Reads), 1)?;
+    guard::admit(&state, caller, Route::Balance, shadow, 1)?;
     let id = body::account_id("id", &id)?;
     let degrade = &state.cluster()?.protection().degrade;
     let stale = degrade.is_on(Action::BalanceReadsStale);
@@ -113,7 +113,7 @@ pub async fn entries(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
-    guard::admit(&state, Some(caller), Route::History, Priority::of(shadow, Priority::History), 1)?;
+    guard::admit(&state, caller, Route::History, shadow, 1)?;
     let account = body::account_id("id", &id)?;
     let (limit, before) = page(raw.as_deref())?;
     let query = Query::Entries { shadow, account: account.clone(), limit, before };

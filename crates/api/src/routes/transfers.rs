@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use cellpay_core::{ErrorCode, Op, Outcome, Priority, QueryAnswer};
+use cellpay_core::{ErrorCode, Op, Outcome, QueryAnswer};
 use cellpay_router::Route;
 use serde_json::{json, Value};
 
@@ -23,8 +23,7 @@ pub async fn create(
     request: Body,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
-    let class = Priority::of(shadow, Priority::Critical);
-    guard::admit(&state, Some(caller), Route::Payments, class, 1)?;
+    let class = guard::admit(&state, caller, Route::Payments, shadow, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow)?;
     if let Op::Transfer(t) = &command.op {
@@ -58,7 +57,6 @@ pub async fn batch(
     request: Body,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
-    let class = Priority::of(shadow, Priority::Critical);
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let parsed: BatchBody<'_> =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
@@ -70,7 +68,7 @@ pub async fn batch(
     if parsed.transfers.is_empty() {
         return Err(ApiError::invalid("a batch holds at least one transfer"));
     }
-    guard::admit(&state, Some(caller), Route::Payments, class, parsed.transfers.len() as u32)?;
+    let class = guard::admit(&state, caller, Route::Payments, shadow, parsed.transfers.len() as u32)?;
     let cluster = state.cluster()?;
     let mut results: Vec<Value> = Vec::with_capacity(parsed.transfers.len());
     let mut commands = Vec::with_capacity(parsed.transfers.len());
@@ -114,7 +112,7 @@ pub async fn status(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
-    guard::admit(&state, Some(caller), Route::Status, Priority::of(shadow, Priority::Critical), 1)?;
+    guard::admit(&state, caller, Route::Status, shadow, 1)?;
     let id = body::transfer_id(&id)?;
     let served = Served::from(state.cluster()?.transfer_status(shadow, &id).await)?;
     match &served.answer {

@@ -195,9 +195,16 @@ pub struct Admission {
     pub route: Route,
     /// The number of the token that sent it, as the API numbers them.
     pub token: Option<usize>,
-    pub class: Priority,
+    pub shadow: bool,
     /// Units it takes from the rate limits (items of a batch).
     pub cost: u32,
+}
+
+impl Admission {
+    /// The request's priority class: its route's, or shadow.
+    pub fn class(&self) -> Priority {
+        Priority::of(self.shadow, self.route.priority())
+    }
 }
 
 impl Protection {
@@ -246,17 +253,18 @@ impl Protection {
     /// Layers 1 and 2: degrade switches, then rate limits per route and token.
     pub fn admit(&self, a: &Admission) -> Result<(), RouteError> {
         self.counters.requests.fetch_add(1, Relaxed);
-        let switched_off = match (a.class, a.route) {
+        let class = a.class();
+        let switched_off = match (class, a.route) {
             (Priority::Shadow, _) if self.degrade.is_on(Action::ShadowOff) => Some(Action::ShadowOff),
             (_, Route::History) if self.degrade.is_on(Action::HistoryOff) => Some(Action::HistoryOff),
             _ => None,
         };
         if let Some(action) = switched_off {
-            self.counters.refuse(Layer::Degrade, a.class);
+            self.counters.refuse(Layer::Degrade, class);
             return Err(RouteError::Degraded(format!("degraded: switch {} is on", action.as_str())));
         }
         self.layers().rates.admit(a.route, a.token, a.cost).map_err(|e| {
-            self.counters.refuse(Layer::RateLimit, a.class);
+            self.counters.refuse(Layer::RateLimit, class);
             RouteError::RateLimited(e.0)
         })
     }

@@ -40,6 +40,16 @@ pub enum Route {
 impl Route {
     pub const ALL: [Route; 4] = [Route::Payments, Route::Status, Route::Balance, Route::History];
 
+    /// The priority class of the route's real (not shadow) requests.
+    pub fn priority(self) -> cellpay_core::Priority {
+        use cellpay_core::Priority;
+        match self {
+            Route::Payments | Route::Status => Priority::Critical,
+            Route::Balance => Priority::Reads,
+            Route::History => Priority::History,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Route::Payments => "payments",
