@@ -139,8 +139,6 @@ pub struct Runner {
     keys: Keys,
     run_id: String,
     recent: Mutex<VecDeque<(String, usize)>>,
-    /// Single transfers in flight: request number → (hot payee, transfer id).
-    last_transfer: Mutex<std::collections::HashMap<u64, (bool, String)>>,
     acked: Mutex<Vec<String>>,
 }
 
@@ -196,7 +194,6 @@ impl Runner {
             keys,
             run_id,
             recent: Mutex::new(VecDeque::new()),
-            last_transfer: Mutex::new(Default::default()),
             acked: Mutex::new(Vec::new()),
         };
         runner.seed().await?;
@@ -290,8 +287,8 @@ impl Runner {
 
     /// One request of operation `op`; answers what to record.
     async fn request(&self, op: Operation, rng: &mut SmallRng, n: u64) -> Sent {
-        let (answer, expected, payments) = self.request_inner(op, rng, n).await;
-        let (hot, transfer_id) = self.last_transfer.lock().expect("last transfer lock").remove(&n).unzip();
+        let (answer, expected, payments, transfer) = self.request_inner(op, rng, n).await;
+        let (hot, transfer_id) = transfer.unzip();
         Sent { answer, expected, payments, hot, transfer_id }
     }
 
@@ -300,26 +297,22 @@ impl Runner {
         op: Operation,
         rng: &mut SmallRng,
         n: u64,
-    ) -> (Result<Answer, String>, Option<u32>, u64) {
+    ) -> (Result<Answer, String>, Option<u32>, u64, Option<(bool, String)>) {
         let ids = &self.keys.ids;
         let expect = |i: usize| Some(self.keys.cell_of[i]);
         match op {
             Operation::Transfer => {
                 let (a, b) = self.payer_payee(rng);
                 let hot = b < self.profile.keys.hot_merchants && self.profile.keys.hot_share > 0.0;
-                self.last_transfer
-                    .lock()
-                    .expect("last transfer lock")
-                    .insert(n, (hot, format!("s-{}-{n}", self.run_id)));
                 let id = format!("s-{}-{n}", self.run_id);
                 let body = json!({"id": id, "from": ids[a], "to": ids[b], "amount": rng.random_range(1..=100)});
                 let answer = self.http.send("POST", "/v1/transfers", Some(body.to_string())).await;
                 let mut recent = self.recent.lock().expect("recent lock");
-                recent.push_back((id, a));
+                recent.push_back((id.clone(), a));
                 if recent.len() > 4096 {
                     recent.pop_front();
                 }
-                (answer, expect(a), 1)
+                (answer, expect(a), 1, Some((hot, id)))
             }
             Operation::Batch => {
                 let items: Vec<_> = (0..self.profile.batch_size)
@@ -329,25 +322,35 @@ impl Runner {
                     })
                     .collect();
                 let body = json!({"transfers": items}).to_string();
-                (self.http.send("POST", "/v1/transfers/batch", Some(body)).await, None, self.profile.batch_size as u64)
+                (
+                    self.http.send("POST", "/v1/transfers/batch", Some(body)).await,
+                    None,
+                    self.profile.batch_size as u64,
+                    None,
+                )
             }
             Operation::Balance => {
                 let a = self.keys.pick(rng, &self.keys.zipf_payer);
-                (self.http.send("GET", &format!("/v1/accounts/{}", ids[a]), None).await, expect(a), 0)
+                (self.http.send("GET", &format!("/v1/accounts/{}", ids[a]), None).await, expect(a), 0, None)
             }
             Operation::History => {
                 let a = self.keys.pick(rng, &self.keys.zipf_payer);
-                (self.http.send("GET", &format!("/v1/accounts/{}/entries?limit=20", ids[a]), None).await, expect(a), 0)
+                (
+                    self.http.send("GET", &format!("/v1/accounts/{}/entries?limit=20", ids[a]), None).await,
+                    expect(a),
+                    0,
+                    None,
+                )
             }
             Operation::Status => {
                 let known = self.recent.lock().expect("recent lock").back().cloned();
                 match known {
                     Some((id, payer)) => {
-                        (self.http.send("GET", &format!("/v1/transfers/{id}"), None).await, expect(payer), 0)
+                        (self.http.send("GET", &format!("/v1/transfers/{id}"), None).await, expect(payer), 0, None)
                     }
                     None => {
                         let a = self.keys.pick(rng, &self.keys.zipf_payer);
-                        (self.http.send("GET", &format!("/v1/accounts/{}", ids[a]), None).await, expect(a), 0)
+                        (self.http.send("GET", &format!("/v1/accounts/{}", ids[a]), None).await, expect(a), 0, None)
                     }
                 }
             }
