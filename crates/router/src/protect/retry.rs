@@ -7,7 +7,6 @@
 //! at most 10 % extra load, never a storm. Backoff is exponential with full
 //! jitter, capped at `backoff_max_ms`.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use rand::Rng;
@@ -18,20 +17,17 @@ use super::rules::RetryRules;
 /// The window the budget counts requests over.
 pub const RETRY_BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
+/// The budget itself; `Protection::counters` counts the retries made and refused.
 pub struct RetryBudget {
     rules: RetryRules,
     budget: TpsBudget,
-    pub requests: AtomicU64,
-    pub retries: AtomicU64,
-    /// Retries wanted but refused by the budget.
-    pub exhausted: AtomicU64,
 }
 
 impl RetryBudget {
     pub fn new(rules: RetryRules) -> Self {
         // No reserve beyond the percentage: "at most 10 % of requests" holds from the first request.
         let budget = TpsBudget::new(RETRY_BUDGET_WINDOW, 0, rules.budget_percent / 100.0);
-        Self { rules, budget, requests: AtomicU64::new(0), retries: AtomicU64::new(0), exhausted: AtomicU64::new(0) }
+        Self { rules, budget }
     }
 
     pub fn attempts_max(&self) -> u32 {
@@ -40,17 +36,14 @@ impl RetryBudget {
 
     /// A new request (not a retry) earns the budget its share.
     pub fn request(&self) {
-        self.requests.fetch_add(1, Relaxed);
         self.budget.deposit();
     }
 
     /// Asks for one retry; on yes, answers how long to wait before it.
     pub fn retry(&self, attempt: u32) -> Option<Duration> {
         if !self.budget.withdraw() {
-            self.exhausted.fetch_add(1, Relaxed);
             return None;
         }
-        self.retries.fetch_add(1, Relaxed);
         let ceiling = u64::from(self.rules.backoff_base_ms)
             .saturating_mul(1 << attempt.min(16))
             .min(u64::from(self.rules.backoff_max_ms));
@@ -70,17 +63,20 @@ mod tests {
             backoff_base_ms: 1,
             backoff_max_ms: 8,
         });
-        let mut granted = 0;
+        let (mut granted, mut refused) = (0, 0);
         for _ in 0..1000 {
             b.request();
             for attempt in 1..3 {
-                if let Some(wait) = b.retry(attempt) {
-                    assert!(wait <= Duration::from_millis(8));
-                    granted += 1;
+                match b.retry(attempt) {
+                    Some(wait) => {
+                        assert!(wait <= Duration::from_millis(8));
+                        granted += 1;
+                    }
+                    None => refused += 1,
                 }
             }
         }
         assert!((90..=100).contains(&granted), "{granted} retries for 1000 requests");
-        assert!(b.exhausted.load(Relaxed) >= 1900);
+        assert!(refused >= 1900);
     }
 }
