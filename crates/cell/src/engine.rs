@@ -75,16 +75,28 @@ type CommandsReply = oneshot::Sender<Result<Vec<Outcome>, EngineError>>;
 type QueryReply = oneshot::Sender<Result<QueryAnswer, EngineError>>;
 
 enum Work {
-    Commands { commands: Vec<Command>, reply: CommandsReply, queued_at: Instant },
-    Query { query: Query, reply: QueryReply, queued_at: Instant },
-    Stop { checkpoint: bool },
+    /// `class` is the submission's priority class, computed once when it is queued.
+    Commands {
+        commands: Vec<Command>,
+        reply: CommandsReply,
+        queued_at: Instant,
+        class: Priority,
+    },
+    Query {
+        query: Query,
+        reply: QueryReply,
+        queued_at: Instant,
+        class: Priority,
+    },
+    Stop {
+        checkpoint: bool,
+    },
 }
 
 impl Work {
     fn priority(&self) -> Priority {
         match self {
-            Work::Commands { commands, .. } => priority_of(commands),
-            Work::Query { query, .. } => query.priority(),
+            Work::Commands { class, .. } | Work::Query { class, .. } => *class,
             Work::Stop { .. } => Priority::Critical,
         }
     }
@@ -235,14 +247,16 @@ impl CellHandle {
             return Err(EngineError::TooLarge { commands: commands.len(), max });
         }
         let (reply, rx) = oneshot::channel();
-        self.send(Work::Commands { commands, reply, queued_at: Instant::now() })?;
+        let class = priority_of(&commands);
+        self.send(Work::Commands { commands, reply, queued_at: Instant::now(), class })?;
         Ok(Submission(rx, self.shared.cell))
     }
 
     /// Queues a read; it is answered with its batch, after that batch is durable.
     pub fn query(&self, query: Query) -> Result<Submission<QueryAnswer>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Work::Query { query, reply, queued_at: Instant::now() })?;
+        let class = query.priority();
+        self.send(Work::Query { query, reply, queued_at: Instant::now(), class })?;
         Ok(Submission(rx, self.shared.cell))
     }
 }
