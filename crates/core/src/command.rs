@@ -3,6 +3,7 @@
 //! A command changes state (and is written to the log); a query only reads.
 //! Every command carries the `shadow` flag that selects the ledger it acts on (I5).
 
+use crate::audit::{InboxAt, LedgerAudit, LedgerFigures};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::{AccountId, CellId, TransferId};
 use crate::money::Currency;
@@ -87,9 +88,12 @@ pub enum Query {
         shadow: bool,
         id: AccountId,
     },
+    /// The transfers with this id (one per payer), or only payer `from`'s.
+    /// A transfer id is unique per payer: the idempotency key is payer + id.
     Transfer {
         shadow: bool,
         id: TransferId,
+        from: Option<AccountId>,
     },
     /// Newest first; `before` is an entry sequence number from an earlier page.
     Entries {
@@ -102,9 +106,20 @@ pub enum Query {
     Digests {
         shadow: bool,
     },
-    /// Conservation and non-negativity figures of one ledger in this cell.
+    /// The full audit of one ledger in this cell: the kept figures checked
+    /// against a walk over all its state. O(accounts); the lowest class.
     Audit {
         shadow: bool,
+    },
+    /// The audit figures as kept, O(cells): for the pair reconciliation.
+    Figures {
+        shadow: bool,
+    },
+    /// What this cell counts from each `(source, seq)` asked, at that sequence
+    /// (the second read of the pair reconciliation, see `audit`).
+    InboxAt {
+        shadow: bool,
+        asked: Vec<(CellId, u64)>,
     },
     /// Undelivered outbox messages to `dest` after `after_seq`, oldest first, at most `limit`.
     Outbox {
@@ -208,38 +223,6 @@ impl OutboxMessage {
     }
 }
 
-/// A ledger's conservation figures in one cell (I1, I4).
-///
-/// Across a cluster, Σ `balance_sum` + Σ (`sent` − `compensated` − `received`)
-/// over all cells is zero at any cut, because each cell keeps its own part of
-/// that identity with every change it applies.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditView {
-    pub accounts: u64,
-    pub balance_sum: i128,
-    /// Money sent to other cells, per destination cell, cumulative.
-    pub sent: Vec<(CellId, i128)>,
-    /// Money credited back to payers after a refusal, per destination cell, cumulative.
-    pub compensated: Vec<(CellId, i128)>,
-    /// Money received from other cells, per source cell, cumulative.
-    pub received: Vec<(CellId, i128)>,
-    /// Σ of messages still in this cell's outbox (sent, not yet settled or compensated).
-    pub outbox_sum: i128,
-    pub outbox_messages: u64,
-    /// Undelivered outbox messages per destination cell (the relay backlog).
-    pub outbox_backlog: Vec<(CellId, u64)>,
-    /// Accounts without overdraft whose balance is negative: must be zero (I4).
-    pub negative_accounts: u64,
-}
-
-impl AuditView {
-    /// This cell's contribution to the cluster-wide conservation sum.
-    pub fn conservation_term(&self) -> i128 {
-        let total = |v: &[(CellId, i128)]| v.iter().map(|(_, a)| a).sum::<i128>();
-        self.balance_sum + total(&self.sent) - total(&self.compensated) - total(&self.received)
-    }
-}
-
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -295,10 +278,16 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueryAnswer {
     Account(AccountView),
-    Transfer(TransferView),
+    /// Newest first; empty when none is retained.
+    Transfers(Vec<TransferView>),
     Entries(Vec<EntryView>),
-    Digests { epoch: u64, digests: Vec<u64> },
-    Audit(AuditView),
+    Digests {
+        epoch: u64,
+        digests: Vec<u64>,
+    },
+    Audit(LedgerAudit),
+    Figures(LedgerFigures),
+    InboxAt(Vec<InboxAt>),
     Outbox(Vec<OutboxMessage>),
     Rejected(Rejection),
 }

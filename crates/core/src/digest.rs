@@ -26,3 +26,28 @@ pub fn leg_term(transfer: &TransferId, kind: EntryKind) -> u64 {
     };
     mix64(stable_hash(transfer.as_str().as_bytes()) ^ salt)
 }
+
+/// The fingerprint of one cross-cell message: everything that makes it this
+/// credit and no other. Both ends compute it from the fields, so a sequence
+/// number that comes back carrying another message is recognised.
+pub fn message(
+    transfer: &TransferId,
+    from: &crate::ids::AccountId,
+    to: &crate::ids::AccountId,
+    amount: i64,
+    currency: crate::money::Currency,
+) -> u64 {
+    let mut h = stable_hash(transfer.as_str().as_bytes());
+    h = mix64(h ^ stable_hash(from.as_str().as_bytes()).rotate_left(1));
+    h = mix64(h ^ stable_hash(to.as_str().as_bytes()).rotate_left(2));
+    h = mix64(h ^ amount as u64);
+    mix64(h ^ stable_hash(&currency.bytes()))
+}
+
+/// The next link of a pair's chain digest: the previous link, the message's
+/// fingerprint and its outcome (applied or refused). Both ends fold the same
+/// sequence in the same order, so equal chains mean equal books.
+pub fn chain_link(prev: u64, message: u64, refused: bool) -> u64 {
+    let outcome = if refused { 0x8cb9_2ba7_2f3d_8dd7 } else { 0x5851_f42d_4c95_7f2d };
+    mix64(prev.rotate_left(29) ^ message ^ outcome)
+}

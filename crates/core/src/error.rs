@@ -1,7 +1,7 @@
 //! The error codes of the HTTP contract (DESIGN.md section 4) and a rejection.
 //!
 //! The ledger answers with these codes; the API maps each to its HTTP status.
-//! `WrongCell` and `OutOfOrder` are internal: the router and the relay act on
+//! `WrongCell`, `OutOfOrder` and `SequenceReused` are internal: the router and the relay act on
 //! them and a client never sees them as final answers.
 
 use std::fmt;
@@ -28,10 +28,15 @@ pub enum ErrorCode {
     WrongCell,
     /// A relay credit arrived ahead of its predecessor; the relay resends in order.
     OutOfOrder,
+    /// Too many cross-cell credits to the payee's cell wait for delivery (I7): retry later.
+    OutboxFull,
+    /// A relay credit reuses a sequence number with another message: the
+    /// source's books went back in time. Internal; the audit names the pair.
+    SequenceReused,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -48,6 +53,8 @@ impl ErrorCode {
         ErrorCode::CellUnavailable,
         ErrorCode::WrongCell,
         ErrorCode::OutOfOrder,
+        ErrorCode::OutboxFull,
+        ErrorCode::SequenceReused,
     ];
 
     /// The code's name in the contract.
@@ -69,6 +76,8 @@ impl ErrorCode {
             ErrorCode::CellUnavailable => "cell_unavailable",
             ErrorCode::WrongCell => "wrong_cell",
             ErrorCode::OutOfOrder => "out_of_order",
+            ErrorCode::OutboxFull => "outbox_full",
+            ErrorCode::SequenceReused => "sequence_reused",
         }
     }
 
@@ -87,7 +96,9 @@ impl ErrorCode {
             | ErrorCode::Degraded
             | ErrorCode::CellUnavailable
             | ErrorCode::WrongCell
-            | ErrorCode::OutOfOrder => 503,
+            | ErrorCode::OutOfOrder
+            | ErrorCode::OutboxFull
+            | ErrorCode::SequenceReused => 503,
         }
     }
 

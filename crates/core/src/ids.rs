@@ -93,7 +93,7 @@ id_type!(
 );
 
 /// A cell's number in the shard map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CellId(pub u32);
 
 impl fmt::Display for CellId {

@@ -9,20 +9,19 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use foldhash::fast::RandomState;
 
+use crate::audit::{
+    Finding, InboxAt, InboxFigures, InboxPrefix, LedgerAudit, LedgerFigures, OutboxAt, OutboxFigures, SentPrefix,
+    INBOX_TAIL_RETAINED,
+};
 use crate::command::{
-    AccountView, AuditView, Credit, EntryKind, EntryView, OpenAccount, OutboxMessage, Outcome, Transfer,
-    TransferStatus, TransferView, MEMO_BYTES_MAX,
+    AccountView, Credit, EntryKind, EntryView, OpenAccount, OutboxMessage, Outcome, Transfer, TransferStatus,
+    TransferView, MEMO_BYTES_MAX,
 };
 use crate::digest;
 use crate::error::ErrorCode;
 use crate::ids::{AccountId, CellId, TransferId};
 use crate::money::{amount_is_valid, Currency, AMOUNT_MAX};
 use crate::shard::{stable_hash, ShardMap};
-
-/// How many refused inbox sequence numbers are remembered per source, so a
-/// redelivered refusal gets the same answer. The relay's window of messages in
-/// flight must stay below this.
-pub const INBOX_REFUSALS_RETAINED: u64 = 1 << 16;
 
 /// Retention limits of one ledger (I7). Both are counted in items, not time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +63,9 @@ pub(crate) struct TransferRecord {
     pub currency_given: Option<Currency>,
     pub memo_hash: u64,
     pub status: TransferStatus,
+    /// Sequence number + 1 of the newest earlier record with the same id (a
+    /// transfer id is unique per payer, not per cell), 0 for none.
+    pub same_id_prev: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +92,10 @@ pub(crate) enum AccountRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct OutboxEntry {
     pub record_seq: u64,
+    /// Σ amounts sent to this destination through this message.
+    pub sent_through: i128,
+    /// The chain over the messages sent to this destination through this one.
+    pub sent_chain: u64,
     pub transfer: TransferId,
     pub from: AccountId,
     pub to: AccountId,
@@ -97,26 +103,107 @@ pub(crate) struct OutboxEntry {
     pub currency: Currency,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Outbox {
-    /// The last sequence number given out; the next message gets `last_seq + 1`.
-    pub last_seq: u64,
-    pub entries: BTreeMap<u64, OutboxEntry>,
-    pub sent: i128,
-    pub compensated: i128,
+impl OutboxEntry {
+    fn digest(&self) -> u64 {
+        digest::message(&self.transfer, &self.from, &self.to, self.amount, self.currency)
+    }
 }
 
+/// The stream of credits to one destination cell. Messages are closed
+/// (settled or compensated) in sequence order, so everything up to
+/// `figures.closed_through` is closed and everything after it is in `entries`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Outbox {
+    pub figures: OutboxFigures,
+    pub entries: BTreeMap<u64, OutboxEntry>,
+}
+
+/// What a payee cell remembers of one applied (or refused) sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InboxMark {
+    pub digest: u64,
+    pub amount: i64,
+    pub refused: Option<ErrorCode>,
+    /// The chain digest through this sequence.
+    pub chain: u64,
+}
+
+/// The stream of credits from one source cell, applied in sequence order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Inbox {
-    pub applied_through: u64,
-    pub refused: BTreeMap<u64, ErrorCode>,
-    pub received: i128,
+    pub figures: InboxFigures,
+    /// The last [`INBOX_TAIL_RETAINED`] sequences, oldest first; the last is `applied_through`.
+    pub tail: VecDeque<InboxMark>,
+}
+
+impl Inbox {
+    /// Folds sequence `applied_through + 1` in.
+    fn push(&mut self, digest: u64, amount: i64, refused: Option<ErrorCode>) {
+        let f = &mut self.figures;
+        f.applied_through += 1;
+        f.chain = digest::chain_link(f.chain, digest, refused.is_some());
+        f.message_chain = digest::chain_link(f.message_chain, digest, false);
+        match refused {
+            None => f.received += i128::from(amount),
+            Some(_) => f.refused += i128::from(amount),
+        }
+        self.tail.push_back(InboxMark { digest, amount, refused, chain: f.chain });
+        if self.tail.len() > INBOX_TAIL_RETAINED {
+            self.tail.pop_front();
+        }
+    }
+
+    /// The mark of an applied sequence, if it is still in the tail.
+    fn mark(&self, seq: u64) -> Option<&InboxMark> {
+        let back = self.figures.applied_through.checked_sub(seq)?;
+        let back = usize::try_from(back).ok()?;
+        self.tail.len().checked_sub(back + 1).map(|i| &self.tail[i])
+    }
+
+    /// The figures over sequences 1..=seq, if this inbox can still tell them.
+    fn prefix(&self, seq: u64) -> Option<InboxPrefix> {
+        let f = &self.figures;
+        if seq > f.applied_through {
+            return None;
+        }
+        let chain = match seq {
+            0 if f.applied_through > self.tail.len() as u64 => return None, // the sums before the tail are not kept
+            0 => 0,
+            s => self.mark(s)?.chain,
+        };
+        let (mut received, mut refused) = (f.received, f.refused);
+        let newer = (f.applied_through - seq) as usize;
+        for m in self.tail.iter().rev().take(newer) {
+            match m.refused {
+                None => received -= i128::from(m.amount),
+                Some(_) => refused -= i128::from(m.amount),
+            }
+        }
+        Some(InboxPrefix { seq, received, refused, chain })
+    }
 }
 
 /// Where the ledger lives: which cell it is and who owns which shard.
 pub(crate) struct Place<'a> {
     pub cell: CellId,
     pub map: &'a ShardMap,
+    /// Admission limits for new commands (replay passes none: what was logged applies again).
+    pub admission: &'a Admission,
+}
+
+/// Limits that apply when a command is first admitted, and not when the log
+/// is replayed: a command that was admitted and logged must apply again,
+/// whatever the limits are by then (they are flow rules, changed live).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Undelivered cross-cell credits per destination cell (and ledger);
+    /// past it a cross-cell transfer is refused with `outbox_full` (I7).
+    pub outbox_messages_max: u64,
+}
+
+impl Admission {
+    /// No limit: for replay, and for tests that do not exercise admission.
+    pub const UNLIMITED: Admission = Admission { outbox_messages_max: u64::MAX };
 }
 
 impl Place<'_> {
@@ -147,6 +234,10 @@ pub struct Ledger {
     pub(crate) outbox: BTreeMap<CellId, Outbox>,
     pub(crate) inbox: BTreeMap<CellId, Inbox>,
     pub(crate) digests: Vec<u64>,
+    /// Σ balances, kept with every change (checked against a walk by `audit`).
+    pub(crate) balance_sum: i128,
+    /// Accounts without overdraft below zero, kept with every change (I4).
+    pub(crate) negative_accounts: u64,
 }
 
 impl PartialEq for Ledger {
@@ -161,6 +252,8 @@ impl PartialEq for Ledger {
             && self.outbox == other.outbox
             && self.inbox == other.inbox
             && self.digests == other.digests
+            && self.balance_sum == other.balance_sum
+            && self.negative_accounts == other.negative_accounts
     }
 }
 
@@ -186,6 +279,8 @@ impl Ledger {
             outbox: BTreeMap::new(),
             inbox: BTreeMap::new(),
             digests: vec![0; shards as usize],
+            balance_sum: 0,
+            negative_accounts: 0,
         }
     }
 
@@ -208,6 +303,11 @@ impl Ledger {
         let d = &mut self.digests[a.shard as usize];
         *d = d.wrapping_sub(digest::account_term(a.id_hash, a.balance));
         *d = d.wrapping_add(digest::account_term(a.id_hash, balance));
+        self.balance_sum += i128::from(balance) - i128::from(a.balance);
+        if !a.overdraft {
+            let (was, is) = (a.balance < 0, balance < 0);
+            self.negative_accounts = self.negative_accounts + u64::from(is) - u64::from(was);
+        }
         a.balance = balance;
         debug_assert!(a.overdraft || a.balance >= 0, "I4: {} went negative", a.id);
     }
@@ -238,18 +338,35 @@ impl Ledger {
         self.history.push_back(entry);
     }
 
-    fn push_record(&mut self, record: TransferRecord) -> u64 {
+    fn push_record(&mut self, mut record: TransferRecord) -> u64 {
         if self.records.len() == self.limits.transfers_retained_max {
             let old = self.records.pop_front().expect("a full ring is not empty");
-            let removed = self.record_index.remove(&old.id);
-            debug_assert_eq!(removed, Some(self.records_first_seq), "the index points at the ring");
+            // The index names the newest record of an id; an older one leaves quietly.
+            if self.record_index.get(&old.id) == Some(&self.records_first_seq) {
+                self.record_index.remove(&old.id);
+            }
             self.records_first_seq += 1;
         }
         let seq = self.records_first_seq + self.records.len() as u64;
-        let fresh = self.record_index.insert(record.id.clone(), seq).is_none();
-        assert!(fresh, "a transfer id is recorded once (I3)");
+        debug_assert!(self.find_record(&record.id, record.from).is_none(), "a payer records an id once (I3)");
+        record.same_id_prev = self.record_index.insert(record.id.clone(), seq).map_or(0, |prev| prev + 1);
         self.records.push_back(record);
         seq
+    }
+
+    /// Every retained record with this id, newest first (one per payer).
+    fn records_with_id<'a>(&'a self, id: &TransferId) -> impl Iterator<Item = &'a TransferRecord> + 'a {
+        let mut next = self.record_index.get(id).map_or(0, |&seq| seq + 1);
+        std::iter::from_fn(move || {
+            let record = self.record(next.checked_sub(1)?)?;
+            next = record.same_id_prev;
+            Some(record)
+        })
+    }
+
+    /// The record of transfer `id` made by payer `from` (the idempotency key).
+    fn find_record(&self, id: &TransferId, from: u32) -> Option<&TransferRecord> {
+        self.records_with_id(id).find(|r| r.from == from)
     }
 
     fn record(&self, seq: u64) -> Option<&TransferRecord> {
@@ -361,19 +478,19 @@ impl Ledger {
         if !place.owns(&t.from) {
             return place.wrong_cell(&t.from);
         }
-        if let Some(&seq) = self.record_index.get(&t.id) {
-            let record = self.record(seq).expect("the index points into the ring");
-            if self.same_body(record, t) {
-                let transfer = self.transfer_view(record);
-                return Outcome::Transferred { transfer, created: false, outbox: None };
-            }
-            let msg = format!("transfer {} exists with a different body", t.id);
-            return Outcome::rejected(ErrorCode::Conflict, msg);
-        }
         let payer = match self.find(&t.from, "payer") {
             Ok(i) => i,
             Err(rejection) => return rejection,
         };
+        // The idempotency key is the payer and the id.
+        if let Some(record) = self.find_record(&t.id, payer) {
+            if self.same_body(record, t) {
+                let transfer = self.transfer_view(record);
+                return Outcome::Transferred { transfer, created: false, outbox: None };
+            }
+            let msg = format!("transfer {} of payer {} exists with a different body", t.id, t.from);
+            return Outcome::rejected(ErrorCode::Conflict, msg);
+        }
         let payer_account = &self.accounts[payer as usize];
         let currency = payer_account.currency;
         if t.currency.is_some_and(|c| c != currency) {
@@ -428,6 +545,14 @@ impl Ledger {
     ) -> Outcome {
         let dest = place.map.owner_of(t.to.as_str());
         assert_ne!(dest, place.cell, "a remote payee lives in another cell");
+        let queued = self.outbox.get(&dest).map_or(0, |o| o.entries.len() as u64);
+        if queued >= place.admission.outbox_messages_max {
+            let max = place.admission.outbox_messages_max;
+            let msg = format!(
+                "{queued} credits to cell {dest} wait for delivery (limit {max}); cross-cell payments to it resume as they drain"
+            );
+            return Outcome::rejected(ErrorCode::OutboxFull, msg);
+        }
         // Commit point.
         self.set_balance(payer, payer_after);
         self.add_leg(payer, &t.id, EntryKind::Debit);
@@ -435,14 +560,20 @@ impl Ledger {
         self.push_history(payer, &t.id, payee.clone(), EntryKind::Debit, -t.amount);
         let record_seq = self.push_record(Self::new_record(t, payer, payee, currency, TransferStatus::Pending));
         let transfer = Self::accepted_view(t, currency, TransferStatus::Pending);
-        let outbox = self.outbox.entry(dest).or_default();
-        outbox.last_seq += 1;
-        let seq = outbox.last_seq;
-        outbox.sent += i128::from(t.amount);
+        let outbox = self.outbox.entry(dest).or_insert_with(|| Outbox::new(dest));
+        let f = &mut outbox.figures;
+        f.last_seq += 1;
+        let seq = f.last_seq;
+        f.sent += i128::from(t.amount);
+        f.sent_chain =
+            digest::chain_link(f.sent_chain, digest::message(&t.id, &t.from, &t.to, t.amount, currency), false);
+        let (sent_through, sent_chain) = (f.sent, f.sent_chain);
         outbox.entries.insert(
             seq,
             OutboxEntry {
                 record_seq,
+                sent_through,
+                sent_chain,
                 transfer: t.id.clone(),
                 from: t.from.clone(),
                 to: t.to.clone(),
@@ -469,23 +600,36 @@ impl Ledger {
             currency_given: t.currency,
             memo_hash: memo_hash(t.memo.as_deref()),
             status,
+            same_id_prev: 0,
         }
     }
 
     pub(crate) fn credit(&mut self, place: &Place<'_>, c: &Credit) -> Outcome {
-        let inbox = self.inbox.entry(c.source).or_default();
-        if c.seq <= inbox.applied_through {
-            if c.seq + INBOX_REFUSALS_RETAINED <= inbox.applied_through {
-                let msg = format!("credit {} from cell {} is older than the refusal window", c.seq, c.source);
-                return Outcome::rejected(ErrorCode::OutOfOrder, msg);
-            }
-            return match inbox.refused.get(&c.seq) {
-                Some(&code) => Outcome::CreditRefused { code, duplicate: true },
-                None => Outcome::CreditApplied { duplicate: true },
+        let digest = digest::message(&c.transfer, &c.from, &c.to, c.amount, c.currency);
+        let inbox = self.inbox.entry(c.source).or_insert_with(|| Inbox::new(c.source));
+        let applied_through = inbox.figures.applied_through;
+        if c.seq <= applied_through {
+            return match inbox.mark(c.seq) {
+                None => {
+                    let msg = format!("credit {} from cell {} is older than the inbox tail", c.seq, c.source);
+                    Outcome::rejected(ErrorCode::OutOfOrder, msg)
+                }
+                Some(mark) if mark.digest != digest => {
+                    let msg = format!(
+                        "credit {} from cell {} carries another message than the one applied under that number \
+                         (was cell {} rolled back?)",
+                        c.seq, c.source, c.source
+                    );
+                    Outcome::rejected(ErrorCode::SequenceReused, msg)
+                }
+                Some(mark) => match mark.refused {
+                    Some(code) => Outcome::CreditRefused { code, duplicate: true },
+                    None => Outcome::CreditApplied { duplicate: true },
+                },
             };
         }
-        if c.seq != inbox.applied_through + 1 {
-            let msg = format!("expected credit {} from cell {}", inbox.applied_through + 1, c.source);
+        if c.seq != applied_through + 1 {
+            let msg = format!("expected credit {} from cell {}", applied_through + 1, c.source);
             return Outcome::rejected(ErrorCode::OutOfOrder, msg);
         }
         if !place.owns(&c.to) {
@@ -494,22 +638,14 @@ impl Ledger {
         match self.credit_target(c) {
             Ok((payee, payee_after)) => {
                 // Commit point.
-                let inbox = self.inbox.get_mut(&c.source).expect("created above");
-                inbox.applied_through = c.seq;
-                inbox.received += i128::from(c.amount);
+                self.inbox.get_mut(&c.source).expect("created above").push(digest, c.amount, None);
                 self.set_balance(payee, payee_after);
                 self.add_leg(payee, &c.transfer, EntryKind::Credit);
                 self.push_history(payee, &c.transfer, AccountRef::Remote(c.from.clone()), EntryKind::Credit, c.amount);
                 Outcome::CreditApplied { duplicate: false }
             }
             Err(code) => {
-                let inbox = self.inbox.get_mut(&c.source).expect("created above");
-                inbox.applied_through = c.seq;
-                inbox.refused.insert(c.seq, code);
-                let horizon = c.seq.saturating_sub(INBOX_REFUSALS_RETAINED);
-                while inbox.refused.first_key_value().is_some_and(|(&s, _)| s <= horizon) {
-                    inbox.refused.pop_first();
-                }
+                self.inbox.get_mut(&c.source).expect("created above").push(digest, c.amount, Some(code));
                 Outcome::CreditRefused { code, duplicate: false }
             }
         }
@@ -529,30 +665,59 @@ impl Ledger {
         Ok((payee, after))
     }
 
-    fn closed_before(&self, dest: CellId, seq: u64, fallback: TransferStatus) -> Outcome {
-        let sent = self.outbox.get(&dest).map_or(0, |o| o.last_seq);
-        if seq == 0 || seq > sent {
+    /// Checks that `seq` is the next message to close towards `dest`:
+    /// messages close in sequence order (the pair's chain folds them so).
+    /// `Err` carries the answer for anything else: a duplicate, or a refusal.
+    fn next_to_close(&self, dest: CellId, seq: u64, fallback: TransferStatus) -> Result<(), Outcome> {
+        let figures = self.outbox.get(&dest).map_or(OutboxFigures::new(dest), |o| o.figures);
+        if seq == 0 || seq > figures.last_seq {
             let msg = format!("outbox to cell {dest} has no message {seq}");
-            return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+            return Err(Outcome::rejected(ErrorCode::InvalidRequest, msg));
         }
-        Outcome::OutboxClosed { status: fallback, duplicate: true }
+        if seq <= figures.closed_through {
+            return Err(Outcome::OutboxClosed { status: fallback, duplicate: true });
+        }
+        if seq != figures.closed_through + 1 {
+            let msg = format!("outbox to cell {dest} closes message {} first", figures.closed_through + 1);
+            return Err(Outcome::rejected(ErrorCode::OutOfOrder, msg));
+        }
+        Ok(())
+    }
+
+    /// Closes the oldest open message towards `dest` and folds it into the pair's figures.
+    fn close(&mut self, dest: CellId, seq: u64, refused: bool) -> OutboxEntry {
+        let outbox = self.outbox.get_mut(&dest).expect("checked by next_to_close");
+        let entry = outbox.entries.remove(&seq).expect("an open message is in the outbox");
+        let f = &mut outbox.figures;
+        f.closed_through = seq;
+        f.closed_chain = digest::chain_link(f.closed_chain, entry.digest(), refused);
+        if refused {
+            f.compensated += i128::from(entry.amount);
+        } else {
+            f.settled += i128::from(entry.amount);
+        }
+        let status = if refused { TransferStatus::Reversed } else { TransferStatus::Settled };
+        if let Some(record) = self.record_mut(entry.record_seq) {
+            debug_assert_eq!(record.status, TransferStatus::Pending);
+            record.status = status;
+        }
+        entry
     }
 
     pub(crate) fn settle(&mut self, dest: CellId, seq: u64) -> Outcome {
-        let Some(entry) = self.outbox.get_mut(&dest).and_then(|o| o.entries.remove(&seq)) else {
-            return self.closed_before(dest, seq, TransferStatus::Settled);
-        };
-        if let Some(record) = self.record_mut(entry.record_seq) {
-            debug_assert_eq!(record.status, TransferStatus::Pending);
-            record.status = TransferStatus::Settled;
+        if let Err(answer) = self.next_to_close(dest, seq, TransferStatus::Settled) {
+            return answer;
         }
+        // Commit point.
+        self.close(dest, seq, false);
         Outcome::OutboxClosed { status: TransferStatus::Settled, duplicate: false }
     }
 
     pub(crate) fn compensate(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
-        let Some(entry) = self.outbox.get(&dest).and_then(|o| o.entries.get(&seq)) else {
-            return self.closed_before(dest, seq, TransferStatus::Reversed);
-        };
+        if let Err(answer) = self.next_to_close(dest, seq, TransferStatus::Reversed) {
+            return answer;
+        }
+        let entry = &self.outbox[&dest].entries[&seq];
         if !place.owns(&entry.from) {
             return place.wrong_cell(&entry.from);
         }
@@ -561,22 +726,10 @@ impl Ledger {
             return Outcome::rejected(ErrorCode::BalanceOverflow, "payer balance would overflow");
         };
         // Commit point.
-        let outbox = self.outbox.get_mut(&dest).expect("found above");
-        let entry = outbox.entries.remove(&seq).expect("found above");
-        outbox.compensated += i128::from(entry.amount);
+        let entry = self.close(dest, seq, true);
         self.set_balance(payer, after);
         self.add_leg(payer, &entry.transfer, EntryKind::Reversal);
-        self.push_history(
-            payer,
-            &entry.transfer,
-            AccountRef::Remote(entry.to.clone()),
-            EntryKind::Reversal,
-            entry.amount,
-        );
-        if let Some(record) = self.record_mut(entry.record_seq) {
-            debug_assert_eq!(record.status, TransferStatus::Pending);
-            record.status = TransferStatus::Reversed;
-        }
+        self.push_history(payer, &entry.transfer, AccountRef::Remote(entry.to), EntryKind::Reversal, entry.amount);
         Outcome::OutboxClosed { status: TransferStatus::Reversed, duplicate: false }
     }
 
@@ -584,9 +737,17 @@ impl Ledger {
         self.index.get(id).map(|&i| self.view(i))
     }
 
-    pub fn transfer_status(&self, id: &TransferId) -> Option<TransferView> {
-        let seq = *self.record_index.get(id)?;
-        self.record(seq).map(|r| self.transfer_view(r))
+    /// The retained transfers with this id, newest first: one per payer, or
+    /// only payer `from`'s when it is named.
+    pub fn transfers(&self, id: &TransferId, from: Option<&AccountId>) -> Vec<TransferView> {
+        let payer = match from {
+            Some(from) => match self.index.get(from) {
+                Some(&i) => Some(i),
+                None => return Vec::new(),
+            },
+            None => None,
+        };
+        self.records_with_id(id).filter(|r| payer.is_none_or(|p| r.from == p)).map(|r| self.transfer_view(r)).collect()
     }
 
     /// History of one account, newest first, entries with `seq < before` only.
@@ -634,22 +795,93 @@ impl Ledger {
             .collect()
     }
 
-    pub fn audit(&self) -> AuditView {
-        let mut view = AuditView { accounts: self.accounts.len() as u64, ..AuditView::default() };
-        for a in &self.accounts {
-            view.balance_sum += i128::from(a.balance);
-            if !a.overdraft && a.balance < 0 {
-                view.negative_accounts += 1;
+    /// The audit figures as kept: O(cells).
+    pub fn figures(&self) -> LedgerFigures {
+        LedgerFigures {
+            accounts: self.accounts.len() as u64,
+            balance_sum: self.balance_sum,
+            negative_accounts: self.negative_accounts,
+            outbox: self.outbox.values().map(|o| o.figures).collect(),
+            inbox: self.inbox.values().map(|i| i.figures).collect(),
+        }
+    }
+
+    /// What this ledger, as the payee side, counts from each source asked
+    /// about, at the sequence asked (step 2 of the pair reconciliation).
+    pub fn inbox_at(&self, asked: &[(CellId, u64)]) -> Vec<InboxAt> {
+        asked
+            .iter()
+            .map(|&(source, seq)| match self.inbox.get(&source) {
+                Some(inbox) => InboxAt { figures: inbox.figures, prefix: inbox.prefix(seq) },
+                None => {
+                    let prefix = (seq == 0).then(InboxPrefix::default);
+                    InboxAt { figures: InboxFigures::new(source), prefix }
+                }
+            })
+            .collect()
+    }
+
+    /// What this ledger, as the source side, sent to each destination asked
+    /// about, through the sequence asked (step 3 of the pair reconciliation).
+    pub fn outbox_at(&self, asked: &[(CellId, u64)]) -> Vec<OutboxAt> {
+        asked
+            .iter()
+            .map(|&(dest, seq)| {
+                let Some(o) = self.outbox.get(&dest) else {
+                    let prefix = (seq == 0).then(SentPrefix::default);
+                    return OutboxAt { figures: OutboxFigures::new(dest), prefix };
+                };
+                let f = o.figures;
+                let prefix = if seq == f.last_seq {
+                    Some(SentPrefix { seq, sent: f.sent, chain: f.sent_chain })
+                } else {
+                    o.entries.get(&seq).map(|e| SentPrefix { seq, sent: e.sent_through, chain: e.sent_chain })
+                };
+                OutboxAt { figures: f, prefix }
+            })
+            .collect()
+    }
+
+    /// The full audit of this ledger in cell `cell`: the kept figures, checked
+    /// against a walk over every account and outbox entry. O(accounts).
+    pub fn audit(&self, cell: CellId) -> LedgerAudit {
+        let figures = self.figures();
+        let mut findings = Vec::new();
+        let mut walk = |figure: &'static str, kept: i128, walked: i128| {
+            if kept != walked {
+                findings.push(Finding::Walk { cell, figure, kept, walked });
             }
+        };
+        let balance_sum: i128 = self.accounts.iter().map(|a| i128::from(a.balance)).sum();
+        let negative = self.accounts.iter().filter(|a| !a.overdraft && a.balance < 0).count();
+        walk("balance_sum", figures.balance_sum, balance_sum);
+        walk("negative_accounts", i128::from(figures.negative_accounts), negative as i128);
+        for o in self.outbox.values() {
+            let f = &o.figures;
+            let open: i128 = o.entries.values().map(|e| i128::from(e.amount)).sum();
+            walk("outbox open sum", f.open_sum(), open);
+            walk("outbox open messages", i128::from(f.open_messages()), o.entries.len() as i128);
+            let in_range = o.entries.keys().all(|&s| s > f.closed_through && s <= f.last_seq);
+            walk("outbox entries outside the open range", 0, i128::from(!in_range));
         }
-        for (&dest, o) in &self.outbox {
-            view.sent.push((dest, o.sent));
-            view.compensated.push((dest, o.compensated));
-            view.outbox_messages += o.entries.len() as u64;
-            view.outbox_backlog.push((dest, o.entries.len() as u64));
-            view.outbox_sum += o.entries.values().map(|e| i128::from(e.amount)).sum::<i128>();
+        if negative > 0 {
+            findings.push(Finding::Negative { cell, accounts: negative as u64 });
         }
-        view.received = self.inbox.iter().map(|(&s, i)| (s, i.received)).collect();
-        view
+        if figures.cell_term() != 0 {
+            findings.push(Finding::CellTerm { cell, term: figures.cell_term() });
+        }
+        LedgerAudit { figures, findings }
+    }
+}
+
+impl Outbox {
+    fn new(dest: CellId) -> Self {
+        Self { figures: OutboxFigures::new(dest), entries: BTreeMap::new() }
+    }
+}
+
+impl Inbox {
+    fn new(source: CellId) -> Self {
+        Self { figures: InboxFigures::new(source), tail: VecDeque::new() }
     }
 }

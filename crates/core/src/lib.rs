@@ -20,6 +20,7 @@
 //! assert_eq!(cell.ledger(false).account(&alice).unwrap().balance, 100);
 //! ```
 
+pub mod audit;
 pub mod codec;
 pub mod command;
 pub mod digest;
@@ -32,10 +33,14 @@ pub mod shard;
 pub mod snapshot;
 pub mod state;
 
+pub use audit::{
+    reconcile_pair, Finding, InboxAt, InboxFigures, InboxPrefix, LedgerAudit, LedgerFigures, OutboxAt, OutboxFigures,
+    SentPrefix, INBOX_TAIL_RETAINED,
+};
 pub use command::*;
 pub use error::{ErrorCode, Rejection};
 pub use ids::{AccountId, CellId, IdError, TransferId};
-pub use ledger::{Ledger, Limits, INBOX_REFUSALS_RETAINED};
+pub use ledger::{Admission, Ledger, Limits};
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use priority::{priority_of, Priority};
 pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};

@@ -6,13 +6,18 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::audit::{InboxFigures, OutboxFigures};
 use crate::codec::{decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION};
 use crate::command::{EntryKind, TransferStatus};
 use crate::ids::CellId;
-use crate::ledger::{Account, AccountRef, Entry, Inbox, Ledger, Limits, Outbox, OutboxEntry, TransferRecord};
+use crate::ledger::{
+    Account, AccountRef, Entry, Inbox, InboxMark, Ledger, Limits, Outbox, OutboxEntry, TransferRecord,
+};
 use crate::state::CellState;
 
-const MAGIC: &[u8; 8] = b"CPSNAP01";
+/// 02: pair figures and chains in outboxes and inboxes, the inbox tail,
+/// transfer ids unique per payer. A 01 snapshot is refused with its magic.
+const MAGIC: &[u8; 8] = b"CPSNAP02";
 /// No count in a snapshot may exceed this (I7): it bounds allocation on bad input.
 const COUNT_MAX: u64 = 1 << 32;
 
@@ -94,13 +99,20 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
     w.u64(l.outbox.len() as u64);
     for (dest, o) in &l.outbox {
         w.u32(dest.0);
-        w.u64(o.last_seq);
-        w.i128(o.sent);
-        w.i128(o.compensated);
+        let f = &o.figures;
+        w.u64(f.last_seq);
+        w.i128(f.sent);
+        w.u64(f.closed_through);
+        w.i128(f.settled);
+        w.i128(f.compensated);
+        w.u64(f.closed_chain);
+        w.u64(f.sent_chain);
         w.u64(o.entries.len() as u64);
         for (seq, e) in &o.entries {
             w.u64(*seq);
             w.u64(e.record_seq);
+            w.i128(e.sent_through);
+            w.u64(e.sent_chain);
             w.id(e.transfer.as_str());
             w.id(e.from.as_str());
             w.id(e.to.as_str());
@@ -111,14 +123,28 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
     w.u64(l.inbox.len() as u64);
     for (source, i) in &l.inbox {
         w.u32(source.0);
-        w.u64(i.applied_through);
-        w.i128(i.received);
-        w.u64(i.refused.len() as u64);
-        for (seq, code) in &i.refused {
-            w.u64(*seq);
-            w.u8(code.tag());
+        let f = &i.figures;
+        w.u64(f.applied_through);
+        w.i128(f.received);
+        w.i128(f.refused);
+        w.u64(f.chain);
+        w.u64(f.message_chain);
+        w.u64(i.tail.len() as u64);
+        for m in &i.tail {
+            w.u64(m.digest);
+            w.i64(m.amount);
+            match m.refused {
+                Some(code) => {
+                    w.u8(1);
+                    w.u8(code.tag());
+                }
+                None => w.u8(0),
+            }
+            w.u64(m.chain);
         }
     }
+    w.i128(l.balance_sum);
+    w.u64(l.negative_accounts);
     for d in &l.digests {
         w.u64(*d);
     }
@@ -242,10 +268,12 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
             },
             memo_hash: r.u64()?,
             status: decode_status(r)?,
+            same_id_prev: 0,
         };
-        if l.record_index.insert(record.id.clone(), l.records_first_seq + k as u64).is_some() {
-            return Err(r.error("a transfer record appears twice"));
-        }
+        let mut record = record;
+        let seq = l.records_first_seq + k as u64;
+        let prev = l.record_index.insert(record.id.clone(), seq);
+        record.same_id_prev = prev.map_or(0, |p| p + 1);
         l.records.push_back(record);
     }
     l.history_first_seq = r.u64()?;
@@ -269,12 +297,30 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let n = r.count(COUNT_MAX)?;
     for _ in 0..n {
         let dest = CellId(r.u32()?);
-        let mut o = Outbox { last_seq: r.u64()?, sent: r.i128()?, compensated: r.i128()?, entries: BTreeMap::new() };
+        let figures = OutboxFigures {
+            dest,
+            last_seq: r.u64()?,
+            sent: r.i128()?,
+            closed_through: r.u64()?,
+            settled: r.i128()?,
+            compensated: r.i128()?,
+            closed_chain: r.u64()?,
+            sent_chain: r.u64()?,
+        };
+        if figures.closed_through > figures.last_seq {
+            return Err(r.error("an outbox closed more than it sent"));
+        }
+        let mut o = Outbox { figures, entries: BTreeMap::new() };
         let m = r.count(COUNT_MAX)?;
         for _ in 0..m {
             let seq = r.u64()?;
+            if seq <= figures.closed_through || seq > figures.last_seq {
+                return Err(r.error(format!("outbox message {seq} is outside the open range")));
+            }
             let entry = OutboxEntry {
                 record_seq: r.u64()?,
+                sent_through: r.i128()?,
+                sent_chain: r.u64()?,
                 transfer: r.transfer_id()?,
                 from: r.account_id()?,
                 to: r.account_id()?,
@@ -288,14 +334,33 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let n = r.count(COUNT_MAX)?;
     for _ in 0..n {
         let source = CellId(r.u32()?);
-        let mut i = Inbox { applied_through: r.u64()?, received: r.i128()?, refused: BTreeMap::new() };
-        let m = r.count(COUNT_MAX)?;
-        for _ in 0..m {
-            let seq = r.u64()?;
-            i.refused.insert(seq, r.error_code()?);
+        let figures = InboxFigures {
+            source,
+            applied_through: r.u64()?,
+            received: r.i128()?,
+            refused: r.i128()?,
+            chain: r.u64()?,
+            message_chain: r.u64()?,
+        };
+        let m = r.count(crate::audit::INBOX_TAIL_RETAINED as u64)?;
+        if m as u64 > figures.applied_through {
+            return Err(r.error("an inbox tail is longer than what it applied"));
         }
-        l.inbox.insert(source, i);
+        let mut tail = VecDeque::with_capacity(m);
+        for _ in 0..m {
+            let digest = r.u64()?;
+            let amount = r.i64()?;
+            let refused = match r.u8()? {
+                0 => None,
+                1 => Some(r.error_code()?),
+                other => return Err(r.error(format!("bad refusal flag {other}"))),
+            };
+            tail.push_back(InboxMark { digest, amount, refused, chain: r.u64()? });
+        }
+        l.inbox.insert(source, Inbox { figures, tail });
     }
+    l.balance_sum = r.i128()?;
+    l.negative_accounts = r.u64()?;
     for d in l.digests.iter_mut() {
         *d = r.u64()?;
     }

@@ -7,7 +7,7 @@
 use crate::command::{Command, Op, Outcome, Query, QueryAnswer};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::CellId;
-use crate::ledger::{Ledger, Limits, Place};
+use crate::ledger::{Admission, Ledger, Limits, Place};
 use crate::shard::ShardMap;
 
 /// The most entries one history page may return (I7).
@@ -51,11 +51,17 @@ impl CellState {
         self.applied
     }
 
-    /// Applies one command. A rejected command leaves the state exactly as it was.
+    /// Applies one command with no admission limits (replay, tests). A
+    /// rejected command leaves the state exactly as it was.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        self.admit(cmd, &Admission::UNLIMITED)
+    }
+
+    /// Applies one new command under the admission limits in force.
+    pub fn admit(&mut self, cmd: &Command, admission: &Admission) -> Outcome {
         let outcome = match &cmd.op {
             Op::InstallShardMap(next) => self.install_shard_map(next),
-            op => self.apply_to_ledger(cmd.shadow, op),
+            op => self.apply_to_ledger(cmd.shadow, op, admission),
         };
         if outcome.changed_state() {
             self.applied += 1;
@@ -73,8 +79,8 @@ impl CellState {
         }
     }
 
-    fn apply_to_ledger(&mut self, shadow: bool, op: &Op) -> Outcome {
-        let place = Place { cell: self.cell, map: &self.map };
+    fn apply_to_ledger(&mut self, shadow: bool, op: &Op, admission: &Admission) -> Outcome {
+        let place = Place { cell: self.cell, map: &self.map, admission };
         let ledger = if shadow { &mut self.shadow } else { &mut self.real };
         match op {
             Op::OpenAccount(o) => ledger.open_account(&place, o),
@@ -112,13 +118,12 @@ impl CellState {
                 }
                 self.ledger(*shadow).account(id).map_or_else(|| not_found(id), QueryAnswer::Account)
             }
-            Query::Transfer { shadow, id } => match self.ledger(*shadow).transfer_status(id) {
-                Some(t) => QueryAnswer::Transfer(t),
-                None => QueryAnswer::Rejected(Rejection::new(
-                    ErrorCode::TransferNotFound,
-                    format!("transfer {id} not found"),
-                )),
-            },
+            Query::Transfer { shadow, id, from } => {
+                if let Some(refusal) = from.as_ref().and_then(|f| fenced(f.as_str())) {
+                    return refusal;
+                }
+                QueryAnswer::Transfers(self.ledger(*shadow).transfers(id, from.as_ref()))
+            }
             Query::Entries { shadow, account, limit, before } => {
                 if let Some(refusal) = fenced(account.as_str()) {
                     return refusal;
@@ -133,7 +138,9 @@ impl CellState {
             Query::Digests { shadow } => {
                 QueryAnswer::Digests { epoch: self.map.epoch(), digests: self.ledger(*shadow).digests().to_vec() }
             }
-            Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit()),
+            Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit(self.cell)),
+            Query::Figures { shadow } => QueryAnswer::Figures(self.ledger(*shadow).figures()),
+            Query::InboxAt { shadow, asked } => QueryAnswer::InboxAt(self.ledger(*shadow).inbox_at(asked)),
             Query::Outbox { shadow, dest, after_seq, limit } => {
                 QueryAnswer::Outbox(self.ledger(*shadow).outbox_messages(*dest, *after_seq, *limit))
             }
