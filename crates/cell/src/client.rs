@@ -11,7 +11,7 @@ use std::pin::Pin;
 use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
-use crate::engine::{CellHandle, EngineError};
+use crate::engine::{CellFigures, CellHandle, EngineError};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -37,6 +37,11 @@ pub trait CellClient: Send + Sync + 'static {
     /// A signal that changes whenever the cell's outbox may have grown; a relay
     /// keeps one receiver for its whole life, so no change is missed.
     fn outbox_signal(&self) -> watch::Receiver<u64>;
+    /// Both ledgers' audit figures as last published by the cell: cheap, for
+    /// metrics and dashboards (the audit itself asks the cell in order).
+    fn figures(&self) -> std::sync::Arc<CellFigures>;
+    /// Sets the cell's limit of undelivered credits per destination (flow rules).
+    fn set_outbox_messages_max(&self, max: u64);
 }
 
 impl CellClient for CellHandle {
@@ -66,5 +71,13 @@ impl CellClient for CellHandle {
 
     fn outbox_signal(&self) -> watch::Receiver<u64> {
         self.outbox_watch()
+    }
+
+    fn figures(&self) -> std::sync::Arc<CellFigures> {
+        CellHandle::figures(self)
+    }
+
+    fn set_outbox_messages_max(&self, max: u64) {
+        CellHandle::set_outbox_messages_max(self, max)
     }
 }

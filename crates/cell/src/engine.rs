@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{
-    priority_of, snapshot, CellId, CellState, Command, Limits, Outcome, Priority, Query, QueryAnswer, ShardMap,
+    priority_of, snapshot, Admission, CellId, CellState, Command, LedgerFigures, Limits, Outcome, Priority, Query,
+    QueryAnswer, ShardMap,
 };
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,6 +37,36 @@ pub struct EngineConfig {
     /// How long the queue delay must stay above (or below) the target before
     /// one more class is shed (or one is served again).
     pub queue_delay_interval: Duration,
+    /// Undelivered cross-cell credits per destination cell (and ledger) before
+    /// cross-cell transfers to it are refused with `outbox_full` (I7). The
+    /// router's flow rules set it live ([`CellHandle::set_outbox_messages_max`]).
+    pub outbox_messages_max: u64,
+}
+
+/// The default of [`EngineConfig::outbox_messages_max`]: about 8 MiB of
+/// waiting credits per destination, a minute of a busy pair's traffic.
+pub const OUTBOX_MESSAGES_MAX_DEFAULT: u64 = 65_536;
+
+/// Both ledgers' audit figures as of the latest durable batch, published by
+/// the engine so that metrics and dashboards read them without queueing work.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CellFigures {
+    pub real: LedgerFigures,
+    pub shadow: LedgerFigures,
+}
+
+impl CellFigures {
+    fn of(state: &CellState) -> Self {
+        Self { real: state.ledger(false).figures(), shadow: state.ledger(true).figures() }
+    }
+
+    pub fn ledger(&self, shadow: bool) -> &LedgerFigures {
+        if shadow {
+            &self.shadow
+        } else {
+            &self.real
+        }
+    }
 }
 
 /// The share of the queue each class may fill, in percent, highest class
@@ -53,6 +84,7 @@ impl Default for EngineConfig {
             store: StoreOptions::default(),
             queue_delay_target: Duration::from_millis(5),
             queue_delay_interval: Duration::from_millis(100),
+            outbox_messages_max: OUTBOX_MESSAGES_MAX_DEFAULT,
         }
     }
 }
@@ -141,6 +173,10 @@ struct Shared {
     /// The longest queue wait in the latest batch, in microseconds.
     queue_delay_us: AtomicU64,
     stats: EngineStats,
+    /// The admission limit of cross-cell credits per destination, set live.
+    outbox_messages_max: AtomicU64,
+    /// Published after each batch that changed state.
+    figures: std::sync::Mutex<Arc<CellFigures>>,
 }
 
 /// A cheap, cloneable way to send work to a cell.
@@ -187,6 +223,17 @@ impl CellHandle {
 
     pub fn stats(&self) -> &EngineStats {
         &self.shared.stats
+    }
+
+    /// Both ledgers' audit figures as of the latest durable batch: O(cells), no queueing.
+    pub fn figures(&self) -> Arc<CellFigures> {
+        self.shared.figures.lock().expect("figures lock").clone()
+    }
+
+    /// Sets the limit of undelivered cross-cell credits per destination;
+    /// it applies from the next batch on.
+    pub fn set_outbox_messages_max(&self, max: u64) {
+        self.shared.outbox_messages_max.store(max, Relaxed);
     }
 
     pub fn is_failed(&self) -> bool {
@@ -302,6 +349,8 @@ impl Cell {
             shed_level: AtomicUsize::new(0),
             queue_delay_us: AtomicU64::new(0),
             stats: EngineStats::default(),
+            outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
+            figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state))),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -469,12 +518,13 @@ impl Engine {
         let mut commands = 0u64;
         let mut queries = 0u64;
         let mut outbox_grew = false;
+        let admission = Admission { outbox_messages_max: self.shared.outbox_messages_max.load(Relaxed) };
         for work in batch.drain(..) {
             match work {
                 Work::Commands { commands: cmds, reply, .. } => {
                     let mut outcomes = Vec::with_capacity(cmds.len());
                     for cmd in &cmds {
-                        let outcome = self.state.apply(cmd);
+                        let outcome = self.state.admit(cmd, &admission);
                         if outcome.changed_state() {
                             self.encoder.push(cmd);
                         }
@@ -506,6 +556,9 @@ impl Engine {
             self.seq += 1;
             self.log_bytes_since_checkpoint += len;
             append_us = Some(append_started.elapsed().as_micros() as u64);
+            // Published before the answers: whatever a relay or client learns
+            // from them, the figures already count (the audit reads rely on it).
+            *self.shared.figures.lock().expect("figures lock") = Arc::new(CellFigures::of(&self.state));
         }
         self.shared.epoch.store(self.state.shard_map().epoch(), Relaxed);
         let shared = self.shared.clone();

@@ -20,7 +20,10 @@ mod stats;
 pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass as BreakerPass};
 pub use client::{BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
-pub use engine::{Cell, CellHandle, EngineConfig, EngineError, Submission, QUEUE_SHARE_PERCENT};
+pub use engine::{
+    Cell, CellFigures, CellHandle, EngineConfig, EngineError, Submission, OUTBOX_MESSAGES_MAX_DEFAULT,
+    QUEUE_SHARE_PERCENT,
+};
 pub use recovery::{recover, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats};
 pub use slot::CellSlot;

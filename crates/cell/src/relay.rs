@@ -26,7 +26,8 @@ use crate::client::CellClient;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayConfig {
     /// Messages carried per round (one request to each side). Must stay below
-    /// the engine batch limit and the inbox's refusal window.
+    /// the engine batch limit and half the inbox tail (`INBOX_TAIL_RETAINED`),
+    /// so a redelivered round is always recognised.
     pub messages_per_round_max: usize,
     /// How long an idle relay waits for the outbox signal before looking anyway.
     pub idle_poll: Duration,
@@ -165,6 +166,13 @@ impl Relay {
                 // The payee's shard is not at that cell (a move in progress) or a
                 // message is missing in between: stop here, retry later.
                 Outcome::Rejected(r) if matches!(r.code, ErrorCode::WrongCell | ErrorCode::OutOfOrder) => break,
+                // The books of this pair went back in time: nothing more is
+                // delivered (the credits wait in the outbox) and the audit
+                // names the pair until an operator reconciles it.
+                Outcome::Rejected(r) if r.code == ErrorCode::SequenceReused => {
+                    tracing::error!(source = %source, dest = %dest, shadow = self.shadow, "relay stopped: {}", r.message);
+                    return Err(RoundError::Unexpected(r.message));
+                }
                 other => return Err(RoundError::Unexpected(format!("credit {} answered {other:?}", m.seq))),
             };
             acks.push(Command { shadow: self.shadow, op });

@@ -6,24 +6,27 @@
 //! empty every call answers `cell_unavailable`, and the outbox signal the
 //! relays wait on stays the same across engines.
 
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 
 use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
 use crate::client::{BoxFuture, CellClient, CellStatus};
-use crate::engine::{CellHandle, EngineError};
+use crate::engine::{CellFigures, CellHandle, EngineError};
 
 pub struct CellSlot {
     cell: CellId,
     current: RwLock<Option<CellHandle>>,
     /// Stable across engines: bumped whenever the current engine's outbox grows.
     outbox: watch::Sender<u64>,
+    /// The flow rules' outbox limit, given to every engine installed (0: the engine's own).
+    outbox_messages_max: AtomicU64,
 }
 
 impl CellSlot {
     pub fn new(cell: CellId) -> Self {
-        Self { cell, current: RwLock::new(None), outbox: watch::Sender::new(0) }
+        Self { cell, current: RwLock::new(None), outbox: watch::Sender::new(0), outbox_messages_max: AtomicU64::new(0) }
     }
 
     /// The running engine's handle, if one runs.
@@ -42,6 +45,10 @@ impl CellSlot {
                 slot_signal.send_modify(|g| *g += 1);
             }
         });
+        let max = self.outbox_messages_max.load(Relaxed);
+        if max > 0 {
+            handle.set_outbox_messages_max(max);
+        }
         *self.current.write().expect("slot lock is never held across a panic") = Some(handle);
         self.outbox.send_modify(|g| *g += 1);
     }
@@ -80,5 +87,17 @@ impl CellClient for CellSlot {
 
     fn outbox_signal(&self) -> watch::Receiver<u64> {
         self.outbox.subscribe()
+    }
+
+    /// The running engine's figures; empty while no engine runs (`status` says it is down).
+    fn figures(&self) -> Arc<CellFigures> {
+        self.handle().map_or_else(Default::default, |h| h.figures())
+    }
+
+    fn set_outbox_messages_max(&self, max: u64) {
+        self.outbox_messages_max.store(max, Relaxed);
+        if let Some(h) = self.handle() {
+            h.set_outbox_messages_max(max);
+        }
     }
 }

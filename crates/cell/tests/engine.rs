@@ -255,7 +255,7 @@ fn a_standing_queue_sheds_shadow_then_history_then_reads_and_never_payments() {
             let entries = Query::Entries { shadow: false, account: id(&n), limit: 1, before: None };
             answers.push((Priority::History, h.query(entries).unwrap()));
             answers.push((Priority::Reads, h.query(Query::Account { shadow: false, id: id(&n) }).unwrap()));
-            let status = Query::Transfer { shadow: false, id: TransferId::new(&n).unwrap() };
+            let status = Query::Transfer { shadow: false, id: TransferId::new(&n).unwrap(), from: None };
             answers.push((Priority::Critical, h.query(status).unwrap()));
         }
         let next = h.submit(vec![open_cmd(&format!("w{round}"), false)]).unwrap();

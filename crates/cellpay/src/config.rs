@@ -235,9 +235,9 @@ impl Config {
         anyhow::ensure!((1..=10_000).contains(&self.queue_delay_target_ms), "queue_delay_target_ms must be 1..=10000");
         anyhow::ensure!(self.checkpoint_log_mib >= 1, "checkpoint_log_mib must be at least 1");
         anyhow::ensure!(
-            (1..=self.batch_commands_max.min(cellpay_core::INBOX_REFUSALS_RETAINED as usize))
+            (1..=self.batch_commands_max.min(cellpay_core::INBOX_TAIL_RETAINED / 2))
                 .contains(&self.relay_messages_per_round_max),
-            "relay_messages_per_round_max must be between 1 and batch_commands_max"
+            "relay_messages_per_round_max must be between 1 and batch_commands_max (and at most half the inbox tail)"
         );
         Ok(())
     }

@@ -299,6 +299,22 @@ pub fn reconcile_pair(before: &OutboxFigures, at_dest: &InboxAt, after_at: &Outb
     (!detail.is_empty()).then(|| Finding::Diverged { source, dest, through: c, detail: detail.join("; ") })
 }
 
+/// The audit of cells that are not running (or all read at one moment, as
+/// `cellpay check` does with stopped data directories): each cell's full
+/// audit, and every ordered pair reconciled.
+pub fn audit_states(cells: &[crate::state::CellState], shadow: bool) -> Vec<Finding> {
+    let mut findings: Vec<Finding> = cells.iter().flat_map(|c| c.ledger(shadow).audit(c.cell()).findings).collect();
+    for a in cells {
+        for b in cells.iter().filter(|b| b.cell() != a.cell()) {
+            let before = a.ledger(shadow).figures().outbox_to(b.cell());
+            let at = b.ledger(shadow).inbox_at(&[(a.cell(), before.closed_through)]);
+            let after = a.ledger(shadow).outbox_at(&[(b.cell(), at[0].figures.applied_through)]);
+            findings.extend(reconcile_pair(&before, &at[0], &after[0]));
+        }
+    }
+    findings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

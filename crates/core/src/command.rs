@@ -3,7 +3,7 @@
 //! A command changes state (and is written to the log); a query only reads.
 //! Every command carries the `shadow` flag that selects the ledger it acts on (I5).
 
-use crate::audit::{InboxAt, LedgerAudit, LedgerFigures};
+use crate::audit::{InboxAt, LedgerAudit, LedgerFigures, OutboxAt};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::{AccountId, CellId, TransferId};
 use crate::money::Currency;
@@ -118,6 +118,12 @@ pub enum Query {
     /// What this cell counts from each `(source, seq)` asked, at that sequence
     /// (the second read of the pair reconciliation, see `audit`).
     InboxAt {
+        shadow: bool,
+        asked: Vec<(CellId, u64)>,
+    },
+    /// What this cell sent to each `(dest, seq)` asked, through that sequence
+    /// (the third read of the pair reconciliation).
+    OutboxAt {
         shadow: bool,
         asked: Vec<(CellId, u64)>,
     },
@@ -288,6 +294,7 @@ pub enum QueryAnswer {
     Audit(LedgerAudit),
     Figures(LedgerFigures),
     InboxAt(Vec<InboxAt>),
+    OutboxAt(Vec<OutboxAt>),
     Outbox(Vec<OutboxMessage>),
     Rejected(Rejection),
 }

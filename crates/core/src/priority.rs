@@ -69,7 +69,9 @@ impl Query {
             Query::Transfer { shadow, .. } => Priority::of(*shadow, Priority::Critical),
             // The relay, the audit and the digests keep money moving and provable.
             Query::Outbox { shadow, .. } => Priority::of(*shadow, Priority::Critical),
-            Query::Digests { .. } | Query::Figures { .. } | Query::InboxAt { .. } => Priority::Critical,
+            Query::Digests { .. } | Query::Figures { .. } | Query::InboxAt { .. } | Query::OutboxAt { .. } => {
+                Priority::Critical
+            }
             // The full audit walks every account: it waits behind everything real.
             Query::Audit { .. } => Priority::Shadow,
         }

@@ -141,6 +141,7 @@ impl CellState {
             Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit(self.cell)),
             Query::Figures { shadow } => QueryAnswer::Figures(self.ledger(*shadow).figures()),
             Query::InboxAt { shadow, asked } => QueryAnswer::InboxAt(self.ledger(*shadow).inbox_at(asked)),
+            Query::OutboxAt { shadow, asked } => QueryAnswer::OutboxAt(self.ledger(*shadow).outbox_at(asked)),
             Query::Outbox { shadow, dest, after_seq, limit } => {
                 QueryAnswer::Outbox(self.ledger(*shadow).outbox_messages(*dest, *after_seq, *limit))
             }

@@ -44,7 +44,16 @@ impl Cluster {
             assert_eq!(c.cell(), CellId(i as u32), "cells are listed in id order");
         }
         assert!(map.owners().iter().all(|o| (o.0 as usize) < cells.len()), "the map names only known cells");
+        let outbox_max = protection.rules().outbox_messages_max;
+        cells.iter().for_each(|c| c.set_outbox_messages_max(outbox_max));
         Self { map, cells, protection, signals: Default::default() }
+    }
+
+    /// Installs checked flow rules: the router's layers, and each cell's outbox limit.
+    pub fn replace_rules(&self, rules: crate::FlowRules) {
+        let outbox_max = rules.outbox_messages_max;
+        self.protection.replace_rules(rules);
+        self.cells.iter().for_each(|c| c.set_outbox_messages_max(outbox_max));
     }
 
     /// The protection layers every call goes through.
@@ -158,26 +167,48 @@ impl Cluster {
         Self::ask(&self.protection, self.owner(account), query).await
     }
 
-    /// A transfer's status: asked of every cell, answered by the one that has it.
-    pub async fn transfer_status(&self, shadow: bool, id: &TransferId) -> Routed<QueryAnswer> {
+    /// The transfers with id `id`. A transfer id is unique per payer, so with
+    /// the payer named this asks one cell, the payer's. Without it, every cell
+    /// is asked and the answer is deterministic: every match from every cell
+    /// (the caller answers 404, the one, or 409 for several), or the error of
+    /// a cell that could not answer, since the transfer may be there.
+    pub async fn transfer_status(
+        &self,
+        shadow: bool,
+        id: &TransferId,
+        from: Option<&AccountId>,
+    ) -> Routed<QueryAnswer> {
+        if let Some(from) = from {
+            let query = Query::Transfer { shadow, id: id.clone(), from: Some(from.clone()) };
+            return Self::ask(&self.protection, self.owner(from), query).await;
+        }
         let mut tasks = JoinSet::new();
         for cell in &self.cells {
             let (cell, id, protection) = (cell.clone(), id.clone(), self.protection.clone());
-            tasks.spawn(async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id }).await });
+            tasks.spawn(async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id, from: None }).await });
         }
-        let mut fallback: Option<Routed<QueryAnswer>> = None;
+        let mut answers = Vec::with_capacity(self.cells.len());
         while let Some(joined) = tasks.join_next().await {
-            let routed = joined.expect("status tasks do not panic");
-            match &routed.result {
-                Ok(QueryAnswer::Transfer(_)) => return routed,
-                // A cell that could not answer outranks "not found" from the others:
-                // the transfer may be there.
-                Err(_) => fallback = Some(routed),
-                Ok(_) if fallback.as_ref().is_none_or(|f| f.result.is_ok()) => fallback = Some(routed),
-                Ok(_) => {}
+            answers.push(joined.expect("status tasks do not panic"));
+        }
+        answers.sort_by_key(|r| r.cell);
+        if let Some(i) = answers.iter().position(|r| r.result.is_err()) {
+            return answers.swap_remove(i);
+        }
+        let mut found = Vec::new();
+        let mut cell = (answers[0].cell, answers[0].epoch);
+        for routed in answers {
+            match routed.result {
+                Ok(QueryAnswer::Transfers(t)) if !t.is_empty() => {
+                    cell = (routed.cell, routed.epoch);
+                    found.extend(t);
+                }
+                Ok(QueryAnswer::Transfers(_)) => {}
+                Ok(other) => return Routed { result: Ok(other), ..routed },
+                Err(_) => unreachable!("errors are answered above"),
             }
         }
-        fallback.expect("a cluster has at least one cell")
+        Routed { cell: cell.0, epoch: cell.1, result: Ok(QueryAnswer::Transfers(found)) }
     }
 
     /// Starts a relay for every ordered pair of cells and both ledgers. They

@@ -2,9 +2,9 @@
 //!
 //! It routes each request by the payer's shard to the cell that owns it
 //! (DESIGN.md section 2), splits a batch by payer cell and puts the answers
-//! back in order, fans a transfer-status read out to every cell (a transfer
-//! lives in its payer's cell, which its id alone does not name), sums the audit
-//! over all cells, and starts the relays between every pair of cells. Cells
+//! back in order, sends a transfer-status read to the payer's cell (a transfer
+//! id is unique per payer) or, without the payer, to every cell, reconciles
+//! the audit over every pair of cells, and starts the relays between every pair of cells. Cells
 //! are reached through [`CellClient`], so a cell in another process fits the
 //! same slot as one in this process. Every request and every call to a cell
 //! passes the protection stack of [`protect`], and the declared degrade plan
@@ -15,7 +15,7 @@ mod cluster;
 pub mod degrade;
 pub mod protect;
 
-pub use audit::{ClusterAudit, LedgerAudit};
+pub use audit::{AuditReport, ClusterAudit, AUDIT_ATTEMPTS_MAX};
 pub use cluster::{Cluster, RelayHandle, Routed};
 pub use degrade::{Action, Degrade, Mode, Plan, Signals};
 pub use protect::rules::{FlowRules, Route};

@@ -145,7 +145,7 @@ async fn a_relay_breaker_opens_while_the_payee_cell_is_down_and_delivery_resumes
         assert!(Instant::now() < deadline, "the credit was never delivered");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let audit = cluster.audit(false).await.unwrap();
+    let audit = cluster.audit(false, true).await.unwrap();
     assert!(audit.ok(), "{audit:?}");
     // Let more rounds run: a redelivery must change nothing.
     tokio::time::sleep(Duration::from_millis(300)).await;

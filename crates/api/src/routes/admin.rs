@@ -93,9 +93,9 @@ pub async fn replace_rules(
     admin_only(role, "changing the flow rules")?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let rules = FlowRules::from_json(&bytes).map_err(|e| ApiError::invalid(format!("flow rules refused: {e}")))?;
-    let protection = state.cluster()?.protection();
-    protection.replace_rules(rules);
-    Ok(Json(protection.rules()).into_response())
+    let cluster = state.cluster()?;
+    cluster.replace_rules(rules);
+    Ok(Json(cluster.protection().rules()).into_response())
 }
 
 async fn control(state: &AppState, role: Role, id: &str, halt: bool) -> Result<Response, ApiError> {

@@ -10,7 +10,7 @@ use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cellpay_cell::CellClient;
-use cellpay_core::{Priority, Query, QueryAnswer};
+use cellpay_core::Priority;
 use cellpay_router::Layer;
 use serde_json::{json, Value};
 
@@ -31,10 +31,7 @@ pub async fn data(State(state): State<AppState>) -> Response {
     let mut cells: Vec<Value> = Vec::new();
     for client in cluster.cells() {
         let s = client.status();
-        let backlog = match client.query(Query::Audit { shadow: false }).await {
-            Ok(QueryAnswer::Audit(v)) => v.outbox_messages,
-            _ => 0,
-        };
+        let backlog = client.figures().real.open_messages();
         let engine = state
             .local_cells
             .get()

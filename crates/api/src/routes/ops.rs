@@ -1,12 +1,14 @@
 //! Operations: audit, cluster view, health, readiness, metrics, OpenAPI.
 
+use axum::extract::RawQuery;
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use axum::Json;
 use cellpay_core::ErrorCode;
-use cellpay_router::LedgerAudit;
+use cellpay_router::AuditReport;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -15,34 +17,64 @@ use crate::AppState;
 /// The OpenAPI 3.1 document, kept in the repository beside this crate.
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
-fn ledger_json(a: &LedgerAudit) -> Value {
+fn ledger_json(a: &AuditReport) -> Value {
     json!({
         "ok": a.ok(),
-        "sum": a.sum,
-        "in_flight": a.in_flight,
-        "balances": a.balances,
-        "negative_accounts": a.negative_accounts,
-        "cells": a.cells.iter().map(|(cell, v)| json!({
+        "sum": a.sum(),
+        "in_flight": a.in_flight(),
+        "balances": a.balances(),
+        "negative_accounts": a.negative_accounts(),
+        "full": a.full,
+        "attempts": a.attempts,
+        "findings": a.findings.iter().map(|f| json!({"kind": f.kind(), "message": f.to_string()})).collect::<Vec<_>>(),
+        "cells": a.cells.iter().map(|(cell, f)| json!({
             "cell": cell.0,
-            "accounts": v.accounts,
-            "balance_sum": v.balance_sum,
-            "outbox_messages": v.outbox_messages,
-            "outbox_sum": v.outbox_sum,
-            "negative_accounts": v.negative_accounts,
+            "accounts": f.accounts,
+            "balance_sum": f.balance_sum,
+            "outbox_messages": f.open_messages(),
+            "outbox_sum": f.open_sum(),
+            "negative_accounts": f.negative_accounts,
         })).collect::<Vec<_>>(),
     })
 }
 
-/// I1 and I4 over the whole cluster, for the real and the shadow ledger. The
-/// top-level `sum`, `in_flight` and `cells` are the real ledger's; `ok` holds
-/// only when both ledgers are sound.
-pub async fn audit(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// `full=true` asks for the full audit (every cell walks its state): admin only.
+fn audit_full(raw: Option<&str>, role: crate::Role) -> Result<bool, ApiError> {
+    let mut full = false;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("full", "true") => full = true,
+            ("full", "false") => full = false,
+            ("full", _) => return Err(ApiError::invalid("full must be true or false")),
+            (other, _) => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    if full && role != crate::Role::Admin {
+        return Err(ApiError::new(ErrorCode::Forbidden, "the full audit walks every account: it needs the admin role"));
+    }
+    Ok(full)
+}
+
+/// I1 and I4 over the whole cluster, for the real and the shadow ledger:
+/// every cell's own figures and the reconciliation of every ordered pair of
+/// cells (it names any pair, sequences and amount that do not match). The
+/// top-level `sum`, `in_flight`, `findings` and `cells` are the real ledger's;
+/// `ok` holds only when both ledgers are sound.
+pub async fn audit(
+    State(state): State<AppState>,
+    Extension(role): Extension<crate::Role>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let full = audit_full(raw.as_deref(), role)?;
     let cluster = state.cluster()?;
     let unavailable = |(cell, e): (cellpay_core::CellId, cellpay_cell::EngineError)| {
         ApiError::new(ErrorCode::CellUnavailable, format!("cell {cell} did not answer the audit: {e}"))
     };
-    let real = cluster.audit(false).await.map_err(unavailable)?;
-    let shadow = cluster.audit(true).await.map_err(unavailable)?;
+    let real = cluster.audit(false, full).await.map_err(unavailable)?;
+    let shadow = cluster.audit(true, full).await.map_err(unavailable)?;
+    for finding in real.findings.iter().chain(&shadow.findings) {
+        tracing::error!(kind = finding.kind(), "audit: {finding}");
+    }
     let mut body = ledger_json(&real);
     body["ok"] = Value::from(real.ok() && shadow.ok());
     body["real"] = ledger_json(&real);

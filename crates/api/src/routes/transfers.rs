@@ -1,11 +1,11 @@
 //! `POST /v1/transfers`, `POST /v1/transfers/batch`, `GET /v1/transfers/{id}`.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use cellpay_core::{ErrorCode, Op, Outcome, QueryAnswer};
+use cellpay_core::{AccountId, ErrorCode, Op, Outcome, QueryAnswer, Rejection};
 use cellpay_router::Route;
 use serde_json::{json, Value};
 
@@ -105,19 +105,44 @@ pub async fn batch(
     Ok(Json(json!({"results": results})).into_response())
 }
 
+/// The payer named by `?from=` (a transfer id is unique per payer).
+fn payer(raw: Option<&str>) -> Result<Option<AccountId>, ApiError> {
+    let mut from = None;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("from", value) => from = Some(body::account_id("from", value)?),
+            (other, _) => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    Ok(from)
+}
+
+/// `GET /v1/transfers/{id}?from=PAYER`: with the payer, one cell answers;
+/// without it every cell is asked, and several payers' transfers with this
+/// id answer 409 naming how many.
 pub async fn status(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
     guard::admit(&state, caller, Route::Status, shadow, 1)?;
     let id = body::transfer_id(&id)?;
-    let served = Served::from(state.cluster()?.transfer_status(shadow, &id).await)?;
+    let from = payer(raw.as_deref())?;
+    let served = Served::from(state.cluster()?.transfer_status(shadow, &id, from.as_ref()).await)?;
     match &served.answer {
-        QueryAnswer::Transfer(t) => Ok(served.respond(StatusCode::OK, views::transfer(t))),
+        QueryAnswer::Transfers(found) => match found.as_slice() {
+            [] => Err(served.reject(&Rejection::new(ErrorCode::TransferNotFound, format!("transfer {id} not found")))),
+            [t] => Ok(served.respond(StatusCode::OK, views::transfer(t))),
+            several => {
+                let msg =
+                    format!("{} transfers have id {id}, one per payer: name the payer with ?from=", several.len());
+                Err(served.reject(&Rejection::new(ErrorCode::Conflict, msg)))
+            }
+        },
         QueryAnswer::Rejected(r) => Err(served.reject(r)),
-        other => unreachable!("a transfer query answers Transfer or Rejected, not {other:?}"),
+        other => unreachable!("a transfer query answers Transfers or Rejected, not {other:?}"),
     }
 }

@@ -101,9 +101,21 @@ pub struct RetryRules {
     pub backoff_max_ms: u32,
 }
 
+/// The largest outbox limit a rule may set, per destination cell (I7).
+pub const OUTBOX_MESSAGES_MAX_LIMIT: u64 = 1 << 24;
+
+fn outbox_messages_max_default() -> u64 {
+    cellpay_cell::OUTBOX_MESSAGES_MAX_DEFAULT
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlowRules {
+    /// Undelivered cross-cell credits a cell may hold per destination cell
+    /// (and ledger); past it, cross-cell payments to that cell answer 503
+    /// `outbox_full` with Retry-After until the relay drains them.
+    #[serde(default = "outbox_messages_max_default")]
+    pub outbox_messages_max: u64,
     /// Per route, across all tokens; a route not named is not limited.
     #[serde(default)]
     pub routes: BTreeMap<Route, Rate>,
@@ -123,6 +135,7 @@ pub struct FlowRules {
 impl Default for FlowRules {
     fn default() -> Self {
         Self {
+            outbox_messages_max: outbox_messages_max_default(),
             routes: BTreeMap::new(),
             tokens: BTreeMap::new(),
             hot_keys: HotKeyRules {
@@ -161,6 +174,9 @@ impl FlowRules {
 
     /// Every number in range; the message names the first that is not.
     pub fn check(&self) -> Result<(), String> {
+        if !(1..=OUTBOX_MESSAGES_MAX_LIMIT).contains(&self.outbox_messages_max) {
+            return Err(format!("outbox_messages_max must be between 1 and {OUTBOX_MESSAGES_MAX_LIMIT}"));
+        }
         for (route, r) in &self.routes {
             check_rate(&format!("routes.{}", route.as_str()), r)?;
         }
