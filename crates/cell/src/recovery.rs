@@ -39,8 +39,8 @@ pub enum RecoveryError {
 }
 
 /// Rebuilds the state of `cell` from `store`. A new, empty store yields a fresh
-/// state with `map` and `limits`, checkpointed at once so that its shard map
-/// and limits are durable before the first batch.
+/// state with `map` and `limits`, whose checkpoint 0 is durable when this
+/// returns, so that its shard map and limits are durable before the first batch.
 pub fn recover(
     store: &mut dyn Store,
     cell: CellId,
@@ -98,7 +98,15 @@ pub fn recover(
         return Err(RecoveryError::MissingCheckpoint { last_seq: report.last_seq });
     }
     if created {
+        // Checkpoint 0 is durable before recovery returns, so before the first
+        // append: a crash can never leave a logged batch without a checkpoint
+        // under it. The other way out, a genesis that needs no checkpoint, would
+        // rebuild the start state from the shard map and limits the *next* start
+        // passes in (another `--cells`, other limits), and replaying the log onto
+        // a different start state is a different ledger. This one small, fsynced
+        // file, written once when a cell is created, pins them instead.
         store.checkpoint(0, snapshot::encode(&state))?;
+        store.sync_checkpoint()?;
     }
     Ok((
         state,
