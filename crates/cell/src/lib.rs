@@ -21,7 +21,7 @@ pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass
 pub use client::{BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
 pub use engine::{Cell, CellHandle, EngineConfig, EngineError, Submission, QUEUE_SHARE_PERCENT};
-pub use recovery::{recover, RecoveryError, RecoveryReport};
+pub use recovery::{recover, DamagedCheckpoint, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats};
 pub use slot::CellSlot;
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};
