@@ -24,7 +24,7 @@ pub use engine::{
     Cell, CellFigures, CellHandle, EngineConfig, EngineError, Submission, OUTBOX_MESSAGES_MAX_DEFAULT,
     QUEUE_SHARE_PERCENT,
 };
-pub use recovery::{recover, RecoveryError, RecoveryReport};
+pub use recovery::{recover, DamagedCheckpoint, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats};
 pub use slot::CellSlot;
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};

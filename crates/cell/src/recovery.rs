@@ -1,14 +1,35 @@
-//! Rebuilding a cell's state from its store: the latest checkpoint, then every
-//! batch after it, re-applied by the same deterministic state machine.
+//! Rebuilding a cell's state from its store: a checkpoint, then every batch
+//! after it, re-applied by the same deterministic state machine.
+//!
+//! Recovery starts from the newest sound checkpoint. A damaged one (its file
+//! fails the store's checks, or its snapshot does not decode) is passed over,
+//! loudly, for the one before it: the store keeps the log since its oldest
+//! checkpoint, so the longer replay ends in the same state and loses nothing.
+//! Only when every checkpoint is damaged does the cell refuse to start, naming
+//! them all. A log that does not replay is never passed over: every starting
+//! point shares it.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cellpay_core::codec::{decode_batch, DecodeError};
 use cellpay_core::{snapshot, CellId, CellState, Command, Limits, ShardMap};
-use cellpay_store::{Store, StoreError, TornTail};
+use cellpay_store::{Checkpoint, Store, StoreError, StoredCheckpoint, TornTail};
 
 /// Decoded log batches waiting for the snapshot to finish decoding (I7).
 const REPLAY_BATCHES_BUFFERED: usize = 64;
+
+/// A checkpoint recovery passed over because it is damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedCheckpoint {
+    /// The batch it claims to cover.
+    pub seq: u64,
+    pub file: PathBuf,
+    pub reason: String,
+    /// Where the file was moved once the cell recovered without it; `None`
+    /// when recovery refused and left every file where it was.
+    pub set_aside_as: Option<PathBuf>,
+}
 
 /// What recovery did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +42,9 @@ pub struct RecoveryReport {
     /// The last batch in the store; the next append is `last_seq + 1`.
     pub last_seq: u64,
     pub torn_tail: Option<TornTail>,
+    /// Damaged checkpoints passed over for an older one, newest first; empty
+    /// when the newest checkpoint was sound.
+    pub fell_back_from: Vec<DamagedCheckpoint>,
     pub duration: Duration,
     /// True when the store was empty and a new cell was created.
     pub created: bool,
@@ -30,17 +54,52 @@ pub struct RecoveryReport {
 pub enum RecoveryError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("checkpoint after batch {seq} cannot be decoded: {source}")]
-    Snapshot { seq: u64, source: DecodeError },
+    #[error("every checkpoint is damaged, so there is no state to replay the log onto: {}", describe(.damaged))]
+    CheckpointsDamaged { damaged: Vec<DamagedCheckpoint> },
     #[error("the log holds batches through {last_seq} but there is no checkpoint to start from")]
     MissingCheckpoint { last_seq: u64 },
     #[error("the store belongs to cell {found}, not cell {expected}")]
     WrongCell { expected: CellId, found: CellId },
 }
 
-/// Rebuilds the state of `cell` from `store`. A new, empty store yields a fresh
-/// state with `map` and `limits`, checkpointed at once so that its shard map
-/// and limits are durable before the first batch.
+fn describe(damaged: &[DamagedCheckpoint]) -> String {
+    let each: Vec<String> = damaged.iter().map(|d| format!("{} ({})", d.file.display(), d.reason)).collect();
+    each.join("; ")
+}
+
+/// Where an attempt starts from.
+enum Start {
+    Checkpoint(Checkpoint),
+    /// A new cell: nothing durable yet.
+    Genesis(Box<CellState>),
+}
+
+impl Start {
+    fn after_seq(&self) -> u64 {
+        match self {
+            Start::Checkpoint(c) => c.seq,
+            Start::Genesis(_) => 0,
+        }
+    }
+}
+
+/// Why an attempt failed.
+enum Failure {
+    /// The checkpoint's snapshot does not decode: an older checkpoint may.
+    Snapshot(DecodeError),
+    Fatal(RecoveryError),
+}
+
+/// The state an attempt rebuilt.
+struct Replayed {
+    state: CellState,
+    commands: u64,
+    log: cellpay_store::ReplayReport,
+}
+
+/// Rebuilds the state of `cell` from `store`, from its newest sound checkpoint.
+/// A new, empty store yields a fresh state with `map` and `limits`, whose
+/// checkpoint 0 is durable when this returns.
 pub fn recover(
     store: &mut dyn Store,
     cell: CellId,
@@ -48,23 +107,124 @@ pub fn recover(
     limits: Limits,
 ) -> Result<(CellState, RecoveryReport), RecoveryError> {
     let started = Instant::now();
-    let checkpoint = store.load_checkpoint()?;
-    let had_checkpoint = checkpoint.is_some();
-    let checkpoint_seq = checkpoint.as_ref().map_or(0, |c| c.seq);
-    // Two cores at work: one thread decodes the snapshot and then applies the
-    // log's batches; this thread reads and decodes those batches meanwhile,
-    // handing them over through a bounded channel (I7).
+    let mut damaged = Vec::new();
+    let mut torn_tail = None;
+    for stored in store.checkpoints()? {
+        let checkpoint = match store.read_checkpoint(stored.seq) {
+            Ok(checkpoint) => checkpoint,
+            Err(StoreError::Corrupt { reason, .. }) => {
+                damaged.push(pass_over(stored, reason));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match replay_onto(store, Start::Checkpoint(checkpoint), cell, &mut torn_tail) {
+            Ok(replayed) => {
+                let report = RecoveryReport {
+                    checkpoint_seq: stored.seq,
+                    fell_back_from: damaged,
+                    ..report_of(&replayed, torn_tail, started)
+                };
+                return set_damaged_aside(store, replayed.state, report);
+            }
+            Err(Failure::Snapshot(e)) => damaged.push(pass_over(stored, format!("snapshot does not decode: {e}"))),
+            Err(Failure::Fatal(e)) => return Err(e),
+        }
+    }
+    if !damaged.is_empty() {
+        return Err(RecoveryError::CheckpointsDamaged { damaged });
+    }
+    let genesis = Start::Genesis(Box::new(CellState::new(cell, map.clone(), limits)));
+    let replayed = match replay_onto(store, genesis, cell, &mut torn_tail) {
+        Ok(replayed) => replayed,
+        Err(Failure::Fatal(e)) => return Err(e),
+        Err(Failure::Snapshot(_)) => unreachable!("genesis decodes no snapshot"),
+    };
+    if replayed.log.last_seq > 0 {
+        return Err(RecoveryError::MissingCheckpoint { last_seq: replayed.log.last_seq });
+    }
+    // Checkpoint 0 is durable before recovery returns, so before the first
+    // append: a crash can never leave a logged batch without a checkpoint
+    // under it. The other way out, a genesis that needs no checkpoint, would
+    // rebuild the start state from the shard map and limits the *next* start
+    // passes in (another `--cells`, other limits), and replaying the log onto
+    // a different start state is a different ledger. This one small, fsynced
+    // file, written once when a cell is created, pins them instead.
+    store.checkpoint(0, snapshot::encode(&replayed.state))?;
+    store.sync_checkpoint()?;
+    let report = RecoveryReport { created: true, ..report_of(&replayed, torn_tail, started) };
+    Ok((replayed.state, report))
+}
+
+fn report_of(replayed: &Replayed, torn_tail: Option<TornTail>, started: Instant) -> RecoveryReport {
+    RecoveryReport {
+        checkpoint_seq: 0,
+        batches_replayed: replayed.log.batches,
+        commands_replayed: replayed.commands,
+        bytes_replayed: replayed.log.bytes,
+        last_seq: replayed.log.last_seq,
+        torn_tail,
+        fell_back_from: Vec::new(),
+        duration: started.elapsed(),
+        created: false,
+    }
+}
+
+fn pass_over(stored: StoredCheckpoint, reason: String) -> DamagedCheckpoint {
+    tracing::error!(
+        file = %stored.file.display(),
+        seq = stored.seq,
+        "checkpoint is damaged and passed over: {reason}"
+    );
+    DamagedCheckpoint { seq: stored.seq, file: stored.file, reason, set_aside_as: None }
+}
+
+/// After a fall-back: moves the damaged checkpoints out of the way (kept, not
+/// deleted) and checkpoints the recovered state at once, so that the store
+/// again keeps two sound checkpoints and the next start does not replay as far.
+fn set_damaged_aside(
+    store: &mut dyn Store,
+    state: CellState,
+    mut report: RecoveryReport,
+) -> Result<(CellState, RecoveryReport), RecoveryError> {
+    if report.fell_back_from.is_empty() {
+        return Ok((state, report));
+    }
+    for damaged in &mut report.fell_back_from {
+        damaged.set_aside_as = Some(store.set_aside_checkpoint(damaged.seq)?);
+    }
+    store.checkpoint(report.last_seq, snapshot::encode(&state))?;
+    store.sync_checkpoint()?;
+    tracing::warn!(
+        checkpoint = report.checkpoint_seq,
+        batches = report.batches_replayed,
+        "recovered from an older checkpoint; damaged ones set aside: {}",
+        describe(&report.fell_back_from)
+    );
+    Ok((state, report))
+}
+
+/// Rebuilds the state from `start` and the log after it. Two cores at work:
+/// one thread decodes the snapshot and then applies the log's batches; this
+/// thread reads and decodes those batches meanwhile, handing them over
+/// through a bounded channel (I7). A torn tail the replay cut is recorded in
+/// `torn_tail`, even when the attempt fails: a later attempt will not see it.
+fn replay_onto(
+    store: &mut dyn Store,
+    start: Start,
+    cell: CellId,
+    torn_tail: &mut Option<TornTail>,
+) -> Result<Replayed, Failure> {
+    let after_seq = start.after_seq();
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<Command>)>(REPLAY_BATCHES_BUFFERED);
-    let (applied, report) = std::thread::scope(|scope| {
-        let applier = scope.spawn(move || -> Result<(CellState, u64), RecoveryError> {
-            let mut state = match checkpoint {
-                Some(c) => {
-                    snapshot::decode(&c.snapshot).map_err(|source| RecoveryError::Snapshot { seq: c.seq, source })?
-                }
-                None => CellState::new(cell, map.clone(), limits),
+    let (applied, log) = std::thread::scope(|scope| {
+        let applier = scope.spawn(move || -> Result<(CellState, u64), Failure> {
+            let mut state = match start {
+                Start::Checkpoint(c) => snapshot::decode(&c.snapshot).map_err(Failure::Snapshot)?,
+                Start::Genesis(state) => *state,
             };
             if state.cell() != cell {
-                return Err(RecoveryError::WrongCell { expected: cell, found: state.cell() });
+                return Err(Failure::Fatal(RecoveryError::WrongCell { expected: cell, found: state.cell() }));
             }
             let mut commands = 0u64;
             for (seq, batch) in rx {
@@ -74,43 +234,27 @@ pub fn recover(
                         // Only state changes are logged, so each must apply again: anything
                         // else means the log or the state machine is not what wrote it.
                         let reason = format!("command {i} of batch {seq} did not apply on replay: {outcome:?}");
-                        return Err(RecoveryError::Store(cellpay_store::StoreError::Visit { seq, reason }));
+                        return Err(Failure::Fatal(StoreError::Visit { seq, reason }.into()));
                     }
                 }
                 commands += batch.len() as u64;
             }
             Ok((state, commands))
         });
-        let report = store.replay(checkpoint_seq, &mut |seq, bytes| {
+        let log = store.replay(after_seq, &mut |seq, bytes| {
             let batch = decode_batch(bytes).map_err(|e| e.to_string())?;
             // A closed channel means the applier stopped on an error, answered below.
             tx.send((seq, batch)).map_err(|_| "replay stopped".to_string())
         });
         drop(tx);
         let applied = applier.join().expect("the recovery thread does not panic");
-        (applied, report)
+        (applied, log)
     });
+    if let Ok(log) = &log {
+        *torn_tail = torn_tail.take().or_else(|| log.torn_tail.clone());
+    }
     // The applier's error is the cause when both failed.
     let (state, commands) = applied?;
-    let report = report?;
-    let created = !had_checkpoint;
-    if created && report.last_seq > 0 {
-        return Err(RecoveryError::MissingCheckpoint { last_seq: report.last_seq });
-    }
-    if created {
-        store.checkpoint(0, snapshot::encode(&state))?;
-    }
-    Ok((
-        state,
-        RecoveryReport {
-            checkpoint_seq,
-            batches_replayed: report.batches,
-            commands_replayed: commands,
-            bytes_replayed: report.bytes,
-            last_seq: report.last_seq,
-            torn_tail: report.torn_tail,
-            duration: started.elapsed(),
-            created,
-        },
-    ))
+    let log = log.map_err(|e| Failure::Fatal(e.into()))?;
+    Ok(Replayed { state, commands, log })
 }

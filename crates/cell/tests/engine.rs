@@ -2,13 +2,15 @@
 //! durability, smart batching, overload, idempotency across restarts,
 //! checkpoints and fail-stop on a store error.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 
 use cellpay_cell::{Cell, EngineConfig, EngineError, Submission};
 use cellpay_core::*;
-use cellpay_store::{Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, Visitor};
+use cellpay_store::{
+    Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, StoredCheckpoint, Visitor,
+};
 
 fn cny() -> Currency {
     Currency::new("CNY").unwrap()
@@ -105,8 +107,14 @@ struct GatedStore {
 }
 
 impl Store for GatedStore {
-    fn load_checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError> {
-        self.inner.load_checkpoint()
+    fn checkpoints(&mut self) -> Result<Vec<StoredCheckpoint>, StoreError> {
+        self.inner.checkpoints()
+    }
+    fn read_checkpoint(&mut self, seq: u64) -> Result<Checkpoint, StoreError> {
+        self.inner.read_checkpoint(seq)
+    }
+    fn set_aside_checkpoint(&mut self, seq: u64) -> Result<PathBuf, StoreError> {
+        self.inner.set_aside_checkpoint(seq)
     }
     fn replay(&mut self, after: u64, visit: Visitor<'_>) -> Result<ReplayReport, StoreError> {
         self.inner.replay(after, visit)
@@ -119,6 +127,9 @@ impl Store for GatedStore {
     }
     fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError> {
         self.inner.checkpoint(seq, snapshot)
+    }
+    fn sync_checkpoint(&mut self) -> Result<(), StoreError> {
+        self.inner.sync_checkpoint()
     }
     fn stats(&self) -> StoreStats {
         self.inner.stats()

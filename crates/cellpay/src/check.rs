@@ -112,6 +112,15 @@ fn print_report(cell: CellId, report: &RecoveryReport) {
         report.duration.as_secs_f64() * 1e3,
         report.last_seq
     );
+    for d in &report.fell_back_from {
+        let aside = d.set_aside_as.as_ref().map_or("left in place".into(), |p| format!("set aside as {}", p.display()));
+        println!(
+            "fell back from the checkpoint after batch {}: {} is damaged ({}); {aside}",
+            d.seq,
+            d.file.display(),
+            d.reason
+        );
+    }
     if let Some(t) = &report.torn_tail {
         println!(
             "cell {cell}: torn tail cut: {} bytes at offset {} of {} ({})",

@@ -1,6 +1,7 @@
 //! `cellpay check` on real stores: a healthy one passes; a record corrupted in
 //! the middle of the log stops recovery with the file and offset named, a
-//! non-zero exit code and no panic; a torn tail is cut and reported.
+//! non-zero exit code and no panic; a torn tail is cut and reported; a damaged
+//! newest checkpoint is passed over for the older one, and said so.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,11 @@ fn run_check(dir: &Path) -> Output {
 
 /// A cell with a bank, two accounts and `batches` logged batches after its last checkpoint.
 fn make_store(dir: &Path, batches: usize) {
+    fill_cell(dir, batches).halt().unwrap(); // leave the batches in the log, as a crash would
+}
+
+/// A running cell with a bank, two accounts and `batches` transfers, each in a batch of its own.
+fn fill_cell(dir: &Path, batches: usize) -> Cell {
     let map = ShardMap::round_robin(SHARDS_DEFAULT, 1).unwrap();
     let cell = Cell::open_embedded(dir, CellId(0), &map, EngineConfig::default()).unwrap();
     let h = cell.handle();
@@ -36,7 +42,7 @@ fn make_store(dir: &Path, batches: usize) {
         h.submit(vec![Command_::real(Op::Transfer(t))]).unwrap().wait_blocking().unwrap();
     }
     drop(h);
-    cell.halt().unwrap(); // leave the batches in the log, as a crash would
+    cell
 }
 
 fn segment(dir: &Path) -> PathBuf {
@@ -108,4 +114,22 @@ fn a_directory_that_is_no_store_is_a_clear_error() {
     let out = run_check(dir.path());
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a cell store"));
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_is_passed_over_and_said_so() {
+    let dir = tempfile::tempdir().unwrap();
+    fill_cell(dir.path(), 5).stop().unwrap(); // checkpoints after batch 0 and batch 6
+    let newest = dir.path().join("checkpoint").join(format!("{:020}.ckpt", 6));
+    let mut bytes = fs::read(&newest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 16].iter_mut().for_each(|b| *b ^= 0xff);
+    fs::write(&newest, &bytes).unwrap();
+    let out = run_check(dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("checkpoint after batch 0, replayed 6 batches"), "{stdout}");
+    assert!(stdout.contains("fell back from the checkpoint after batch 6"), "{stdout}");
+    assert!(stdout.contains(newest.to_str().unwrap()), "names the damaged file: {stdout}");
+    assert!(stdout.contains("balance sum 0") && stdout.ends_with("ok\n"), "{stdout}");
 }

@@ -5,11 +5,16 @@
 //! <dir>/LOCK                          flock: one writer per cell
 //! <dir>/log/<first seq, 20 digits>.seg  "CPSEG001" | first seq u64 | records…
 //! <dir>/checkpoint/<seq, 20 digits>.ckpt "CPCKPT01" | seq u64 | len u64 | crc32c u32 | snapshot
+//! <dir>/checkpoint/<seq>.ckpt.damaged    a damaged checkpoint recovery set aside
 //! ```
 //!
 //! A checkpoint is written to a temporary file, fsynced and renamed into place,
-//! so it is either whole or absent. After a checkpoint the next append starts a
-//! new segment, and every segment wholly covered by the checkpoint is deleted.
+//! so it is either whole or absent. Reading one checks all of it: the checksum
+//! covers the snapshot, and the header's seq and length must match the file's
+//! name and size. After a checkpoint the next append starts a new segment. The
+//! newest [`CHECKPOINTS_KEPT`] checkpoints are kept, and with them the log since
+//! the oldest of them: only segments wholly covered by that one are deleted, so
+//! recovery can fall back to it when a newer checkpoint is damaged.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -20,7 +25,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::frame::{self, RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
-use crate::{Checkpoint, ReplayReport, Store, StoreError, StoreStats, TornTail, Visitor};
+use crate::{Checkpoint, ReplayReport, Store, StoreError, StoreStats, StoredCheckpoint, TornTail, Visitor};
 
 const SEGMENT_MAGIC: &[u8; 8] = b"CPSEG001";
 const SEGMENT_HEADER_BYTES: usize = 16;
@@ -30,7 +35,7 @@ const CHECKPOINT_HEADER_BYTES: usize = 28;
 /// A checkpoint is written and flushed in pieces of this size.
 const CHECKPOINT_CHUNK_BYTES: usize = 4 << 20;
 
-/// Checkpoints kept on disk: the newest and the one before it.
+/// Checkpoints kept on disk: the newest and the one before it, to fall back to.
 pub const CHECKPOINTS_KEPT: usize = 2;
 
 /// Tuning of the embedded store.
@@ -86,6 +91,10 @@ fn segment_name(first_seq: u64) -> String {
     format!("{first_seq:020}.seg")
 }
 
+fn checkpoint_name(seq: u64) -> String {
+    format!("{seq:020}.ckpt")
+}
+
 fn parse_numbered(name: &str, ext: &str) -> Option<u64> {
     let stem = name.strip_suffix(ext)?;
     (stem.len() == 20).then(|| stem.parse().ok()).flatten()
@@ -122,8 +131,8 @@ fn write_checkpoint_file(
     snapshot: &[u8],
     counters: &CheckpointCounters,
 ) -> Result<(), StoreError> {
-    let tmp = dir.join(format!("{seq:020}.ckpt.tmp"));
-    let path = dir.join(format!("{seq:020}.ckpt"));
+    let path = dir.join(checkpoint_name(seq));
+    let tmp = path.with_extension("ckpt.tmp");
     let mut f = File::create(&tmp).map_err(StoreError::io(&tmp))?;
     let mut header = Vec::with_capacity(CHECKPOINT_HEADER_BYTES);
     header.extend_from_slice(CHECKPOINT_MAGIC);
@@ -152,8 +161,9 @@ fn list_segments(log_dir: &Path) -> Result<Vec<Segment>, StoreError> {
 }
 
 /// Drops checkpoints beyond the newest [`CHECKPOINTS_KEPT`] and the segments
-/// that the oldest kept checkpoint wholly covers. Safe beside appends: it never
-/// touches the newest segment.
+/// that the oldest kept checkpoint wholly covers: the log after it stays, so
+/// that recovery can start from it. Safe beside appends: it never touches the
+/// newest segment.
 fn drop_covered(checkpoint_dir: &Path, log_dir: &Path) -> Result<(), StoreError> {
     let checkpoints = list_numbered(checkpoint_dir, ".ckpt")?;
     let keep_from = checkpoints.len().saturating_sub(CHECKPOINTS_KEPT);
@@ -341,7 +351,12 @@ impl EmbeddedStore {
         Ok(())
     }
 
-    fn read_checkpoint(path: &Path) -> Result<Checkpoint, StoreError> {
+    fn checkpoint_path(&self, seq: u64) -> PathBuf {
+        self.checkpoint_dir().join(checkpoint_name(seq))
+    }
+
+    /// Reads checkpoint file `path`, which its name says covers batch `named_seq`.
+    fn read_checkpoint_file(path: &Path, named_seq: u64) -> Result<Checkpoint, StoreError> {
         let buf = fs::read(path).map_err(StoreError::io(path))?;
         let corrupt =
             |offset: u64, reason: &str| StoreError::Corrupt { file: path.to_path_buf(), offset, reason: reason.into() };
@@ -352,6 +367,10 @@ impl EmbeddedStore {
         let len = u64::from_le_bytes(buf[16..24].try_into().expect("8 bytes"));
         let crc = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes"));
         let body = &buf[CHECKPOINT_HEADER_BYTES..];
+        if seq != named_seq {
+            // The checksum does not cover the header; the name stands in for it.
+            return Err(corrupt(8, "checkpoint header names another batch than its file name"));
+        }
         if body.len() as u64 != len {
             return Err(corrupt(16, "checkpoint length does not match the file"));
         }
@@ -363,7 +382,7 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
-    fn load_checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError> {
+    fn checkpoints(&mut self) -> Result<Vec<StoredCheckpoint>, StoreError> {
         let dir = self.checkpoint_dir();
         for entry in fs::read_dir(&dir).map_err(StoreError::io(&dir))? {
             let path = entry.map_err(StoreError::io(&dir))?.path();
@@ -372,10 +391,24 @@ impl Store for EmbeddedStore {
                 fs::remove_file(&path).map_err(StoreError::io(&path))?;
             }
         }
-        match list_numbered(&dir, ".ckpt")?.last() {
-            None => Ok(None),
-            Some((_, path)) => Self::read_checkpoint(path).map(Some),
-        }
+        let listed = list_numbered(&dir, ".ckpt")?;
+        Ok(listed.into_iter().rev().map(|(seq, file)| StoredCheckpoint { seq, file }).collect())
+    }
+
+    fn read_checkpoint(&mut self, seq: u64) -> Result<Checkpoint, StoreError> {
+        Self::read_checkpoint_file(&self.checkpoint_path(seq), seq)
+    }
+
+    fn set_aside_checkpoint(&mut self, seq: u64) -> Result<PathBuf, StoreError> {
+        // The background writer may be deleting old checkpoints: let it finish.
+        self.finish_checkpoint()?;
+        let path = self.checkpoint_path(seq);
+        // Replaces an earlier one set aside at the same seq, if any.
+        let aside = path.with_extension("ckpt.damaged");
+        fs::rename(&path, &aside).map_err(StoreError::io(&path))?;
+        sync_dir(&self.checkpoint_dir())?;
+        self.stats.fsyncs += 1;
+        Ok(aside)
     }
 
     fn replay(&mut self, after_seq: u64, visit: Visitor<'_>) -> Result<ReplayReport, StoreError> {
@@ -471,6 +504,10 @@ impl Store for EmbeddedStore {
             .map_err(StoreError::io(self.checkpoint_dir()))?;
         self.checkpoint_in_flight = Some(writer);
         Ok(())
+    }
+
+    fn sync_checkpoint(&mut self) -> Result<(), StoreError> {
+        self.finish_checkpoint()
     }
 
     fn stats(&self) -> StoreStats {

@@ -1,7 +1,7 @@
 //! cellpay-store: the durable store of one cell.
 //!
 //! The [`Store`] trait is deliberately narrow: append one batch durably, write
-//! a checkpoint, load the latest checkpoint, and replay the batches after it.
+//! a checkpoint, list and read the checkpoints, and replay the batches after one.
 //! The engine gives it opaque bytes; the store frames, checksums and fsyncs
 //! them. That is all a PostgreSQL backend would need to provide as well (a
 //! `batches` table keyed by sequence number, a `checkpoints` table, a lease row).
@@ -22,6 +22,15 @@ use std::path::PathBuf;
 pub struct Checkpoint {
     pub seq: u64,
     pub snapshot: Vec<u8>,
+}
+
+/// A checkpoint the store holds, before it is read and verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    /// The batch it covers.
+    pub seq: u64,
+    /// Where it lives, for messages that name it.
+    pub file: PathBuf,
 }
 
 /// A torn or corrupt tail that recovery cut off. Only the last record of the
@@ -89,8 +98,26 @@ pub type Visitor<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
 
 /// The durable store of one cell.
 pub trait Store: Send {
-    /// The latest checkpoint, or `None` for a new cell.
-    fn load_checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError>;
+    /// The durable checkpoints, newest first; none for a new cell. A store
+    /// keeps the log since the oldest one it lists, so recovery can start from
+    /// any of them: a damaged newest checkpoint costs a longer replay, not the cell.
+    fn checkpoints(&mut self) -> Result<Vec<StoredCheckpoint>, StoreError>;
+
+    /// Reads and verifies checkpoint `seq`. A damaged one is
+    /// [`StoreError::Corrupt`], naming its file.
+    fn read_checkpoint(&mut self, seq: u64) -> Result<Checkpoint, StoreError>;
+
+    /// The newest checkpoint, or `None` for a new cell; an error if it is damaged.
+    fn load_checkpoint(&mut self) -> Result<Option<Checkpoint>, StoreError> {
+        match self.checkpoints()?.first() {
+            None => Ok(None),
+            Some(newest) => self.read_checkpoint(newest.seq).map(Some),
+        }
+    }
+
+    /// Takes damaged checkpoint `seq` out of the list (and out of the count of
+    /// those kept) without deleting it, and answers where it now is.
+    fn set_aside_checkpoint(&mut self, seq: u64) -> Result<PathBuf, StoreError>;
 
     /// Hands every batch after `after_seq` to `visit`, in order. Cuts a torn tail
     /// and reports it; stops with an error on corruption before the tail.
@@ -100,10 +127,13 @@ pub trait Store: Send {
     fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError>;
 
     /// Records the state after batch `seq`. The write may finish in the
-    /// background: a checkpoint counts (for `load_checkpoint` and for dropping
+    /// background: a checkpoint counts (for `checkpoints` and for dropping
     /// older log) only once it is durable, and at most one is in flight. A
     /// background failure is answered by the next call.
     fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Returns once the checkpoint in flight, if any, is durable, or answers its failure.
+    fn sync_checkpoint(&mut self) -> Result<(), StoreError>;
 
     fn stats(&self) -> StoreStats;
 }
