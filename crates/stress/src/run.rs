@@ -81,7 +81,7 @@ struct Record {
     hot: (u64, u64, u64),
     /// Latency of admitted single transfers to other payees.
     cold_payments: Histogram<u64>,
-    /// The latest acknowledged transfer ids.
+    /// The latest acknowledged transfers, as their status path (`id?from=payer`).
     acked: VecDeque<String>,
 }
 
@@ -93,6 +93,7 @@ struct Sent {
     payments: u64,
     /// For a single transfer: whether its payee is a hot merchant.
     hot: Option<bool>,
+    /// An acknowledged transfer's status path: `id?from=payer` (ids are unique per payer).
     transfer_id: Option<String>,
 }
 
@@ -312,7 +313,7 @@ impl Runner {
                 if recent.len() > 4096 {
                     recent.pop_front();
                 }
-                (answer, expect(a), 1, Some((hot, id)))
+                (answer, expect(a), 1, Some((hot, format!("{id}?from={}", ids[a]))))
             }
             Operation::Batch => {
                 let items: Vec<_> = (0..self.profile.batch_size)
@@ -346,7 +347,8 @@ impl Runner {
                 let known = self.recent.lock().expect("recent lock").back().cloned();
                 match known {
                     Some((id, payer)) => {
-                        (self.http.send("GET", &format!("/v1/transfers/{id}"), None).await, expect(payer), 0, None)
+                        let path = format!("/v1/transfers/{id}?from={}", ids[payer]);
+                        (self.http.send("GET", &path, None).await, expect(payer), 0, None)
                     }
                     None => {
                         let a = self.keys.pick(rng, &self.keys.zipf_payer);
@@ -612,8 +614,8 @@ impl Runner {
         })
     }
 
-    /// Asks the cluster for every sampled acknowledged transfer: each must be
-    /// there (I2). Answers (checked, missing).
+    /// Asks the cluster for every sampled acknowledged transfer, at its
+    /// payer's cell: each must be there (I2). Answers (checked, missing).
     pub async fn verify_acked(&self) -> (u64, u64) {
         let ids = self.acked.lock().expect("acked lock").clone();
         let gate = Arc::new(tokio::sync::Semaphore::new(32));
