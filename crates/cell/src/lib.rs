@@ -25,6 +25,6 @@ pub use engine::{
     QUEUE_SHARE_PERCENT,
 };
 pub use recovery::{recover, DamagedCheckpoint, RecoveryError, RecoveryReport};
-pub use relay::{Relay, RelayConfig, RelayGate, RelayStats};
+pub use relay::{Relay, RelayConfig, RelayGate, RelayStats, RoundError};
 pub use slot::CellSlot;
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};

@@ -79,11 +79,16 @@ pub struct Relay {
 }
 
 /// Why a round did not finish; the next round retries from the outbox.
-#[derive(Debug)]
-enum RoundError {
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// A cell could not answer (down, overloaded, or credits must wait).
+    #[error("a cell is unavailable: {0}")]
     Unavailable(String),
+    /// A cell answered something a relay never expects (logged at WARN or ERROR).
+    #[error("unexpected answer: {0}")]
     Unexpected(String),
     /// Not attempted: the breaker is open or delivery is deferred; look again after this long.
+    #[error("held back by the breaker or a deferral for {} ms", .0.as_millis())]
     Held(Duration),
 }
 
@@ -124,11 +129,8 @@ impl Relay {
     }
 
     /// Carries one round of messages; answers how many were closed.
-    pub async fn round(&self) -> Result<usize, String> {
-        self.gated_round().await.map_err(|e| match e {
-            RoundError::Unavailable(s) | RoundError::Unexpected(s) => s,
-            RoundError::Held(wait) => format!("held back by the breaker or a deferral for {} ms", wait.as_millis()),
-        })
+    pub async fn round(&self) -> Result<usize, RoundError> {
+        self.gated_round().await
     }
 
     /// A round, if the gate lets it run; its outcome feeds the pair's breaker.

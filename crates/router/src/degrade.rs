@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::protect::rules::RulesError;
+
 /// The bundled plan, used when none is configured.
 pub const PLAN_BUNDLED: &str = include_str!("../degrade.toml");
 /// The most switches a plan may declare: one per action.
@@ -125,52 +127,60 @@ pub const HOLD_S_MAX: f64 = 3600.0;
 pub const STALE_MS_MAX: u64 = 60_000;
 
 impl Plan {
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let plan: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, RulesError> {
+        let plan: Self = toml::from_str(text)?;
         plan.check()?;
         Ok(plan)
     }
 
-    pub fn from_json(text: &[u8]) -> Result<Self, String> {
-        let plan: Self = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &[u8]) -> Result<Self, RulesError> {
+        let plan: Self = serde_json::from_slice(text)?;
         plan.check()?;
         Ok(plan)
     }
 
-    pub fn check(&self) -> Result<(), String> {
+    /// Every switch sound; the message names the first that is not.
+    pub fn check(&self) -> Result<(), RulesError> {
         let hold = |s: f64| s.is_finite() && (0.0..=HOLD_S_MAX).contains(&s);
         for (i, s) in self.switches.iter().enumerate() {
             let name = s.name.as_str();
             if self.switches[..i].iter().any(|o| o.name == s.name) {
-                return Err(format!("switch {name} is declared twice"));
+                return Err(format!("switch {name} is declared twice").into());
             }
             if s.description.trim().is_empty() {
-                return Err(format!("switch {name}: say what it does in description"));
+                return Err(format!("switch {name}: say what it does in description").into());
             }
             match (&s.trigger, &s.release) {
                 (Some(t), Some(r)) => {
                     if !(t.above.is_finite() && r.below.is_finite() && hold(t.for_s) && hold(r.for_s)) {
-                        return Err(format!("switch {name}: thresholds must be numbers and for_s 0..={HOLD_S_MAX}"));
+                        return Err(format!("switch {name}: thresholds must be numbers and for_s 0..={HOLD_S_MAX}").into());
                     }
                     if r.below > t.above {
-                        return Err(format!("switch {name}: release.below must not exceed trigger.above"));
+                        return Err(format!("switch {name}: release.below must not exceed trigger.above").into());
                     }
                 }
-                (Some(_), None) => return Err(format!("switch {name}: a trigger needs a release (when it turns off)")),
-                (None, Some(_)) => return Err(format!("switch {name}: a release without a trigger means nothing")),
+                (Some(_), None) => return Err(format!("switch {name}: a trigger needs a release (when it turns off)").into()),
+                (None, Some(_)) => return Err(format!("switch {name}: a release without a trigger means nothing").into()),
                 (None, None) => {}
             }
             match (s.name, s.stale_ms) {
                 (Action::BalanceReadsStale, Some(ms)) if (1..=STALE_MS_MAX).contains(&ms) => {}
                 (Action::BalanceReadsStale, _) => {
-                    return Err(format!("switch {name}: stale_ms must be between 1 and {STALE_MS_MAX}"))
+                    return Err(format!("switch {name}: stale_ms must be between 1 and {STALE_MS_MAX}").into())
                 }
-                (_, Some(_)) => return Err(format!("switch {name}: only balance_reads_stale takes stale_ms")),
+                (_, Some(_)) => return Err(format!("switch {name}: only balance_reads_stale takes stale_ms").into()),
                 (_, None) => {}
             }
         }
         Ok(())
     }
+}
+
+/// An operator named a switch the plan does not declare.
+#[derive(Debug, thiserror::Error)]
+#[error("the degrade plan declares no switch named {name:?}")]
+pub struct UnknownSwitch {
+    pub name: String,
 }
 
 /// How an operator set a switch.
@@ -313,10 +323,10 @@ impl Degrade {
     }
 
     /// An operator's order; `Err` when the plan declares no such switch.
-    pub fn set(&self, name: &str, mode: Mode) -> Result<SwitchView, String> {
+    pub fn set(&self, name: &str, mode: Mode) -> Result<SwitchView, UnknownSwitch> {
         let mut inner = self.lock();
         let Some(state) = inner.0.iter_mut().find(|s| s.plan.name.as_str() == name) else {
-            return Err(format!("the degrade plan declares no switch named {name:?}"));
+            return Err(UnknownSwitch { name: name.to_string() });
         };
         state.mode = mode;
         let view = SwitchView { plan: state.plan.clone(), mode, active: state.active() };
@@ -405,7 +415,7 @@ release = { below = 20.0, for_s = 5.0 }"#,
 
     #[test]
     fn bad_plans_are_refused_with_the_switch_named() {
-        let bad = |text: &str| Plan::from_toml(text).unwrap_err();
+        let bad = |text: &str| Plan::from_toml(text).unwrap_err().to_string();
         assert!(bad("[[switch]]\nname = \"payments_off\"\ndescription = \"x\"").contains("payments_off"));
         assert!(bad("[[switch]]\nname = \"history_off\"\ndescription = \"x\"\ntrigger = { signal = \"error_ratio\", above = 0.5, for_s = 1.0 }")
             .contains("needs a release"));

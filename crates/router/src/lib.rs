@@ -17,6 +17,6 @@ pub mod protect;
 
 pub use audit::{AuditReport, ClusterAudit, AUDIT_ATTEMPTS_MAX};
 pub use cluster::{Cluster, RelayHandle, Routed};
-pub use degrade::{Action, Degrade, Mode, Plan, Signals};
-pub use protect::rules::{FlowRules, Route};
+pub use degrade::{Action, Degrade, Mode, Plan, Signals, UnknownSwitch};
+pub use protect::rules::{FlowRules, Route, RulesError};
 pub use protect::{Admission, Layer, Protection, RouteError};

@@ -70,7 +70,7 @@ pub async fn set_switch(
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let order: SwitchBody = body::parse(&bytes)?;
     let cluster = state.cluster()?;
-    let view = cluster.protection().degrade.set(&switch, order.mode).map_err(ApiError::invalid)?;
+    let view = cluster.protection().degrade.set(&switch, order.mode).map_err(|e| ApiError::invalid(e.to_string()))?;
     if !cluster.protection().degrade.is_on(cellpay_router::Action::BalanceReadsStale) {
         state.stale.clear();
     }

@@ -152,37 +152,55 @@ impl Default for FlowRules {
     }
 }
 
-fn check_rate(what: &str, r: &Rate) -> Result<(), String> {
+/// Why a rule set (or a degrade plan) was refused; the old one stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A value out of its range; the message names the field and the range.
+    #[error("{0}")]
+    OutOfRange(String),
+}
+
+impl From<String> for RulesError {
+    fn from(message: String) -> Self {
+        RulesError::OutOfRange(message)
+    }
+}
+
+fn check_rate(what: &str, r: &Rate) -> Result<(), RulesError> {
     if !(1..=RATE_PER_S_MAX).contains(&r.rate_per_s) || !(1..=RATE_PER_S_MAX).contains(&r.burst) {
-        return Err(format!("{what}: rate_per_s and burst must be between 1 and {RATE_PER_S_MAX}"));
+        return Err(format!("{what}: rate_per_s and burst must be between 1 and {RATE_PER_S_MAX}").into());
     }
     Ok(())
 }
 
 impl FlowRules {
-    pub fn from_toml(text: &str) -> Result<Self, String> {
-        let rules: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn from_toml(text: &str) -> Result<Self, RulesError> {
+        let rules: Self = toml::from_str(text)?;
         rules.check()?;
         Ok(rules)
     }
 
-    pub fn from_json(text: &[u8]) -> Result<Self, String> {
-        let rules: Self = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+    pub fn from_json(text: &[u8]) -> Result<Self, RulesError> {
+        let rules: Self = serde_json::from_slice(text)?;
         rules.check()?;
         Ok(rules)
     }
 
     /// Every number in range; the message names the first that is not.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RulesError> {
         if !(1..=OUTBOX_MESSAGES_MAX_LIMIT).contains(&self.outbox_messages_max) {
-            return Err(format!("outbox_messages_max must be between 1 and {OUTBOX_MESSAGES_MAX_LIMIT}"));
+            return Err(format!("outbox_messages_max must be between 1 and {OUTBOX_MESSAGES_MAX_LIMIT}").into());
         }
         for (route, r) in &self.routes {
             check_rate(&format!("routes.{}", route.as_str()), r)?;
         }
         for (role, r) in &self.tokens {
             if role != "client" && role != "admin" {
-                return Err(format!("tokens.{role}: a token role is client or admin"));
+                return Err(format!("tokens.{role}: a token role is client or admin").into());
             }
             check_rate(&format!("tokens.{role}"), r)?;
         }
@@ -196,12 +214,12 @@ impl FlowRules {
         if !(1..=KEYS_TRACKED_MAX).contains(&h.keys_tracked_max) || h.accounts.len() > h.keys_tracked_max {
             return Err(format!(
                 "hot_keys.keys_tracked_max must be between 1 and {KEYS_TRACKED_MAX} and hold every named account"
-            ));
+            ).into());
         }
         for (what, c) in [("edge_concurrency", &self.edge_concurrency), ("concurrency", &self.concurrency)] {
             if !(1 <= c.min && c.min <= c.initial && c.initial <= c.max && c.max <= 1 << 20) || c.latency_target_ms == 0
             {
-                return Err(format!("{what}: need 1 <= min <= initial <= max <= 1048576 and latency_target_ms > 0"));
+                return Err(format!("{what}: need 1 <= min <= initial <= max <= 1048576 and latency_target_ms > 0").into());
             }
         }
         let b = &self.breaker;
@@ -215,9 +233,11 @@ impl FlowRules {
             && (1..=600_000).contains(&b.open_ms)
             && (1..=1000).contains(&b.half_open_probes);
         if !breaker_ok {
-            return Err("breaker: need 1 <= min_calls <= window_calls <= 10000, ratios in (0, 1], \
-                        slow_call_ms > 0, open_ms 1..=600000, half_open_probes 1..=1000"
-                .into());
+            return Err(RulesError::OutOfRange(
+                "breaker: need 1 <= min_calls <= window_calls <= 10000, ratios in (0, 1], \
+                 slow_call_ms > 0, open_ms 1..=600000, half_open_probes 1..=1000"
+                    .into(),
+            ));
         }
         let r = &self.retry;
         let retry_ok = r.budget_percent.is_finite()
@@ -230,7 +250,7 @@ impl FlowRules {
             return Err(format!(
                 "retry: need budget_percent 0..={RETRY_PERCENT_MAX}, attempts_max 1..=10, \
                  0 < backoff_base_ms <= backoff_max_ms <= 10000"
-            ));
+            ).into());
         }
         Ok(())
     }
@@ -258,9 +278,9 @@ mod tests {
     fn a_retry_budget_above_ten_percent_is_refused_with_its_name() {
         let mut rules = FlowRules::default();
         rules.retry.budget_percent = 25.0;
-        assert!(rules.check().unwrap_err().starts_with("retry:"));
+        assert!(rules.check().unwrap_err().to_string().starts_with("retry:"));
         let mut rules = FlowRules::default();
         rules.routes.insert(Route::Payments, Rate { rate_per_s: 0, burst: 1 });
-        assert!(rules.check().unwrap_err().contains("routes.payments"));
+        assert!(rules.check().unwrap_err().to_string().contains("routes.payments"));
     }
 }
