@@ -7,11 +7,14 @@
 //! that changed state in one durable append, and only then answers every
 //! request of the batch. A full queue answers `overloaded` at once, and a
 //! queue that stays long sheds its lowest classes first ([`QueueDelay`]).
+//! A cell that fails (a store error, an engine panic) or stalls (a hung disk)
+//! says so in its [`Health`] and refuses work at once.
 
 mod breaker;
 mod client;
 mod codel;
 mod engine;
+mod health;
 mod recovery;
 mod relay;
 mod slot;
@@ -21,6 +24,7 @@ pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass
 pub use client::{BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
 pub use engine::{Cell, CellHandle, EngineConfig, EngineError, Submission, QUEUE_SHARE_PERCENT};
+pub use health::Health;
 pub use recovery::{recover, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats};
 pub use slot::CellSlot;
