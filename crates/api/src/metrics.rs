@@ -1,6 +1,9 @@
 //! Prometheus metrics: HTTP requests by route and code with latency
 //! histograms, and per-cell engine figures (batches, batch sizes, commit
-//! latency, queue depth, CPU, bytes written), relay counters and the outbox
+//! latency, queue depth, CPU, bytes written), whether each cell serves
+//! (`cellpay_cell_failed` is 1 for a cell that does not, whatever the cause;
+//! `cellpay_cell_stalled` is 1 while that cause is a stall, which clears by
+//! itself; the reason is in `/readyz` and `/v1/cluster`), relay counters and the outbox
 //! backlog per cell pair, read fresh at every scrape; the protection stack's
 //! refusals by layer and class (`cellpay_shed_total`), retries, breakers,
 //! concurrency limits and degrade switches.
@@ -62,9 +65,11 @@ pub async fn render(state: &AppState) -> String {
         for slot in cells {
             let cell = slot.cell().to_string();
             let Some(h) = slot.handle() else {
-                gauge!("cellpay_cell_failed", "cell" => cell).set(1.0);
+                gauge!("cellpay_cell_failed", "cell" => cell.clone()).set(1.0);
+                gauge!("cellpay_cell_stalled", "cell" => cell).set(0.0);
                 continue;
             };
+            let health = h.health();
             let s = h.stats().snapshot();
             for class in Priority::ALL {
                 counter!("cellpay_shed_total", "layer" => "cell_queue", "class" => class.as_str(), "cell" => cell.clone())
@@ -72,7 +77,9 @@ pub async fn render(state: &AppState) -> String {
             }
             gauge!("cellpay_cell_shed_level", "cell" => cell.clone()).set(h.shed_level() as f64);
             gauge!("cellpay_cell_queue_depth", "cell" => cell.clone()).set(h.queue_depth() as f64);
-            gauge!("cellpay_cell_failed", "cell" => cell.clone()).set(f64::from(u8::from(h.is_failed())));
+            gauge!("cellpay_cell_failed", "cell" => cell.clone()).set(f64::from(u8::from(!health.is_serving())));
+            let stalled = matches!(health, cellpay_cell::Health::Stalled { .. });
+            gauge!("cellpay_cell_stalled", "cell" => cell.clone()).set(f64::from(u8::from(stalled)));
             counter!("cellpay_cell_batches_total", "cell" => cell.clone()).absolute(s.batches);
             counter!("cellpay_cell_commands_total", "cell" => cell.clone()).absolute(s.commands);
             counter!("cellpay_cell_queries_total", "cell" => cell.clone()).absolute(s.queries);

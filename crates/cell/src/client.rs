@@ -12,11 +12,12 @@ use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
 use crate::engine::{CellFigures, CellHandle, EngineError};
+use crate::health::Health;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A cell's health as its client sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CellStatus {
     pub cell: CellId,
     /// The shard map epoch the cell works at.
@@ -24,8 +25,9 @@ pub struct CellStatus {
     pub queue_depth: usize,
     /// The longest queue wait of the cell's latest batch, in µs (0 when idle).
     pub queue_delay_us: u64,
-    /// True once the cell has failed (fail-stop) and serves nothing.
-    pub failed: bool,
+    /// Serving, or why not: failed (fail-stop until a restart) or stalled
+    /// (refusing new work until its batch finishes).
+    pub health: Health,
 }
 
 pub trait CellClient: Send + Sync + 'static {
@@ -55,7 +57,7 @@ impl CellClient for CellHandle {
             epoch: self.epoch(),
             queue_depth: self.queue_depth(),
             queue_delay_us: self.queue_delay_us(),
-            failed: self.is_failed(),
+            health: self.health(),
         }
     }
 

@@ -1,8 +1,9 @@
 //! The engine: one writer thread per cell, a bounded queue, smart batching,
 //! one durable append per batch, answers only after the append.
 
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codel::QueueDelay;
+use crate::health::{Health, Watchdog};
 use crate::recovery::{recover, RecoveryError, RecoveryReport};
 use crate::stats::{thread_cpu_ns, EngineStats};
 
@@ -37,6 +39,10 @@ pub struct EngineConfig {
     /// How long the queue delay must stay above (or below) the target before
     /// one more class is shed (or one is served again).
     pub queue_delay_interval: Duration,
+    /// The watchdog's limit: once the engine has been inside one batch for
+    /// longer than this (a hung disk), the cell shows as stalled and refuses
+    /// new work until the batch finishes (see [`Health`]).
+    pub stall_after: Duration,
     /// Undelivered cross-cell credits per destination cell (and ledger) before
     /// cross-cell transfers to it are refused with `outbox_full` (I7). The
     /// router's flow rules set it live ([`CellHandle::set_outbox_messages_max`]).
@@ -85,6 +91,7 @@ impl Default for EngineConfig {
             queue_delay_target: Duration::from_millis(5),
             queue_delay_interval: Duration::from_millis(100),
             outbox_messages_max: OUTBOX_MESSAGES_MAX_DEFAULT,
+            stall_after: Duration::from_secs(5),
         }
     }
 }
@@ -149,6 +156,16 @@ impl Work {
         }
     }
 
+    /// Sends the answer computed for this work, once its batch is durable.
+    fn answer(self, answer: Answer) {
+        match (self, answer) {
+            (Work::Commands { reply, .. }, Answer::Commands(outcomes)) => drop(reply.send(Ok(outcomes))),
+            (Work::Query { reply, .. }, Answer::Query(a)) => drop(reply.send(Ok(a))),
+            (Work::Stop { .. }, Answer::Nothing) => {}
+            _ => unreachable!("each answer is computed from the work at its position in the batch"),
+        }
+    }
+
     /// What the work counts for against the queue and batch limits.
     fn cost(&self) -> usize {
         match self {
@@ -167,7 +184,7 @@ struct Shared {
     config: EngineConfig,
     queued: AtomicUsize,
     epoch: AtomicU64,
-    failed: AtomicBool,
+    watchdog: Watchdog,
     /// Set by the engine's queue-delay controller, read by handles.
     shed_level: AtomicUsize,
     /// The longest queue wait in the latest batch, in microseconds.
@@ -236,8 +253,15 @@ impl CellHandle {
         self.shared.outbox_messages_max.store(max, Relaxed);
     }
 
+    /// True once the cell has failed for good (a store error, an engine
+    /// panic, or its engine stopped); a stall is not a failure.
     pub fn is_failed(&self) -> bool {
-        self.shared.failed.load(Relaxed)
+        self.shared.watchdog.is_failed()
+    }
+
+    /// Whether the cell serves, and if not, why: failed or stalled.
+    pub fn health(&self) -> Health {
+        self.shared.watchdog.health()
     }
 
     /// A receiver that sees a change whenever the outbox may have grown.
@@ -260,11 +284,13 @@ impl CellHandle {
     }
 
     /// Reserves room in the queue or answers `overloaded` at once (never
-    /// blocks). A class may fill only its share of the queue.
+    /// blocks). A class may fill only its share of the queue. A cell that
+    /// has failed or stalled answers `unavailable` at once.
     fn admit(&self, cost: usize, class: Priority) -> Result<(), EngineError> {
         let s = &self.shared;
-        if s.failed.load(Relaxed) {
-            return Err(EngineError::Unavailable { cell: s.cell, reason: "the engine has failed".into() });
+        let health = s.watchdog.health();
+        if !health.is_serving() {
+            return Err(EngineError::Unavailable { cell: s.cell, reason: health.to_string() });
         }
         let max = s.config.queue_commands_max * QUEUE_SHARE_PERCENT[class.rank()] / 100;
         let before = s.queued.fetch_add(cost, Relaxed);
@@ -336,6 +362,7 @@ impl Cell {
         config: EngineConfig,
     ) -> Result<Self, RecoveryError> {
         assert!(config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max);
+        assert!(!config.stall_after.is_zero(), "a stall limit of zero would refuse every batch");
         let (state, recovery) = recover(store.as_mut(), cell, map, config.limits)?;
         // One slot more than the queue limit, kept for the single Stop.
         let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
@@ -345,7 +372,7 @@ impl Cell {
             config,
             queued: AtomicUsize::new(0),
             epoch: AtomicU64::new(state.shard_map().epoch()),
-            failed: AtomicBool::new(false),
+            watchdog: Watchdog::new(cell, config.stall_after),
             shed_level: AtomicUsize::new(0),
             queue_delay_us: AtomicU64::new(0),
             stats: EngineStats::default(),
@@ -425,19 +452,47 @@ struct Engine {
     queue_delay: QueueDelay,
 }
 
+/// What the engine owes one request of a batch: computed before the append,
+/// sent only once the batch is durable.
 enum Answer {
-    Commands(CommandsReply, Vec<Outcome>),
-    Query(QueryReply, QueryAnswer),
+    Commands(Vec<Outcome>),
+    Query(QueryAnswer),
+    /// A stop is owed no answer.
+    Nothing,
+}
+
+/// Marks the cell as not serving when the engine thread ends, however it
+/// ends: a stop, a store error, or a panic outside a batch.
+struct EngineExit(Arc<Shared>);
+
+impl Drop for EngineExit {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.watchdog.fail("the engine thread panicked");
+        }
+        self.0.watchdog.engine_ended();
+    }
+}
+
+/// The message a panic was raised with, when it has one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 impl Engine {
     fn run(mut self) -> Result<(), StoreError> {
+        let _exit = EngineExit(self.shared.clone());
         let mut carry: Option<Work> = None;
         let mut batch: Vec<Work> = Vec::new();
         loop {
             let Some(first) = carry.take().or_else(|| self.rx.blocking_recv()) else {
                 return self.final_checkpoint();
             };
+            self.shared.watchdog.cycle_started();
             let mut size = first.cost();
             let stop = matches!(first, Work::Stop { .. });
             batch.push(first);
@@ -456,10 +511,24 @@ impl Engine {
                 _ => None,
             });
             self.shared.queued.fetch_sub(size, Relaxed);
-            self.shed_late(&mut batch);
-            if let Err(e) = self.process(&mut batch) {
-                self.fail(&e);
-                return Err(e);
+            // A panic is caught here with the batch still owed its answers, so
+            // they are answered with the reason. The state it leaves is never
+            // used again: the engine fails and serves nothing more.
+            let cycle = panic::catch_unwind(AssertUnwindSafe(|| {
+                self.shed_late(&mut batch);
+                self.process(&mut batch)
+            }));
+            match cycle {
+                Ok(Ok(())) => self.shared.watchdog.cycle_finished(),
+                Ok(Err(e)) => {
+                    self.fail(&format!("store failed: {e}"), &mut batch, carry);
+                    return Err(e);
+                }
+                Err(payload) => {
+                    let reason = format!("the engine panicked: {}", panic_message(payload.as_ref()));
+                    self.fail(&reason, &mut batch, carry);
+                    return Err(StoreError::Poisoned);
+                }
             }
             match stopping {
                 Some(true) => return self.final_checkpoint(),
@@ -514,16 +583,18 @@ impl Engine {
         let started = Instant::now();
         let cpu_started = thread_cpu_ns();
         self.encoder.clear();
+        // One answer per work, in order; the batch keeps its replies until
+        // they are sent, so a failure before that can still answer them.
         let mut answers = Vec::with_capacity(batch.len());
         let mut commands = 0u64;
         let mut queries = 0u64;
         let mut outbox_grew = false;
         let admission = Admission { outbox_messages_max: self.shared.outbox_messages_max.load(Relaxed) };
-        for work in batch.drain(..) {
+        for work in batch.iter() {
             match work {
-                Work::Commands { commands: cmds, reply, .. } => {
+                Work::Commands { commands: cmds, .. } => {
                     let mut outcomes = Vec::with_capacity(cmds.len());
-                    for cmd in &cmds {
+                    for cmd in cmds {
                         let outcome = self.state.admit(cmd, &admission);
                         if outcome.changed_state() {
                             self.encoder.push(cmd);
@@ -532,13 +603,13 @@ impl Engine {
                         outcomes.push(outcome);
                     }
                     commands += cmds.len() as u64;
-                    answers.push(Answer::Commands(reply, outcomes));
+                    answers.push(Answer::Commands(outcomes));
                 }
-                Work::Query { query, reply, .. } => {
+                Work::Query { query, .. } => {
                     queries += 1;
-                    answers.push(Answer::Query(reply, self.state.query(&query)));
+                    answers.push(Answer::Query(self.state.query(query)));
                 }
-                Work::Stop { .. } => {}
+                Work::Stop { .. } => answers.push(Answer::Nothing),
             }
         }
         let logged = u64::from(self.encoder.len());
@@ -547,12 +618,8 @@ impl Engine {
             let append_started = Instant::now();
             let bytes = self.encoder.bytes();
             let len = bytes.len() as u64;
-            if let Err(e) = self.store.append(self.seq + 1, bytes) {
-                for answer in answers {
-                    self.answer_failed(answer, &e);
-                }
-                return Err(e);
-            }
+            // On an error the batch, still unanswered, is refused by the caller.
+            self.store.append(self.seq + 1, bytes)?;
             self.seq += 1;
             self.log_bytes_since_checkpoint += len;
             append_us = Some(append_started.elapsed().as_micros() as u64);
@@ -574,11 +641,8 @@ impl Engine {
         s.record_batch(started.elapsed().as_micros() as u64, append_us, commands + queries);
         // Durable: now, and only now, answer (after the counters, so that a
         // client that has its answer also sees its batch counted).
-        for answer in answers {
-            match answer {
-                Answer::Commands(reply, outcomes) => drop(reply.send(Ok(outcomes))),
-                Answer::Query(reply, a) => drop(reply.send(Ok(a))),
-            }
+        for (work, answer) in batch.drain(..).zip(answers) {
+            work.answer(answer);
         }
         if outbox_grew {
             self.shared.outbox.send_modify(|generation| *generation += 1);
@@ -589,14 +653,6 @@ impl Engine {
         s.log_bytes_since_checkpoint.store(self.log_bytes_since_checkpoint, Relaxed);
         s.cpu_ns.fetch_add(thread_cpu_ns().saturating_sub(cpu_started), Relaxed);
         Ok(())
-    }
-
-    fn answer_failed(&self, answer: Answer, e: &StoreError) {
-        let err = EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") };
-        match answer {
-            Answer::Commands(reply, _) => drop(reply.send(Err(err))),
-            Answer::Query(reply, _) => drop(reply.send(Err(err))),
-        }
     }
 
     fn checkpoint(&mut self) -> Result<(), StoreError> {
@@ -619,13 +675,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Fail-stop: the in-memory state may be ahead of the store, so the engine
-    /// serves nothing more; a restart recovers from what is durable.
-    fn fail(&mut self, e: &StoreError) {
-        self.shared.failed.store(true, Relaxed);
+    /// Fail-stop: the in-memory state may be ahead of the store (or torn by a
+    /// panic), so the engine serves nothing more; a restart recovers from what
+    /// is durable. The failure is recorded before anyone is answered, then the
+    /// batch taken, the work carried to the next batch and everything queued
+    /// are refused with its reason.
+    fn fail(&mut self, reason: &str, taken: &mut Vec<Work>, carry: Option<Work>) {
+        let shared = &self.shared;
+        shared.watchdog.fail(reason);
         self.rx.close();
-        while let Ok(work) = self.rx.try_recv() {
-            work.refuse(EngineError::Unavailable { cell: self.shared.cell, reason: format!("store failed: {e}") });
+        let refusal = || EngineError::Unavailable { cell: shared.cell, reason: format!("failed: {reason}") };
+        for work in taken.drain(..) {
+            work.refuse(refusal());
+        }
+        for work in carry.into_iter().chain(std::iter::from_fn(|| self.rx.try_recv().ok())) {
+            shared.queued.fetch_sub(work.cost(), Relaxed);
+            work.refuse(refusal());
         }
     }
 }

@@ -7,11 +7,14 @@
 //! that changed state in one durable append, and only then answers every
 //! request of the batch. A full queue answers `overloaded` at once, and a
 //! queue that stays long sheds its lowest classes first ([`QueueDelay`]).
+//! A cell that fails (a store error, an engine panic) or stalls (a hung disk)
+//! says so in its [`Health`] and refuses work at once.
 
 mod breaker;
 mod client;
 mod codel;
 mod engine;
+mod health;
 mod recovery;
 mod relay;
 mod slot;
@@ -24,6 +27,7 @@ pub use engine::{
     Cell, CellFigures, CellHandle, EngineConfig, EngineError, Submission, OUTBOX_MESSAGES_MAX_DEFAULT,
     QUEUE_SHARE_PERCENT,
 };
+pub use health::Health;
 pub use recovery::{recover, DamagedCheckpoint, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats, RoundError};
 pub use slot::CellSlot;

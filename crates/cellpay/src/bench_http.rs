@@ -50,6 +50,10 @@ pub struct Args {
     /// Transfers per request through the batch endpoint; 0 sends single transfers.
     #[arg(long, default_value_t = 0)]
     batch: usize,
+    /// During the second half of the run, GET this path (e.g. /metrics) in a
+    /// tight loop on 4 more connections, and report payment latency of each half.
+    #[arg(long)]
+    scrape: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -71,7 +75,24 @@ struct Report {
     latency_max_ms: f64,
     errors: BTreeMap<String, u64>,
     setup_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scrape: Option<ScrapeReport>,
 }
+
+/// Payment latency without and with a scraper hammering one path (`--scrape`):
+/// the first half of the run is the baseline, the second half is scraped.
+#[derive(Serialize)]
+struct ScrapeReport {
+    path: String,
+    scrapes: u64,
+    baseline_p50_ms: f64,
+    baseline_p99_ms: f64,
+    scraped_p50_ms: f64,
+    scraped_p99_ms: f64,
+}
+
+/// Connections that scrape `--scrape`'s path in a tight loop.
+const SCRAPE_CONNECTIONS: usize = 4;
 
 /// One HTTP/1.1 connection.
 struct Conn {
@@ -154,6 +175,8 @@ async fn setup(addr: SocketAddr, token: &str, accounts: usize, connections: usiz
 
 struct Outcome {
     latency_us: Histogram<u64>,
+    /// Requests sent in the second half of the run (the scraped half with `--scrape`).
+    second_half_us: Histogram<u64>,
     requests: u64,
     transfers: u64,
     errors: BTreeMap<String, u64>,
@@ -167,12 +190,13 @@ async fn drive(
     by_cell: std::sync::Arc<Vec<Vec<usize>>>,
     cross_cell: f64,
     batch: usize,
-    deadline: Instant,
+    (halfway, deadline): (Instant, Instant),
 ) -> anyhow::Result<Outcome> {
     let mut conn = Conn::open(addr, &token).await?;
     let mut rng = SmallRng::seed_from_u64(c as u64);
     let mut out = Outcome {
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        second_half_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         requests: 0,
         transfers: 0,
         errors: BTreeMap::new(),
@@ -204,7 +228,11 @@ async fn drive(
         };
         let started = Instant::now();
         let (status, bytes) = conn.send("POST", path, body).await?;
-        out.latency_us.saturating_record(started.elapsed().as_micros() as u64);
+        let us = started.elapsed().as_micros() as u64;
+        out.latency_us.saturating_record(us);
+        if started >= halfway {
+            out.second_half_us.saturating_record(us);
+        }
         out.requests += 1;
         if batch == 0 {
             if status == 201 || status == 200 {
@@ -263,12 +291,31 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
     let by_cell = std::sync::Arc::new(by_cell);
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
+    let halfway = started + Duration::from_secs_f64(args.seconds / 2.0);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..args.connections {
-        tasks.spawn(drive(addr, token.clone(), c, by_cell.clone(), args.cross_cell, args.batch, deadline));
+        let times = (halfway, deadline);
+        tasks.spawn(drive(addr, token.clone(), c, by_cell.clone(), args.cross_cell, args.batch, times));
+    }
+    let mut scrapers = tokio::task::JoinSet::new();
+    let scrapers_n = if args.scrape.is_some() { SCRAPE_CONNECTIONS } else { 0 };
+    for _ in 0..scrapers_n {
+        let (path, token) = (args.scrape.clone().expect("scrapers run with --scrape"), token.clone());
+        scrapers.spawn(async move {
+            let mut conn = Conn::open(addr, &token).await?;
+            tokio::time::sleep_until(halfway.into()).await;
+            let mut scrapes = 0u64;
+            while Instant::now() < deadline {
+                let (status, _) = conn.send("GET", &path, String::new()).await?;
+                anyhow::ensure!(status == 200, "GET {path} answered {status}");
+                scrapes += 1;
+            }
+            anyhow::Ok(scrapes)
+        });
     }
     let mut total = Outcome {
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        second_half_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         requests: 0,
         transfers: 0,
         errors: BTreeMap::new(),
@@ -276,14 +323,33 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
     while let Some(r) = tasks.join_next().await {
         let o = r??;
         total.latency_us.add(&o.latency_us)?;
+        total.second_half_us.add(&o.second_half_us)?;
         total.requests += o.requests;
         total.transfers += o.transfers;
         for (k, v) in o.errors {
             *total.errors.entry(k).or_default() += v;
         }
     }
+    let mut scrapes = 0;
+    while let Some(r) = scrapers.join_next().await {
+        scrapes += r??;
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let ms = |q: f64| total.latency_us.value_at_quantile(q) as f64 / 1e3;
+    let scrape = args.scrape.as_ref().map(|path| {
+        // The whole run minus its second half is the first half, the baseline.
+        let mut first = total.latency_us.clone();
+        first.subtract(&total.second_half_us).expect("the second half is part of the whole");
+        let q = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
+        ScrapeReport {
+            path: path.clone(),
+            scrapes,
+            baseline_p50_ms: q(&first, 0.5),
+            baseline_p99_ms: q(&first, 0.99),
+            scraped_p50_ms: q(&total.second_half_us, 0.5),
+            scraped_p99_ms: q(&total.second_half_us, 0.99),
+        }
+    });
     let report = Report {
         mode: if args.batch == 0 { "single".into() } else { format!("batch-{}", args.batch) },
         connections: args.connections,
@@ -300,6 +366,7 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         latency_max_ms: total.latency_us.max() as f64 / 1e3,
         errors: total.errors,
         setup_s,
+        scrape,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -323,6 +390,12 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
             println!("  errors {:?}", report.errors);
         }
         println!("  setup (open + fund accounts) {:.1} s", report.setup_s);
+        if let Some(s) = &report.scrape {
+            println!(
+                "  payments p50/p99: {:.2}/{:.2} ms in the first half, {:.2}/{:.2} ms while GET {} ran {} times in the second",
+                s.baseline_p50_ms, s.baseline_p99_ms, s.scraped_p50_ms, s.scraped_p99_ms, s.path, s.scrapes
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// Queue delay in ms above which a cell sheds its lowest classes first [default: 5].
     #[arg(long, env = "CELLPAY_QUEUE_DELAY_TARGET_MS")]
     pub queue_delay_target_ms: Option<u64>,
+    /// A cell whose engine spends longer than this in one batch (a hung disk)
+    /// shows as stalled and refuses new work until the batch finishes, in ms [default: 5000].
+    #[arg(long, env = "CELLPAY_STALL_AFTER_MS")]
+    pub stall_after_ms: Option<u64>,
     /// Flow rules (rate limits, hot-key limits, concurrency, breakers, retry
     /// budget) as TOML; changeable live with PUT /v1/admin/rules [default: built in].
     #[arg(long, env = "CELLPAY_RULES")]
@@ -91,6 +95,7 @@ struct FileConfig {
     checkpoint_log_mib: Option<u64>,
     relay_messages_per_round_max: Option<usize>,
     queue_delay_target_ms: Option<u64>,
+    stall_after_ms: Option<u64>,
     rules: Option<PathBuf>,
     degrade_plan: Option<PathBuf>,
     drills: Option<bool>,
@@ -130,6 +135,7 @@ pub struct Config {
     pub checkpoint_log_mib: u64,
     pub relay_messages_per_round_max: usize,
     pub queue_delay_target_ms: u64,
+    pub stall_after_ms: u64,
     /// None: the built-in flow rules.
     pub rules: Option<PathBuf>,
     /// None: the bundled degrade plan.
@@ -155,6 +161,7 @@ impl Default for Config {
             checkpoint_log_mib: 32,
             relay_messages_per_round_max: 4096,
             queue_delay_target_ms: 5,
+            stall_after_ms: 5000,
             rules: None,
             degrade_plan: None,
             drills: false,
@@ -204,6 +211,7 @@ impl Config {
                 .queue_delay_target_ms
                 .or(file.queue_delay_target_ms)
                 .unwrap_or(d.queue_delay_target_ms),
+            stall_after_ms: args.stall_after_ms.or(file.stall_after_ms).unwrap_or(d.stall_after_ms),
             rules: args.rules.or(file.rules),
             degrade_plan: args.degrade_plan.or(file.degrade_plan),
             drills: args.drills.or(file.drills).unwrap_or(d.drills),
@@ -233,6 +241,7 @@ impl Config {
         anyhow::ensure!(self.transfers_retained_max >= 1, "transfers_retained_max must be at least 1");
         anyhow::ensure!(self.history_entries_max >= 1, "history_entries_max must be at least 1");
         anyhow::ensure!((1..=10_000).contains(&self.queue_delay_target_ms), "queue_delay_target_ms must be 1..=10000");
+        anyhow::ensure!((100..=3_600_000).contains(&self.stall_after_ms), "stall_after_ms must be 100..=3600000");
         anyhow::ensure!(self.checkpoint_log_mib >= 1, "checkpoint_log_mib must be at least 1");
         anyhow::ensure!(
             (1..=self.batch_commands_max.min(cellpay_core::INBOX_TAIL_RETAINED / 2))

@@ -342,8 +342,10 @@ impl Ledger {
         if self.records.len() == self.limits.transfers_retained_max {
             let old = self.records.pop_front().expect("a full ring is not empty");
             // The index names the newest record of an id; an older one leaves quietly.
-            if self.record_index.get(&old.id) == Some(&self.records_first_seq) {
-                self.record_index.remove(&old.id);
+            if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id) {
+                if *e.get() == self.records_first_seq {
+                    e.remove();
+                }
             }
             self.records_first_seq += 1;
         }

@@ -153,14 +153,20 @@ impl Plan {
             match (&s.trigger, &s.release) {
                 (Some(t), Some(r)) => {
                     if !(t.above.is_finite() && r.below.is_finite() && hold(t.for_s) && hold(r.for_s)) {
-                        return Err(format!("switch {name}: thresholds must be numbers and for_s 0..={HOLD_S_MAX}").into());
+                        return Err(
+                            format!("switch {name}: thresholds must be numbers and for_s 0..={HOLD_S_MAX}").into()
+                        );
                     }
                     if r.below > t.above {
                         return Err(format!("switch {name}: release.below must not exceed trigger.above").into());
                     }
                 }
-                (Some(_), None) => return Err(format!("switch {name}: a trigger needs a release (when it turns off)").into()),
-                (None, Some(_)) => return Err(format!("switch {name}: a release without a trigger means nothing").into()),
+                (Some(_), None) => {
+                    return Err(format!("switch {name}: a trigger needs a release (when it turns off)").into())
+                }
+                (None, Some(_)) => {
+                    return Err(format!("switch {name}: a release without a trigger means nothing").into())
+                }
                 (None, None) => {}
             }
             match (s.name, s.stale_ms) {

@@ -1,6 +1,6 @@
 //! `GET /dashboard`: a self-contained live page (no CDN: the machines have no
 //! internet) that polls `GET /dashboard/data` every second: cells and their
-//! health, per-cell throughput and commit p99, queue depth, outbox backlog,
+//! health (ready, stalled or failed, with the reason), per-cell throughput and commit p99, queue depth, outbox backlog,
 //! 503 counts, degrade switches, relays.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -43,7 +43,8 @@ pub async fn data(State(state): State<AppState>) -> Response {
         });
         cells.push(json!({
             "id": s.cell.0,
-            "status": if s.failed { "failed" } else { "ready" },
+            "status": s.health.as_str(),
+            "reason": s.health.reason(),
             "epoch": s.epoch,
             "shards": map.owners().iter().filter(|o| **o == s.cell).count(),
             "queue_depth": s.queue_depth,

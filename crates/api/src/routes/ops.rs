@@ -114,7 +114,8 @@ pub async fn cluster(State(state): State<AppState>) -> Result<Response, ApiError
             let shards = map.owners().iter().filter(|o| **o == s.cell).count();
             json!({
                 "id": s.cell.0,
-                "status": if s.failed { "failed" } else { "ready" },
+                "status": s.health.as_str(),
+                "reason": s.health.reason(),
                 "epoch": s.epoch,
                 "queue_depth": s.queue_depth,
                 "shards": shards,
@@ -129,12 +130,25 @@ pub async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
+/// Ready once every cell has recovered, and only while every cell serves: a
+/// failed cell (store error, engine panic) or a stalled one (a hung disk)
+/// turns it 503, with each such cell and its reason in the message.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.cluster().is_ok_and(|c| c.cells().iter().all(|cell| !cell.status().failed));
-    if ready {
+    let cluster = match state.cluster() {
+        Ok(cluster) => cluster,
+        Err(e) => return e.into_response(),
+    };
+    let down: Vec<String> = cluster
+        .cells()
+        .iter()
+        .map(|cell| cell.status())
+        .filter(|s| !s.health.is_serving())
+        .map(|s| format!("cell {} {}", s.cell, s.health))
+        .collect();
+    if down.is_empty() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        ApiError::new(ErrorCode::CellUnavailable, "not every cell has recovered and is serving").into_response()
+        ApiError::new(ErrorCode::CellUnavailable, format!("not every cell serves: {}", down.join("; "))).into_response()
     }
 }
 

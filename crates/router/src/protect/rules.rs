@@ -214,12 +214,15 @@ impl FlowRules {
         if !(1..=KEYS_TRACKED_MAX).contains(&h.keys_tracked_max) || h.accounts.len() > h.keys_tracked_max {
             return Err(format!(
                 "hot_keys.keys_tracked_max must be between 1 and {KEYS_TRACKED_MAX} and hold every named account"
-            ).into());
+            )
+            .into());
         }
         for (what, c) in [("edge_concurrency", &self.edge_concurrency), ("concurrency", &self.concurrency)] {
             if !(1 <= c.min && c.min <= c.initial && c.initial <= c.max && c.max <= 1 << 20) || c.latency_target_ms == 0
             {
-                return Err(format!("{what}: need 1 <= min <= initial <= max <= 1048576 and latency_target_ms > 0").into());
+                return Err(
+                    format!("{what}: need 1 <= min <= initial <= max <= 1048576 and latency_target_ms > 0").into()
+                );
             }
         }
         let b = &self.breaker;
@@ -250,7 +253,8 @@ impl FlowRules {
             return Err(format!(
                 "retry: need budget_percent 0..={RETRY_PERCENT_MAX}, attempts_max 1..=10, \
                  0 < backoff_base_ms <= backoff_max_ms <= 10000"
-            ).into());
+            )
+            .into());
         }
         Ok(())
     }
