@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use cellpay_core::ErrorCode;
+use cellpay_core::{Authority, ErrorCode, TenantId};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -35,16 +35,18 @@ impl Role {
     }
 }
 
-/// A configured token: its role and the digest of its secret.
+/// A configured token: its role, the tenant it acts for (a client token;
+/// admin acts for every tenant) and the digest of its secret.
 #[derive(Clone)]
 pub struct Token {
     role: Role,
+    tenant: TenantId,
     digest: [u8; 32],
 }
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Token({}, <secret>)", self.role.as_str())
+        write!(f, "Token({}@{}, <secret>)", self.role.as_str(), self.tenant)
     }
 }
 
@@ -71,22 +73,50 @@ impl Token {
                 role.as_str()
             )));
         }
-        Ok(Self { role, digest: digest(secret.as_bytes()) })
+        Ok(Self { role, tenant: TenantId::default_tenant(), digest: digest(secret.as_bytes()) })
     }
 
-    /// Parses `ROLE:SECRET`; the error never repeats the secret.
+    /// The same token acting for `tenant` (a client token's accounts are its tenant's).
+    pub fn for_tenant(mut self, tenant: TenantId) -> Self {
+        self.tenant = tenant;
+        self
+    }
+
+    /// Parses `ROLE:SECRET` or `client@TENANT:SECRET` (no tenant: `default`);
+    /// the error never repeats the secret.
     pub fn parse(spec: &str) -> Result<Self, TokenError> {
-        let (role, secret) = spec.split_once(':').ok_or_else(|| TokenError("a token is ROLE:SECRET".into()))?;
+        let shape = "a token is ROLE:SECRET or client@TENANT:SECRET";
+        let (who, secret) = spec.split_once(':').ok_or_else(|| TokenError(shape.into()))?;
+        let (role, tenant) = match who.split_once('@') {
+            Some((role, tenant)) => (role, Some(tenant)),
+            None => (who, None),
+        };
         let role = match role {
             "client" => Role::Client,
             "admin" => Role::Admin,
             _ => return Err(TokenError("a token's role is client or admin".into())),
         };
-        Self::new(role, secret)
+        let token = Self::new(role, secret)?;
+        match tenant {
+            None => Ok(token),
+            Some(_) if role == Role::Admin => Err(TokenError("an admin token acts for every tenant: name none".into())),
+            Some(t) => {
+                let tenant = TenantId::new(t).map_err(|e| TokenError(format!("a token's tenant: {e}")))?;
+                Ok(token.for_tenant(tenant))
+            }
+        }
     }
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// On whose behalf this token acts.
+    pub fn authority(&self) -> Authority {
+        match self.role {
+            Role::Admin => Authority::Admin,
+            Role::Client => Authority::Tenant(self.tenant.clone()),
+        }
     }
 }
 
@@ -121,6 +151,11 @@ impl Auth {
         found
     }
 
+    /// On whose behalf the caller's token acts.
+    pub fn authority(&self, caller: Caller) -> Authority {
+        self.tokens[caller.token].authority()
+    }
+
     /// The role of each token, by number: what per-token rate limits are keyed on.
     pub fn token_roles(&self) -> Vec<String> {
         self.tokens.iter().map(|t| t.role.as_str().to_string()).collect()
@@ -134,14 +169,15 @@ pub struct Caller {
     pub role: Role,
 }
 
-/// Middleware for `/v1`: a valid bearer token or 401; its role goes into the
-/// request's extensions for handlers that need `admin`.
+/// Middleware for `/v1`: a valid bearer token or 401; its role and the
+/// authority it acts with go into the request's extensions.
 pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
     let Some(caller) = presented.and_then(|secret| state.auth.caller_of(secret)) else {
         return ApiError::new(ErrorCode::Unauthorized, "a valid bearer token is required").into_response();
     };
     request.extensions_mut().insert(caller.role);
+    request.extensions_mut().insert(state.auth.authority(caller));
     request.extensions_mut().insert(caller);
     next.run(request).await
 }
@@ -164,5 +200,17 @@ mod tests {
         let err = Token::parse("admin:tooshort").unwrap_err().to_string();
         assert!(!err.contains("tooshort"), "{err}");
         assert!(!format!("{:?}", Token::parse("admin:admin-secret-0123456789").unwrap()).contains("admin-secret"));
+    }
+
+    #[test]
+    fn a_client_token_acts_for_its_tenant_and_admin_for_all() {
+        let acme = Token::parse("client@acme:client-secret-0123456789").unwrap();
+        assert_eq!(acme.authority(), Authority::Tenant(TenantId::new("acme").unwrap()));
+        let plain = Token::parse("client:client-secret-0123456789").unwrap();
+        assert_eq!(plain.authority(), Authority::Tenant(TenantId::default_tenant()));
+        assert_eq!(Token::parse("admin:admin-secret-0123456789").unwrap().authority(), Authority::Admin);
+        assert!(Token::parse("admin@acme:admin-secret-0123456789").is_err());
+        let err = Token::parse("client@bad tenant:client-secret-0123456789").unwrap_err().to_string();
+        assert!(!err.contains("client-secret"), "{err}");
     }
 }

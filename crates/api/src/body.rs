@@ -4,7 +4,10 @@
 
 use axum::body::Body;
 use axum::http::HeaderMap;
-use cellpay_core::{AccountId, Command, Currency, ErrorCode, Ledger, Op, OpenAccount, Outcome, Transfer, TransferId};
+use cellpay_core::{
+    AccountId, Authority, Command, Currency, ErrorCode, Ledger, Op, OpenAccount, Outcome, TenantId, Transfer,
+    TransferId,
+};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -56,6 +59,9 @@ pub struct OpenAccountBody {
     pub currency: String,
     #[serde(default)]
     pub overdraft: bool,
+    /// The tenant the account belongs to: a client token's own (the default
+    /// for it), any for admin (default `default`).
+    pub tenant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -88,13 +94,23 @@ fn currency(s: &str) -> Result<Currency, ApiError> {
     Currency::new(s).map_err(|e| ApiError::invalid(format!("currency: {e}")))
 }
 
-pub fn open_account(b: OpenAccountBody, shadow: bool) -> Result<Command, ApiError> {
-    let op = OpenAccount { id: account_id("id", &b.id)?, currency: currency(&b.currency)?, overdraft: b.overdraft };
+pub fn open_account(b: OpenAccountBody, shadow: bool, by: &Authority) -> Result<Command, ApiError> {
+    let named =
+        b.tenant.as_deref().map(TenantId::new).transpose().map_err(|e| ApiError::invalid(format!("tenant: {e}")))?;
+    let tenant = match (by, named) {
+        (Authority::Admin, named) => named.unwrap_or_else(TenantId::default_tenant),
+        (Authority::Tenant(own), Some(named)) if named != *own => {
+            return Err(ApiError::new(ErrorCode::Forbidden, "a client token opens accounts for its own tenant only"));
+        }
+        (Authority::Tenant(own), _) => own.clone(),
+    };
+    let op =
+        OpenAccount { id: account_id("id", &b.id)?, currency: currency(&b.currency)?, overdraft: b.overdraft, tenant };
     Ok(Command { shadow, op: Op::OpenAccount(op) })
 }
 
 /// A transfer command, or the error the ledger would give, without asking it.
-pub fn transfer(b: TransferBody, shadow: bool) -> Result<Command, ApiError> {
+pub fn transfer(b: TransferBody, shadow: bool, by: &Authority) -> Result<Command, ApiError> {
     let t = Transfer {
         id: transfer_id(&b.id)?,
         from: account_id("from", &b.from)?,
@@ -102,6 +118,7 @@ pub fn transfer(b: TransferBody, shadow: bool) -> Result<Command, ApiError> {
         amount: b.amount,
         currency: b.currency.as_deref().map(currency).transpose()?,
         memo: b.memo.map(String::into_boxed_str),
+        by: by.clone(),
     };
     if let Err(Outcome::Rejected(r)) = Ledger::validate_transfer(&t) {
         return Err(r.into());

@@ -4,7 +4,13 @@ use cellpay_core::{AccountView, EntryView, TransferView};
 use serde_json::{json, Value};
 
 pub fn account(a: &AccountView) -> Value {
-    json!({"id": a.id.as_str(), "currency": a.currency.as_str(), "balance": a.balance, "overdraft": a.overdraft})
+    json!({
+        "id": a.id.as_str(),
+        "currency": a.currency.as_str(),
+        "balance": a.balance,
+        "overdraft": a.overdraft,
+        "tenant": a.tenant.as_str(),
+    })
 }
 
 pub fn transfer(t: &TransferView) -> Value {

@@ -17,7 +17,12 @@ fn cny() -> Currency {
 }
 
 fn open_cmd(id: &str, overdraft: bool) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny(), overdraft }))
+    Command::real(Op::OpenAccount(OpenAccount {
+        id: AccountId::new(id).unwrap(),
+        currency: cny(),
+        overdraft,
+        tenant: TenantId::default_tenant(),
+    }))
 }
 
 fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
@@ -28,6 +33,7 @@ fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
         amount,
         currency: None,
         memo: None,
+        by: Authority::Admin,
     }))
 }
 
@@ -40,7 +46,7 @@ fn start(dir: &Path, config: EngineConfig) -> Cell {
 }
 
 fn balance(cell: &Cell, id: &str) -> i64 {
-    let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap() };
+    let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap(), by: Authority::Admin };
     match cell.handle().query(q).unwrap().wait_blocking().unwrap() {
         QueryAnswer::Account(a) => a.balance,
         other => panic!("{other:?}"),
@@ -210,7 +216,7 @@ fn a_store_failure_stops_the_cell_and_answers_unavailable() {
     drop(cell);
     // Nothing of the failed batch was acknowledged, and nothing of it is there.
     let cell = start(dir.path(), EngineConfig::default());
-    let q = Query::Account { shadow: false, id: AccountId::new("bank").unwrap() };
+    let q = Query::Account { shadow: false, id: AccountId::new("bank").unwrap(), by: Authority::Admin };
     let answer = cell.handle().query(q).unwrap().wait_blocking().unwrap();
     assert!(matches!(answer, QueryAnswer::Rejected(r) if r.code == ErrorCode::AccountNotFound));
 }
@@ -262,11 +268,19 @@ fn a_standing_queue_sheds_shadow_then_history_then_reads_and_never_payments() {
     for round in 1..=5 {
         for i in 0..per_class {
             let n = format!("a{round}-{i}");
-            answers.push((Priority::Shadow, h.query(Query::Account { shadow: true, id: id(&n) }).unwrap()));
-            let entries = Query::Entries { shadow: false, account: id(&n), limit: 1, before: None };
+            answers.push((
+                Priority::Shadow,
+                h.query(Query::Account { shadow: true, id: id(&n), by: Authority::Admin }).unwrap(),
+            ));
+            let entries =
+                Query::Entries { shadow: false, account: id(&n), limit: 1, before: None, by: Authority::Admin };
             answers.push((Priority::History, h.query(entries).unwrap()));
-            answers.push((Priority::Reads, h.query(Query::Account { shadow: false, id: id(&n) }).unwrap()));
-            let status = Query::Transfer { shadow: false, id: TransferId::new(&n).unwrap(), from: None };
+            answers.push((
+                Priority::Reads,
+                h.query(Query::Account { shadow: false, id: id(&n), by: Authority::Admin }).unwrap(),
+            ));
+            let status =
+                Query::Transfer { shadow: false, id: TransferId::new(&n).unwrap(), from: None, by: Authority::Admin };
             answers.push((Priority::Critical, h.query(status).unwrap()));
         }
         let next = h.submit(vec![open_cmd(&format!("w{round}"), false)]).unwrap();

@@ -18,11 +18,16 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 fn open_cmd(id: &str) -> Command {
     let currency = Currency::new("CNY").unwrap();
-    Command::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency, overdraft: false }))
+    Command::real(Op::OpenAccount(OpenAccount {
+        id: AccountId::new(id).unwrap(),
+        currency,
+        overdraft: false,
+        tenant: TenantId::default_tenant(),
+    }))
 }
 
 fn account_query(id: &str) -> Query {
-    Query::Account { shadow: false, id: AccountId::new(id).unwrap() }
+    Query::Account { shadow: false, id: AccountId::new(id).unwrap(), by: Authority::Admin }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

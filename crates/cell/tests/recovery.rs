@@ -17,7 +17,12 @@ fn cny() -> Currency {
 }
 
 fn open_cmd(id: &str, overdraft: bool) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny(), overdraft }))
+    Command::real(Op::OpenAccount(OpenAccount {
+        id: AccountId::new(id).unwrap(),
+        currency: cny(),
+        overdraft,
+        tenant: TenantId::default_tenant(),
+    }))
 }
 
 fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
@@ -28,6 +33,7 @@ fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
         amount,
         currency: None,
         memo: None,
+        by: Authority::Admin,
     }))
 }
 
@@ -91,7 +97,7 @@ fn observe(cell: &Cell) -> Seen {
         other => panic!("{other:?}"),
     };
     let balance = |id: &str| {
-        let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap() };
+        let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap(), by: Authority::Admin };
         match h.query(q).unwrap().wait_blocking().unwrap() {
             QueryAnswer::Account(a) => a.balance,
             other => panic!("{other:?}"),
@@ -322,7 +328,7 @@ fn a_crash_right_after_a_new_cells_first_batch_leaves_a_cell_that_starts() {
     let r = cell.recovery();
     assert!(!r.created);
     assert_eq!((r.checkpoint_seq, r.batches_replayed, r.last_seq), (0, 1, 1));
-    let q = Query::Account { shadow: false, id: AccountId::new("alice").unwrap() };
+    let q = Query::Account { shadow: false, id: AccountId::new("alice").unwrap(), by: Authority::Admin };
     match cell.handle().query(q).unwrap().wait_blocking().unwrap() {
         QueryAnswer::Account(a) => assert_eq!(a.balance, 500),
         other => panic!("{other:?}"),

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission};
 use cellpay_core::{
-    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId,
+    AccountId, Authority, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, TenantId, Transfer,
+    TransferId,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -150,7 +151,12 @@ impl Pipeline {
 fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) -> anyhow::Result<()> {
     let cny = Currency::new("CNY").expect("CNY is ISO 4217");
     let open = |id: &AccountId, overdraft| {
-        Command::real(Op::OpenAccount(OpenAccount { id: id.clone(), currency: cny, overdraft }))
+        Command::real(Op::OpenAccount(OpenAccount {
+            id: id.clone(),
+            currency: cny,
+            overdraft,
+            tenant: TenantId::default_tenant(),
+        }))
     };
     p.send(vec![open(bank, true)])?;
     for chunk in ids.chunks(batch) {
@@ -168,6 +174,7 @@ fn setup(p: &mut Pipeline, ids: &[AccountId], bank: &AccountId, batch: usize) ->
                     amount: 1_000_000_000,
                     currency: None,
                     memo: None,
+                    by: Authority::Admin,
                 }))
             })
             .collect();
@@ -183,6 +190,8 @@ struct Generator<'a> {
     ids: &'a [AccountId],
     /// Transfers generated so far; also their ids.
     n: u64,
+    /// As a client token of the accounts' tenant would send them.
+    by: Authority,
 }
 
 impl Generator<'_> {
@@ -206,6 +215,7 @@ impl Generator<'_> {
                     amount: self.rng.random_range(1..=100),
                     currency: None,
                     memo: None,
+                    by: self.by.clone(),
                 }))
             })
             .collect()
@@ -258,7 +268,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(s) => Some(Zipf::new(args.accounts as f64, s).context("bad --zipf exponent")?),
         None => None,
     };
-    let mut gen = Generator { rng: SmallRng::seed_from_u64(0x00c0_ffee), zipf, ids: &ids, n: 0 };
+    let mut gen = Generator {
+        rng: SmallRng::seed_from_u64(0x00c0_ffee),
+        zipf,
+        ids: &ids,
+        n: 0,
+        by: Authority::Tenant(TenantId::default_tenant()),
+    };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
     while Instant::now() < deadline {

@@ -27,7 +27,8 @@ pub struct ServeArgs {
     /// Where the cluster keeps its stores, shard map and generated tokens [default: ./cellpay-data].
     #[arg(long, env = "CELLPAY_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// A bearer token, ROLE:SECRET with ROLE client or admin (repeatable;
+    /// A bearer token, ROLE:SECRET with ROLE client or admin, or
+    /// client@TENANT:SECRET for a client acting for TENANT (repeatable;
     /// CELLPAY_TOKENS takes a comma-separated list). None configured: tokens are
     /// generated into <data-dir>/tokens.toml.
     #[arg(long = "token", env = "CELLPAY_TOKENS", value_delimiter = ',', hide_env_values = true)]
@@ -113,7 +114,20 @@ pub struct FileAuth {
 #[serde(deny_unknown_fields)]
 pub struct FileToken {
     pub role: String,
+    /// The tenant a client token acts for (none: `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     pub secret: String,
+}
+
+impl FileToken {
+    /// The `ROLE[@TENANT]:SECRET` form the command line takes.
+    pub fn spec(&self) -> String {
+        match &self.tenant {
+            Some(tenant) => format!("{}@{tenant}:{}", self.role, self.secret),
+            None => format!("{}:{}", self.role, self.secret),
+        }
+    }
 }
 
 /// The resolved configuration.
@@ -171,7 +185,25 @@ impl Default for Config {
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("{} is not a valid cellpay config", path.display()))
+    parse_toml(&text, path)
+}
+
+/// Parses a TOML file that may hold secrets (tokens): a refusal names the
+/// file, line and column, and the key when the error is about a key, but
+/// never quotes the line or a value (toml's own message does both).
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> anyhow::Result<T> {
+    toml::from_str(text).map_err(|e| {
+        let at = e.span().map_or(0, |s| s.start).min(text.len());
+        let line = text[..at].matches('\n').count() + 1;
+        let column = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+        let message = e.message();
+        let about_a_key = ["unknown field", "missing field", "duplicate key"].iter().any(|k| message.starts_with(k));
+        let what = if about_a_key { message.split(',').next().unwrap_or(message) } else { "a bad value or syntax" };
+        anyhow::anyhow!(
+            "{} is not valid at line {line}, column {column}: {what} (the line is not shown: it may hold a secret)",
+            path.display()
+        )
+    })
 }
 
 impl Config {
@@ -184,7 +216,7 @@ impl Config {
         let mut tokens = args.tokens;
         if tokens.is_empty() {
             let file_tokens = file.auth.map(|a| a.tokens).unwrap_or_default();
-            tokens = file_tokens.into_iter().map(|t| format!("{}:{}", t.role, t.secret)).collect();
+            tokens = file_tokens.iter().map(FileToken::spec).collect();
         }
         let c = Config {
             cells: args.cells.or(file.cells).unwrap_or(d.cells),

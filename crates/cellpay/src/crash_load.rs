@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cellpay_cell::{Cell, EngineConfig};
 use cellpay_core::{
-    AccountId, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, Transfer, TransferId,
+    AccountId, Authority, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, TenantId, Transfer,
+    TransferId,
 };
 use cellpay_store::StoreOptions;
 use rand::{Rng, SeedableRng};
@@ -55,10 +56,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let h = cell.handle();
     let cny = Currency::new("CNY").expect("ISO code");
     let bank = AccountId::new("bank").expect("valid id");
-    let mut setup =
-        vec![Command::real(Op::OpenAccount(OpenAccount { id: bank.clone(), currency: cny, overdraft: true }))];
+    let mut setup = vec![Command::real(Op::OpenAccount(OpenAccount {
+        id: bank.clone(),
+        currency: cny,
+        overdraft: true,
+        tenant: TenantId::default_tenant(),
+    }))];
     for i in 0..args.accounts {
-        setup.push(Command::real(Op::OpenAccount(OpenAccount { id: account(i), currency: cny, overdraft: false })));
+        setup.push(Command::real(Op::OpenAccount(OpenAccount {
+            id: account(i),
+            currency: cny,
+            overdraft: false,
+            tenant: TenantId::default_tenant(),
+        })));
         setup.push(Command::real(Op::Transfer(Transfer {
             id: TransferId::new(&format!("fund-{i}")).expect("valid id"),
             from: bank.clone(),
@@ -66,6 +76,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             amount: 1_000_000,
             currency: None,
             memo: None,
+            by: Authority::Admin,
         })));
     }
     h.submit(setup)?.wait_blocking()?;
@@ -94,6 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                                 amount: rng.random_range(1..=5000),
                                 currency: None,
                                 memo: None,
+                                by: Authority::Admin,
                             }))
                         })
                         .collect();

@@ -90,7 +90,11 @@ fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
         let fresh = FileAuth {
             tokens: ["client", "admin"]
                 .iter()
-                .map(|role| FileToken { role: role.to_string(), secret: Alphanumeric.sample_string(&mut rng, 40) })
+                .map(|role| FileToken {
+                    role: role.to_string(),
+                    tenant: None,
+                    secret: Alphanumeric.sample_string(&mut rng, 40),
+                })
                 .collect(),
         };
         #[derive(Serialize)]
@@ -109,8 +113,8 @@ fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
         say!("using the tokens in {}", path.display());
     }
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let stored: FileAuth = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
-    parse(&stored.tokens.iter().map(|t| format!("{}:{}", t.role, t.secret)).collect::<Vec<_>>())
+    let stored: FileAuth = crate::config::parse_toml(&text, &path)?;
+    parse(&stored.tokens.iter().map(FileToken::spec).collect::<Vec<_>>())
 }
 
 fn engine_config(config: &Config) -> EngineConfig {

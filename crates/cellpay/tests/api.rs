@@ -42,6 +42,11 @@ fn pay(s: &Server, id: &str, from: &str, to: &str, amount: i64) -> Reply {
     s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}))
 }
 
+/// A transfer out of an overdraft account (it creates money): admin only.
+fn fund(s: &Server, id: &str, from: &str, to: &str, amount: i64) -> Reply {
+    s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": to, "amount": amount}))
+}
+
 fn balance(s: &Server, id: &str) -> i64 {
     let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -84,12 +89,12 @@ fn accounts_transfers_and_every_client_error() {
     is_error(&s.get("/v1/digests", CLIENT), 403, "forbidden");
 
     // Transfers: accepted, replayed, conflicting; each rule's error.
-    let r = pay(&s, "fund-1", bank, alice, 1_000);
+    let r = fund(&s, "fund-1", bank, alice, 1_000);
     assert_eq!(r.status, 201);
     conforms(&r.body, "Transfer");
     assert_eq!(r.body["status"], "settled");
-    assert_eq!(pay(&s, "fund-1", bank, alice, 1_000).status, 200);
-    is_error(&pay(&s, "fund-1", bank, alice, 999), 409, "conflict");
+    assert_eq!(fund(&s, "fund-1", bank, alice, 1_000).status, 200);
+    is_error(&fund(&s, "fund-1", bank, alice, 999), 409, "conflict");
     is_error(&pay(&s, "t-zero", alice, bob, 0), 400, "invalid_request");
     is_error(&pay(&s, "t-neg", alice, bob, -5), 400, "invalid_request");
     is_error(&pay(&s, "t-big", alice, bob, 1 << 53), 400, "invalid_request");
@@ -178,7 +183,7 @@ fn batches_answer_each_item_and_are_idempotent_per_item() {
         {"id": "b-4", "from": a, "to": b, "amount": 1_000_000},
         {"nonsense": true},
     ]});
-    let r = s.post("/v1/transfers/batch", CLIENT, &batch);
+    let r = s.post("/v1/transfers/batch", ADMIN, &batch);
     assert_eq!(r.status, 200);
     conforms(&r.body, "BatchResponse");
     let results = r.body["results"].as_array().unwrap();
@@ -191,10 +196,10 @@ fn batches_answer_each_item_and_are_idempotent_per_item() {
         (Value::Null, Some("invalid_request"))
     );
     // The same batch again: accepted items replay, nothing moves twice.
-    let again = s.post("/v1/transfers/batch", CLIENT, &batch);
+    let again = s.post("/v1/transfers/batch", ADMIN, &batch);
     assert_eq!(again.body["results"][0], results[0]);
     let conflict = json!({"transfers": [{"id": "b-1", "from": bank, "to": a, "amount": 101}]});
-    assert_eq!(s.post("/v1/transfers/batch", CLIENT, &conflict).body["results"][0]["error"]["code"], "conflict");
+    assert_eq!(s.post("/v1/transfers/batch", ADMIN, &conflict).body["results"][0]["error"]["code"], "conflict");
     s.eventually("b-2 settles", || s.get("/v1/transfers/b-2", CLIENT).body["status"] == "settled");
     assert_eq!((balance(&s, a), balance(&s, b)), (100, 50));
     // Too many items, none at all, malformed.
@@ -216,7 +221,7 @@ fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
         open(&s, CLIENT, &payees[0], false);
     }
     for (cell, payees) in ids.iter().enumerate().skip(1) {
-        let r = pay(&s, &format!("x{cell}"), bank, &payees[0], 100 * cell as i64);
+        let r = fund(&s, &format!("x{cell}"), bank, &payees[0], 100 * cell as i64);
         assert_eq!((r.status, r.body["status"].as_str(), r.cell), (201, Some("pending"), Some(0)));
     }
     for (cell, payees) in ids.iter().enumerate().skip(1) {
@@ -228,7 +233,7 @@ fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
     }
     // A payee that does not exist in its cell: the credit is refused, the payer made whole.
     let ghost = &ids[2][5];
-    let r = pay(&s, "to-ghost", bank, ghost, 77);
+    let r = fund(&s, "to-ghost", bank, ghost, 77);
     assert_eq!(r.body["status"], "pending");
     s.eventually("to-ghost is reversed", || s.get("/v1/transfers/to-ghost", CLIENT).body["status"] == "reversed");
     assert_eq!(balance(&s, bank), -600);
@@ -332,7 +337,19 @@ fn settings_come_from_flag_then_environment_then_file() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a valid cellpay config"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not valid at line 2") && stderr.contains("unknown_setting"), "{stderr}");
+    // A line with a secret on it is never quoted back.
+    std::fs::write(&config, "[[auth.tokens]]\nrole = \"admin\"\nsecret = \"very-secret-admin-token-000\" oops\n")
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["serve", "--config", path, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 3") && !stderr.contains("very-secret"), "{stderr}");
 }
 
 #[test]
@@ -359,7 +376,7 @@ fn a_full_cell_queue_answers_503_overloaded_with_retry_after() {
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
                 for n in 0..40 {
-                    let r = pay(&s, &format!("q{t}-{n}"), "bank", "shop", 1);
+                    let r = fund(&s, &format!("q{t}-{n}"), "bank", "shop", 1);
                     if r.status == 503 {
                         is_error(&r, 503, "overloaded");
                     } else {
@@ -388,7 +405,7 @@ fn degrade_switches_and_flow_rules_change_live_and_every_answer_matches_the_cont
         let r = s.post_shadow("/v1/accounts", ADMIN, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
         assert_eq!(r.status, 201, "{}", r.body);
     }
-    assert_eq!(pay(&s, "fund-alice", bank, alice, 10_000).status, 201);
+    assert_eq!(fund(&s, "fund-alice", bank, alice, 10_000).status, 201);
 
     // The plan: declared switches, all off, readable by admins only.
     let r = s.get("/v1/admin/degrade", ADMIN);
@@ -402,7 +419,7 @@ fn degrade_switches_and_flow_rules_change_live_and_every_answer_matches_the_cont
     assert_eq!((r.status, &r.body["active"]), (200, &json!(true)), "{}", r.body);
     conforms(&r.body, "Switch");
     let shadow_pay = json!({"id": "sh-1", "from": bank, "to": alice, "amount": 5});
-    is_error(&s.post_shadow("/v1/transfers", CLIENT, &shadow_pay), 503, "degraded");
+    is_error(&s.post_shadow("/v1/transfers", ADMIN, &shadow_pay), 503, "degraded");
     assert_eq!(pay(&s, "real-1", alice, merchant, 5).status, 201);
     let metrics = s.request("GET", "/metrics", None, &[], None).body;
     let metrics = metrics.as_str().unwrap();
@@ -412,7 +429,7 @@ fn degrade_switches_and_flow_rules_change_live_and_every_answer_matches_the_cont
     );
     assert!(metrics.contains("cellpay_shed_total{layer=\"degrade\",class=\"shadow\",cell=\"router\"} 1"));
     assert_eq!(s.put("/v1/admin/degrade/shadow_off", ADMIN, &json!({"mode": "auto"})).status, 200);
-    assert_eq!(s.post_shadow("/v1/transfers", CLIENT, &shadow_pay).status, 201);
+    assert_eq!(s.post_shadow("/v1/transfers", ADMIN, &shadow_pay).status, 201);
     let r = s.get("/v1/admin/degrade", ADMIN);
     assert_eq!(r.body["changes"].as_array().unwrap().len(), 2, "{}", r.body);
     // Nothing undeclared can be switched, and a bad order changes nothing.

@@ -27,7 +27,12 @@ fn fill_cell(dir: &Path, batches: usize) -> Cell {
     let h = cell.handle();
     let cny = Currency::new("CNY").unwrap();
     let open = |id: &str, overdraft| {
-        Command_::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny, overdraft }))
+        Command_::real(Op::OpenAccount(OpenAccount {
+            id: AccountId::new(id).unwrap(),
+            currency: cny,
+            overdraft,
+            tenant: TenantId::default_tenant(),
+        }))
     };
     h.submit(vec![open("bank", true), open("a", false), open("b", false)]).unwrap().wait_blocking().unwrap();
     for i in 0..batches {
@@ -38,6 +43,7 @@ fn fill_cell(dir: &Path, batches: usize) -> Cell {
             amount: 10,
             currency: None,
             memo: None,
+            by: Authority::Admin,
         };
         h.submit(vec![Command_::real(Op::Transfer(t))]).unwrap().wait_blocking().unwrap();
     }

@@ -91,7 +91,7 @@ fn every_acknowledged_transfer_survives_kill_9() {
         for ack in &acks {
             let id = TransferId::new(&ack.id).unwrap();
             let from = AccountId::new(&ack.from).unwrap();
-            let found = ledger.transfers(&id, Some(&from));
+            let found = ledger.transfers(&id, Some(&from), &cellpay_core::Authority::Admin);
             let t = found.first().unwrap_or_else(|| panic!("round {round}: acknowledged {} is lost", ack.id));
             assert_eq!((t.from.as_str(), t.to.as_str(), t.amount), (ack.from.as_str(), ack.to.as_str(), ack.amount));
             assert_eq!(t.status, TransferStatus::Settled);

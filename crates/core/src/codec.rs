@@ -4,14 +4,15 @@
 //! bad bytes: it answers a [`DecodeError`] naming what was wrong. The store
 //! frames and checksums these bytes; this layer only gives them meaning.
 
-use crate::command::{Command, Credit, Op, OpenAccount, Transfer};
+use crate::command::{Authority, Command, Credit, Op, OpenAccount, Transfer};
 use crate::error::ErrorCode;
-use crate::ids::{AccountId, CellId, TransferId};
+use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::Currency;
 use crate::shard::ShardMap;
 
 /// The format version written at the start of every batch and snapshot.
-pub const FORMAT_VERSION: u8 = 1;
+/// 2: accounts carry their tenant, transfers the authority they were made with.
+pub const FORMAT_VERSION: u8 = 2;
 
 /// The most commands one logged batch may hold (I7); far above any engine batch.
 pub const BATCH_COMMANDS_MAX: u32 = 1 << 20;
@@ -139,6 +140,10 @@ impl<'a> Reader<'a> {
         let bytes = self.id_bytes()?;
         AccountId::from_bytes(bytes).map_err(|e| self.error(format!("account id: {e}")))
     }
+    pub fn tenant_id(&mut self) -> Result<TenantId, DecodeError> {
+        let bytes = self.id_bytes()?;
+        TenantId::from_bytes(bytes).map_err(|e| self.error(format!("tenant id: {e}")))
+    }
     pub fn transfer_id(&mut self) -> Result<TransferId, DecodeError> {
         let bytes = self.id_bytes()?;
         TransferId::from_bytes(bytes).map_err(|e| self.error(format!("transfer id: {e}")))
@@ -200,6 +205,7 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             w.id(o.id.as_str());
             w.currency(o.currency);
             w.bool(o.overdraft);
+            w.id(o.tenant.as_str());
         }
         Op::Transfer(t) => {
             w.u8(TAG_TRANSFER);
@@ -217,6 +223,13 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             }
             w.str(t.memo.as_deref().unwrap_or(""));
             w.bool(t.memo.is_some());
+            match &t.by {
+                Authority::Admin => w.u8(0),
+                Authority::Tenant(tenant) => {
+                    w.u8(1);
+                    w.id(tenant.as_str());
+                }
+            }
         }
         Op::Credit(c) => {
             w.u8(TAG_CREDIT);
@@ -255,7 +268,12 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
     let tag = r.u8()?;
     let shadow = r.bool()?;
     let op = match tag {
-        TAG_OPEN => Op::OpenAccount(OpenAccount { id: r.account_id()?, currency: r.currency()?, overdraft: r.bool()? }),
+        TAG_OPEN => Op::OpenAccount(OpenAccount {
+            id: r.account_id()?,
+            currency: r.currency()?,
+            overdraft: r.bool()?,
+            tenant: r.tenant_id()?,
+        }),
         TAG_TRANSFER => {
             let id = r.transfer_id()?;
             let from = r.account_id()?;
@@ -268,7 +286,12 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             };
             let memo_text = r.str()?;
             let memo = r.bool()?.then(|| Box::from(memo_text));
-            Op::Transfer(Transfer { id, from, to, amount, currency, memo })
+            let by = match r.u8()? {
+                0 => Authority::Admin,
+                1 => Authority::Tenant(r.tenant_id()?),
+                other => return Err(r.error(format!("bad authority tag {other}"))),
+            };
+            Op::Transfer(Transfer { id, from, to, amount, currency, memo, by })
         }
         TAG_CREDIT => Op::Credit(Credit {
             source: CellId(r.u32()?),
@@ -326,7 +349,12 @@ mod tests {
         let b = AccountId::new("bob").unwrap();
         let cny = Currency::new("CNY").unwrap();
         vec![
-            Command::real(Op::OpenAccount(OpenAccount { id: a.clone(), currency: cny, overdraft: true })),
+            Command::real(Op::OpenAccount(OpenAccount {
+                id: a.clone(),
+                currency: cny,
+                overdraft: true,
+                tenant: TenantId::default_tenant(),
+            })),
             Command::shadow(Op::Transfer(Transfer {
                 id: TransferId::new("t1").unwrap(),
                 from: a.clone(),
@@ -334,6 +362,7 @@ mod tests {
                 amount: 42,
                 currency: Some(cny),
                 memo: Some("lunch".into()),
+                by: Authority::Admin,
             })),
             Command::real(Op::Transfer(Transfer {
                 id: TransferId::new("t2").unwrap(),
@@ -342,6 +371,7 @@ mod tests {
                 amount: 7,
                 currency: None,
                 memo: None,
+                by: Authority::Tenant(TenantId::new("acme").unwrap()),
             })),
             Command::real(Op::Credit(Credit {
                 source: CellId(3),

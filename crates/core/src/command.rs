@@ -5,7 +5,7 @@
 
 use crate::audit::{InboxAt, LedgerAudit, LedgerFigures, OutboxAt};
 use crate::error::{ErrorCode, Rejection};
-use crate::ids::{AccountId, CellId, TransferId};
+use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::Currency;
 use crate::shard::ShardMap;
 
@@ -56,6 +56,27 @@ pub struct OpenAccount {
     pub id: AccountId,
     pub currency: Currency,
     pub overdraft: bool,
+    /// The tenant the account belongs to: only its tokens (and admin) may
+    /// debit it or read it.
+    pub tenant: TenantId,
+}
+
+/// On whose behalf a request acts: an admin token acts for every tenant; a
+/// client token for its own tenant only (DESIGN.md section 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authority {
+    Admin,
+    Tenant(TenantId),
+}
+
+impl Authority {
+    /// May this authority debit or read an account of `tenant`?
+    pub fn acts_for(&self, tenant: &TenantId) -> bool {
+        match self {
+            Authority::Admin => true,
+            Authority::Tenant(t) => t == tenant,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +88,9 @@ pub struct Transfer {
     /// When given, must equal both accounts' currency.
     pub currency: Option<Currency>,
     pub memo: Option<Box<str>>,
+    /// Who asks: the payer must belong to this tenant (admin: any), and only
+    /// admin may debit an overdraft account (it creates money).
+    pub by: Authority,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +111,7 @@ pub enum Query {
     Account {
         shadow: bool,
         id: AccountId,
+        by: Authority,
     },
     /// The transfers with this id (one per payer), or only payer `from`'s.
     /// A transfer id is unique per payer: the idempotency key is payer + id.
@@ -94,6 +119,7 @@ pub enum Query {
         shadow: bool,
         id: TransferId,
         from: Option<AccountId>,
+        by: Authority,
     },
     /// Newest first; `before` is an entry sequence number from an earlier page.
     Entries {
@@ -101,6 +127,7 @@ pub enum Query {
         account: AccountId,
         limit: usize,
         before: Option<u64>,
+        by: Authority,
     },
     /// Per-shard digests of the real or shadow ledger.
     Digests {
@@ -160,6 +187,7 @@ pub struct AccountView {
     pub currency: Currency,
     pub balance: i64,
     pub overdraft: bool,
+    pub tenant: TenantId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Account and transfer ids: validated once at the edge, then cheap to clone.
+//! Account, transfer and tenant ids: validated once at the edge, then cheap to clone.
 //!
 //! Both are `[A-Za-z0-9_.:-]{1,64}` (DESIGN.md section 1). They are backed by
 //! `SmolStr`: ids up to 23 bytes live inline (no allocation, no pointer to
@@ -91,6 +91,20 @@ id_type!(
     /// A transfer id: the client-chosen idempotency key, `[A-Za-z0-9_.:-]{1,64}`.
     TransferId
 );
+id_type!(
+    /// A tenant: who an account belongs to, and whom a client token acts for.
+    TenantId
+);
+
+/// The tenant of a token or an account when none is named.
+pub const TENANT_DEFAULT: &str = "default";
+
+impl TenantId {
+    /// The tenant named [`TENANT_DEFAULT`].
+    pub fn default_tenant() -> Self {
+        Self(SmolStr::new_static(TENANT_DEFAULT))
+    }
+}
 
 /// A cell's number in the shard map.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

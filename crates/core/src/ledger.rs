@@ -14,12 +14,12 @@ use crate::audit::{
     INBOX_TAIL_RETAINED,
 };
 use crate::command::{
-    AccountView, Credit, EntryKind, EntryView, OpenAccount, OutboxMessage, Outcome, Transfer, TransferStatus,
-    TransferView, MEMO_BYTES_MAX,
+    AccountView, Authority, Credit, EntryKind, EntryView, OpenAccount, OutboxMessage, Outcome, Transfer,
+    TransferStatus, TransferView, MEMO_BYTES_MAX,
 };
 use crate::digest;
 use crate::error::ErrorCode;
-use crate::ids::{AccountId, CellId, TransferId};
+use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::{amount_is_valid, Currency, AMOUNT_MAX};
 use crate::shard::{stable_hash, ShardMap};
 
@@ -45,6 +45,7 @@ pub(crate) struct Account {
     pub currency: Currency,
     pub balance: i64,
     pub overdraft: bool,
+    pub tenant: TenantId,
     pub shard: u32,
     pub id_hash: u64,
     /// Sequence number + 1 of this account's newest history entry, 0 for none.
@@ -294,7 +295,13 @@ impl Ledger {
 
     fn view(&self, i: u32) -> AccountView {
         let a = &self.accounts[i as usize];
-        AccountView { id: a.id.clone(), currency: a.currency, balance: a.balance, overdraft: a.overdraft }
+        AccountView {
+            id: a.id.clone(),
+            currency: a.currency,
+            balance: a.balance,
+            overdraft: a.overdraft,
+            tenant: a.tenant.clone(),
+        }
     }
 
     /// Sets a balance and keeps the account's shard digest in step.
@@ -387,7 +394,7 @@ impl Ledger {
         }
         if let Some(&i) = self.index.get(&o.id) {
             let a = &self.accounts[i as usize];
-            if a.currency == o.currency && a.overdraft == o.overdraft {
+            if a.currency == o.currency && a.overdraft == o.overdraft && a.tenant == o.tenant {
                 return Outcome::AccountOpened { account: self.view(i), created: false };
             }
             return Outcome::rejected(ErrorCode::Conflict, format!("account {} exists with other attributes", o.id));
@@ -402,6 +409,7 @@ impl Ledger {
             currency: o.currency,
             balance: 0,
             overdraft: o.overdraft,
+            tenant: o.tenant.clone(),
             shard,
             id_hash,
             history_head: 0,
@@ -466,6 +474,29 @@ impl Ledger {
         Ok(())
     }
 
+    /// Only the payer's tenant (or admin) may debit it, and only admin an
+    /// overdraft account: debiting one creates money.
+    fn may_debit(payer: &Account, by: &Authority) -> Result<(), Outcome> {
+        if payer.overdraft && *by != Authority::Admin {
+            let msg = format!("account {} allows overdraft: only an admin token may debit it", payer.id);
+            return Err(Outcome::rejected(ErrorCode::Forbidden, msg));
+        }
+        if !by.acts_for(&payer.tenant) {
+            let msg = format!("account {} belongs to another tenant", payer.id);
+            return Err(Outcome::rejected(ErrorCode::Forbidden, msg));
+        }
+        Ok(())
+    }
+
+    /// The account, if `by` may read it; `Err(true)` when it exists but belongs to another tenant.
+    pub fn account_for(&self, id: &AccountId, by: &Authority) -> Result<AccountView, bool> {
+        let &i = self.index.get(id).ok_or(false)?;
+        if !by.acts_for(&self.accounts[i as usize].tenant) {
+            return Err(true);
+        }
+        Ok(self.view(i))
+    }
+
     fn find(&self, id: &AccountId, role: &str) -> Result<u32, Outcome> {
         self.index
             .get(id)
@@ -484,6 +515,9 @@ impl Ledger {
             Ok(i) => i,
             Err(rejection) => return rejection,
         };
+        if let Err(rejection) = Self::may_debit(&self.accounts[payer as usize], &t.by) {
+            return rejection;
+        }
         // The idempotency key is the payer and the id.
         if let Some(record) = self.find_record(&t.id, payer) {
             if self.same_body(record, t) {
@@ -740,8 +774,8 @@ impl Ledger {
     }
 
     /// The retained transfers with this id, newest first: one per payer, or
-    /// only payer `from`'s when it is named.
-    pub fn transfers(&self, id: &TransferId, from: Option<&AccountId>) -> Vec<TransferView> {
+    /// only payer `from`'s when it is named; only those whose payer `by` acts for.
+    pub fn transfers(&self, id: &TransferId, from: Option<&AccountId>, by: &Authority) -> Vec<TransferView> {
         let payer = match from {
             Some(from) => match self.index.get(from) {
                 Some(&i) => Some(i),
@@ -749,7 +783,11 @@ impl Ledger {
             },
             None => None,
         };
-        self.records_with_id(id).filter(|r| payer.is_none_or(|p| r.from == p)).map(|r| self.transfer_view(r)).collect()
+        self.records_with_id(id)
+            .filter(|r| payer.is_none_or(|p| r.from == p))
+            .filter(|r| by.acts_for(&self.accounts[r.from as usize].tenant))
+            .map(|r| self.transfer_view(r))
+            .collect()
     }
 
     /// History of one account, newest first, entries with `seq < before` only.

@@ -13,9 +13,11 @@
 //! let cny = Currency::new("CNY").unwrap();
 //! let bank = AccountId::new("bank").unwrap();
 //! let alice = AccountId::new("alice").unwrap();
-//! cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: bank.clone(), currency: cny, overdraft: true })));
-//! cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: alice.clone(), currency: cny, overdraft: false })));
-//! let pay = Transfer { id: TransferId::new("t1").unwrap(), from: bank, to: alice.clone(), amount: 100, currency: None, memo: None };
+//! let tenant = TenantId::default_tenant();
+//! cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: bank.clone(), currency: cny, overdraft: true, tenant: tenant.clone() })));
+//! cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: alice.clone(), currency: cny, overdraft: false, tenant })));
+//! // Only admin may debit an overdraft account: it creates money.
+//! let pay = Transfer { id: TransferId::new("t1").unwrap(), from: bank, to: alice.clone(), amount: 100, currency: None, memo: None, by: Authority::Admin };
 //! assert!(matches!(cell.apply(&Command::real(Op::Transfer(pay))), Outcome::Transferred { created: true, .. }));
 //! assert_eq!(cell.ledger(false).account(&alice).unwrap().balance, 100);
 //! ```
@@ -39,7 +41,7 @@ pub use audit::{
 };
 pub use command::*;
 pub use error::{ErrorCode, Rejection};
-pub use ids::{AccountId, CellId, IdError, TransferId};
+pub use ids::{AccountId, CellId, IdError, TenantId, TransferId, TENANT_DEFAULT};
 pub use ledger::{Admission, Ledger, Limits};
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use priority::{priority_of, Priority};

@@ -86,6 +86,7 @@ pub fn priority_of(commands: &[Command]) -> Priority {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::Authority;
 
     #[test]
     fn classes_order_and_names_round_trip() {
@@ -100,9 +101,9 @@ mod tests {
     #[test]
     fn shadow_reads_are_shadow_and_real_reads_keep_their_class() {
         let id = crate::AccountId::new("a").unwrap();
-        let q = |shadow| Query::Entries { shadow, account: id.clone(), limit: 1, before: None };
+        let q = |shadow| Query::Entries { shadow, account: id.clone(), limit: 1, before: None, by: Authority::Admin };
         assert_eq!(q(false).priority(), Priority::History);
         assert_eq!(q(true).priority(), Priority::Shadow);
-        assert_eq!(Query::Account { shadow: false, id: id.clone() }.priority(), Priority::Reads);
+        assert_eq!(Query::Account { shadow: false, id: id.clone(), by: Authority::Admin }.priority(), Priority::Reads);
     }
 }

@@ -16,8 +16,9 @@ use crate::ledger::{
 use crate::state::CellState;
 
 /// 02: pair figures and chains in outboxes and inboxes, the inbox tail,
-/// transfer ids unique per payer. A 01 snapshot is refused with its magic.
-const MAGIC: &[u8; 8] = b"CPSNAP02";
+/// transfer ids unique per payer. 03: accounts carry their tenant. An older
+/// snapshot is refused with its magic.
+const MAGIC: &[u8; 8] = b"CPSNAP03";
 /// No count in a snapshot may exceed this (I7): it bounds allocation on bad input.
 const COUNT_MAX: u64 = 1 << 32;
 
@@ -65,6 +66,7 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
         w.currency(a.currency);
         w.i64(a.balance);
         w.bool(a.overdraft);
+        w.id(a.tenant.as_str());
         w.u64(a.history_head);
     }
     w.u64(l.records_first_seq);
@@ -239,6 +241,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
             currency: r.currency()?,
             balance: r.i64()?,
             overdraft: r.bool()?,
+            tenant: r.tenant_id()?,
             history_head: r.u64()?,
             id: id.clone(),
             shard,

@@ -111,20 +111,33 @@ impl CellState {
         let not_found = |id: &dyn std::fmt::Display| {
             QueryAnswer::Rejected(Rejection::new(ErrorCode::AccountNotFound, format!("account {id} not found")))
         };
+        let forbidden = |id: &dyn std::fmt::Display| {
+            let msg = format!("account {id} belongs to another tenant");
+            QueryAnswer::Rejected(Rejection::new(ErrorCode::Forbidden, msg))
+        };
         match q {
-            Query::Account { shadow, id } => {
+            Query::Account { shadow, id, by } => {
                 if let Some(refusal) = fenced(id.as_str()) {
                     return refusal;
                 }
-                self.ledger(*shadow).account(id).map_or_else(|| not_found(id), QueryAnswer::Account)
-            }
-            Query::Transfer { shadow, id, from } => {
-                if let Some(refusal) = from.as_ref().and_then(|f| fenced(f.as_str())) {
-                    return refusal;
+                match self.ledger(*shadow).account_for(id, by) {
+                    Ok(view) => QueryAnswer::Account(view),
+                    Err(true) => forbidden(id),
+                    Err(false) => not_found(id),
                 }
-                QueryAnswer::Transfers(self.ledger(*shadow).transfers(id, from.as_ref()))
             }
-            Query::Entries { shadow, account, limit, before } => {
+            Query::Transfer { shadow, id, from, by } => {
+                if let Some(from) = from {
+                    if let Some(refusal) = fenced(from.as_str()) {
+                        return refusal;
+                    }
+                    if self.ledger(*shadow).account_for(from, by) == Err(true) {
+                        return forbidden(from);
+                    }
+                }
+                QueryAnswer::Transfers(self.ledger(*shadow).transfers(id, from.as_ref(), by))
+            }
+            Query::Entries { shadow, account, limit, before, by } => {
                 if let Some(refusal) = fenced(account.as_str()) {
                     return refusal;
                 }
@@ -133,6 +146,11 @@ impl CellState {
                     return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
                 }
                 let ledger = self.ledger(*shadow);
+                match ledger.account_for(account, by) {
+                    Ok(_) => {}
+                    Err(true) => return forbidden(account),
+                    Err(false) => return not_found(account),
+                }
                 ledger.entries(account, *limit, *before).map_or_else(|| not_found(account), QueryAnswer::Entries)
             }
             Query::Digests { shadow } => {

@@ -15,13 +15,25 @@ fn cny() -> Currency {
 }
 
 fn open(cell: &mut CellState, name: &str, overdraft: bool) {
-    let out = cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: id(name), currency: cny(), overdraft })));
+    let out = cell.apply(&Command::real(Op::OpenAccount(OpenAccount {
+        id: id(name),
+        currency: cny(),
+        overdraft,
+        tenant: TenantId::default_tenant(),
+    })));
     assert!(matches!(out, Outcome::AccountOpened { created: true, .. }), "{out:?}");
 }
 
 fn transfer(tid: &str, from: &str, to: &str, amount: i64) -> Command {
-    let t =
-        Transfer { id: TransferId::new(tid).unwrap(), from: id(from), to: id(to), amount, currency: None, memo: None };
+    let t = Transfer {
+        id: TransferId::new(tid).unwrap(),
+        from: id(from),
+        to: id(to),
+        amount,
+        currency: None,
+        memo: None,
+        by: Authority::Admin,
+    };
     Command::real(Op::Transfer(t))
 }
 
@@ -89,7 +101,7 @@ fn a_credit_applied_twice_under_two_numbers_is_created_money() {
     a.apply(&transfer("t1", &payer, &payee, 40));
     relay(&mut a, &mut b);
     // The same message again under the next number, as a buggy or forged relay would send it.
-    let q = Query::Transfer { shadow: false, id: TransferId::new("t1").unwrap(), from: None };
+    let q = Query::Transfer { shadow: false, id: TransferId::new("t1").unwrap(), from: None, by: Authority::Admin };
     assert!(matches!(a.query(&q), QueryAnswer::Transfers(t) if t.len() == 1));
     let dup = Credit {
         source: CellId(0),
@@ -170,7 +182,12 @@ fn a_transfer_id_is_unique_per_payer_not_per_cell() {
     relay(&mut a, &mut b);
     assert_eq!(b.ledger(false).account(&id(&payee)).unwrap().balance, 30);
     let read = |from: Option<&str>| {
-        let q = Query::Transfer { shadow: false, id: TransferId::new("same").unwrap(), from: from.map(id) };
+        let q = Query::Transfer {
+            shadow: false,
+            id: TransferId::new("same").unwrap(),
+            from: from.map(id),
+            by: Authority::Admin,
+        };
         let QueryAnswer::Transfers(t) = a.query(&q) else { panic!() };
         t.iter().map(|t| (t.from.to_string(), t.amount)).collect::<Vec<_>>()
     };

@@ -10,12 +10,24 @@ fn id(s: &str) -> AccountId {
 
 fn open(cell: &mut CellState, name: &str, currency: &str, overdraft: bool) -> Outcome {
     let currency = Currency::new(currency).unwrap();
-    cell.apply(&Command::real(Op::OpenAccount(OpenAccount { id: id(name), currency, overdraft })))
+    cell.apply(&Command::real(Op::OpenAccount(OpenAccount {
+        id: id(name),
+        currency,
+        overdraft,
+        tenant: TenantId::default_tenant(),
+    })))
 }
 
 fn pay(cell: &mut CellState, tid: &str, from: &str, to: &str, amount: i64) -> Outcome {
-    let t =
-        Transfer { id: TransferId::new(tid).unwrap(), from: id(from), to: id(to), amount, currency: None, memo: None };
+    let t = Transfer {
+        id: TransferId::new(tid).unwrap(),
+        from: id(from),
+        to: id(to),
+        amount,
+        currency: None,
+        memo: None,
+        by: Authority::Admin,
+    };
     cell.apply(&Command::real(Op::Transfer(t)))
 }
 
@@ -60,6 +72,7 @@ fn every_transfer_rule_has_its_error_code_and_changes_nothing() {
         amount: 1,
         currency: Some(Currency::new("USD").unwrap()),
         memo: None,
+        by: Authority::Admin,
     };
     assert_eq!(code(&cell.apply(&Command::real(Op::Transfer(usd)))), Some(ErrorCode::CurrencyMismatch));
     let memo = Transfer {
@@ -69,6 +82,7 @@ fn every_transfer_rule_has_its_error_code_and_changes_nothing() {
         amount: 1,
         currency: None,
         memo: Some("m".repeat(MEMO_BYTES_MAX + 1).into()),
+        by: Authority::Admin,
     };
     assert_eq!(code(&cell.apply(&Command::real(Op::Transfer(memo)))), Some(ErrorCode::InvalidRequest));
     assert!(cell == before, "rejections change nothing");
@@ -129,7 +143,7 @@ fn credit_for(a: &CellState, dest: CellId) -> Credit {
 }
 
 fn status(cell: &CellState, tid: &str) -> TransferStatus {
-    let q = Query::Transfer { shadow: false, id: TransferId::new(tid).unwrap(), from: None };
+    let q = Query::Transfer { shadow: false, id: TransferId::new(tid).unwrap(), from: None, by: Authority::Admin };
     let QueryAnswer::Transfers(t) = cell.query(&q) else { panic!() };
     assert_eq!(t.len(), 1, "one payer used {tid}");
     t[0].status
@@ -167,7 +181,7 @@ fn a_credit_the_payee_cell_refuses_is_reversed_and_the_payer_made_whole() {
     assert_eq!(balance(&a, &payer), 0);
     assert_eq!(status(&a, "y"), TransferStatus::Reversed);
     let QueryAnswer::Entries(e) =
-        a.query(&Query::Entries { shadow: false, account: id(&payer), limit: 10, before: None })
+        a.query(&Query::Entries { shadow: false, account: id(&payer), limit: 10, before: None, by: Authority::Admin })
     else {
         panic!()
     };
@@ -196,7 +210,7 @@ fn history_pages_newest_first_and_old_entries_leave_the_window() {
     }
     let page = |before| {
         let QueryAnswer::Entries(e) =
-            cell.query(&Query::Entries { shadow: false, account: id("alice"), limit: 3, before })
+            cell.query(&Query::Entries { shadow: false, account: id("alice"), limit: 3, before, by: Authority::Admin })
         else {
             panic!()
         };
@@ -208,14 +222,23 @@ fn history_pages_newest_first_and_old_entries_leave_the_window() {
     let second = page(Some(first[2].seq));
     assert_eq!(second.iter().map(|e| e.amount).collect::<Vec<_>>(), vec![5, 4], "older ones left the window");
     // 16 entries were written to a window of 10: alice keeps only her newest 5.
-    let QueryAnswer::Entries(all) =
-        cell.query(&Query::Entries { shadow: false, account: id("alice"), limit: 100, before: None })
-    else {
+    let QueryAnswer::Entries(all) = cell.query(&Query::Entries {
+        shadow: false,
+        account: id("alice"),
+        limit: 100,
+        before: None,
+        by: Authority::Admin,
+    }) else {
         panic!()
     };
     assert_eq!(all.len(), 5);
-    let bad =
-        cell.query(&Query::Entries { shadow: false, account: id("alice"), limit: ENTRIES_PAGE_MAX + 1, before: None });
+    let bad = cell.query(&Query::Entries {
+        shadow: false,
+        account: id("alice"),
+        limit: ENTRIES_PAGE_MAX + 1,
+        before: None,
+        by: Authority::Admin,
+    });
     assert!(matches!(bad, QueryAnswer::Rejected(r) if r.code == ErrorCode::InvalidRequest));
 }
 
@@ -229,7 +252,12 @@ fn idempotency_records_are_kept_up_to_the_retention_limit() {
     assert!(matches!(pay(&mut cell, "r5", "bank", "alice", 1), Outcome::Transferred { created: false, .. }));
     assert!(matches!(pay(&mut cell, "r2", "bank", "alice", 1), Outcome::Transferred { created: false, .. }));
     assert_eq!(balance(&cell, "alice"), 6);
-    let q = cell.query(&Query::Transfer { shadow: false, id: TransferId::new("r0").unwrap(), from: None });
+    let q = cell.query(&Query::Transfer {
+        shadow: false,
+        id: TransferId::new("r0").unwrap(),
+        from: None,
+        by: Authority::Admin,
+    });
     assert_eq!(q, QueryAnswer::Transfers(vec![]));
 }
 

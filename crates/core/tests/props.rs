@@ -92,8 +92,18 @@ impl Cluster {
                 let id = name(account);
                 let cell = self.owner(&id) ^ usize::from(misroute);
                 let cny = Currency::new("CNY").unwrap();
-                let out = self
-                    .apply(cell, Command { shadow, op: Op::OpenAccount(OpenAccount { id, currency: cny, overdraft }) });
+                let out = self.apply(
+                    cell,
+                    Command {
+                        shadow,
+                        op: Op::OpenAccount(OpenAccount {
+                            id,
+                            currency: cny,
+                            overdraft,
+                            tenant: TenantId::default_tenant(),
+                        }),
+                    },
+                );
                 if misroute {
                     assert!(matches!(&out, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell), "I6");
                 }
@@ -103,7 +113,8 @@ impl Cluster {
                 let (from, to) = (name(from), name(to));
                 let cell = self.owner(&from) ^ usize::from(misroute);
                 let payer = from.clone();
-                let t = Transfer { id: tid.clone(), from, to, amount, currency: None, memo: None };
+                let t =
+                    Transfer { id: tid.clone(), from, to, amount, currency: None, memo: None, by: Authority::Admin };
                 let out = self.apply(cell, Command { shadow, op: Op::Transfer(t) });
                 if misroute {
                     assert!(

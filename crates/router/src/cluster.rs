@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use cellpay_cell::{CellClient, EngineError, Relay, RelayConfig, RelayGate, RelayStats};
 use cellpay_core::{
-    priority_of, AccountId, CellId, Command, ErrorCode, Op, Outcome, Query, QueryAnswer, ShardMap, TransferId,
+    priority_of, AccountId, Authority, CellId, Command, ErrorCode, Op, Outcome, Query, QueryAnswer, ShardMap,
+    TransferId,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -177,15 +178,18 @@ impl Cluster {
         shadow: bool,
         id: &TransferId,
         from: Option<&AccountId>,
+        by: &Authority,
     ) -> Routed<QueryAnswer> {
         if let Some(from) = from {
-            let query = Query::Transfer { shadow, id: id.clone(), from: Some(from.clone()) };
+            let query = Query::Transfer { shadow, id: id.clone(), from: Some(from.clone()), by: by.clone() };
             return Self::ask(&self.protection, self.owner(from), query).await;
         }
         let mut tasks = JoinSet::new();
         for cell in &self.cells {
-            let (cell, id, protection) = (cell.clone(), id.clone(), self.protection.clone());
-            tasks.spawn(async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id, from: None }).await });
+            let (cell, id, protection, by) = (cell.clone(), id.clone(), self.protection.clone(), by.clone());
+            tasks.spawn(
+                async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id, from: None, by }).await },
+            );
         }
         let mut answers = Vec::with_capacity(self.cells.len());
         while let Some(joined) = tasks.join_next().await {

@@ -61,7 +61,7 @@ async fn retries_never_exceed_the_budget_when_a_cell_fails_every_request() {
     let protection = Protection::new(rules, Plan { switches: vec![] }, vec![], 1);
     // A real cell slot with no engine running: every call is `cell_unavailable`.
     let down = CellSlot::new(CellId(0));
-    let q = Query::Account { shadow: false, id: AccountId::new("a").unwrap() };
+    let q = Query::Account { shadow: false, id: AccountId::new("a").unwrap(), by: Authority::Admin };
     let mut failed = 0;
     for _ in 0..500 {
         let attempt = || async { down.query(q.clone()).await.map_err(RouteError::from) };
@@ -96,7 +96,12 @@ async fn a_relay_breaker_opens_while_the_payee_cell_is_down_and_delivery_resumes
     let name_in = |cell: u32| (0..).map(|i| format!("acct{i}")).find(|n| map.owner_of(n) == CellId(cell)).unwrap();
     let (payer, payee) = (name_in(0), name_in(1));
     let account = |id: &str, overdraft| {
-        Command::real(Op::OpenAccount(OpenAccount { id: AccountId::new(id).unwrap(), currency: cny(), overdraft }))
+        Command::real(Op::OpenAccount(OpenAccount {
+            id: AccountId::new(id).unwrap(),
+            currency: cny(),
+            overdraft,
+            tenant: TenantId::default_tenant(),
+        }))
     };
     assert!(cluster.submit_one(account(&payer, true)).await.result.is_ok());
     assert!(cluster.submit_one(account(&payee, false)).await.result.is_ok());
@@ -112,6 +117,7 @@ async fn a_relay_breaker_opens_while_the_payee_cell_is_down_and_delivery_resumes
         amount: 700,
         currency: None,
         memo: None,
+        by: Authority::Admin,
     }));
     let routed = cluster.submit_one(transfer).await;
     assert!(matches!(routed.result, Ok(Outcome::Transferred { .. })));
@@ -136,7 +142,8 @@ async fn a_relay_breaker_opens_while_the_payee_cell_is_down_and_delivery_resumes
     .unwrap();
     slots[1].install(cell1.handle());
     let balance = |slot: Arc<CellSlot>, id: String| async move {
-        match slot.query(Query::Account { shadow: false, id: AccountId::new(&id).unwrap() }).await {
+        match slot.query(Query::Account { shadow: false, id: AccountId::new(&id).unwrap(), by: Authority::Admin }).await
+        {
             Ok(QueryAnswer::Account(a)) => a.balance,
             other => panic!("{other:?}"),
         }
@@ -176,7 +183,7 @@ async fn wrong_cell_is_retried_within_the_budget_and_never_trips_the_breaker() {
         if owners.owner_of(&id) != CellId(1) {
             continue;
         }
-        let q = Query::Account { shadow: false, id: AccountId::new(&id).unwrap() };
+        let q = Query::Account { shadow: false, id: AccountId::new(&id).unwrap(), by: Authority::Admin };
         let routed = cluster.query_account(&AccountId::new(&id).unwrap(), q).await;
         answered += 1;
         wrong += u32::from(matches!(routed.result, Err(RouteError::WrongCell { .. })));

@@ -6,7 +6,7 @@ use axum::http::HeaderValue;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use cellpay_core::{ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
+use cellpay_core::{Authority, ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
 use cellpay_router::{Action, Route};
 use serde_json::json;
 
@@ -29,13 +29,14 @@ pub async fn open(
     State(state): State<AppState>,
     Extension(role): Extension<Role>,
     Extension(caller): Extension<Caller>,
+    Extension(by): Extension<Authority>,
     headers: HeaderMap,
     request: Body,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
     guard::admit(&state, caller, Route::Payments, shadow, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
-    let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow)?;
+    let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow, &by)?;
     if matches!(&command.op, Op::OpenAccount(o) if o.overdraft) && role != Role::Admin {
         return Err(ApiError::new(ErrorCode::Forbidden, "opening an overdraft account needs the admin role"));
     }
@@ -54,6 +55,7 @@ pub async fn open(
 pub async fn get(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(by): Extension<Authority>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -63,14 +65,19 @@ pub async fn get(
     let degrade = &state.cluster()?.protection().degrade;
     let stale = degrade.is_on(Action::BalanceReadsStale);
     if stale {
-        if let Some((view, cell, epoch, age)) = state.stale.get(shadow, &id, degrade.stale_max()) {
+        // A cached view is served only to whom may read the account.
+        let cached = state.stale.get(shadow, &id, degrade.stale_max()).filter(|(view, ..)| match &by {
+            Authority::Admin => true,
+            Authority::Tenant(t) => view["tenant"].as_str() == Some(t.as_str()),
+        });
+        if let Some((view, cell, epoch, age)) = cached {
             let mut response = (StatusCode::OK, axum::Json(view)).into_response();
             cell_headers(response.headers_mut(), cell, epoch);
             response.headers_mut().insert(STALE_MS, HeaderValue::from(age.as_millis() as u64));
             return Ok(response);
         }
     }
-    let query = Query::Account { shadow, id: id.clone() };
+    let query = Query::Account { shadow, id: id.clone(), by };
     let served = Served::from(state.cluster()?.query_account(&id, query).await)?;
     match &served.answer {
         QueryAnswer::Account(a) => {
@@ -108,6 +115,7 @@ fn page(raw: Option<&str>) -> Result<(usize, Option<u64>), ApiError> {
 pub async fn entries(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(by): Extension<Authority>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -116,7 +124,7 @@ pub async fn entries(
     guard::admit(&state, caller, Route::History, shadow, 1)?;
     let account = body::account_id("id", &id)?;
     let (limit, before) = page(raw.as_deref())?;
-    let query = Query::Entries { shadow, account: account.clone(), limit, before };
+    let query = Query::Entries { shadow, account: account.clone(), limit, before, by };
     let served = Served::from(state.cluster()?.query_account(&account, query).await)?;
     match &served.answer {
         QueryAnswer::Entries(entries) => {

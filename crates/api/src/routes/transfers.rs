@@ -5,7 +5,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use cellpay_core::{AccountId, ErrorCode, Op, Outcome, QueryAnswer, Rejection};
+use cellpay_core::{AccountId, Authority, ErrorCode, Op, Outcome, QueryAnswer, Rejection};
 use cellpay_router::Route;
 use serde_json::{json, Value};
 
@@ -19,13 +19,14 @@ use crate::{views, AppState, Caller};
 pub async fn create(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(by): Extension<Authority>,
     headers: HeaderMap,
     request: Body,
 ) -> Result<Response, ApiError> {
     let shadow = shadow(&headers)?;
     let class = guard::admit(&state, caller, Route::Payments, shadow, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
-    let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow)?;
+    let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow, &by)?;
     if let Op::Transfer(t) = &command.op {
         guard::admit_payment(&state, class, shadow, &t.from, &t.to)?;
     }
@@ -53,6 +54,7 @@ fn item_id(raw: &serde_json::value::RawValue) -> Value {
 pub async fn batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(by): Extension<Authority>,
     headers: HeaderMap,
     request: Body,
 ) -> Result<Response, ApiError> {
@@ -78,7 +80,7 @@ pub async fn batch(
             .map_err(|e| ApiError::invalid(format!("malformed transfer: {e}")))
             .and_then(|b| {
                 let id = b.id.clone();
-                body::transfer(b, shadow).map(|cmd| (id, cmd))
+                body::transfer(b, shadow, &by).map(|cmd| (id, cmd))
             })
             .and_then(|(id, cmd)| match &cmd.op {
                 Op::Transfer(t) => guard::admit_payment(&state, class, shadow, &t.from, &t.to).map(|()| (id, cmd)),
@@ -123,6 +125,7 @@ fn payer(raw: Option<&str>) -> Result<Option<AccountId>, ApiError> {
 pub async fn status(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(by): Extension<Authority>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
@@ -131,7 +134,7 @@ pub async fn status(
     guard::admit(&state, caller, Route::Status, shadow, 1)?;
     let id = body::transfer_id(&id)?;
     let from = payer(raw.as_deref())?;
-    let served = Served::from(state.cluster()?.transfer_status(shadow, &id, from.as_ref()).await)?;
+    let served = Served::from(state.cluster()?.transfer_status(shadow, &id, from.as_ref(), &by).await)?;
     match &served.answer {
         QueryAnswer::Transfers(found) => match found.as_slice() {
             [] => Err(served.reject(&Rejection::new(ErrorCode::TransferNotFound, format!("transfer {id} not found")))),
