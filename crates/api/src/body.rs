@@ -178,3 +178,25 @@ pub fn transfer(b: TransferBody, shadow: bool) -> Result<Command, ApiError> {
     }
     Ok(Command { shadow, op: Op::Transfer(t) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_must_keep_its_pace_after_the_grace_and_finish_in_time() {
+        let pace = Pace {
+            read_timeout: Duration::from_secs(30),
+            rate_grace: Duration::from_secs(2),
+            rate_bytes_per_s_min: 1000,
+        };
+        let t0 = Instant::now();
+        // The first byte is due by the end of the grace (and a millisecond).
+        assert_eq!(pace.deadline(t0, 0), Some(t0 + Duration::from_millis(2001)));
+        // 5,000 bytes in: the next is due 5.001 s after the grace.
+        assert_eq!(pace.deadline(t0, 5000), Some(t0 + Duration::from_millis(7001)));
+        // However fast, never past the read timeout.
+        assert_eq!(pace.deadline(t0, 1 << 30), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(Pace::UNBOUNDED.deadline(t0, 0), None, "bodies in memory have no clock");
+    }
+}

@@ -74,7 +74,9 @@ fn all_closed(socks: &[(Hostile, TcpStream)], within: Duration) {
         if open.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "{} connections still open after {within:?}: {open:?}", open.len());
+        let by_kind: Vec<(Hostile, usize)> =
+            KINDS.iter().map(|k| (*k, open.iter().filter(|o| *o == k).count())).filter(|(_, n)| *n > 0).collect();
+        assert!(Instant::now() < deadline, "{} connections still open after {within:?}: {by_kind:?}", open.len());
         std::thread::sleep(Duration::from_millis(200));
     }
 }
