@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::listener::ConnectionRef;
 use crate::AppState;
 
 /// The shortest secret accepted (I7): a guessable token is no token.
@@ -169,17 +170,36 @@ pub struct Caller {
     pub role: Role,
 }
 
+/// The secret of an `Authorization: Bearer <secret>` header. The scheme is
+/// case-insensitive (RFC 7235 section 2.1) and may be followed by several spaces.
+pub fn bearer_secret(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer";
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    if !scheme.eq_ignore_ascii_case(SCHEME) || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let secret = rest.trim_ascii();
+    (!secret.is_empty()).then_some(secret)
+}
+
 /// Middleware for `/v1`: a valid bearer token or 401; its role and the
-/// authority it acts with go into the request's extensions.
+/// authority it acts with go into the request's extensions. A connection that
+/// completes a request with a valid token is marked: it is never closed to
+/// make room at the connection cap ([`crate::listener`]).
 pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let presented = request.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let presented = request.headers().get(AUTHORIZATION).and_then(|v| bearer_secret(v.as_bytes()));
     let Some(caller) = presented.and_then(|secret| state.auth.caller_of(secret)) else {
         return ApiError::new(ErrorCode::Unauthorized, "a valid bearer token is required").into_response();
     };
     request.extensions_mut().insert(caller.role);
     request.extensions_mut().insert(state.auth.authority(caller));
     request.extensions_mut().insert(caller);
-    next.run(request).await
+    let connection = request.extensions().get::<ConnectionRef>().cloned();
+    let response = next.run(request).await;
+    if let Some(connection) = connection {
+        connection.mark_authenticated();
+    }
+    response
 }
 
 #[cfg(test)]
@@ -212,5 +232,15 @@ mod tests {
         assert!(Token::parse("admin@acme:admin-secret-0123456789").is_err());
         let err = Token::parse("client@bad tenant:client-secret-0123456789").unwrap_err().to_string();
         assert!(!err.contains("client-secret"), "{err}");
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for ok in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "bEaReR   s3cret "] {
+            assert_eq!(bearer_secret(ok.as_bytes()), Some(&b"s3cret"[..]), "{ok}");
+        }
+        for bad in ["Bearers3cret", "Basic s3cret", "Bearer", "Bearer ", "bear s3cret", ""] {
+            assert_eq!(bearer_secret(bad.as_bytes()), None, "{bad}");
+        }
     }
 }

@@ -1,9 +1,11 @@
-//! Request bodies: read within the size limit, parsed strictly (unknown
-//! fields are refused), and turned into validated commands before any cell
-//! sees them.
+//! Request bodies: read within the size limit and at a minimum pace,
+//! parsed strictly (unknown fields are refused), and turned into validated
+//! commands before any cell sees them.
+
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use cellpay_core::{
     AccountId, Authority, Command, Currency, ErrorCode, Ledger, Op, OpenAccount, Outcome, TenantId, Transfer,
     TransferId,
@@ -19,17 +21,67 @@ use crate::error::ApiError;
 pub const DRAIN_BYTES_MAX: u64 = 16 << 20;
 
 /// Reads a body of at most `max` bytes: beyond it, 413 `payload_too_large`.
+/// Handlers call this on bodies [`crate::intake`] has already read (so it
+/// returns at once); the pace and the budget are enforced there.
 pub async fn read(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    read_paced(headers, body, max, &Pace::UNBOUNDED, |_| Ok(())).await
+}
+
+/// How fast a body must arrive (see `FrontLimits` for the defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// The whole body, whatever its pace.
+    pub read_timeout: Duration,
+    /// After this, the average pace since the request arrived must be at
+    /// least `rate_bytes_per_s_min` (or the body complete).
+    pub rate_grace: Duration,
+    pub rate_bytes_per_s_min: u64,
+}
+
+impl Pace {
+    /// No clock: for bodies already in memory.
+    pub const UNBOUNDED: Pace =
+        Pace { read_timeout: Duration::MAX, rate_grace: Duration::MAX, rate_bytes_per_s_min: 1 };
+
+    /// The latest instant by which more than `seen` bytes must have arrived.
+    fn deadline(&self, started: Instant, seen: u64) -> Option<Instant> {
+        let at_rate = Duration::from_secs_f64((seen + 1) as f64 / self.rate_bytes_per_s_min as f64);
+        let allowed = self.read_timeout.min(self.rate_grace.saturating_add(at_rate));
+        started.checked_add(allowed)
+    }
+}
+
+/// Reads a body of at most `max` bytes at `pace`; `admit(n)` is asked before
+/// the first `n` bytes of the body are kept (the global body budget). Too
+/// slow: 408 `invalid_request`, and the connection is closed.
+pub async fn read_paced(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+    pace: &Pace,
+    mut admit: impl FnMut(u64) -> Result<(), ApiError>,
+) -> Result<axum::body::Bytes, ApiError> {
     use http_body_util::BodyExt;
     let too_large = || ApiError::new(ErrorCode::PayloadTooLarge, format!("request body exceeds {max} bytes"));
     let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > DRAIN_BYTES_MAX) {
         return Err(too_large());
     }
+    let started = Instant::now();
     let mut body = body;
-    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n.min(max as u64) as usize));
+    let kept_first = declared.map_or(0, |n| n.min(max as u64));
+    admit(kept_first)?;
+    let mut buf = Vec::with_capacity(kept_first as usize);
     let mut seen = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match pace.deadline(started, seen) {
+            Some(deadline) => match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => return Err(too_slow(pace, seen, declared, started)),
+            },
+            None => body.frame().await,
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| ApiError::invalid(format!("the request body could not be read: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
         seen += data.len() as u64;
@@ -39,12 +91,30 @@ pub async fn read(headers: &HeaderMap, body: Body, max: usize) -> Result<axum::b
             }
             continue; // over the limit: keep reading (and dropping) to answer cleanly
         }
+        admit(seen)?;
         buf.extend_from_slice(&data);
     }
     if seen > max as u64 {
         return Err(too_large());
     }
     Ok(buf.into())
+}
+
+fn too_slow(pace: &Pace, seen: u64, declared: Option<u64>, started: Instant) -> ApiError {
+    let of = declared.map_or(String::new(), |n| format!(" of {n}"));
+    let mut e = ApiError::refused(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "the request body arrived too slowly: {seen}{of} bytes in {} ms (a body must arrive within {} ms, \
+             at {} bytes/s or more after the first {} ms)",
+            started.elapsed().as_millis(),
+            pace.read_timeout.as_millis(),
+            pace.rate_bytes_per_s_min,
+            pace.rate_grace.as_millis()
+        ),
+    );
+    e.close = true;
+    e
 }
 
 /// Parses a whole JSON body; any error is 400 `invalid_request` naming what was wrong.
@@ -124,4 +194,26 @@ pub fn transfer(b: TransferBody, shadow: bool, by: &Authority) -> Result<Command
         return Err(r.into());
     }
     Ok(Command { shadow, op: Op::Transfer(t) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_must_keep_its_pace_after_the_grace_and_finish_in_time() {
+        let pace = Pace {
+            read_timeout: Duration::from_secs(30),
+            rate_grace: Duration::from_secs(2),
+            rate_bytes_per_s_min: 1000,
+        };
+        let t0 = Instant::now();
+        // The first byte is due by the end of the grace (and a millisecond).
+        assert_eq!(pace.deadline(t0, 0), Some(t0 + Duration::from_millis(2001)));
+        // 5,000 bytes in: the next is due 5.001 s after the grace.
+        assert_eq!(pace.deadline(t0, 5000), Some(t0 + Duration::from_millis(7001)));
+        // However fast, never past the read timeout.
+        assert_eq!(pace.deadline(t0, 1 << 30), Some(t0 + Duration::from_secs(30)));
+        assert_eq!(Pace::UNBOUNDED.deadline(t0, 0), None, "bodies in memory have no clock");
+    }
 }

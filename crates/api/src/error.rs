@@ -2,6 +2,7 @@
 //! `{"error": {"code": "...", "message": "..."}}` with the code's status, and
 //! `Retry-After` on every 503. Nothing a client sends becomes a 500.
 
+use axum::http::header::CONNECTION;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use cellpay_cell::EngineError;
@@ -19,11 +20,31 @@ pub struct ApiError {
     pub message: String,
     /// The cell (and its epoch) that answered, when one did.
     pub served_by: Option<(CellId, u64)>,
+    /// An HTTP status other than the code's own: a request the front door
+    /// could not take (405, 408, 414, 431) still answers a contract code.
+    pub status: Option<StatusCode>,
+    /// Close the connection after this answer (a body left half-read).
+    pub close: bool,
 }
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), served_by: None }
+        Self { code, message: message.into(), served_by: None, status: None, close: false }
+    }
+
+    /// A request refused before any handler saw it, with the HTTP status
+    /// that says why (405, 408, 414, 431, ...) and the code `invalid_request`
+    /// (`unauthorized`, `forbidden`, `payload_too_large` for 401, 403, 413).
+    pub fn refused(status: StatusCode, message: impl Into<String>) -> Self {
+        let code = match status {
+            StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+            StatusCode::FORBIDDEN => ErrorCode::Forbidden,
+            StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+            _ => ErrorCode::InvalidRequest,
+        };
+        let mut e = Self::new(code, message);
+        e.status = Some(status);
+        e
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -82,10 +103,15 @@ impl From<cellpay_router::RouteError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = self.public_code();
-        let status = StatusCode::from_u16(code.http_status()).expect("contract statuses are valid");
+        let status = self
+            .status
+            .unwrap_or_else(|| StatusCode::from_u16(code.http_status()).expect("contract statuses are valid"));
         let mut response = (status, axum::Json(json!({"error": self.body()}))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert("retry-after", HeaderValue::from(RETRY_AFTER_S));
+        }
+        if self.close {
+            response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
         if let Some((cell, epoch)) = self.served_by {
             cell_headers(response.headers_mut(), cell, epoch);

@@ -40,9 +40,11 @@ pub fn classify(method: &axum::http::Method, path: &str) -> Option<Route> {
     })
 }
 
-/// Middleware, layer 0: the HTTP front's adaptive concurrency limit. A
-/// request over its class's share is answered 503 `overloaded` before its
-/// body is read; an admitted one teaches the limit its latency.
+/// Middleware, layer 0: the HTTP front's adaptive concurrency limit. It runs
+/// after [`crate::intake`] has read the body, so the permit covers only our
+/// own work: a request over its class's share is answered 503 `overloaded`;
+/// an admitted one teaches the limit its latency, which never includes the
+/// time its client took to send it.
 pub async fn edge(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,

@@ -7,9 +7,12 @@
 
 pub mod auth;
 pub mod body;
+pub mod contract;
 pub mod error;
+pub mod front;
 pub mod guard;
 pub mod headers;
+pub mod intake;
 pub mod listener;
 pub mod metrics;
 pub mod routes;
@@ -28,6 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 pub use auth::{Auth, Caller, Role, Token};
 pub use error::ApiError;
+pub use front::FrontLimits;
 
 /// The contract's limits on what one request may carry (I7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +51,10 @@ impl Default for ApiLimits {
 pub struct Inner {
     pub auth: Auth,
     pub limits: ApiLimits,
+    /// The front door's caps and timeouts (head sizes, body pace).
+    pub front: FrontLimits,
+    /// Bodies are read here, at their pace and within one budget, before the edge permit.
+    pub intake: intake::Intake,
     /// Set once every cell has recovered; until then `/v1` answers 503.
     pub cluster: OnceLock<Arc<Cluster>>,
     pub local_cells: OnceLock<Vec<Arc<CellSlot>>>,
@@ -81,10 +89,12 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(auth: Auth, limits: ApiLimits) -> Self {
+    pub fn new(auth: Auth, limits: ApiLimits, front: FrontLimits) -> Self {
         Self(Arc::new(Inner {
             auth,
             limits,
+            intake: intake::Intake::new(&front),
+            front,
             cluster: OnceLock::new(),
             local_cells: OnceLock::new(),
             control: OnceLock::new(),
@@ -120,9 +130,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/rules", get(admin::rules).put(admin::replace_rules))
         .route("/v1/admin/cells/{id}/halt", post(admin::halt))
         .route("/v1/admin/cells/{id}/restart", post(admin::restart))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
-        // Layer 0 of the protection stack, outside auth: refusing costs the least here.
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::edge));
+        // Innermost: layer 0 of the protection stack. Its permit is taken only
+        // once the body is in memory, so a slow client never holds one.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::edge))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), intake::read_body))
+        // Outermost: a request without a valid token costs a header check, not a body.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token));
     Router::new()
         .merge(v1)
         .route("/metrics", get(ops::metrics))
@@ -134,6 +147,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(ops::no_route)
         // Bodies are read by the handlers within `ApiLimits`, answering our own 413.
         .layer(DefaultBodyLimit::disable())
+        // Every answer in the contract's shape; head caps (414, 431) first.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), contract::shape))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
 }

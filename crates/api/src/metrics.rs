@@ -116,6 +116,8 @@ pub async fn render(state: &AppState) -> String {
                     .absolute(p.counters.refused(layer, class));
             }
         }
+        gauge!("cellpay_edge_concurrency_limit").set(f64::from(p.layers().edge.limit()));
+        gauge!("cellpay_body_bytes_in_flight").set(state.intake.budget.bytes_in_use() as f64);
         counter!("cellpay_router_requests_total").absolute(p.counters.requests.load(Relaxed));
         counter!("cellpay_retries_total").absolute(p.counters.retries.load(Relaxed));
         counter!("cellpay_retries_refused_by_budget_total").absolute(p.counters.retries_refused.load(Relaxed));

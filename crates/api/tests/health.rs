@@ -125,7 +125,7 @@ impl Server {
         let auth = Auth::new(vec![Token::parse(&format!("client:{CLIENT}")).unwrap()]);
         let plan = Plan::from_toml(cellpay_router::degrade::PLAN_BUNDLED).unwrap();
         let protection = Arc::new(Protection::new(FlowRules::default(), plan, auth.token_roles(), 1));
-        let state = AppState::new(auth, ApiLimits::default());
+        let state = AppState::new(auth, ApiLimits::default(), cellpay_api::FrontLimits::default());
         let slot = Arc::new(CellSlot::new(CellId(0)));
         let listener = runtime.block_on(async {
             slot.install(cell.handle());

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use cellpay_api::listener::AddressRange;
+use cellpay_api::FrontLimits;
 use serde::Deserialize;
 
 /// Flags (and their environment variables) of `cellpay serve`.
@@ -45,9 +47,43 @@ pub struct ServeArgs {
     /// Most commands queued per cell; beyond it 503 overloaded [default: 65536].
     #[arg(long, env = "CELLPAY_QUEUE_COMMANDS_MAX")]
     pub queue_commands_max: Option<usize>,
-    /// Most open client connections [default: 4096].
+    /// Most open client connections; at the cap the longest-idle connection
+    /// that never completed an authenticated request is closed [default: 4096].
     #[arg(long, env = "CELLPAY_CONNECTIONS_MAX")]
     pub connections_max: Option<usize>,
+    /// Most open connections from one client address [default: 256].
+    #[arg(long, env = "CELLPAY_CONNECTIONS_PER_ADDRESS_MAX")]
+    pub connections_per_address_max: Option<usize>,
+    /// Addresses or CIDR ranges the per-address cap spares (trusted proxies),
+    /// comma-separated; `none` for none [default: 127.0.0.0/8,::1].
+    #[arg(long, env = "CELLPAY_CONNECTIONS_PER_ADDRESS_EXEMPT", value_delimiter = ',')]
+    pub connections_per_address_exempt: Option<Vec<String>>,
+    /// Time a client has to send a request head; also closes a new
+    /// connection that sends nothing [default: 10000].
+    #[arg(long, env = "CELLPAY_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// A connection with no request in flight is closed after this long [default: 60000].
+    #[arg(long, env = "CELLPAY_KEEP_ALIVE_IDLE_TIMEOUT_MS")]
+    pub keep_alive_idle_timeout_ms: Option<u64>,
+    /// Time a client has to send a whole request body; beyond it 408 [default: 30000].
+    #[arg(long, env = "CELLPAY_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
+    /// After this long a body must keep up body_rate_bytes_per_s_min [default: 2000].
+    #[arg(long, env = "CELLPAY_BODY_RATE_GRACE_MS")]
+    pub body_rate_grace_ms: Option<u64>,
+    /// Slowest average pace of a body once the grace is over; slower: 408 [default: 8192].
+    #[arg(long, env = "CELLPAY_BODY_RATE_BYTES_PER_S_MIN")]
+    pub body_rate_bytes_per_s_min: Option<u64>,
+    /// Request body bytes read or held at once across all connections;
+    /// beyond it 503 overloaded [default: 268435456].
+    #[arg(long, env = "CELLPAY_BODY_BYTES_IN_FLIGHT_MAX")]
+    pub body_bytes_in_flight_max: Option<usize>,
+    /// Longest request target (path and query); beyond it 414 [default: 8192].
+    #[arg(long, env = "CELLPAY_URI_BYTES_MAX")]
+    pub uri_bytes_max: Option<usize>,
+    /// Largest request head (request line and headers); beyond it 431 [default: 32768].
+    #[arg(long, env = "CELLPAY_HEADER_BYTES_MAX")]
+    pub header_bytes_max: Option<usize>,
     /// Transfer records kept per ledger per cell for idempotency and status [default: 1048576].
     #[arg(long, env = "CELLPAY_TRANSFERS_RETAINED_MAX")]
     pub transfers_retained_max: Option<usize>,
@@ -91,6 +127,16 @@ struct FileConfig {
     batch_commands_max: Option<usize>,
     queue_commands_max: Option<usize>,
     connections_max: Option<usize>,
+    connections_per_address_max: Option<usize>,
+    connections_per_address_exempt: Option<Vec<String>>,
+    header_read_timeout_ms: Option<u64>,
+    keep_alive_idle_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    body_rate_grace_ms: Option<u64>,
+    body_rate_bytes_per_s_min: Option<u64>,
+    body_bytes_in_flight_max: Option<usize>,
+    uri_bytes_max: Option<usize>,
+    header_bytes_max: Option<usize>,
     transfers_retained_max: Option<usize>,
     history_entries_max: Option<usize>,
     checkpoint_log_mib: Option<u64>,
@@ -143,7 +189,8 @@ pub struct Config {
     pub batch_items_max: usize,
     pub batch_commands_max: usize,
     pub queue_commands_max: usize,
-    pub connections_max: usize,
+    /// Connection caps, timeouts and body pace of the HTTP front door.
+    pub front: FrontLimits,
     pub transfers_retained_max: usize,
     pub history_entries_max: usize,
     pub checkpoint_log_mib: u64,
@@ -169,7 +216,7 @@ impl Default for Config {
             batch_items_max: 8190,
             batch_commands_max: 8190,
             queue_commands_max: 65_536,
-            connections_max: 4096,
+            front: FrontLimits::default(),
             transfers_retained_max: 1 << 20,
             history_entries_max: 1 << 20,
             checkpoint_log_mib: 32,
@@ -181,6 +228,14 @@ impl Default for Config {
             drills: false,
         }
     }
+}
+
+/// Parses `ADDRESS` / `ADDRESS/PREFIX` entries; `none` alone means no exemptions.
+fn address_ranges(list: &[String]) -> anyhow::Result<Vec<AddressRange>> {
+    if list.len() == 1 && list[0].trim() == "none" {
+        return Ok(Vec::new());
+    }
+    list.iter().map(|s| s.parse::<AddressRange>().context("connections_per_address_exempt")).collect()
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -228,7 +283,46 @@ impl Config {
             batch_items_max: args.batch_items_max.or(file.batch_items_max).unwrap_or(d.batch_items_max),
             batch_commands_max: args.batch_commands_max.or(file.batch_commands_max).unwrap_or(d.batch_commands_max),
             queue_commands_max: args.queue_commands_max.or(file.queue_commands_max).unwrap_or(d.queue_commands_max),
-            connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.connections_max),
+            front: FrontLimits {
+                connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.front.connections_max),
+                connections_per_address_max: args
+                    .connections_per_address_max
+                    .or(file.connections_per_address_max)
+                    .unwrap_or(d.front.connections_per_address_max),
+                connections_per_address_exempt: match args
+                    .connections_per_address_exempt
+                    .or(file.connections_per_address_exempt)
+                {
+                    Some(list) => address_ranges(&list)?,
+                    None => d.front.connections_per_address_exempt,
+                },
+                header_read_timeout_ms: args
+                    .header_read_timeout_ms
+                    .or(file.header_read_timeout_ms)
+                    .unwrap_or(d.front.header_read_timeout_ms),
+                keep_alive_idle_timeout_ms: args
+                    .keep_alive_idle_timeout_ms
+                    .or(file.keep_alive_idle_timeout_ms)
+                    .unwrap_or(d.front.keep_alive_idle_timeout_ms),
+                body_read_timeout_ms: args
+                    .body_read_timeout_ms
+                    .or(file.body_read_timeout_ms)
+                    .unwrap_or(d.front.body_read_timeout_ms),
+                body_rate_grace_ms: args
+                    .body_rate_grace_ms
+                    .or(file.body_rate_grace_ms)
+                    .unwrap_or(d.front.body_rate_grace_ms),
+                body_rate_bytes_per_s_min: args
+                    .body_rate_bytes_per_s_min
+                    .or(file.body_rate_bytes_per_s_min)
+                    .unwrap_or(d.front.body_rate_bytes_per_s_min),
+                body_bytes_in_flight_max: args
+                    .body_bytes_in_flight_max
+                    .or(file.body_bytes_in_flight_max)
+                    .unwrap_or(d.front.body_bytes_in_flight_max),
+                uri_bytes_max: args.uri_bytes_max.or(file.uri_bytes_max).unwrap_or(d.front.uri_bytes_max),
+                header_bytes_max: args.header_bytes_max.or(file.header_bytes_max).unwrap_or(d.front.header_bytes_max),
+            },
             transfers_retained_max: args
                 .transfers_retained_max
                 .or(file.transfers_retained_max)
@@ -269,7 +363,11 @@ impl Config {
             self.queue_commands_max >= self.batch_commands_max,
             "queue_commands_max must be at least batch_commands_max"
         );
-        anyhow::ensure!(self.connections_max >= 1, "connections_max must be at least 1");
+        self.front.check().map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            self.front.body_bytes_in_flight_max >= self.body_bytes_max,
+            "body_bytes_in_flight_max must be at least body_bytes_max"
+        );
         anyhow::ensure!(self.transfers_retained_max >= 1, "transfers_retained_max must be at least 1");
         anyhow::ensure!(self.history_entries_max >= 1, "history_entries_max must be at least 1");
         anyhow::ensure!((1..=10_000).contains(&self.queue_delay_target_ms), "queue_delay_target_ms must be 1..=10000");

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use cellpay_api::{listener::LimitedListener, ApiLimits, AppState, Auth, Token};
+use cellpay_api::{ApiLimits, AppState, Auth, Token};
 use cellpay_cell::{BoxFuture, Cell, CellClient, CellSlot, EngineConfig, RelayConfig};
 use cellpay_core::{CellId, Limits, ShardMap};
 use cellpay_router::{Cluster, FlowRules, Plan, Protection};
@@ -274,7 +274,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protection>) -> anyhow::Result<ExitCode> {
     let mut shutdown = ShutdownSignal::install()?;
     let limits = ApiLimits { body_bytes_max: config.body_bytes_max, batch_items_max: config.batch_items_max };
-    let state = AppState::new(auth, limits);
+    let state = AppState::new(auth, limits, config.front.clone());
     let tcp = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -285,17 +285,9 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
         map.shards(),
         config.data_dir.display()
     );
-    let listener = LimitedListener::new(tcp, config.connections_max);
     let app = cellpay_api::router(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = server_stop.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let server = tokio::spawn(cellpay_api::front::serve(tcp, app, config.front.clone(), stop_rx.clone()));
 
     let recovering = {
         let (config, map) = (config.clone(), map.clone());

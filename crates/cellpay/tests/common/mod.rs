@@ -196,3 +196,16 @@ pub fn ids_in_cells(cells: u32) -> Vec<Vec<String>> {
     }
     unreachable!()
 }
+
+/// Validates a body against `#/components/schemas/<name>` of the OpenAPI document.
+pub fn conforms(body: &Value, name: &str) {
+    let doc: Value = serde_json::from_str(include_str!("../../../api/openapi.json")).unwrap();
+    let schema = serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": format!("#/components/schemas/{name}"),
+        "components": doc["components"],
+    });
+    let validator = jsonschema::validator_for(&schema).expect("the OpenAPI schemas compile");
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{name} does not match its schema: {errors:?}\n{body}");
+}

@@ -2,7 +2,8 @@
 //!
 //! Calls in flight to the cell are capped by a limit that learns: each call
 //! that comes back within the latency target while the limit was in use adds
-//! `1/limit` (about +1 per round trip); a call slower than the target, or shed
+//! `1/limit` (about +1 per round trip), or 1 while the limit is below its
+//! initial value (a slow start, so a cut heals fast); a call slower than the target, or shed
 //! by the cell, cuts the limit by 10 %, at most once per `latency_target`
 //! (one cut per congestion signal, not one per call in flight). Lower classes
 //! may use only a share of the limit, so under pressure they are refused
@@ -105,8 +106,13 @@ impl AdaptiveLimit {
                 l.last_cut = Instant::now();
             }
         } else if in_use && latency <= target {
-            // Grow only when the limit was really in use.
-            l.limit = (l.limit + 1.0 / l.limit).min(f64::from(self.rules.max));
+            // Grow only when the limit was really in use. Below the initial
+            // limit, by one per fast call (a slow start, as TCP's after a
+            // loss): a cut that outlived its cause is undone within a few
+            // round trips, not after tens of thousands of calls. Above it,
+            // by 1/limit: about one per round trip.
+            let step = if l.limit < f64::from(self.rules.initial) { 1.0 } else { 1.0 / l.limit };
+            l.limit = (l.limit + step).min(f64::from(self.rules.max));
         }
         self.limit.store(l.limit as u32, Relaxed);
     }
@@ -149,6 +155,32 @@ mod tests {
             }
         }
         assert!(l.limit() > 18, "limit {}", l.limit());
+    }
+
+    #[test]
+    fn a_limit_cut_to_its_floor_grows_back_once_calls_are_fast_again() {
+        let l = AdaptiveLimit::new(ConcurrencyRules { initial: 512, min: 32, max: 8192, latency_target_ms: 5 });
+        // Slow calls at full use (slow clients used to look like this) cut it to the floor.
+        for _ in 0..100 {
+            let permits: Vec<_> = (0..l.limit()).filter_map(|_| l.try_acquire(Priority::Critical)).collect();
+            std::thread::sleep(Duration::from_millis(6));
+            permits.into_iter().for_each(|p| p.done(false));
+        }
+        assert_eq!(l.limit(), 32);
+        // Fast calls at full use: back to the initial limit within a few rounds.
+        let mut rounds = 0;
+        while l.limit() < 512 {
+            let permits: Vec<_> = (0..l.limit()).filter_map(|_| l.try_acquire(Priority::Critical)).collect();
+            permits.into_iter().for_each(|p| p.done(false));
+            rounds += 1;
+            assert!(rounds <= 30, "limit {} after {rounds} rounds of fast calls", l.limit());
+        }
+        // Above the initial limit it grows by at most about one per round.
+        for _ in 0..20 {
+            let permits: Vec<_> = (0..l.limit()).filter_map(|_| l.try_acquire(Priority::Critical)).collect();
+            permits.into_iter().for_each(|p| p.done(false));
+        }
+        assert!(l.limit() <= 560, "limit {}", l.limit());
     }
 
     #[test]

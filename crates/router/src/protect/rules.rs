@@ -124,7 +124,7 @@ pub struct FlowRules {
     pub tokens: BTreeMap<String, Rate>,
     pub hot_keys: HotKeyRules,
     /// Requests in flight in this router's HTTP front, all cells together:
-    /// beyond it a request is refused before its body is read.
+    /// beyond it a request is refused (once its body has been read).
     pub edge_concurrency: ConcurrencyRules,
     /// Calls in flight to each cell.
     pub concurrency: ConcurrencyRules,
