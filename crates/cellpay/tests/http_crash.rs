@@ -41,7 +41,7 @@ fn every_acknowledged_transfer_survives_kill_9_of_the_server() {
         for a in &accounts {
             assert_eq!(s.post("/v1/accounts", CLIENT, &json!({"id": a, "currency": "CNY"})).status, 201);
             let fund = json!({"id": format!("fund-{a}"), "from": "bank", "to": a, "amount": 1_000_000});
-            assert_eq!(s.post("/v1/transfers", CLIENT, &fund).status, 201);
+            assert_eq!(s.post("/v1/transfers", ADMIN, &fund).status, 201);
         }
         s.kill9();
     }

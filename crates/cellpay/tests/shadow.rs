@@ -29,7 +29,7 @@ fn shadow_traffic_never_touches_real_money() {
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(s.post("/v1/accounts", CLIENT, &json!({"id": id, "currency": "CNY"})).status, 201);
         let fund = json!({"id": format!("real-{i}"), "from": "bank", "to": id, "amount": 10_000});
-        assert_eq!(s.post("/v1/transfers", CLIENT, &fund).status, 201);
+        assert_eq!(s.post("/v1/transfers", ADMIN, &fund).status, 201);
     }
     s.eventually("real funding settles", || s.get("/v1/audit", CLIENT).body["in_flight"] == 0);
     let balances = real_balances(&s, &ids);
@@ -44,7 +44,7 @@ fn shadow_traffic_never_touches_real_money() {
     }
     for (i, id) in ids.iter().enumerate() {
         let t = json!({"id": format!("real-{i}"), "from": "bank", "to": id, "amount": 777});
-        let r = s.post_shadow("/v1/transfers", CLIENT, &t);
+        let r = s.post_shadow("/v1/transfers", ADMIN, &t);
         assert_eq!(r.status, 201, "a shadow id never collides with a real one: {}", r.body);
     }
     s.eventually("shadow funding arrives", || s.get("/v1/audit", CLIENT).body["shadow"]["in_flight"] == 0);

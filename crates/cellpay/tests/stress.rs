@@ -90,7 +90,7 @@ fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
     let mut dirty = stress(&s, dir.path());
     std::thread::sleep(Duration::from_millis(2500));
     let t = json!({"id": "mid-run", "from": "real-bank", "to": "real-shop", "amount": 1});
-    assert_eq!(s.post("/v1/transfers", CLIENT, &t).status, 201);
+    assert_eq!(s.post("/v1/transfers", ADMIN, &t).status, 201);
     let status = dirty.wait().unwrap();
     let r = report(dir.path());
     assert_eq!(status.code(), Some(1), "a touched real ledger is no-go");
