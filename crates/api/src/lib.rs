@@ -15,6 +15,7 @@ pub mod headers;
 pub mod intake;
 pub mod listener;
 pub mod metrics;
+pub mod oplog;
 pub mod routes;
 pub mod served;
 pub mod views;
@@ -32,6 +33,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 pub use auth::{Auth, Caller, Role, Token};
 pub use error::ApiError;
 pub use front::FrontLimits;
+
+/// Scrapes of `/metrics` answered per second (and at once), across all callers:
+/// far above any Prometheus scrape interval, and a flood answers 429 cheaply.
+pub const METRICS_SCRAPES_PER_S_MAX: u32 = 20;
 
 /// The contract's limits on what one request may carry (I7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +69,10 @@ pub struct Inner {
     pub stale: guard::StaleBalances,
     pub relays: OnceLock<Vec<RelayHandle>>,
     pub metrics: PrometheusHandle,
+    /// `/metrics` answers at most [`METRICS_SCRAPES_PER_S_MAX`] a second (I7).
+    pub metrics_limiter: governor::DefaultDirectRateLimiter,
+    /// Who did what to money and to the peak's settings; unset: nothing is recorded.
+    pub oplog: OnceLock<Arc<oplog::OperatorLog>>,
     /// Requests answered, and those answered 503 (shed or unavailable), for the dashboard.
     pub answered: std::sync::atomic::AtomicU64,
     pub unavailable_answers: std::sync::atomic::AtomicU64,
@@ -101,9 +110,22 @@ impl AppState {
             stale: Default::default(),
             relays: OnceLock::new(),
             metrics: metrics::handle(),
+            metrics_limiter: governor::RateLimiter::direct(governor::Quota::per_second(
+                std::num::NonZeroU32::new(METRICS_SCRAPES_PER_S_MAX).expect("a positive rate"),
+            )),
+            oplog: OnceLock::new(),
             answered: Default::default(),
             unavailable_answers: Default::default(),
         }))
+    }
+
+    /// Appends an operator action to the operator log (when there is one). The
+    /// action has taken effect already: a failed write is logged at ERROR.
+    pub fn record(&self, action: oplog::Action<'_>) {
+        let Some(log) = self.0.oplog.get() else { return };
+        if let Err(e) = log.record(action) {
+            tracing::error!("the operator log could not record an action that took effect: {e}");
+        }
     }
 
     /// The cluster, or 503 while cells are still recovering.
@@ -130,6 +152,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/rules", get(admin::rules).put(admin::replace_rules))
         .route("/v1/admin/cells/{id}/halt", post(admin::halt))
         .route("/v1/admin/cells/{id}/restart", post(admin::restart))
+        .route("/v1/admin/actions", get(admin::actions))
         // Innermost: layer 0 of the protection stack. Its permit is taken only
         // once the body is in memory, so a slow client never holds one.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::edge))
@@ -143,7 +166,12 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/openapi.json", get(ops::openapi))
         .route("/dashboard", get(dashboard::page))
-        .route("/dashboard/data", get(dashboard::data))
+        // The dashboard's figures need a token; the page itself holds none.
+        .merge(
+            Router::new()
+                .route("/dashboard/data", get(dashboard::data))
+                .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token)),
+        )
         .fallback(ops::no_route)
         // Bodies are read by the handlers within `ApiLimits`, answering our own 413.
         .layer(DefaultBodyLimit::disable())

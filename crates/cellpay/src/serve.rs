@@ -337,6 +337,10 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
         let _ = state.0.control.set(Arc::new(Drills(local.clone())));
         say!("drills enabled: POST /v1/admin/cells/{{id}}/halt and /restart are open to admin tokens");
     }
+    let oplog_path = config.data_dir.join("operator.log");
+    let oplog = cellpay_api::oplog::OperatorLog::open(&oplog_path)
+        .with_context(|| format!("opening the operator log {}", oplog_path.display()))?;
+    let _ = state.0.oplog.set(Arc::new(oplog));
     let _ = state.0.local_cells.set(slots);
     let _ = state.0.relays.set(relays);
     let _ = state.0.cluster.set(cluster);

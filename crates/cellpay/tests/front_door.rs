@@ -135,7 +135,8 @@ fn pay(s: &Server, id: &str) -> Reply {
 
 fn metric(s: &Server, name: &str) -> Option<f64> {
     let text = s.request("GET", "/metrics", None, &[], None).body;
-    let text = text.as_str().expect("metrics are text");
+    // A 429 (over /metrics' rate) is JSON: no figure this time.
+    let text = text.as_str()?;
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 

@@ -16,6 +16,7 @@ use crate::error::ApiError;
 use crate::guard;
 use crate::headers::cell_headers;
 use crate::headers::shadow;
+use crate::oplog::Action as OperatorAction;
 use crate::served::Served;
 use crate::{views, AppState};
 
@@ -44,6 +45,9 @@ pub async fn open(
     let served = Served::from(cluster.submit_one(command).await)?;
     match &served.answer {
         Outcome::AccountOpened { account, created } => {
+            if *created && role == Role::Admin {
+                state.record(OperatorAction { caller, by: &by, action: "open_account", args: views::account(account) });
+            }
             let status = if *created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(served.respond(status, views::account(account)))
         }

@@ -3,16 +3,17 @@
 //! `invalid_request` and the message of the first mistake; the old one stays.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use cellpay_core::ErrorCode;
+use cellpay_core::{Authority, ErrorCode};
 use cellpay_router::{FlowRules, Mode, Plan};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::{body, AppState, Role};
+use crate::oplog::{Action, ACTIONS_PAGE_MAX};
+use crate::{body, AppState, Caller, Role};
 
 fn admin_only(role: Role, what: &str) -> Result<(), ApiError> {
     if role != Role::Admin {
@@ -42,13 +43,16 @@ pub async fn degrade(State(state): State<AppState>, Extension(role): Extension<R
 pub async fn replace_plan(
     State(state): State<AppState>,
     Extension(role): Extension<Role>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     request: Body,
 ) -> Result<Response, ApiError> {
     admin_only(role, "replacing the degrade plan")?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let plan = Plan::from_json(&bytes).map_err(|e| ApiError::invalid(format!("degrade plan refused: {e}")))?;
+    let args = serde_json::to_value(&plan).unwrap_or(Value::Null);
     state.cluster()?.protection().degrade.replace(plan);
+    state.record(Action { caller, by: &Authority::Admin, action: "degrade_plan", args });
     Ok(Json(degrade_view(&state)?).into_response())
 }
 
@@ -62,6 +66,7 @@ struct SwitchBody {
 pub async fn set_switch(
     State(state): State<AppState>,
     Extension(role): Extension<Role>,
+    Extension(caller): Extension<Caller>,
     Path(switch): Path<String>,
     headers: HeaderMap,
     request: Body,
@@ -74,6 +79,8 @@ pub async fn set_switch(
     if !cluster.protection().degrade.is_on(cellpay_router::Action::BalanceReadsStale) {
         state.stale.clear();
     }
+    let args = json!({"switch": switch, "mode": order.mode});
+    state.record(Action { caller, by: &Authority::Admin, action: "degrade_switch", args });
     Ok(Json(view).into_response())
 }
 
@@ -87,6 +94,7 @@ pub async fn rules(State(state): State<AppState>, Extension(role): Extension<Rol
 pub async fn replace_rules(
     State(state): State<AppState>,
     Extension(role): Extension<Role>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     request: Body,
 ) -> Result<Response, ApiError> {
@@ -94,11 +102,14 @@ pub async fn replace_rules(
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let rules = FlowRules::from_json(&bytes).map_err(|e| ApiError::invalid(format!("flow rules refused: {e}")))?;
     let cluster = state.cluster()?;
+    let args = serde_json::to_value(&rules).unwrap_or(Value::Null);
     cluster.replace_rules(rules);
+    state.record(Action { caller, by: &Authority::Admin, action: "flow_rules", args });
     Ok(Json(cluster.protection().rules()).into_response())
 }
 
-async fn control(state: &AppState, role: Role, id: &str, halt: bool) -> Result<Response, ApiError> {
+async fn control(state: &AppState, caller: Caller, id: &str, halt: bool) -> Result<Response, ApiError> {
+    let role = caller.role;
     admin_only(role, "halting or restarting a cell")?;
     let Some(control) = state.control.get() else {
         return Err(ApiError::new(ErrorCode::Forbidden, "drills are not enabled on this server (serve --drills true)"));
@@ -108,23 +119,55 @@ async fn control(state: &AppState, role: Role, id: &str, halt: bool) -> Result<R
     let cell = cell.ok_or_else(|| ApiError::invalid(format!("no cell {id:?} in this cluster of {cells}")))?;
     let done = if halt { control.halt(cell).await } else { control.restart(cell).await };
     let message = done.map_err(|e| ApiError::new(ErrorCode::Conflict, e))?;
+    let action = if halt { "cell_halt" } else { "cell_restart" };
+    state.record(Action { caller, by: &Authority::Admin, action, args: json!({"cell": cell}) });
     Ok(Json(json!({"cell": cell, "message": message})).into_response())
 }
 
 /// `POST /v1/admin/cells/{id}/halt`: stops the cell's engine as a crash would (drills only).
 pub async fn halt(
     State(state): State<AppState>,
-    Extension(role): Extension<Role>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    control(&state, role, &id, true).await
+    control(&state, caller, &id, true).await
 }
 
 /// `POST /v1/admin/cells/{id}/restart`: recovers the cell and starts it again (drills only).
 pub async fn restart(
     State(state): State<AppState>,
-    Extension(role): Extension<Role>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    control(&state, role, &id, false).await
+    control(&state, caller, &id, false).await
+}
+
+/// `GET /v1/admin/actions?limit=N`: the newest operator actions, oldest first
+/// (`limit` 1..=1000, default 100).
+pub async fn actions(
+    State(state): State<AppState>,
+    Extension(role): Extension<Role>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    admin_only(role, "reading the operator log")?;
+    let mut limit = 100;
+    for pair in raw.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=').unwrap_or((pair, "")) {
+            ("limit", v) => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=ACTIONS_PAGE_MAX).contains(n))
+                    .ok_or_else(|| ApiError::invalid(format!("limit must be between 1 and {ACTIONS_PAGE_MAX}")))?;
+            }
+            (other, _) => return Err(ApiError::invalid(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    let Some(log) = state.oplog.get() else {
+        return Ok(Json(json!({"actions": []})).into_response());
+    };
+    let actions = log
+        .newest(limit)
+        .map_err(|e| ApiError::new(ErrorCode::CellUnavailable, format!("the operator log cannot be read: {e}")))?;
+    Ok(Json(json!({"actions": actions})).into_response())
 }

@@ -152,7 +152,13 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus text, from figures the cells publish (no work queued on them);
+/// at most [`crate::METRICS_SCRAPES_PER_S_MAX`] a second, 429 beyond.
 pub async fn metrics(State(state): State<AppState>) -> Response {
+    if state.metrics_limiter.check().is_err() {
+        let msg = format!("/metrics answers at most {} scrapes a second", crate::METRICS_SCRAPES_PER_S_MAX);
+        return ApiError::new(ErrorCode::RateLimited, msg).into_response();
+    }
     let text = crate::metrics::render(&state).await;
     ([(CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -13,6 +13,7 @@ use crate::body::{self, BatchBody, TransferBody};
 use crate::error::ApiError;
 use crate::guard;
 use crate::headers::shadow;
+use crate::oplog::Action;
 use crate::served::Served;
 use crate::{views, AppState, Caller};
 
@@ -33,6 +34,9 @@ pub async fn create(
     let served = Served::from(state.cluster()?.submit_one(command).await)?;
     match &served.answer {
         Outcome::Transferred { transfer, created, .. } => {
+            if *created && by == Authority::Admin {
+                state.record(Action { caller, by: &by, action: "transfer", args: views::transfer(transfer) });
+            }
             let status = if *created { StatusCode::CREATED } else { StatusCode::OK };
             Ok(served.respond(status, views::transfer(transfer)))
         }
@@ -96,13 +100,22 @@ pub async fn batch(
         }
     }
     let answers = cluster.submit_transfers(commands).await;
+    let mut made_by_admin = Vec::new();
     for ((position, id), routed) in positions.into_iter().zip(answers) {
         results[position] = match routed.result {
-            Ok(Outcome::Transferred { transfer, .. }) => json!({"id": id, "status": transfer.status.as_str()}),
+            Ok(Outcome::Transferred { transfer, created, .. }) => {
+                if created && by == Authority::Admin {
+                    made_by_admin.push(views::transfer(&transfer));
+                }
+                json!({"id": id, "status": transfer.status.as_str()})
+            }
             Ok(Outcome::Rejected(r)) => json!({"id": id, "error": ApiError::from(r).body()}),
             Ok(other) => unreachable!("a transfer answers Transferred or Rejected, not {other:?}"),
             Err(e) => json!({"id": id, "error": ApiError::from(e).body()}),
         };
+    }
+    if !made_by_admin.is_empty() {
+        state.record(Action { caller, by: &by, action: "transfer_batch", args: json!({"transfers": made_by_admin}) });
     }
     Ok(Json(json!({"results": results})).into_response())
 }
