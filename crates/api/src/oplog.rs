@@ -1,8 +1,8 @@
 //! The operator log: who did what to money and to the peak's settings.
 //!
-//! Money-creating and peak-changing actions (transfers made with an admin
-//! token, the only way to debit an overdraft account; accounts opened by
-//! admin, for any tenant; degrade switches and plans set by hand; flow rules
+//! Money-creating and peak-changing actions (transfers out of an overdraft
+//! account, which only an admin token may make: each creates money; accounts
+//! opened by admin, for any tenant; degrade switches and plans set by hand; flow rules
 //! replaced; cells halted or restarted) each append one JSON line to
 //! `<data-dir>/operator.log`, fsynced before the answer. The file is
 //! append-only; `GET /v1/admin/actions` reads its newest entries. An entry

@@ -270,6 +270,9 @@ pub enum Outcome {
         transfer: TransferView,
         created: bool,
         outbox: Option<(CellId, u64)>,
+        /// The payer is an overdraft account: this transfer created money
+        /// (the operator log records each one).
+        minted: bool,
     },
     /// The credit is applied (or was before, `duplicate`); the relay acknowledges it.
     CreditApplied {

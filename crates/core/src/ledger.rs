@@ -522,7 +522,7 @@ impl Ledger {
         if let Some(record) = self.find_record(&t.id, payer) {
             if self.same_body(record, t) {
                 let transfer = self.transfer_view(record);
-                return Outcome::Transferred { transfer, created: false, outbox: None };
+                return Outcome::Transferred { transfer, created: false, outbox: None, minted: false };
             }
             let msg = format!("transfer {} of payer {} exists with a different body", t.id, t.from);
             return Outcome::rejected(ErrorCode::Conflict, msg);
@@ -568,7 +568,8 @@ impl Ledger {
         self.push_history(payee, &t.id, AccountRef::Local(payer), EntryKind::Credit, t.amount);
         self.push_record(Self::new_record(t, payer, AccountRef::Local(payee), currency, TransferStatus::Settled));
         let transfer = Self::accepted_view(t, currency, TransferStatus::Settled);
-        Outcome::Transferred { transfer, created: true, outbox: None }
+        let minted = self.accounts[payer as usize].overdraft;
+        Outcome::Transferred { transfer, created: true, outbox: None, minted }
     }
 
     fn transfer_remote(
@@ -617,7 +618,8 @@ impl Ledger {
                 currency,
             },
         );
-        Outcome::Transferred { transfer, created: true, outbox: Some((dest, seq)) }
+        let minted = self.accounts[payer as usize].overdraft;
+        Outcome::Transferred { transfer, created: true, outbox: Some((dest, seq)), minted }
     }
 
     fn new_record(

@@ -33,8 +33,8 @@ pub async fn create(
     }
     let served = Served::from(state.cluster()?.submit_one(command).await)?;
     match &served.answer {
-        Outcome::Transferred { transfer, created, .. } => {
-            if *created && by == Authority::Admin {
+        Outcome::Transferred { transfer, created, minted, .. } => {
+            if *created && *minted {
                 state.record(Action { caller, by: &by, action: "transfer", args: views::transfer(transfer) });
             }
             let status = if *created { StatusCode::CREATED } else { StatusCode::OK };
@@ -100,12 +100,12 @@ pub async fn batch(
         }
     }
     let answers = cluster.submit_transfers(commands).await;
-    let mut made_by_admin = Vec::new();
+    let mut minted_here = Vec::new();
     for ((position, id), routed) in positions.into_iter().zip(answers) {
         results[position] = match routed.result {
-            Ok(Outcome::Transferred { transfer, created, .. }) => {
-                if created && by == Authority::Admin {
-                    made_by_admin.push(views::transfer(&transfer));
+            Ok(Outcome::Transferred { transfer, created, minted, .. }) => {
+                if created && minted {
+                    minted_here.push(views::transfer(&transfer));
                 }
                 json!({"id": id, "status": transfer.status.as_str()})
             }
@@ -114,8 +114,8 @@ pub async fn batch(
             Err(e) => json!({"id": id, "error": ApiError::from(e).body()}),
         };
     }
-    if !made_by_admin.is_empty() {
-        state.record(Action { caller, by: &by, action: "transfer_batch", args: json!({"transfers": made_by_admin}) });
+    if !minted_here.is_empty() {
+        state.record(Action { caller, by: &by, action: "transfer_batch", args: json!({"transfers": minted_here}) });
     }
     Ok(Json(json!({"results": results})).into_response())
 }
