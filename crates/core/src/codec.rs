@@ -11,7 +11,7 @@ use crate::money::Currency;
 use crate::shard::ShardMap;
 
 /// The format version written at the start of every batch and snapshot.
-/// 2: accounts carry their tenant, transfers the authority they were made with.
+/// 2: accounts carry their tenant.
 pub const FORMAT_VERSION: u8 = 2;
 
 /// The most commands one logged batch may hold (I7); far above any engine batch.
@@ -223,13 +223,8 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             }
             w.str(t.memo.as_deref().unwrap_or(""));
             w.bool(t.memo.is_some());
-            match &t.by {
-                Authority::Admin => w.u8(0),
-                Authority::Tenant(tenant) => {
-                    w.u8(1);
-                    w.id(tenant.as_str());
-                }
-            }
+            // `t.by` is not logged: the authority was checked when the
+            // transfer was admitted, and a logged command applies again as is.
         }
         Op::Credit(c) => {
             w.u8(TAG_CREDIT);
@@ -286,12 +281,8 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             };
             let memo_text = r.str()?;
             let memo = r.bool()?.then(|| Box::from(memo_text));
-            let by = match r.u8()? {
-                0 => Authority::Admin,
-                1 => Authority::Tenant(r.tenant_id()?),
-                other => return Err(r.error(format!("bad authority tag {other}"))),
-            };
-            Op::Transfer(Transfer { id, from, to, amount, currency, memo, by })
+            // Replay needs no authority check: the command was admitted once.
+            Op::Transfer(Transfer { id, from, to, amount, currency, memo, by: Authority::Admin })
         }
         TAG_CREDIT => Op::Credit(Credit {
             source: CellId(r.u32()?),
@@ -371,7 +362,7 @@ mod tests {
                 amount: 7,
                 currency: None,
                 memo: None,
-                by: Authority::Tenant(TenantId::new("acme").unwrap()),
+                by: Authority::Admin,
             })),
             Command::real(Op::Credit(Credit {
                 source: CellId(3),

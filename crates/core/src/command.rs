@@ -89,7 +89,9 @@ pub struct Transfer {
     pub currency: Option<Currency>,
     pub memo: Option<Box<str>>,
     /// Who asks: the payer must belong to this tenant (admin: any), and only
-    /// admin may debit an overdraft account (it creates money).
+    /// admin may debit an overdraft account (it creates money). Checked when
+    /// the transfer is admitted; not logged (replay reads `Admin`: a logged
+    /// command was admitted and applies again as it did).
     pub by: Authority,
 }
 
