@@ -45,7 +45,9 @@ pub(crate) struct Account {
     pub currency: Currency,
     pub balance: i64,
     pub overdraft: bool,
-    pub tenant: TenantId,
+    /// Its tenant, as a position in the ledger's tenant table (an account
+    /// stays one cache line; tenants are few).
+    pub tenant: u32,
     pub shard: u32,
     pub id_hash: u64,
     /// Sequence number + 1 of this account's newest history entry, 0 for none.
@@ -227,6 +229,9 @@ pub struct Ledger {
     pub(crate) limits: Limits,
     pub(crate) accounts: Vec<Account>,
     pub(crate) index: HashMap<AccountId, u32, RandomState>,
+    /// The tenants accounts belong to, in the order first seen; accounts name them by position.
+    pub(crate) tenants: Vec<TenantId>,
+    pub(crate) tenant_index: HashMap<TenantId, u32, RandomState>,
     pub(crate) records: VecDeque<TransferRecord>,
     pub(crate) records_first_seq: u64,
     pub(crate) record_index: HashMap<TransferId, u64, RandomState>,
@@ -246,6 +251,7 @@ impl PartialEq for Ledger {
     fn eq(&self, other: &Self) -> bool {
         self.limits == other.limits
             && self.accounts == other.accounts
+            && self.tenants == other.tenants
             && self.records == other.records
             && self.records_first_seq == other.records_first_seq
             && self.history == other.history
@@ -272,6 +278,8 @@ impl Ledger {
             limits,
             accounts: Vec::new(),
             index: HashMap::default(),
+            tenants: Vec::new(),
+            tenant_index: HashMap::default(),
             records: VecDeque::new(),
             records_first_seq: 0,
             record_index: HashMap::default(),
@@ -300,7 +308,7 @@ impl Ledger {
             currency: a.currency,
             balance: a.balance,
             overdraft: a.overdraft,
-            tenant: a.tenant.clone(),
+            tenant: self.tenants[a.tenant as usize].clone(),
         }
     }
 
@@ -394,7 +402,7 @@ impl Ledger {
         }
         if let Some(&i) = self.index.get(&o.id) {
             let a = &self.accounts[i as usize];
-            if a.currency == o.currency && a.overdraft == o.overdraft && a.tenant == o.tenant {
+            if a.currency == o.currency && a.overdraft == o.overdraft && self.tenants[a.tenant as usize] == o.tenant {
                 return Outcome::AccountOpened { account: self.view(i), created: false };
             }
             return Outcome::rejected(ErrorCode::Conflict, format!("account {} exists with other attributes", o.id));
@@ -404,12 +412,13 @@ impl Ledger {
         let id_hash = stable_hash(o.id.as_str().as_bytes());
         // shard_of is this same hash modulo the shard count; reuse it.
         let shard = (id_hash % u64::from(place.map.shards())) as u32;
+        let tenant = self.intern_tenant(&o.tenant);
         self.accounts.push(Account {
             id: o.id.clone(),
             currency: o.currency,
             balance: 0,
             overdraft: o.overdraft,
-            tenant: o.tenant.clone(),
+            tenant,
             shard,
             id_hash,
             history_head: 0,
@@ -474,14 +483,26 @@ impl Ledger {
         Ok(())
     }
 
+    /// The position of `tenant` in the tenant table, added if new.
+    pub(crate) fn intern_tenant(&mut self, tenant: &TenantId) -> u32 {
+        if let Some(&i) = self.tenant_index.get(tenant) {
+            return i;
+        }
+        assert!(self.tenants.len() < u32::MAX as usize, "tenants fit a u32 index");
+        let i = self.tenants.len() as u32;
+        self.tenants.push(tenant.clone());
+        self.tenant_index.insert(tenant.clone(), i);
+        i
+    }
+
     /// Only the payer's tenant (or admin) may debit it, and only admin an
     /// overdraft account: debiting one creates money.
-    fn may_debit(payer: &Account, by: &Authority) -> Result<(), Outcome> {
+    fn may_debit(&self, payer: &Account, by: &Authority) -> Result<(), Outcome> {
         if payer.overdraft && *by != Authority::Admin {
             let msg = format!("account {} allows overdraft: only an admin token may debit it", payer.id);
             return Err(Outcome::rejected(ErrorCode::Forbidden, msg));
         }
-        if !by.acts_for(&payer.tenant) {
+        if !by.acts_for(&self.tenants[payer.tenant as usize]) {
             let msg = format!("account {} belongs to another tenant", payer.id);
             return Err(Outcome::rejected(ErrorCode::Forbidden, msg));
         }
@@ -491,7 +512,7 @@ impl Ledger {
     /// The account, if `by` may read it; `Err(true)` when it exists but belongs to another tenant.
     pub fn account_for(&self, id: &AccountId, by: &Authority) -> Result<AccountView, bool> {
         let &i = self.index.get(id).ok_or(false)?;
-        if !by.acts_for(&self.accounts[i as usize].tenant) {
+        if !by.acts_for(&self.tenants[self.accounts[i as usize].tenant as usize]) {
             return Err(true);
         }
         Ok(self.view(i))
@@ -515,7 +536,7 @@ impl Ledger {
             Ok(i) => i,
             Err(rejection) => return rejection,
         };
-        if let Err(rejection) = Self::may_debit(&self.accounts[payer as usize], &t.by) {
+        if let Err(rejection) = self.may_debit(&self.accounts[payer as usize], &t.by) {
             return rejection;
         }
         // The idempotency key is the payer and the id.
@@ -787,7 +808,7 @@ impl Ledger {
         };
         self.records_with_id(id)
             .filter(|r| payer.is_none_or(|p| r.from == p))
-            .filter(|r| by.acts_for(&self.accounts[r.from as usize].tenant))
+            .filter(|r| by.acts_for(&self.tenants[self.accounts[r.from as usize].tenant as usize]))
             .map(|r| self.transfer_view(r))
             .collect()
     }

@@ -66,7 +66,7 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
         w.currency(a.currency);
         w.i64(a.balance);
         w.bool(a.overdraft);
-        w.id(a.tenant.as_str());
+        w.id(l.tenants[a.tenant as usize].as_str());
         w.u64(a.history_head);
     }
     w.u64(l.records_first_seq);
@@ -237,11 +237,13 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
         let id_hash = crate::shard::stable_hash(id.as_str().as_bytes());
         let shard = (id_hash % u64::from(map.shards())) as u32;
         debug_assert_eq!(shard, map.shard_of(id.as_str()).0);
+        let (currency, balance, overdraft) = (r.currency()?, r.i64()?, r.bool()?);
+        let tenant = l.intern_tenant(&r.tenant_id()?);
         let account = Account {
-            currency: r.currency()?,
-            balance: r.i64()?,
-            overdraft: r.bool()?,
-            tenant: r.tenant_id()?,
+            currency,
+            balance,
+            overdraft,
+            tenant,
             history_head: r.u64()?,
             id: id.clone(),
             shard,
