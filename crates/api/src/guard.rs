@@ -2,11 +2,20 @@
 //! pass it through the degrade switches, the rate limits and the hot-key
 //! limits (layers 1–3 of `cellpay_router::protect`), and the stale-balance
 //! cache of the `balance_reads_stale` switch.
+//!
+//! Layers 1 and 2 are not called by hand: a ledger handler takes an
+//! [`Admitted`] argument, an extractor that classifies the request in
+//! [`classify`] (the same table layer 0 uses) and admits it before the
+//! handler runs, so a handler cannot forget it. The one handler whose cost is
+//! known only from its body (a batch costs a unit per transfer) takes a
+//! [`Classified`] instead, and gets its class only by admitting it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use cellpay_core::{AccountId, CellId, Priority};
 use cellpay_router::protect::hotkey::Side;
 use cellpay_router::{Admission, Route};
@@ -18,26 +27,75 @@ use crate::{AppState, Caller};
 /// The most balances the stale cache holds; a full cache starts over (I7).
 pub const STALE_BALANCES_MAX: usize = 65_536;
 
-/// Layers 1 and 2 for one request of `route`, costing `cost` units; answers
-/// the request's priority class.
-pub fn admit(state: &AppState, caller: Caller, route: Route, shadow: bool, cost: u32) -> Result<Priority, ApiError> {
-    let cluster = state.cluster()?;
-    let admission = Admission { route, token: Some(caller.token), shadow, cost };
-    cluster.protection().admit(&admission)?;
-    Ok(admission.class())
+/// A ledger request that passed layers 1 and 2 at a cost of one unit.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    /// Whether it acts on the shadow ledger (`X-Cellpay-Shadow: 1`).
+    pub shadow: bool,
+    /// Its priority class, from its route and `shadow`.
+    pub class: Priority,
 }
 
-/// The route of a request from its method and path alone (before its body
-/// is read); `None` for operator routes, which are never shed.
-pub fn classify(method: &axum::http::Method, path: &str) -> Option<Route> {
+/// A ledger request classified but not yet admitted: for a handler whose
+/// cost is known only once its body is parsed. Its class comes only from
+/// [`Classified::admit`].
+#[derive(Debug, Clone, Copy)]
+pub struct Classified {
+    pub shadow: bool,
+    route: Route,
+    caller: Caller,
+}
+
+impl Classified {
+    /// Layers 1 and 2 for this request, costing `cost` units.
+    pub fn admit(self, state: &AppState, cost: u32) -> Result<Admitted, ApiError> {
+        let admission = Admission { route: self.route, token: Some(self.caller.token), shadow: self.shadow, cost };
+        state.cluster()?.protection().admit(&admission)?;
+        Ok(Admitted { shadow: self.shadow, class: admission.class() })
+    }
+}
+
+impl FromRequestParts<AppState> for Classified {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &AppState) -> Result<Self, ApiError> {
+        let shadow = crate::headers::shadow(&parts.headers)?;
+        let route = classify(&parts.method, matched(&parts.extensions))
+            .expect("a handler that takes Classified or Admitted serves a ledger route, which classify names");
+        let caller = *parts
+            .extensions
+            .get::<Caller>()
+            .expect("a ledger route sits behind auth::require_token, which sets the Caller");
+        Ok(Self { shadow, route, caller })
+    }
+}
+
+impl FromRequestParts<AppState> for Admitted {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        Classified::from_request_parts(parts, state).await?.admit(state, 1)
+    }
+}
+
+/// The route of a request from its method and matched route (the path
+/// template, e.g. `/v1/accounts/{id}`) alone, before its body is read: the one
+/// table layer 0 and [`Classified`] share. `None` for operator routes, which
+/// are never shed.
+pub fn classify(method: &axum::http::Method, matched: &str) -> Option<Route> {
     use axum::http::Method;
-    Some(match (method, path) {
+    Some(match (method, matched) {
         (&Method::POST, "/v1/transfers" | "/v1/transfers/batch" | "/v1/accounts") => Route::Payments,
-        (&Method::GET, p) if p.starts_with("/v1/transfers/") => Route::Status,
-        (&Method::GET, p) if p.starts_with("/v1/accounts/") && p.ends_with("/entries") => Route::History,
-        (&Method::GET, p) if p.starts_with("/v1/accounts/") => Route::Balance,
+        (&Method::GET, "/v1/transfers/{id}") => Route::Status,
+        (&Method::GET, "/v1/accounts/{id}/entries") => Route::History,
+        (&Method::GET, "/v1/accounts/{id}") => Route::Balance,
         _ => return None,
     })
+}
+
+/// The matched route of a request behind the router (see [`classify`]).
+fn matched(extensions: &axum::http::Extensions) -> &str {
+    extensions.get::<axum::extract::MatchedPath>().map_or("", |m| m.as_str())
 }
 
 /// Middleware, layer 0: the HTTP front's adaptive concurrency limit. It runs
@@ -52,7 +110,8 @@ pub async fn edge(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let shadow = crate::headers::shadow(request.headers()).unwrap_or(false);
-    let (Ok(cluster), Some(route)) = (state.cluster(), classify(request.method(), request.uri().path())) else {
+    let (Ok(cluster), Some(route)) = (state.cluster(), classify(request.method(), matched(request.extensions())))
+    else {
         return next.run(request).await;
     };
     let class = Priority::of(shadow, route.priority());
@@ -109,5 +168,22 @@ impl StaleBalances {
 
     pub fn clear(&self) {
         self.entries.lock().expect("stale cache lock").clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    /// Classified by the matched route, not the raw path: an account named
+    /// `entries` is a balance read, as its handler is.
+    #[test]
+    fn a_request_is_classified_by_its_matched_route() {
+        assert_eq!(classify(&Method::GET, "/v1/accounts/{id}"), Some(Route::Balance));
+        assert_eq!(classify(&Method::GET, "/v1/accounts/{id}/entries"), Some(Route::History));
+        assert_eq!(classify(&Method::POST, "/v1/transfers/batch"), Some(Route::Payments));
+        assert_eq!(classify(&Method::GET, "/v1/transfers/{id}"), Some(Route::Status));
+        assert_eq!(classify(&Method::GET, "/v1/admin/rules"), None, "operator routes are never shed");
     }
 }

@@ -1,7 +1,13 @@
-//! `cellpay serve` configuration: one typed struct with defaults, read from a
-//! TOML file (`--config`), every field overridable by a flag and by an
-//! environment variable `CELLPAY_<FIELD>`. Precedence: flag, environment,
+//! `cellpay serve` configuration: one typed struct with defaults ([`Config`]),
+//! read from a TOML file (`--config`), every field overridable by a flag and by
+//! an environment variable `CELLPAY_<FIELD>`. Precedence: flag, environment,
 //! file, default.
+//!
+//! Each setting is declared once, in the `settings!` list below: its help text,
+//! its flag and environment variable, and the `Config` field it lands in. The
+//! macro generates the clap flags ([`ServeArgs`]), the TOML file's keys
+//! (`FileConfig`) and the merge; the defaults live only in `Config::default()`
+//! (and `FrontLimits::default()` for the front door).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,142 +17,161 @@ use cellpay_api::listener::AddressRange;
 use cellpay_api::FrontLimits;
 use serde::Deserialize;
 
-/// Flags (and their environment variables) of `cellpay serve`.
-#[derive(clap::Args, Debug, Default)]
-pub struct ServeArgs {
-    /// A TOML file with any of the fields below (and `[[auth.tokens]]` role/secret tables).
-    #[arg(long, env = "CELLPAY_CONFIG")]
-    pub config: Option<PathBuf>,
+/// Declares the settings of `cellpay serve`, each once, as
+/// `/// help`, `#[arg(..)]`, optionally `#[serde(..)]`, then
+/// `name: Type => config.field` with an optional `via convert` (a fallible
+/// conversion from the flag's type to the field's; without it, `Into`).
+///
+/// Generates `ServeArgs` (a flag per setting, `Option<Type>`, after `--config`),
+/// `FileConfig` (a TOML key per setting, `Option<Type>`, plus `[auth]`) and
+/// `ServeArgs::overlay`, which writes the flag's value, else the file's, over the
+/// default in `Config`.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        #[arg($($arg:tt)*)]
+        $(#[serde($($serde:tt)*)])?
+        $name:ident: $ty:ty => $($field:ident).+ $(via $convert:path)?;
+    )*) => {
+        /// Flags (and their environment variables) of `cellpay serve`.
+        #[derive(clap::Args, Debug, Default)]
+        pub struct ServeArgs {
+            /// A TOML file with any of the fields below (and `[[auth.tokens]]` role/secret tables).
+            #[arg(long, env = "CELLPAY_CONFIG")]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])*
+                #[arg($($arg)*)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// The TOML file: any setting, and bearer tokens as `[[auth.tokens]]`.
+        #[derive(Deserialize, Default)]
+        #[serde(deny_unknown_fields)]
+        struct FileConfig {
+            $(
+                $(#[serde($($serde)*)])?
+                $name: Option<$ty>,
+            )*
+            auth: Option<FileAuth>,
+        }
+
+        impl ServeArgs {
+            /// Writes each setting given by a flag (or its environment
+            /// variable), else by the file, over `config`.
+            fn overlay(self, file: &mut FileConfig, config: &mut Config) -> anyhow::Result<()> {
+                $(
+                    if let Some(value) = self.$name.or(file.$name.take()) {
+                        config.$($field).+ = settings!(@convert value $($convert)?);
+                    }
+                )*
+                Ok(())
+            }
+        }
+    };
+    (@convert $value:ident) => { $value.into() };
+    (@convert $value:ident $convert:path) => { $convert($value)? };
+}
+
+settings! {
     /// Number of cells; fixed when the cluster is created [default: 4].
     #[arg(long, env = "CELLPAY_CELLS")]
-    pub cells: Option<u32>,
+    cells: u32 => cells;
     /// Number of shards; fixed when the cluster is created [default: 1024].
     #[arg(long, env = "CELLPAY_SHARDS")]
-    pub shards: Option<u32>,
+    shards: u32 => shards;
     /// Address of the HTTP API [default: 127.0.0.1:7070]; port 0 picks a free one.
     #[arg(long, env = "CELLPAY_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    listen: SocketAddr => listen;
     /// Where the cluster keeps its stores, shard map and generated tokens [default: ./cellpay-data].
     #[arg(long, env = "CELLPAY_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    data_dir: PathBuf => data_dir;
     /// A bearer token, ROLE:SECRET with ROLE client or admin, or
     /// client@TENANT:SECRET for a client acting for TENANT (repeatable;
     /// CELLPAY_TOKENS takes a comma-separated list). None configured: tokens are
     /// generated into <data-dir>/tokens.toml.
     #[arg(long = "token", env = "CELLPAY_TOKENS", value_delimiter = ',', hide_env_values = true)]
-    pub tokens: Vec<String>,
+    #[serde(skip)] // the file holds tokens as `[[auth.tokens]]` tables
+    tokens: Vec<String> => tokens;
     /// Largest request body in bytes; beyond it 413 [default: 4194304].
     #[arg(long, env = "CELLPAY_BODY_BYTES_MAX")]
-    pub body_bytes_max: Option<usize>,
+    body_bytes_max: usize => body_bytes_max;
     /// Most transfers in one batch request; beyond it 413 [default: 8190].
     #[arg(long, env = "CELLPAY_BATCH_ITEMS_MAX")]
-    pub batch_items_max: Option<usize>,
+    batch_items_max: usize => batch_items_max;
     /// Most commands in one engine batch (one fsync) [default: 8190].
     #[arg(long, env = "CELLPAY_BATCH_COMMANDS_MAX")]
-    pub batch_commands_max: Option<usize>,
+    batch_commands_max: usize => batch_commands_max;
     /// Most commands queued per cell; beyond it 503 overloaded [default: 65536].
     #[arg(long, env = "CELLPAY_QUEUE_COMMANDS_MAX")]
-    pub queue_commands_max: Option<usize>,
+    queue_commands_max: usize => queue_commands_max;
     /// Most open client connections; at the cap the longest-idle connection
     /// that never completed an authenticated request is closed [default: 4096].
     #[arg(long, env = "CELLPAY_CONNECTIONS_MAX")]
-    pub connections_max: Option<usize>,
+    connections_max: usize => front.connections_max;
     /// Most open connections from one client address [default: 256].
     #[arg(long, env = "CELLPAY_CONNECTIONS_PER_ADDRESS_MAX")]
-    pub connections_per_address_max: Option<usize>,
+    connections_per_address_max: usize => front.connections_per_address_max;
     /// Addresses or CIDR ranges the per-address cap spares (trusted proxies),
     /// comma-separated; `none` for none [default: 127.0.0.0/8,::1].
     #[arg(long, env = "CELLPAY_CONNECTIONS_PER_ADDRESS_EXEMPT", value_delimiter = ',')]
-    pub connections_per_address_exempt: Option<Vec<String>>,
+    connections_per_address_exempt: Vec<String> => front.connections_per_address_exempt via address_ranges;
     /// Time a client has to send a request head; also closes a new
     /// connection that sends nothing [default: 10000].
     #[arg(long, env = "CELLPAY_HEADER_READ_TIMEOUT_MS")]
-    pub header_read_timeout_ms: Option<u64>,
+    header_read_timeout_ms: u64 => front.header_read_timeout_ms;
     /// A connection with no request in flight is closed after this long [default: 60000].
     #[arg(long, env = "CELLPAY_KEEP_ALIVE_IDLE_TIMEOUT_MS")]
-    pub keep_alive_idle_timeout_ms: Option<u64>,
+    keep_alive_idle_timeout_ms: u64 => front.keep_alive_idle_timeout_ms;
     /// Time a client has to send a whole request body; beyond it 408 [default: 30000].
     #[arg(long, env = "CELLPAY_BODY_READ_TIMEOUT_MS")]
-    pub body_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: u64 => front.body_read_timeout_ms;
     /// After this long a body must keep up body_rate_bytes_per_s_min [default: 2000].
     #[arg(long, env = "CELLPAY_BODY_RATE_GRACE_MS")]
-    pub body_rate_grace_ms: Option<u64>,
+    body_rate_grace_ms: u64 => front.body_rate_grace_ms;
     /// Slowest average pace of a body once the grace is over; slower: 408 [default: 8192].
     #[arg(long, env = "CELLPAY_BODY_RATE_BYTES_PER_S_MIN")]
-    pub body_rate_bytes_per_s_min: Option<u64>,
+    body_rate_bytes_per_s_min: u64 => front.body_rate_bytes_per_s_min;
     /// Request body bytes read or held at once across all connections;
     /// beyond it 503 overloaded [default: 268435456].
     #[arg(long, env = "CELLPAY_BODY_BYTES_IN_FLIGHT_MAX")]
-    pub body_bytes_in_flight_max: Option<usize>,
+    body_bytes_in_flight_max: usize => front.body_bytes_in_flight_max;
     /// Longest request target (path and query); beyond it 414 [default: 8192].
     #[arg(long, env = "CELLPAY_URI_BYTES_MAX")]
-    pub uri_bytes_max: Option<usize>,
+    uri_bytes_max: usize => front.uri_bytes_max;
     /// Largest request head (request line and headers); beyond it 431 [default: 32768].
     #[arg(long, env = "CELLPAY_HEADER_BYTES_MAX")]
-    pub header_bytes_max: Option<usize>,
+    header_bytes_max: usize => front.header_bytes_max;
     /// Transfer records kept per ledger per cell for idempotency and status [default: 1048576].
     #[arg(long, env = "CELLPAY_TRANSFERS_RETAINED_MAX")]
-    pub transfers_retained_max: Option<usize>,
+    transfers_retained_max: usize => transfers_retained_max;
     /// History entries kept per ledger per cell [default: 1048576].
     #[arg(long, env = "CELLPAY_HISTORY_ENTRIES_MAX")]
-    pub history_entries_max: Option<usize>,
+    history_entries_max: usize => history_entries_max;
     /// Log written between checkpoints, in MiB [default: 32].
     #[arg(long, env = "CELLPAY_CHECKPOINT_LOG_MIB")]
-    pub checkpoint_log_mib: Option<u64>,
+    checkpoint_log_mib: u64 => checkpoint_log_mib;
     /// Cross-cell credits a relay carries per round [default: 4096].
     #[arg(long, env = "CELLPAY_RELAY_MESSAGES_PER_ROUND_MAX")]
-    pub relay_messages_per_round_max: Option<usize>,
+    relay_messages_per_round_max: usize => relay_messages_per_round_max;
     /// Queue delay in ms above which a cell sheds its lowest classes first [default: 5].
     #[arg(long, env = "CELLPAY_QUEUE_DELAY_TARGET_MS")]
-    pub queue_delay_target_ms: Option<u64>,
+    queue_delay_target_ms: u64 => queue_delay_target_ms;
     /// A cell whose engine spends longer than this in one batch (a hung disk)
     /// shows as stalled and refuses new work until the batch finishes, in ms [default: 5000].
     #[arg(long, env = "CELLPAY_STALL_AFTER_MS")]
-    pub stall_after_ms: Option<u64>,
+    stall_after_ms: u64 => stall_after_ms;
     /// Flow rules (rate limits, hot-key limits, concurrency, breakers, retry
     /// budget) as TOML; changeable live with PUT /v1/admin/rules [default: built in].
     #[arg(long, env = "CELLPAY_RULES")]
-    pub rules: Option<PathBuf>,
+    rules: PathBuf => rules;
     /// The degrade plan: declared switches as TOML [default: the bundled plan].
     #[arg(long, env = "CELLPAY_DEGRADE_PLAN")]
-    pub degrade_plan: Option<PathBuf>,
+    degrade_plan: PathBuf => degrade_plan;
     /// Allow the drill endpoints (halt and restart a cell) for `cellpay drill kill-cell` [default: false].
     #[arg(long, env = "CELLPAY_DRILLS")]
-    pub drills: Option<bool>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    cells: Option<u32>,
-    shards: Option<u32>,
-    listen: Option<SocketAddr>,
-    data_dir: Option<PathBuf>,
-    body_bytes_max: Option<usize>,
-    batch_items_max: Option<usize>,
-    batch_commands_max: Option<usize>,
-    queue_commands_max: Option<usize>,
-    connections_max: Option<usize>,
-    connections_per_address_max: Option<usize>,
-    connections_per_address_exempt: Option<Vec<String>>,
-    header_read_timeout_ms: Option<u64>,
-    keep_alive_idle_timeout_ms: Option<u64>,
-    body_read_timeout_ms: Option<u64>,
-    body_rate_grace_ms: Option<u64>,
-    body_rate_bytes_per_s_min: Option<u64>,
-    body_bytes_in_flight_max: Option<usize>,
-    uri_bytes_max: Option<usize>,
-    header_bytes_max: Option<usize>,
-    transfers_retained_max: Option<usize>,
-    history_entries_max: Option<usize>,
-    checkpoint_log_mib: Option<u64>,
-    relay_messages_per_round_max: Option<usize>,
-    queue_delay_target_ms: Option<u64>,
-    stall_after_ms: Option<u64>,
-    rules: Option<PathBuf>,
-    degrade_plan: Option<PathBuf>,
-    drills: Option<bool>,
-    auth: Option<FileAuth>,
+    drills: bool => drills;
 }
 
 #[derive(Deserialize, Default)]
@@ -176,7 +201,7 @@ impl FileToken {
     }
 }
 
-/// The resolved configuration.
+/// The resolved configuration, and in `Default` the one place for its defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cells: u32,
@@ -231,7 +256,7 @@ impl Default for Config {
 }
 
 /// Parses `ADDRESS` / `ADDRESS/PREFIX` entries; `none` alone means no exemptions.
-fn address_ranges(list: &[String]) -> anyhow::Result<Vec<AddressRange>> {
+fn address_ranges(list: Vec<String>) -> anyhow::Result<Vec<AddressRange>> {
     if list.len() == 1 && list[0].trim() == "none" {
         return Ok(Vec::new());
     }
@@ -263,87 +288,18 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> an
 
 impl Config {
     pub fn resolve(args: ServeArgs) -> anyhow::Result<Self> {
-        let file = match &args.config {
+        let mut file = match &args.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        let d = Config::default();
-        let mut tokens = args.tokens;
-        if tokens.is_empty() {
+        let mut config = Config::default();
+        args.overlay(&mut file, &mut config)?;
+        if config.tokens.is_empty() {
             let file_tokens = file.auth.map(|a| a.tokens).unwrap_or_default();
-            tokens = file_tokens.iter().map(FileToken::spec).collect();
+            config.tokens = file_tokens.iter().map(FileToken::spec).collect();
         }
-        let c = Config {
-            cells: args.cells.or(file.cells).unwrap_or(d.cells),
-            shards: args.shards.or(file.shards).unwrap_or(d.shards),
-            listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-            tokens,
-            body_bytes_max: args.body_bytes_max.or(file.body_bytes_max).unwrap_or(d.body_bytes_max),
-            batch_items_max: args.batch_items_max.or(file.batch_items_max).unwrap_or(d.batch_items_max),
-            batch_commands_max: args.batch_commands_max.or(file.batch_commands_max).unwrap_or(d.batch_commands_max),
-            queue_commands_max: args.queue_commands_max.or(file.queue_commands_max).unwrap_or(d.queue_commands_max),
-            front: FrontLimits {
-                connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.front.connections_max),
-                connections_per_address_max: args
-                    .connections_per_address_max
-                    .or(file.connections_per_address_max)
-                    .unwrap_or(d.front.connections_per_address_max),
-                connections_per_address_exempt: match args
-                    .connections_per_address_exempt
-                    .or(file.connections_per_address_exempt)
-                {
-                    Some(list) => address_ranges(&list)?,
-                    None => d.front.connections_per_address_exempt,
-                },
-                header_read_timeout_ms: args
-                    .header_read_timeout_ms
-                    .or(file.header_read_timeout_ms)
-                    .unwrap_or(d.front.header_read_timeout_ms),
-                keep_alive_idle_timeout_ms: args
-                    .keep_alive_idle_timeout_ms
-                    .or(file.keep_alive_idle_timeout_ms)
-                    .unwrap_or(d.front.keep_alive_idle_timeout_ms),
-                body_read_timeout_ms: args
-                    .body_read_timeout_ms
-                    .or(file.body_read_timeout_ms)
-                    .unwrap_or(d.front.body_read_timeout_ms),
-                body_rate_grace_ms: args
-                    .body_rate_grace_ms
-                    .or(file.body_rate_grace_ms)
-                    .unwrap_or(d.front.body_rate_grace_ms),
-                body_rate_bytes_per_s_min: args
-                    .body_rate_bytes_per_s_min
-                    .or(file.body_rate_bytes_per_s_min)
-                    .unwrap_or(d.front.body_rate_bytes_per_s_min),
-                body_bytes_in_flight_max: args
-                    .body_bytes_in_flight_max
-                    .or(file.body_bytes_in_flight_max)
-                    .unwrap_or(d.front.body_bytes_in_flight_max),
-                uri_bytes_max: args.uri_bytes_max.or(file.uri_bytes_max).unwrap_or(d.front.uri_bytes_max),
-                header_bytes_max: args.header_bytes_max.or(file.header_bytes_max).unwrap_or(d.front.header_bytes_max),
-            },
-            transfers_retained_max: args
-                .transfers_retained_max
-                .or(file.transfers_retained_max)
-                .unwrap_or(d.transfers_retained_max),
-            history_entries_max: args.history_entries_max.or(file.history_entries_max).unwrap_or(d.history_entries_max),
-            checkpoint_log_mib: args.checkpoint_log_mib.or(file.checkpoint_log_mib).unwrap_or(d.checkpoint_log_mib),
-            relay_messages_per_round_max: args
-                .relay_messages_per_round_max
-                .or(file.relay_messages_per_round_max)
-                .unwrap_or(d.relay_messages_per_round_max),
-            queue_delay_target_ms: args
-                .queue_delay_target_ms
-                .or(file.queue_delay_target_ms)
-                .unwrap_or(d.queue_delay_target_ms),
-            stall_after_ms: args.stall_after_ms.or(file.stall_after_ms).unwrap_or(d.stall_after_ms),
-            rules: args.rules.or(file.rules),
-            degrade_plan: args.degrade_plan.or(file.degrade_plan),
-            drills: args.drills.or(file.drills).unwrap_or(d.drills),
-        };
-        c.check()?;
-        Ok(c)
+        config.check()?;
+        Ok(config)
     }
 
     fn check(&self) -> anyhow::Result<()> {
@@ -379,5 +335,53 @@ impl Config {
             "relay_messages_per_round_max must be between 1 and batch_commands_max (and at most half the inbox tail)"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// The `[default: X]` in a flag's help is documentation; this keeps it
+    /// true to `Config::default()`: giving X as the flag changes nothing.
+    #[test]
+    fn every_default_in_the_help_is_the_default() {
+        let resolved = |flags: &[&str]| {
+            let cli = Serve::try_parse_from(std::iter::once("serve").chain(flags.iter().copied())).unwrap();
+            format!("{:?}", Config::resolve(cli.args).unwrap())
+        };
+        let plain = resolved(&[]);
+        let mut checked = 0;
+        for arg in Serve::command().get_arguments() {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let Some(default) = help.split("[default: ").nth(1).and_then(|rest| rest.split(']').next()) else {
+                continue;
+            };
+            if ["built in", "the bundled plan"].contains(&default) {
+                continue; // no value: the built-in rules and plan
+            }
+            let flag = format!("--{}", arg.get_long().unwrap());
+            assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
+            checked += 1;
+        }
+        assert_eq!(checked, 26, "every setting but --config, --token, --rules and --degrade-plan");
+    }
+
+    #[test]
+    fn a_file_setting_yields_to_a_flag_and_fills_in_for_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cellpay.toml");
+        std::fs::write(&path, "cells = 3\nshards = 64\n[[auth.tokens]]\nrole = \"client\"\nsecret = \"s\"\n").unwrap();
+        let args = ServeArgs { config: Some(path), cells: Some(2), ..ServeArgs::default() };
+        let config = Config::resolve(args).unwrap();
+        assert_eq!((config.cells, config.shards, config.tokens), (2, 64, vec!["client:s".to_string()]));
+        assert_eq!(config.batch_items_max, Config::default().batch_items_max);
     }
 }

@@ -7,15 +7,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use cellpay_core::{Authority, ErrorCode, Op, Outcome, Query, QueryAnswer, ENTRIES_PAGE_MAX};
-use cellpay_router::{Action, Route};
+use cellpay_router::Action;
 use serde_json::json;
 
 use crate::auth::{Caller, Role};
 use crate::body::{self, OpenAccountBody};
 use crate::error::ApiError;
-use crate::guard;
+use crate::guard::Admitted;
 use crate::headers::cell_headers;
-use crate::headers::shadow;
 use crate::oplog::Action as OperatorAction;
 use crate::served::Served;
 use crate::{views, AppState};
@@ -32,10 +31,9 @@ pub async fn open(
     Extension(caller): Extension<Caller>,
     Extension(by): Extension<Authority>,
     headers: HeaderMap,
+    Admitted { shadow, .. }: Admitted,
     request: Body,
 ) -> Result<Response, ApiError> {
-    let shadow = shadow(&headers)?;
-    guard::admit(&state, caller, Route::Payments, shadow, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let command = body::open_account(body::parse::<OpenAccountBody>(&bytes)?, shadow, &by)?;
     if matches!(&command.op, Op::OpenAccount(o) if o.overdraft) && role != Role::Admin {
@@ -58,13 +56,10 @@ pub async fn open(
 
 pub async fn get(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(by): Extension<Authority>,
     Path(id): Path<String>,
-    headers: HeaderMap,
+    Admitted { shadow, .. }: Admitted,
 ) -> Result<Response, ApiError> {
-    let shadow = shadow(&headers)?;
-    guard::admit(&state, caller, Route::Balance, shadow, 1)?;
     let id = body::account_id("id", &id)?;
     let degrade = &state.cluster()?.protection().degrade;
     let stale = degrade.is_on(Action::BalanceReadsStale);
@@ -118,14 +113,11 @@ fn page(raw: Option<&str>) -> Result<(usize, Option<u64>), ApiError> {
 
 pub async fn entries(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(by): Extension<Authority>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    Admitted { shadow, .. }: Admitted,
 ) -> Result<Response, ApiError> {
-    let shadow = shadow(&headers)?;
-    guard::admit(&state, caller, Route::History, shadow, 1)?;
     let account = body::account_id("id", &id)?;
     let (limit, before) = page(raw.as_deref())?;
     let query = Query::Entries { shadow, account: account.clone(), limit, before, by };

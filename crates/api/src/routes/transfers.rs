@@ -6,13 +6,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use cellpay_core::{AccountId, Authority, ErrorCode, Op, Outcome, QueryAnswer, Rejection};
-use cellpay_router::Route;
 use serde_json::{json, Value};
 
 use crate::body::{self, BatchBody, TransferBody};
 use crate::error::ApiError;
-use crate::guard;
-use crate::headers::shadow;
+use crate::guard::{self, Admitted, Classified};
 use crate::oplog::Action;
 use crate::served::Served;
 use crate::{views, AppState, Caller};
@@ -22,10 +20,9 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     Extension(by): Extension<Authority>,
     headers: HeaderMap,
+    Admitted { shadow, class }: Admitted,
     request: Body,
 ) -> Result<Response, ApiError> {
-    let shadow = shadow(&headers)?;
-    let class = guard::admit(&state, caller, Route::Payments, shadow, 1)?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let command = body::transfer(body::parse::<TransferBody>(&bytes)?, shadow, &by)?;
     if let Op::Transfer(t) = &command.op {
@@ -60,9 +57,10 @@ pub async fn batch(
     Extension(caller): Extension<Caller>,
     Extension(by): Extension<Authority>,
     headers: HeaderMap,
+    classified: Classified,
     request: Body,
 ) -> Result<Response, ApiError> {
-    let shadow = shadow(&headers)?;
+    let shadow = classified.shadow;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
     let parsed: BatchBody<'_> =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
@@ -74,7 +72,9 @@ pub async fn batch(
     if parsed.transfers.is_empty() {
         return Err(ApiError::invalid("a batch holds at least one transfer"));
     }
-    let class = guard::admit(&state, caller, Route::Payments, shadow, parsed.transfers.len() as u32)?;
+    // Admitted here, not by an `Admitted` argument: a batch costs a unit per
+    // transfer, known only now, and one refused as malformed costs nothing.
+    let Admitted { class, .. } = classified.admit(&state, parsed.transfers.len() as u32)?;
     let cluster = state.cluster()?;
     let mut results: Vec<Value> = Vec::with_capacity(parsed.transfers.len());
     let mut commands = Vec::with_capacity(parsed.transfers.len());
@@ -137,14 +137,11 @@ fn payer(raw: Option<&str>) -> Result<Option<AccountId>, ApiError> {
 /// id answer 409 naming how many.
 pub async fn status(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
     Extension(by): Extension<Authority>,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
-    headers: HeaderMap,
+    Admitted { shadow, .. }: Admitted,
 ) -> Result<Response, ApiError> {
-    let shadow = shadow(&headers)?;
-    guard::admit(&state, caller, Route::Status, shadow, 1)?;
     let id = body::transfer_id(&id)?;
     let from = payer(raw.as_deref())?;
     let served = Served::from(state.cluster()?.transfer_status(shadow, &id, from.as_ref(), &by).await)?;
