@@ -239,16 +239,8 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
         debug_assert_eq!(shard, map.shard_of(id.as_str()).0);
         let (currency, balance, overdraft) = (r.currency()?, r.i64()?, r.bool()?);
         let tenant = l.intern_tenant(&r.tenant_id()?);
-        let account = Account {
-            currency,
-            balance,
-            overdraft,
-            tenant,
-            history_head: r.u64()?,
-            id: id.clone(),
-            shard,
-            id_hash,
-        };
+        let account =
+            Account { currency, balance, overdraft, tenant, history_head: r.u64()?, id: id.clone(), shard, id_hash };
         if l.index.insert(id, i as u32).is_some() {
             return Err(r.error("an account appears twice"));
         }
