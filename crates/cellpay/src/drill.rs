@@ -120,10 +120,15 @@ async fn final_audit(c: &Cluster) -> Check {
             let v = a.json();
             if a.status == 200 && v["real"]["in_flight"] == 0 && v["shadow"]["in_flight"] == 0 {
                 let ok = v["ok"] == true;
+                let findings = v["real"]["findings"].as_array().map_or(0, Vec::len)
+                    + v["shadow"]["findings"].as_array().map_or(0, Vec::len);
                 return check(
                     "audit",
                     ok,
-                    format!("real sum {}, shadow sum {}, nothing in flight", v["real"]["sum"], v["shadow"]["sum"]),
+                    format!(
+                        "real sum {}, shadow sum {}, {findings} findings over every pair of cells, nothing in flight",
+                        v["real"]["sum"], v["shadow"]["sum"]
+                    ),
                 );
             }
         }

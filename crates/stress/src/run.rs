@@ -360,6 +360,10 @@ impl Runner {
     }
 }
 
+/// How long the check of acknowledged transfers waits for the cluster to
+/// answer reads again (a degrade switch releasing after its hold) (I7).
+const VERIFY_WAIT_S_MAX: u64 = 60;
+
 /// Sums a metric's samples in Prometheus text (all label sets).
 fn metric_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = false;
@@ -461,7 +465,9 @@ impl Runner {
                     if let Ok(a) = http.send("GET", "/v1/audit", None).await {
                         let v = a.json();
                         polls.fetch_add(1, Relaxed);
-                        let sound = |l: &serde_json::Value| l["sum"] == 0 && l["negative_accounts"] == 0;
+                        // The audit reconciles every pair of cells: `ok` is false on any finding.
+                        let sound =
+                            |l: &serde_json::Value| l["ok"] == true && l["sum"] == 0 && l["negative_accounts"] == 0;
                         // A cell that cannot answer (a drill halted it) is not a broken invariant;
                         // it is counted apart and the next poll audits again.
                         if a.status != 200 {
@@ -618,6 +624,18 @@ impl Runner {
     /// payer's cell: each must be there (I2). Answers (checked, missing).
     pub async fn verify_acked(&self) -> (u64, u64) {
         let ids = self.acked.lock().expect("acked lock").clone();
+        // A degrade switch the run turned on (shadow_off after an overload)
+        // answers 503 until it releases after its hold: wait for it first, so
+        // a transfer that cannot be read yet is not counted as missing.
+        if let Some(first) = ids.first() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(VERIFY_WAIT_S_MAX);
+            while tokio::time::Instant::now() < deadline {
+                match self.http.send("GET", &format!("/v1/transfers/{first}"), None).await {
+                    Ok(a) if a.status == 200 || a.status == 404 => break,
+                    _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                }
+            }
+        }
         let gate = Arc::new(tokio::sync::Semaphore::new(32));
         let mut tasks = tokio::task::JoinSet::new();
         for id in ids {
