@@ -5,24 +5,11 @@
 
 mod common;
 
-use common::{ids_in_cells, Reply, Server, ADMIN, CLIENT};
+use common::{conforms, ids_in_cells, Reply, Server, ADMIN, CLIENT};
 use serde_json::{json, Value};
 
 fn openapi() -> Value {
     serde_json::from_str(include_str!("../../api/openapi.json")).unwrap()
-}
-
-/// Validates a body against `#/components/schemas/<name>` of the OpenAPI document.
-fn conforms(body: &Value, name: &str) {
-    let doc = openapi();
-    let schema = json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$ref": format!("#/components/schemas/{name}"),
-        "components": doc["components"],
-    });
-    let validator = jsonschema::validator_for(&schema).expect("the OpenAPI schemas compile");
-    let errors: Vec<String> = validator.iter_errors(body).map(|e| format!("{e} at {}", e.instance_path())).collect();
-    assert!(errors.is_empty(), "{name} does not match its schema: {errors:?}\n{body}");
 }
 
 /// Asserts an error answer: status, code, the contract's shape, Retry-After on 503.
