@@ -34,9 +34,13 @@ pub use auth::{Auth, Caller, Role, Token};
 pub use error::ApiError;
 pub use front::FrontLimits;
 
-/// Scrapes of `/metrics` answered per second (and at once), across all callers:
+/// Scrapes of `/metrics` (and, apart, of `/dashboard/data`) answered per second (and at once), across all callers:
 /// far above any Prometheus scrape interval, and a flood answers 429 cheaply.
 pub const METRICS_SCRAPES_PER_S_MAX: u32 = 20;
+
+fn ops_quota() -> governor::Quota {
+    governor::Quota::per_second(std::num::NonZeroU32::new(METRICS_SCRAPES_PER_S_MAX).expect("a positive rate"))
+}
 
 /// The contract's limits on what one request may carry (I7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +75,8 @@ pub struct Inner {
     pub metrics: PrometheusHandle,
     /// `/metrics` answers at most [`METRICS_SCRAPES_PER_S_MAX`] a second (I7).
     pub metrics_limiter: governor::DefaultDirectRateLimiter,
+    /// `/dashboard/data` too, with a budget of its own.
+    pub dashboard_limiter: governor::DefaultDirectRateLimiter,
     /// Who did what to money and to the peak's settings; unset: nothing is recorded.
     pub oplog: OnceLock<Arc<oplog::OperatorLog>>,
     /// Requests answered, and those answered 503 (shed or unavailable), for the dashboard.
@@ -110,9 +116,8 @@ impl AppState {
             stale: Default::default(),
             relays: OnceLock::new(),
             metrics: metrics::handle(),
-            metrics_limiter: governor::RateLimiter::direct(governor::Quota::per_second(
-                std::num::NonZeroU32::new(METRICS_SCRAPES_PER_S_MAX).expect("a positive rate"),
-            )),
+            metrics_limiter: governor::RateLimiter::direct(ops_quota()),
+            dashboard_limiter: governor::RateLimiter::direct(ops_quota()),
             oplog: OnceLock::new(),
             answered: Default::default(),
             unavailable_answers: Default::default(),

@@ -94,23 +94,39 @@ struct ScrapeReport {
 /// Connections that scrape `--scrape`'s path in a tight loop.
 const SCRAPE_CONNECTIONS: usize = 4;
 
-/// One HTTP/1.1 connection.
+/// One HTTP/1.1 connection; opened again when the server closed it (an idle
+/// keep-alive connection is closed after the server's idle timeout).
 struct Conn {
     sender: SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
     host: String,
     auth: String,
 }
 
 impl Conn {
     async fn open(addr: SocketAddr, token: &str) -> anyhow::Result<Self> {
+        let sender = Self::handshake(addr).await?;
+        Ok(Self { sender, addr, host: addr.to_string(), auth: format!("Bearer {token}") })
+    }
+
+    async fn handshake(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
         let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
         stream.set_nodelay(true)?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        Ok(Self { sender, host: addr.to_string(), auth: format!("Bearer {token}") })
+        Ok(sender)
     }
 
+    /// Sends a request; a connection the server has closed is opened again
+    /// first (every request sent here is idempotent: ids, or reads).
     async fn send(&mut self, method: &str, path: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
+        if self.sender.is_closed() || self.sender.ready().await.is_err() {
+            self.sender = Self::handshake(self.addr).await?;
+        }
+        self.send_once(method, path, body).await
+    }
+
+    async fn send_once(&mut self, method: &str, path: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
         let req = hyper::Request::builder()
             .method(method)
             .uri(path)

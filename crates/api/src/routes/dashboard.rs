@@ -23,6 +23,10 @@ pub async fn page() -> Response {
 }
 
 pub async fn data(State(state): State<AppState>) -> Response {
+    if state.dashboard_limiter.check().is_err() {
+        let msg = format!("/dashboard/data answers at most {} reads a second", crate::METRICS_SCRAPES_PER_S_MAX);
+        return crate::error::ApiError::new(cellpay_core::ErrorCode::RateLimited, msg).into_response();
+    }
     let Ok(cluster) = state.cluster() else {
         return Json(json!({"epoch": 0, "cells": [], "relays": [], "shed": 0, "requests": 0, "degrade": []}))
             .into_response();
