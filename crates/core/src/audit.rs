@@ -28,6 +28,7 @@
 use std::fmt;
 
 use crate::ids::CellId;
+use crate::state::CellState;
 
 /// How many of the latest applied sequences a payee cell remembers per source
 /// (digest, amount, outcome, chain): enough to recognise a redelivery of
@@ -152,6 +153,19 @@ impl LedgerFigures {
         let out: i128 = self.outbox.iter().map(|o| o.sent - o.compensated).sum();
         let inn: i128 = self.inbox.iter().map(|i| i.received).sum();
         self.balance_sum + out - inn
+    }
+
+    /// What the kept figures alone show wrong in cell `cell`: its own terms
+    /// off, or accounts without overdraft below zero.
+    pub fn own_findings(&self, cell: CellId) -> Vec<Finding> {
+        let mut findings = Vec::new();
+        if self.cell_term() != 0 {
+            findings.push(Finding::CellTerm { cell, term: self.cell_term() });
+        }
+        if self.negative_accounts > 0 {
+            findings.push(Finding::Negative { cell, accounts: self.negative_accounts });
+        }
+        findings
     }
 
     /// Money this cell debited that is not yet settled or compensated.
@@ -302,17 +316,22 @@ pub fn reconcile_pair(before: &OutboxFigures, at_dest: &InboxAt, after_at: &Outb
 /// The audit of cells that are not running (or all read at one moment, as
 /// `cellpay check` does with stopped data directories): each cell's full
 /// audit, and every ordered pair reconciled.
-pub fn audit_states(cells: &[crate::state::CellState], shadow: bool) -> Vec<Finding> {
+pub fn audit_states(cells: &[CellState], shadow: bool) -> Vec<Finding> {
     let mut findings: Vec<Finding> = cells.iter().flat_map(|c| c.ledger(shadow).audit(c.cell()).findings).collect();
     for a in cells {
         for b in cells.iter().filter(|b| b.cell() != a.cell()) {
-            let before = a.ledger(shadow).figures().outbox_to(b.cell());
-            let at = b.ledger(shadow).inbox_at(&[(a.cell(), before.closed_through)]);
-            let after = a.ledger(shadow).outbox_at(&[(b.cell(), at[0].figures.applied_through)]);
-            findings.extend(reconcile_pair(&before, &at[0], &after[0]));
+            findings.extend(reconcile_states(a, b, shadow));
         }
     }
     findings
+}
+
+/// The pair a → b of one ledger, its three reads made on states in hand.
+pub fn reconcile_states(a: &CellState, b: &CellState, shadow: bool) -> Option<Finding> {
+    let before = a.ledger(shadow).figures().outbox_to(b.cell());
+    let at = b.ledger(shadow).inbox_at(&[(a.cell(), before.closed_through)]);
+    let after = a.ledger(shadow).outbox_at(&[(b.cell(), at[0].figures.applied_through)]);
+    reconcile_pair(&before, &at[0], &after[0])
 }
 
 #[cfg(test)]

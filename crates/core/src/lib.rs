@@ -36,8 +36,8 @@ pub mod snapshot;
 pub mod state;
 
 pub use audit::{
-    audit_states, reconcile_pair, Finding, InboxAt, InboxFigures, InboxPrefix, LedgerAudit, LedgerFigures, OutboxAt,
-    OutboxFigures, SentPrefix, INBOX_TAIL_RETAINED,
+    audit_states, reconcile_pair, reconcile_states, Finding, InboxAt, InboxFigures, InboxPrefix, LedgerAudit,
+    LedgerFigures, OutboxAt, OutboxFigures, SentPrefix, INBOX_TAIL_RETAINED,
 };
 pub use command::*;
 pub use error::{ErrorCode, Rejection};

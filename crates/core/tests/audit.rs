@@ -68,10 +68,7 @@ fn relay(a: &mut CellState, b: &mut CellState) {
 
 /// The three reads of the pair reconciliation, in their order.
 fn reconcile(a: &CellState, b: &CellState) -> Option<Finding> {
-    let before = a.ledger(false).figures().outbox_to(b.cell());
-    let at = b.ledger(false).inbox_at(&[(a.cell(), before.closed_through)]);
-    let after = a.ledger(false).outbox_at(&[(b.cell(), at[0].figures.applied_through)]);
-    reconcile_pair(&before, &at[0], &after[0])
+    reconcile_states(a, b, false)
 }
 
 #[test]

@@ -129,10 +129,7 @@ fn two_cells() -> (CellState, CellState, String, String) {
 
 /// The pair reconciliation of a → b (real ledger), both read at this moment.
 fn reconcile(a: &CellState, b: &CellState) -> Option<Finding> {
-    let before = a.ledger(false).figures().outbox_to(b.cell());
-    let at = b.ledger(false).inbox_at(&[(a.cell(), before.closed_through)]);
-    let after = a.ledger(false).outbox_at(&[(b.cell(), at[0].figures.applied_through)]);
-    reconcile_pair(&before, &at[0], &after[0])
+    reconcile_states(a, b, false)
 }
 
 fn credit_for(a: &CellState, dest: CellId) -> Credit {

@@ -213,11 +213,7 @@ impl Cluster {
             for (c, cell) in self.cells.iter().enumerate() {
                 let audit = cell.ledger(shadow).audit(CellId(c as u32));
                 assert!(audit.findings.is_empty(), "{:?}", audit.findings);
-                let other = &self.cells[1 - c];
-                let before = audits[c].outbox_to(other.cell());
-                let at = other.ledger(shadow).inbox_at(&[(cell.cell(), before.closed_through)]);
-                let after = cell.ledger(shadow).outbox_at(&[(other.cell(), at[0].figures.applied_through)]);
-                assert_eq!(reconcile_pair(&before, &at[0], &after[0]), None, "pair {c}→{}", 1 - c);
+                assert_eq!(reconcile_states(cell, &self.cells[1 - c], shadow), None, "pair {c}→{}", 1 - c);
             }
             // I1 again, counted independently: balances plus outbox messages
             // whose credit the payee's cell has not applied yet.

@@ -122,15 +122,7 @@ impl Cluster {
                 },
             )
             .await?;
-            let mut findings = Vec::new();
-            for (cell, f) in ids.iter().zip(&figures) {
-                if f.cell_term() != 0 {
-                    findings.push(Finding::CellTerm { cell: *cell, term: f.cell_term() });
-                }
-                if f.negative_accounts > 0 {
-                    findings.push(Finding::Negative { cell: *cell, accounts: f.negative_accounts });
-                }
-            }
+            let findings = ids.iter().zip(&figures).flat_map(|(cell, f)| f.own_findings(*cell)).collect();
             (figures, findings)
         };
         let by_cell: BTreeMap<CellId, &LedgerFigures> = ids.iter().copied().zip(&figures).collect();
