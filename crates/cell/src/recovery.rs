@@ -84,6 +84,17 @@ impl Start {
 }
 
 /// Why an attempt failed.
+/// Why replaying a logged batch stopped (the store reports it with the batch).
+#[derive(Debug, thiserror::Error)]
+enum ReplayRefused {
+    /// Only state changes are logged: one that does not apply again means the
+    /// log or the state machine is not what wrote it.
+    #[error("command {index} did not apply on replay: {outcome}")]
+    NotApplied { index: usize, outcome: String },
+    #[error("replay stopped")]
+    Stopped,
+}
+
 enum Failure {
     /// The checkpoint's snapshot does not decode: an older checkpoint may.
     Snapshot(DecodeError),
@@ -233,8 +244,8 @@ fn replay_onto(
                     if !outcome.changed_state() {
                         // Only state changes are logged, so each must apply again: anything
                         // else means the log or the state machine is not what wrote it.
-                        let reason = format!("command {i} of batch {seq} did not apply on replay: {outcome:?}");
-                        return Err(Failure::Fatal(StoreError::Visit { seq, reason }.into()));
+                        let source = Box::new(ReplayRefused::NotApplied { index: i, outcome: format!("{outcome:?}") });
+                        return Err(Failure::Fatal(StoreError::Visit { seq, source }.into()));
                     }
                 }
                 commands += batch.len() as u64;
@@ -242,9 +253,9 @@ fn replay_onto(
             Ok((state, commands))
         });
         let log = store.replay(after_seq, &mut |seq, bytes| {
-            let batch = decode_batch(bytes).map_err(|e| e.to_string())?;
+            let batch = decode_batch(bytes)?;
             // A closed channel means the applier stopped on an error, answered below.
-            tx.send((seq, batch)).map_err(|_| "replay stopped".to_string())
+            tx.send((seq, batch)).map_err(|_| ReplayRefused::Stopped.into())
         });
         drop(tx);
         let applied = applier.join().expect("the recovery thread does not panic");

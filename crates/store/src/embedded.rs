@@ -314,7 +314,7 @@ impl EmbeddedStore {
                     }
                     if record.seq > after_seq {
                         visit(record.seq, record.payload)
-                            .map_err(|reason| StoreError::Visit { seq: record.seq, reason })?;
+                            .map_err(|source| StoreError::Visit { seq: record.seq, source })?;
                         report.batches += 1;
                         report.bytes += (record.end - at) as u64;
                     }

@@ -77,8 +77,8 @@ pub enum StoreError {
     OutOfOrder { seq: u64, expected: u64 },
     #[error("batch of {bytes} bytes exceeds the record limit of {max} bytes")]
     TooLarge { bytes: usize, max: usize },
-    #[error("replay rejected batch {seq}: {reason}")]
-    Visit { seq: u64, reason: String },
+    #[error("replay rejected batch {seq}: {source}")]
+    Visit { seq: u64, source: VisitError },
     #[error("the store must be replayed before it is appended to")]
     NotReplayed,
     #[error("an earlier write failed; the store refuses further writes until it is reopened")]
@@ -92,9 +92,13 @@ impl StoreError {
     }
 }
 
+/// Why a visitor stopped a replay: the caller's own error (a batch that does
+/// not decode, a command that does not apply again), carried as its source.
+pub type VisitError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Receives each replayed batch: its sequence number and bytes. An `Err`
-/// stops the replay with that reason.
-pub type Visitor<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), String>;
+/// stops the replay with that error.
+pub type Visitor<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), VisitError>;
 
 /// The durable store of one cell.
 pub trait Store: Send {
