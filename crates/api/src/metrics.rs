@@ -141,7 +141,13 @@ pub async fn render(state: &AppState) -> String {
                 let labels = [("cell", cell.cell().to_string()), ("ledger", ledger.to_string())];
                 gauge!("cellpay_ledger_accounts", &labels).set(f.accounts as f64);
                 gauge!("cellpay_ledger_negative_accounts", &labels).set(f.negative_accounts as f64);
+                let reach = if shadow { &figures.reach_shadow } else { &figures.reach_real };
+                gauge!("cellpay_idempotency_window_seconds", &labels)
+                    .set(figures.window_held_ms(shadow) as f64 / 1000.0);
+                gauge!("cellpay_idempotency_records_in_memory", &labels).set(reach.records_held as f64);
             }
+            gauge!("cellpay_idempotency_window_promised_seconds", "cell" => cell.cell().to_string())
+                .set(figures.window_promised_ms as f64 / 1000.0);
         }
     }
     state.metrics.render()

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{
-    priority_of, snapshot, Admission, CellId, CellState, Command, LedgerFigures, Limits, Outcome, Priority, Query,
-    QueryAnswer, ShardMap,
+    priority_of, snapshot, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures, Limits, Outcome,
+    Priority, Query, QueryAnswer, ShardMap, IDEMPOTENCY_WINDOW_MS_DEFAULT,
 };
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,6 +47,9 @@ pub struct EngineConfig {
     /// cross-cell transfers to it are refused with `outbox_full` (I7). The
     /// router's flow rules set it live ([`CellHandle::set_outbox_messages_max`]).
     pub outbox_messages_max: u64,
+    /// The idempotency window promised to clients: a retry finds its
+    /// transfer's record while the record is younger than this and still held.
+    pub idempotency_window: Duration,
 }
 
 /// The default of [`EngineConfig::outbox_messages_max`]: about 8 MiB of
@@ -59,11 +62,31 @@ pub const OUTBOX_MESSAGES_MAX_DEFAULT: u64 = 65_536;
 pub struct CellFigures {
     pub real: LedgerFigures,
     pub shadow: LedgerFigures,
+    /// The cell's clock (Unix milliseconds) as of the same batch.
+    pub clock_ms: u64,
+    /// How far back each ledger's idempotency records reach.
+    pub reach_real: IdempotencyReach,
+    pub reach_shadow: IdempotencyReach,
+    /// The idempotency window the cell promises (its configuration), in milliseconds.
+    pub window_promised_ms: u64,
 }
 
 impl CellFigures {
-    fn of(state: &CellState) -> Self {
-        Self { real: state.ledger(false).figures(), shadow: state.ledger(true).figures() }
+    fn of(state: &CellState, config: &EngineConfig) -> Self {
+        Self {
+            window_promised_ms: config.idempotency_window.as_millis() as u64,
+            real: state.ledger(false).figures(),
+            shadow: state.ledger(true).figures(),
+            clock_ms: state.clock_ms(),
+            reach_real: state.ledger(false).idempotency_reach(),
+            reach_shadow: state.ledger(true).idempotency_reach(),
+        }
+    }
+
+    /// The idempotency window one ledger holds against the promise, in milliseconds.
+    pub fn window_held_ms(&self, shadow: bool) -> u64 {
+        let reach = if shadow { &self.reach_shadow } else { &self.reach_real };
+        reach.window_held_ms(self.clock_ms, self.window_promised_ms)
     }
 
     pub fn ledger(&self, shadow: bool) -> &LedgerFigures {
@@ -92,6 +115,7 @@ impl Default for EngineConfig {
             queue_delay_interval: Duration::from_millis(100),
             outbox_messages_max: OUTBOX_MESSAGES_MAX_DEFAULT,
             stall_after: Duration::from_secs(5),
+            idempotency_window: Duration::from_millis(IDEMPOTENCY_WINDOW_MS_DEFAULT),
         }
     }
 }
@@ -377,7 +401,7 @@ impl Cell {
             queue_delay_us: AtomicU64::new(0),
             stats: EngineStats::default(),
             outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
-            figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state))),
+            figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
         });
         let engine = Engine {
             shared: shared.clone(),
@@ -472,6 +496,11 @@ impl Drop for EngineExit {
         }
         self.0.watchdog.engine_ended();
     }
+}
+
+/// The wall clock in Unix milliseconds (0 before 1970: the cell's clock then stays where it was).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The message a panic was raised with, when it has one.
@@ -583,13 +612,20 @@ impl Engine {
         let started = Instant::now();
         let cpu_started = thread_cpu_ns();
         self.encoder.clear();
+        // The batch's clock: the wall clock, never backwards; logged with the batch.
+        let clock_ms = self.state.advance_clock(wall_clock_ms());
+        self.encoder.set_clock(clock_ms);
         // One answer per work, in order; the batch keeps its replies until
         // they are sent, so a failure before that can still answer them.
         let mut answers = Vec::with_capacity(batch.len());
         let mut commands = 0u64;
         let mut queries = 0u64;
         let mut outbox_grew = false;
-        let admission = Admission { outbox_messages_max: self.shared.outbox_messages_max.load(Relaxed) };
+        let admission = Admission {
+            outbox_messages_max: self.shared.outbox_messages_max.load(Relaxed),
+            idempotency_window_ms: self.shared.config.idempotency_window.as_millis() as u64,
+            lookup: true,
+        };
         for work in batch.iter() {
             match work {
                 Work::Commands { commands: cmds, .. } => {
@@ -625,7 +661,8 @@ impl Engine {
             append_us = Some(append_started.elapsed().as_micros() as u64);
             // Published before the answers: whatever a relay or client learns
             // from them, the figures already count (the audit reads rely on it).
-            *self.shared.figures.lock().expect("figures lock") = Arc::new(CellFigures::of(&self.state));
+            *self.shared.figures.lock().expect("figures lock") =
+                Arc::new(CellFigures::of(&self.state, &self.shared.config));
         }
         self.shared.epoch.store(self.state.shard_map().epoch(), Relaxed);
         let shared = self.shared.clone();

@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use cellpay_core::codec::{decode_batch, DecodeError};
-use cellpay_core::{snapshot, CellId, CellState, Command, Limits, ShardMap};
+use cellpay_core::codec::{decode_batch, DecodeError, LoggedBatch};
+use cellpay_core::{snapshot, CellId, CellState, Limits, ShardMap};
 use cellpay_store::{Checkpoint, Store, StoreError, StoredCheckpoint, TornTail};
 
 /// Decoded log batches waiting for the snapshot to finish decoding (I7).
@@ -227,7 +227,7 @@ fn replay_onto(
     torn_tail: &mut Option<TornTail>,
 ) -> Result<Replayed, Failure> {
     let after_seq = start.after_seq();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<Command>)>(REPLAY_BATCHES_BUFFERED);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, LoggedBatch)>(REPLAY_BATCHES_BUFFERED);
     let (applied, log) = std::thread::scope(|scope| {
         let applier = scope.spawn(move || -> Result<(CellState, u64), Failure> {
             let mut state = match start {
@@ -239,8 +239,9 @@ fn replay_onto(
             }
             let mut commands = 0u64;
             for (seq, batch) in rx {
-                for (i, cmd) in batch.iter().enumerate() {
-                    let outcome = state.apply(cmd);
+                state.advance_clock(batch.clock_ms);
+                for (i, cmd) in batch.commands.iter().enumerate() {
+                    let outcome = state.replay(cmd);
                     if !outcome.changed_state() {
                         // Only state changes are logged, so each must apply again: anything
                         // else means the log or the state machine is not what wrote it.
@@ -248,7 +249,7 @@ fn replay_onto(
                         return Err(Failure::Fatal(StoreError::Visit { seq, source }.into()));
                     }
                 }
-                commands += batch.len() as u64;
+                commands += batch.commands.len() as u64;
             }
             Ok((state, commands))
         });

@@ -146,6 +146,12 @@ settings! {
     /// Transfer records kept per ledger per cell for idempotency and status [default: 1048576].
     #[arg(long, env = "CELLPAY_TRANSFERS_RETAINED_MAX")]
     transfers_retained_max: usize => transfers_retained_max;
+    /// The idempotency window promised to clients, in seconds: a retry within
+    /// it answers the original transfer and pays nothing, while its record is
+    /// held (GET /metrics, cellpay_idempotency_window_seconds, says how far back
+    /// records reach) [default: 86400].
+    #[arg(long, env = "CELLPAY_IDEMPOTENCY_WINDOW_S")]
+    idempotency_window_s: u64 => idempotency_window_s;
     /// History entries kept per ledger per cell [default: 1048576].
     #[arg(long, env = "CELLPAY_HISTORY_ENTRIES_MAX")]
     history_entries_max: usize => history_entries_max;
@@ -217,6 +223,7 @@ pub struct Config {
     /// Connection caps, timeouts and body pace of the HTTP front door.
     pub front: FrontLimits,
     pub transfers_retained_max: usize,
+    pub idempotency_window_s: u64,
     pub history_entries_max: usize,
     pub checkpoint_log_mib: u64,
     pub relay_messages_per_round_max: usize,
@@ -243,6 +250,7 @@ impl Default for Config {
             queue_commands_max: 65_536,
             front: FrontLimits::default(),
             transfers_retained_max: 1 << 20,
+            idempotency_window_s: 86_400,
             history_entries_max: 1 << 20,
             checkpoint_log_mib: 32,
             relay_messages_per_round_max: 4096,
@@ -325,6 +333,10 @@ impl Config {
             "body_bytes_in_flight_max must be at least body_bytes_max"
         );
         anyhow::ensure!(self.transfers_retained_max >= 1, "transfers_retained_max must be at least 1");
+        anyhow::ensure!(
+            (1..=366 * 86_400).contains(&self.idempotency_window_s),
+            "idempotency_window_s must be 1..=31622400 (a year)"
+        );
         anyhow::ensure!(self.history_entries_max >= 1, "history_entries_max must be at least 1");
         anyhow::ensure!((1..=10_000).contains(&self.queue_delay_target_ms), "queue_delay_target_ms must be 1..=10000");
         anyhow::ensure!((100..=3_600_000).contains(&self.stall_after_ms), "stall_after_ms must be 100..=3600000");

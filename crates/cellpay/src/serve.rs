@@ -129,6 +129,7 @@ fn engine_config(config: &Config) -> EngineConfig {
         store: StoreOptions::default(),
         queue_delay_target: std::time::Duration::from_millis(config.queue_delay_target_ms),
         stall_after: std::time::Duration::from_millis(config.stall_after_ms),
+        idempotency_window: std::time::Duration::from_secs(config.idempotency_window_s),
         ..EngineConfig::default()
     }
 }

@@ -85,6 +85,9 @@ fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
         assert!(!r[key].is_null(), "the report has {key}");
     }
     assert!(r["operations"]["transfer"]["requests"].as_u64().unwrap() > 200);
+    // No record left memory: the cells held the whole promised day.
+    assert_eq!(r["idempotency"]["retry_horizon_s"], 86_400);
+    assert_eq!(r["idempotency"]["window_held_min_s"].as_f64(), Some(86_400.0), "{}", r["idempotency"]);
     assert_eq!(s.get("/v1/accounts/real-bank", CLIENT).body["balance"], real_before, "real money untouched");
 
     let mut dirty = stress(&s, dir.path());
@@ -96,4 +99,30 @@ fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
     assert_eq!(status.code(), Some(1), "a touched real ledger is no-go");
     assert!(r["checks"]["real_digests_changed"].as_u64().unwrap() > 0);
     assert!(r["readiness"].as_str().unwrap().contains("real shard digests changed"));
+}
+
+#[test]
+fn a_window_shorter_than_the_retry_horizon_is_no_go() {
+    // 64 records per ledger per cell: the funding alone pushes records out of
+    // memory, so the window a client could count on is seconds, not a day.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &["--transfers-retained-max", "64"]);
+    let status = stress(&s, dir.path()).wait().unwrap();
+    let r = report(dir.path());
+    assert_eq!(status.code(), Some(1), "{}", r["readiness"]);
+    let held = r["idempotency"]["window_held_min_s"].as_f64().unwrap();
+    assert!(held < 3_600.0, "{}", r["idempotency"]);
+    assert_eq!(r["idempotency"]["window_promised_s"].as_f64(), Some(86_400.0));
+    let readiness = r["readiness"].as_str().unwrap();
+    assert!(readiness.contains("idempotency window held fell to"), "{readiness}");
+    // /metrics says the same, per cell and ledger.
+    let metrics = s.request("GET", "/metrics", None, &[], None).body;
+    let metrics = metrics.as_str().unwrap();
+    let shadow: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("cellpay_idempotency_window_seconds{") && l.contains("ledger=\"shadow\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(shadow.len(), 4, "{metrics}");
+    assert!(shadow.iter().all(|&w| w < 86_400.0), "{shadow:?}");
 }

@@ -11,8 +11,9 @@ use crate::money::Currency;
 use crate::shard::ShardMap;
 
 /// The format version written at the start of every batch and snapshot.
-/// 2: accounts carry their tenant.
-pub const FORMAT_VERSION: u8 = 2;
+/// 2: accounts carry their tenant. 3: a batch carries its clock; transfer
+/// records carry the time they were made.
+pub const FORMAT_VERSION: u8 = 3;
 
 /// The most commands one logged batch may hold (I7); far above any engine batch.
 pub const BATCH_COMMANDS_MAX: u32 = 1 << 20;
@@ -301,17 +302,28 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
     Ok(Command { shadow, op })
 }
 
-/// Encodes a batch of commands: version, count, commands.
-pub fn encode_batch<'a>(w: &mut Writer, commands: impl ExactSizeIterator<Item = &'a Command>) {
+/// One logged batch: the cell's clock when it was applied, and its commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedBatch {
+    /// Unix milliseconds, never lower than an earlier batch's (see
+    /// [`crate::CellState::advance_clock`]); replay sets the clock from it, so
+    /// the times records carry are the same on every replay.
+    pub clock_ms: u64,
+    pub commands: Vec<Command>,
+}
+
+/// Encodes a batch of commands: version, count, clock, commands.
+pub fn encode_batch<'a>(w: &mut Writer, clock_ms: u64, commands: impl ExactSizeIterator<Item = &'a Command>) {
     w.u8(FORMAT_VERSION);
     w.u32(commands.len() as u32);
+    w.u64(clock_ms);
     for cmd in commands {
         encode_command(w, cmd);
     }
 }
 
 /// Decodes a batch written by [`encode_batch`].
-pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
+pub fn decode_batch(bytes: &[u8]) -> Result<LoggedBatch, DecodeError> {
     let mut r = Reader::new(bytes, "batch");
     let version = r.u8()?;
     if version != FORMAT_VERSION {
@@ -321,6 +333,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
     if n > BATCH_COMMANDS_MAX {
         return Err(r.error(format!("{n} commands exceed the limit {BATCH_COMMANDS_MAX}")));
     }
+    let clock_ms = r.u64()?;
     let mut out = Vec::with_capacity(n as usize);
     for _ in 0..n {
         out.push(decode_command(&mut r)?);
@@ -328,7 +341,7 @@ pub fn decode_batch(bytes: &[u8]) -> Result<Vec<Command>, DecodeError> {
     if !r.is_empty() {
         return Err(r.error("trailing bytes after the last command"));
     }
-    Ok(out)
+    Ok(LoggedBatch { clock_ms, commands: out })
 }
 
 #[cfg(test)]
@@ -383,14 +396,14 @@ mod tests {
     fn batches_round_trip() {
         let cmds = sample();
         let mut w = Writer::default();
-        encode_batch(&mut w, cmds.iter());
-        assert_eq!(decode_batch(&w.buf).unwrap(), cmds);
+        encode_batch(&mut w, 1_700_000_000_123, cmds.iter());
+        assert_eq!(decode_batch(&w.buf).unwrap(), LoggedBatch { clock_ms: 1_700_000_000_123, commands: cmds });
     }
 
     #[test]
     fn every_truncation_is_an_error_not_a_panic() {
         let mut w = Writer::default();
-        encode_batch(&mut w, sample().iter());
+        encode_batch(&mut w, 7, sample().iter());
         for cut in 0..w.buf.len() {
             assert!(decode_batch(&w.buf[..cut]).is_err(), "cut at {cut} decoded");
         }
@@ -399,7 +412,7 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut w = Writer::default();
-        encode_batch(&mut w, sample().iter());
+        encode_batch(&mut w, 7, sample().iter());
         for i in 0..w.buf.len() {
             let mut bytes = w.buf.clone();
             bytes[i] ^= 0xA5;
@@ -411,7 +424,7 @@ mod tests {
 
 /// Builds one logged batch command by command, reusing its buffer.
 ///
-/// The layout is that of [`encode_batch`]: version, count, commands.
+/// The layout is that of [`encode_batch`]: version, count, clock, commands.
 pub struct BatchEncoder {
     w: Writer,
     count: u32,
@@ -430,7 +443,13 @@ impl BatchEncoder {
         self.w.buf.clear();
         self.w.u8(FORMAT_VERSION);
         self.w.u32(0);
+        self.w.u64(0);
         self.count = 0;
+    }
+
+    /// Sets the batch's clock (Unix milliseconds).
+    pub fn set_clock(&mut self, clock_ms: u64) {
+        self.w.buf[5..13].copy_from_slice(&clock_ms.to_le_bytes());
     }
 
     pub fn push(&mut self, cmd: &Command) {
@@ -465,9 +484,11 @@ mod encoder_tests {
         let cmd = Command::real(Op::Settle { dest: CellId(1), seq: 5 });
         e.push(&cmd);
         e.push(&cmd);
-        assert_eq!(decode_batch(e.bytes()).unwrap(), vec![cmd.clone(), cmd.clone()]);
+        e.set_clock(42);
+        let batch = decode_batch(e.bytes()).unwrap();
+        assert_eq!(batch, LoggedBatch { clock_ms: 42, commands: vec![cmd.clone(), cmd.clone()] });
         e.clear();
         assert!(e.is_empty());
-        assert_eq!(decode_batch(e.bytes()).unwrap(), vec![]);
+        assert_eq!(decode_batch(e.bytes()).unwrap(), LoggedBatch { clock_ms: 0, commands: vec![] });
     }
 }

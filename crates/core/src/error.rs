@@ -33,10 +33,14 @@ pub enum ErrorCode {
     /// A relay credit reuses a sequence number with another message: the
     /// source's books went back in time. Internal; the audit names the pair.
     SequenceReused,
+    /// A retry of a transfer whose id carries its own time (a UUIDv7) older
+    /// than the idempotency window: the cell can no longer tell whether it was
+    /// paid, so it refuses rather than risk paying twice.
+    IdempotencyExpired,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -55,6 +59,7 @@ impl ErrorCode {
         ErrorCode::OutOfOrder,
         ErrorCode::OutboxFull,
         ErrorCode::SequenceReused,
+        ErrorCode::IdempotencyExpired,
     ];
 
     /// The code's name in the contract.
@@ -78,6 +83,7 @@ impl ErrorCode {
             ErrorCode::OutOfOrder => "out_of_order",
             ErrorCode::OutboxFull => "outbox_full",
             ErrorCode::SequenceReused => "sequence_reused",
+            ErrorCode::IdempotencyExpired => "idempotency_expired",
         }
     }
 
@@ -88,7 +94,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::AccountNotFound | ErrorCode::TransferNotFound => 404,
-            ErrorCode::Conflict => 409,
+            ErrorCode::Conflict | ErrorCode::IdempotencyExpired => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::InsufficientFunds | ErrorCode::CurrencyMismatch | ErrorCode::BalanceOverflow => 422,
             ErrorCode::RateLimited => 429,

@@ -106,6 +106,27 @@ impl TenantId {
     }
 }
 
+impl TransferId {
+    /// The time a UUIDv7 id carries (its first 48 bits, Unix milliseconds), or
+    /// `None` for any other id: such an id tells when the client made it, so
+    /// a retry older than the idempotency window can be recognised as one.
+    pub fn uuid_v7_ms(&self) -> Option<u64> {
+        let s = self.as_str().as_bytes();
+        // 8-4-4-4-12 hex digits; version nibble 7; variant 10xx.
+        if s.len() != 36 || [8, 13, 18, 23].iter().any(|&i| s[i] != b'-') {
+            return None;
+        }
+        let mut hex = [0u8; 32];
+        for (slot, &c) in hex.iter_mut().zip(s.iter().filter(|&&c| c != b'-')) {
+            *slot = (c as char).to_digit(16)? as u8;
+        }
+        if s.iter().filter(|&&c| c == b'-').count() != 4 || hex[12] != 7 || !(8..=11).contains(&hex[16]) {
+            return None;
+        }
+        Some(hex[..12].iter().fold(0u64, |ms, &d| ms << 4 | u64::from(d)))
+    }
+}
+
 /// A cell's number in the shard map.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CellId(pub u32);
@@ -133,5 +154,17 @@ mod tests {
         assert_eq!(TransferId::new("a b"), Err(IdError::BadChar));
         assert_eq!(TransferId::new("é"), Err(IdError::BadChar));
         assert_eq!(TransferId::new("a/b"), Err(IdError::BadChar));
+    }
+
+    #[test]
+    fn a_uuid_v7_id_tells_its_time_and_nothing_else_does() {
+        let v7 = TransferId::new("0190163d-8694-739b-aea5-966c26f8ad91").unwrap();
+        assert_eq!(v7.uuid_v7_ms(), Some(0x0190_163d_8694));
+        let v4 = TransferId::new("0190163d-8694-439b-aea5-966c26f8ad91").unwrap();
+        assert_eq!(v4.uuid_v7_ms(), None, "version 4");
+        let bad_variant = TransferId::new("0190163d-8694-739b-cea5-966c26f8ad91").unwrap();
+        assert_eq!(bad_variant.uuid_v7_ms(), None);
+        assert_eq!(TransferId::new("pay-1").unwrap().uuid_v7_ms(), None);
+        assert_eq!(TransferId::new("0190163d-8694-739b-aea5-966c26f8ad9g").unwrap().uuid_v7_ms(), None);
     }
 }

@@ -66,6 +66,8 @@ pub(crate) struct TransferRecord {
     pub currency_given: Option<Currency>,
     pub memo_hash: u64,
     pub status: TransferStatus,
+    /// The cell's clock when the transfer was accepted (Unix milliseconds).
+    pub at_ms: u64,
     /// Sequence number + 1 of the newest earlier record with the same id (a
     /// transfer id is unique per payer, not per cell), 0 for none.
     pub same_id_prev: u64,
@@ -192,6 +194,8 @@ pub(crate) struct Place<'a> {
     pub map: &'a ShardMap,
     /// Admission limits for new commands (replay passes none: what was logged applies again).
     pub admission: &'a Admission,
+    /// The cell's clock for this batch (Unix milliseconds).
+    pub clock_ms: u64,
 }
 
 /// Limits that apply when a command is first admitted, and not when the log
@@ -202,12 +206,51 @@ pub struct Admission {
     /// Undelivered cross-cell credits per destination cell (and ledger);
     /// past it a cross-cell transfer is refused with `outbox_full` (I7).
     pub outbox_messages_max: u64,
+    /// The idempotency window promised to clients, in milliseconds: a retry
+    /// finds its transfer's record while the record is younger than this (and
+    /// still held); an older record counts as gone.
+    pub idempotency_window_ms: u64,
+    /// False on replay: a logged transfer was new when it was admitted, so it
+    /// is applied without looking for an earlier record.
+    pub lookup: bool,
 }
 
 impl Admission {
-    /// No limit: for replay, and for tests that do not exercise admission.
-    pub const UNLIMITED: Admission = Admission { outbox_messages_max: u64::MAX };
+    /// No limit: for tests that do not exercise admission.
+    pub const UNLIMITED: Admission =
+        Admission { outbox_messages_max: u64::MAX, idempotency_window_ms: u64::MAX, lookup: true };
+    /// Replay of the log: no limit, no idempotency lookup.
+    pub const REPLAY: Admission =
+        Admission { outbox_messages_max: u64::MAX, idempotency_window_ms: u64::MAX, lookup: false };
 }
+
+/// How far back a ledger's idempotency records reach: what `/metrics`, the
+/// dashboard and the readiness report call the window held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdempotencyReach {
+    /// Records held in memory.
+    pub records_held: u64,
+    /// Records that have left memory (and, with no disk tier, the window).
+    pub records_dropped: u64,
+    /// The time of the oldest record held (Unix milliseconds).
+    pub oldest_at_ms: Option<u64>,
+}
+
+impl IdempotencyReach {
+    /// The window this ledger holds at `clock_ms` against the promise: the
+    /// whole promise while no record has been dropped, else the age of the
+    /// oldest record still held, if that is shorter.
+    pub fn window_held_ms(&self, clock_ms: u64, promised_ms: u64) -> u64 {
+        match (self.records_dropped, self.oldest_at_ms) {
+            (0, _) => promised_ms,
+            (_, None) => 0,
+            (_, Some(oldest)) => promised_ms.min(clock_ms.saturating_sub(oldest)),
+        }
+    }
+}
+
+/// The default idempotency window: a day, as payment APIs promise.
+pub const IDEMPOTENCY_WINDOW_MS_DEFAULT: u64 = 24 * 3600 * 1000;
 
 impl Place<'_> {
     fn owns(&self, id: &AccountId) -> bool {
@@ -293,6 +336,15 @@ impl Ledger {
         }
     }
 
+    /// How far back this ledger's idempotency records reach.
+    pub fn idempotency_reach(&self) -> IdempotencyReach {
+        IdempotencyReach {
+            records_held: self.records.len() as u64,
+            records_dropped: self.records_first_seq,
+            oldest_at_ms: self.records.front().map(|r| r.at_ms),
+        }
+    }
+
     pub fn accounts_len(&self) -> usize {
         self.accounts.len()
     }
@@ -365,7 +417,6 @@ impl Ledger {
             self.records_first_seq += 1;
         }
         let seq = self.records_first_seq + self.records.len() as u64;
-        debug_assert!(self.find_record(&record.id, record.from).is_none(), "a payer records an id once (I3)");
         record.same_id_prev = self.record_index.insert(record.id.clone(), seq).map_or(0, |prev| prev + 1);
         self.records.push_back(record);
         seq
@@ -539,14 +590,30 @@ impl Ledger {
         if let Err(rejection) = self.may_debit(&self.accounts[payer as usize], &t.by) {
             return rejection;
         }
-        // The idempotency key is the payer and the id.
-        if let Some(record) = self.find_record(&t.id, payer) {
-            if self.same_body(record, t) {
-                let transfer = self.transfer_view(record);
-                return Outcome::Transferred { transfer, created: false, outbox: None, minted: false };
+        // The idempotency key is the payer and the id; a record older than
+        // the window counts as gone. Replay does not look: what was logged was new.
+        let window = place.admission.idempotency_window_ms;
+        let oldest_held_ms = place.clock_ms.saturating_sub(window);
+        if place.admission.lookup {
+            let record = self.find_record(&t.id, payer).filter(|r| r.at_ms >= oldest_held_ms);
+            if let Some(record) = record {
+                if self.same_body(record, t) {
+                    let transfer = self.transfer_view(record);
+                    return Outcome::Transferred { transfer, created: false, outbox: None, minted: false };
+                }
+                let msg = format!("transfer {} of payer {} exists with a different body", t.id, t.from);
+                return Outcome::rejected(ErrorCode::Conflict, msg);
             }
-            let msg = format!("transfer {} of payer {} exists with a different body", t.id, t.from);
-            return Outcome::rejected(ErrorCode::Conflict, msg);
+            if let Some(made_ms) = t.id.uuid_v7_ms().filter(|&ms| ms < oldest_held_ms) {
+                let age_s = (place.clock_ms - made_ms) / 1000;
+                let msg = format!(
+                    "transfer id {} was made {age_s} s ago, beyond the idempotency window of {} s: \
+                     a retry this old cannot be told from a new payment (use a new id for a new payment)",
+                    t.id,
+                    window / 1000
+                );
+                return Outcome::rejected(ErrorCode::IdempotencyExpired, msg);
+            }
         }
         let payer_account = &self.accounts[payer as usize];
         let currency = payer_account.currency;
@@ -561,13 +628,20 @@ impl Ledger {
             return Outcome::rejected(ErrorCode::InsufficientFunds, format!("account {} lacks funds", t.from));
         }
         if place.owns(&t.to) {
-            self.transfer_local(t, payer, payer_after, currency)
+            self.transfer_local(t, payer, payer_after, currency, place.clock_ms)
         } else {
             self.transfer_remote(place, t, payer, payer_after, currency)
         }
     }
 
-    fn transfer_local(&mut self, t: &Transfer, payer: u32, payer_after: i64, currency: Currency) -> Outcome {
+    fn transfer_local(
+        &mut self,
+        t: &Transfer,
+        payer: u32,
+        payer_after: i64,
+        currency: Currency,
+        clock_ms: u64,
+    ) -> Outcome {
         let payee = match self.find(&t.to, "payee") {
             Ok(i) => i,
             Err(rejection) => return rejection,
@@ -587,7 +661,8 @@ impl Ledger {
         self.add_leg(payee, &t.id, EntryKind::Credit);
         self.push_history(payer, &t.id, AccountRef::Local(payee), EntryKind::Debit, -t.amount);
         self.push_history(payee, &t.id, AccountRef::Local(payer), EntryKind::Credit, t.amount);
-        self.push_record(Self::new_record(t, payer, AccountRef::Local(payee), currency, TransferStatus::Settled));
+        let record = Self::new_record(t, payer, AccountRef::Local(payee), currency, TransferStatus::Settled, clock_ms);
+        self.push_record(record);
         let transfer = Self::accepted_view(t, currency, TransferStatus::Settled);
         let minted = self.accounts[payer as usize].overdraft;
         Outcome::Transferred { transfer, created: true, outbox: None, minted }
@@ -616,7 +691,8 @@ impl Ledger {
         self.add_leg(payer, &t.id, EntryKind::Debit);
         let payee = AccountRef::Remote(t.to.clone());
         self.push_history(payer, &t.id, payee.clone(), EntryKind::Debit, -t.amount);
-        let record_seq = self.push_record(Self::new_record(t, payer, payee, currency, TransferStatus::Pending));
+        let record = Self::new_record(t, payer, payee, currency, TransferStatus::Pending, place.clock_ms);
+        let record_seq = self.push_record(record);
         let transfer = Self::accepted_view(t, currency, TransferStatus::Pending);
         let outbox = self.outbox.entry(dest).or_insert_with(|| Outbox::new(dest));
         let f = &mut outbox.figures;
@@ -649,8 +725,10 @@ impl Ledger {
         to: AccountRef,
         currency: Currency,
         status: TransferStatus,
+        at_ms: u64,
     ) -> TransferRecord {
         TransferRecord {
+            at_ms,
             id: t.id.clone(),
             from: payer,
             to,

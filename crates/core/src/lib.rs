@@ -42,7 +42,7 @@ pub use audit::{
 pub use command::*;
 pub use error::{ErrorCode, Rejection};
 pub use ids::{AccountId, CellId, IdError, TenantId, TransferId, TENANT_DEFAULT};
-pub use ledger::{Admission, Ledger, Limits};
+pub use ledger::{Admission, IdempotencyReach, Ledger, Limits, IDEMPOTENCY_WINDOW_MS_DEFAULT};
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use priority::{priority_of, Priority};
 pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};

@@ -16,9 +16,10 @@ use crate::ledger::{
 use crate::state::CellState;
 
 /// 02: pair figures and chains in outboxes and inboxes, the inbox tail,
-/// transfer ids unique per payer. 03: accounts carry their tenant. An older
-/// snapshot is refused with its magic.
-const MAGIC: &[u8; 8] = b"CPSNAP03";
+/// transfer ids unique per payer. 03: accounts carry their tenant. 04: the
+/// cell's clock, and the time of each transfer record. An older snapshot is
+/// refused with its magic.
+const MAGIC: &[u8; 8] = b"CPSNAP04";
 /// No count in a snapshot may exceed this (I7): it bounds allocation on bad input.
 const COUNT_MAX: u64 = 1 << 32;
 
@@ -51,6 +52,7 @@ pub fn encode_with_capacity(state: &CellState, capacity: usize) -> Vec<u8> {
     w.u8(FORMAT_VERSION);
     w.u32(state.cell.0);
     w.u64(state.applied);
+    w.u64(state.clock_ms);
     encode_shard_map(&mut w, &state.map);
     encode_ledger(&mut w, &state.real);
     encode_ledger(&mut w, &state.shadow);
@@ -86,6 +88,7 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
         }
         w.u64(r.memo_hash);
         w.u8(status_tag(r.status));
+        w.u64(r.at_ms);
     }
     w.u64(l.history_first_seq);
     w.u64(l.history.len() as u64);
@@ -165,13 +168,14 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
     }
     let cell = CellId(r.u32()?);
     let applied = r.u64()?;
+    let clock_ms = r.u64()?;
     let map = decode_shard_map(&mut r)?;
     let real = decode_ledger(&mut r, &map)?;
     let shadow = decode_ledger(&mut r, &map)?;
     if !r.is_empty() {
         return Err(r.error("trailing bytes after the snapshot"));
     }
-    Ok(CellState { cell, map, real, shadow, applied })
+    Ok(CellState { cell, map, real, shadow, applied, clock_ms })
 }
 
 fn encode_ref(w: &mut Writer, r: &AccountRef) {
@@ -265,6 +269,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
             },
             memo_hash: r.u64()?,
             status: decode_status(r)?,
+            at_ms: r.u64()?,
             same_id_prev: 0,
         };
         let mut record = record;

@@ -22,12 +22,22 @@ pub struct CellState {
     pub(crate) shadow: Ledger,
     /// Commands applied since the cell was created (rejections excluded).
     pub(crate) applied: u64,
+    /// The cell's clock, Unix milliseconds: the newest logged batch's clock
+    /// (never the wall clock read here), so replay gives records the same times.
+    pub(crate) clock_ms: u64,
 }
 
 impl CellState {
     pub fn new(cell: CellId, map: ShardMap, limits: Limits) -> Self {
         let shards = map.shards();
-        Self { cell, map, real: Ledger::new(limits, shards), shadow: Ledger::new(limits, shards), applied: 0 }
+        Self {
+            cell,
+            map,
+            real: Ledger::new(limits, shards),
+            shadow: Ledger::new(limits, shards),
+            applied: 0,
+            clock_ms: 0,
+        }
     }
 
     pub fn cell(&self) -> CellId {
@@ -51,10 +61,32 @@ impl CellState {
         self.applied
     }
 
-    /// Applies one command with no admission limits (replay, tests). A
-    /// rejected command leaves the state exactly as it was.
+    /// The cell's clock (Unix milliseconds), as of its newest batch.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// Moves the clock to `now_ms` for the next batch, never backwards (a
+    /// wall clock that steps back leaves it where it was), and answers the
+    /// clock the batch runs at: the engine logs that value with the batch,
+    /// and replay passes it back here.
+    pub fn advance_clock(&mut self, now_ms: u64) -> u64 {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        self.clock_ms
+    }
+
+    /// Applies one command with no admission limits (tests). A rejected
+    /// command leaves the state exactly as it was.
     pub fn apply(&mut self, cmd: &Command) -> Outcome {
         self.admit(cmd, &Admission::UNLIMITED)
+    }
+
+    /// Applies one logged command again (recovery). It was admitted once, so
+    /// it applies without admission limits and without the idempotency
+    /// lookup: a logged transfer was new when it was logged, whatever part of
+    /// the records (memory or disk) a lookup could reach now.
+    pub fn replay(&mut self, cmd: &Command) -> Outcome {
+        self.admit(cmd, &Admission::REPLAY)
     }
 
     /// Applies one new command under the admission limits in force.
@@ -80,7 +112,7 @@ impl CellState {
     }
 
     fn apply_to_ledger(&mut self, shadow: bool, op: &Op, admission: &Admission) -> Outcome {
-        let place = Place { cell: self.cell, map: &self.map, admission };
+        let place = Place { cell: self.cell, map: &self.map, admission, clock_ms: self.clock_ms };
         let ledger = if shadow { &mut self.shadow } else { &mut self.real };
         match op {
             Op::OpenAccount(o) => ledger.open_account(&place, o),

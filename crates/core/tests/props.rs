@@ -249,11 +249,11 @@ fn replay(cluster: &Cluster) -> Vec<CellState> {
     (0..2)
         .map(|c| {
             let mut w = Writer::default();
-            encode_batch(&mut w, cluster.logs[c].iter());
-            let cmds = decode_batch(&w.buf).unwrap();
+            encode_batch(&mut w, 0, cluster.logs[c].iter());
+            let cmds = decode_batch(&w.buf).unwrap().commands;
             let mut state = CellState::new(CellId(c as u32), cluster.map.clone(), limits);
             for cmd in &cmds {
-                assert!(state.apply(cmd).changed_state(), "a logged command applies again");
+                assert!(state.replay(cmd).changed_state(), "a logged command applies again");
             }
             state
         })

@@ -181,6 +181,9 @@ figure{{margin:1em 0}}figcaption{{font-weight:600}}</style></head><body>\
         vec!["payments".into(), r.cost.payments.to_string()],
         vec!["engine CPU µs per payment".into(), fmt_opt(r.cost.cpu_us_per_payment)],
         vec!["bytes written per payment".into(), fmt_opt(r.cost.bytes_per_payment)],
+        vec!["retry horizon promised to clients (s)".into(), r.idempotency.retry_horizon_s.to_string()],
+        vec!["idempotency window configured (s)".into(), fmt_opt(r.idempotency.window_promised_s)],
+        vec!["idempotency window held, shortest (s)".into(), fmt_opt(r.idempotency.window_held_min_s)],
     ];
     html.push_str(&table(&["check", "value"], &rows));
     html.push_str("</body></html>\n");

@@ -134,10 +134,20 @@ pub struct Profile {
     pub events: Vec<Event>,
     #[serde(default)]
     pub seed: u64,
+    /// How long after a payment its client may still retry it and be sure
+    /// it is not paid twice, in seconds: the readiness report is no-go when
+    /// the idempotency window the cells held during the run was shorter.
+    #[serde(default = "retry_horizon_s")]
+    pub retry_horizon_s: u64,
 }
 
 fn batch_size() -> usize {
     50
+}
+
+/// A day, the window payment APIs promise.
+fn retry_horizon_s() -> u64 {
+    86_400
 }
 
 impl Profile {
@@ -161,6 +171,9 @@ impl Profile {
         }
         if self.stages.is_empty() {
             return Err("a profile needs at least one stage".into());
+        }
+        if !(1..=366 * 86_400).contains(&self.retry_horizon_s) {
+            return Err("retry_horizon_s must be between 1 and 31622400 (a year)".into());
         }
         for s in &self.stages {
             let ok = |r: f64| r.is_finite() && (0.0..=RATE_MAX).contains(&r);

@@ -125,6 +125,19 @@ pub struct Generator {
     pub in_flight_waits: u64,
 }
 
+/// The idempotency window the run needed and the one the cells held.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Idempotency {
+    /// The profile's promise to clients: a retry this late is still not paid twice.
+    pub retry_horizon_s: u64,
+    /// The window the cells are configured to promise (`idempotency_window_s`).
+    pub window_promised_s: Option<f64>,
+    /// The shortest window any cell held during the run (for the ledger the
+    /// run used), sampled from `/metrics` each second: with records leaving
+    /// memory at the peak's rate, this is what a client could really count on.
+    pub window_held_min_s: Option<f64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Cost {
     pub payments: u64,
@@ -154,6 +167,7 @@ pub struct Report {
     pub checks: Checks,
     pub generator: Generator,
     pub cost: Cost,
+    pub idempotency: Idempotency,
     pub bottleneck: String,
     pub go: bool,
     pub readiness: String,
@@ -181,8 +195,22 @@ pub fn slo_verdicts(slo: &BTreeMap<Operation, Slo>, ops: &BTreeMap<String, Opera
 }
 
 /// Go when every SLO and every check holds and the generator kept its schedule.
-pub fn readiness(slo: &[SloVerdict], checks: &Checks, generator: &Generator) -> (bool, String) {
+pub fn readiness(
+    slo: &[SloVerdict],
+    checks: &Checks,
+    generator: &Generator,
+    idempotency: &Idempotency,
+) -> (bool, String) {
     let mut reasons = Vec::new();
+    let horizon = idempotency.retry_horizon_s as f64;
+    match idempotency.window_held_min_s {
+        Some(held) if held < horizon => reasons.push(format!(
+            "the idempotency window held fell to {held:.0} s, under the retry horizon of {horizon:.0} s: \
+             a client retrying that late could be paid twice"
+        )),
+        Some(_) => {}
+        None => reasons.push("the cells did not report their idempotency window".to_string()),
+    }
     if generator.saturated {
         reasons.push(format!(
             "generator saturated (sent up to {:.0} ms behind schedule): the run did not measure the profile",

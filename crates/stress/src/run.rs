@@ -381,6 +381,19 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found.then_some(sum)
 }
 
+/// The smallest sample of a metric among the series whose labels contain
+/// `ledger="LEDGER"` (any series when `ledger` is empty).
+fn metric_min(text: &str, name: &str, ledger: &str) -> Option<f64> {
+    let want = format!("ledger=\"{ledger}\"");
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            (ledger.is_empty() || labels.split(',').any(|l| l == want)).then(|| value.trim().parse::<f64>().ok())?
+        })
+        .reduce(f64::min)
+}
+
 /// Each cell's sample of a per-cell metric, by the `cell` label.
 fn metric_by_cell(text: &str, name: &str) -> BTreeMap<u32, f64> {
     let prefix = format!("{name}{{cell=\"");
@@ -391,6 +404,14 @@ fn metric_by_cell(text: &str, name: &str) -> BTreeMap<u32, f64> {
             Some((cell.parse().ok()?, tail.rsplit(' ').next()?.parse().ok()?))
         })
         .collect()
+}
+
+/// What a run gathered besides its requests' record: the report's inputs.
+struct Gathered {
+    checks: Checks,
+    generator: Generator,
+    cost: Cost,
+    idempotency: Idempotency,
 }
 
 /// Engine CPU seconds per cell and bytes written by all cells, as `/metrics` reports them.
@@ -450,8 +471,13 @@ impl Runner {
         let done = Arc::new(AtomicBool::new(false));
         let (audit_polls, audit_failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let audit_unavailable = Arc::new(AtomicU64::new(0));
+        // The shortest idempotency window held, in ms (u64::MAX: none reported yet).
+        let window_held_min_ms = Arc::new(AtomicU64::new(u64::MAX));
+        let window_promised_ms = Arc::new(AtomicU64::new(u64::MAX));
         let start = tokio::time::Instant::now();
         let poller = {
+            let (window_held_min_ms, window_promised_ms) = (window_held_min_ms.clone(), window_promised_ms.clone());
+            let ledger = if self.options.shadow { "shadow" } else { "real" };
             let (http, done, polls, failures, unavailable) = (
                 self.http.clone(),
                 done.clone(),
@@ -484,6 +510,15 @@ impl Runner {
                                 let slot = r.seconds[second].queue_depth.entry(id as u32).or_default();
                                 *slot = (*slot).max(depth);
                             }
+                        }
+                    }
+                    if let Ok(m) = http.send("GET", "/metrics", None).await {
+                        let text = String::from_utf8_lossy(&m.body);
+                        if let Some(held) = metric_min(&text, "cellpay_idempotency_window_seconds", ledger) {
+                            window_held_min_ms.fetch_min((held * 1000.0) as u64, Relaxed);
+                        }
+                        if let Some(p) = metric_min(&text, "cellpay_idempotency_window_promised_seconds", "") {
+                            window_promised_ms.store((p * 1000.0) as u64, Relaxed);
                         }
                     }
                     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -588,7 +623,14 @@ impl Runner {
             cpu_us_per_payment: per(before.cpu_s(), after.cpu_s(), 1e6),
             bytes_per_payment: per(before.bytes, after.bytes, 1.0),
         };
-        let mut report = self.report(record, checks, generator, cost, duration_s, &engine_cpu_share);
+        let ms = |a: &AtomicU64| Some(a.load(Relaxed)).filter(|&v| v != u64::MAX).map(|v| v as f64 / 1000.0);
+        let idempotency = Idempotency {
+            retry_horizon_s: self.profile.retry_horizon_s,
+            window_promised_s: ms(&window_promised_ms),
+            window_held_min_s: ms(&window_held_min_ms),
+        };
+        let gathered = Gathered { checks, generator, cost, idempotency };
+        let mut report = self.report(record, gathered, duration_s, &engine_cpu_share);
         report.events = events;
         Ok(report)
     }
@@ -663,12 +705,11 @@ impl Runner {
     fn report(
         &self,
         record: Record,
-        checks: Checks,
-        generator: Generator,
-        cost: Cost,
+        gathered: Gathered,
         duration_s: f64,
         engine_cpu_share: &BTreeMap<u32, f64>,
     ) -> Report {
+        let Gathered { checks, generator, cost, idempotency } = gathered;
         let operations: BTreeMap<String, OperationReport> = record
             .ops
             .iter()
@@ -745,7 +786,7 @@ impl Runner {
                     format!("cell {}: the highest p99 ({:.2} ms)", c.cell, c.latency.p99_ms)
                 })
         };
-        let (go, readiness) = readiness(&slo, &checks, &generator);
+        let (go, readiness) = readiness(&slo, &checks, &generator, &idempotency);
         *self.acked.lock().expect("acked lock") = record.acked.iter().cloned().collect();
         let hot_merchant = HotMerchant {
             requests: record.hot.0,
@@ -772,6 +813,7 @@ impl Runner {
             checks,
             generator,
             cost,
+            idempotency,
             bottleneck,
             go,
             readiness,
