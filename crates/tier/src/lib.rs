@@ -153,6 +153,15 @@ pub struct TierStats {
     pub durable_through: u64,
 }
 
+/// Lookups that got past a run's filter: each costs a sparse-index search, and
+/// (unless the key sorts before the run's first key) one block read. For keys
+/// the tier does not hold, `filter_passes` per run asked is the false-positive rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    pub filter_passes: u64,
+    pub block_reads: u64,
+}
+
 /// Why the tier refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TierError {

@@ -12,6 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::bloom::{key_hash, Bloom};
@@ -338,6 +339,13 @@ impl<'a> BlockEntries<'a> {
     }
 }
 
+/// Counts of lookups that got past a filter, shared by all views of a tier.
+#[derive(Debug, Default)]
+pub(crate) struct ReadCounters {
+    pub filter_passes: AtomicU64,
+    pub block_reads: AtomicU64,
+}
+
 /// An open, verified run. Holds its file open, so a view keeps reading it
 /// after compaction or expiry unlinked it.
 #[derive(Debug)]
@@ -435,13 +443,15 @@ impl Run {
     }
 
     /// The entry with `key` (whose filter hash is `hash`), if this run holds it.
-    pub fn get(&self, key: &[u8], hash: u64) -> Result<Option<Entry>, TierError> {
+    pub fn get(&self, key: &[u8], hash: u64, counters: &ReadCounters) -> Result<Option<Entry>, TierError> {
         if !self.bloom.may_contain(hash) {
             return Ok(None);
         }
+        counters.filter_passes.fetch_add(1, Relaxed);
         let Some(block) = self.index.block_of(key) else {
             return Ok(None);
         };
+        counters.block_reads.fetch_add(1, Relaxed);
         let (offset, buf) = self.read_block(block)?;
         let mut entries = BlockEntries::new(offset, &buf).map_err(|r| self.corrupt(offset, r))?;
         while let Some(entry) = entries.next().map_err(|r| self.corrupt(offset, r))? {
@@ -697,9 +707,9 @@ mod tests {
         assert_eq!(run.bloom, written.bloom);
         for i in 0..500 {
             let e = entry(i);
-            assert_eq!(run.get(&e.key, key_hash(&e.key)).expect("get"), Some(e));
+            assert_eq!(run.get(&e.key, key_hash(&e.key), &ReadCounters::default()).expect("get"), Some(e));
         }
-        assert_eq!(run.get(b"key-", key_hash(b"key-")).expect("get"), None);
+        assert_eq!(run.get(b"key-", key_hash(b"key-"), &ReadCounters::default()).expect("get"), None);
         let mut cursor = RunCursor::new(Arc::new(run));
         for i in 0..500 {
             assert_eq!(cursor.next().expect("next"), Some(entry(i)));
@@ -713,7 +723,7 @@ mod tests {
         let written = write(dir.path(), 0);
         let run = Run::open(&written.path, 1, 2).expect("open");
         assert_eq!(run.meta.entries, 0);
-        assert_eq!(run.get(b"x", key_hash(b"x")).expect("get"), None);
+        assert_eq!(run.get(b"x", key_hash(b"x"), &ReadCounters::default()).expect("get"), None);
     }
 
     #[test]

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use crate::bloom::key_hash;
 use crate::mark::{read_mark, write_mark, MARK_TMP_NAME};
 use crate::policy::MergePolicy;
-use crate::run::{parse_run_name, sync_dir, Run, RunCursor, RunWriter};
-use crate::{Entry, RunInfo, TierError, TierOptions, TierStats, KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use crate::run::{parse_run_name, sync_dir, ReadCounters, Run, RunCursor, RunWriter};
+use crate::{Entry, ReadStats, RunInfo, TierError, TierOptions, TierStats, KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Compaction builds no run larger than this share of `bytes_max`.
 const RUNS_PER_BYTES_MAX: u64 = 16;
@@ -22,6 +23,7 @@ pub struct TierView {
     /// In generation order, ranges disjoint.
     runs: Vec<Arc<Run>>,
     durable_through: u64,
+    counters: Arc<ReadCounters>,
 }
 
 impl TierView {
@@ -35,7 +37,7 @@ impl TierView {
             if best.as_ref().is_some_and(|b| b.seq >= run.meta.seq_max) {
                 continue;
             }
-            if let Some(found) = run.get(key, hash)? {
+            if let Some(found) = run.get(key, hash, &self.counters)? {
                 if best.as_ref().is_none_or(|b| found.seq > b.seq) {
                     best = Some(found);
                 }
@@ -66,6 +68,14 @@ impl TierView {
             oldest_at_ms: self.oldest_at_ms(),
             newest_at_ms: with_entries().map(|r| r.meta.at_ms_max).max(),
             durable_through: self.durable_through,
+        }
+    }
+
+    /// Lookups that went past a filter, over every view of this tier since it was opened.
+    pub fn read_stats(&self) -> ReadStats {
+        ReadStats {
+            filter_passes: self.counters.filter_passes.load(Relaxed),
+            block_reads: self.counters.block_reads.load(Relaxed),
         }
     }
 
@@ -214,7 +224,7 @@ impl Tier {
             dir: dir.to_path_buf(),
             opts,
             _lock: lock,
-            view: Arc::new(TierView { runs, durable_through }),
+            view: Arc::new(TierView { runs, durable_through, counters: Arc::default() }),
             mark,
             poisoned: false,
         })
@@ -251,7 +261,7 @@ impl Tier {
             let info = RunInfo { lo, hi, entries: run.meta.entries, bytes: run.meta.bytes, path: run.path.clone() };
             let mut runs = tier.view.runs.clone();
             runs.push(Arc::new(run));
-            tier.view = Arc::new(TierView { runs, durable_through: hi });
+            tier.view = Arc::new(TierView { runs, durable_through: hi, counters: Arc::clone(&tier.view.counters) });
             Ok(info)
         })
     }
@@ -323,7 +333,7 @@ impl Tier {
             fs::remove_file(&run.path).map_err(TierError::io(&run.path))?;
         }
         sync_dir(&self.dir)?;
-        self.view = Arc::new(TierView { runs: kept, durable_through });
+        self.view = Arc::new(TierView { runs: kept, durable_through, counters: Arc::clone(&self.view.counters) });
         Ok(())
     }
 
@@ -356,7 +366,11 @@ impl Tier {
             sync_dir(&tier.dir)?;
             let mut runs = tier.view.runs.clone();
             runs.splice(range, [Arc::new(merged)]);
-            tier.view = Arc::new(TierView { runs, durable_through: tier.view.durable_through });
+            tier.view = Arc::new(TierView {
+                runs,
+                durable_through: tier.view.durable_through,
+                counters: Arc::clone(&tier.view.counters),
+            });
             Ok(true)
         })
     }
