@@ -78,11 +78,6 @@ impl TierView {
             block_reads: self.counters.block_reads.load(Relaxed),
         }
     }
-
-    /// The run files, oldest generations first.
-    pub fn run_paths(&self) -> Vec<PathBuf> {
-        self.runs.iter().map(|r| r.path.clone()).collect()
-    }
 }
 
 /// The disk tier in one directory, owned by one maintenance thread.
@@ -349,11 +344,11 @@ impl Tier {
     /// size into one run covering their generations, one version per key.
     /// Answers whether it merged anything.
     pub fn compact(&mut self) -> Result<bool, TierError> {
-        let sizes: Vec<u64> = self.view.runs.iter().map(|r| r.meta.bytes).collect();
-        let Some(range) = self.merge_policy().pick(&sizes) else {
-            return Ok(false);
-        };
         self.change(|tier| {
+            let sizes: Vec<u64> = tier.view.runs.iter().map(|r| r.meta.bytes).collect();
+            let Some(range) = tier.merge_policy().pick(&sizes) else {
+                return Ok(false);
+            };
             let inputs: Vec<Arc<Run>> = tier.view.runs[range.clone()].to_vec();
             let lo = inputs[0].meta.lo;
             let hi = inputs[inputs.len() - 1].meta.hi;
