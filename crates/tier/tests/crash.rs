@@ -9,6 +9,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 
 use cellpay_tier::{Entry, Tier, TierError, TierOptions};
 use common::{entry, key, open, roomy, run_files, stray_files, value};
@@ -199,20 +200,35 @@ fn kill_9_while_writing_and_compacting_loses_no_acknowledged_run() {
             .expect("spawn child");
         let mut child = KillOnDrop(child);
         let stdout = child.0.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
+        let (tx, lines) = mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                if tx.send(line.expect("read child stdout")).is_err() {
+                    return;
+                }
+            }
+        });
         let mut last = String::new();
-        // Kill right after the n-th compaction starts, plus a little: somewhere in a write, a merge or its deletes.
-        let compactions = rng.random_range(1..=12);
-        let mut seen = 0;
-        while seen < compactions {
-            let line = lines.next().expect("the child runs until killed").expect("read child stdout");
-            record(&line, &mut last, &mut durable);
-            seen += usize::from(line.contains("@compacting"));
+        if round % 2 == 0 {
+            // Right after the n-th compaction starts, plus a little: in a write, a merge or its deletes.
+            let compactions = rng.random_range(1..=12);
+            let mut seen = 0;
+            while seen < compactions {
+                let line = lines.recv().expect("the child runs until killed");
+                record(&line, &mut last, &mut durable);
+                seen += usize::from(line.contains("@compacting"));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(rng.random_range(0..3000)));
+        } else {
+            // As soon as a merged run is seen beside its inputs: between the merge's rename and its deletes.
+            while leftovers(dir.path()).covered == 0 {
+                assert!(child.0.try_wait().expect("poll child").is_none(), "the child exited on its own");
+            }
         }
-        std::thread::sleep(std::time::Duration::from_micros(rng.random_range(0..3000)));
         child.0.kill().expect("SIGKILL");
-        for line in lines {
-            record(&line.expect("read child stdout"), &mut last, &mut durable);
+        reader.join().expect("reader thread");
+        for line in lines.try_iter() {
+            record(&line, &mut last, &mut durable);
         }
         let status = child.0.wait().expect("wait");
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "round {round}");
