@@ -201,7 +201,12 @@ impl Tier {
     /// other run's header, footer, index and filter.
     pub fn open(dir: &Path, opts: TierOptions) -> Result<Tier, TierError> {
         opts.check()?;
-        fs::create_dir_all(dir).map_err(TierError::io(dir))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).map_err(TierError::io(dir))?;
+            // The new directory's own entry must be durable before any run in it is.
+            let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            sync_dir(parent)?;
+        }
         let lock = lock(dir)?;
         let (found, removed_tmp) = scan(dir)?;
         let (live, covered) = split_covered(found)?;

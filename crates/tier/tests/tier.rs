@@ -194,3 +194,13 @@ fn views_are_read_from_other_threads_while_the_tier_changes() {
     tier.expire(u64::MAX).expect("expire");
     assert!(reader.join().expect("reader"));
 }
+
+#[test]
+fn a_tier_opens_in_a_directory_it_creates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tier");
+    let mut tier = open(&path);
+    tier.write_run(1, 1, vec![entry(1, 1, 1)]).expect("write");
+    drop(tier);
+    assert_eq!(open(&path).view().get(&key(1)).expect("get").expect("present").seq, 1);
+}
