@@ -1,0 +1,206 @@
+//! The tier's behaviour on real files: lookups across runs, reopen, the
+//! filter's false-positive rate, expiry, the disk bound and compaction.
+
+mod common;
+
+use std::sync::Arc;
+
+use cellpay_tier::{Tier, TierError, TierOptions};
+use common::{entry, key, open, roomy, run_files, value};
+
+#[test]
+fn keys_are_found_across_runs_newest_seq_wins_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut tier = open(dir.path());
+        assert_eq!(tier.durable_through(), 0);
+        // Generation 1: records 0..100 at seq 1000+n; generation 2..=3: records 50..150 at seq 2000+n.
+        let info = tier.write_run(1, 1, (0..100).map(|n| entry(n, 1000 + n, 10)).collect()).expect("write");
+        assert_eq!((info.lo, info.hi, info.entries), (1, 1, 100));
+        tier.write_run(2, 3, (50..150).map(|n| entry(n, 2000 + n, 20)).collect()).expect("write");
+        assert_eq!(tier.durable_through(), 3);
+    }
+    let tier = open(dir.path());
+    assert_eq!(tier.durable_through(), 3);
+    let view = tier.view();
+    assert_eq!(view.durable_through(), 3);
+    assert_eq!(view.oldest_at_ms(), Some(10));
+    for n in 0..150 {
+        let seq = if n < 50 { 1000 + n } else { 2000 + n };
+        let found = view.get(&key(n)).expect("get").expect("present");
+        assert_eq!((found.seq, found.value), (seq, value(n, seq)), "record {n}");
+    }
+    for n in 150..1000 {
+        assert_eq!(view.get(&key(n)).expect("get"), None, "record {n} was never written");
+    }
+    let stats = tier.stats();
+    assert_eq!((stats.runs, stats.entries, stats.oldest_at_ms, stats.newest_at_ms), (2, 200, Some(10), Some(20)));
+    assert!(stats.filter_bytes > 0 && stats.index_bytes > 0);
+}
+
+#[test]
+fn a_run_keeps_the_highest_seq_of_a_duplicated_key_whatever_the_input_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    let entries = vec![entry(7, 5, 1), entry(3, 1, 1), entry(7, 9, 1), entry(7, 2, 1)];
+    assert_eq!(tier.write_run(1, 1, entries).expect("write").entries, 2);
+    assert_eq!(tier.view().get(&key(7)).expect("get").expect("present").seq, 9);
+}
+
+#[test]
+fn generations_must_move_forward_and_limits_hold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    tier.write_run(1, 4, vec![entry(1, 1, 1)]).expect("write");
+    for (lo, hi) in [(4, 5), (3, 3), (6, 5), (0, 0)] {
+        assert!(matches!(tier.write_run(lo, hi, Vec::new()), Err(TierError::OutOfOrder { .. })), "{lo}..={hi}");
+    }
+    let huge =
+        cellpay_tier::Entry { key: vec![0; cellpay_tier::KEY_BYTES_MAX + 1], seq: 1, at_ms: 1, value: Vec::new() };
+    assert!(matches!(tier.write_run(5, 5, vec![huge]), Err(TierError::TooLarge { .. })));
+    // A refusal is not a failure: the tier still takes the next run.
+    tier.write_run(5, 5, Vec::new()).expect("an empty run still advances the durable generation");
+    assert_eq!(tier.durable_through(), 5);
+}
+
+#[test]
+fn a_second_tier_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _tier = open(dir.path());
+    assert!(matches!(Tier::open(dir.path(), roomy()), Err(TierError::Locked { .. })));
+}
+
+#[test]
+fn the_filter_keeps_false_positives_under_two_percent_at_ten_bits_per_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    // Even records are held; odd ones, interleaved with them, are not.
+    tier.write_run(1, 1, (0..100_000).map(|n| entry(2 * n, n, 1)).collect()).expect("write");
+    let view = tier.view();
+    for n in 0..100_000 {
+        assert_eq!(view.get(&key(2 * n + 1)).expect("get"), None);
+    }
+    let passes = view.read_stats().filter_passes;
+    let rate = passes as f64 / 100_000.0;
+    eprintln!("false positives: {passes} of 100000 missing keys ({:.3} %)", rate * 100.0);
+    // The hash is fixed and the keys are too, so this count is the same on every run.
+    assert!(passes <= 2_000, "{passes} false positives in 100000");
+    for n in (0..100_000).step_by(97) {
+        assert!(view.get(&key(2 * n)).expect("get").is_some());
+    }
+}
+
+#[test]
+fn expire_deletes_the_runs_whose_newest_entry_left_the_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    // Generation g holds 10 records made at g·1000 ms.
+    for g in 1..=5 {
+        tier.write_run(g, g, (0..10).map(|i| entry(g * 100 + i, g, g * 1000 + i)).collect()).expect("write");
+    }
+    assert_eq!(tier.expire(3000).expect("expire"), 20, "generations 1 and 2 are wholly older");
+    assert_eq!(tier.stats().runs, 3);
+    assert_eq!(tier.view().oldest_at_ms(), Some(3000));
+    assert_eq!(tier.view().get(&key(205)).expect("get"), None);
+    assert!(tier.view().get(&key(305)).expect("get").is_some());
+    assert_eq!(tier.expire(3000).expect("expire"), 0);
+    // Every run expires; the durable generation does not go back, now or after reopen.
+    assert_eq!(tier.expire(u64::MAX).expect("expire"), 30);
+    assert_eq!((tier.stats().runs, tier.durable_through()), (0, 5));
+    drop(tier);
+    let mut tier = open(dir.path());
+    assert_eq!(tier.durable_through(), 5);
+    assert!(matches!(tier.write_run(5, 5, Vec::new()), Err(TierError::OutOfOrder { .. })));
+}
+
+#[test]
+fn the_disk_bound_drops_the_oldest_runs_and_reports_the_window_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = Tier::open(dir.path(), TierOptions { bytes_max: u64::MAX, ..TierOptions::default() }).expect("open");
+    for g in 1..=6 {
+        tier.write_run(g, g, (0..50).map(|i| entry(g * 100 + i, g, g * 1000 + i)).collect()).expect("write");
+    }
+    let run_bytes = tier.stats().bytes / 6;
+    assert_eq!(tier.enforce_bytes_max().expect("bound"), None, "nothing to drop");
+    drop(tier);
+    // Room for a bit more than four runs: the two oldest go.
+    let opts = TierOptions { bytes_max: run_bytes * 4 + run_bytes / 2, ..TierOptions::default() };
+    let mut tier = Tier::open(dir.path(), opts).expect("open");
+    assert_eq!(tier.enforce_bytes_max().expect("bound"), Some(3000));
+    let stats = tier.stats();
+    assert_eq!((stats.runs, stats.oldest_at_ms), (4, Some(3000)));
+    assert!(stats.bytes <= opts.bytes_max);
+    assert_eq!(tier.view().get(&key(249)).expect("get"), None);
+    assert!(tier.view().get(&key(300)).expect("get").is_some());
+    assert_eq!(run_files(dir.path()).len(), 4);
+    assert_eq!(tier.enforce_bytes_max().expect("bound"), None);
+    drop(tier);
+    // A bound below one run drops them all: the tier answers for nothing before the newest dropped.
+    let mut tier = Tier::open(dir.path(), TierOptions { bytes_max: 1, ..opts }).expect("open");
+    assert_eq!(tier.enforce_bytes_max().expect("bound"), Some(6050));
+    assert_eq!((tier.stats().runs, tier.durable_through()), (0, 6));
+}
+
+#[test]
+fn compaction_merges_runs_and_every_key_keeps_its_newest_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    // 40 generations of 300 records each; each overlaps the previous by half, with a higher seq.
+    let generations = 40;
+    for g in 1..=generations {
+        let entries = (0..300).map(|i| entry(g * 150 + i, g * 1_000 + i, g)).collect();
+        tier.write_run(g, g, entries).expect("write");
+    }
+    let before = tier.view();
+    let mut merges = 0;
+    while tier.compact().expect("compact") {
+        merges += 1;
+    }
+    let after = tier.stats();
+    assert!(merges >= 10, "{merges} merges");
+    assert!(after.runs <= 4, "{} runs left", after.runs);
+    assert_eq!(run_files(dir.path()).len(), after.runs);
+    // One version per key inside a run; adjacent runs still share their 150 boundary records.
+    assert_eq!(after.entries, generations * 150 + 150 + (after.runs as u64 - 1) * 150);
+    assert_eq!(after.durable_through, generations);
+    let check = |view: &cellpay_tier::TierView| {
+        for n in 150..(generations * 150 + 300) {
+            let g = (n / 150).min(generations);
+            let seq = g * 1_000 + (n - g * 150);
+            let found = view.get(&key(n)).expect("get").expect("present");
+            assert_eq!((found.seq, found.value), (seq, value(n, seq)), "record {n}");
+        }
+        assert_eq!(view.get(&key(0)).expect("get"), None);
+    };
+    check(&tier.view());
+    // A view taken before compaction still reads its (now unlinked) runs.
+    check(&before);
+    drop(before);
+    drop(tier);
+    check(&open(dir.path()).view());
+}
+
+#[test]
+fn views_are_read_from_other_threads_while_the_tier_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    tier.write_run(1, 1, (0..1000).map(|n| entry(n, n, 1)).collect()).expect("write");
+    let view: Arc<cellpay_tier::TierView> = tier.view();
+    let reader = std::thread::spawn(move || (0..1000).all(|n| view.get(&key(n)).expect("get").is_some()));
+    for g in 2..=8 {
+        tier.write_run(g, g, (0..10).map(|n| entry(1000 * g + n, g, g)).collect()).expect("write");
+        tier.compact().expect("compact");
+    }
+    tier.expire(u64::MAX).expect("expire");
+    assert!(reader.join().expect("reader"));
+}
+
+#[test]
+fn a_tier_opens_in_a_directory_it_creates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tier");
+    let mut tier = open(&path);
+    tier.write_run(1, 1, vec![entry(1, 1, 1)]).expect("write");
+    drop(tier);
+    assert_eq!(open(&path).view().get(&key(1)).expect("get").expect("present").seq, 1);
+}
