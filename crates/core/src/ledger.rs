@@ -21,6 +21,7 @@ use crate::digest;
 use crate::error::ErrorCode;
 use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::{amount_is_valid, Currency, AMOUNT_MAX};
+use crate::older::{OldRecord, OlderRecords};
 use crate::shard::{stable_hash, ShardMap};
 
 /// Retention limits of one ledger (I7). Both are counted in items, not time.
@@ -196,6 +197,10 @@ pub(crate) struct Place<'a> {
     pub admission: &'a Admission,
     /// The cell's clock for this batch (Unix milliseconds).
     pub clock_ms: u64,
+    /// Which ledger this is, for the lookups below.
+    pub shadow: bool,
+    /// Records outside memory, looked up for this batch before it ran.
+    pub older: &'a dyn OlderRecords,
 }
 
 /// Limits that apply when a command is first admitted, and not when the log
@@ -278,6 +283,15 @@ pub struct Ledger {
     pub(crate) records: VecDeque<TransferRecord>,
     pub(crate) records_first_seq: u64,
     pub(crate) record_index: HashMap<TransferId, u64, RandomState>,
+    /// Records that left memory while their transfer was still pending, by
+    /// key (id, payer): they stay until it closes (bounded by the outboxes).
+    pub(crate) evicted_pending: HashMap<(TransferId, u32), TransferRecord, RandomState>,
+    /// The same records by sequence number, for the settle or compensate that closes them.
+    pub(crate) evicted_pending_seq: HashMap<u64, (TransferId, u32), RandomState>,
+    /// True when records that leave memory are handed out (`take_spilled`) to a disk tier.
+    pub(crate) spill: bool,
+    /// Records that left memory since the last `take_spilled`, closed, oldest first.
+    pub(crate) spilled: Vec<OldRecord>,
     pub(crate) history: VecDeque<Entry>,
     pub(crate) history_first_seq: u64,
     pub(crate) outbox: BTreeMap<CellId, Outbox>,
@@ -297,6 +311,7 @@ impl PartialEq for Ledger {
             && self.tenants == other.tenants
             && self.records == other.records
             && self.records_first_seq == other.records_first_seq
+            && self.evicted_pending == other.evicted_pending
             && self.history == other.history
             && self.history_first_seq == other.history_first_seq
             && self.outbox == other.outbox
@@ -326,6 +341,10 @@ impl Ledger {
             records: VecDeque::new(),
             records_first_seq: 0,
             record_index: HashMap::default(),
+            evicted_pending: HashMap::default(),
+            evicted_pending_seq: HashMap::default(),
+            spill: false,
+            spilled: Vec::new(),
             history: VecDeque::new(),
             history_first_seq: 0,
             outbox: BTreeMap::new(),
@@ -409,10 +428,19 @@ impl Ledger {
         if self.records.len() == self.limits.transfers_retained_max {
             let old = self.records.pop_front().expect("a full ring is not empty");
             // The index names the newest record of an id; an older one leaves quietly.
-            if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id) {
+            if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id.clone()) {
                 if *e.get() == self.records_first_seq {
                     e.remove();
                 }
+            }
+            if old.status == TransferStatus::Pending {
+                // Kept until its transfer closes, so the close finds it and a retry still does.
+                let key = (old.id.clone(), old.from);
+                self.evicted_pending_seq.insert(self.records_first_seq, key.clone());
+                self.evicted_pending.insert(key, old);
+            } else if self.spill {
+                let old = self.old_record(&old);
+                self.spilled.push(old);
             }
             self.records_first_seq += 1;
         }
@@ -432,9 +460,45 @@ impl Ledger {
         })
     }
 
-    /// The record of transfer `id` made by payer `from` (the idempotency key).
+    /// The record of transfer `id` made by payer `from` (the idempotency key), if it is in memory.
     fn find_record(&self, id: &TransferId, from: u32) -> Option<&TransferRecord> {
-        self.records_with_id(id).find(|r| r.from == from)
+        self.records_with_id(id).find(|r| r.from == from).or_else(|| {
+            if self.evicted_pending.is_empty() {
+                return None;
+            }
+            self.evicted_pending.get(&(id.clone(), from))
+        })
+    }
+
+    /// A record as it is kept outside memory.
+    fn old_record(&self, r: &TransferRecord) -> OldRecord {
+        OldRecord {
+            id: r.id.clone(),
+            from: self.accounts[r.from as usize].id.clone(),
+            to: self.resolve(&r.to),
+            amount: r.amount,
+            currency: r.currency,
+            currency_given: r.currency_given,
+            memo_hash: r.memo_hash,
+            status: r.status,
+            at_ms: r.at_ms,
+        }
+    }
+
+    /// Hands records that leave memory to a disk tier from now on (see `take_spilled`).
+    pub fn set_spill(&mut self, spill: bool) {
+        self.spill = spill;
+    }
+
+    /// The records that left memory since the last call, oldest first: the
+    /// engine writes them to its disk tier.
+    pub fn take_spilled(&mut self) -> Vec<OldRecord> {
+        std::mem::take(&mut self.spilled)
+    }
+
+    /// Records that left memory with their transfer pending and wait for it to close.
+    pub fn evicted_pending_len(&self) -> usize {
+        self.evicted_pending.len()
     }
 
     fn record(&self, seq: u64) -> Option<&TransferRecord> {
@@ -516,6 +580,14 @@ impl Ledger {
             && record.amount == t.amount
             && record.currency_given == t.currency
             && record.memo_hash == memo_hash(t.memo.as_deref())
+    }
+
+    fn same_old_body(old: &OldRecord, t: &Transfer) -> bool {
+        old.from == t.from
+            && old.to == t.to
+            && old.amount == t.amount
+            && old.currency_given == t.currency
+            && old.memo_hash == memo_hash(t.memo.as_deref())
     }
 
     /// Checks a transfer's own fields, before any state is looked at.
@@ -600,6 +672,14 @@ impl Ledger {
                 if self.same_body(record, t) {
                     let transfer = self.transfer_view(record);
                     return Outcome::Transferred { transfer, created: false, outbox: None, minted: false };
+                }
+                let msg = format!("transfer {} of payer {} exists with a different body", t.id, t.from);
+                return Outcome::rejected(ErrorCode::Conflict, msg);
+            }
+            let older = place.older.find(place.shadow, &t.from, &t.id).filter(|r| r.at_ms >= oldest_held_ms);
+            if let Some(old) = older {
+                if Self::same_old_body(&old, t) {
+                    return Outcome::Transferred { transfer: old.view(), created: false, outbox: None, minted: false };
                 }
                 let msg = format!("transfer {} of payer {} exists with a different body", t.id, t.from);
                 return Outcome::rejected(ErrorCode::Conflict, msg);
@@ -837,6 +917,13 @@ impl Ledger {
         if let Some(record) = self.record_mut(entry.record_seq) {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = status;
+        } else if let Some(key) = self.evicted_pending_seq.remove(&entry.record_seq) {
+            let mut record = self.evicted_pending.remove(&key).expect("both maps hold an evicted pending record");
+            record.status = status;
+            if self.spill {
+                let old = self.old_record(&record);
+                self.spilled.push(old);
+            }
         }
         entry
     }
@@ -884,8 +971,12 @@ impl Ledger {
             },
             None => None,
         };
-        self.records_with_id(id)
-            .filter(|r| payer.is_none_or(|p| r.from == p))
+        let found: Vec<&TransferRecord> = match payer {
+            Some(p) => self.find_record(id, p).into_iter().collect(),
+            None => self.records_with_id(id).collect(),
+        };
+        found
+            .into_iter()
             .filter(|r| by.acts_for(&self.tenants[self.accounts[r.from as usize].tenant as usize]))
             .map(|r| self.transfer_view(r))
             .collect()

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::audit::{InboxFigures, OutboxFigures};
 use crate::codec::{decode_shard_map, encode_shard_map, DecodeError, Reader, Writer, FORMAT_VERSION};
 use crate::command::{EntryKind, TransferStatus};
-use crate::ids::CellId;
+use crate::ids::{CellId, TransferId};
 use crate::ledger::{
     Account, AccountRef, Entry, Inbox, InboxMark, Ledger, Limits, Outbox, OutboxEntry, TransferRecord,
 };
@@ -74,21 +74,15 @@ fn encode_ledger(w: &mut Writer, l: &Ledger) {
     w.u64(l.records_first_seq);
     w.u64(l.records.len() as u64);
     for r in &l.records {
-        w.id(r.id.as_str());
-        w.u32(r.from);
-        encode_ref(w, &r.to);
-        w.i64(r.amount);
-        w.currency(r.currency);
-        match r.currency_given {
-            Some(c) => {
-                w.u8(1);
-                w.currency(c);
-            }
-            None => w.u8(0),
-        }
-        w.u64(r.memo_hash);
-        w.u8(status_tag(r.status));
-        w.u64(r.at_ms);
+        encode_record(w, r);
+    }
+    // Records that left memory pending, by sequence number (a deterministic order).
+    let mut pending: Vec<(&u64, &(TransferId, u32))> = l.evicted_pending_seq.iter().collect();
+    pending.sort_unstable_by_key(|(seq, _)| **seq);
+    w.u64(pending.len() as u64);
+    for (seq, key) in pending {
+        w.u64(*seq);
+        encode_record(w, &l.evicted_pending[key]);
     }
     w.u64(l.history_first_seq);
     w.u64(l.history.len() as u64);
@@ -178,6 +172,43 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
     Ok(CellState { cell, map, real, shadow, applied, clock_ms })
 }
 
+fn encode_record(w: &mut Writer, r: &TransferRecord) {
+    w.id(r.id.as_str());
+    w.u32(r.from);
+    encode_ref(w, &r.to);
+    w.i64(r.amount);
+    w.currency(r.currency);
+    match r.currency_given {
+        Some(c) => {
+            w.u8(1);
+            w.currency(c);
+        }
+        None => w.u8(0),
+    }
+    w.u64(r.memo_hash);
+    w.u8(status_tag(r.status));
+    w.u64(r.at_ms);
+}
+
+fn decode_record(r: &mut Reader<'_>, accounts: usize) -> Result<TransferRecord, DecodeError> {
+    Ok(TransferRecord {
+        id: r.transfer_id()?,
+        from: decode_local(r, accounts)?,
+        to: decode_ref(r, accounts)?,
+        amount: r.i64()?,
+        currency: r.currency()?,
+        currency_given: match r.u8()? {
+            0 => None,
+            1 => Some(r.currency()?),
+            other => return Err(r.error(format!("bad currency flag {other}"))),
+        },
+        memo_hash: r.u64()?,
+        status: decode_status(r)?,
+        at_ms: r.u64()?,
+        same_id_prev: 0,
+    })
+}
+
 fn encode_ref(w: &mut Writer, r: &AccountRef) {
     match r {
         AccountRef::Local(i) => {
@@ -256,27 +287,24 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     l.records = VecDeque::with_capacity(n);
     l.record_index.reserve(n);
     for k in 0..n {
-        let record = TransferRecord {
-            id: r.transfer_id()?,
-            from: decode_local(r, accounts)?,
-            to: decode_ref(r, accounts)?,
-            amount: r.i64()?,
-            currency: r.currency()?,
-            currency_given: match r.u8()? {
-                0 => None,
-                1 => Some(r.currency()?),
-                other => return Err(r.error(format!("bad currency flag {other}"))),
-            },
-            memo_hash: r.u64()?,
-            status: decode_status(r)?,
-            at_ms: r.u64()?,
-            same_id_prev: 0,
-        };
+        let record = decode_record(r, accounts)?;
         let mut record = record;
         let seq = l.records_first_seq + k as u64;
         let prev = l.record_index.insert(record.id.clone(), seq);
         record.same_id_prev = prev.map_or(0, |p| p + 1);
         l.records.push_back(record);
+    }
+    let n = r.count(COUNT_MAX)?;
+    for _ in 0..n {
+        let seq = r.u64()?;
+        let record = decode_record(r, accounts)?;
+        if seq >= l.records_first_seq || record.status != TransferStatus::Pending {
+            return Err(r.error("an evicted pending record is not an evicted pending record"));
+        }
+        let key = (record.id.clone(), record.from);
+        if l.evicted_pending_seq.insert(seq, key.clone()).is_some() || l.evicted_pending.insert(key, record).is_some() {
+            return Err(r.error("an evicted pending record appears twice"));
+        }
     }
     l.history_first_seq = r.u64()?;
     let n = r.count(history_entries_max as u64)?;

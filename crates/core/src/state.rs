@@ -8,6 +8,7 @@ use crate::command::{Command, Op, Outcome, Query, QueryAnswer};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::CellId;
 use crate::ledger::{Admission, Ledger, Limits, Place};
+use crate::older::{NoOlder, OldRecord, OlderRecords};
 use crate::shard::ShardMap;
 
 /// The most entries one history page may return (I7).
@@ -61,6 +62,17 @@ impl CellState {
         self.applied
     }
 
+    /// Hands records that leave memory to a disk tier (both ledgers): see `take_spilled`.
+    pub fn set_spill(&mut self, spill: bool) {
+        self.real.set_spill(spill);
+        self.shadow.set_spill(spill);
+    }
+
+    /// Records that left memory since the last call: (shadow, record), oldest first per ledger.
+    pub fn take_spilled(&mut self) -> (Vec<OldRecord>, Vec<OldRecord>) {
+        (self.real.take_spilled(), self.shadow.take_spilled())
+    }
+
     /// The cell's clock (Unix milliseconds), as of its newest batch.
     pub fn clock_ms(&self) -> u64 {
         self.clock_ms
@@ -91,9 +103,16 @@ impl CellState {
 
     /// Applies one new command under the admission limits in force.
     pub fn admit(&mut self, cmd: &Command, admission: &Admission) -> Outcome {
+        self.admit_with(cmd, admission, &NoOlder)
+    }
+
+    /// Applies one new command under the admission limits in force; a
+    /// transfer whose key is not in memory asks `older`, the records outside
+    /// memory looked up for this batch before it ran.
+    pub fn admit_with(&mut self, cmd: &Command, admission: &Admission, older: &dyn OlderRecords) -> Outcome {
         let outcome = match &cmd.op {
             Op::InstallShardMap(next) => self.install_shard_map(next),
-            op => self.apply_to_ledger(cmd.shadow, op, admission),
+            op => self.apply_to_ledger(cmd.shadow, op, admission, older),
         };
         if outcome.changed_state() {
             self.applied += 1;
@@ -111,8 +130,8 @@ impl CellState {
         }
     }
 
-    fn apply_to_ledger(&mut self, shadow: bool, op: &Op, admission: &Admission) -> Outcome {
-        let place = Place { cell: self.cell, map: &self.map, admission, clock_ms: self.clock_ms };
+    fn apply_to_ledger(&mut self, shadow: bool, op: &Op, admission: &Admission, older: &dyn OlderRecords) -> Outcome {
+        let place = Place { cell: self.cell, map: &self.map, admission, clock_ms: self.clock_ms, shadow, older };
         let ledger = if shadow { &mut self.shadow } else { &mut self.real };
         match op {
             Op::OpenAccount(o) => ledger.open_account(&place, o),

@@ -143,3 +143,103 @@ fn the_clock_never_goes_back_and_survives_a_snapshot() {
     assert_eq!(decoded.clock_ms(), T0 + 5);
     assert!(decoded == c);
 }
+
+/// Records outside memory, as an engine's disk tier would answer them.
+#[derive(Default)]
+struct Tier(std::collections::HashMap<Vec<u8>, OldRecord>);
+
+impl Tier {
+    fn put(&mut self, shadow: bool, records: Vec<OldRecord>) {
+        for r in records {
+            self.0.insert(r.key(shadow, 16), r);
+        }
+    }
+}
+
+impl OlderRecords for Tier {
+    fn find(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<OldRecord> {
+        self.0.get(&idempotency_key(shadow, 16, from, id)).cloned()
+    }
+}
+
+#[test]
+fn a_record_that_left_memory_answers_a_retry_from_outside_it() {
+    let mut c = cell(Limits { transfers_retained_max: 4, ..Limits::default() });
+    c.set_spill(true);
+    for i in 0..10 {
+        assert!(c.admit(&pay(&format!("t{i}"), "p", "q", 1), &admission()).changed_state());
+    }
+    let (real, shadow) = c.take_spilled();
+    assert!(shadow.is_empty());
+    // The funding and t0..t5 left memory, oldest first, as they were.
+    let ids: Vec<&str> = real.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, ["fund", "t0", "t1", "t2", "t3", "t4", "t5"]);
+    assert_eq!((real[1].from.as_str(), real[1].to.as_str(), real[1].amount), ("p", "q", 1));
+    assert_eq!(real[1].status, TransferStatus::Settled);
+    assert!(c.take_spilled().0.is_empty(), "handed out once");
+
+    // Without the records outside memory, the retry would pay again...
+    let mut forgetful = c.clone();
+    let paid = forgetful.admit(&pay("t0", "p", "q", 1), &admission());
+    assert!(matches!(paid, Outcome::Transferred { created: true, .. }), "{paid:?}");
+    // ...with them, it answers the original and changes nothing.
+    let mut tier = Tier::default();
+    tier.put(false, real);
+    let before = c.clone();
+    let retry = c.admit_with(&pay("t0", "p", "q", 1), &admission(), &tier);
+    assert!(matches!(&retry, Outcome::Transferred { created: false, transfer, .. } if transfer.id.as_str() == "t0"));
+    let other_body = c.admit_with(&pay("t0", "p", "q", 2), &admission(), &tier);
+    assert!(matches!(&other_body, Outcome::Rejected(r) if r.code == ErrorCode::Conflict), "{other_body:?}");
+    assert!(c == before, "answers from outside memory change nothing");
+    // Past the window the record outside memory counts as gone too.
+    c.advance_clock(T0 + WINDOW_MS + 1);
+    let late = c.admit_with(&pay("t0", "p", "q", 1), &admission(), &tier);
+    assert!(matches!(late, Outcome::Transferred { created: true, .. }), "{late:?}");
+}
+
+#[test]
+fn a_pending_record_stays_in_memory_until_its_transfer_closes_then_leaves() {
+    let map = ShardMap::round_robin(16, 2).unwrap();
+    let payee = (0..).map(|i| format!("far{i}")).find(|n| map.owner_of(n) == CellId(1)).unwrap();
+    let payer = (0..).map(|i| format!("near{i}")).find(|n| map.owner_of(n) == CellId(0)).unwrap();
+    let mut c = CellState::new(CellId(0), map, Limits { transfers_retained_max: 2, ..Limits::default() });
+    c.advance_clock(T0);
+    c.set_spill(true);
+    let open = OpenAccount { id: id(&payer), currency: cny(), overdraft: true, tenant: TenantId::default_tenant() };
+    assert!(c.apply(&Command::real(Op::OpenAccount(open))).changed_state());
+    let cross = c.admit(&pay("x", &payer, &payee, 5), &admission());
+    let Outcome::Transferred { outbox: Some((dest, seq)), .. } = cross else { panic!("{cross:?}") };
+    // Two more records push the pending one out of the ring.
+    let local = (0..).map(|i| format!("near{i}")).find(|n| n != &payer && c.shard_map().owner_of(n) == CellId(0));
+    let local = local.unwrap();
+    let open = OpenAccount { id: id(&local), currency: cny(), overdraft: false, tenant: TenantId::default_tenant() };
+    assert!(c.apply(&Command::real(Op::OpenAccount(open))).changed_state());
+    for i in 0..2 {
+        assert!(c.admit(&pay(&format!("l{i}"), &payer, &local, 1), &admission()).changed_state());
+    }
+    assert_eq!(c.ledger(false).evicted_pending_len(), 1);
+    assert!(c.take_spilled().0.is_empty(), "a pending record does not leave yet");
+    // A retry still finds it, pending.
+    let retry = c.admit(&pay("x", &payer, &payee, 5), &admission());
+    assert!(
+        matches!(&retry, Outcome::Transferred { created: false, transfer, .. } if transfer.status == TransferStatus::Pending),
+        "{retry:?}"
+    );
+    let status = c.query(&Query::Transfer {
+        shadow: false,
+        id: TransferId::new("x").unwrap(),
+        from: Some(id(&payer)),
+        by: Authority::Admin,
+    });
+    assert!(matches!(&status, QueryAnswer::Transfers(v) if v.len() == 1), "{status:?}");
+    // A snapshot keeps it.
+    let decoded = snapshot::decode(&snapshot::encode(&c)).unwrap();
+    assert!(decoded == c);
+    assert_eq!(decoded.ledger(false).evicted_pending_len(), 1);
+    // Settled: it leaves memory with its final status.
+    assert!(c.apply(&Command::real(Op::Settle { dest, seq })).changed_state());
+    assert_eq!(c.ledger(false).evicted_pending_len(), 0);
+    let (spilled, _) = c.take_spilled();
+    assert_eq!(spilled.len(), 1);
+    assert_eq!((spilled[0].id.as_str(), spilled[0].status), ("x", TransferStatus::Settled));
+}

@@ -1,0 +1,163 @@
+//! Idempotency records that have left a ledger's memory.
+//!
+//! A ledger keeps its newest transfer records in memory (`transfers_retained_max`).
+//! When the engine gives it a place to put older ones (a disk tier), a record
+//! that leaves memory is handed out as an [`OldRecord`] (see
+//! `Ledger::take_spilled`), and a transfer whose key is not in memory asks an
+//! [`OlderRecords`] the engine looked up *before* the batch ran: the writer
+//! never reads a disk. The key starts with the ledger and the payer's shard, so
+//! the records of a shard can move with it.
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::command::{TransferStatus, TransferView};
+use crate::ids::{AccountId, TransferId};
+use crate::money::Currency;
+use crate::shard::stable_hash;
+
+/// A transfer record as it is kept outside memory: what a retry needs to be
+/// answered (the original transfer) or refused (another body: `conflict`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldRecord {
+    pub id: TransferId,
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: i64,
+    pub currency: Currency,
+    /// The currency as the client sent it (part of the idempotency body).
+    pub currency_given: Option<Currency>,
+    pub memo_hash: u64,
+    /// Settled or reversed: a record leaves memory pending only to stay in
+    /// the ledger until its transfer closes.
+    pub status: TransferStatus,
+    /// The cell's clock when the transfer was accepted (Unix milliseconds).
+    pub at_ms: u64,
+}
+
+impl OldRecord {
+    pub fn view(&self) -> TransferView {
+        TransferView {
+            id: self.id.clone(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            amount: self.amount,
+            currency: self.currency,
+            status: self.status,
+        }
+    }
+
+    /// The record's key in a tier of `shards` shards: see [`idempotency_key`].
+    pub fn key(&self, shadow: bool, shards: u32) -> Vec<u8> {
+        idempotency_key(shadow, shards, &self.from, &self.id)
+    }
+
+    /// The value stored under the key (the key's parts are not repeated).
+    pub fn encode_value(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(64);
+        w.id(self.to.as_str());
+        w.i64(self.amount);
+        w.currency(self.currency);
+        match self.currency_given {
+            Some(c) => {
+                w.u8(1);
+                w.currency(c);
+            }
+            None => w.u8(0),
+        }
+        w.u64(self.memo_hash);
+        w.u8(match self.status {
+            TransferStatus::Pending => 0,
+            TransferStatus::Settled => 1,
+            TransferStatus::Reversed => 2,
+        });
+        w.u64(self.at_ms);
+        w.buf
+    }
+
+    /// The record of `from` + `id` from its stored value.
+    pub fn decode_value(from: &AccountId, id: &TransferId, bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes, "idempotency record");
+        let to = r.account_id()?;
+        let amount = r.i64()?;
+        let currency = r.currency()?;
+        let currency_given = match r.u8()? {
+            0 => None,
+            1 => Some(r.currency()?),
+            other => return Err(r.error(format!("bad currency flag {other}"))),
+        };
+        let memo_hash = r.u64()?;
+        let status = match r.u8()? {
+            0 => TransferStatus::Pending,
+            1 => TransferStatus::Settled,
+            2 => TransferStatus::Reversed,
+            other => return Err(r.error(format!("bad transfer status {other}"))),
+        };
+        let at_ms = r.u64()?;
+        if !r.is_empty() {
+            return Err(r.error("trailing bytes after the record"));
+        }
+        Ok(Self { id: id.clone(), from: from.clone(), to, amount, currency, currency_given, memo_hash, status, at_ms })
+    }
+}
+
+/// The key of payer + transfer id in a ledger: the ledger (1 byte), the
+/// payer's shard (4 bytes, big-endian, so a shard's records are one range),
+/// the payer's id with its length, then the transfer id.
+pub fn idempotency_key(shadow: bool, shards: u32, payer: &AccountId, id: &TransferId) -> Vec<u8> {
+    let shard = (stable_hash(payer.as_str().as_bytes()) % u64::from(shards.max(1))) as u32;
+    let (p, t) = (payer.as_str().as_bytes(), id.as_str().as_bytes());
+    let mut key = Vec::with_capacity(6 + p.len() + t.len());
+    key.push(u8::from(shadow));
+    key.extend_from_slice(&shard.to_be_bytes());
+    key.push(p.len() as u8);
+    key.extend_from_slice(p);
+    key.extend_from_slice(t);
+    key
+}
+
+/// Records looked up outside memory for one batch, before it runs.
+pub trait OlderRecords {
+    /// The newest record of payer `from` and transfer `id` in the shadow or
+    /// real ledger, if one was found (the caller checks it is in the window).
+    fn find(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<OldRecord>;
+}
+
+/// No records outside memory: tests, replay, a cell without a disk tier.
+pub struct NoOlder;
+
+impl OlderRecords for NoOlder {
+    fn find(&self, _: bool, _: &AccountId, _: &TransferId) -> Option<OldRecord> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_round_trips_and_bad_bytes_are_an_error() {
+        let r = OldRecord {
+            id: TransferId::new("t-1").unwrap(),
+            from: AccountId::new("alice").unwrap(),
+            to: AccountId::new("bob").unwrap(),
+            amount: 125,
+            currency: Currency::new("CNY").unwrap(),
+            currency_given: Some(Currency::new("CNY").unwrap()),
+            memo_hash: 99,
+            status: TransferStatus::Reversed,
+            at_ms: 1_800_000_000_000,
+        };
+        let bytes = r.encode_value();
+        assert_eq!(OldRecord::decode_value(&r.from, &r.id, &bytes).unwrap(), r);
+        for cut in 0..bytes.len() {
+            assert!(OldRecord::decode_value(&r.from, &r.id, &bytes[..cut]).is_err());
+        }
+        let k = r.key(false, 1024);
+        assert_eq!(k[0], 0);
+        assert_ne!(k, r.key(true, 1024), "the ledger is part of the key");
+        // A payer's id and a transfer id never run into each other.
+        let a = idempotency_key(false, 8, &AccountId::new("ab").unwrap(), &TransferId::new("c").unwrap());
+        let b = idempotency_key(false, 8, &AccountId::new("a").unwrap(), &TransferId::new("bc").unwrap());
+        assert_ne!(a, b);
+    }
+}
