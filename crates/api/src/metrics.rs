@@ -146,8 +146,17 @@ pub async fn render(state: &AppState) -> String {
                     .set(figures.window_held_ms(shadow) as f64 / 1000.0);
                 gauge!("cellpay_idempotency_records_in_memory", &labels).set(reach.records_held as f64);
             }
-            gauge!("cellpay_idempotency_window_promised_seconds", "cell" => cell.cell().to_string())
+            let id = cell.cell().to_string();
+            gauge!("cellpay_idempotency_window_promised_seconds", "cell" => id.clone())
                 .set(figures.window_promised_ms as f64 / 1000.0);
+            if let Some(t) = &figures.tier {
+                gauge!("cellpay_idempotency_tier_bytes", "cell" => id.clone()).set(t.bytes as f64);
+                gauge!("cellpay_idempotency_tier_records", "cell" => id.clone()).set(t.entries as f64);
+                gauge!("cellpay_idempotency_tier_runs", "cell" => id.clone()).set(t.runs as f64);
+                gauge!("cellpay_idempotency_tier_memory_bytes", "cell" => id.clone()).set(t.memory_bytes as f64);
+                counter!("cellpay_idempotency_disk_reads_total", "cell" => id.clone()).absolute(t.disk_reads);
+                counter!("cellpay_idempotency_disk_hits_total", "cell" => id).absolute(t.disk_hits);
+            }
         }
     }
     state.metrics.render()

@@ -10,16 +10,18 @@ use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{
-    priority_of, snapshot, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures, Limits, Outcome,
-    Priority, Query, QueryAnswer, ShardMap, IDEMPOTENCY_WINDOW_MS_DEFAULT,
+    idempotency_key, priority_of, snapshot, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures,
+    Limits, NoOlder, OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, ShardMap, IDEMPOTENCY_WINDOW_MS_DEFAULT,
 };
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
+use cellpay_tier::Tier;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::codel::QueueDelay;
 use crate::health::{Health, Watchdog};
-use crate::recovery::{recover, RecoveryError, RecoveryReport};
+use crate::recovery::{recover_with_tier, RecoveryError, RecoveryReport};
 use crate::stats::{thread_cpu_ns, EngineStats};
+use crate::tier::{prefetch_key, Found, TierConfig, TierFigures, TierLink, TierShared};
 
 /// Limits and tuning of one engine (I7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub struct EngineConfig {
     /// The idempotency window promised to clients: a retry finds its
     /// transfer's record while the record is younger than this and still held.
     pub idempotency_window: Duration,
+    /// The disk tier that keeps records once they leave memory (off: they are gone).
+    pub tier: TierConfig,
 }
 
 /// The default of [`EngineConfig::outbox_messages_max`]: about 8 MiB of
@@ -69,12 +73,15 @@ pub struct CellFigures {
     pub reach_shadow: IdempotencyReach,
     /// The idempotency window the cell promises (its configuration), in milliseconds.
     pub window_promised_ms: u64,
+    /// The disk tier, when the cell keeps one.
+    pub tier: Option<TierFigures>,
 }
 
 impl CellFigures {
     fn of(state: &CellState, config: &EngineConfig) -> Self {
         Self {
             window_promised_ms: config.idempotency_window.as_millis() as u64,
+            tier: None,
             real: state.ledger(false).figures(),
             shadow: state.ledger(true).figures(),
             clock_ms: state.clock_ms(),
@@ -83,10 +90,18 @@ impl CellFigures {
         }
     }
 
-    /// The idempotency window one ledger holds against the promise, in milliseconds.
+    /// The idempotency window one ledger holds against the promise, in
+    /// milliseconds: with a disk tier, the whole promise unless its disk bound
+    /// dropped records still inside it; without one, how far memory reaches.
     pub fn window_held_ms(&self, shadow: bool) -> u64 {
-        let reach = if shadow { &self.reach_shadow } else { &self.reach_real };
-        reach.window_held_ms(self.clock_ms, self.window_promised_ms)
+        let promised = self.window_promised_ms;
+        match &self.tier {
+            Some(t) => t.bound_floor_at_ms.map_or(promised, |floor| promised.min(self.clock_ms.saturating_sub(floor))),
+            None => {
+                let reach = if shadow { &self.reach_shadow } else { &self.reach_real };
+                reach.window_held_ms(self.clock_ms, promised)
+            }
+        }
     }
 
     pub fn ledger(&self, shadow: bool) -> &LedgerFigures {
@@ -116,6 +131,7 @@ impl Default for EngineConfig {
             outbox_messages_max: OUTBOX_MESSAGES_MAX_DEFAULT,
             stall_after: Duration::from_secs(5),
             idempotency_window: Duration::from_millis(IDEMPOTENCY_WINDOW_MS_DEFAULT),
+            tier: TierConfig::default(),
         }
     }
 }
@@ -144,12 +160,15 @@ enum Work {
         reply: CommandsReply,
         queued_at: Instant,
         class: Priority,
+        /// Idempotency records the prefetch found in the disk tier.
+        found: Found,
     },
     Query {
         query: Query,
         reply: QueryReply,
         queued_at: Instant,
         class: Priority,
+        found: Found,
     },
     Stop {
         checkpoint: bool,
@@ -218,6 +237,8 @@ struct Shared {
     outbox_messages_max: AtomicU64,
     /// Published after each batch that changed state.
     figures: std::sync::Mutex<Arc<CellFigures>>,
+    /// The disk tier's shared side, when the cell keeps one.
+    tier: Option<Arc<TierShared>>,
 }
 
 /// A cheap, cloneable way to send work to a cell.
@@ -268,7 +289,11 @@ impl CellHandle {
 
     /// Both ledgers' audit figures as of the latest durable batch: O(cells), no queueing.
     pub fn figures(&self) -> Arc<CellFigures> {
-        self.shared.figures.lock().expect("figures lock").clone()
+        let figures = self.shared.figures.lock().expect("figures lock").clone();
+        match &self.shared.tier {
+            None => figures,
+            Some(tier) => Arc::new(CellFigures { tier: Some(tier.figures()), ..(*figures).clone() }),
+        }
     }
 
     /// Sets the limit of undelivered cross-cell credits per destination;
@@ -345,7 +370,7 @@ impl CellHandle {
         }
         let (reply, rx) = oneshot::channel();
         let class = priority_of(&commands);
-        self.send(Work::Commands { commands, reply, queued_at: Instant::now(), class })?;
+        self.send(Work::Commands { commands, reply, queued_at: Instant::now(), class, found: Found::default() })?;
         Ok(Submission(rx, self.shared.cell))
     }
 
@@ -353,7 +378,7 @@ impl CellHandle {
     pub fn query(&self, query: Query) -> Result<Submission<QueryAnswer>, EngineError> {
         let (reply, rx) = oneshot::channel();
         let class = query.priority();
-        self.send(Work::Query { query, reply, queued_at: Instant::now(), class })?;
+        self.send(Work::Query { query, reply, queued_at: Instant::now(), class, found: Found::default() })?;
         Ok(Submission(rx, self.shared.cell))
     }
 }
@@ -366,7 +391,8 @@ pub struct Cell {
 }
 
 impl Cell {
-    /// Opens the embedded store in `dir`, recovers, and starts the engine.
+    /// Opens the embedded store in `dir`, recovers, and starts the engine;
+    /// with the tier on, its records live in `dir/idempotency`.
     pub fn open_embedded(
         dir: &Path,
         cell: CellId,
@@ -374,20 +400,47 @@ impl Cell {
         config: EngineConfig,
     ) -> Result<Self, RecoveryError> {
         let store = EmbeddedStore::open(dir, config.store)?;
-        Self::start(Box::new(store), cell, map, config)
+        let tier_dir = config.tier.enabled.then(|| dir.join("idempotency"));
+        Self::start_with_tier(Box::new(store), tier_dir.as_deref(), cell, map, config)
     }
 
     /// Recovers `cell` from `store` and starts its engine thread. `map` is used
     /// only when the store is new; otherwise the stored shard map wins.
     pub fn start(
+        store: Box<dyn Store>,
+        cell: CellId,
+        map: &ShardMap,
+        config: EngineConfig,
+    ) -> Result<Self, RecoveryError> {
+        Self::start_with_tier(store, None, cell, map, config)
+    }
+
+    /// As [`Cell::start`], with the disk tier of idempotency records in
+    /// `tier_dir` (none: records that leave memory are gone).
+    pub fn start_with_tier(
         mut store: Box<dyn Store>,
+        tier_dir: Option<&Path>,
         cell: CellId,
         map: &ShardMap,
         config: EngineConfig,
     ) -> Result<Self, RecoveryError> {
         assert!(config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max);
         assert!(!config.stall_after.is_zero(), "a stall limit of zero would refuse every batch");
-        let (state, recovery) = recover(store.as_mut(), cell, map, config.limits)?;
+        let window_ms = config.idempotency_window.as_millis() as u64;
+        let mut tier = match tier_dir {
+            Some(dir) => Some(Tier::open(dir, config.tier.options).map_err(RecoveryError::Tier)?),
+            None => None,
+        };
+        let (mut state, recovery) = recover_with_tier(store.as_mut(), cell, map, config.limits, tier.as_mut())?;
+        state.set_spill(tier.is_some());
+        let shards = state.shard_map().shards();
+        let tier = match tier {
+            Some(tier) => Some(
+                TierLink::start(tier, format!("cell-{cell}-tier"), config.tier, shards, window_ms)
+                    .map_err(|source| RecoveryError::Store(StoreError::Io { path: "tier thread".into(), source }))?,
+            ),
+            None => None,
+        };
         // One slot more than the queue limit, kept for the single Stop.
         let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
         let shared = Arc::new(Shared {
@@ -402,10 +455,26 @@ impl Cell {
             stats: EngineStats::default(),
             outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
             figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
+            tier: tier.as_ref().map(|t| t.shared.clone()),
         });
+        let rx = match &tier {
+            None => Source::Queue(rx),
+            Some(link) => {
+                let (fwd, from_prefetch) = std::sync::mpsc::channel();
+                let (shared, tier_shared) = (shared.clone(), link.shared.clone());
+                std::thread::Builder::new()
+                    .name(format!("cell-{cell}-prefetch"))
+                    .spawn(move || prefetch(rx, fwd, &shared, &tier_shared, shards))
+                    .map_err(|source| {
+                        RecoveryError::Store(StoreError::Io { path: "prefetch thread".into(), source })
+                    })?;
+                Source::Prefetched(from_prefetch)
+            }
+        };
         let engine = Engine {
             shared: shared.clone(),
             rx,
+            tier,
             state,
             store,
             seq: recovery.last_seq,
@@ -463,9 +532,42 @@ impl Drop for Cell {
     }
 }
 
+/// Where the writer takes its work from: the queue itself, or (with a disk
+/// tier) the prefetch thread that looked the work's keys up first.
+enum Source {
+    Queue(mpsc::Receiver<Work>),
+    Prefetched(std::sync::mpsc::Receiver<Work>),
+}
+
+impl Source {
+    fn recv(&mut self) -> Option<Work> {
+        match self {
+            Source::Queue(rx) => rx.blocking_recv(),
+            Source::Prefetched(rx) => rx.recv().ok(),
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Work> {
+        match self {
+            Source::Queue(rx) => rx.try_recv().ok(),
+            Source::Prefetched(rx) => rx.try_recv().ok(),
+        }
+    }
+
+    /// No more work is taken from the queue (the prefetch thread refuses
+    /// what it still forwards once the writer is gone).
+    fn close(&mut self) {
+        if let Source::Queue(rx) = self {
+            rx.close();
+        }
+    }
+}
+
 struct Engine {
     shared: Arc<Shared>,
-    rx: mpsc::Receiver<Work>,
+    rx: Source,
+    /// The disk tier of idempotency records, when the cell keeps one.
+    tier: Option<TierLink>,
     state: CellState,
     store: Box<dyn Store>,
     /// The last batch appended.
@@ -498,6 +600,64 @@ impl Drop for EngineExit {
     }
 }
 
+/// Why the engine stops serving.
+#[derive(Debug, thiserror::Error)]
+enum Halt {
+    #[error("store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("the idempotency tier failed: {0}")]
+    Tier(String),
+}
+
+impl Halt {
+    fn into_store(self) -> StoreError {
+        match self {
+            Halt::Store(e) => e,
+            Halt::Tier(_) => StoreError::Poisoned,
+        }
+    }
+}
+
+/// The prefetch thread: looks up in the disk tier the idempotency key of
+/// every transfer (and status read) before the work reaches the writer, in
+/// queue order, and notes the generation of the view it looked in.
+fn prefetch(
+    mut rx: mpsc::Receiver<Work>,
+    fwd: std::sync::mpsc::Sender<Work>,
+    shared: &Shared,
+    tier: &TierShared,
+    shards: u32,
+) {
+    while let Some(mut work) = rx.blocking_recv() {
+        let view = tier.view();
+        match &mut work {
+            Work::Commands { commands, found, .. } => {
+                found.through = view.durable_through();
+                for cmd in commands.iter() {
+                    if let Op::Transfer(t) = &cmd.op {
+                        let key = idempotency_key(cmd.shadow, shards, &t.from, &t.id);
+                        prefetch_key(tier, &view, key, &t.from, &t.id, found);
+                    }
+                }
+            }
+            Work::Query { query, found, .. } => {
+                found.through = view.durable_through();
+                if let Query::Transfer { shadow, id, from: Some(from), .. } = query {
+                    let key = idempotency_key(*shadow, shards, from, id);
+                    prefetch_key(tier, &view, key, from, id, found);
+                }
+            }
+            Work::Stop { .. } => {}
+        }
+        if let Err(std::sync::mpsc::SendError(work)) = fwd.send(work) {
+            // The writer has stopped: answer what still comes, as its handles would.
+            shared.queued.fetch_sub(work.cost(), Relaxed);
+            let reason = shared.watchdog.health().to_string();
+            work.refuse(EngineError::Unavailable { cell: shared.cell, reason });
+        }
+    }
+}
+
 /// The wall clock in Unix milliseconds (0 before 1970: the cell's clock then stays where it was).
 fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -518,8 +678,8 @@ impl Engine {
         let mut carry: Option<Work> = None;
         let mut batch: Vec<Work> = Vec::new();
         loop {
-            let Some(first) = carry.take().or_else(|| self.rx.blocking_recv()) else {
-                return self.final_checkpoint();
+            let Some(first) = carry.take().or_else(|| self.rx.recv()) else {
+                return self.final_checkpoint().map_err(Halt::into_store);
             };
             self.shared.watchdog.cycle_started();
             let mut size = first.cost();
@@ -527,7 +687,7 @@ impl Engine {
             batch.push(first);
             // Smart batching: take what is already queued, up to the batch limit.
             while !stop && size < self.shared.config.batch_commands_max {
-                let Ok(next) = self.rx.try_recv() else { break };
+                let Some(next) = self.rx.try_recv() else { break };
                 if size + next.cost() > self.shared.config.batch_commands_max {
                     carry = Some(next);
                     break;
@@ -549,9 +709,12 @@ impl Engine {
             }));
             match cycle {
                 Ok(Ok(())) => self.shared.watchdog.cycle_finished(),
-                Ok(Err(e)) => {
-                    self.fail(&format!("store failed: {e}"), &mut batch, carry);
-                    return Err(e);
+                Ok(Err(halt)) => {
+                    self.fail(&halt.to_string(), &mut batch, carry);
+                    return Err(match halt {
+                        Halt::Store(e) => e,
+                        Halt::Tier(_) => StoreError::Poisoned,
+                    });
                 }
                 Err(payload) => {
                     let reason = format!("the engine panicked: {}", panic_message(payload.as_ref()));
@@ -560,7 +723,7 @@ impl Engine {
                 }
             }
             match stopping {
-                Some(true) => return self.final_checkpoint(),
+                Some(true) => return self.final_checkpoint().map_err(Halt::into_store),
                 Some(false) => return Ok(()),
                 None => {}
             }
@@ -608,7 +771,10 @@ impl Engine {
         *batch = kept;
     }
 
-    fn process(&mut self, batch: &mut Vec<Work>) -> Result<(), StoreError> {
+    fn process(&mut self, batch: &mut Vec<Work>) -> Result<(), Halt> {
+        if let Some(reason) = self.tier.as_ref().and_then(|t| t.shared.failed()) {
+            return Err(Halt::Tier(reason));
+        }
         let started = Instant::now();
         let cpu_started = thread_cpu_ns();
         self.encoder.clear();
@@ -626,12 +792,22 @@ impl Engine {
             idempotency_window_ms: self.shared.config.idempotency_window.as_millis() as u64,
             lookup: true,
         };
+        let mut seen_through = None;
         for work in batch.iter() {
             match work {
-                Work::Commands { commands: cmds, .. } => {
+                Work::Commands { commands: cmds, found, .. } => {
+                    if let Some(reason) = &found.error {
+                        return Err(Halt::Tier(format!("a lookup failed: {reason}")));
+                    }
+                    seen_through = Some(found.through);
+                    let older = self.tier.as_ref().map(|t| t.older(found));
+                    let older: &dyn OlderRecords = match &older {
+                        Some(o) => o,
+                        None => &NoOlder,
+                    };
                     let mut outcomes = Vec::with_capacity(cmds.len());
                     for cmd in cmds {
-                        let outcome = self.state.admit(cmd, &admission);
+                        let outcome = self.state.admit_with(cmd, &admission, older);
                         if outcome.changed_state() {
                             self.encoder.push(cmd);
                         }
@@ -641,13 +817,30 @@ impl Engine {
                     commands += cmds.len() as u64;
                     answers.push(Answer::Commands(outcomes));
                 }
-                Work::Query { query, .. } => {
+                Work::Query { query, found, .. } => {
                     queries += 1;
-                    answers.push(Answer::Query(self.state.query(query)));
+                    seen_through = Some(found.through);
+                    let mut answer = self.state.query(query);
+                    // A status read the payer's records in memory cannot answer: the tier may.
+                    if let (
+                        Some(tier),
+                        Query::Transfer { shadow, id, from: Some(from), .. },
+                        QueryAnswer::Transfers(v),
+                    ) = (&self.tier, query, &mut answer)
+                    {
+                        let oldest_held = clock_ms.saturating_sub(admission.idempotency_window_ms);
+                        let old = tier.older(found).find(*shadow, from, id).filter(|r| r.at_ms >= oldest_held);
+                        if let (true, Some(old)) = (v.is_empty(), old) {
+                            v.push(old.view());
+                        }
+                    }
+                    answers.push(Answer::Query(answer));
                 }
                 Work::Stop { .. } => answers.push(Answer::Nothing),
             }
         }
+        // Records beyond the memory limit leave memory between batches, never inside one.
+        self.state.end_batch();
         let logged = u64::from(self.encoder.len());
         let mut append_us = None;
         if logged > 0 {
@@ -659,6 +852,11 @@ impl Engine {
             self.seq += 1;
             self.log_bytes_since_checkpoint += len;
             append_us = Some(append_started.elapsed().as_micros() as u64);
+            // The records this batch moved out of memory go to the tier once it is durable.
+            if let Some(tier) = &mut self.tier {
+                let (real, shadow) = self.state.take_spilled();
+                tier.spill(real, shadow, clock_ms);
+            }
             // Published before the answers: whatever a relay or client learns
             // from them, the figures already count (the audit reads rely on it).
             *self.shared.figures.lock().expect("figures lock") =
@@ -684,6 +882,10 @@ impl Engine {
         if outbox_grew {
             self.shared.outbox.send_modify(|generation| *generation += 1);
         }
+        // Every later work was looked up in a view at least this new.
+        if let (Some(tier), Some(through)) = (&mut self.tier, seen_through) {
+            tier.seen(through);
+        }
         if self.log_bytes_since_checkpoint >= self.shared.config.checkpoint_log_bytes {
             self.checkpoint()?;
         }
@@ -692,8 +894,12 @@ impl Engine {
         Ok(())
     }
 
-    fn checkpoint(&mut self) -> Result<(), StoreError> {
+    fn checkpoint(&mut self) -> Result<(), Halt> {
         let started = Instant::now();
+        // The snapshot no longer holds the records that left memory: the tier must.
+        if let Some(tier) = &self.tier {
+            tier.flush().map_err(Halt::Tier)?;
+        }
         // Size the buffer from the last snapshot: no regrowing, fewer page faults.
         let capacity = self.snapshot_bytes_last + self.snapshot_bytes_last / 8;
         let bytes = snapshot::encode_with_capacity(&self.state, capacity);
@@ -705,7 +911,7 @@ impl Engine {
         Ok(())
     }
 
-    fn final_checkpoint(&mut self) -> Result<(), StoreError> {
+    fn final_checkpoint(&mut self) -> Result<(), Halt> {
         if self.log_bytes_since_checkpoint > 0 {
             self.checkpoint()?;
         }
@@ -725,7 +931,7 @@ impl Engine {
         for work in taken.drain(..) {
             work.refuse(refusal());
         }
-        for work in carry.into_iter().chain(std::iter::from_fn(|| self.rx.try_recv().ok())) {
+        for work in carry.into_iter().chain(std::iter::from_fn(|| self.rx.try_recv())) {
             shared.queued.fetch_sub(work.cost(), Relaxed);
             work.refuse(refusal());
         }

@@ -19,6 +19,7 @@ mod recovery;
 mod relay;
 mod slot;
 mod stats;
+mod tier;
 
 pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass as BreakerPass};
 pub use client::{BoxFuture, CellClient, CellStatus};
@@ -28,7 +29,8 @@ pub use engine::{
     QUEUE_SHARE_PERCENT,
 };
 pub use health::Health;
-pub use recovery::{recover, DamagedCheckpoint, RecoveryError, RecoveryReport};
+pub use recovery::{recover, recover_with_tier, DamagedCheckpoint, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats, RoundError};
 pub use slot::CellSlot;
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};
+pub use tier::{TierConfig, TierFigures};

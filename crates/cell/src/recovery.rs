@@ -60,6 +60,8 @@ pub enum RecoveryError {
     MissingCheckpoint { last_seq: u64 },
     #[error("the store belongs to cell {found}, not cell {expected}")]
     WrongCell { expected: CellId, found: CellId },
+    #[error("the idempotency tier: {0}")]
+    Tier(#[from] cellpay_tier::TierError),
 }
 
 fn describe(damaged: &[DamagedCheckpoint]) -> String {
@@ -117,6 +119,21 @@ pub fn recover(
     map: &ShardMap,
     limits: Limits,
 ) -> Result<(CellState, RecoveryReport), RecoveryError> {
+    recover_with_tier(store, cell, map, limits, None)
+}
+
+/// As [`recover`], for a cell with a disk tier of idempotency records: the
+/// records the replay moves out of memory are written to `tier` (durably)
+/// before recovery returns or writes a checkpoint, since the checkpoint that
+/// the replay started from held them and the next one will not.
+pub fn recover_with_tier(
+    store: &mut dyn Store,
+    cell: CellId,
+    map: &ShardMap,
+    limits: Limits,
+    mut tier: Option<&mut cellpay_tier::Tier>,
+) -> Result<(CellState, RecoveryReport), RecoveryError> {
+    let spill = tier.is_some();
     let started = Instant::now();
     let mut damaged = Vec::new();
     let mut torn_tail = None;
@@ -129,8 +146,9 @@ pub fn recover(
             }
             Err(e) => return Err(e.into()),
         };
-        match replay_onto(store, Start::Checkpoint(checkpoint), cell, &mut torn_tail) {
-            Ok(replayed) => {
+        match replay_onto(store, Start::Checkpoint(checkpoint), cell, &mut torn_tail, spill) {
+            Ok(mut replayed) => {
+                spill_replayed(&mut replayed.state, tier.as_deref_mut())?;
                 let report = RecoveryReport {
                     checkpoint_seq: stored.seq,
                     fell_back_from: damaged,
@@ -146,7 +164,7 @@ pub fn recover(
         return Err(RecoveryError::CheckpointsDamaged { damaged });
     }
     let genesis = Start::Genesis(Box::new(CellState::new(cell, map.clone(), limits)));
-    let replayed = match replay_onto(store, genesis, cell, &mut torn_tail) {
+    let replayed = match replay_onto(store, genesis, cell, &mut torn_tail, spill) {
         Ok(replayed) => replayed,
         Err(Failure::Fatal(e)) => return Err(e),
         Err(Failure::Snapshot(_)) => unreachable!("genesis decodes no snapshot"),
@@ -220,11 +238,25 @@ fn set_damaged_aside(
 /// thread reads and decodes those batches meanwhile, handing them over
 /// through a bounded channel (I7). A torn tail the replay cut is recorded in
 /// `torn_tail`, even when the attempt fails: a later attempt will not see it.
+/// Writes the records a replay moved out of memory to the tier, as one run.
+fn spill_replayed(state: &mut CellState, tier: Option<&mut cellpay_tier::Tier>) -> Result<(), RecoveryError> {
+    let Some(tier) = tier else { return Ok(()) };
+    let (real, shadow) = state.take_spilled();
+    if real.is_empty() && shadow.is_empty() {
+        return Ok(());
+    }
+    let gen = tier.durable_through() + 1;
+    let entries = crate::tier::entries(gen, state.shard_map().shards(), &real, &shadow);
+    tier.write_run(gen, gen, entries)?;
+    Ok(())
+}
+
 fn replay_onto(
     store: &mut dyn Store,
     start: Start,
     cell: CellId,
     torn_tail: &mut Option<TornTail>,
+    spill: bool,
 ) -> Result<Replayed, Failure> {
     let after_seq = start.after_seq();
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, LoggedBatch)>(REPLAY_BATCHES_BUFFERED);
@@ -234,6 +266,7 @@ fn replay_onto(
                 Start::Checkpoint(c) => snapshot::decode(&c.snapshot).map_err(Failure::Snapshot)?,
                 Start::Genesis(state) => *state,
             };
+            state.set_spill(spill);
             if state.cell() != cell {
                 return Err(Failure::Fatal(RecoveryError::WrongCell { expected: cell, found: state.cell() }));
             }
@@ -249,6 +282,7 @@ fn replay_onto(
                         return Err(Failure::Fatal(StoreError::Visit { seq, source }.into()));
                     }
                 }
+                state.end_batch();
                 commands += batch.commands.len() as u64;
             }
             Ok((state, commands))

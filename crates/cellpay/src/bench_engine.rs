@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission};
+use cellpay_cell::{Cell, CellHandle, EngineConfig, Submission, TierConfig};
 use cellpay_core::{
     AccountId, Authority, CellId, Command, Currency, Limits, Op, OpenAccount, Outcome, ShardMap, TenantId, Transfer,
     TransferId,
@@ -46,6 +46,14 @@ pub struct Args {
     /// Transfer records kept for idempotency.
     #[arg(long, default_value_t = Limits::default().transfers_retained_max)]
     transfers_retained: usize,
+    /// Keep records that leave memory in the disk tier (`DIR/idempotency`), as `serve` does.
+    #[arg(long)]
+    tier: bool,
+    /// Share of transfers that are retries of an earlier transfer old enough
+    /// to have left memory (0.05: 5 %); each must answer the original and pay
+    /// nothing (counted in `retries_paid_again`, which must stay 0 with --tier).
+    #[arg(long, default_value_t = 0.0)]
+    retries: f64,
     /// After the run, keep writing until the next checkpoint is due (the most
     /// log to replay), halt the cell without a final checkpoint, and time its recovery.
     #[arg(long)]
@@ -80,7 +88,25 @@ struct Report {
     checkpoints: u64,
     checkpoint_max_ms: f64,
     setup_s: f64,
+    /// Retries sent, those answered with the original, and those paid again.
+    retries: u64,
+    retries_answered: u64,
+    retries_paid_again: u64,
+    tier: Option<TierReport>,
     recovery: Option<RecoveryFigures>,
+}
+
+#[derive(Serialize)]
+struct TierReport {
+    records: u64,
+    runs: u64,
+    bytes: u64,
+    memory_bytes: u64,
+    /// Lookups that went past a filter to the disk (one block read each), and the records found.
+    disk_reads: u64,
+    disk_hits: u64,
+    /// Mean time of a lookup that read the disk, on the prefetch thread.
+    disk_read_us_mean: f64,
 }
 
 #[derive(Serialize)]
@@ -111,7 +137,11 @@ fn account_id(i: usize) -> AccountId {
 /// Sends requests with at most `pipeline` in flight, folding each answer into `tally`.
 struct Pipeline {
     handle: CellHandle,
-    in_flight: VecDeque<Submission<Vec<Outcome>>>,
+    /// Each request and which of its items are retries.
+    in_flight: VecDeque<(Submission<Vec<Outcome>>, Vec<bool>)>,
+    retries: u64,
+    retries_answered: u64,
+    retries_paid_again: u64,
     depth: usize,
     transfers: u64,
     rejected: BTreeMap<String, u64>,
@@ -119,20 +149,28 @@ struct Pipeline {
 
 impl Pipeline {
     fn send(&mut self, commands: Vec<Command>) -> anyhow::Result<()> {
+        let n = commands.len();
+        self.send_marked(commands, vec![false; n])
+    }
+
+    fn send_marked(&mut self, commands: Vec<Command>, retry: Vec<bool>) -> anyhow::Result<()> {
         if self.in_flight.len() >= self.depth {
             self.wait_oldest()?;
         }
-        self.in_flight.push_back(self.handle.submit(commands)?);
+        self.in_flight.push_back((self.handle.submit(commands)?, retry));
         Ok(())
     }
 
     fn wait_oldest(&mut self) -> anyhow::Result<()> {
-        let Some(s) = self.in_flight.pop_front() else {
+        let Some((s, retry)) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        for outcome in s.wait_blocking()? {
+        for (outcome, retry) in s.wait_blocking()?.into_iter().zip(retry) {
+            self.retries += u64::from(retry);
             match outcome {
+                Outcome::Transferred { created: true, .. } if retry => self.retries_paid_again += 1,
                 Outcome::Transferred { created: true, .. } => self.transfers += 1,
+                Outcome::Transferred { created: false, .. } if retry => self.retries_answered += 1,
                 Outcome::Rejected(r) => *self.rejected.entry(r.code.to_string()).or_default() += 1,
                 _ => {}
             }
@@ -192,33 +230,54 @@ struct Generator<'a> {
     n: u64,
     /// As a client token of the accounts' tenant would send them.
     by: Authority,
+    /// Share of transfers that retry one old enough to have left memory.
+    retries: f64,
+    /// Transfers younger than this many are still in memory.
+    retained: u64,
 }
 
 impl Generator<'_> {
-    fn request(&mut self, size: usize) -> Vec<Command> {
+    /// Transfer `n`: its fields follow from `n` alone, so a retry can send it again.
+    fn transfer(&self, n: u64) -> Command {
         let accounts = self.ids.len();
-        (0..size)
-            .map(|_| {
-                let from = self.rng.random_range(0..accounts);
-                let mut to = match &self.zipf {
-                    Some(z) => z.sample(&mut self.rng) as usize - 1,
-                    None => self.rng.random_range(0..accounts),
-                };
-                if to == from {
-                    to = (to + 1) % accounts;
-                }
+        let mut rng = SmallRng::seed_from_u64(0x00c0_ffee ^ n);
+        let from = rng.random_range(0..accounts);
+        let mut to = match &self.zipf {
+            Some(z) => z.sample(&mut rng) as usize - 1,
+            None => rng.random_range(0..accounts),
+        };
+        if to == from {
+            to = (to + 1) % accounts;
+        }
+        Command::real(Op::Transfer(Transfer {
+            id: TransferId::new(&format!("b{n}")).expect("valid id"),
+            from: self.ids[from].clone(),
+            to: self.ids[to].clone(),
+            amount: rng.random_range(1..=100),
+            currency: None,
+            memo: None,
+            by: self.by.clone(),
+        }))
+    }
+
+    /// A request of `size` transfers and which of them are retries.
+    fn request(&mut self, size: usize) -> (Vec<Command>, Vec<bool>) {
+        let mut commands = Vec::with_capacity(size);
+        let mut retry = Vec::with_capacity(size);
+        // Old enough to have left memory, with a batch's margin.
+        let oldest_gone = self.n.saturating_sub(self.retained + 2 * size as u64);
+        for _ in 0..size {
+            if oldest_gone > 0 && self.retries > 0.0 && self.rng.random_bool(self.retries) {
+                let old = self.rng.random_range(1..=oldest_gone);
+                commands.push(self.transfer(old));
+                retry.push(true);
+            } else {
                 self.n += 1;
-                Command::real(Op::Transfer(Transfer {
-                    id: TransferId::new(&format!("b{}", self.n)).expect("valid id"),
-                    from: self.ids[from].clone(),
-                    to: self.ids[to].clone(),
-                    amount: self.rng.random_range(1..=100),
-                    currency: None,
-                    memo: None,
-                    by: self.by.clone(),
-                }))
-            })
-            .collect()
+                commands.push(self.transfer(self.n));
+                retry.push(false);
+            }
+        }
+        (commands, retry)
     }
 }
 
@@ -240,6 +299,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         queue_commands_max: (args.batch * (args.pipeline + 1)).max(65_536),
         checkpoint_log_bytes: args.checkpoint_mib << 20,
         limits: Limits { transfers_retained_max: args.transfers_retained, ..Limits::default() },
+        tier: TierConfig { enabled: args.tier, ..TierConfig::default() },
         ..EngineConfig::default()
     };
     let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
@@ -250,6 +310,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut p = Pipeline {
         handle: handle.clone(),
         in_flight: VecDeque::new(),
+        retries: 0,
+        retries_answered: 0,
+        retries_paid_again: 0,
         depth: args.pipeline,
         transfers: 0,
         rejected: BTreeMap::new(),
@@ -274,11 +337,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ids: &ids,
         n: 0,
         by: Authority::Tenant(TenantId::default_tenant()),
+        retries: args.retries,
+        retained: args.transfers_retained as u64,
     };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
     while Instant::now() < deadline {
-        p.send(gen.request(args.batch))?;
+        let (commands, retry) = gen.request(args.batch);
+        p.send_marked(commands, retry)?;
     }
     p.drain()?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -309,6 +375,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         checkpoints: after.checkpoints - before.checkpoints,
         checkpoint_max_ms: ms(after.checkpoint_us.max),
         setup_s,
+        retries: p.retries,
+        retries_answered: p.retries_answered,
+        retries_paid_again: p.retries_paid_again,
+        tier: handle.figures().tier.map(|t| TierReport {
+            records: t.entries,
+            runs: t.runs,
+            bytes: t.bytes,
+            memory_bytes: t.memory_bytes,
+            disk_reads: t.disk_reads,
+            disk_hits: t.disk_hits,
+            disk_read_us_mean: t.disk_read_ns as f64 / 1e3 / t.disk_reads.max(1) as f64,
+        }),
         recovery: None,
     };
     if args.recovery {
@@ -316,7 +394,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // a restart has the most log to replay.
         let worst = config.checkpoint_log_bytes / 20 * 19;
         while handle.stats().log_bytes_since_checkpoint.load(Relaxed) < worst {
-            p.send(gen.request(args.batch))?;
+            let (commands, retry) = gen.request(args.batch);
+            p.send_marked(commands, retry)?;
             p.drain()?;
         }
     }
@@ -366,6 +445,25 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
     );
     if !r.rejected.is_empty() {
         println!("  rejected       {:?}", r.rejected);
+    }
+    if r.retries > 0 {
+        println!(
+            "  retries        {} of old transfers: {} answered with the original, {} paid again",
+            r.retries, r.retries_answered, r.retries_paid_again
+        );
+    }
+    if let Some(t) = &r.tier {
+        println!(
+            "  disk tier      {} records in {} runs, {:.1} MiB on disk, {:.1} MiB of filters and indexes in memory",
+            t.records,
+            t.runs,
+            t.bytes as f64 / 1048576.0,
+            t.memory_bytes as f64 / 1048576.0
+        );
+        println!(
+            "  disk lookups   {} reads ({} found a record), {:.1} µs each on the prefetch thread",
+            t.disk_reads, t.disk_hits, t.disk_read_us_mean
+        );
     }
     if let Some(rec) = &r.recovery {
         println!(

@@ -152,6 +152,16 @@ settings! {
     /// records reach) [default: 86400].
     #[arg(long, env = "CELLPAY_IDEMPOTENCY_WINDOW_S")]
     idempotency_window_s: u64 => idempotency_window_s;
+    /// Keep idempotency records that leave memory in a disk tier
+    /// (`<data-dir>/cell-N/idempotency`), so the window held is the promise,
+    /// not how far memory reaches [default: true].
+    #[arg(long, env = "CELLPAY_IDEMPOTENCY_TIER")]
+    idempotency_tier: bool => idempotency_tier;
+    /// The most bytes each cell's idempotency tier may hold on disk; past it
+    /// the oldest records are dropped and the window held shrinks, loudly
+    /// (WARN, /metrics, no-go in readiness reports) [default: 17179869184].
+    #[arg(long, env = "CELLPAY_IDEMPOTENCY_DISK_BYTES_MAX")]
+    idempotency_disk_bytes_max: u64 => idempotency_disk_bytes_max;
     /// History entries kept per ledger per cell [default: 1048576].
     #[arg(long, env = "CELLPAY_HISTORY_ENTRIES_MAX")]
     history_entries_max: usize => history_entries_max;
@@ -224,6 +234,8 @@ pub struct Config {
     pub front: FrontLimits,
     pub transfers_retained_max: usize,
     pub idempotency_window_s: u64,
+    pub idempotency_tier: bool,
+    pub idempotency_disk_bytes_max: u64,
     pub history_entries_max: usize,
     pub checkpoint_log_mib: u64,
     pub relay_messages_per_round_max: usize,
@@ -251,6 +263,8 @@ impl Default for Config {
             front: FrontLimits::default(),
             transfers_retained_max: 1 << 20,
             idempotency_window_s: 86_400,
+            idempotency_tier: true,
+            idempotency_disk_bytes_max: 16 << 30,
             history_entries_max: 1 << 20,
             checkpoint_log_mib: 32,
             relay_messages_per_round_max: 4096,
@@ -334,6 +348,10 @@ impl Config {
         );
         anyhow::ensure!(self.transfers_retained_max >= 1, "transfers_retained_max must be at least 1");
         anyhow::ensure!(
+            self.idempotency_disk_bytes_max >= 1 << 16,
+            "idempotency_disk_bytes_max must be at least 65536"
+        );
+        anyhow::ensure!(
             (1..=366 * 86_400).contains(&self.idempotency_window_s),
             "idempotency_window_s must be 1..=31622400 (a year)"
         );
@@ -383,7 +401,7 @@ mod tests {
             assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
             checked += 1;
         }
-        assert_eq!(checked, 26, "every setting but --config, --token, --rules and --degrade-plan");
+        assert_eq!(checked, 29, "every setting but --config, --token, --rules and --degrade-plan");
     }
 
     #[test]

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use cellpay_api::{ApiLimits, AppState, Auth, Token};
-use cellpay_cell::{BoxFuture, Cell, CellClient, CellSlot, EngineConfig, RelayConfig};
+use cellpay_cell::{BoxFuture, Cell, CellClient, CellSlot, EngineConfig, RelayConfig, TierConfig};
 use cellpay_core::{CellId, Limits, ShardMap};
 use cellpay_router::{Cluster, FlowRules, Plan, Protection};
 use cellpay_store::StoreOptions;
+use cellpay_tier::TierOptions;
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +131,11 @@ fn engine_config(config: &Config) -> EngineConfig {
         queue_delay_target: std::time::Duration::from_millis(config.queue_delay_target_ms),
         stall_after: std::time::Duration::from_millis(config.stall_after_ms),
         idempotency_window: std::time::Duration::from_secs(config.idempotency_window_s),
+        tier: TierConfig {
+            enabled: config.idempotency_tier,
+            options: TierOptions { bytes_max: config.idempotency_disk_bytes_max, ..TierOptions::default() },
+            ..TierConfig::default()
+        },
         ..EngineConfig::default()
     }
 }

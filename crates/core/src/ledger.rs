@@ -425,8 +425,19 @@ impl Ledger {
     }
 
     fn push_record(&mut self, mut record: TransferRecord) -> u64 {
-        if self.records.len() == self.limits.transfers_retained_max {
-            let old = self.records.pop_front().expect("a full ring is not empty");
+        let seq = self.records_first_seq + self.records.len() as u64;
+        record.same_id_prev = self.record_index.insert(record.id.clone(), seq).map_or(0, |prev| prev + 1);
+        self.records.push_back(record);
+        seq
+    }
+
+    /// Moves the oldest records out of memory until at most
+    /// `transfers_retained_max` remain. Called between batches only (see
+    /// `CellState::end_batch`), so no record leaves memory in the middle of
+    /// a batch, where a later transfer of the same batch could miss it.
+    pub(crate) fn trim_records(&mut self) {
+        while self.records.len() > self.limits.transfers_retained_max {
+            let old = self.records.pop_front().expect("a ring over its limit is not empty");
             // The index names the newest record of an id; an older one leaves quietly.
             if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id.clone()) {
                 if *e.get() == self.records_first_seq {
@@ -444,10 +455,6 @@ impl Ledger {
             }
             self.records_first_seq += 1;
         }
-        let seq = self.records_first_seq + self.records.len() as u64;
-        record.same_id_prev = self.record_index.insert(record.id.clone(), seq).map_or(0, |prev| prev + 1);
-        self.records.push_back(record);
-        seq
     }
 
     /// Every retained record with this id, newest first (one per payer).

@@ -62,6 +62,15 @@ impl CellState {
         self.applied
     }
 
+    /// Ends a batch: the oldest transfer records beyond the memory limit
+    /// leave memory (to `take_spilled` when spilling). The engine calls it
+    /// after each batch and replay after each logged batch, so both move the
+    /// same records at the same points.
+    pub fn end_batch(&mut self) {
+        self.real.trim_records();
+        self.shadow.trim_records();
+    }
+
     /// Hands records that leave memory to a disk tier (both ledgers): see `take_spilled`.
     pub fn set_spill(&mut self, spill: bool) {
         self.real.set_spill(spill);
@@ -143,9 +152,11 @@ impl CellState {
         }
     }
 
-    /// Applies a batch in order and answers each command.
+    /// Applies a batch in order, answers each command, and ends the batch.
     pub fn apply_batch(&mut self, cmds: &[Command]) -> Vec<Outcome> {
-        cmds.iter().map(|c| self.apply(c)).collect()
+        let outcomes = cmds.iter().map(|c| self.apply(c)).collect();
+        self.end_batch();
+        outcomes
     }
 
     /// Answers a read-only query.

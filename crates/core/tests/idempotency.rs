@@ -121,10 +121,12 @@ fn the_window_held_is_the_promise_until_records_leave_memory_then_their_age() {
     for i in 0..3 {
         c.advance_clock(T0 + 1_000 * (i + 1));
         assert!(c.admit(&pay(&format!("t{i}"), "p", "q", 1), &admission()).changed_state());
+        c.end_batch();
     }
     // 4 records (the funding and t0..t2) fill memory; the next drops the funding record.
     c.advance_clock(T0 + 10_000);
     assert!(c.admit(&pay("t3", "p", "q", 1), &admission()).changed_state());
+    c.end_batch();
     let reach = c.ledger(false).idempotency_reach();
     assert_eq!((reach.records_held, reach.records_dropped), (4, 1));
     assert_eq!(reach.oldest_at_ms, Some(T0 + 1_000));
@@ -169,6 +171,11 @@ fn a_record_that_left_memory_answers_a_retry_from_outside_it() {
     for i in 0..10 {
         assert!(c.admit(&pay(&format!("t{i}"), "p", "q", 1), &admission()).changed_state());
     }
+    // Inside a batch nothing leaves memory: a retry of the oldest still finds it there.
+    let retry = c.admit(&pay("t0", "p", "q", 1), &admission());
+    assert!(matches!(retry, Outcome::Transferred { created: false, .. }), "{retry:?}");
+    assert!(c.take_spilled().0.is_empty());
+    c.end_batch();
     let (real, shadow) = c.take_spilled();
     assert!(shadow.is_empty());
     // The funding and t0..t5 left memory, oldest first, as they were.
@@ -217,6 +224,7 @@ fn a_pending_record_stays_in_memory_until_its_transfer_closes_then_leaves() {
     for i in 0..2 {
         assert!(c.admit(&pay(&format!("l{i}"), &payer, &local, 1), &admission()).changed_state());
     }
+    c.end_batch();
     assert_eq!(c.ledger(false).evicted_pending_len(), 1);
     assert!(c.take_spilled().0.is_empty(), "a pending record does not leave yet");
     // A retry still finds it, pending.
@@ -238,6 +246,7 @@ fn a_pending_record_stays_in_memory_until_its_transfer_closes_then_leaves() {
     assert_eq!(decoded.ledger(false).evicted_pending_len(), 1);
     // Settled: it leaves memory with its final status.
     assert!(c.apply(&Command::real(Op::Settle { dest, seq })).changed_state());
+    c.end_batch();
     assert_eq!(c.ledger(false).evicted_pending_len(), 0);
     let (spilled, _) = c.take_spilled();
     assert_eq!(spilled.len(), 1);
