@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{
-    idempotency_key, priority_of, snapshot, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures,
-    Limits, NoOlder, OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, ShardMap, IDEMPOTENCY_WINDOW_MS_DEFAULT,
+    priority_of, snapshot, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures, Limits, NoOlder,
+    OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, ShardMap, IDEMPOTENCY_WINDOW_MS_DEFAULT,
 };
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use cellpay_tier::Tier;
@@ -635,16 +635,14 @@ fn prefetch(
                 found.through = view.durable_through();
                 for cmd in commands.iter() {
                     if let Op::Transfer(t) = &cmd.op {
-                        let key = idempotency_key(cmd.shadow, shards, &t.from, &t.id);
-                        prefetch_key(tier, &view, key, &t.from, &t.id, found);
+                        prefetch_key(tier, &view, cmd.shadow, shards, &t.from, &t.id, found);
                     }
                 }
             }
             Work::Query { query, found, .. } => {
                 found.through = view.durable_through();
                 if let Query::Transfer { shadow, id, from: Some(from), .. } = query {
-                    let key = idempotency_key(*shadow, shards, from, id);
-                    prefetch_key(tier, &view, key, from, id, found);
+                    prefetch_key(tier, &view, *shadow, shards, from, id, found);
                 }
             }
             Work::Stop { .. } => {}

@@ -246,7 +246,8 @@ fn spill_replayed(state: &mut CellState, tier: Option<&mut cellpay_tier::Tier>) 
         return Ok(());
     }
     let gen = tier.durable_through() + 1;
-    let entries = crate::tier::entries(gen, state.shard_map().shards(), &real, &shadow);
+    let records = real.iter().map(|r| (false, r)).chain(shadow.iter().map(|r| (true, r)));
+    let entries = crate::tier::entries(gen, state.shard_map().shards(), records);
     tier.write_run(gen, gen, entries)?;
     Ok(())
 }

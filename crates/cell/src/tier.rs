@@ -76,10 +76,16 @@ pub struct TierFigures {
 /// The versions of one key within a generation: the later wins.
 const SEQ_INDEX_BITS: u32 = 24;
 
+/// A key as the writer and the prefetch hold it in memory: ledger, payer,
+/// transfer id (cheap clones, no encoding); the tier thread encodes it.
+pub(crate) type MemKey = (bool, AccountId, TransferId);
+
+/// The records one batch moved out of memory: (shadow, record).
+pub(crate) type Generation = Arc<Vec<(bool, OldRecord)>>;
+
 /// Turns the records one batch moved out of memory into tier entries of generation `gen`.
-pub(crate) fn entries(gen: u64, shards: u32, real: &[OldRecord], shadow: &[OldRecord]) -> Vec<Entry> {
-    let tagged = real.iter().map(|r| (false, r)).chain(shadow.iter().map(|r| (true, r)));
-    tagged
+pub(crate) fn entries<'a>(gen: u64, shards: u32, records: impl Iterator<Item = (bool, &'a OldRecord)>) -> Vec<Entry> {
+    records
         .enumerate()
         .map(|(i, (shadow, r))| Entry {
             key: r.key(shadow, shards),
@@ -163,7 +169,7 @@ impl TierShared {
 
 pub(crate) enum TierWork {
     /// Records of generation `gen` (after the batch that moved them is durable).
-    Spill { gen: u64, entries: Vec<Entry>, clock_ms: u64 },
+    Spill { gen: u64, records: Generation, clock_ms: u64 },
     /// Write what is gathered now: a checkpoint waits for it.
     Flush,
 }
@@ -175,9 +181,25 @@ pub(crate) struct TierLink {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The last generation handed to the tier.
     pub gen: u64,
-    pub shards: u32,
-    /// Records handed to the tier that a prefetch may not have seen yet: key → (generation, record).
-    buffer: HashMap<Vec<u8>, (u64, OldRecord)>,
+    /// Records handed to the tier that a prefetch may not have seen yet, by
+    /// generation, and an index of them: key → (generation, position).
+    buffer: std::collections::VecDeque<(u64, Generation)>,
+    /// By a hash of the key (cheap to compute and compare); a record whose
+    /// hash another key already holds goes to `collisions`, so none is hidden.
+    index: HashMap<u64, (u64, u32), foldhash::fast::RandomState>,
+    collisions: HashMap<MemKey, (u64, u32)>,
+}
+
+fn record_at(buffer: &std::collections::VecDeque<(u64, Generation)>, gen: u64, i: u32) -> Option<(bool, &OldRecord)> {
+    let first = buffer.front()?.0;
+    let (_, records) = buffer.get(usize::try_from(gen.checked_sub(first)?).ok()?)?;
+    records.get(i as usize).map(|(s, r)| (*s, r))
+}
+
+/// The in-memory hash of a key (never stored).
+fn key_hash(shadow: bool, from: &AccountId, id: &TransferId) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x5eed).hash_one((shadow, from.as_str(), id.as_str()))
 }
 
 impl TierLink {
@@ -195,9 +217,17 @@ impl TierLink {
         let (tx, rx) = mpsc::channel();
         let thread = {
             let shared = shared.clone();
-            std::thread::Builder::new().name(name).spawn(move || run(tier, rx, shared, config, window_ms))?
+            std::thread::Builder::new().name(name).spawn(move || run(tier, rx, shared, config, window_ms, shards))?
         };
-        Ok(Self { shared, tx: Some(tx), thread: Some(thread), gen, shards, buffer: HashMap::new() })
+        Ok(Self {
+            shared,
+            tx: Some(tx),
+            thread: Some(thread),
+            gen,
+            buffer: Default::default(),
+            index: HashMap::default(),
+            collisions: HashMap::new(),
+        })
     }
 
     /// Hands the records a durable batch moved out of memory to the tier.
@@ -206,23 +236,71 @@ impl TierLink {
             return;
         }
         self.gen += 1;
-        let entries = entries(self.gen, self.shards, &real, &shadow);
-        let tagged = real.into_iter().map(|r| (false, r)).chain(shadow.into_iter().map(|r| (true, r)));
-        for (shadow, r) in tagged {
-            self.buffer.insert(r.key(shadow, self.shards), (self.gen, r));
+        let records: Vec<(bool, OldRecord)> =
+            real.into_iter().map(|r| (false, r)).chain(shadow.into_iter().map(|r| (true, r))).collect();
+        let records = Arc::new(records);
+        self.buffer.push_back((self.gen, records.clone()));
+        for (i, (shadow, r)) in records.iter().enumerate() {
+            let at = (self.gen, i as u32);
+            match self.index.entry(key_hash(*shadow, &r.from, &r.id)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(at);
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let (g, k) = *e.get();
+                    if record_at(&self.buffer, g, k)
+                        .is_some_and(|(s, o)| s == *shadow && o.from == r.from && o.id == r.id)
+                    {
+                        e.insert(at); // a newer version of the same key
+                    } else {
+                        self.collisions.insert((*shadow, r.from.clone(), r.id.clone()), at);
+                    }
+                }
+            }
         }
-        let work = TierWork::Spill { gen: self.gen, entries, clock_ms };
+        let work = TierWork::Spill { gen: self.gen, records, clock_ms };
         if self.tx.as_ref().is_none_or(|tx| tx.send(work).is_err()) {
             self.shared.fail("the tier thread is gone".into());
         }
     }
 
+    fn record_at(&self, gen: u64, i: u32) -> Option<(bool, &OldRecord)> {
+        record_at(&self.buffer, gen, i)
+    }
+
     /// Forgets buffered records of generations a prefetch view has seen.
     pub fn seen(&mut self, through: u64) {
-        if self.buffer.is_empty() {
-            return;
+        while self.buffer.front().is_some_and(|(gen, _)| *gen <= through) {
+            let (gen, records) = self.buffer.pop_front().expect("checked");
+            for (i, (shadow, r)) in records.iter().enumerate() {
+                if let std::collections::hash_map::Entry::Occupied(e) =
+                    self.index.entry(key_hash(*shadow, &r.from, &r.id))
+                {
+                    if *e.get() == (gen, i as u32) {
+                        e.remove();
+                    }
+                }
+            }
+            if !self.collisions.is_empty() {
+                self.collisions.retain(|_, (g, _)| *g > through);
+            }
         }
-        self.buffer.retain(|_, (gen, _)| *gen > through);
+    }
+
+    /// A buffered record, newest version.
+    fn buffered(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<&OldRecord> {
+        if let Some(&(g, i)) = self.index.get(&key_hash(shadow, from, id)) {
+            if let Some((s, r)) = self.record_at(g, i) {
+                if s == shadow && r.from == *from && r.id == *id {
+                    return Some(r);
+                }
+            }
+        }
+        if self.collisions.is_empty() {
+            return None;
+        }
+        let &(g, i) = self.collisions.get(&(shadow, from.clone(), id.clone()))?;
+        self.record_at(g, i).map(|(_, r)| r)
     }
 
     /// Waits until the tier holds every generation handed to it.
@@ -257,7 +335,7 @@ impl Drop for TierLink {
 #[derive(Debug, Default)]
 pub(crate) struct Found {
     pub through: u64,
-    pub records: HashMap<Vec<u8>, OldRecord>,
+    pub records: HashMap<MemKey, OldRecord>,
     /// A lookup failed: the work must not run as if nothing was found.
     pub error: Option<String>,
 }
@@ -266,18 +344,20 @@ pub(crate) struct Found {
 pub(crate) fn prefetch_key(
     shared: &TierShared,
     view: &TierView,
-    key: Vec<u8>,
+    shadow: bool,
+    shards: u32,
     from: &AccountId,
     id: &TransferId,
     found: &mut Found,
 ) {
+    let key = idempotency_key(shadow, shards, from, id);
     let before = view.read_stats().block_reads;
     let started = Instant::now();
     match view.get(&key) {
         Ok(Some(e)) => match OldRecord::decode_value(from, id, &e.value) {
             Ok(r) => {
                 shared.disk_hits.fetch_add(1, Relaxed);
-                found.records.insert(key, r);
+                found.records.insert((shadow, from.clone(), id.clone()), r);
             }
             Err(err) => found.error = Some(format!("a tier record does not decode: {err}")),
         },
@@ -299,16 +379,25 @@ pub(crate) struct Older<'a> {
 
 impl OlderRecords for Older<'_> {
     fn find(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<OldRecord> {
-        let key = idempotency_key(shadow, self.link.shards, from, id);
-        if let Some((_, r)) = self.link.buffer.get(&key) {
+        if let Some(r) = self.link.buffered(shadow, from, id) {
             return Some(r.clone());
         }
-        self.found.records.get(&key).cloned()
+        if self.found.records.is_empty() {
+            return None;
+        }
+        self.found.records.get(&(shadow, from.clone(), id.clone())).cloned()
     }
 }
 
 /// The tier thread: writes runs, expires, bounds and compacts.
-fn run(mut tier: Tier, rx: mpsc::Receiver<TierWork>, shared: Arc<TierShared>, config: TierConfig, window_ms: u64) {
+fn run(
+    mut tier: Tier,
+    rx: mpsc::Receiver<TierWork>,
+    shared: Arc<TierShared>,
+    config: TierConfig,
+    window_ms: u64,
+    shards: u32,
+) {
     let mut gathered: Vec<Entry> = Vec::new();
     let mut lo = 0u64;
     let mut hi = 0u64;
@@ -321,7 +410,8 @@ fn run(mut tier: Tier, rx: mpsc::Receiver<TierWork>, shared: Arc<TierShared>, co
         let wait = first_at.map_or(config.run_interval, |t| config.run_interval.saturating_sub(t.elapsed()));
         let mut flush = false;
         match rx.recv_timeout(wait) {
-            Ok(TierWork::Spill { gen, mut entries, clock_ms: at }) => {
+            Ok(TierWork::Spill { gen, records, clock_ms: at }) => {
+                let mut entries = entries(gen, shards, records.iter().map(|(shadow, r)| (*shadow, r)));
                 if gathered.is_empty() {
                     lo = gen;
                     first_at = Some(Instant::now());
@@ -381,5 +471,59 @@ fn run(mut tier: Tier, rx: mpsc::Receiver<TierWork>, shared: Arc<TierShared>, co
             return;
         }
         shared.publish(&tier, bound_floor);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellpay_core::{Currency, TransferStatus};
+
+    fn record(from: &str, id: &str, amount: i64) -> OldRecord {
+        OldRecord {
+            id: TransferId::new(id).unwrap(),
+            from: AccountId::new(from).unwrap(),
+            to: AccountId::new("shop").unwrap(),
+            amount,
+            currency: Currency::new("CNY").unwrap(),
+            currency_given: None,
+            memo_hash: 0,
+            status: TransferStatus::Settled,
+            at_ms: 1,
+        }
+    }
+
+    fn find(link: &TierLink, shadow: bool, from: &str, id: &str) -> Option<i64> {
+        let found = Found::default();
+        let older = link.older(&found);
+        older.find(shadow, &AccountId::new(from).unwrap(), &TransferId::new(id).unwrap()).map(|r| r.amount)
+    }
+
+    #[test]
+    fn the_buffer_answers_until_a_view_holds_the_generation_and_the_newest_version_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = Tier::open(dir.path(), TierOptions::default()).unwrap();
+        let config = TierConfig { enabled: true, run_interval: Duration::from_secs(3600), ..TierConfig::default() };
+        let mut link = TierLink::start(tier, "test-tier".into(), config, 16, 86_400_000).unwrap();
+        link.spill(vec![record("a", "t1", 1), record("b", "t1", 2)], vec![record("a", "t1", 3)], 10);
+        link.spill(vec![record("a", "t2", 4), record("a", "t1", 5)], vec![], 20);
+        assert_eq!(link.gen, 2);
+        assert_eq!(find(&link, false, "a", "t1"), Some(5), "the newer generation's version");
+        assert_eq!(find(&link, false, "b", "t1"), Some(2), "the payer is part of the key");
+        assert_eq!(find(&link, true, "a", "t1"), Some(3), "so is the ledger");
+        assert_eq!(find(&link, false, "c", "t1"), None);
+        link.seen(1);
+        assert_eq!(find(&link, false, "b", "t1"), None, "generation 1 is left to the views");
+        assert_eq!((find(&link, false, "a", "t1"), find(&link, false, "a", "t2")), (Some(5), Some(4)));
+        // The tier holds both generations once flushed, and a view finds them.
+        link.flush().unwrap();
+        let view = link.shared.view();
+        assert_eq!(view.durable_through(), 2);
+        let mut found = Found::default();
+        let (b, t1) = (AccountId::new("b").unwrap(), TransferId::new("t1").unwrap());
+        prefetch_key(&link.shared, &view, false, 16, &b, &t1, &mut found);
+        assert_eq!(found.records.values().map(|r| r.amount).collect::<Vec<_>>(), [2]);
+        link.seen(2);
+        assert!(link.index.is_empty() && link.buffer.is_empty());
     }
 }

@@ -436,6 +436,20 @@ impl Ledger {
     /// `CellState::end_batch`), so no record leaves memory in the middle of
     /// a batch, where a later transfer of the same batch could miss it.
     pub(crate) fn trim_records(&mut self) {
+        let leaving = self.records.len().saturating_sub(self.limits.transfers_retained_max);
+        if self.spill && leaving > 1 {
+            // The accounts the leaving records name are long out of cache: touch
+            // them all first, in a loop of independent loads that overlap, rather
+            // than one miss after another while the records are built below.
+            let mut touched = 0u64;
+            for r in self.records.iter().take(leaving) {
+                touched ^= self.accounts[r.from as usize].id_hash;
+                if let AccountRef::Local(to) = r.to {
+                    touched ^= self.accounts[to as usize].id_hash;
+                }
+            }
+            std::hint::black_box(touched);
+        }
         while self.records.len() > self.limits.transfers_retained_max {
             let old = self.records.pop_front().expect("a ring over its limit is not empty");
             // The index names the newest record of an id; an older one leaves quietly.
