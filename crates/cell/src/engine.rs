@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{
-    priority_of, snapshot, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures, Limits, NoOlder,
-    OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, ShardMap, IDEMPOTENCY_WINDOW_MS_DEFAULT,
+    priority_of, snapshot, AccountId, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures, Limits,
+    NoOlder, OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, ShardMap, TransferId,
+    IDEMPOTENCY_WINDOW_MS_DEFAULT,
 };
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use cellpay_tier::Tier;
@@ -21,7 +22,7 @@ use crate::codel::QueueDelay;
 use crate::health::{Health, Watchdog};
 use crate::recovery::{recover_with_tier, RecoveryError, RecoveryReport};
 use crate::stats::{thread_cpu_ns, EngineStats};
-use crate::tier::{prefetch_key, Found, TierConfig, TierFigures, TierLink, TierShared};
+use crate::tier::{prefetch_key, Found, Generation, SpillBuffer, TierConfig, TierFigures, TierLink, TierShared};
 
 /// Limits and tuning of one engine (I7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,7 +435,7 @@ impl Cell {
         let (mut state, recovery) = recover_with_tier(store.as_mut(), cell, map, config.limits, tier.as_mut())?;
         state.set_spill(tier.is_some());
         let shards = state.shard_map().shards();
-        let tier = match tier {
+        let mut tier = match tier {
             Some(tier) => Some(
                 TierLink::start(tier, format!("cell-{cell}-tier"), config.tier, shards, window_ms)
                     .map_err(|source| RecoveryError::Store(StoreError::Io { path: "tier thread".into(), source }))?,
@@ -457,14 +458,14 @@ impl Cell {
             figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
             tier: tier.as_ref().map(|t| t.shared.clone()),
         });
-        let rx = match &tier {
+        let rx = match &mut tier {
             None => Source::Queue(rx),
             Some(link) => {
                 let (fwd, from_prefetch) = std::sync::mpsc::channel();
-                let (shared, tier_shared) = (shared.clone(), link.shared.clone());
+                let (shared, tier_shared, spills) = (shared.clone(), link.shared.clone(), link.prefetch_channel());
                 std::thread::Builder::new()
                     .name(format!("cell-{cell}-prefetch"))
-                    .spawn(move || prefetch(rx, fwd, &shared, &tier_shared, shards))
+                    .spawn(move || prefetch(rx, fwd, spills, &shared, &tier_shared, shards))
                     .map_err(|source| {
                         RecoveryError::Store(StoreError::Io { path: "prefetch thread".into(), source })
                     })?;
@@ -624,25 +625,41 @@ impl Halt {
 fn prefetch(
     mut rx: mpsc::Receiver<Work>,
     fwd: std::sync::mpsc::Sender<Work>,
+    spills: std::sync::mpsc::Receiver<(u64, Generation)>,
     shared: &Shared,
     tier: &TierShared,
     shards: u32,
 ) {
+    // The records the writer spilled that the tier's view may not hold yet.
+    let mut mem = SpillBuffer::default();
     while let Some(mut work) = rx.blocking_recv() {
+        while let Ok((gen, records)) = spills.try_recv() {
+            mem.push(gen, records);
+        }
         let view = tier.view();
+        mem.prune(view.durable_through());
+        // Every generation through this one is in `mem` or in the view.
+        let through = mem.last().unwrap_or(0).max(view.durable_through());
+        let look = |shadow: bool, from: &AccountId, id: &TransferId, found: &mut Found| match mem.find(shadow, from, id)
+        {
+            Some(r) => {
+                found.records.insert((shadow, from.clone(), id.clone()), r.clone());
+            }
+            None => prefetch_key(tier, &view, shadow, shards, from, id, found),
+        };
         match &mut work {
             Work::Commands { commands, found, .. } => {
-                found.through = view.durable_through();
+                found.through = through;
                 for cmd in commands.iter() {
                     if let Op::Transfer(t) = &cmd.op {
-                        prefetch_key(tier, &view, cmd.shadow, shards, &t.from, &t.id, found);
+                        look(cmd.shadow, &t.from, &t.id, found);
                     }
                 }
             }
             Work::Query { query, found, .. } => {
-                found.through = view.durable_through();
+                found.through = through;
                 if let Query::Transfer { shadow, id, from: Some(from), .. } = query {
-                    prefetch_key(tier, &view, *shadow, shards, from, id, found);
+                    look(*shadow, from, id, found);
                 }
             }
             Work::Stop { .. } => {}
@@ -837,8 +854,16 @@ impl Engine {
                 Work::Stop { .. } => answers.push(Answer::Nothing),
             }
         }
-        // Records beyond the memory limit leave memory between batches, never inside one.
-        self.state.end_batch();
+        // Records beyond the memory limit leave memory between batches, never
+        // inside one; with a tier, in two steps: copied out now, dropped once
+        // every later work's prefetch can see them in the tier.
+        let marks = match self.tier {
+            Some(_) => Some(self.state.copy_out()),
+            None => {
+                self.state.end_batch();
+                None
+            }
+        };
         let logged = u64::from(self.encoder.len());
         let mut append_us = None;
         if logged > 0 {
@@ -851,10 +876,6 @@ impl Engine {
             self.log_bytes_since_checkpoint += len;
             append_us = Some(append_started.elapsed().as_micros() as u64);
             // The records this batch moved out of memory go to the tier once it is durable.
-            if let Some(tier) = &mut self.tier {
-                let (real, shadow) = self.state.take_spilled();
-                tier.spill(real, shadow, clock_ms);
-            }
             // Published before the answers: whatever a relay or client learns
             // from them, the figures already count (the audit reads rely on it).
             *self.shared.figures.lock().expect("figures lock") =
@@ -880,9 +901,17 @@ impl Engine {
         if outbox_grew {
             self.shared.outbox.send_modify(|generation| *generation += 1);
         }
-        // Every later work was looked up in a view at least this new.
-        if let (Some(tier), Some(through)) = (&mut self.tier, seen_through) {
-            tier.seen(through);
+        // What this batch copied out goes to the tier once the batch is durable
+        // (and a batch that logged nothing changed nothing it could wait for).
+        // Every later work was looked up where generations through `through`
+        // show, so the records of those generations may leave memory.
+        if let (Some(tier), Some(marks)) = (&mut self.tier, marks) {
+            let (real, shadow) = self.state.take_spilled();
+            tier.spill(real, shadow, clock_ms);
+            tier.copied(marks);
+            if let Some(marks) = seen_through.and_then(|through| tier.releasable(through)) {
+                self.state.release(marks);
+            }
         }
         if self.log_bytes_since_checkpoint >= self.shared.config.checkpoint_log_bytes {
             self.checkpoint()?;

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use cellpay_core::{idempotency_key, AccountId, OldRecord, OlderRecords, TransferId};
+use cellpay_core::{idempotency_key, AccountId, CopyMarks, OldRecord, OlderRecords, TransferId};
 use cellpay_tier::{Entry, Tier, TierError, TierOptions, TierView};
 
 /// Whether a cell keeps a disk tier, and its tuning (I7: `options.bytes_max` bounds its disk).
@@ -174,25 +174,101 @@ pub(crate) enum TierWork {
     Flush,
 }
 
-/// The running tier thread and the way to it.
-pub(crate) struct TierLink {
-    pub shared: Arc<TierShared>,
-    tx: Option<mpsc::Sender<TierWork>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// The last generation handed to the tier.
-    pub gen: u64,
-    /// Records handed to the tier that a prefetch may not have seen yet, by
-    /// generation, and an index of them: key → (generation, position).
-    buffer: std::collections::VecDeque<(u64, Generation)>,
-    /// By a hash of the key (cheap to compute and compare); a record whose
-    /// hash another key already holds goes to `collisions`, so none is hidden.
+/// Records handed to the tier that some lookup may not see in the tier yet,
+/// by generation, with an index by a hash of the key (cheap to compute and
+/// compare); a record whose hash another key already holds goes to
+/// `collisions`, so none is hidden. The writer keeps one for the generations
+/// newer than what its works' prefetch saw; the prefetch thread keeps one for
+/// the generations newer than what the tier's view holds.
+#[derive(Default)]
+pub(crate) struct SpillBuffer {
+    gens: std::collections::VecDeque<(u64, Generation)>,
     index: HashMap<u64, (u64, u32), foldhash::fast::RandomState>,
     collisions: HashMap<MemKey, (u64, u32)>,
 }
 
-fn record_at(buffer: &std::collections::VecDeque<(u64, Generation)>, gen: u64, i: u32) -> Option<(bool, &OldRecord)> {
-    let first = buffer.front()?.0;
-    let (_, records) = buffer.get(usize::try_from(gen.checked_sub(first)?).ok()?)?;
+impl SpillBuffer {
+    pub fn push(&mut self, gen: u64, records: Generation) {
+        for (i, (shadow, r)) in records.iter().enumerate() {
+            let at = (gen, i as u32);
+            match self.index.entry(key_hash(*shadow, &r.from, &r.id)) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(at);
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let (g, k) = *e.get();
+                    let same = |(s, o): (bool, &OldRecord)| s == *shadow && o.from == r.from && o.id == r.id;
+                    // The record at (g, k) is in `gens` already, or in `records` when g == gen.
+                    let held = if g == gen {
+                        records.get(k as usize).map(|(s, o)| (*s, o))
+                    } else {
+                        record_at(&self.gens, g, k)
+                    };
+                    if held.is_some_and(same) {
+                        e.insert(at); // a newer version of the same key
+                    } else {
+                        self.collisions.insert((*shadow, r.from.clone(), r.id.clone()), at);
+                    }
+                }
+            }
+        }
+        self.gens.push_back((gen, records));
+    }
+
+    /// The newest generation held, if any.
+    pub fn last(&self) -> Option<u64> {
+        self.gens.back().map(|(g, _)| *g)
+    }
+
+    /// Forgets the generations through `through`.
+    pub fn prune(&mut self, through: u64) {
+        if self.gens.back().is_some_and(|(g, _)| *g <= through) {
+            // Everything goes: clearing keeps the tables' capacity and leaves no tombstones.
+            self.gens.clear();
+            self.index.clear();
+            self.collisions.clear();
+            return;
+        }
+        while self.gens.front().is_some_and(|(gen, _)| *gen <= through) {
+            let (gen, records) = self.gens.pop_front().expect("checked");
+            for (i, (shadow, r)) in records.iter().enumerate() {
+                if let std::collections::hash_map::Entry::Occupied(e) =
+                    self.index.entry(key_hash(*shadow, &r.from, &r.id))
+                {
+                    if *e.get() == (gen, i as u32) {
+                        e.remove();
+                    }
+                }
+            }
+            if !self.collisions.is_empty() {
+                self.collisions.retain(|_, (g, _)| *g > through);
+            }
+        }
+    }
+
+    /// The newest buffered version of a key.
+    pub fn find(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<&OldRecord> {
+        if self.gens.is_empty() {
+            return None;
+        }
+        if let Some(&(g, i)) = self.index.get(&key_hash(shadow, from, id)) {
+            if let Some((s, r)) = record_at(&self.gens, g, i) {
+                if s == shadow && r.from == *from && r.id == *id {
+                    return Some(r);
+                }
+            }
+        }
+        if self.collisions.is_empty() {
+            return None;
+        }
+        let &(g, i) = self.collisions.get(&(shadow, from.clone(), id.clone()))?;
+        record_at(&self.gens, g, i).map(|(_, r)| r)
+    }
+}
+
+fn record_at(gens: &std::collections::VecDeque<(u64, Generation)>, gen: u64, i: u32) -> Option<(bool, &OldRecord)> {
+    let first = gens.front()?.0;
+    let (_, records) = gens.get(usize::try_from(gen.checked_sub(first)?).ok()?)?;
     records.get(i as usize).map(|(s, r)| (*s, r))
 }
 
@@ -200,6 +276,20 @@ fn record_at(buffer: &std::collections::VecDeque<(u64, Generation)>, gen: u64, i
 fn key_hash(shadow: bool, from: &AccountId, id: &TransferId) -> u64 {
     use std::hash::BuildHasher;
     foldhash::fast::FixedState::with_seed(0x5eed).hash_one((shadow, from.as_str(), id.as_str()))
+}
+
+/// The running tier thread and the way to it.
+pub(crate) struct TierLink {
+    pub shared: Arc<TierShared>,
+    tx: Option<mpsc::Sender<TierWork>>,
+    /// The same generations, to the prefetch thread.
+    prefetch_tx: Option<mpsc::Sender<(u64, Generation)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The last generation handed to the tier.
+    pub gen: u64,
+    /// Per generation, the ledgers' copy marks (see `CellState::copy_out`),
+    /// until the records before them may leave memory.
+    marks: std::collections::VecDeque<(u64, CopyMarks)>,
 }
 
 impl TierLink {
@@ -219,15 +309,14 @@ impl TierLink {
             let shared = shared.clone();
             std::thread::Builder::new().name(name).spawn(move || run(tier, rx, shared, config, window_ms, shards))?
         };
-        Ok(Self {
-            shared,
-            tx: Some(tx),
-            thread: Some(thread),
-            gen,
-            buffer: Default::default(),
-            index: HashMap::default(),
-            collisions: HashMap::new(),
-        })
+        Ok(Self { shared, tx: Some(tx), prefetch_tx: None, thread: Some(thread), gen, marks: Default::default() })
+    }
+
+    /// The channel on which the prefetch thread receives every generation.
+    pub fn prefetch_channel(&mut self) -> mpsc::Receiver<(u64, Generation)> {
+        let (tx, rx) = mpsc::channel();
+        self.prefetch_tx = Some(tx);
+        rx
     }
 
     /// Hands the records a durable batch moved out of memory to the tier.
@@ -236,27 +325,13 @@ impl TierLink {
             return;
         }
         self.gen += 1;
-        let records: Vec<(bool, OldRecord)> =
-            real.into_iter().map(|r| (false, r)).chain(shadow.into_iter().map(|r| (true, r))).collect();
+        let mut records = Vec::with_capacity(real.len() + shadow.len());
+        records.extend(real.into_iter().map(|r| (false, r)));
+        records.extend(shadow.into_iter().map(|r| (true, r)));
         let records = Arc::new(records);
-        self.buffer.push_back((self.gen, records.clone()));
-        for (i, (shadow, r)) in records.iter().enumerate() {
-            let at = (self.gen, i as u32);
-            match self.index.entry(key_hash(*shadow, &r.from, &r.id)) {
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(at);
-                }
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    let (g, k) = *e.get();
-                    if record_at(&self.buffer, g, k)
-                        .is_some_and(|(s, o)| s == *shadow && o.from == r.from && o.id == r.id)
-                    {
-                        e.insert(at); // a newer version of the same key
-                    } else {
-                        self.collisions.insert((*shadow, r.from.clone(), r.id.clone()), at);
-                    }
-                }
-            }
+        if let Some(tx) = &self.prefetch_tx {
+            // A prefetch thread that is gone has nothing left to look up.
+            let _ = tx.send((self.gen, records.clone()));
         }
         let work = TierWork::Spill { gen: self.gen, records, clock_ms };
         if self.tx.as_ref().is_none_or(|tx| tx.send(work).is_err()) {
@@ -264,43 +339,23 @@ impl TierLink {
         }
     }
 
-    fn record_at(&self, gen: u64, i: u32) -> Option<(bool, &OldRecord)> {
-        record_at(&self.buffer, gen, i)
-    }
-
-    /// Forgets buffered records of generations a prefetch view has seen.
-    pub fn seen(&mut self, through: u64) {
-        while self.buffer.front().is_some_and(|(gen, _)| *gen <= through) {
-            let (gen, records) = self.buffer.pop_front().expect("checked");
-            for (i, (shadow, r)) in records.iter().enumerate() {
-                if let std::collections::hash_map::Entry::Occupied(e) =
-                    self.index.entry(key_hash(*shadow, &r.from, &r.id))
-                {
-                    if *e.get() == (gen, i as u32) {
-                        e.remove();
-                    }
-                }
-            }
-            if !self.collisions.is_empty() {
-                self.collisions.retain(|_, (g, _)| *g > through);
-            }
+    /// Notes the copy marks of the batch just spilled (generation `gen`).
+    pub fn copied(&mut self, marks: CopyMarks) {
+        match self.marks.back_mut() {
+            Some((g, m)) if *g == self.gen => *m = marks,
+            _ => self.marks.push_back((self.gen, marks)),
         }
     }
 
-    /// A buffered record, newest version.
-    fn buffered(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<&OldRecord> {
-        if let Some(&(g, i)) = self.index.get(&key_hash(shadow, from, id)) {
-            if let Some((s, r)) = self.record_at(g, i) {
-                if s == shadow && r.from == *from && r.id == *id {
-                    return Some(r);
-                }
-            }
+    /// The newest marks whose generation every later work's prefetch sees
+    /// (the prefetch thread takes works in queue order and generations only
+    /// grow): the records before them may leave memory.
+    pub fn releasable(&mut self, through: u64) -> Option<CopyMarks> {
+        let mut out = None;
+        while self.marks.front().is_some_and(|(g, _)| *g <= through) {
+            out = self.marks.pop_front().map(|(_, m)| m);
         }
-        if self.collisions.is_empty() {
-            return None;
-        }
-        let &(g, i) = self.collisions.get(&(shadow, from.clone(), id.clone()))?;
-        self.record_at(g, i).map(|(_, r)| r)
+        out
     }
 
     /// Waits until the tier holds every generation handed to it.
@@ -314,9 +369,9 @@ impl TierLink {
         self.shared.wait_durable(self.gen)
     }
 
-    /// The records a batch's transfers may need: the buffer, then what the prefetch found.
+    /// The records a batch's transfers may need from outside memory: what the prefetch found.
     pub fn older<'a>(&'a self, found: &'a Found) -> Older<'a> {
-        Older { link: self, found }
+        Older { found }
     }
 }
 
@@ -373,15 +428,11 @@ pub(crate) fn prefetch_key(
 
 /// [`OlderRecords`] for one work of a batch.
 pub(crate) struct Older<'a> {
-    link: &'a TierLink,
     found: &'a Found,
 }
 
 impl OlderRecords for Older<'_> {
     fn find(&self, shadow: bool, from: &AccountId, id: &TransferId) -> Option<OldRecord> {
-        if let Some(r) = self.link.buffered(shadow, from, id) {
-            return Some(r.clone());
-        }
         if self.found.records.is_empty() {
             return None;
         }
@@ -493,28 +544,58 @@ mod tests {
         }
     }
 
-    fn find(link: &TierLink, shadow: bool, from: &str, id: &str) -> Option<i64> {
-        let found = Found::default();
-        let older = link.older(&found);
-        older.find(shadow, &AccountId::new(from).unwrap(), &TransferId::new(id).unwrap()).map(|r| r.amount)
+    fn find(buffer: &SpillBuffer, shadow: bool, from: &str, id: &str) -> Option<i64> {
+        buffer.find(shadow, &AccountId::new(from).unwrap(), &TransferId::new(id).unwrap()).map(|r| r.amount)
+    }
+
+    fn generation(records: Vec<(bool, OldRecord)>) -> Generation {
+        Arc::new(records)
     }
 
     #[test]
-    fn the_buffer_answers_until_a_view_holds_the_generation_and_the_newest_version_wins() {
+    fn a_spill_buffer_answers_the_newest_version_until_its_generation_is_pruned() {
+        let mut buffer = SpillBuffer::default();
+        buffer.push(
+            1,
+            generation(vec![
+                (false, record("a", "t1", 1)),
+                (false, record("b", "t1", 2)),
+                (true, record("a", "t1", 3)),
+            ]),
+        );
+        buffer.push(2, generation(vec![(false, record("a", "t2", 4)), (false, record("a", "t1", 5))]));
+        assert_eq!(buffer.last(), Some(2));
+        assert_eq!(find(&buffer, false, "a", "t1"), Some(5), "the newer generation's version");
+        assert_eq!(find(&buffer, false, "b", "t1"), Some(2), "the payer is part of the key");
+        assert_eq!(find(&buffer, true, "a", "t1"), Some(3), "so is the ledger");
+        assert_eq!(find(&buffer, false, "c", "t1"), None);
+        buffer.prune(1);
+        assert_eq!(find(&buffer, false, "b", "t1"), None, "generation 1 is left to the tier");
+        assert_eq!((find(&buffer, false, "a", "t1"), find(&buffer, false, "a", "t2")), (Some(5), Some(4)));
+        buffer.prune(2);
+        assert_eq!(buffer.last(), None);
+        assert!(buffer.index.is_empty());
+    }
+
+    #[test]
+    fn spilled_generations_become_durable_and_their_marks_releasable_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let tier = Tier::open(dir.path(), TierOptions::default()).unwrap();
         let config = TierConfig { enabled: true, run_interval: Duration::from_secs(3600), ..TierConfig::default() };
         let mut link = TierLink::start(tier, "test-tier".into(), config, 16, 86_400_000).unwrap();
+        let spills = link.prefetch_channel();
+        let marks = |round| CopyMarks { round, real: round * 10, shadow: 0 };
         link.spill(vec![record("a", "t1", 1), record("b", "t1", 2)], vec![record("a", "t1", 3)], 10);
-        link.spill(vec![record("a", "t2", 4), record("a", "t1", 5)], vec![], 20);
+        link.copied(marks(1));
+        link.spill(vec![record("a", "t2", 4)], vec![], 20);
+        link.copied(marks(2));
+        link.copied(marks(3)); // a round that copied nothing rides on generation 2
         assert_eq!(link.gen, 2);
-        assert_eq!(find(&link, false, "a", "t1"), Some(5), "the newer generation's version");
-        assert_eq!(find(&link, false, "b", "t1"), Some(2), "the payer is part of the key");
-        assert_eq!(find(&link, true, "a", "t1"), Some(3), "so is the ledger");
-        assert_eq!(find(&link, false, "c", "t1"), None);
-        link.seen(1);
-        assert_eq!(find(&link, false, "b", "t1"), None, "generation 1 is left to the views");
-        assert_eq!((find(&link, false, "a", "t1"), find(&link, false, "a", "t2")), (Some(5), Some(4)));
+        assert_eq!(spills.try_iter().map(|(g, r)| (g, r.len())).collect::<Vec<_>>(), [(1, 3), (2, 1)]);
+        assert_eq!(link.releasable(0), None);
+        assert_eq!(link.releasable(1), Some(marks(1)));
+        assert_eq!(link.releasable(5), Some(marks(3)));
+        assert_eq!(link.releasable(5), None);
         // The tier holds both generations once flushed, and a view finds them.
         link.flush().unwrap();
         let view = link.shared.view();
@@ -523,7 +604,8 @@ mod tests {
         let (b, t1) = (AccountId::new("b").unwrap(), TransferId::new("t1").unwrap());
         prefetch_key(&link.shared, &view, false, 16, &b, &t1, &mut found);
         assert_eq!(found.records.values().map(|r| r.amount).collect::<Vec<_>>(), [2]);
-        link.seen(2);
-        assert!(link.index.is_empty() && link.buffer.is_empty());
+        let older = link.older(&found);
+        assert_eq!(older.find(false, &b, &t1).map(|r| r.amount), Some(2));
+        assert_eq!(older.find(true, &b, &t1), None);
     }
 }

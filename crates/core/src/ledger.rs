@@ -55,7 +55,7 @@ pub(crate) struct Account {
     pub history_head: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct TransferRecord {
     pub id: TransferId,
     /// The payer is always an account of this ledger.
@@ -72,7 +72,28 @@ pub(crate) struct TransferRecord {
     /// Sequence number + 1 of the newest earlier record with the same id (a
     /// transfer id is unique per payer, not per cell), 0 for none.
     pub same_id_prev: u64,
+    /// The `copy_out` round that copied it out to the disk tier, 0 for not
+    /// yet; not part of a snapshot.
+    pub copied_at: u64,
 }
+
+impl PartialEq for TransferRecord {
+    /// Equal as records: whether one was copied out yet is bookkeeping, not state.
+    fn eq(&self, o: &Self) -> bool {
+        self.id == o.id
+            && self.from == o.from
+            && self.to == o.to
+            && self.amount == o.amount
+            && self.currency == o.currency
+            && self.currency_given == o.currency_given
+            && self.memo_hash == o.memo_hash
+            && self.status == o.status
+            && self.at_ms == o.at_ms
+            && self.same_id_prev == o.same_id_prev
+    }
+}
+
+impl Eq for TransferRecord {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
@@ -290,8 +311,12 @@ pub struct Ledger {
     pub(crate) evicted_pending_seq: HashMap<u64, (TransferId, u32), RandomState>,
     /// True when records that leave memory are handed out (`take_spilled`) to a disk tier.
     pub(crate) spill: bool,
-    /// Records that left memory since the last `take_spilled`, closed, oldest first.
+    /// Records copied out since the last `take_spilled`, closed, oldest first.
     pub(crate) spilled: Vec<OldRecord>,
+    /// Records before this sequence number are copied out (or were pending then).
+    pub(crate) copied_through: u64,
+    /// `copy_out` rounds so far.
+    pub(crate) copy_round: u64,
     pub(crate) history: VecDeque<Entry>,
     pub(crate) history_first_seq: u64,
     pub(crate) outbox: BTreeMap<CellId, Outbox>,
@@ -345,6 +370,8 @@ impl Ledger {
             evicted_pending_seq: HashMap::default(),
             spill: false,
             spilled: Vec::new(),
+            copied_through: 0,
+            copy_round: 0,
             history: VecDeque::new(),
             history_first_seq: 0,
             outbox: BTreeMap::new(),
@@ -432,17 +459,37 @@ impl Ledger {
     }
 
     /// Moves the oldest records out of memory until at most
-    /// `transfers_retained_max` remain. Called between batches only (see
-    /// `CellState::end_batch`), so no record leaves memory in the middle of
-    /// a batch, where a later transfer of the same batch could miss it.
+    /// `transfers_retained_max` remain (to `take_spilled` when spilling).
+    /// Called between batches only (see `CellState::end_batch`), so no record
+    /// leaves memory in the middle of a batch, where a later transfer of the
+    /// same batch could miss it.
     pub(crate) fn trim_records(&mut self) {
-        let leaving = self.records.len().saturating_sub(self.limits.transfers_retained_max);
-        if self.spill && leaving > 1 {
-            // The accounts the leaving records name are long out of cache: touch
-            // them all first, in a loop of independent loads that overlap, rather
+        self.copy_out();
+        self.release_records(u64::MAX, u64::MAX);
+    }
+
+    /// First step of moving records out of memory: copies the closed records
+    /// beyond `transfers_retained_max` to `take_spilled`, and leaves them in
+    /// memory, where lookups still find them, until `release_records`.
+    /// Answers the sequence number through which records are copied (the
+    /// mark to release through once the disk tier's readers can see them).
+    /// Each call is a round (`copy_round`), named on what it copies.
+    pub(crate) fn copy_out(&mut self) -> u64 {
+        self.copy_round += 1;
+        let beyond =
+            self.records_first_seq + self.records.len().saturating_sub(self.limits.transfers_retained_max) as u64;
+        let from = self.copied_through.max(self.records_first_seq);
+        if !self.spill || beyond <= from {
+            self.copied_through = self.copied_through.max(beyond);
+            return self.copied_through;
+        }
+        let range = (from - self.records_first_seq) as usize..(beyond - self.records_first_seq) as usize;
+        if range.len() > 1 {
+            // The accounts these records name are long out of cache: touch them
+            // all first, in a loop of independent loads that overlap, rather
             // than one miss after another while the records are built below.
             let mut touched = 0u64;
-            for r in self.records.iter().take(leaving) {
+            for r in self.records.range(range.clone()) {
                 touched ^= self.accounts[r.from as usize].id_hash;
                 if let AccountRef::Local(to) = r.to {
                     touched ^= self.accounts[to as usize].id_hash;
@@ -450,8 +497,39 @@ impl Ledger {
             }
             std::hint::black_box(touched);
         }
-        while self.records.len() > self.limits.transfers_retained_max {
-            let old = self.records.pop_front().expect("a ring over its limit is not empty");
+        for k in range {
+            let r = &self.records[k];
+            if r.status != TransferStatus::Pending {
+                let old = self.old_record(r);
+                self.spilled.push(old);
+                self.records[k].copied_at = self.copy_round;
+            }
+        }
+        self.copied_through = beyond;
+        beyond
+    }
+
+    /// Second step: drops from memory the records before `through` copied
+    /// out in round `round` or earlier. A pending record moves aside
+    /// (`evicted_pending`) until its transfer closes; one that closed after
+    /// its round passed is copied now, in the next round, and stays until
+    /// that round is released.
+    pub(crate) fn release_records(&mut self, through: u64, round: u64) {
+        let through = through.min(self.copied_through);
+        while self.records_first_seq < through {
+            let front = self.records.front().expect("records before copied_through are in memory");
+            if self.spill && front.status != TransferStatus::Pending {
+                if front.copied_at == 0 {
+                    let old = self.old_record(front);
+                    self.spilled.push(old);
+                    self.records[0].copied_at = self.copy_round + 1;
+                    break;
+                }
+                if front.copied_at > round {
+                    break;
+                }
+            }
+            let old = self.records.pop_front().expect("checked above");
             // The index names the newest record of an id; an older one leaves quietly.
             if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id.clone()) {
                 if *e.get() == self.records_first_seq {
@@ -463,9 +541,6 @@ impl Ledger {
                 let key = (old.id.clone(), old.from);
                 self.evicted_pending_seq.insert(self.records_first_seq, key.clone());
                 self.evicted_pending.insert(key, old);
-            } else if self.spill {
-                let old = self.old_record(&old);
-                self.spilled.push(old);
             }
             self.records_first_seq += 1;
         }
@@ -839,6 +914,7 @@ impl Ledger {
             memo_hash: memo_hash(t.memo.as_deref()),
             status,
             same_id_prev: 0,
+            copied_at: 0,
         }
     }
 

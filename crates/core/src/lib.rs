@@ -48,4 +48,4 @@ pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use older::{idempotency_key, NoOlder, OldRecord, OlderRecords};
 pub use priority::{priority_of, Priority};
 pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};
-pub use state::{CellState, ENTRIES_PAGE_MAX};
+pub use state::{CellState, CopyMarks, ENTRIES_PAGE_MAX};

@@ -206,6 +206,7 @@ fn decode_record(r: &mut Reader<'_>, accounts: usize) -> Result<TransferRecord, 
         status: decode_status(r)?,
         at_ms: r.u64()?,
         same_id_prev: 0,
+        copied_at: 0,
     })
 }
 

@@ -14,6 +14,15 @@ use crate::shard::ShardMap;
 /// The most entries one history page may return (I7).
 pub const ENTRIES_PAGE_MAX: usize = 1000;
 
+/// Where [`CellState::copy_out`] left each ledger: its round, and the
+/// sequence number through which each ledger's records are copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyMarks {
+    pub round: u64,
+    pub real: u64,
+    pub shadow: u64,
+}
+
 /// Everything one cell knows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CellState {
@@ -69,6 +78,23 @@ impl CellState {
     pub fn end_batch(&mut self) {
         self.real.trim_records();
         self.shadow.trim_records();
+    }
+
+    /// Ends a batch in a cell with a disk tier, in two steps: this copies the
+    /// records beyond the memory limit out (`take_spilled`) and leaves them in
+    /// memory; it answers the marks to pass to [`CellState::release`] once
+    /// the tier's readers can see what it copied.
+    pub fn copy_out(&mut self) -> CopyMarks {
+        let real = self.real.copy_out();
+        let shadow = self.shadow.copy_out();
+        debug_assert_eq!(self.real.copy_round, self.shadow.copy_round);
+        CopyMarks { round: self.real.copy_round, real, shadow }
+    }
+
+    /// Drops from memory the records copied out up to `marks`.
+    pub fn release(&mut self, marks: CopyMarks) {
+        self.real.release_records(marks.real, marks.round);
+        self.shadow.release_records(marks.shadow, marks.round);
     }
 
     /// Hands records that leave memory to a disk tier (both ledgers): see `take_spilled`.

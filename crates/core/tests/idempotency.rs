@@ -252,3 +252,61 @@ fn a_pending_record_stays_in_memory_until_its_transfer_closes_then_leaves() {
     assert_eq!(spilled.len(), 1);
     assert_eq!((spilled[0].id.as_str(), spilled[0].status), ("x", TransferStatus::Settled));
 }
+
+#[test]
+fn records_are_copied_out_first_and_leave_memory_only_when_released() {
+    let mut c = cell(Limits { transfers_retained_max: 2, ..Limits::default() });
+    c.set_spill(true);
+    for i in 0..4 {
+        assert!(c.admit(&pay(&format!("t{i}"), "p", "q", 1), &admission()).changed_state());
+    }
+    // fund, t0, t1 are beyond the limit of 2: copied out, still in memory.
+    let marks = c.copy_out();
+    let (copied, _) = c.take_spilled();
+    assert_eq!(copied.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["fund", "t0", "t1"]);
+    let retry = c.admit(&pay("t0", "p", "q", 1), &admission());
+    assert!(matches!(retry, Outcome::Transferred { created: false, .. }), "still answered from memory: {retry:?}");
+    assert_eq!(c.ledger(false).idempotency_reach().records_held, 5);
+    c.release(marks);
+    let reach = c.ledger(false).idempotency_reach();
+    assert_eq!((reach.records_held, reach.records_dropped), (2, 3));
+    // A second round copies nothing new until more records arrive.
+    let again = c.copy_out();
+    assert!(c.take_spilled().0.is_empty());
+    assert_eq!(again.real, marks.real);
+}
+
+#[test]
+fn a_record_that_closes_after_its_round_is_copied_in_the_next_and_kept_until_then() {
+    let map = ShardMap::round_robin(16, 2).unwrap();
+    let payee = (0..).map(|i| format!("far{i}")).find(|n| map.owner_of(n) == CellId(1)).unwrap();
+    let payer = (0..).map(|i| format!("near{i}")).find(|n| map.owner_of(n) == CellId(0)).unwrap();
+    let local = (0..).map(|i| format!("near{i}")).filter(|n| map.owner_of(n) == CellId(0)).nth(1).unwrap();
+    let mut c = CellState::new(CellId(0), map, Limits { transfers_retained_max: 1, ..Limits::default() });
+    c.advance_clock(T0);
+    c.set_spill(true);
+    for (name, overdraft) in [(&payer, true), (&local, false)] {
+        let open = OpenAccount { id: id(name), currency: cny(), overdraft, tenant: TenantId::default_tenant() };
+        assert!(c.apply(&Command::real(Op::OpenAccount(open))).changed_state());
+    }
+    let Outcome::Transferred { outbox: Some((dest, seq)), .. } = c.admit(&pay("x", &payer, &payee, 5), &admission())
+    else {
+        panic!("a cross-cell transfer")
+    };
+    assert!(c.admit(&pay("l0", &payer, &local, 1), &admission()).changed_state());
+    // Round 1: "x" is pending, so it is not copied.
+    let round1 = c.copy_out();
+    assert!(c.take_spilled().0.is_empty());
+    // It settles before round 1 is released: the release copies it (for round 2) and keeps it.
+    assert!(c.apply(&Command::real(Op::Settle { dest, seq })).changed_state());
+    c.release(round1);
+    assert_eq!(c.ledger(false).idempotency_reach().records_held, 2, "kept until its own round is released");
+    assert_eq!(c.ledger(false).evicted_pending_len(), 0);
+    let round2 = c.copy_out();
+    let (copied, _) = c.take_spilled();
+    assert_eq!(copied.iter().map(|r| (r.id.as_str(), r.status)).collect::<Vec<_>>(), [("x", TransferStatus::Settled)]);
+    c.release(round1);
+    assert_eq!(c.ledger(false).idempotency_reach().records_held, 2, "round 1 does not release a round-2 copy");
+    c.release(round2);
+    assert_eq!(c.ledger(false).idempotency_reach().records_held, 1);
+}
