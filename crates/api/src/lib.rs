@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod contract;
 pub mod error;
+pub mod exposition;
 pub mod front;
 pub mod guard;
 pub mod headers;

@@ -1,0 +1,98 @@
+//! Observability as an SRE checks it: `/metrics` of a live server after
+//! real traffic passes `promtool check metrics`, and carries the SLI
+//! histograms by class, status class and tenant, the engine's commit and
+//! queue-wait histograms and the relay's settle time.
+//!
+//! `promtool` comes from Debian's `prometheus` package (`.ci/run` installs
+//! it). Without it these tests fail: a skipped check proves nothing.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{ids_in_cells, Server, ADMIN, CLIENT};
+use serde_json::json;
+
+/// Runs `promtool` with `args`, feeding `stdin`; answers (success, stdout + stderr).
+fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    child.stdin.take().expect("piped").write_all(stdin.as_bytes()).expect("promtool reads its input");
+    let out = child.wait_with_output().expect("promtool runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The value of one sample line (`name{labels} value`), exactly as named.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_after_traffic_pass_promtool_and_carry_the_slis() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2"]);
+    let ids = ids_in_cells(2);
+    let (bank, alice, bob) = (&ids[0][0], &ids[0][1], &ids[1][0]);
+    let open = |token, id: &str, overdraft| {
+        s.post("/v1/accounts", token, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}))
+    };
+    assert_eq!(open(ADMIN, bank, true).status, 201);
+    assert_eq!(open(CLIENT, alice, false).status, 201);
+    assert_eq!(open(CLIENT, bob, false).status, 201);
+    let fund = s.post("/v1/transfers", ADMIN, &json!({"id": "f-1", "from": bank, "to": alice, "amount": 1000}));
+    assert_eq!(fund.status, 201);
+    for i in 0..20 {
+        // Cross-cell: alice lives in cell 0, bob in cell 1.
+        let r =
+            s.post("/v1/transfers", CLIENT, &json!({"id": format!("p-{i}"), "from": alice, "to": bob, "amount": 1}));
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let refused = s.post("/v1/transfers", CLIENT, &json!({"id": "big", "from": alice, "to": bob, "amount": 1_000_000}));
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(s.request("GET", "/no/such/route", Some(CLIENT), &[], None).status, 404);
+    assert_eq!(s.request("POST", "/v1/transfers", Some("not-a-token-at-all-000"), &[], Some("{}")).status, 401);
+    let shadow = s.post_shadow("/v1/accounts", CLIENT, &json!({"id": alice, "currency": "CNY"}));
+    assert_eq!(shadow.status, 201, "{}", shadow.body);
+
+    // At most 20 scrapes a second are answered; a 429 reads as no figures yet.
+    let scrape = || s.request("GET", "/metrics", None, &[], None).body.as_str().unwrap_or_default().to_string();
+    let settled = r#"cellpay_relay_settle_duration_seconds_count{source="0",dest="1",ledger="real"}"#;
+    s.eventually("the relay settles and times every cross-cell payment", || sample(&scrape(), settled) == Some(20.0));
+    let text = scrape();
+
+    let (clean, problems) = promtool(&["check", "metrics"], &text);
+    assert!(clean && problems.trim().is_empty(), "promtool check metrics:\n{problems}\n--- /metrics ---\n{text}");
+
+    // The SLI histograms, by class, status class and tenant.
+    let class = |route: &str, class: &str, status: &str| {
+        let series = format!(
+            r#"cellpay_http_request_class_duration_seconds_count{{route="{route}",class="{class}",status_class="{status}"}}"#
+        );
+        sample(&text, &series).unwrap_or(0.0)
+    };
+    assert_eq!(class("/v1/transfers", "critical", "2xx"), 21.0, "{text}");
+    assert_eq!(class("/v1/transfers", "critical", "4xx"), 2.0, "the 422 and the 401");
+    assert_eq!(class("/v1/accounts", "shadow", "2xx"), 1.0);
+    assert_eq!(class("unmatched", "none", "4xx"), 1.0, "the 404");
+    let tenant = |tenant: &str, status: &str| {
+        let series =
+            format!(r#"cellpay_critical_request_duration_seconds_count{{tenant="{tenant}",status_class="{status}"}}"#);
+        sample(&text, &series).unwrap_or(0.0)
+    };
+    assert_eq!(tenant("default", "2xx"), 22.0, "alice and bob opened, 20 payments");
+    assert_eq!(tenant("admin", "2xx"), 2.0, "the bank opened and funded alice");
+    assert_eq!((tenant("default", "4xx"), tenant("unknown", "4xx")), (1.0, 1.0), "the 422; the 401 has no tenant");
+    // The engines' own histograms: every answered payment was one batch or part of one.
+    let commits = sample(&text, r#"cellpay_cell_commit_duration_seconds_count{cell="0"}"#).unwrap();
+    assert!(commits >= 20.0, "{commits} commits in cell 0");
+    assert!(sample(&text, r#"cellpay_cell_batch_size_commands_count{cell="1"}"#).unwrap() > 0.0);
+    assert!(text.contains("# TYPE cellpay_cell_queue_wait_seconds histogram"));
+    assert!(!text.contains(CLIENT) && !text.contains(ADMIN), "no secret in metrics");
+}
