@@ -65,6 +65,7 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_cell_stalled", Kind::Gauge, "1 while a cell is stalled (one batch ran longer than stall_after_ms)."),
     fam("cellpay_cell_shed_level", Kind::Gauge, "Priority classes the cell's queue-delay controller sheds now (0: none)."),
     fam("cellpay_cell_queue_depth", Kind::Gauge, "Commands waiting in the cell's queue."),
+    fam("cellpay_cell_queue_delay_seconds", Kind::Gauge, "The longest queue wait of a request in the cell's latest batch."),
     fam("cellpay_cell_batches_total", Kind::Counter, "Batches the cell's engine ran."),
     fam("cellpay_cell_commands_total", Kind::Counter, "Commands the cell's engine applied or refused."),
     fam("cellpay_cell_queries_total", Kind::Counter, "Queries the cell's engine answered."),
@@ -260,6 +261,7 @@ fn cells(state: &AppState, published: &mut Exposition) {
         }
         gauge!("cellpay_cell_shed_level", "cell" => cell.clone()).set(h.shed_level() as f64);
         gauge!("cellpay_cell_queue_depth", "cell" => cell.clone()).set(h.queue_depth() as f64);
+        gauge!("cellpay_cell_queue_delay_seconds", "cell" => cell.clone()).set(h.queue_delay_us() as f64 / 1e6);
         gauge!("cellpay_cell_failed", "cell" => cell.clone()).set(f64::from(u8::from(!health.is_serving())));
         let stalled = matches!(health, cellpay_cell::Health::Stalled { .. });
         gauge!("cellpay_cell_stalled", "cell" => cell.clone()).set(f64::from(u8::from(stalled)));
@@ -293,7 +295,11 @@ fn cells(state: &AppState, published: &mut Exposition) {
     for (name, pick) in histograms {
         published.family(family(name));
         for (cell, h) in &engines {
-            published.histogram(name, &[("cell", cell)], &pick(h.stats()).read());
+            // A histogram nothing has fed yet is left out: no data, not a false zero.
+            let counts = pick(h.stats()).read();
+            if counts.count > 0 || name != "cellpay_cell_queue_wait_seconds" {
+                published.histogram(name, &[("cell", cell)], &counts);
+            }
         }
     }
 }
