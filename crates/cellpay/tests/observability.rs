@@ -96,3 +96,55 @@ fn metrics_after_traffic_pass_promtool_and_carry_the_slis() {
     assert!(text.contains("# TYPE cellpay_cell_queue_wait_seconds histogram"));
     assert!(!text.contains(CLIENT) && !text.contains(ADMIN), "no secret in metrics");
 }
+
+/// `deploy/observability/`, from this crate's manifest directory.
+fn deploy_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/observability")
+}
+
+#[test]
+fn the_alerting_rules_are_valid_and_their_unit_tests_pass() {
+    let dir = deploy_dir();
+    for args in [["check", "rules", "alerts.yml"], ["test", "rules", "alerts.test.yml"]] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("SUCCESS"), "promtool {}:\n{text}", args.join(" "));
+    }
+}
+
+/// The anchor GitHub gives a Markdown heading.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_alert_links_to_a_runbook_section_that_exists() {
+    let rules = std::fs::read_to_string(deploy_dir().join("alerts.yml")).unwrap();
+    let operations = include_str!("../../../docs/OPERATIONS.md");
+    let sections: Vec<String> = operations
+        .lines()
+        .filter_map(|l| l.strip_prefix("## ").or_else(|| l.strip_prefix("### ")))
+        .map(anchor)
+        .collect();
+    let alerts = rules.lines().filter(|l| l.trim_start().starts_with("- alert:")).count();
+    let links: Vec<&str> =
+        rules.lines().filter_map(|l| l.trim_start().strip_prefix("runbook_url: docs/OPERATIONS.md#")).collect();
+    assert!(alerts >= 10, "{alerts} alerts");
+    assert_eq!(links.len(), alerts, "every alert has a runbook_url into docs/OPERATIONS.md");
+    for link in links {
+        assert!(sections.iter().any(|s| s == link), "no section of docs/OPERATIONS.md has the anchor #{link}");
+    }
+}
