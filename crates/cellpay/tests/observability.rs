@@ -148,3 +148,67 @@ fn every_alert_links_to_a_runbook_section_that_exists() {
         assert!(sections.iter().any(|s| s == link), "no section of docs/OPERATIONS.md has the anchor #{link}");
     }
 }
+
+/// Families the control-plane work adds (the idempotency window); the rules
+/// and the dashboard are written against them already.
+const FAMILIES_EXPECTED_SOON: &[&str] =
+    &["cellpay_idempotency_window_seconds", "cellpay_idempotency_retry_horizon_seconds"];
+
+/// Every `cellpay_…` name in `expr` is a family of `/metrics` (or of its
+/// histogram series), a family expected soon, or a rule recorded in `rules`.
+fn names_are_known(expr: &str, rules: &str) {
+    let mut rest = expr;
+    while let Some(at) = rest.find("cellpay_") {
+        let name: String =
+            rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':').collect();
+        rest = &rest[at + name.len()..];
+        if name.contains(':') {
+            assert!(rules.contains(&format!("record: {name}\n")), "{name} is not recorded by alerts.yml: {expr}");
+            continue;
+        }
+        let family = ["_bucket", "_count", "_sum"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(&name);
+        let known = cellpay_api::metrics::FAMILIES.iter().any(|f| f.name == family || f.name == name)
+            || FAMILIES_EXPECTED_SOON.contains(&family);
+        assert!(known, "{name} is no metric cellpay exposes: {expr}");
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_queries_parse_and_name_only_metrics_that_exist() {
+    let dir = deploy_dir();
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("grafana-dashboard.json")).unwrap()).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut exprs: Vec<String> = panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    exprs.extend(
+        dashboard["annotations"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a["expr"].as_str().map(String::from)),
+    );
+    assert!(exprs.len() >= 25, "{} queries", exprs.len());
+    for expr in &exprs {
+        names_are_known(expr, &rules);
+    }
+    // promtool parses each query as the expression of a recording rule.
+    let mut file = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let expr = expr.replace("$job", "cellpay.*");
+        file.push_str(&format!(
+            "      - record: dashboard:query_{i}\n        expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("dashboard-queries.yml");
+    std::fs::write(&path, file).unwrap();
+    let out = Command::new("promtool").args(["check", "rules"]).arg(&path).output().expect("promtool is installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "a dashboard query does not parse:\n{text}");
+}
