@@ -17,6 +17,7 @@ pub mod intake;
 pub mod listener;
 pub mod metrics;
 pub mod oplog;
+pub mod request_id;
 pub mod routes;
 pub mod served;
 pub mod views;
@@ -184,5 +185,7 @@ pub fn router(state: AppState) -> Router {
         // Every answer in the contract's shape; head caps (414, 431) first.
         .layer(axum::middleware::from_fn_with_state(state.clone(), contract::shape))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        // Outermost: the request's id and span cover everything else, its log line too.
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }

@@ -212,3 +212,70 @@ fn the_grafana_dashboard_queries_parse_and_name_only_metrics_that_exist() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "a dashboard query does not parse:\n{text}");
 }
+
+#[test]
+fn every_answer_carries_a_request_id_and_the_log_lines_about_it_carry_it_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let data = dir.path().join("data");
+    let s = Server::start_with_stderr(
+        &data,
+        &["--cells", "2", "--drills", "true", "--log-format", "json"],
+        &[],
+        log.into(),
+    );
+    let ids = ids_in_cells(2);
+    let (bank, payer) = (&ids[1][0], &ids[1][1]);
+    let open = |id: &str, overdraft| {
+        let body = json!({"id": id, "currency": "CNY", "overdraft": overdraft}).to_string();
+        s.request("POST", "/v1/accounts", Some(ADMIN), &[("X-Request-Id", "open-1")], Some(&body))
+    };
+    let r = open(bank, true);
+    assert_eq!((r.status, r.request_id.as_deref()), (201, Some("open-1")), "a sane client id is echoed");
+    assert_eq!(open(payer, false).status, 201);
+
+    // Ids that are too long or carry other characters are replaced, not refused.
+    for bad in ["x".repeat(65), "a b".to_string(), "a\"b".to_string(), "{evil}".to_string()] {
+        let r = s.request("GET", "/v1/cluster", Some(CLIENT), &[("X-Request-Id", &bad)], None);
+        assert_eq!(r.status, 200);
+        let id = r.request_id.expect("an id on every answer");
+        assert!(id != bad && id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit()), "{bad:?} -> {id}");
+    }
+    // Made up when none is sent, distinct per request, on errors and operator routes too.
+    let mut seen = std::collections::HashSet::new();
+    for (method, path, token) in [
+        ("GET", "/healthz", None),
+        ("GET", "/no/such/route", Some(CLIENT)),
+        ("POST", "/v1/transfers", None),
+        ("GET", "/metrics", None),
+    ] {
+        let r = s.request(method, path, token, &[], None);
+        assert!(seen.insert(r.request_id.clone().expect("an id on every answer")), "{path}: ids repeat");
+    }
+
+    // A 5xx is logged at WARN with its id, as JSON.
+    assert_eq!(s.request("POST", "/v1/admin/cells/1/halt", Some(ADMIN), &[], None).status, 200);
+    let body = json!({"id": "t-1", "from": payer, "to": bank, "amount": 1}).to_string();
+    let r = s.request("POST", "/v1/transfers", Some(ADMIN), &[("X-Request-Id", "pay-while-down-7")], Some(&body));
+    assert_eq!((r.status, r.request_id.as_deref()), (503, Some("pay-while-down-7")), "{}", r.body);
+    let line_of = |id: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|l| l["span"]["id"] == id)
+    };
+    let mut line = None;
+    s.eventually("the 5xx is logged", || {
+        line = line_of("pay-while-down-7");
+        line.is_some()
+    });
+    let line = line.unwrap();
+    assert_eq!(line["level"], "WARN", "{line}");
+    assert_eq!(
+        (line["fields"]["status"].as_u64(), line["span"]["route"].as_str()),
+        (Some(503), Some("/v1/transfers")),
+        "{line}"
+    );
+    assert!(line_of("open-1").is_none(), "a 2xx is not logged at WARN (RUST_LOG=warn)");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.contains(CLIENT) && !text.contains(ADMIN), "no secret in the log");
+}
