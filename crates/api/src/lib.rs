@@ -84,6 +84,8 @@ pub struct Inner {
     /// Requests answered, and those answered 503 (shed or unavailable), for the dashboard.
     pub answered: std::sync::atomic::AtomicU64,
     pub unavailable_answers: std::sync::atomic::AtomicU64,
+    /// Answers and their latency per priority class, for the dashboard's charts.
+    pub classes: metrics::ClassFigures,
 }
 
 /// Stops and starts a cell's engine in this process (the kill-cell drill).
@@ -123,6 +125,7 @@ impl AppState {
             oplog: OnceLock::new(),
             answered: Default::default(),
             unavailable_answers: Default::default(),
+            classes: Default::default(),
         }))
     }
 

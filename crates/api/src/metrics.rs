@@ -11,7 +11,7 @@
 //! and bucket histograms); a scrape reads those and queues no work on a cell.
 //! [`FAMILIES`] is the one list of names, types and help texts.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -118,6 +118,29 @@ pub fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// Answers per priority class, kept for the live dashboard's charts (the
+/// exporter's histograms cannot be read back): latency buckets (their count
+/// is the answers) and the 5xx among them, by class rank, highest first.
+pub struct ClassFigures {
+    pub latency: [Buckets; 4],
+    pub errors: [AtomicU64; 4],
+}
+
+impl Default for ClassFigures {
+    fn default() -> Self {
+        Self { latency: std::array::from_fn(|_| Buckets::latency()), errors: Default::default() }
+    }
+}
+
+impl ClassFigures {
+    fn record(&self, class: Priority, seconds: f64, server_error: bool) {
+        self.latency[class.rank()].observe(seconds);
+        if server_error {
+            self.errors[class.rank()].fetch_add(1, Relaxed);
+        }
+    }
+}
+
 /// Which tenant a request acted for, set on the response by auth: the SLIs are kept per tenant.
 #[derive(Debug, Clone)]
 pub struct TenantLabel(pub String);
@@ -132,7 +155,7 @@ pub async fn track(
 ) -> Response {
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
     let class = class_of(&request);
-    let mut timing = Timing { route, class, started: Instant::now(), finished: false };
+    let mut timing = Timing { state: state.clone(), route, class, started: Instant::now(), finished: false };
     let response = next.run(request).await;
     state.answered.fetch_add(1, Relaxed);
     if response.status() == StatusCode::SERVICE_UNAVAILABLE {
@@ -143,18 +166,19 @@ pub async fn track(
     response
 }
 
-/// The priority class of a request, as the protection stack sees it; `none` for operator routes.
-fn class_of(request: &Request) -> &'static str {
+/// The priority class of a request, as the protection stack sees it; `None` for operator routes.
+fn class_of(request: &Request) -> Option<Priority> {
     let matched = request.extensions().get::<MatchedPath>().map_or("", |p| p.as_str());
-    let Some(route) = crate::guard::classify(request.method(), matched) else { return "none" };
+    let route = crate::guard::classify(request.method(), matched)?;
     let shadow = crate::headers::shadow(request.headers()).unwrap_or(false);
-    Priority::of(shadow, route.priority()).as_str()
+    Some(Priority::of(shadow, route.priority()))
 }
 
 /// One request being timed; records itself when answered or dropped.
 struct Timing {
+    state: AppState,
     route: String,
-    class: &'static str,
+    class: Option<Priority>,
     started: Instant,
     finished: bool,
 }
@@ -177,9 +201,13 @@ impl Timing {
                 .increment(1);
         }
         histogram!("cellpay_http_request_duration_seconds", "route" => route.clone()).record(seconds);
-        histogram!("cellpay_http_request_class_duration_seconds", "route" => route, "class" => self.class, "status_class" => status_class)
+        let class = self.class.map_or("none", Priority::as_str);
+        histogram!("cellpay_http_request_class_duration_seconds", "route" => route, "class" => class, "status_class" => status_class)
             .record(seconds);
-        if self.class == Priority::Critical.as_str() {
+        if let Some(c) = self.class {
+            self.state.classes.record(c, seconds, status_class == "5xx" || status.is_none());
+        }
+        if self.class == Some(Priority::Critical) {
             let tenant = tenant.unwrap_or("unknown").to_string();
             histogram!("cellpay_critical_request_duration_seconds", "tenant" => tenant, "status_class" => status_class)
                 .record(seconds);
