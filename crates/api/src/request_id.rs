@@ -9,7 +9,10 @@
 //!
 //! Logging costs CPU on the payment path, so the line that says how a request
 //! was answered is written for every 5xx and abandoned request (WARN), and for
-//! one in [`REQUEST_LOG_SAMPLE_EVERY`] of the rest (INFO).
+//! one in [`REQUEST_LOG_SAMPLE_EVERY`] of the rest (INFO). Under overload the
+//! server answers thousands of 503s a second by design; past
+//! [`REQUEST_WARN_LINES_PER_S_MAX`] WARN lines in a second the rest are only
+//! counted, and the next line written says how many were left out.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -29,6 +32,29 @@ pub const REQUEST_ID_BYTES_MAX: usize = 64;
 
 /// One answered request in this many gets an INFO line (5xx and abandoned ones always get a WARN line).
 pub const REQUEST_LOG_SAMPLE_EVERY: u64 = 1024;
+
+/// WARN request lines written per second at most; the rest are counted in `suppressed`.
+pub const REQUEST_WARN_LINES_PER_S_MAX: u64 = 100;
+
+/// May a WARN request line be written now? Answers how many were left out
+/// before it, or `None` when this one is left out too.
+fn warn_line_allowed() -> Option<u64> {
+    static START: OnceLock<Instant> = OnceLock::new();
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static WRITTEN: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let second = START.get_or_init(Instant::now).elapsed().as_secs();
+    // A racing reset at a second's turn lets a few more lines through: harmless.
+    if SECOND.swap(second, Relaxed) != second {
+        WRITTEN.store(0, Relaxed);
+    }
+    if WRITTEN.fetch_add(1, Relaxed) < REQUEST_WARN_LINES_PER_S_MAX {
+        Some(SUPPRESSED.swap(0, Relaxed))
+    } else {
+        SUPPRESSED.fetch_add(1, Relaxed);
+        None
+    }
+}
 
 /// The id of the request being served, in its extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,8 +126,16 @@ impl Drop for RequestLine {
         let _entered = self.span.enter();
         let latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         match self.status {
-            Some(status) if status >= 500 => tracing::warn!(status, latency_ms, "request answered with a server error"),
-            None => tracing::warn!(latency_ms, "request abandoned by its client before the answer"),
+            Some(status) if status >= 500 => {
+                if let Some(suppressed) = warn_line_allowed() {
+                    tracing::warn!(status, latency_ms, suppressed, "request answered with a server error");
+                }
+            }
+            None => {
+                if let Some(suppressed) = warn_line_allowed() {
+                    tracing::warn!(latency_ms, suppressed, "request abandoned by its client before the answer");
+                }
+            }
             Some(status) => {
                 if ANSWERED.fetch_add(1, Relaxed).is_multiple_of(REQUEST_LOG_SAMPLE_EVERY) {
                     tracing::info!(status, latency_ms, sampled_one_in = REQUEST_LOG_SAMPLE_EVERY, "request answered");
@@ -124,6 +158,20 @@ mod tests {
             let Ok(v) = HeaderValue::from_bytes(bad.as_bytes()) else { continue };
             assert!(!sane(&v), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn warn_lines_are_capped_per_second_and_the_next_one_counts_the_rest() {
+        let allowed = (0..REQUEST_WARN_LINES_PER_S_MAX * 3).filter(|_| warn_line_allowed().is_some()).count() as u64;
+        // Unless the second turned meanwhile, exactly the cap got through.
+        assert!((REQUEST_WARN_LINES_PER_S_MAX..=REQUEST_WARN_LINES_PER_S_MAX * 2).contains(&allowed), "{allowed}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let suppressed = warn_line_allowed().expect("a new second writes again");
+        assert_eq!(
+            suppressed,
+            REQUEST_WARN_LINES_PER_S_MAX * 3 - allowed,
+            "the first line of the second counts what was left out"
+        );
     }
 
     #[test]
