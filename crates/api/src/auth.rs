@@ -193,7 +193,7 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
     };
     let authority = state.auth.authority(caller);
     let tenant = match &authority {
-        Authority::Admin => crate::metrics::TenantLabel("admin".to_string()),
+        Authority::Admin => crate::metrics::TenantLabel("(admin)".to_string()),
         Authority::Tenant(t) => crate::metrics::TenantLabel(t.to_string()),
     };
     request.extensions_mut().insert(caller.role);

@@ -141,7 +141,9 @@ impl ClassFigures {
     }
 }
 
-/// Which tenant a request acted for, set on the response by auth: the SLIs are kept per tenant.
+/// Which tenant a request acted for, set on the response by auth: the SLIs are
+/// kept per tenant. `(admin)` for admin tokens and `(unknown)` before auth: the
+/// parentheses are no tenant id's characters, so they never name a tenant.
 #[derive(Debug, Clone)]
 pub struct TenantLabel(pub String);
 
@@ -208,7 +210,7 @@ impl Timing {
             self.state.classes.record(c, seconds, status_class == "5xx" || status.is_none());
         }
         if self.class == Some(Priority::Critical) {
-            let tenant = tenant.unwrap_or("unknown").to_string();
+            let tenant = tenant.unwrap_or("(unknown)").to_string();
             histogram!("cellpay_critical_request_duration_seconds", "tenant" => tenant, "status_class" => status_class)
                 .record(seconds);
         }

@@ -87,8 +87,8 @@ fn metrics_after_traffic_pass_promtool_and_carry_the_slis() {
         sample(&text, &series).unwrap_or(0.0)
     };
     assert_eq!(tenant("default", "2xx"), 22.0, "alice and bob opened, 20 payments");
-    assert_eq!(tenant("admin", "2xx"), 2.0, "the bank opened and funded alice");
-    assert_eq!((tenant("default", "4xx"), tenant("unknown", "4xx")), (1.0, 1.0), "the 422; the 401 has no tenant");
+    assert_eq!(tenant("(admin)", "2xx"), 2.0, "the bank opened and funded alice");
+    assert_eq!((tenant("default", "4xx"), tenant("(unknown)", "4xx")), (1.0, 1.0), "the 422; the 401 has no tenant");
     // The engines' own histograms: every answered payment was one batch or part of one.
     let commits = sample(&text, r#"cellpay_cell_commit_duration_seconds_count{cell="0"}"#).unwrap();
     assert!(commits >= 20.0, "{commits} commits in cell 0");
