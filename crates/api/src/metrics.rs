@@ -85,6 +85,8 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_relay_delivered_total", Kind::Counter, "Credits the relay delivered and settled."),
     fam("cellpay_relay_refused_total", Kind::Counter, "Credits the payee's cell refused for good (the payer was credited back)."),
     fam("cellpay_relay_failed_rounds_total", Kind::Counter, "Relay rounds that failed (a cell unavailable or overloaded)."),
+    fam("cellpay_relay_held_rounds_total", Kind::Counter, "Relay rounds skipped because the pair's breaker was open or cross-cell delivery was deferred."),
+    fam("cellpay_relay_breaker_state", Kind::Gauge, "The circuit breaker of a relay pair: 0 closed, 1 half-open, 2 open."),
     fam("cellpay_relay_settle_duration_seconds", Kind::Histogram, "Time from a cross-cell debit at the payer's cell to its settlement there, by source, destination and ledger."),
 ];
 
@@ -345,6 +347,8 @@ fn relays(state: &AppState, published: &mut Exposition) {
         counter!("cellpay_relay_delivered_total", &labels).absolute(r.stats.delivered.load(Relaxed));
         counter!("cellpay_relay_refused_total", &labels).absolute(r.stats.refused.load(Relaxed));
         counter!("cellpay_relay_failed_rounds_total", &labels).absolute(r.stats.failed_rounds.load(Relaxed));
+        counter!("cellpay_relay_held_rounds_total", &labels).absolute(r.gate.held_rounds.load(Relaxed));
+        gauge!("cellpay_relay_breaker_state", &labels).set(f64::from(r.gate.breaker.state().level()));
         let labels = [("source", source.as_str()), ("dest", dest.as_str()), ("ledger", ledger)];
         published.histogram("cellpay_relay_settle_duration_seconds", &labels, &r.stats.settle_seconds.read());
     }
