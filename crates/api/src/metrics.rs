@@ -79,6 +79,17 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_cell_queue_wait_seconds", Kind::Histogram, "How long a request waited in the cell's queue before its batch."),
     fam("cellpay_ledger_accounts", Kind::Gauge, "Accounts in a cell, by ledger (real, shadow)."),
     fam("cellpay_ledger_negative_accounts", Kind::Gauge, "Accounts without overdraft whose balance is negative (must stay 0)."),
+    // The idempotency window and its disk tier (published by the engine; the
+    // alert CellpayIdempotencyWindowShort reads the first two).
+    fam("cellpay_idempotency_window_seconds", Kind::Gauge, "How far back the cell still recognises a transfer id (a retry older than this is a new transfer), by ledger."),
+    fam("cellpay_idempotency_window_promised_seconds", Kind::Gauge, "The idempotency window the cell is configured to hold: what clients were promised."),
+    fam("cellpay_idempotency_records_in_memory", Kind::Gauge, "Idempotency records the cell holds in memory, by ledger."),
+    fam("cellpay_idempotency_tier_bytes", Kind::Gauge, "Bytes of idempotency records in the cell's disk tier."),
+    fam("cellpay_idempotency_tier_records", Kind::Gauge, "Idempotency records in the cell's disk tier."),
+    fam("cellpay_idempotency_tier_runs", Kind::Gauge, "Sorted runs in the cell's disk tier."),
+    fam("cellpay_idempotency_tier_memory_bytes", Kind::Gauge, "Memory the cell's disk tier uses (indexes and filters)."),
+    fam("cellpay_idempotency_disk_reads_total", Kind::Counter, "Idempotency lookups that read the disk tier."),
+    fam("cellpay_idempotency_disk_hits_total", Kind::Counter, "Idempotency lookups the disk tier answered with a record."),
     // Between cells.
     fam("cellpay_outbox_backlog_messages", Kind::Gauge, "Cross-cell credits debited at the source and not yet settled, by source, destination and ledger."),
     fam("cellpay_outbox_backlog_amount", Kind::Gauge, "Money (minor units) debited at the source and not yet settled, by source, destination and ledger."),

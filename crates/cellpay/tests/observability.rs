@@ -149,10 +149,9 @@ fn every_alert_links_to_a_runbook_section_that_exists() {
     }
 }
 
-/// Families the control-plane work adds (the idempotency window); the rules
-/// and the dashboard are written against them already.
-const FAMILIES_EXPECTED_SOON: &[&str] =
-    &["cellpay_idempotency_window_seconds", "cellpay_idempotency_retry_horizon_seconds"];
+/// A family the rules and the dashboard accept as the promised retry horizon
+/// when it is published cluster-wide rather than per cell.
+const FAMILIES_EXPECTED_SOON: &[&str] = &["cellpay_idempotency_retry_horizon_seconds"];
 
 /// Every `cellpay_…` name in `expr` is a family of `/metrics` (or of its
 /// histogram series), a family expected soon, or a rule recorded in `rules`.
