@@ -191,11 +191,17 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
     let Some(caller) = presented.and_then(|secret| state.auth.caller_of(secret)) else {
         return ApiError::new(ErrorCode::Unauthorized, "a valid bearer token is required").into_response();
     };
+    let authority = state.auth.authority(caller);
+    let tenant = match &authority {
+        Authority::Admin => crate::metrics::TenantLabel("(admin)".to_string()),
+        Authority::Tenant(t) => crate::metrics::TenantLabel(t.to_string()),
+    };
     request.extensions_mut().insert(caller.role);
-    request.extensions_mut().insert(state.auth.authority(caller));
+    request.extensions_mut().insert(authority);
     request.extensions_mut().insert(caller);
     let connection = request.extensions().get::<ConnectionRef>().cloned();
-    let response = next.run(request).await;
+    let mut response = next.run(request).await;
+    response.extensions_mut().insert(tenant);
     if let Some(connection) = connection {
         connection.mark_authenticated();
     }

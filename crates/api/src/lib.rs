@@ -9,6 +9,7 @@ pub mod auth;
 pub mod body;
 pub mod contract;
 pub mod error;
+pub mod exposition;
 pub mod front;
 pub mod guard;
 pub mod headers;
@@ -16,6 +17,7 @@ pub mod intake;
 pub mod listener;
 pub mod metrics;
 pub mod oplog;
+pub mod request_id;
 pub mod routes;
 pub mod served;
 pub mod views;
@@ -82,6 +84,8 @@ pub struct Inner {
     /// Requests answered, and those answered 503 (shed or unavailable), for the dashboard.
     pub answered: std::sync::atomic::AtomicU64,
     pub unavailable_answers: std::sync::atomic::AtomicU64,
+    /// Answers and their latency per priority class, for the dashboard's charts.
+    pub classes: metrics::ClassFigures,
 }
 
 /// Stops and starts a cell's engine in this process (the kill-cell drill).
@@ -121,6 +125,7 @@ impl AppState {
             oplog: OnceLock::new(),
             answered: Default::default(),
             unavailable_answers: Default::default(),
+            classes: Default::default(),
         }))
     }
 
@@ -183,5 +188,7 @@ pub fn router(state: AppState) -> Router {
         // Every answer in the contract's shape; head caps (414, 431) first.
         .layer(axum::middleware::from_fn_with_state(state.clone(), contract::shape))
         .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
+        // Outermost: the request's id and span cover everything else, its log line too.
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }

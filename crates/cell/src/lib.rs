@@ -11,6 +11,7 @@
 //! says so in its [`Health`] and refuses work at once.
 
 mod breaker;
+mod buckets;
 mod client;
 mod codel;
 mod engine;
@@ -22,6 +23,7 @@ mod stats;
 mod tier;
 
 pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass as BreakerPass};
+pub use buckets::{BucketCounts, Buckets, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_S};
 pub use client::{BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
 pub use engine::{

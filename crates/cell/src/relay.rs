@@ -12,14 +12,16 @@
 //! a redelivery with what it answered the first time, so nothing is applied
 //! twice and nothing is lost (I3).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use cellpay_core::{CellId, Command, ErrorCode, Op, OutboxMessage, Outcome, Query, QueryAnswer};
+use cellpay_core::{CellId, Command, ErrorCode, Op, OutboxMessage, Outcome, Query, QueryAnswer, TransferStatus};
 use tokio::sync::watch;
 
 use crate::breaker::{Breaker, BreakerRules};
+use crate::buckets::Buckets;
 use crate::client::CellClient;
 
 /// Limits and timing of one relay (I7).
@@ -42,13 +44,68 @@ impl Default for RelayConfig {
 }
 
 /// Counters of one relay, for metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RelayStats {
     pub delivered: AtomicU64,
     pub refused: AtomicU64,
     pub failed_rounds: AtomicU64,
     /// Messages seen waiting at the start of the last round (capped at a round's size).
     pub backlog: AtomicU64,
+    /// Seconds from a credit's debit at the payer's cell to its settlement
+    /// there (the payee applied it and the close is durable).
+    pub settle_seconds: Buckets,
+    sent: Mutex<SentClock>,
+}
+
+impl Default for RelayStats {
+    fn default() -> Self {
+        Self {
+            delivered: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failed_rounds: AtomicU64::new(0),
+            backlog: AtomicU64::new(0),
+            settle_seconds: Buckets::latency(),
+            sent: Mutex::new(SentClock::default()),
+        }
+    }
+}
+
+/// The most stretches of sequences a relay remembers the sending time of (I7).
+const SENT_MARKS_MAX: usize = 4096;
+
+/// When the relay first saw each stretch of sequences sent, read from the
+/// source's published figures at the start of every round and every wake-up
+/// of an idle relay (the outbox signal fires right after the debit's batch is
+/// durable). A message is timed from the first mark that covers it: the
+/// measure of debit-to-settled that needs nothing from the ledger. After a
+/// restart, messages already waiting are timed from the restart.
+#[derive(Debug, Default)]
+struct SentClock {
+    /// (last sequence sent, when it was first seen), both rising.
+    marks: VecDeque<(u64, Instant)>,
+}
+
+impl SentClock {
+    fn mark(&mut self, last_seq: u64, now: Instant) {
+        let grew = self.marks.back().is_none_or(|(seen, _)| *seen < last_seq);
+        // Full: the newest mark covers the rest, timed a little late.
+        if grew && last_seq > 0 && self.marks.len() < SENT_MARKS_MAX {
+            self.marks.push_back((last_seq, now));
+        }
+    }
+
+    /// When `seq` was first seen sent.
+    fn sent_at(&self, seq: u64) -> Option<Instant> {
+        let i = self.marks.partition_point(|(seen, _)| *seen < seq);
+        self.marks.get(i).map(|(_, at)| *at)
+    }
+
+    /// Forgets the marks whose every sequence is closed.
+    fn forget_through(&mut self, closed: u64) {
+        while self.marks.front().is_some_and(|(seen, _)| *seen <= closed) {
+            self.marks.pop_front();
+        }
+    }
 }
 
 /// What may hold a relay back: its pair's circuit breaker, and the
@@ -135,6 +192,8 @@ impl Relay {
 
     /// A round, if the gate lets it run; its outcome feeds the pair's breaker.
     async fn gated_round(&self) -> Result<usize, RoundError> {
+        let sent = self.source.figures().ledger(self.shadow).outbox_to(self.dest.cell()).last_seq;
+        self.stats.sent.lock().expect("sent clock lock").mark(sent, Instant::now());
         if self.gate.deferred.load(Relaxed) {
             return Err(RoundError::Held(self.config.idle_poll));
         }
@@ -154,9 +213,9 @@ impl Relay {
             other => return Err(RoundError::Unexpected(format!("outbox query answered {other:?}"))),
         };
         self.stats.backlog.store(messages.len() as u64, Relaxed);
-        if messages.is_empty() {
-            return Ok(0);
-        }
+        let Some(newest) = messages.last() else { return Ok(0) };
+        // Sent after the figures were read at the top of the round: seen now.
+        self.stats.sent.lock().expect("sent clock lock").mark(newest.seq, Instant::now());
         let source = self.source.cell();
         let credits = messages.iter().map(|m| self.credit(source, m)).collect();
         let answers = self.dest.submit(credits).await.map_err(unavailable)?;
@@ -187,6 +246,7 @@ impl Relay {
                 return Err(RoundError::Unexpected(format!("closing a message answered {outcome:?}")));
             }
         }
+        self.time_settled(&messages[..acked], &closed);
         self.stats.delivered.fetch_add(acked as u64 - refused, Relaxed);
         self.stats.refused.fetch_add(refused, Relaxed);
         if acked < messages.len() {
@@ -195,7 +255,56 @@ impl Relay {
         Ok(acked)
     }
 
+    /// Observes debit-to-settled for each message this round settled.
+    fn time_settled(&self, messages: &[OutboxMessage], closed: &[Outcome]) {
+        let now = Instant::now();
+        let mut clock = self.stats.sent.lock().expect("sent clock lock");
+        for (m, outcome) in messages.iter().zip(closed) {
+            let settled =
+                matches!(outcome, Outcome::OutboxClosed { status: TransferStatus::Settled, duplicate: false });
+            if let (true, Some(at)) = (settled, clock.sent_at(m.seq)) {
+                self.stats.settle_seconds.observe_duration(now.saturating_duration_since(at));
+            }
+        }
+        if let Some(last) = messages.last() {
+            clock.forget_through(last.seq);
+        }
+    }
+
     fn credit(&self, source: CellId, m: &OutboxMessage) -> Command {
         Command { shadow: self.shadow, op: Op::Credit(m.credit(source)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_timed_from_the_first_mark_that_covers_it() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_millis(5), t0 + Duration::from_millis(9));
+        let mut clock = SentClock::default();
+        clock.mark(0, t0);
+        clock.mark(3, t1);
+        clock.mark(3, t2);
+        clock.mark(7, t2);
+        assert_eq!(clock.marks.len(), 2, "a mark only when more was sent");
+        assert_eq!((clock.sent_at(1), clock.sent_at(3), clock.sent_at(4)), (Some(t1), Some(t1), Some(t2)));
+        assert_eq!(clock.sent_at(8), None, "not seen sent yet");
+        clock.forget_through(5);
+        assert_eq!(clock.sent_at(6), Some(t2), "the stretch 4..=7 is still open");
+        clock.forget_through(7);
+        assert!(clock.marks.is_empty());
+    }
+
+    #[test]
+    fn the_marks_are_bounded() {
+        let now = Instant::now();
+        let mut clock = SentClock::default();
+        for seq in 1..=(SENT_MARKS_MAX as u64 + 10) {
+            clock.mark(seq, now);
+        }
+        assert_eq!(clock.marks.len(), SENT_MARKS_MAX);
     }
 }

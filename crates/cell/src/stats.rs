@@ -5,6 +5,8 @@ use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 
+use crate::buckets::{Buckets, BATCH_SIZE_BOUNDS};
+
 /// Live counters of one engine, shared with its handles.
 pub struct EngineStats {
     pub batches: AtomicU64,
@@ -30,6 +32,12 @@ pub struct EngineStats {
     checkpoint_us: Mutex<Histogram<u64>>,
     /// Commands per batch.
     batch_size: Mutex<Histogram<u64>>,
+    /// The batch cycle again, in seconds, as buckets a scrape renders for Prometheus.
+    pub commit_seconds: Buckets,
+    /// Commands and queries per batch, as buckets.
+    pub batch_size_commands: Buckets,
+    /// How long each request waited in the queue before its batch, in seconds.
+    pub queue_wait_seconds: Buckets,
 }
 
 fn histogram() -> Mutex<Histogram<u64>> {
@@ -54,6 +62,9 @@ impl Default for EngineStats {
             append_us: histogram(),
             checkpoint_us: histogram(),
             batch_size: histogram(),
+            commit_seconds: Buckets::latency(),
+            batch_size_commands: Buckets::new(BATCH_SIZE_BOUNDS),
+            queue_wait_seconds: Buckets::latency(),
         }
     }
 }
@@ -106,6 +117,8 @@ impl EngineStats {
     pub(crate) fn record_batch(&self, batch_us: u64, append_us: Option<u64>, size: u64) {
         record(&self.batch_us, batch_us);
         record(&self.batch_size, size);
+        self.commit_seconds.observe(batch_us as f64 / 1e6);
+        self.batch_size_commands.observe(size as f64);
         if let Some(us) = append_us {
             record(&self.append_us, us);
         }
@@ -116,10 +129,18 @@ impl EngineStats {
         self.checkpoints.fetch_add(1, Relaxed);
     }
 
+    /// Records how long one request waited in the queue before the engine took it.
+    pub fn record_queue_wait(&self, waited: std::time::Duration) {
+        self.queue_wait_seconds.observe_duration(waited);
+    }
+
     /// Clears the histograms, so a benchmark can measure one phase alone.
     pub fn reset_histograms(&self) {
         for h in [&self.batch_us, &self.append_us, &self.checkpoint_us, &self.batch_size] {
             h.lock().expect("stats lock is never held across a panic").reset();
+        }
+        for b in [&self.commit_seconds, &self.batch_size_commands, &self.queue_wait_seconds] {
+            b.reset();
         }
     }
 

@@ -20,8 +20,18 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "cellpay", version, about = "A cell-based payment ledger built for flash-sale peaks")]
 struct Cli {
+    /// Log lines as text for people, or as one JSON object per line for a log
+    /// store (each with the request's span: its id, method and route).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CELLPAY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -66,10 +76,13 @@ enum DebugCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Stress(args) => stress::run(args),

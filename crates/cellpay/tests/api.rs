@@ -142,8 +142,8 @@ fn accounts_transfers_and_every_client_error() {
         "cellpay_http_requests_total",
         "cellpay_http_request_duration_seconds_bucket",
         "cellpay_cell_queue_depth",
-        "cellpay_cell_commit_latency_quantile_seconds",
-        "cellpay_cell_batch_size_mean",
+        "cellpay_cell_commit_duration_seconds_bucket",
+        "cellpay_cell_batch_size_commands_bucket",
         "cellpay_outbox_backlog_messages",
     ] {
         assert!(text.contains(name), "/metrics lacks {name}");

@@ -1,7 +1,7 @@
 //! Real headless Chromium (Debian's `chromium`, which `.ci/run` installs) opens
 //! the live dashboard and the HTML readiness report: the pages load without a
-//! console error, show every cell, and the dashboard's numbers change while
-//! load runs.
+//! console error, show every cell, and the dashboard's numbers and charts
+//! change while load runs.
 
 mod common;
 
@@ -61,6 +61,42 @@ fn rows(dom: &str, id: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The charts of the dashboard: every chart's `data-max` (the highest value it
+/// drew), its number of points, and whether it drew a line, by element id.
+const CHARTS: &[&str] = &[
+    "chart-answers",
+    "chart-p99",
+    "chart-cells",
+    "chart-queue",
+    "chart-backlog",
+    "chart-refused-class",
+    "chart-refused-layer",
+    "chart-shards",
+];
+
+struct Chart {
+    max: f64,
+    points: usize,
+    drawn: bool,
+}
+
+fn chart(dom: &str, id: &str) -> Chart {
+    let start = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no chart {id}"));
+    let tag = &dom[start..start + dom[start..].find('>').unwrap()];
+    let attr = |name: &str| -> String {
+        let at = tag.find(&format!("{name}=\"")).unwrap_or_else(|| panic!("chart {id} has no {name}: {tag}"));
+        let value = &tag[at + name.len() + 2..];
+        value[..value.find('"').unwrap()].to_string()
+    };
+    let body = &dom[start..];
+    let body = &body[..body.find("</svg>").unwrap_or_else(|| panic!("chart {id} drew no svg"))];
+    Chart {
+        max: attr("data-max").parse().unwrap(),
+        points: attr("data-points").parse().unwrap(),
+        drawn: body.contains("<polyline") || body.contains("<rect"),
+    }
+}
+
 #[test]
 fn the_dashboard_and_the_report_load_cleanly_and_show_every_cell() {
     let dir = tempfile::tempdir().unwrap();
@@ -86,6 +122,14 @@ fn the_dashboard_and_the_report_load_cleanly_and_show_every_cell() {
     assert_eq!(names, ["shadow_off", "history_off", "balance_reads_stale", "cross_cell_defer"], "{switches:?}");
     assert!(switches.iter().all(|r| r[1] == "off"));
     assert_eq!(rows(&dom, "guards").len(), 4, "a breaker and a limit per cell");
+    for id in CHARTS {
+        let c = chart(&dom, id);
+        assert!(c.drawn && c.points >= 1, "{id} is drawn with history");
+    }
+    let idle = chart(&dom, "chart-answers");
+    assert_eq!(idle.max, 0.0, "no ledger traffic while the page was open the first time");
+    let shards = chart(&dom, "chart-shards");
+    assert_eq!((shards.max, shards.points), (1024.0, 4), "the shard map: 1,024 shards over 4 cells");
     let r = s.request("PUT", "/v1/admin/degrade/history_off", Some(ADMIN), &[], Some(r#"{"mode":"on"}"#));
     assert_eq!(r.status, 200);
 
@@ -109,6 +153,10 @@ fn the_dashboard_and_the_report_load_cleanly_and_show_every_cell() {
     let after = rows(&dom, "cells");
     let total = |rows: &[Vec<String>]| rows.iter().map(|r| r[5].parse::<u64>().unwrap()).sum::<u64>();
     assert!(total(&after) > total(&before), "the command totals moved: {before:?} → {after:?}");
+    for id in ["chart-answers", "chart-p99", "chart-cells"] {
+        let c = chart(&dom, id);
+        assert!(c.max > 0.0 && c.points >= 2, "{id} moves under load: max {}, {} points", c.max, c.points);
+    }
     let rates: Vec<u64> = after.iter().filter_map(|r| r[4].parse().ok()).collect();
     assert!(rates.iter().any(|r| *r > 0), "a live rate shows while load runs: {after:?}");
     assert!(!rows(&dom, "relays").is_empty(), "the relays are listed");

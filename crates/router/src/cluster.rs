@@ -282,8 +282,8 @@ impl Cluster {
                 let p = &cluster.protection;
                 let signals = p.signals(&cluster.cells);
                 p.degrade.evaluate(&signals, std::time::Instant::now());
-                metrics::gauge!("cellpay_signal_critical_p99_ms").set(signals.critical_p99_ms);
-                metrics::gauge!("cellpay_signal_queue_delay_ms").set(signals.queue_delay_ms);
+                metrics::gauge!("cellpay_signal_critical_p99_seconds").set(signals.critical_p99_ms / 1e3);
+                metrics::gauge!("cellpay_signal_queue_delay_seconds").set(signals.queue_delay_ms / 1e3);
                 metrics::gauge!("cellpay_signal_error_ratio").set(signals.error_ratio);
                 let layers = p.layers();
                 for (i, guard) in layers.cells.iter().enumerate() {

@@ -1,7 +1,11 @@
 //! `GET /dashboard`: a self-contained live page (no CDN: the machines have no
 //! internet) that polls `GET /dashboard/data` every second: cells and their
 //! health (ready, stalled or failed, with the reason), per-cell throughput and commit p99, queue depth, outbox backlog,
-//! 503 counts, degrade switches, relays.
+//! 503 counts, degrade switches, relays. The page keeps five minutes of these
+//! figures and draws them (answers per second and p99 per priority class from
+//! cumulative latency buckets, per-cell throughput, queue wait and outbox
+//! backlog, refusals by class and layer, degrade changes on the time axis, the
+//! shard map): the server only reads counters it keeps anyway.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -41,9 +45,9 @@ pub async fn data(State(state): State<AppState>) -> Response {
             .get()
             .and_then(|cells| cells.iter().find(|h| h.cell() == s.cell))
             .and_then(|h| h.handle());
-        let (commands, p99_ms) = engine.map_or((0, 0.0), |h| {
+        let (commands, p99_ms, queue_delay_ms) = engine.map_or((0, 0.0, 0.0), |h| {
             let snap = h.stats().snapshot();
-            (snap.commands, snap.batch_us.p99 as f64 / 1e3)
+            (snap.commands, snap.batch_us.p99 as f64 / 1e3, h.queue_delay_us() as f64 / 1e3)
         });
         cells.push(json!({
             "id": s.cell.0,
@@ -54,6 +58,7 @@ pub async fn data(State(state): State<AppState>) -> Response {
             "queue_depth": s.queue_depth,
             "commands_total": commands,
             "commit_p99_ms": p99_ms,
+            "queue_delay_ms": queue_delay_ms,
             "outbox_backlog": backlog,
         }));
     }
@@ -85,13 +90,30 @@ pub async fn data(State(state): State<AppState>) -> Response {
         })
         .collect();
     let mut refused = serde_json::Map::new();
+    let mut cell_queue = 0;
     for class in Priority::ALL {
         let mut by_layer: u64 = Layer::ALL.iter().map(|l| p.counters.refused(*l, class)).sum();
         for slot in state.local_cells.get().into_iter().flatten() {
-            by_layer += slot.handle().map_or(0, |h| h.stats().shed[class.rank()].load(Relaxed));
+            let shed = slot.handle().map_or(0, |h| h.stats().shed[class.rank()].load(Relaxed));
+            by_layer += shed;
+            cell_queue += shed;
         }
         refused.insert(class.as_str().to_string(), Value::from(by_layer));
     }
+    let mut refused_by_layer: serde_json::Map<String, Value> = Layer::ALL
+        .iter()
+        .map(|l| (l.as_str().to_string(), Priority::ALL.iter().map(|c| p.counters.refused(*l, *c)).sum::<u64>().into()))
+        .collect();
+    refused_by_layer.insert("cell_queue".to_string(), Value::from(cell_queue));
+    // Cumulative figures per class; the page charts their changes second by second.
+    let classes: Vec<Value> = Priority::ALL
+        .iter()
+        .map(|c| {
+            let latency = state.classes.latency[c.rank()].read();
+            json!({"class": c.as_str(), "answered": latency.count,
+                   "errors": state.classes.errors[c.rank()].load(Relaxed), "buckets": latency.cumulative})
+        })
+        .collect();
     Json(json!({
         "epoch": map.epoch(),
         "cells": cells,
@@ -103,6 +125,9 @@ pub async fn data(State(state): State<AppState>) -> Response {
         "signals": cluster.last_signals(),
         "guards": guards,
         "refused_by_class": refused,
+        "refused_by_layer": refused_by_layer,
+        "classes": classes,
+        "latency_bounds_s": cellpay_cell::LATENCY_BOUNDS_S,
         "retries": p.counters.retries.load(Relaxed),
     }))
     .into_response()

@@ -29,6 +29,8 @@ pub struct Reply {
     pub retry_after: Option<String>,
     /// `X-Cellpay-Stale-Ms`: a balance served from the stale cache.
     pub stale_ms: Option<String>,
+    /// `X-Request-Id`: the request's id, the client's or the server's.
+    pub request_id: Option<String>,
 }
 
 impl Server {
@@ -39,15 +41,20 @@ impl Server {
 
     /// As `start`, with extra environment variables for the server.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_with_stderr(dir, extra, env, Stdio::inherit())
+    }
+
+    /// As `start_with_env`, with the server's log (stderr) sent to `stderr`.
+    pub fn start_with_stderr(dir: &Path, extra: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
             .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
             .args(extra)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn cellpay serve");
         let stdout = child.stdout.take().expect("piped");
@@ -106,9 +113,10 @@ impl Server {
         let epoch = header("x-cellpay-epoch").map(|v| v.parse().unwrap());
         let retry_after = header("retry-after");
         let stale_ms = header("x-cellpay-stale-ms");
+        let request_id = header("x-request-id");
         let text = resp.body_mut().read_to_string().unwrap_or_default();
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply { status, body, cell, epoch, retry_after, stale_ms }
+        Reply { status, body, cell, epoch, retry_after, stale_ms, request_id }
     }
 
     /// A request that may fail at the transport (the server was killed): `None` then.
@@ -124,7 +132,7 @@ impl Server {
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().ok()?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Some(Reply { status, body, cell: None, epoch: None, retry_after: None, stale_ms: None })
+        Some(Reply { status, body, cell: None, epoch: None, retry_after: None, stale_ms: None, request_id: None })
     }
 
     pub fn post(&self, path: &str, token: &str, body: &Value) -> Reply {
