@@ -240,6 +240,8 @@ struct Shared {
     figures: std::sync::Mutex<Arc<CellFigures>>,
     /// The disk tier's shared side, when the cell keeps one.
     tier: Option<Arc<TierShared>>,
+    /// Looks a work's keys up in the tier as it is queued (see [`Prefetcher`]).
+    prefetcher: Option<std::sync::Mutex<Prefetcher>>,
 }
 
 /// A cheap, cloneable way to send work to a cell.
@@ -352,12 +354,20 @@ impl CellHandle {
         Ok(())
     }
 
-    fn send(&self, work: Work) -> Result<(), EngineError> {
+    fn send(&self, mut work: Work) -> Result<(), EngineError> {
         let cost = work.cost();
         self.admit(cost, work.priority())?;
         // The channel's capacity equals the queue limit, so with the queue
         // admitted this only fails when the engine is gone.
-        self.tx.try_send(work).map_err(|_| {
+        let sent = match &self.shared.prefetcher {
+            None => self.tx.try_send(work),
+            Some(prefetcher) => {
+                let mut prefetcher = prefetcher.lock().expect("prefetch lock");
+                prefetcher.prefetch(&mut work);
+                self.tx.try_send(work)
+            }
+        };
+        sent.map_err(|_| {
             self.shared.queued.fetch_sub(cost, Relaxed);
             EngineError::Unavailable { cell: self.shared.cell, reason: "the engine is not running".into() }
         })
@@ -457,21 +467,15 @@ impl Cell {
             outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
             figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
             tier: tier.as_ref().map(|t| t.shared.clone()),
+            prefetcher: tier.as_mut().map(|link| {
+                std::sync::Mutex::new(Prefetcher {
+                    mem: SpillBuffer::default(),
+                    spills: link.prefetch_channel(),
+                    tier: link.shared.clone(),
+                    shards,
+                })
+            }),
         });
-        let rx = match &mut tier {
-            None => Source::Queue(rx),
-            Some(link) => {
-                let (fwd, from_prefetch) = std::sync::mpsc::channel();
-                let (shared, tier_shared, spills) = (shared.clone(), link.shared.clone(), link.prefetch_channel());
-                std::thread::Builder::new()
-                    .name(format!("cell-{cell}-prefetch"))
-                    .spawn(move || prefetch(rx, fwd, spills, &shared, &tier_shared, shards))
-                    .map_err(|source| {
-                        RecoveryError::Store(StoreError::Io { path: "prefetch thread".into(), source })
-                    })?;
-                Source::Prefetched(from_prefetch)
-            }
-        };
         let engine = Engine {
             shared: shared.clone(),
             rx,
@@ -533,40 +537,9 @@ impl Drop for Cell {
     }
 }
 
-/// Where the writer takes its work from: the queue itself, or (with a disk
-/// tier) the prefetch thread that looked the work's keys up first.
-enum Source {
-    Queue(mpsc::Receiver<Work>),
-    Prefetched(std::sync::mpsc::Receiver<Work>),
-}
-
-impl Source {
-    fn recv(&mut self) -> Option<Work> {
-        match self {
-            Source::Queue(rx) => rx.blocking_recv(),
-            Source::Prefetched(rx) => rx.recv().ok(),
-        }
-    }
-
-    fn try_recv(&mut self) -> Option<Work> {
-        match self {
-            Source::Queue(rx) => rx.try_recv().ok(),
-            Source::Prefetched(rx) => rx.try_recv().ok(),
-        }
-    }
-
-    /// No more work is taken from the queue (the prefetch thread refuses
-    /// what it still forwards once the writer is gone).
-    fn close(&mut self) {
-        if let Source::Queue(rx) = self {
-            rx.close();
-        }
-    }
-}
-
 struct Engine {
     shared: Arc<Shared>,
-    rx: Source,
+    rx: mpsc::Receiver<Work>,
     /// The disk tier of idempotency records, when the cell keeps one.
     tier: Option<TierLink>,
     state: CellState,
@@ -619,27 +592,33 @@ impl Halt {
     }
 }
 
-/// The prefetch thread: looks up in the disk tier the idempotency key of
-/// every transfer (and status read) before the work reaches the writer, in
-/// queue order, and notes the generation of the view it looked in.
-fn prefetch(
-    mut rx: mpsc::Receiver<Work>,
-    fwd: std::sync::mpsc::Sender<Work>,
+/// Looks up in the disk tier the idempotency key of every transfer (and
+/// status read) of a work as it is queued, so the writer never reads the
+/// disk, and notes the newest generation of spilled records the lookup could
+/// see. It runs on the submitting thread under one lock together with the
+/// send into the queue, so works enter the queue in the order they were
+/// looked up in, and the generations they saw never go down along the queue.
+struct Prefetcher {
+    /// The records the writer spilled that the tier's view may not hold yet.
+    mem: SpillBuffer,
     spills: std::sync::mpsc::Receiver<(u64, Generation)>,
-    shared: &Shared,
-    tier: &TierShared,
+    tier: Arc<TierShared>,
     shards: u32,
-) {
-    // The records the writer spilled that the tier's view may not hold yet.
-    let mut mem = SpillBuffer::default();
-    while let Some(mut work) = rx.blocking_recv() {
-        while let Ok((gen, records)) = spills.try_recv() {
-            mem.push(gen, records);
+}
+
+impl Prefetcher {
+    fn prefetch(&mut self, work: &mut Work) {
+        if matches!(work, Work::Stop { .. }) {
+            return;
         }
-        let view = tier.view();
-        mem.prune(view.durable_through());
+        while let Ok((gen, records)) = self.spills.try_recv() {
+            self.mem.push(gen, records);
+        }
+        let view = self.tier.view();
+        self.mem.prune(view.durable_through());
         // Every generation through this one is in `mem` or in the view.
-        let through = mem.last().unwrap_or(0).max(view.durable_through());
+        let through = self.mem.last().unwrap_or(0).max(view.durable_through());
+        let (mem, tier, shards) = (&self.mem, &self.tier, self.shards);
         let look = |shadow: bool, from: &AccountId, id: &TransferId, found: &mut Found| match mem.find(shadow, from, id)
         {
             Some(r) => {
@@ -647,7 +626,7 @@ fn prefetch(
             }
             None => prefetch_key(tier, &view, shadow, shards, from, id, found),
         };
-        match &mut work {
+        match work {
             Work::Commands { commands, found, .. } => {
                 found.through = through;
                 for cmd in commands.iter() {
@@ -663,12 +642,6 @@ fn prefetch(
                 }
             }
             Work::Stop { .. } => {}
-        }
-        if let Err(std::sync::mpsc::SendError(work)) = fwd.send(work) {
-            // The writer has stopped: answer what still comes, as its handles would.
-            shared.queued.fetch_sub(work.cost(), Relaxed);
-            let reason = shared.watchdog.health().to_string();
-            work.refuse(EngineError::Unavailable { cell: shared.cell, reason });
         }
     }
 }
@@ -693,7 +666,7 @@ impl Engine {
         let mut carry: Option<Work> = None;
         let mut batch: Vec<Work> = Vec::new();
         loop {
-            let Some(first) = carry.take().or_else(|| self.rx.recv()) else {
+            let Some(first) = carry.take().or_else(|| self.rx.blocking_recv()) else {
                 return self.final_checkpoint().map_err(Halt::into_store);
             };
             self.shared.watchdog.cycle_started();
@@ -702,7 +675,7 @@ impl Engine {
             batch.push(first);
             // Smart batching: take what is already queued, up to the batch limit.
             while !stop && size < self.shared.config.batch_commands_max {
-                let Some(next) = self.rx.try_recv() else { break };
+                let Ok(next) = self.rx.try_recv() else { break };
                 if size + next.cost() > self.shared.config.batch_commands_max {
                     carry = Some(next);
                     break;
@@ -757,6 +730,7 @@ impl Engine {
                 let waited = now.saturating_duration_since(at);
                 longest = longest.max(waited);
                 self.queue_delay.observe(waited);
+                self.shared.stats.record_queue_wait(waited);
             }
         }
         self.shared.queue_delay_us.store(longest.as_micros() as u64, Relaxed);
@@ -958,7 +932,7 @@ impl Engine {
         for work in taken.drain(..) {
             work.refuse(refusal());
         }
-        for work in carry.into_iter().chain(std::iter::from_fn(|| self.rx.try_recv())) {
+        for work in carry.into_iter().chain(std::iter::from_fn(|| self.rx.try_recv().ok())) {
             shared.queued.fetch_sub(work.cost(), Relaxed);
             work.refuse(refusal());
         }

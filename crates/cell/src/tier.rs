@@ -2,20 +2,22 @@
 //! leave memory, so a retry within the promised window (a day by default)
 //! still finds its transfer.
 //!
-//! Three threads share it, and the writer never reads the disk:
+//! The writer never reads the disk:
 //! - the **tier thread** owns the [`Tier`]: it writes the records the engine
 //!   hands it as runs (one durable file each), expires runs past the window,
 //!   enforces the disk bound and compacts; after each change it publishes a
 //!   new [`TierView`] and the highest generation it holds durably;
-//! - the **prefetch thread** sits between the cell's queue and its writer: for
-//!   every transfer (and status read) it looks the key up in the newest view
-//!   before the work reaches the writer, and notes that view's generation;
+//! - the **prefetch** runs on the thread that queues a work (the engine's
+//!   `Prefetcher`): it looks every transfer's key (and every status read's)
+//!   up in the generations the tier's view does not hold yet ([`SpillBuffer`])
+//!   and in the view, and notes the newest generation it could see, under one
+//!   lock together with the send into the queue, so the generations the works
+//!   saw never go down along the queue;
 //! - the **writer** (the engine) answers a key from memory first, then from
-//!   the records it handed to the tier and the tier may not hold yet (its
-//!   spill buffer), then from what the prefetch found. It drops a generation
-//!   from its buffer only once the work after it was looked up in a view
-//!   that holds it: the prefetch thread is one thread reading a queue in
-//!   order, and generations only grow, so every later work's view holds it.
+//!   what the prefetch found. Records leave its memory in two steps: copied
+//!   out (they go to the tier once their batch is durable) and released only
+//!   once the work just applied saw their generation, so every later work
+//!   sees it too: no record is ever in neither place a lookup asks.
 //!
 //! The log stays the source of truth. Records reach the tier only after the
 //! batch that made them leave memory is durable; before a checkpoint (whose

@@ -39,7 +39,10 @@ pub async fn data(State(state): State<AppState>) -> Response {
     let mut cells: Vec<Value> = Vec::new();
     for client in cluster.cells() {
         let s = client.status();
-        let backlog = client.figures().real.open_messages();
+        let figures = client.figures();
+        let backlog = figures.real.open_messages();
+        // The shorter of the two ledgers' windows: what a client can count on in this cell.
+        let window_held_s = figures.window_held_ms(false).min(figures.window_held_ms(true)) as f64 / 1000.0;
         let engine = state
             .local_cells
             .get()
@@ -60,6 +63,9 @@ pub async fn data(State(state): State<AppState>) -> Response {
             "commit_p99_ms": p99_ms,
             "queue_delay_ms": queue_delay_ms,
             "outbox_backlog": backlog,
+            "window_held_s": window_held_s,
+            "window_promised_s": figures.window_promised_ms as f64 / 1000.0,
+            "tier_bytes": figures.tier.map(|t| t.bytes),
         }));
     }
     let relays: Vec<Value> = state
