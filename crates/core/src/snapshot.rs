@@ -284,9 +284,14 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     }
     let accounts = l.accounts.len();
     l.records_first_seq = r.u64()?;
-    let n = r.count(transfers_retained_max as u64)?;
-    l.records = VecDeque::with_capacity(n);
-    l.record_index.reserve(n);
+    // The ring may hold more than its limit at a checkpoint: records copied out
+    // to the disk tier stay until every queued work could see them there
+    // (`Ledger::release_records`), at most about a queue's worth more. So the
+    // count is bounded like any other, and only the allocation by the limit.
+    let n = r.count(COUNT_MAX)?;
+    let expected = n.min(transfers_retained_max.saturating_mul(2));
+    l.records = VecDeque::with_capacity(expected);
+    l.record_index.reserve(expected);
     for k in 0..n {
         let record = decode_record(r, accounts)?;
         let mut record = record;

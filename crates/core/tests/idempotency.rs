@@ -310,3 +310,20 @@ fn a_record_that_closes_after_its_round_is_copied_in_the_next_and_kept_until_the
     c.release(round2);
     assert_eq!(c.ledger(false).idempotency_reach().records_held, 1);
 }
+
+#[test]
+fn a_checkpoint_taken_while_records_wait_to_be_released_decodes() {
+    // Records copied out stay in memory, over the limit, until released; a
+    // snapshot taken then must decode (it once was refused as damaged).
+    let mut c = cell(Limits { transfers_retained_max: 2, ..Limits::default() });
+    c.set_spill(true);
+    for i in 0..6 {
+        assert!(c.admit(&pay(&format!("t{i}"), "p", "q", 1), &admission()).changed_state());
+    }
+    let marks = c.copy_out();
+    assert_eq!(c.ledger(false).idempotency_reach().records_held, 7, "over the limit of 2 until released");
+    let decoded = snapshot::decode(&snapshot::encode(&c)).expect("a snapshot over the ring's limit decodes");
+    assert!(decoded == c);
+    c.release(marks);
+    assert_eq!(c.ledger(false).idempotency_reach().records_held, 2);
+}
