@@ -476,6 +476,12 @@ impl Cell {
                 })
             }),
         });
+        // What the replay moved out of memory is the tier's first generation
+        // (the prefetch sees it at once; the first checkpoint waits for it).
+        if let Some(link) = &mut tier {
+            let (real, shadow) = state.take_spilled();
+            link.spill(real, shadow, state.clock_ms());
+        }
         let engine = Engine {
             shared: shared.clone(),
             rx,

@@ -123,9 +123,11 @@ pub fn recover(
 }
 
 /// As [`recover`], for a cell with a disk tier of idempotency records: the
-/// records the replay moves out of memory are written to `tier` (durably)
-/// before recovery returns or writes a checkpoint, since the checkpoint that
-/// the replay started from held them and the next one will not.
+/// records the replay moves out of memory are left for the caller to hand to
+/// the tier (`CellState::take_spilled`) before its next checkpoint, or, when
+/// recovery itself checkpoints (after a fall-back), written to `tier` durably
+/// first, since the checkpoint the replay started from held them and the next
+/// one will not.
 pub fn recover_with_tier(
     store: &mut dyn Store,
     cell: CellId,
@@ -148,7 +150,13 @@ pub fn recover_with_tier(
         };
         match replay_onto(store, Start::Checkpoint(checkpoint), cell, &mut torn_tail, spill) {
             Ok(mut replayed) => {
-                spill_replayed(&mut replayed.state, tier.as_deref_mut())?;
+                // A fall-back checkpoints at once, so what the replay moved out
+                // of memory must be in the tier first; otherwise the engine hands
+                // it to the tier as its first generation (`take_spilled`), and
+                // its first checkpoint waits for it like any other.
+                if !damaged.is_empty() {
+                    spill_replayed(&mut replayed.state, tier.as_deref_mut())?;
+                }
                 let report = RecoveryReport {
                     checkpoint_seq: stored.seq,
                     fell_back_from: damaged,
