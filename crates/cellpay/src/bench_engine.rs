@@ -237,23 +237,25 @@ struct Generator<'a> {
 }
 
 impl Generator<'_> {
-    /// Transfer `n`: its fields follow from `n` alone, so a retry can send it again.
+    /// Transfer `n`: its fields follow from `n` alone (a hash of it, cheap:
+    /// the generator shares the machine with the engine), so a retry can send
+    /// it again.
     fn transfer(&self, n: u64) -> Command {
-        let accounts = self.ids.len();
-        let mut rng = SmallRng::seed_from_u64(0x00c0_ffee ^ n);
-        let from = rng.random_range(0..accounts);
+        use cellpay_core::shard::mix64;
+        let accounts = self.ids.len() as u64;
+        let from = (mix64(n ^ 0x00c0_ffee) % accounts) as usize;
         let mut to = match &self.zipf {
-            Some(z) => z.sample(&mut rng) as usize - 1,
-            None => rng.random_range(0..accounts),
+            Some(z) => z.sample(&mut SmallRng::seed_from_u64(n)) as usize - 1,
+            None => (mix64(n ^ 0x0bad_cafe) % accounts) as usize,
         };
         if to == from {
-            to = (to + 1) % accounts;
+            to = (to + 1) % self.ids.len();
         }
         Command::real(Op::Transfer(Transfer {
             id: TransferId::new(&format!("b{n}")).expect("valid id"),
             from: self.ids[from].clone(),
             to: self.ids[to].clone(),
-            amount: rng.random_range(1..=100),
+            amount: (mix64(n ^ 0x5eed) % 100 + 1) as i64,
             currency: None,
             memo: None,
             by: self.by.clone(),

@@ -67,14 +67,22 @@ pub(crate) struct TransferRecord {
     pub currency_given: Option<Currency>,
     pub memo_hash: u64,
     pub status: TransferStatus,
-    /// The cell's clock when the transfer was accepted (Unix milliseconds).
-    pub at_ms: u64,
+    /// The cell's clock when the transfer was accepted, in Unix seconds
+    /// rounded up (4 bytes: a record stays small; rounding up can only make
+    /// the window a little longer, never shorter).
+    pub at_s: u32,
     /// Sequence number + 1 of the newest earlier record with the same id (a
     /// transfer id is unique per payer, not per cell), 0 for none.
     pub same_id_prev: u64,
-    /// The `copy_out` round that copied it out to the disk tier, 0 for not
-    /// yet; not part of a snapshot.
-    pub copied_at: u64,
+    /// The `copy_out` round that copied it out to the disk tier (mod 2^32),
+    /// 0 for not yet; not part of a snapshot.
+    pub copied_at: u32,
+}
+
+impl TransferRecord {
+    pub fn at_ms(&self) -> u64 {
+        u64::from(self.at_s) * 1000
+    }
 }
 
 impl PartialEq for TransferRecord {
@@ -88,7 +96,7 @@ impl PartialEq for TransferRecord {
             && self.currency_given == o.currency_given
             && self.memo_hash == o.memo_hash
             && self.status == o.status
-            && self.at_ms == o.at_ms
+            && self.at_s == o.at_s
             && self.same_id_prev == o.same_id_prev
     }
 }
@@ -208,6 +216,11 @@ impl Inbox {
         }
         Some(InboxPrefix { seq, received, refused, chain })
     }
+}
+
+/// A `copy_out` round as a record keeps it: mod 2^32, never 0 (0 is "not copied").
+fn round_tag(round: u64) -> u32 {
+    (round as u32).max(1)
 }
 
 /// Where the ledger lives: which cell it is and who owns which shard.
@@ -387,7 +400,7 @@ impl Ledger {
         IdempotencyReach {
             records_held: self.records.len() as u64,
             records_dropped: self.records_first_seq,
-            oldest_at_ms: self.records.front().map(|r| r.at_ms),
+            oldest_at_ms: self.records.front().map(|r| r.at_ms()),
         }
     }
 
@@ -502,7 +515,7 @@ impl Ledger {
             if r.status != TransferStatus::Pending {
                 let old = self.old_record(r);
                 self.spilled.push(old);
-                self.records[k].copied_at = self.copy_round;
+                self.records[k].copied_at = round_tag(self.copy_round);
             }
         }
         self.copied_through = beyond;
@@ -522,28 +535,36 @@ impl Ledger {
                 if front.copied_at == 0 {
                     let old = self.old_record(front);
                     self.spilled.push(old);
-                    self.records[0].copied_at = self.copy_round + 1;
+                    self.records[0].copied_at = round_tag(self.copy_round + 1);
                     break;
                 }
-                if front.copied_at > round {
+                // Copied in a later round than the one released (rounds in
+                // flight differ by far less than 2^31, so the wrapping compare holds).
+                if round != u64::MAX && front.copied_at.wrapping_sub(round_tag(round)) as i32 > 0 {
                     break;
                 }
             }
-            let old = self.records.pop_front().expect("checked above");
-            // The index names the newest record of an id; an older one leaves quietly.
-            if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id.clone()) {
-                if *e.get() == self.records_first_seq {
-                    e.remove();
-                }
-            }
-            if old.status == TransferStatus::Pending {
-                // Kept until its transfer closes, so the close finds it and a retry still does.
-                let key = (old.id.clone(), old.from);
-                self.evicted_pending_seq.insert(self.records_first_seq, key.clone());
-                self.evicted_pending.insert(key, old);
-            }
-            self.records_first_seq += 1;
+            self.evict_front();
         }
+    }
+
+    /// Drops the oldest record from memory; a pending one moves aside
+    /// (`evicted_pending`) until its transfer closes, so the close finds it
+    /// and a retry still does.
+    fn evict_front(&mut self) {
+        let old = self.records.pop_front().expect("evict_front on a ring with records");
+        // The index names the newest record of an id; an older one leaves quietly.
+        if let std::collections::hash_map::Entry::Occupied(e) = self.record_index.entry(old.id.clone()) {
+            if *e.get() == self.records_first_seq {
+                e.remove();
+            }
+        }
+        if old.status == TransferStatus::Pending {
+            let key = (old.id.clone(), old.from);
+            self.evicted_pending_seq.insert(self.records_first_seq, key.clone());
+            self.evicted_pending.insert(key, old);
+        }
+        self.records_first_seq += 1;
     }
 
     /// Every retained record with this id, newest first (one per payer).
@@ -577,7 +598,7 @@ impl Ledger {
             currency_given: r.currency_given,
             memo_hash: r.memo_hash,
             status: r.status,
-            at_ms: r.at_ms,
+            at_ms: r.at_ms(),
         }
     }
 
@@ -763,7 +784,7 @@ impl Ledger {
         let window = place.admission.idempotency_window_ms;
         let oldest_held_ms = place.clock_ms.saturating_sub(window);
         if place.admission.lookup {
-            let record = self.find_record(&t.id, payer).filter(|r| r.at_ms >= oldest_held_ms);
+            let record = self.find_record(&t.id, payer).filter(|r| r.at_ms() >= oldest_held_ms);
             if let Some(record) = record {
                 if self.same_body(record, t) {
                     let transfer = self.transfer_view(record);
@@ -904,7 +925,7 @@ impl Ledger {
         at_ms: u64,
     ) -> TransferRecord {
         TransferRecord {
-            at_ms,
+            at_s: at_ms.div_ceil(1000).min(u64::from(u32::MAX)) as u32,
             id: t.id.clone(),
             from: payer,
             to,

@@ -187,7 +187,7 @@ fn encode_record(w: &mut Writer, r: &TransferRecord) {
     }
     w.u64(r.memo_hash);
     w.u8(status_tag(r.status));
-    w.u64(r.at_ms);
+    w.u32(r.at_s);
 }
 
 fn decode_record(r: &mut Reader<'_>, accounts: usize) -> Result<TransferRecord, DecodeError> {
@@ -204,7 +204,7 @@ fn decode_record(r: &mut Reader<'_>, accounts: usize) -> Result<TransferRecord, 
         },
         memo_hash: r.u64()?,
         status: decode_status(r)?,
-        at_ms: r.u64()?,
+        at_s: r.u32()?,
         same_id_prev: 0,
         copied_at: 0,
     })
