@@ -218,6 +218,10 @@ impl Inbox {
     }
 }
 
+/// Room the ring of transfer records keeps beyond its limit: a batch, and the
+/// records a disk tier's readers may still need (about a queue's worth).
+const RECORDS_OVER_LIMIT_RESERVED: usize = 1 << 17;
+
 /// A `copy_out` round as a record keeps it: mod 2^32, never 0 (0 is "not copied").
 fn round_tag(round: u64) -> u32 {
     (round as u32).max(1)
@@ -315,6 +319,8 @@ pub struct Ledger {
     pub(crate) tenants: Vec<TenantId>,
     pub(crate) tenant_index: HashMap<TenantId, u32, RandomState>,
     pub(crate) records: VecDeque<TransferRecord>,
+    /// Whether `records` has its full capacity (see `push_record`).
+    pub(crate) records_reserved: bool,
     pub(crate) records_first_seq: u64,
     pub(crate) record_index: HashMap<TransferId, u64, RandomState>,
     /// Records that left memory while their transfer was still pending, by
@@ -377,6 +383,7 @@ impl Ledger {
             tenants: Vec::new(),
             tenant_index: HashMap::default(),
             records: VecDeque::new(),
+            records_reserved: false,
             records_first_seq: 0,
             record_index: HashMap::default(),
             evicted_pending: HashMap::default(),
@@ -465,6 +472,15 @@ impl Ledger {
     }
 
     fn push_record(&mut self, mut record: TransferRecord) -> u64 {
+        if !self.records_reserved && self.records.len() + 1 >= self.limits.transfers_retained_max {
+            // Once full, the ring holds its limit plus what waits between
+            // batches (and, with a disk tier, for release). Reserving that
+            // once keeps the buffer from doubling past the limit, so the slot
+            // a new record takes was freed a few batches ago and is still in
+            // cache, rather than a whole ring ago.
+            self.records.reserve_exact(RECORDS_OVER_LIMIT_RESERVED);
+            self.records_reserved = true;
+        }
         let seq = self.records_first_seq + self.records.len() as u64;
         record.same_id_prev = self.record_index.insert(record.id.clone(), seq).map_or(0, |prev| prev + 1);
         self.records.push_back(record);
