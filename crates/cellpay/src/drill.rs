@@ -389,10 +389,11 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
             "other_cells",
             others_success >= 0.999,
             format!(
-                "requests owned by other cells: {:.3} % succeeded ({} of {})",
+                "requests owned by other cells: {:.3} % succeeded ({} of {}); errors of the run by code: {:?}",
                 others_success * 100.0,
                 others.0,
-                others.0 + others.1
+                others.0 + others.1,
+                report.errors_by_code
             ),
         ),
         check(

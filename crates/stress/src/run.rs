@@ -381,6 +381,19 @@ fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found.then_some(sum)
 }
 
+/// Reads the idempotency window the cells hold (the shortest, for `ledger`)
+/// and promise from `/metrics`, folding the first into `held_min_ms`.
+async fn sample_window(http: &Http, ledger: &str, held_min_ms: &AtomicU64, promised_ms: &AtomicU64) {
+    let Ok(m) = http.send("GET", "/metrics", None).await else { return };
+    let text = String::from_utf8_lossy(&m.body);
+    if let Some(held) = metric_min(&text, "cellpay_idempotency_window_seconds", ledger) {
+        held_min_ms.fetch_min((held * 1000.0) as u64, Relaxed);
+    }
+    if let Some(p) = metric_min(&text, "cellpay_idempotency_window_promised_seconds", "") {
+        promised_ms.store((p * 1000.0) as u64, Relaxed);
+    }
+}
+
 /// The smallest sample of a metric among the series whose labels contain
 /// `ledger="LEDGER"` (any series when `ledger` is empty).
 fn metric_min(text: &str, name: &str, ledger: &str) -> Option<f64> {
@@ -487,6 +500,7 @@ impl Runner {
             );
             let record = record.clone();
             tokio::spawn(async move {
+                let mut tick = 0u64;
                 while !done.load(Relaxed) {
                     if let Ok(a) = http.send("GET", "/v1/audit", None).await {
                         let v = a.json();
@@ -512,15 +526,12 @@ impl Runner {
                             }
                         }
                     }
-                    if let Ok(m) = http.send("GET", "/metrics", None).await {
-                        let text = String::from_utf8_lossy(&m.body);
-                        if let Some(held) = metric_min(&text, "cellpay_idempotency_window_seconds", ledger) {
-                            window_held_min_ms.fetch_min((held * 1000.0) as u64, Relaxed);
-                        }
-                        if let Some(p) = metric_min(&text, "cellpay_idempotency_window_promised_seconds", "") {
-                            window_promised_ms.store((p * 1000.0) as u64, Relaxed);
-                        }
+                    // The window moves slowly and /metrics is not free to render:
+                    // every 5th second here, and once more when the run ends.
+                    if tick.is_multiple_of(5) {
+                        sample_window(&http, ledger, &window_held_min_ms, &window_promised_ms).await;
                     }
+                    tick += 1;
                     tokio::time::sleep(Duration::from_millis(1000)).await;
                 }
             })
@@ -591,6 +602,8 @@ impl Runner {
         }
         done.store(true, Relaxed);
         let _ = poller.await;
+        let ledger = if self.options.shadow { "shadow" } else { "real" };
+        sample_window(&self.http, ledger, &window_held_min_ms, &window_promised_ms).await;
         let events = events.await.unwrap_or_default();
         let duration_s = start.elapsed().as_secs_f64();
         generator.saturated = generator.send_lag_max_ms > SEND_LAG_SATURATED_MS;
