@@ -774,13 +774,6 @@ impl Ledger {
         Ok(self.view(i))
     }
 
-    fn find(&self, id: &AccountId, role: &str) -> Result<u32, Outcome> {
-        self.index
-            .get(id)
-            .copied()
-            .ok_or_else(|| Outcome::rejected(ErrorCode::AccountNotFound, format!("{role} account {id} not found")))
-    }
-
     pub(crate) fn transfer(&mut self, place: &Place<'_>, t: &Transfer) -> Outcome {
         if let Err(rejection) = Self::validate_transfer(t) {
             return rejection;
@@ -788,9 +781,14 @@ impl Ledger {
         if !place.owns(&t.from) {
             return place.wrong_cell(&t.from);
         }
-        let payer = match self.find(&t.from, "payer") {
-            Ok(i) => i,
-            Err(rejection) => return rejection,
+        // Both accounts are looked up here, back to back, so the two probes of
+        // the (large, cold) account index overlap instead of waiting one after
+        // the other; a missing payee is still refused in its place below.
+        let payee_local = place.owns(&t.to);
+        let payer = self.index.get(&t.from).copied();
+        let payee = if payee_local { self.index.get(&t.to).copied() } else { None };
+        let Some(payer) = payer else {
+            return Outcome::rejected(ErrorCode::AccountNotFound, format!("payer account {} not found", t.from));
         };
         if let Err(rejection) = self.may_debit(&self.accounts[payer as usize], &t.by) {
             return rejection;
@@ -840,8 +838,11 @@ impl Ledger {
         if !payer_account.overdraft && payer_after < 0 {
             return Outcome::rejected(ErrorCode::InsufficientFunds, format!("account {} lacks funds", t.from));
         }
-        if place.owns(&t.to) {
-            self.transfer_local(t, payer, payer_after, currency, place.clock_ms)
+        if payee_local {
+            let Some(payee) = payee else {
+                return Outcome::rejected(ErrorCode::AccountNotFound, format!("payee account {} not found", t.to));
+            };
+            self.transfer_local(t, payer, payee, payer_after, currency, place.clock_ms)
         } else {
             self.transfer_remote(place, t, payer, payer_after, currency)
         }
@@ -851,14 +852,11 @@ impl Ledger {
         &mut self,
         t: &Transfer,
         payer: u32,
+        payee: u32,
         payer_after: i64,
         currency: Currency,
         clock_ms: u64,
     ) -> Outcome {
-        let payee = match self.find(&t.to, "payee") {
-            Ok(i) => i,
-            Err(rejection) => return rejection,
-        };
         let payee_account = &self.accounts[payee as usize];
         if payee_account.currency != currency {
             let msg = format!("payee account holds {}", payee_account.currency);
