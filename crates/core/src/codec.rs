@@ -4,7 +4,7 @@
 //! bad bytes: it answers a [`DecodeError`] naming what was wrong. The store
 //! frames and checksums these bytes; this layer only gives them meaning.
 
-use crate::command::{Authority, Command, Credit, Op, OpenAccount, Transfer};
+use crate::command::{Authority, Command, Credit, Op, OpenAccount, Transfer, TransferStatus};
 use crate::error::ErrorCode;
 use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::Currency;
@@ -60,6 +60,23 @@ impl Writer {
     }
     pub fn currency(&mut self, c: Currency) {
         self.buf.extend_from_slice(&c.bytes());
+    }
+    /// A currency that may be absent: a flag byte, then the currency.
+    pub fn opt_currency(&mut self, c: Option<Currency>) {
+        match c {
+            Some(c) => {
+                self.u8(1);
+                self.currency(c);
+            }
+            None => self.u8(0),
+        }
+    }
+    pub fn status(&mut self, s: TransferStatus) {
+        self.u8(match s {
+            TransferStatus::Pending => 0,
+            TransferStatus::Settled => 1,
+            TransferStatus::Reversed => 2,
+        });
     }
     /// An account or transfer id: one length byte (ids are at most 64 bytes), then the bytes.
     pub fn id(&mut self, s: &str) {
@@ -158,6 +175,22 @@ impl<'a> Reader<'a> {
         self.last_currency = Some(c);
         Ok(c)
     }
+    /// A currency written by [`Writer::opt_currency`].
+    pub fn opt_currency(&mut self) -> Result<Option<Currency>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => self.currency().map(Some),
+            other => Err(self.error(format!("bad currency flag {other}"))),
+        }
+    }
+    pub fn status(&mut self) -> Result<TransferStatus, DecodeError> {
+        match self.u8()? {
+            0 => Ok(TransferStatus::Pending),
+            1 => Ok(TransferStatus::Settled),
+            2 => Ok(TransferStatus::Reversed),
+            other => Err(self.error(format!("bad transfer status {other}"))),
+        }
+    }
     pub fn error_code(&mut self) -> Result<ErrorCode, DecodeError> {
         let tag = self.u8()?;
         ErrorCode::from_tag(tag).ok_or_else(|| self.error(format!("unknown error code {tag}")))
@@ -215,13 +248,7 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             w.id(t.from.as_str());
             w.id(t.to.as_str());
             w.i64(t.amount);
-            match t.currency {
-                Some(c) => {
-                    w.u8(1);
-                    w.currency(c);
-                }
-                None => w.u8(0),
-            }
+            w.opt_currency(t.currency);
             w.str(t.memo.as_deref().unwrap_or(""));
             w.bool(t.memo.is_some());
             // `t.by` is not logged: the authority was checked when the
@@ -275,11 +302,7 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             let from = r.account_id()?;
             let to = r.account_id()?;
             let amount = r.i64()?;
-            let currency = match r.u8()? {
-                0 => None,
-                1 => Some(r.currency()?),
-                other => return Err(r.error(format!("bad currency flag {other}"))),
-            };
+            let currency = r.opt_currency()?;
             let memo_text = r.str()?;
             let memo = r.bool()?.then(|| Box::from(memo_text));
             // Replay needs no authority check: the command was admitted once.

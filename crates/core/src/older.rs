@@ -56,19 +56,9 @@ impl OldRecord {
         w.id(self.to.as_str());
         w.i64(self.amount);
         w.currency(self.currency);
-        match self.currency_given {
-            Some(c) => {
-                w.u8(1);
-                w.currency(c);
-            }
-            None => w.u8(0),
-        }
+        w.opt_currency(self.currency_given);
         w.u64(self.memo_hash);
-        w.u8(match self.status {
-            TransferStatus::Pending => 0,
-            TransferStatus::Settled => 1,
-            TransferStatus::Reversed => 2,
-        });
+        w.status(self.status);
         w.u64(self.at_ms);
         w.buf
     }
@@ -79,18 +69,9 @@ impl OldRecord {
         let to = r.account_id()?;
         let amount = r.i64()?;
         let currency = r.currency()?;
-        let currency_given = match r.u8()? {
-            0 => None,
-            1 => Some(r.currency()?),
-            other => return Err(r.error(format!("bad currency flag {other}"))),
-        };
+        let currency_given = r.opt_currency()?;
         let memo_hash = r.u64()?;
-        let status = match r.u8()? {
-            0 => TransferStatus::Pending,
-            1 => TransferStatus::Settled,
-            2 => TransferStatus::Reversed,
-            other => return Err(r.error(format!("bad transfer status {other}"))),
-        };
+        let status = r.status()?;
         let at_ms = r.u64()?;
         if !r.is_empty() {
             return Err(r.error("trailing bytes after the record"));

@@ -23,14 +23,6 @@ const MAGIC: &[u8; 8] = b"CPSNAP04";
 /// No count in a snapshot may exceed this (I7): it bounds allocation on bad input.
 const COUNT_MAX: u64 = 1 << 32;
 
-fn status_tag(s: TransferStatus) -> u8 {
-    match s {
-        TransferStatus::Pending => 0,
-        TransferStatus::Settled => 1,
-        TransferStatus::Reversed => 2,
-    }
-}
-
 fn kind_tag(k: EntryKind) -> u8 {
     match k {
         EntryKind::Debit => 0,
@@ -178,15 +170,9 @@ fn encode_record(w: &mut Writer, r: &TransferRecord) {
     encode_ref(w, &r.to);
     w.i64(r.amount);
     w.currency(r.currency);
-    match r.currency_given {
-        Some(c) => {
-            w.u8(1);
-            w.currency(c);
-        }
-        None => w.u8(0),
-    }
+    w.opt_currency(r.currency_given);
     w.u64(r.memo_hash);
-    w.u8(status_tag(r.status));
+    w.status(r.status);
     w.u32(r.at_s);
 }
 
@@ -197,13 +183,9 @@ fn decode_record(r: &mut Reader<'_>, accounts: usize) -> Result<TransferRecord, 
         to: decode_ref(r, accounts)?,
         amount: r.i64()?,
         currency: r.currency()?,
-        currency_given: match r.u8()? {
-            0 => None,
-            1 => Some(r.currency()?),
-            other => return Err(r.error(format!("bad currency flag {other}"))),
-        },
+        currency_given: r.opt_currency()?,
         memo_hash: r.u64()?,
-        status: decode_status(r)?,
+        status: r.status()?,
         at_s: r.u32()?,
         same_id_prev: 0,
         copied_at: 0,
@@ -236,15 +218,6 @@ fn decode_ref(r: &mut Reader<'_>, accounts: usize) -> Result<AccountRef, DecodeE
         0 => decode_local(r, accounts).map(AccountRef::Local),
         1 => r.account_id().map(AccountRef::Remote),
         other => Err(r.error(format!("bad account reference tag {other}"))),
-    }
-}
-
-fn decode_status(r: &mut Reader<'_>) -> Result<TransferStatus, DecodeError> {
-    match r.u8()? {
-        0 => Ok(TransferStatus::Pending),
-        1 => Ok(TransferStatus::Settled),
-        2 => Ok(TransferStatus::Reversed),
-        other => Err(r.error(format!("bad transfer status {other}"))),
     }
 }
 
