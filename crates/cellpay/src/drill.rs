@@ -40,6 +40,9 @@ pub struct Args {
 
 /// The p99 admitted payments must keep in every drill, in ms.
 pub const PAYMENT_P99_SLO_MS: f64 = 100.0;
+/// How far (a fraction) a lower class may be shed less than the next higher
+/// class before the overload drill calls the shed order broken.
+pub const SHED_ORDER_SLACK: f64 = 0.01;
 
 /// One check of a drill: what was measured against what limit.
 struct Check {
@@ -226,7 +229,11 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
         ("reads", refused(&real.0, "balance")),
         ("payments", payments),
     ];
-    let ordered = classes.windows(2).all(|w| ratio(w[0].1) >= ratio(w[1].1));
+    // A lower class is shed at least as much as the next higher one. Near
+    // saturation two classes both shed ~99.8 % and their order is a coin
+    // flip of which few requests arrived in a moment of slack, so the order
+    // holds within SHED_ORDER_SLACK (one percentage point).
+    let ordered = classes.windows(2).all(|w| ratio(w[0].1) + SHED_ORDER_SLACK >= ratio(w[1].1));
     let shed_figure = classes
         .iter()
         .map(|(name, (s, n))| format!("{name} {s}/{n} ({:.1} %)", ratio((*s, *n)) * 100.0))
