@@ -153,6 +153,7 @@ fn builder(limits: &FrontLimits) -> Builder<TokioExecutor> {
 pub async fn serve(
     tcp: TcpListener,
     app: Router,
+    state: crate::AppState,
     limits: FrontLimits,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -176,7 +177,8 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, placed, app.clone(), builder.clone(), limits.clone(), stop.clone()));
+        let app = (app.clone(), state.clone());
+        tokio::spawn(connection(stream, placed, app, builder.clone(), limits.clone(), stop.clone()));
     }
     table.wait_empty().await;
     Ok(())
@@ -218,7 +220,7 @@ async fn admit(table: &Arc<ConnectionTable>, peer: SocketAddr, stop: &mut watch:
 async fn connection(
     stream: TcpStream,
     placed: Placed,
-    app: Router,
+    (app, state): (Router, crate::AppState),
     builder: Arc<Builder<TokioExecutor>>,
     limits: FrontLimits,
     mut stop: watch::Receiver<bool>,
@@ -227,11 +229,17 @@ async fn connection(
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (mut app, conn) = (app.clone(), conn.clone());
+            let (mut app, conn, state) = (app.clone(), conn.clone(), state.clone());
             async move {
                 let _busy = conn.request_started();
+                let arrived = std::time::Instant::now();
+                if let Some(refused) = crate::gate::check(&state, &request, arrived) {
+                    return Ok(refused);
+                }
+                let _passed = state.gate.pass();
                 let mut request = request.map(axum::body::Body::new);
                 request.extensions_mut().insert(conn.clone());
+                request.extensions_mut().insert(crate::gate::Arrival(arrived));
                 let response: Result<Response, Infallible> = app.call(request).await;
                 response
             }

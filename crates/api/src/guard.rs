@@ -83,14 +83,7 @@ impl FromRequestParts<AppState> for Admitted {
 /// table layer 0 and [`Classified`] share. `None` for operator routes, which
 /// are never shed.
 pub fn classify(method: &axum::http::Method, matched: &str) -> Option<Route> {
-    use axum::http::Method;
-    Some(match (method, matched) {
-        (&Method::POST, "/v1/transfers" | "/v1/transfers/batch" | "/v1/accounts") => Route::Payments,
-        (&Method::GET, "/v1/transfers/{id}") => Route::Status,
-        (&Method::GET, "/v1/accounts/{id}/entries") => Route::History,
-        (&Method::GET, "/v1/accounts/{id}") => Route::Balance,
-        _ => return None,
-    })
+    crate::gate::classify_path(method, matched).map(|(route, _)| route)
 }
 
 /// The matched route of a request behind the router (see [`classify`]).
@@ -101,8 +94,10 @@ fn matched(extensions: &axum::http::Extensions) -> &str {
 /// Middleware, layer 0: the HTTP front's adaptive concurrency limit. It runs
 /// after [`crate::intake`] has read the body, so the permit covers only our
 /// own work: a request over its class's share is answered 503 `overloaded`;
-/// an admitted one teaches the limit its latency, which never includes the
-/// time its client took to send it.
+/// an admitted one teaches the limit its latency from its arrival at the
+/// front (so a queue in front of the permit counts), never including the
+/// time its client took to send its body. The same figures feed the
+/// degrade triggers ([`cellpay_router::Protection::observe_front`]).
 pub async fn edge(
     axum::extract::State(state): axum::extract::State<AppState>,
     request: axum::extract::Request,
@@ -121,8 +116,16 @@ pub async fn edge(
         Ok(permit) => permit,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let admitted = std::time::Instant::now();
+    let sending = request.extensions().get::<crate::intake::BodyRead>().map_or(Duration::ZERO, |b| b.0);
+    let waited = request
+        .extensions()
+        .get::<crate::gate::Arrival>()
+        .map_or(Duration::ZERO, |a| admitted.saturating_duration_since(a.0).saturating_sub(sending));
     let response = next.run(request).await;
-    permit.done(response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    let answered_after = waited + admitted.elapsed();
+    permit.done_after(answered_after, response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE);
+    protection.observe_front(class, waited, answered_after);
     response
 }
 

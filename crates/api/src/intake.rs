@@ -86,8 +86,11 @@ pub async fn read_body(State(state): State<AppState>, request: Request, next: Ne
     let (parts, incoming) = request.into_parts();
     let mut held = Held { budget: &state.intake.budget, permit: None };
     let pace = state.intake.pace;
+    let reading = std::time::Instant::now();
     let read =
         body::read_paced(&parts.headers, incoming, state.limits.body_bytes_max, &pace, |n| held.grow_to(n)).await;
+    let mut parts = parts;
+    parts.extensions.insert(BodyRead(reading.elapsed()));
     let bytes = match read {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -101,6 +104,11 @@ pub async fn read_body(State(state): State<AppState>, request: Request, next: Ne
     drop(held);
     response
 }
+
+/// How long the intake waited for a request's body: its client's time, which
+/// the front's signals leave out.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyRead(pub std::time::Duration);
 
 /// What the intake needs: the pace bodies must keep and the shared budget.
 pub struct Intake {

@@ -11,6 +11,7 @@ pub mod contract;
 pub mod error;
 pub mod exposition;
 pub mod front;
+pub mod gate;
 pub mod guard;
 pub mod headers;
 pub mod intake;
@@ -86,6 +87,8 @@ pub struct Inner {
     pub unavailable_answers: std::sync::atomic::AtomicU64,
     /// Answers and their latency per priority class, for the dashboard's charts.
     pub classes: metrics::ClassFigures,
+    /// The front gate's prepared refusals.
+    pub gate: gate::Gate,
 }
 
 /// Stops and starts a cell's engine in this process (the kill-cell drill).
@@ -126,6 +129,7 @@ impl AppState {
             answered: Default::default(),
             unavailable_answers: Default::default(),
             classes: Default::default(),
+            gate: Default::default(),
         }))
     }
 

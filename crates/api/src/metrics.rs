@@ -54,7 +54,9 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_hot_keys_untracked_total", Kind::Counter, "Accounts the full hot-key table could not track."),
     fam("cellpay_breaker_state", Kind::Gauge, "The router's circuit breaker to each cell: 0 closed, 1 half-open, 2 open."),
     fam("cellpay_concurrency_limit", Kind::Gauge, "The adaptive concurrency limit towards each cell (layer 6)."),
-    fam("cellpay_signal_critical_p99_seconds", Kind::Gauge, "The p99 of critical calls to cells over the last signal window, as the degrade plan reads it."),
+    fam("cellpay_signal_critical_p99_seconds", Kind::Gauge, "The p99 of critical requests at the HTTP front, arrival to answer, over the last signal window, as the degrade plan reads it."),
+    fam("cellpay_signal_front_delay_seconds", Kind::Gauge, "The shortest wait from arrival to admission of any request at the HTTP front over the last signal window, as the degrade plan reads it."),
+    fam("cellpay_front_in_flight", Kind::Gauge, "Requests past the front gate and not yet answered."),
     fam("cellpay_signal_queue_delay_seconds", Kind::Gauge, "The longest queue wait of any cell's latest batch, as the degrade plan reads it."),
     fam("cellpay_signal_error_ratio", Kind::Gauge, "Share of calls to cells answered overloaded or unavailable over the last signal window."),
     fam("cellpay_degrade_active", Kind::Gauge, "1 while a degrade switch is on."),
@@ -146,7 +148,7 @@ impl Default for ClassFigures {
 }
 
 impl ClassFigures {
-    fn record(&self, class: Priority, seconds: f64, server_error: bool) {
+    pub(crate) fn record(&self, class: Priority, seconds: f64, server_error: bool) {
         self.latency[class.rank()].observe(seconds);
         if server_error {
             self.errors[class.rank()].fetch_add(1, Relaxed);
@@ -252,6 +254,7 @@ pub async fn render(state: &AppState) -> String {
             }
         }
         gauge!("cellpay_edge_concurrency_limit").set(f64::from(p.layers().edge.limit()));
+        gauge!("cellpay_front_in_flight").set(state.gate.in_flight() as f64);
         gauge!("cellpay_body_bytes_in_flight").set(state.intake.budget.bytes_in_use() as f64);
         counter!("cellpay_router_requests_total").absolute(p.counters.requests.load(Relaxed));
         counter!("cellpay_retries_total").absolute(p.counters.retries.load(Relaxed));

@@ -38,7 +38,7 @@ pub const REQUEST_WARN_LINES_PER_S_MAX: u64 = 100;
 
 /// May a WARN request line be written now? Answers how many were left out
 /// before it, or `None` when this one is left out too.
-fn warn_line_allowed() -> Option<u64> {
+pub(crate) fn warn_line_allowed() -> Option<u64> {
     static START: OnceLock<Instant> = OnceLock::new();
     static SECOND: AtomicU64 = AtomicU64::new(0);
     static WRITTEN: AtomicU64 = AtomicU64::new(0);
@@ -75,7 +75,7 @@ pub fn sane(value: &HeaderValue) -> bool {
 
 /// A fresh id: 16 hex digits, unique in this process (a counter through a
 /// bijective mix) and unlikely to repeat across processes (a per-process seed).
-fn generate() -> HeaderValue {
+pub(crate) fn generate() -> HeaderValue {
     static SEED: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let seed = *SEED.get_or_init(|| {

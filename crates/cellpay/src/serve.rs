@@ -294,7 +294,8 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
     );
     let app = cellpay_api::router(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(cellpay_api::front::serve(tcp, app, config.front.clone(), stop_rx.clone()));
+    let server =
+        tokio::spawn(cellpay_api::front::serve(tcp, app, state.clone(), config.front.clone(), stop_rx.clone()));
 
     let recovering = {
         let (config, map) = (config.clone(), map.clone());

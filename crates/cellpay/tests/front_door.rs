@@ -383,3 +383,64 @@ fn every_refusal_of_the_front_is_a_contract_error() {
     let r = s.request("GET", "/v1/accounts/shop", None, &[("Authorization", &format!("Basic {CLIENT}"))], None);
     contract_error(r.status, &r.body.to_string(), 401, "unauthorized");
 }
+
+/// The front gate refuses from the request head alone (issue 13): a shadow
+/// payment while `shadow_off` is on is answered 503 `degraded` before auth
+/// and before its body is read. A small body already sent is drained, so the
+/// connection serves the next request; a large one is never read, and the
+/// connection is closed after the answer. Each refusal is counted as the
+/// protection stack and the HTTP metrics count every answer.
+#[test]
+fn the_front_gate_refuses_from_the_head_and_keeps_small_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2"]);
+    open_accounts(&s);
+    assert_eq!(s.put("/v1/admin/degrade/shadow_off", ADMIN, &json!({"mode": "on"})).status, 200);
+    let addr = addr(&s);
+    let mut sock = TcpStream::connect(&addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // No token at all: the gate answers before auth would have said 401.
+    let body = r#"{"id":"gate-1","from":"bank","to":"shop","amount":1}"#;
+    let shadow = format!(
+        "POST /v1/transfers HTTP/1.1\r\nHost: x\r\nX-Cellpay-Shadow: 1\r\nX-Request-Id: gate-test-1\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(shadow.as_bytes()).unwrap();
+    let (status, head, answer) = read_answer(&mut sock);
+    contract_error(status, &answer, 503, "degraded");
+    assert!(head.contains("x-request-id: gate-test-1"), "the client's id is echoed: {head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    // The same connection serves a real payment: the refused body was drained.
+    let real = r#"{"id":"gate-real-1","from":"bank","to":"shop","amount":1}"#;
+    let pay = format!(
+        "POST /v1/transfers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{real}",
+        real.len()
+    );
+    sock.write_all(pay.as_bytes()).unwrap();
+    let (status, _, answer) = read_answer(&mut sock);
+    assert_eq!(status, 201, "the kept connection serves the next request: {answer}");
+    // A large shadow upload: answered at once, its body never read, the connection closed.
+    let mut big = TcpStream::connect(&addr).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = "POST /v1/transfers HTTP/1.1\r\nHost: x\r\nX-Cellpay-Shadow: 1\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"id\":";
+    big.write_all(head.as_bytes()).unwrap();
+    let (status, _, answer) = read_answer(&mut big);
+    contract_error(status, &answer, 503, "degraded");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !closed_by_server(&big) {
+        assert!(Instant::now() < deadline, "the connection of a refused upload stays open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Counted where every refusal and every answer is.
+    let shed = metric(&s, "cellpay_shed_total{layer=\"degrade\",class=\"shadow\",cell=\"router\"}");
+    assert_eq!(shed, Some(2.0));
+    let answered = metric(&s, "cellpay_http_requests_total{route=\"/v1/transfers\",code=\"503\"}");
+    assert_eq!(answered, Some(2.0));
+    // Real traffic and shadow traffic with the switch off pass the gate.
+    assert_eq!(s.put("/v1/admin/degrade/shadow_off", ADMIN, &json!({"mode": "off"})).status, 200);
+    let r = s.post_shadow("/v1/accounts", ADMIN, &json!({"id": "shadow-bank", "currency": "CNY"}));
+    assert_eq!(r.status, 201, "{}", r.body);
+}

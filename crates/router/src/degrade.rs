@@ -54,6 +54,7 @@ impl Action {
 #[serde(rename_all = "snake_case")]
 pub enum Signal {
     CriticalP99Ms,
+    FrontDelayMs,
     QueueDelayMs,
     ErrorRatio,
 }
@@ -62,6 +63,7 @@ impl Signal {
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::CriticalP99Ms => "critical_p99_ms",
+            Signal::FrontDelayMs => "front_delay_ms",
             Signal::QueueDelayMs => "queue_delay_ms",
             Signal::ErrorRatio => "error_ratio",
         }
@@ -71,7 +73,10 @@ impl Signal {
 /// The signals as measured over the latest window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Signals {
+    /// p99 of critical requests at the HTTP front, arrival to answer.
     pub critical_p99_ms: f64,
+    /// The shortest wait from arrival to admission at the HTTP front.
+    pub front_delay_ms: f64,
     pub queue_delay_ms: f64,
     pub error_ratio: f64,
 }
@@ -80,6 +85,7 @@ impl Signals {
     pub fn get(&self, s: Signal) -> f64 {
         match s {
             Signal::CriticalP99Ms => self.critical_p99_ms,
+            Signal::FrontDelayMs => self.front_delay_ms,
             Signal::QueueDelayMs => self.queue_delay_ms,
             Signal::ErrorRatio => self.error_ratio,
         }

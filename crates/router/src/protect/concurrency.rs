@@ -45,8 +45,14 @@ pub struct Permit<'a> {
 impl Permit<'_> {
     /// Reports the call: `congested` when the cell shed it or said it is overloaded.
     pub fn done(self, congested: bool) {
-        let limit = self.limit;
         let latency = self.started.elapsed();
+        self.done_after(latency, congested);
+    }
+
+    /// Reports the call with its latency as the caller measured it (the HTTP
+    /// front adds the wait before admission to the time after it).
+    pub fn done_after(self, latency: Duration, congested: bool) {
+        let limit = self.limit;
         // Drop gives the slot back; learn from what the call saw.
         drop(self);
         limit.learn(latency, congested);
@@ -77,9 +83,19 @@ impl AdaptiveLimit {
         self.in_flight.load(Relaxed)
     }
 
+    /// Whether a call of `class` would be admitted now: a peek that takes
+    /// nothing, for refusing from the request head alone (the front gate).
+    pub fn has_room(&self, class: Priority) -> bool {
+        self.in_flight() < self.cap(class)
+    }
+
+    fn cap(&self, class: Priority) -> u32 {
+        (self.limit() * LIMIT_SHARE_PERCENT[class.rank()] / 100).max(1)
+    }
+
     /// Admits a call of `class` if the class's share of the limit has room.
     pub fn try_acquire(&self, class: Priority) -> Option<Permit<'_>> {
-        let cap = (self.limit() * LIMIT_SHARE_PERCENT[class.rank()] / 100).max(1);
+        let cap = self.cap(class);
         let before = self.in_flight.fetch_add(1, Relaxed);
         if before >= cap {
             self.in_flight.fetch_sub(1, Relaxed);

@@ -30,6 +30,7 @@ pub mod rules;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use cellpay_cell::{Breaker, CellClient, EngineError};
 use cellpay_core::{AccountId, CellId, Priority};
@@ -164,9 +165,13 @@ impl Counters {
     }
 }
 
-/// Calls measured since the signals were last read.
+/// Requests and calls measured since the signals were last read.
 struct Window {
+    /// Critical requests at the HTTP front, from arrival to answer.
     critical_us: Histogram<u64>,
+    /// The shortest wait from arrival to admission of any request (CoDel's
+    /// standing queue: one slow client cannot raise it, a queue raises them all).
+    front_wait_min_us: u64,
     calls: u64,
     failed: u64,
 }
@@ -175,6 +180,7 @@ impl Window {
     fn new() -> Self {
         Self {
             critical_us: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds"),
+            front_wait_min_us: u64::MAX,
             calls: 0,
             failed: 0,
         }
@@ -188,6 +194,24 @@ pub struct Protection {
     pub degrade: Degrade,
     pub counters: Counters,
     window: Mutex<Window>,
+}
+
+/// Why the front gate refused a request from its head alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateRefusal {
+    /// Its class's share of the edge concurrency limit is full (layer 0).
+    Overloaded,
+    /// A degrade switch refuses its route or class (layer 1).
+    Degraded(Action),
+}
+
+impl GateRefusal {
+    pub fn layer(self) -> Layer {
+        match self {
+            GateRefusal::Overloaded => Layer::Edge,
+            GateRefusal::Degraded(_) => Layer::Degrade,
+        }
+    }
 }
 
 /// What the edge knows of a request before any cell is asked.
@@ -251,16 +275,35 @@ impl Protection {
         })
     }
 
+    /// The front gate: layers 0 and 1 as far as a request's head tells them
+    /// (its route and class), taking nothing. `Some` names the layer that
+    /// refuses it, counted here; the caller answers at once. A request that
+    /// passes still meets both layers for real afterwards.
+    pub fn gate(&self, layers: &Layers, route: Route, class: Priority) -> Option<GateRefusal> {
+        let refusal = match self.switched_off(route, class) {
+            Some(action) => GateRefusal::Degraded(action),
+            None if !layers.edge.has_room(class) => GateRefusal::Overloaded,
+            None => return None,
+        };
+        self.counters.requests.fetch_add(1, Relaxed);
+        self.counters.refuse(refusal.layer(), class);
+        Some(refusal)
+    }
+
+    /// The degrade switch that refuses requests of `route` and `class`, if one is on.
+    fn switched_off(&self, route: Route, class: Priority) -> Option<Action> {
+        match (class, route) {
+            (Priority::Shadow, _) if self.degrade.is_on(Action::ShadowOff) => Some(Action::ShadowOff),
+            (_, Route::History) if self.degrade.is_on(Action::HistoryOff) => Some(Action::HistoryOff),
+            _ => None,
+        }
+    }
+
     /// Layers 1 and 2: degrade switches, then rate limits per route and token.
     pub fn admit(&self, a: &Admission) -> Result<(), RouteError> {
         self.counters.requests.fetch_add(1, Relaxed);
         let class = a.class();
-        let switched_off = match (class, a.route) {
-            (Priority::Shadow, _) if self.degrade.is_on(Action::ShadowOff) => Some(Action::ShadowOff),
-            (_, Route::History) if self.degrade.is_on(Action::HistoryOff) => Some(Action::HistoryOff),
-            _ => None,
-        };
-        if let Some(action) = switched_off {
+        if let Some(action) = self.switched_off(a.route, class) {
             self.counters.refuse(Layer::Degrade, class);
             return Err(RouteError::Degraded(format!("degraded: switch {} is on", action.as_str())));
         }
@@ -347,7 +390,6 @@ impl Protection {
                 return Err(RouteError::Unavailable { cell: id, reason });
             }
         };
-        let started = std::time::Instant::now();
         let result = attempt().await;
         let failed = matches!(result, Err(RouteError::Engine(EngineError::Unavailable { .. })));
         let congested = result.as_ref().err().is_some_and(RouteError::congested);
@@ -356,20 +398,69 @@ impl Protection {
         let mut w = self.window.lock().expect("window lock is never held across a panic");
         w.calls += 1;
         w.failed += u64::from(failed || congested);
-        if class == Priority::Critical {
-            w.critical_us.saturating_record(started.elapsed().as_micros().max(1) as u64);
-        }
         result
+    }
+
+    /// The front's signal for one admitted HTTP request: `waited` from its
+    /// arrival to its admission (its client's time sending the body left
+    /// out), `answered_after` from its arrival to its answer (the same left out).
+    pub fn observe_front(&self, class: Priority, waited: Duration, answered_after: Duration) {
+        let mut w = self.window.lock().expect("window lock is never held across a panic");
+        w.front_wait_min_us = w.front_wait_min_us.min(waited.as_micros() as u64);
+        if class == Priority::Critical {
+            w.critical_us.saturating_record(answered_after.as_micros().max(1) as u64);
+        }
     }
 
     /// The signals over the calls since the last read, and the cells' queue delay.
     pub fn signals(&self, cells: &[Arc<dyn CellClient>]) -> Signals {
         let w = std::mem::replace(&mut *self.window.lock().expect("window lock"), Window::new());
         let queue_delay_us = cells.iter().map(|c| c.status().queue_delay_us).max().unwrap_or(0);
+        let front_wait_us = if w.front_wait_min_us == u64::MAX { 0 } else { w.front_wait_min_us };
         Signals {
             critical_p99_ms: w.critical_us.value_at_quantile(0.99) as f64 / 1e3,
+            front_delay_ms: front_wait_us as f64 / 1e3,
             queue_delay_ms: queue_delay_us as f64 / 1e3,
             error_ratio: if w.calls == 0 { 0.0 } else { w.failed as f64 / w.calls as f64 },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::degrade::{Mode, PLAN_BUNDLED};
+
+    fn protection(edge_initial: u32) -> Protection {
+        let mut rules = FlowRules::default();
+        rules.edge_concurrency.initial = edge_initial;
+        rules.edge_concurrency.min = 1;
+        Protection::new(rules, Plan::from_toml(PLAN_BUNDLED).unwrap(), vec!["client".into()], 2)
+    }
+
+    /// The gate refuses what the head decides (a full share of the edge
+    /// limit, a degrade switch), counts it where the stack counts refusals,
+    /// and takes nothing from the limit.
+    #[test]
+    fn the_gate_refuses_a_full_class_share_and_switched_off_routes_and_takes_nothing() {
+        let p = protection(8);
+        let layers = p.layers();
+        assert_eq!(p.gate(&layers, Route::Payments, Priority::Shadow), None);
+        // Shadow may fill 2 of 8; critical traffic takes them.
+        let held: Vec<_> = (0..2).map(|_| layers.edge.try_acquire(Priority::Critical).unwrap()).collect();
+        assert_eq!(p.gate(&layers, Route::Payments, Priority::Shadow), Some(GateRefusal::Overloaded));
+        assert_eq!(p.gate(&layers, Route::History, Priority::History), None, "history may fill 4");
+        assert_eq!(p.gate(&layers, Route::Payments, Priority::Critical), None);
+        assert_eq!(layers.edge.in_flight(), 2, "the gate only peeks");
+        assert_eq!(p.counters.refused(Layer::Edge, Priority::Shadow), 1);
+        drop(held);
+        p.degrade.set("history_off", Mode::On).unwrap();
+        assert_eq!(p.gate(&layers, Route::History, Priority::History), Some(GateRefusal::Degraded(Action::HistoryOff)));
+        assert_eq!(p.gate(&layers, Route::Balance, Priority::Reads), None);
+        p.degrade.set("shadow_off", Mode::On).unwrap();
+        assert_eq!(p.gate(&layers, Route::Balance, Priority::Shadow), Some(GateRefusal::Degraded(Action::ShadowOff)));
+        assert_eq!(p.counters.refused(Layer::Degrade, Priority::History), 1);
+        assert_eq!(p.counters.refused(Layer::Degrade, Priority::Shadow), 1);
+        assert_eq!(p.counters.requests.load(Relaxed), 3, "each refusal is a request the stack saw");
     }
 }
