@@ -2,6 +2,12 @@
 //!
 //! `cellpay --help` and `cellpay <sub> --help` are the first page of the docs.
 
+/// mimalloc, not glibc's malloc: a request allocates and frees many small
+/// objects across threads, and glibc's arenas (with `malloc_consolidate`)
+/// were about a sixth of the server's samples (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench_engine;
 mod bench_http;
 mod check;
