@@ -101,6 +101,8 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_relay_held_rounds_total", Kind::Counter, "Relay rounds skipped because the pair's breaker was open or cross-cell delivery was deferred."),
     fam("cellpay_relay_breaker_state", Kind::Gauge, "The circuit breaker of a relay pair: 0 closed, 1 half-open, 2 open."),
     fam("cellpay_relay_settle_duration_seconds", Kind::Histogram, "Time from a cross-cell debit at the payer's cell to its settlement there, by source, destination and ledger."),
+    // The whole process, under the standard name Prometheus client libraries use.
+    fam("process_cpu_seconds_total", Kind::Counter, "Total user and system CPU time spent in seconds."),
 ];
 
 const fn fam(name: &'static str, kind: Kind, help: &'static str) -> Family {
@@ -297,9 +299,24 @@ pub async fn render(state: &AppState) -> String {
             }
         }
     }
+    published.family(family("process_cpu_seconds_total"));
+    published.sample("process_cpu_seconds_total", &[], process_cpu_s());
     let mut text = state.metrics.render();
     text.push_str(&published.into_text());
     text
+}
+
+/// CPU seconds the whole process has used: every thread (engines, relays,
+/// the HTTP front, those that ended too), user and kernel time.
+fn process_cpu_s() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct we own; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Each local cell's health and engine figures: counters and gauges into the
@@ -392,7 +409,8 @@ mod tests {
         let mut names = std::collections::HashSet::new();
         for f in FAMILIES {
             assert!(names.insert(f.name), "{} listed twice", f.name);
-            assert!(f.name.starts_with("cellpay_"), "{}", f.name);
+            // Ours, or the standard process family every Prometheus client exports.
+            assert!(f.name.starts_with("cellpay_") || f.name == "process_cpu_seconds_total", "{}", f.name);
             assert_eq!(
                 f.name.ends_with("_total"),
                 f.kind == Kind::Counter,

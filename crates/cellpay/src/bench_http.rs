@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cellpay_core::{ShardMap, SHARDS_DEFAULT};
+use cellpay_stress::report::Placement;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -54,8 +55,16 @@ pub struct Args {
     /// tight loop on 4 more connections, and report payment latency of each half.
     #[arg(long)]
     scrape: Option<String>,
+    /// Send the measured payments as shadow traffic (`X-Cellpay-Shadow: 1`);
+    /// the accounts are opened and funded in the real ledger. With the
+    /// `shadow_off` switch on, every one is answered 503 degraded: the
+    /// cheapest request there is, for measuring the generator itself.
+    #[arg(long)]
+    shadow: bool,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    placement: crate::placement::PlacementArgs,
 }
 
 #[derive(Serialize)]
@@ -77,6 +86,16 @@ struct Report {
     setup_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     scrape: Option<ScrapeReport>,
+    /// Where the server and this generator ran and the CPU each used while measuring.
+    placement: Placement,
+    /// The whole server process's CPU per transfer: every thread, kernel included.
+    server_cpu_us_per_payment: Option<f64>,
+    /// The cells' engine threads' CPU per transfer.
+    engine_cpu_us_per_payment: Option<f64>,
+    /// The whole server process's CPU per request answered (refusals included).
+    server_cpu_us_per_request: Option<f64>,
+    /// Requests this generator sent per CPU-second of its own process.
+    generator_requests_per_cpu_s: Option<f64>,
 }
 
 /// Payment latency without and with a scraper hammering one path (`--scrape`):
@@ -101,12 +120,14 @@ struct Conn {
     addr: SocketAddr,
     host: String,
     auth: String,
+    /// Tags every request as shadow traffic.
+    shadow: bool,
 }
 
 impl Conn {
     async fn open(addr: SocketAddr, token: &str) -> anyhow::Result<Self> {
         let sender = Self::handshake(addr).await?;
-        Ok(Self { sender, addr, host: addr.to_string(), auth: format!("Bearer {token}") })
+        Ok(Self { sender, addr, host: addr.to_string(), auth: format!("Bearer {token}"), shadow: false })
     }
 
     async fn handshake(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
@@ -127,13 +148,16 @@ impl Conn {
     }
 
     async fn send_once(&mut self, method: &str, path: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.host)
             .header("authorization", &self.auth)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
+            .header("content-type", "application/json");
+        if self.shadow {
+            req = req.header("x-cellpay-shadow", "1");
+        }
+        let req = req.body(Full::new(Bytes::from(body)))?;
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status().as_u16();
@@ -206,9 +230,11 @@ async fn drive(
     by_cell: std::sync::Arc<Vec<Vec<usize>>>,
     cross_cell: f64,
     batch: usize,
+    shadow: bool,
     (halfway, deadline): (Instant, Instant),
 ) -> anyhow::Result<Outcome> {
     let mut conn = Conn::open(addr, &token).await?;
+    conn.shadow = shadow;
     let mut rng = SmallRng::seed_from_u64(c as u64);
     let mut out = Outcome {
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
@@ -276,11 +302,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
     anyhow::ensure!((0.0..=1.0).contains(&args.cross_cell), "--cross-cell is a share between 0 and 1");
     anyhow::ensure!(args.batch <= 8190, "--batch is at most 8190");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(bench(args))
-}
-
-async fn bench(args: Args) -> anyhow::Result<ExitCode> {
+    let placement = args.placement.plan(args.target.is_none())?;
     let (_started, addr, token) = match &args.target {
         Some(url) => {
             let addr: SocketAddr = url
@@ -292,10 +314,32 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => {
             let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
-            let (started, addr) = crate::child::start_server(args.cells, &token)?;
+            let (started, addr) = crate::child::start_server(args.cells, &token, &placement)?;
             (Some(started), addr, token)
         }
     };
+    // After the server started (it would inherit the generator's CPUs), before the runtime's threads.
+    placement.pin_generator()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(bench(args, addr, token, placement.server_cpus()))
+}
+
+/// The server's CPU counters, from one read of `/metrics`: the whole process and the engine threads.
+async fn server_cpu_s(addr: SocketAddr, token: &str) -> anyhow::Result<(Option<f64>, Option<f64>)> {
+    let mut conn = Conn::open(addr, token).await?;
+    let (status, body) = conn.send("GET", "/metrics", String::new()).await?;
+    anyhow::ensure!(status == 200, "GET /metrics answered {status}");
+    let text = String::from_utf8_lossy(&body);
+    let sum = |name| cellpay_stress::run::metric_sum(&text, name);
+    Ok((sum("process_cpu_seconds_total"), sum("cellpay_cell_cpu_seconds_total")))
+}
+
+async fn bench(
+    args: Args,
+    addr: SocketAddr,
+    token: String,
+    server_cpus: Option<Vec<usize>>,
+) -> anyhow::Result<ExitCode> {
     let setup_started = Instant::now();
     setup(addr, &token, args.accounts, args.connections).await?;
     let setup_s = setup_started.elapsed().as_secs_f64();
@@ -305,13 +349,15 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         by_cell[map.owner_of(&account(i)).0 as usize].push(i);
     }
     let by_cell = std::sync::Arc::new(by_cell);
+    let server_before = server_cpu_s(addr, &token).await?;
+    let generator_before = cellpay_stress::cpu::process_cpu_s();
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
     let halfway = started + Duration::from_secs_f64(args.seconds / 2.0);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..args.connections {
         let times = (halfway, deadline);
-        tasks.spawn(drive(addr, token.clone(), c, by_cell.clone(), args.cross_cell, args.batch, times));
+        tasks.spawn(drive(addr, token.clone(), c, by_cell.clone(), args.cross_cell, args.batch, args.shadow, times));
     }
     let mut scrapers = tokio::task::JoinSet::new();
     let scrapers_n = if args.scrape.is_some() { SCRAPE_CONNECTIONS } else { 0 };
@@ -352,6 +398,18 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         scrapes += r??;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let generator_cpu_s = cellpay_stress::cpu::process_cpu_s() - generator_before;
+    let server_after = server_cpu_s(addr, &token).await?;
+    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+    let (server_cpu, engine_cpu) = (delta(server_before.0, server_after.0), delta(server_before.1, server_after.1));
+    let per = |cpu: Option<f64>, n: u64| cpu.filter(|_| n > 0).map(|s| s * 1e6 / n as f64);
+    let placement = Placement::measured(
+        server_cpus.as_deref(),
+        &cellpay_stress::cpu::allowed_cpus(),
+        server_cpu,
+        generator_cpu_s,
+        elapsed,
+    );
     let ms = |q: f64| total.latency_us.value_at_quantile(q) as f64 / 1e3;
     let scrape = args.scrape.as_ref().map(|path| {
         // The whole run minus its second half is the first half, the baseline.
@@ -384,6 +442,11 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
         errors: total.errors,
         setup_s,
         scrape,
+        placement,
+        server_cpu_us_per_payment: per(server_cpu, total.transfers),
+        engine_cpu_us_per_payment: per(engine_cpu, total.transfers),
+        server_cpu_us_per_request: per(server_cpu, total.requests),
+        generator_requests_per_cpu_s: (generator_cpu_s > 0.0).then(|| total.requests as f64 / generator_cpu_s),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -407,6 +470,14 @@ async fn bench(args: Args) -> anyhow::Result<ExitCode> {
             println!("  errors {:?}", report.errors);
         }
         println!("  setup (open + fund accounts) {:.1} s", report.setup_s);
+        println!("  placement {}", report.placement.summary());
+        let us = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1}"));
+        println!(
+            "  server CPU per payment {} µs (whole process; engine threads {} µs); generator {} requests per CPU-second",
+            us(report.server_cpu_us_per_payment),
+            us(report.engine_cpu_us_per_payment),
+            report.generator_requests_per_cpu_s.map_or("n/a".into(), |v| format!("{v:.0}"))
+        );
         if let Some(s) = &report.scrape {
             println!(
                 "  payments p50/p99: {:.2}/{:.2} ms in the first half, {:.2}/{:.2} ms while GET {} ran {} times in the second",

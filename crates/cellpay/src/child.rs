@@ -1,12 +1,15 @@
 //! A `cellpay serve` child process on a free loopback port with a fresh data
 //! dir, for commands that need a cluster of their own (`bench http`,
-//! `rehearse`). It is stopped with SIGTERM when dropped.
+//! `rehearse`, the drills), placed on the CPUs its [`Plan`] gives the server.
+//! It is stopped with SIGTERM when dropped.
 
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::process::{Child, Stdio};
 
 use anyhow::Context;
+
+use crate::placement::Plan;
 
 pub struct Started {
     child: Child,
@@ -21,17 +24,25 @@ impl Drop for Started {
     }
 }
 
-/// Starts `cellpay serve` with `cells` cells and one admin token; returns once it is ready.
-pub fn start_server(cells: u32, admin_token: &str) -> anyhow::Result<(Started, SocketAddr)> {
-    start_server_with(cells, admin_token, &[])
+/// Starts `cellpay serve` with `cells` cells and one admin token, placed as
+/// `placement` says; returns once it is ready. Start it before the generator
+/// pins itself: a child inherits its parent's CPUs.
+pub fn start_server(cells: u32, admin_token: &str, placement: &Plan) -> anyhow::Result<(Started, SocketAddr)> {
+    start_server_with(cells, admin_token, placement, &[])
 }
 
 /// The same, with more `serve` flags.
-pub fn start_server_with(cells: u32, admin_token: &str, extra: &[&str]) -> anyhow::Result<(Started, SocketAddr)> {
+pub fn start_server_with(
+    cells: u32,
+    admin_token: &str,
+    placement: &Plan,
+    extra: &[&str],
+) -> anyhow::Result<(Started, SocketAddr)> {
     let dir = tempfile::tempdir()?;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--cells", &cells.to_string(), "--data-dir"])
         .arg(dir.path())
+        .args(placement.serve_args())
         .args(extra)
         .env("CELLPAY_TOKENS", format!("admin:{admin_token}"))
         .env("RUST_LOG", "warn")

@@ -17,6 +17,8 @@ use cellpay_api::listener::AddressRange;
 use cellpay_api::FrontLimits;
 use serde::Deserialize;
 
+use crate::placement::CpuSet;
+
 /// Declares the settings of `cellpay serve`, each once, as
 /// `/// help`, `#[arg(..)]`, optionally `#[serde(..)]`, then
 /// `name: Type => config.field` with an optional `via convert` (a fallible
@@ -188,6 +190,11 @@ settings! {
     /// Allow the drill endpoints (halt and restart a cell) for `cellpay drill kill-cell` [default: false].
     #[arg(long, env = "CELLPAY_DRILLS")]
     drills: bool => drills;
+    /// The CPUs the whole process runs on, e.g. 0, 0-1 or 1,3: every thread
+    /// (engines, relays, the HTTP front) is pinned there before any starts;
+    /// none: wherever the OS puts them [default: none].
+    #[arg(long, env = "CELLPAY_CPUS")]
+    cpus: String => cpus via cpu_list;
 }
 
 #[derive(Deserialize, Default)]
@@ -246,6 +253,8 @@ pub struct Config {
     /// None: the bundled degrade plan.
     pub degrade_plan: Option<PathBuf>,
     pub drills: bool,
+    /// None: not pinned.
+    pub cpus: Option<CpuSet>,
 }
 
 impl Default for Config {
@@ -273,6 +282,7 @@ impl Default for Config {
             rules: None,
             degrade_plan: None,
             drills: false,
+            cpus: None,
         }
     }
 }
@@ -283,6 +293,11 @@ fn address_ranges(list: Vec<String>) -> anyhow::Result<Vec<AddressRange>> {
         return Ok(Vec::new());
     }
     list.iter().map(|s| s.parse::<AddressRange>().context("connections_per_address_exempt")).collect()
+}
+
+/// Parses `--cpus` (or `cpus` in the file): a CPU list, or `none`.
+fn cpu_list(text: String) -> anyhow::Result<Option<CpuSet>> {
+    crate::placement::parse("--cpus", &text)
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
@@ -401,7 +416,7 @@ mod tests {
             assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
             checked += 1;
         }
-        assert_eq!(checked, 29, "every setting but --config, --token, --rules and --degrade-plan");
+        assert_eq!(checked, 30, "every setting but --config, --token, --rules and --degrade-plan");
     }
 
     #[test]

@@ -16,6 +16,8 @@ use cellpay_stress::{Profile, Report, RunOptions, Runner};
 use rand::distr::{Alphanumeric, SampleString};
 use serde_json::{json, Value};
 
+use crate::placement::Plan;
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Overload,
@@ -36,6 +38,8 @@ pub struct Args {
     /// No progress bars on stderr.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    placement: crate::placement::PlacementArgs,
 }
 
 /// The p99 admitted payments must keep in every drill, in ms.
@@ -68,17 +72,28 @@ struct Cluster {
     _server: crate::child::Started,
     target: String,
     token: String,
+    server_cpus: Option<Vec<usize>>,
 }
 
-fn start(extra: &[&str]) -> anyhow::Result<Cluster> {
+/// Starts the drill's server where `placement` puts it, then pins the drill (the generator).
+fn start(placement: &Plan, extra: &[&str]) -> anyhow::Result<Cluster> {
     let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
-    let (server, addr) = crate::child::start_server_with(4, &token, extra).context("starting a fresh cluster")?;
-    Ok(Cluster { _server: server, target: format!("http://{addr}"), token })
+    let (server, addr) =
+        crate::child::start_server_with(4, &token, placement, extra).context("starting a fresh cluster")?;
+    placement.pin_generator()?;
+    Ok(Cluster { _server: server, target: format!("http://{addr}"), token, server_cpus: placement.server_cpus() })
 }
 
 impl Cluster {
     fn options(&self, shadow: bool, progress: bool) -> RunOptions {
-        RunOptions { target: self.target.clone(), token: self.token.clone(), shadow, in_flight_max: 1024, progress }
+        RunOptions {
+            target: self.target.clone(),
+            token: self.token.clone(),
+            shadow,
+            in_flight_max: 1024,
+            progress,
+            server_cpus: self.server_cpus.clone(),
+        }
     }
 }
 
@@ -303,6 +318,24 @@ async fn server_shed(c: &Cluster) -> Value {
     json!({"shed_by_layer_and_class": by, "degrade_changes": degrade})
 }
 
+/// Each run's placement and the CPU each side used, beside what a payment
+/// cost the server (whole process and engine threads only).
+fn cpu_by_run(reports: &[Report]) -> Value {
+    let runs: Vec<Value> = reports
+        .iter()
+        .map(|r| {
+            json!({
+                "run": r.profile,
+                "placement": r.placement,
+                "server_cpu_us_per_payment": r.cost.server_cpu_us_per_payment,
+                "engine_cpu_us_per_payment": r.cost.cpu_us_per_payment,
+                "generator_requests_per_cpu_s": r.generator.requests_per_cpu_s,
+            })
+        })
+        .collect();
+    Value::Array(runs)
+}
+
 /// The hot merchant's own limit in the drill, per second, and its burst.
 const MERCHANT_RATE_PER_S: u32 = 200;
 const MERCHANT_BURST: u32 = 50;
@@ -437,6 +470,7 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let placement = args.placement.plan(true)?;
     let files = tempfile::tempdir()?;
     let extra: Vec<String> = match args.kind {
         Kind::Overload => vec![],
@@ -448,10 +482,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // not wait behind them.
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let cluster = start(&extra.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let cluster = start(&placement, &extra.iter().map(String::as_str).collect::<Vec<_>>())?;
     let progress = !args.quiet;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (mut checks, figures, reports) = runtime.block_on(async {
+    let (mut checks, mut figures, reports) = runtime.block_on(async {
         let out = match args.kind {
             Kind::Overload => overload(&cluster, args.short, progress).await,
             Kind::HotMerchant => hot_merchant(&cluster, args.short, progress).await,
@@ -461,6 +495,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     })?;
     checks.push(runtime.block_on(final_audit(&cluster)));
     let pass = checks.iter().all(|c| c.pass);
+    if let Some(f) = figures.as_object_mut() {
+        f.insert("cpu_by_run".into(), cpu_by_run(&reports));
+    }
     let name = match args.kind {
         Kind::Overload => "overload",
         Kind::HotMerchant => "hot-merchant",
@@ -484,6 +521,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let decided = checks.iter().find(|c| !c.pass).unwrap_or(&checks[0]);
     println!("{} drill {name}: {}", if pass { "PASS" } else { "FAIL" }, decided.figure);
+    if let Some(r) = reports.last() {
+        println!("placement {}", r.placement.summary());
+    }
     println!("report: {}", args.report.join("drill.json").display());
     Ok(if pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -33,21 +33,33 @@ pub struct Args {
     /// No progress bar on stderr.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    placement: crate::placement::PlacementArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (text, name) = if args.quick { (QUICK, "profiles/quick.toml") } else { (DOUBLE11, "profiles/double11.toml") };
     let profile = Profile::parse(text, name)?.scaled(args.rate_scale).map_err(anyhow::Error::msg)?;
+    let placement = args.placement.plan(args.target.is_none())?;
     let (_started, target, token) = match &args.target {
         Some(t) => (None, t.clone(), args.token.clone().expect("clap requires --token with --target")),
         None => {
             let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
-            let (started, addr) = crate::child::start_server(4, &token).context("starting a fresh cluster")?;
+            let (started, addr) =
+                crate::child::start_server(4, &token, &placement).context("starting a fresh cluster")?;
             eprintln!("rehearsing {} on a fresh 4-cell cluster at http://{addr}", profile.name);
             (Some(started), format!("http://{addr}"), token)
         }
     };
-    let options = RunOptions { target, token, shadow: true, in_flight_max: 1024, progress: !args.quiet };
+    placement.pin_generator()?;
+    let options = RunOptions {
+        target,
+        token,
+        shadow: true,
+        in_flight_max: 1024,
+        progress: !args.quiet,
+        server_cpus: placement.server_cpus(),
+    };
     let report = crate::stress::execute(profile, options, &args.report)?;
     Ok(crate::stress::verdict(&report, &args.report))
 }

@@ -268,6 +268,11 @@ impl cellpay_api::CellControl for Drills {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::resolve(args)?;
+    // Before the runtime and the engines start a thread: each inherits the set.
+    if let Some(cpus) = &config.cpus {
+        cpus.pin_process("--cpus")?;
+        tracing::info!(cpus = %cpus, "pinned: every thread of this process runs on these CPUs");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let map = cluster_file(&config)?;

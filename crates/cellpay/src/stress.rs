@@ -36,6 +36,8 @@ pub struct Args {
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub placement: crate::placement::GeneratorCpus,
 }
 
 /// Runs `profile` against `options.target` and writes the report files into `dir`.
@@ -64,12 +66,15 @@ pub fn write_report(report: &Report, dir: &Path) -> anyhow::Result<()> {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let profile = Profile::load(&args.profile)?.scaled(args.rate_scale).map_err(anyhow::Error::msg)?;
+    let placement = args.placement.plan()?;
+    placement.pin_generator()?;
     let options = RunOptions {
         target: args.target.clone(),
         token: args.token.clone(),
         shadow: !args.real,
         in_flight_max: args.in_flight_max,
         progress: !args.quiet,
+        server_cpus: placement.server_cpus(),
     };
     let report = execute(profile, options, &args.report)?;
     Ok(verdict(&report, &args.report))
@@ -78,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// Prints the readiness line and the report's path; exit 0 for go, 1 for no-go.
 pub fn verdict(report: &Report, dir: &Path) -> ExitCode {
     println!("{}", report.readiness);
+    println!("placement {}", report.placement.summary());
     println!("report: {}", dir.join("report.html").display());
     if report.go {
         ExitCode::SUCCESS

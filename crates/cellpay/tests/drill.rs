@@ -2,6 +2,8 @@
 //! cluster, prints a verdict line with the figure that decided it, and writes
 //! drill.json with every check and its figure plus the stress reports.
 
+mod common;
+
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -46,6 +48,14 @@ fn hot_merchant_holds_the_merchant_to_its_limit_and_others_keep_their_latency() 
     assert!(h["rate_limited"].as_u64().unwrap() > 0, "{h}");
     // 200/s with a burst of 50 over the run's seconds.
     assert!(h["admitted_per_s"].as_f64().unwrap() <= 200.0 * 1.1 + 50.0, "{h}");
+    // Where each side ran and what CPU it used, per run.
+    for run in h["cpu_by_run"].as_array().unwrap() {
+        assert!(run["placement"]["server"]["cpu_s"].as_f64().is_some_and(|v| v > 0.0), "{run}");
+        assert!(run["placement"]["generator"]["cpu_s"].as_f64().is_some_and(|v| v > 0.0), "{run}");
+        assert!(run["server_cpu_us_per_payment"].as_f64().is_some_and(|v| v > 0.0), "{run}");
+        let cpus = common::allowed_cpus().len();
+        assert_eq!(run["placement"]["mode"], if cpus >= 2 { "split" } else { "shared" }, "{run}");
+    }
     assert_eq!(check(&report, "nothing_lost")["pass"], true);
 }
 

@@ -95,6 +95,8 @@ fn metrics_after_traffic_pass_promtool_and_carry_the_slis() {
     assert!(sample(&text, r#"cellpay_cell_batch_size_commands_count{cell="1"}"#).unwrap() > 0.0);
     assert!(text.contains("# TYPE cellpay_cell_queue_wait_seconds histogram"));
     assert!(!text.contains(CLIENT) && !text.contains(ADMIN), "no secret in metrics");
+    // The whole process's CPU, every thread and the kernel's share: what a payment costs the server.
+    assert!(sample(&text, "process_cpu_seconds_total").is_some_and(|s| s > 0.0), "{text}");
 }
 
 /// `deploy/observability/`, from this crate's manifest directory.

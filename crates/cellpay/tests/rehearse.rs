@@ -3,6 +3,8 @@
 //! readiness report promises, plus the self-contained HTML page. Exit 0 on a
 //! healthy cluster.
 
+mod common;
+
 use std::process::Command;
 
 #[test]
@@ -32,6 +34,7 @@ fn a_quick_rehearsal_on_a_healthy_cluster_goes() {
         "checks",
         "generator",
         "cost",
+        "placement",
         "bottleneck",
         "go",
         "readiness",
@@ -47,6 +50,18 @@ fn a_quick_rehearsal_on_a_healthy_cluster_goes() {
     assert_eq!(r["cells"].as_array().unwrap().len(), 4);
     assert!(r["cost"]["cpu_us_per_payment"].as_f64().is_some_and(|v| v > 0.0));
     assert!(r["cost"]["bytes_per_payment"].as_f64().is_some_and(|v| v > 0.0));
+    assert!(r["cost"]["server_cpu_us_per_payment"].as_f64().is_some_and(|v| v > 0.0), "{}", r["cost"]);
+    assert!(r["generator"]["requests_per_cpu_s"].as_f64().is_some_and(|v| v > 0.0), "{}", r["generator"]);
+    // A fresh cluster of its own: the server's CPUs are known, and on 2 or more CPUs split from the generator's.
+    let p = &r["placement"];
+    for side in ["server", "generator"] {
+        for key in ["cpu_s", "cpu_share"] {
+            assert!(p[side][key].as_f64().is_some_and(|v| v > 0.0), "{side} {key}: {p}");
+        }
+        assert!(p[side]["cpus"].is_string(), "{p}");
+    }
+    let cpus = common::allowed_cpus().len();
+    assert_eq!(p["mode"], if cpus >= 2 { "split" } else { "shared" }, "{p}");
     assert_eq!(r["checks"]["real_digests_changed"], 0);
     assert_eq!(r["generator"]["saturated"], false);
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();

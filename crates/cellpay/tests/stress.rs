@@ -85,6 +85,15 @@ fn a_shadow_run_goes_and_a_real_transfer_in_the_middle_fails_it() {
         assert!(!r[key].is_null(), "the report has {key}");
     }
     assert!(r["operations"]["transfer"]["requests"].as_u64().unwrap() > 200);
+    // Each side's CPU, the whole server process's cost per payment beside the engines' alone.
+    let placement = &r["placement"];
+    assert_eq!(placement["mode"], "unknown", "a --target runs where it was started: {placement}");
+    assert!(placement["server"]["cpu_s"].as_f64().is_some_and(|v| v > 0.0), "{placement}");
+    assert!(placement["generator"]["cpu_s"].as_f64().is_some_and(|v| v > 0.0), "{placement}");
+    assert!(placement["generator"]["cpu_share"].as_f64().is_some_and(|v| v > 0.0), "{placement}");
+    assert!(r["generator"]["requests_per_cpu_s"].as_f64().is_some_and(|v| v > 0.0), "{}", r["generator"]);
+    let (server, engine) = (r["cost"]["server_cpu_us_per_payment"].as_f64(), r["cost"]["cpu_us_per_payment"].as_f64());
+    assert!(server.is_some_and(|v| v > 0.0) && server >= engine, "{}", r["cost"]);
     // No record left memory: the cells held the whole promised day.
     assert_eq!(r["idempotency"]["retry_horizon_s"], 86_400);
     assert_eq!(r["idempotency"]["window_held_min_s"].as_f64(), Some(86_400.0), "{}", r["idempotency"]);

@@ -4,6 +4,7 @@
 //! drives it open-loop against a cluster, checking routing, the audit and the
 //! real ledger's digests while it runs; the [`Report`] says go or no-go and why.
 
+pub mod cpu;
 pub mod html;
 pub mod http;
 pub mod profile;

@@ -123,6 +123,9 @@ pub struct Generator {
     /// Requests that waited for an in-flight slot (the server answering slower than
     /// requests arrive); their wait is part of their measured latency.
     pub in_flight_waits: u64,
+    /// Requests sent per CPU-second of the generator process: its own cost
+    /// per request (every run in the process counts, as a drill runs several at once).
+    pub requests_per_cpu_s: Option<f64>,
 }
 
 /// The idempotency window the run needed and the one the cells held.
@@ -141,10 +144,79 @@ pub struct Idempotency {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Cost {
     pub payments: u64,
-    /// Server CPU per payment, from `/metrics` (cells' engine threads).
+    /// Server CPU per payment, from `/metrics`: the cells' engine threads only.
     pub cpu_us_per_payment: Option<f64>,
+    /// Server CPU per payment, from `/metrics` (`process_cpu_seconds_total`):
+    /// the whole server process, every thread (HTTP front, router, relays,
+    /// engines), kernel time included.
+    pub server_cpu_us_per_payment: Option<f64>,
     /// Bytes the cells wrote (log and checkpoints) per payment, from `/metrics`.
     pub bytes_per_payment: Option<f64>,
+}
+
+/// Where the server and the generator ran, and the CPU each used during the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Placement {
+    /// `split`: disjoint CPU sets; `shared`: the sets overlap, so each side
+    /// took CPU the other could have used; `unknown`: the server's CPUs are not
+    /// known (a server started elsewhere).
+    pub mode: String,
+    pub server: SideCpu,
+    pub generator: SideCpu,
+}
+
+/// One side's CPUs and the CPU time its process used.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SideCpu {
+    /// The CPUs it may run on, as the kernel lists them (`0`, `1-3`); none when unknown.
+    pub cpus: Option<String>,
+    /// CPU seconds the whole process used during the run: every thread, user and kernel.
+    pub cpu_s: Option<f64>,
+    /// `cpu_s` over the run's time on each of its CPUs: how busy its CPUs
+    /// were (1.0: every one of them, all the time).
+    pub cpu_share: Option<f64>,
+}
+
+impl SideCpu {
+    fn of(cpus: Option<&[usize]>, cpu_s: Option<f64>, seconds: f64) -> Self {
+        let share = match (cpus, cpu_s) {
+            (Some(c), Some(s)) if !c.is_empty() && seconds > 0.0 => Some(s / (seconds * c.len() as f64)),
+            _ => None,
+        };
+        Self { cpus: cpus.map(crate::cpu::list), cpu_s, cpu_share: share }
+    }
+}
+
+impl Placement {
+    /// The placement of a measurement of `seconds`, from each side's CPUs
+    /// (the server's none when unknown) and the CPU seconds each used.
+    pub fn measured(
+        server_cpus: Option<&[usize]>,
+        generator_cpus: &[usize],
+        server_cpu_s: Option<f64>,
+        generator_cpu_s: f64,
+        seconds: f64,
+    ) -> Self {
+        let mode = match server_cpus {
+            None => "unknown",
+            Some(s) if s.iter().any(|c| generator_cpus.contains(c)) => "shared",
+            Some(_) => "split",
+        };
+        Self {
+            mode: mode.into(),
+            server: SideCpu::of(server_cpus, server_cpu_s, seconds),
+            generator: SideCpu::of(Some(generator_cpus), Some(generator_cpu_s), seconds),
+        }
+    }
+
+    /// One line for people: `split: server on CPU 0 (93 % busy), generator on CPU 1 (41 % busy)`.
+    pub fn summary(&self) -> String {
+        let side = |name: &str, s: &SideCpu| {
+            let busy = s.cpu_share.map_or(String::new(), |b| format!(" ({:.0} % busy)", b * 100.0));
+            format!("{name} on CPU {}{busy}", s.cpus.as_deref().unwrap_or("?"))
+        };
+        format!("{}: {}, {}", self.mode, side("server", &self.server), side("generator", &self.generator))
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -166,6 +238,8 @@ pub struct Report {
     pub slo: Vec<SloVerdict>,
     pub checks: Checks,
     pub generator: Generator,
+    /// Where the server and the generator ran and the CPU each used.
+    pub placement: Placement,
     pub cost: Cost,
     pub idempotency: Idempotency,
     pub bottleneck: String,

@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub in_flight_max: usize,
     /// Prints a progress line every second to stderr.
     pub progress: bool,
+    /// The CPUs the server runs on, for the report's placement; none when
+    /// not known (a server started elsewhere).
+    pub server_cpus: Option<Vec<usize>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -365,7 +368,7 @@ impl Runner {
 const VERIFY_WAIT_S_MAX: u64 = 60;
 
 /// Sums a metric's samples in Prometheus text (all label sets).
-fn metric_sum(text: &str, name: &str) -> Option<f64> {
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = false;
     let mut sum = 0.0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -423,14 +426,17 @@ fn metric_by_cell(text: &str, name: &str) -> BTreeMap<u32, f64> {
 struct Gathered {
     checks: Checks,
     generator: Generator,
+    placement: Placement,
     cost: Cost,
     idempotency: Idempotency,
 }
 
-/// Engine CPU seconds per cell and bytes written by all cells, as `/metrics` reports them.
+/// Engine CPU seconds per cell, the whole server process's CPU seconds and
+/// bytes written by all cells, as `/metrics` reports them.
 #[derive(Default)]
 struct ServerFigures {
     engine_cpu_s: BTreeMap<u32, f64>,
+    process_cpu_s: Option<f64>,
     bytes: Option<f64>,
 }
 
@@ -458,7 +464,11 @@ impl Runner {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
         };
-        ServerFigures { engine_cpu_s: metric_by_cell(&text, "cellpay_cell_cpu_seconds_total"), bytes }
+        ServerFigures {
+            engine_cpu_s: metric_by_cell(&text, "cellpay_cell_cpu_seconds_total"),
+            process_cpu_s: metric_sum(&text, "process_cpu_seconds_total"),
+            bytes,
+        }
     }
 
     fn choose(&self, rng: &mut SmallRng) -> Operation {
@@ -477,6 +487,8 @@ impl Runner {
     pub async fn run(self: Arc<Self>) -> Result<Report, RunError> {
         let digests_before = if self.options.shadow { self.real_digests().await } else { None };
         let before = self.server_figures().await;
+        // The generator's own CPU over the same span as the server's.
+        let (generator_cpu_before, measured_from) = (crate::cpu::process_cpu_s(), Instant::now());
         let arrivals = self.profile.arrivals();
         let seconds = self.profile.duration_s().ceil() as usize + 1;
         let record = Arc::new(Mutex::new(Record::new(seconds)));
@@ -619,6 +631,21 @@ impl Runner {
             checks.real_digests_changed = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u64;
         }
         let after = self.server_figures().await;
+        let (generator_cpu_s, measured_s) =
+            (crate::cpu::process_cpu_s() - generator_cpu_before, measured_from.elapsed().as_secs_f64());
+        let server_cpu_s = match (before.process_cpu_s, after.process_cpu_s) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        let placement = Placement::measured(
+            self.options.server_cpus.as_deref(),
+            &crate::cpu::allowed_cpus(),
+            server_cpu_s,
+            generator_cpu_s,
+            measured_s,
+        );
+        generator.requests_per_cpu_s =
+            (generator_cpu_s > 0.0).then(|| generator.sent_requests as f64 / generator_cpu_s);
         let engine_cpu_share: BTreeMap<u32, f64> = after
             .engine_cpu_s
             .iter()
@@ -634,6 +661,7 @@ impl Runner {
         let cost = Cost {
             payments: record.payments,
             cpu_us_per_payment: per(before.cpu_s(), after.cpu_s(), 1e6),
+            server_cpu_us_per_payment: per(before.process_cpu_s, after.process_cpu_s, 1e6),
             bytes_per_payment: per(before.bytes, after.bytes, 1.0),
         };
         let ms = |a: &AtomicU64| Some(a.load(Relaxed)).filter(|&v| v != u64::MAX).map(|v| v as f64 / 1000.0);
@@ -642,7 +670,7 @@ impl Runner {
             window_promised_s: ms(&window_promised_ms),
             window_held_min_s: ms(&window_held_min_ms),
         };
-        let gathered = Gathered { checks, generator, cost, idempotency };
+        let gathered = Gathered { checks, generator, placement, cost, idempotency };
         let mut report = self.report(record, gathered, duration_s, &engine_cpu_share);
         report.events = events;
         Ok(report)
@@ -722,7 +750,7 @@ impl Runner {
         duration_s: f64,
         engine_cpu_share: &BTreeMap<u32, f64>,
     ) -> Report {
-        let Gathered { checks, generator, cost, idempotency } = gathered;
+        let Gathered { checks, generator, placement, cost, idempotency } = gathered;
         let operations: BTreeMap<String, OperationReport> = record
             .ops
             .iter()
@@ -825,6 +853,7 @@ impl Runner {
             slo,
             checks,
             generator,
+            placement,
             cost,
             idempotency,
             bottleneck,

@@ -81,7 +81,7 @@ fn profile(rate: u32, seconds: u32) -> Profile {
 }
 
 fn options(target: String) -> RunOptions {
-    RunOptions { target, token: "t".into(), shadow: true, in_flight_max: 4096, progress: false }
+    RunOptions { target, token: "t".into(), shadow: true, in_flight_max: 4096, progress: false, server_cpus: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
