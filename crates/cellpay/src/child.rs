@@ -16,6 +16,12 @@ pub struct Started {
     _dir: tempfile::TempDir,
 }
 
+impl Started {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Started {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid.

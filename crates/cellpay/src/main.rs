@@ -15,6 +15,7 @@ mod child;
 mod config;
 mod crash_load;
 mod drill;
+mod flood;
 mod placement;
 mod rehearse;
 mod serve;

@@ -80,12 +80,26 @@ fn overload_sheds_shadow_history_and_reads_before_payments_and_loses_nothing() {
     // and the money may not.
     assert!(matches!(code, Some(0 | 1)), "a verdict, not an error: {stdout}");
     verdict_line(&stdout, "overload", code == Some(0));
-    for name in ["shed_order", "nothing_lost", "audit", "audit_polls"] {
+    for name in ["shed_order", "nothing_lost", "audit", "audit_polls", "flood_alive", "flood_memory", "flood_recovery"]
+    {
         assert_eq!(check(&report, name)["pass"], true, "{name}: {}", check(&report, name));
     }
     let f = &report["figures"];
-    assert!(f["capacity_per_s"].as_f64().unwrap() > 0.0);
-    assert!(f["offered_per_s"].as_f64().unwrap() >= 2.9 * f["capacity_per_s"].as_f64().unwrap());
+    let capacity = f["capacity_per_s"].as_f64().unwrap();
+    assert!(capacity > 0.0);
+    assert!(f["offered_per_s"].as_f64().unwrap() >= 2.9 * capacity);
+    // The verdict's figures decide its checks, as printed.
+    let good = f["goodput_per_s"].as_f64().unwrap();
+    assert_eq!(check(&report, "goodput")["pass"], good >= 0.9 * capacity, "{f}");
+    let p99 = f["payments_admitted_p99_ms"].as_f64().unwrap();
+    assert_eq!(check(&report, "payments_p99")["pass"], p99 <= 100.0, "{f}");
+    assert_eq!(report["pass"], report["checks"].as_array().unwrap().iter().all(|c| c["pass"] == true));
+    // The flood: ten times capacity offered, the memory read, the server back.
+    let flood = &f["flood"];
+    assert!(flood["offered_per_s"].as_f64().unwrap() >= 9.9 * capacity, "{flood}");
+    assert!(flood["rss_peak_bytes"].as_u64().unwrap() >= flood["rss_before_bytes"].as_u64().unwrap(), "{flood}");
+    assert!(flood["recovered_after_s"].as_f64().unwrap() <= 5.0, "{flood}");
+    assert!(f["switches_fired"].is_array(), "{f}");
     let shed = &f["shed_by_class"];
     for class in ["shadow", "history", "reads", "payments"] {
         assert!(shed[class]["requests"].as_u64().unwrap() > 0, "{class}: {shed}");

@@ -150,6 +150,9 @@ fn account_name(profile: &str, i: usize) -> String {
     format!("stress-{profile}-{i}")
 }
 
+/// Attempts to open one seeded account while the server answers 503 overloaded.
+pub const SEED_ATTEMPTS_MAX: u32 = 50;
+
 impl Runner {
     /// Reads the cluster's shard map and seeds the accounts.
     pub async fn prepare(profile: Profile, options: RunOptions) -> Result<Self, RunError> {
@@ -231,11 +234,19 @@ impl Runner {
             tasks.spawn(async move {
                 let _permit = permit;
                 let body = json!({"id": id, "currency": "CNY"}).to_string();
-                http.send("POST", "/v1/accounts", Some(body)).await.and_then(|r| {
-                    (r.status == 201 || r.status == 200)
-                        .then_some(())
-                        .ok_or(format!("opening {id}: {}", r.error_code()))
-                })
+                // A careful client: a busy server's 503 overloaded is retried
+                // after a pause (opening is idempotent); anything else is an error.
+                for attempt in 1..=SEED_ATTEMPTS_MAX {
+                    let r = http.send("POST", "/v1/accounts", Some(body.clone())).await?;
+                    match r.status {
+                        200 | 201 => return Ok(()),
+                        503 if r.error_code() == "overloaded" && attempt < SEED_ATTEMPTS_MAX => {
+                            tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt).min(10))).await;
+                        }
+                        _ => return Err(format!("opening {id}: {}", r.error_code())),
+                    }
+                }
+                unreachable!("the last attempt returns")
             });
         }
         while let Some(r) = tasks.join_next().await {
