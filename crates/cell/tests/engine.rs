@@ -182,6 +182,43 @@ fn what_queues_behind_a_batch_goes_into_the_next_one_and_nothing_is_answered_bef
     assert_eq!(stats.commands, 51);
 }
 
+/// Group commit: once load is concurrent (the previous batch held more than
+/// one command), the engine lingers before its append, and commands that
+/// arrive meanwhile share the fsync; a lone command after a lone one does not wait.
+#[test]
+fn under_concurrent_load_a_batch_lingers_and_later_commands_share_its_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig { batch_linger: std::time::Duration::from_secs(1), ..EngineConfig::default() };
+    let (cell, gate) = gated(dir.path(), config);
+    let h = cell.handle();
+    // A lone command: no linger (nothing before it), its append waits on the gate.
+    let first = h.submit(vec![open_cmd("bank", true)]).unwrap();
+    wait_until(|| h.queue_depth() == 0);
+    let pair: Vec<_> = (0..2).map(|i| h.submit(vec![open_cmd(&format!("u{i}"), false)]).unwrap()).collect();
+    gate.send(true).unwrap();
+    first.wait_blocking().unwrap();
+    // The pair is one batch of two: from now on the load counts as concurrent.
+    gate.send(true).unwrap();
+    for s in pair {
+        s.wait_blocking().unwrap();
+    }
+    assert_eq!(h.stats().snapshot().batches, 2);
+    // X is taken alone; the engine lingers, so Y and Z, sent after it was
+    // taken, join its batch (without the linger X's append would wait on the
+    // gate alone, and Y and Z would make a fourth batch).
+    let x = h.submit(vec![open_cmd("x", false)]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let yz: Vec<_> = ["y", "z"].iter().map(|id| h.submit(vec![open_cmd(id, false)]).unwrap()).collect();
+    gate.send(true).unwrap();
+    gate.send(true).unwrap();
+    x.wait_blocking().unwrap();
+    for s in yz {
+        s.wait_blocking().unwrap();
+    }
+    let stats = h.stats().snapshot();
+    assert_eq!((stats.batches, stats.commands), (3, 6), "X, Y and Z shared one append");
+}
+
 #[test]
 fn a_full_queue_answers_overloaded_at_once() {
     let dir = tempfile::tempdir().unwrap();

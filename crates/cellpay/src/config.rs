@@ -19,6 +19,9 @@ use serde::Deserialize;
 
 use crate::placement::CpuSet;
 
+/// The longest group-commit linger a cell may be set to: 100 ms, the payment p99 SLO.
+pub const BATCH_LINGER_US_MAX: u64 = 100_000;
+
 /// Declares the settings of `cellpay serve`, each once, as
 /// `/// help`, `#[arg(..)]`, optionally `#[serde(..)]`, then
 /// `name: Type => config.field` with an optional `via convert` (a fallible
@@ -105,6 +108,10 @@ settings! {
     /// Most commands in one engine batch (one fsync) [default: 8190].
     #[arg(long, env = "CELLPAY_BATCH_COMMANDS_MAX")]
     batch_commands_max: usize => batch_commands_max;
+    /// Group commit: under concurrent load, how long a cell waits for more
+    /// commands before its durable append (one fsync for more payments), in µs; 0: never [default: 2000].
+    #[arg(long, env = "CELLPAY_BATCH_LINGER_US")]
+    batch_linger_us: u64 => batch_linger_us;
     /// Most commands queued per cell; beyond it 503 overloaded [default: 65536].
     #[arg(long, env = "CELLPAY_QUEUE_COMMANDS_MAX")]
     queue_commands_max: usize => queue_commands_max;
@@ -236,6 +243,7 @@ pub struct Config {
     pub body_bytes_max: usize,
     pub batch_items_max: usize,
     pub batch_commands_max: usize,
+    pub batch_linger_us: u64,
     pub queue_commands_max: usize,
     /// Connection caps, timeouts and body pace of the HTTP front door.
     pub front: FrontLimits,
@@ -268,6 +276,7 @@ impl Default for Config {
             body_bytes_max: 4 << 20,
             batch_items_max: 8190,
             batch_commands_max: 8190,
+            batch_linger_us: 2000,
             queue_commands_max: 65_536,
             front: FrontLimits::default(),
             transfers_retained_max: 1 << 20,
@@ -349,6 +358,10 @@ impl Config {
         anyhow::ensure!(self.body_bytes_max >= 1024, "body_bytes_max must be at least 1024");
         anyhow::ensure!((1..=65_536).contains(&self.batch_commands_max), "batch_commands_max must be 1..=65536");
         anyhow::ensure!(
+            self.batch_linger_us <= BATCH_LINGER_US_MAX,
+            "batch_linger_us must be at most {BATCH_LINGER_US_MAX}"
+        );
+        anyhow::ensure!(
             (1..=self.batch_commands_max).contains(&self.batch_items_max),
             "batch_items_max must be between 1 and batch_commands_max"
         );
@@ -416,7 +429,7 @@ mod tests {
             assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
             checked += 1;
         }
-        assert_eq!(checked, 30, "every setting but --config, --token, --rules and --degrade-plan");
+        assert_eq!(checked, 31, "every setting but --config, --token, --rules and --degrade-plan");
     }
 
     #[test]

@@ -121,6 +121,7 @@ fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
 fn engine_config(config: &Config) -> EngineConfig {
     EngineConfig {
         batch_commands_max: config.batch_commands_max,
+        batch_linger: std::time::Duration::from_micros(config.batch_linger_us),
         queue_commands_max: config.queue_commands_max,
         checkpoint_log_bytes: config.checkpoint_log_mib << 20,
         limits: Limits {
