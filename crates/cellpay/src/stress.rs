@@ -44,9 +44,12 @@ pub struct Args {
 pub fn execute(profile: Profile, options: RunOptions, dir: &Path) -> anyhow::Result<Report> {
     anyhow::ensure!(options.in_flight_max >= 1, "--in-flight-max must be at least 1");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // On a worker, not on the thread that blocks: the run spawns a task per
+    // request, and from a worker that is a push onto its own queue, not a
+    // wake-up of another thread (a context switch per request on one CPU).
     let report = runtime.block_on(async {
         let runner = Runner::prepare(profile, options).await?;
-        Arc::new(runner).run().await
+        tokio::spawn(Arc::new(runner).run()).await.expect("a run does not panic")
     })?;
     write_report(&report, dir)?;
     Ok(report)
