@@ -55,6 +55,7 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_breaker_state", Kind::Gauge, "The router's circuit breaker to each cell: 0 closed, 1 half-open, 2 open."),
     fam("cellpay_concurrency_limit", Kind::Gauge, "The adaptive concurrency limit towards each cell (layer 6)."),
     fam("cellpay_signal_critical_p99_seconds", Kind::Gauge, "The p99 of critical requests at the HTTP front, arrival to answer, over the last signal window, as the degrade plan reads it."),
+    fam("cellpay_signal_critical_shed_ratio", Kind::Gauge, "Share of critical requests the HTTP front refused at its concurrency limit over the last signal window, as the degrade plan reads it."),
     fam("cellpay_signal_front_delay_seconds", Kind::Gauge, "The shortest wait from arrival to admission of any request at the HTTP front over the last signal window, as the degrade plan reads it."),
     fam("cellpay_front_in_flight", Kind::Gauge, "Requests past the front gate and not yet answered."),
     fam("cellpay_signal_queue_delay_seconds", Kind::Gauge, "The longest queue wait of any cell's latest batch, as the degrade plan reads it."),

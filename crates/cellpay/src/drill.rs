@@ -303,7 +303,13 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let switches = switches_fired(&server["degrade_changes"], overload_started_ms);
     // Then the flood: ten times capacity, or what the generator can send.
     let flood_s = if short { 3.0 } else { 30.0 };
-    let flood_rate = crate::flood::FLOOD_TIMES_CAPACITY * capacity;
+    // The generator's measured ceiling: what it sent in the 3x phase, scaled
+    // to all of its CPUs (the real and shadow runs share its process).
+    let ceiling = real.0.placement.generator.cpu_share.filter(|s| *s > 0.0).map(|share| answered / share.min(1.0));
+    let flood_rate = match ceiling {
+        Some(c) => (crate::flood::FLOOD_TIMES_CAPACITY * capacity).min(crate::flood::CEILING_SHARE * c),
+        None => crate::flood::FLOOD_TIMES_CAPACITY * capacity,
+    };
     let flood = flood.with_stages(vec![Stage {
         name: "flood".into(),
         duration_s: flood_s,
@@ -313,7 +319,7 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
     let in_flight_max = c.options(false, false).in_flight_max as u64;
     let (flood_checks, flood_figures, flood_report) =
-        crate::flood::flood(flood, &http, c.pid(), in_flight_max, flood_rate).await?;
+        crate::flood::flood(flood, &http, c.pid(), in_flight_max, flood_rate, capacity).await?;
     let mut checks = checks;
     checks.extend(flood_checks);
     let figures = json!({

@@ -284,6 +284,7 @@ impl Cluster {
                 p.degrade.evaluate(&signals, std::time::Instant::now());
                 metrics::gauge!("cellpay_signal_critical_p99_seconds").set(signals.critical_p99_ms / 1e3);
                 metrics::gauge!("cellpay_signal_front_delay_seconds").set(signals.front_delay_ms / 1e3);
+                metrics::gauge!("cellpay_signal_critical_shed_ratio").set(signals.critical_shed_ratio);
                 metrics::gauge!("cellpay_signal_queue_delay_seconds").set(signals.queue_delay_ms / 1e3);
                 metrics::gauge!("cellpay_signal_error_ratio").set(signals.error_ratio);
                 let layers = p.layers();

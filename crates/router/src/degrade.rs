@@ -54,6 +54,7 @@ impl Action {
 #[serde(rename_all = "snake_case")]
 pub enum Signal {
     CriticalP99Ms,
+    CriticalShedRatio,
     FrontDelayMs,
     QueueDelayMs,
     ErrorRatio,
@@ -63,6 +64,7 @@ impl Signal {
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::CriticalP99Ms => "critical_p99_ms",
+            Signal::CriticalShedRatio => "critical_shed_ratio",
             Signal::FrontDelayMs => "front_delay_ms",
             Signal::QueueDelayMs => "queue_delay_ms",
             Signal::ErrorRatio => "error_ratio",
@@ -75,6 +77,8 @@ impl Signal {
 pub struct Signals {
     /// p99 of critical requests at the HTTP front, arrival to answer.
     pub critical_p99_ms: f64,
+    /// Share of critical requests the HTTP front refused (its concurrency limit).
+    pub critical_shed_ratio: f64,
     /// The shortest wait from arrival to admission at the HTTP front.
     pub front_delay_ms: f64,
     pub queue_delay_ms: f64,
@@ -85,6 +89,7 @@ impl Signals {
     pub fn get(&self, s: Signal) -> f64 {
         match s {
             Signal::CriticalP99Ms => self.critical_p99_ms,
+            Signal::CriticalShedRatio => self.critical_shed_ratio,
             Signal::FrontDelayMs => self.front_delay_ms,
             Signal::QueueDelayMs => self.queue_delay_ms,
             Signal::ErrorRatio => self.error_ratio,

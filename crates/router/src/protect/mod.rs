@@ -151,12 +151,19 @@ pub struct Counters {
     /// Retries wanted that the budget refused.
     pub retries_refused: AtomicU64,
     pub rules_changes: AtomicU64,
+    /// Critical requests that reached the front gate, and those the front
+    /// refused (the edge limit, at the gate or at its permit).
+    pub front_critical: AtomicU64,
+    pub front_critical_refused: AtomicU64,
 }
 
 impl Counters {
     fn refuse(&self, layer: Layer, class: Priority) {
         let l = Layer::ALL.iter().position(|x| *x == layer).expect("every layer is listed");
         self.refused[l][class.rank()].fetch_add(1, Relaxed);
+        if layer == Layer::Edge && class == Priority::Critical {
+            self.front_critical_refused.fetch_add(1, Relaxed);
+        }
     }
 
     pub fn refused(&self, layer: Layer, class: Priority) -> u64 {
@@ -174,6 +181,8 @@ struct Window {
     front_wait_min_us: u64,
     calls: u64,
     failed: u64,
+    /// The front's critical counters when the window opened.
+    front_critical_at_open: (u64, u64),
 }
 
 impl Window {
@@ -183,6 +192,7 @@ impl Window {
             front_wait_min_us: u64::MAX,
             calls: 0,
             failed: 0,
+            front_critical_at_open: (0, 0),
         }
     }
 }
@@ -280,6 +290,9 @@ impl Protection {
     /// refuses it, counted here; the caller answers at once. A request that
     /// passes still meets both layers for real afterwards.
     pub fn gate(&self, layers: &Layers, route: Route, class: Priority) -> Option<GateRefusal> {
+        if class == Priority::Critical {
+            self.counters.front_critical.fetch_add(1, Relaxed);
+        }
         let refusal = match self.switched_off(route, class) {
             Some(action) => GateRefusal::Degraded(action),
             None if !layers.edge.has_room(class) => GateRefusal::Overloaded,
@@ -414,12 +427,21 @@ impl Protection {
 
     /// The signals over the calls since the last read, and the cells' queue delay.
     pub fn signals(&self, cells: &[Arc<dyn CellClient>]) -> Signals {
-        let w = std::mem::replace(&mut *self.window.lock().expect("window lock"), Window::new());
+        let front_critical =
+            (self.counters.front_critical.load(Relaxed), self.counters.front_critical_refused.load(Relaxed));
+        let mut next = Window::new();
+        next.front_critical_at_open = front_critical;
+        let w = std::mem::replace(&mut *self.window.lock().expect("window lock"), next);
+        let (seen, refused) = (
+            front_critical.0.saturating_sub(w.front_critical_at_open.0),
+            front_critical.1.saturating_sub(w.front_critical_at_open.1),
+        );
         let queue_delay_us = cells.iter().map(|c| c.status().queue_delay_us).max().unwrap_or(0);
         let front_wait_us = if w.front_wait_min_us == u64::MAX { 0 } else { w.front_wait_min_us };
         Signals {
             critical_p99_ms: w.critical_us.value_at_quantile(0.99) as f64 / 1e3,
             front_delay_ms: front_wait_us as f64 / 1e3,
+            critical_shed_ratio: if seen == 0 { 0.0 } else { (refused as f64 / seen as f64).min(1.0) },
             queue_delay_ms: queue_delay_us as f64 / 1e3,
             error_ratio: if w.calls == 0 { 0.0 } else { w.failed as f64 / w.calls as f64 },
         }
@@ -462,5 +484,25 @@ mod tests {
         assert_eq!(p.counters.refused(Layer::Degrade, Priority::History), 1);
         assert_eq!(p.counters.refused(Layer::Degrade, Priority::Shadow), 1);
         assert_eq!(p.counters.requests.load(Relaxed), 3, "each refusal is a request the stack saw");
+    }
+
+    /// The share of critical requests the front refuses is a signal of its
+    /// own, window by window: the front saturating is what turns shadow off.
+    #[test]
+    fn the_critical_shed_ratio_counts_front_refusals_of_critical_requests_per_window() {
+        let p = protection(4);
+        let layers = p.layers();
+        assert_eq!(p.signals(&[]).critical_shed_ratio, 0.0, "nothing seen, nothing shed");
+        let held: Vec<_> = (0..4).map(|_| layers.edge.try_acquire(Priority::Critical).unwrap()).collect();
+        for _ in 0..3 {
+            assert_eq!(p.gate(&layers, Route::Payments, Priority::Critical), Some(GateRefusal::Overloaded));
+        }
+        assert!(p.enter(&layers, Priority::Critical).is_err(), "refused at the permit too");
+        drop(held);
+        assert_eq!(p.gate(&layers, Route::Payments, Priority::Critical), None);
+        // Four critical requests reached the gate; three were refused there and one at its permit.
+        assert_eq!(p.signals(&[]).critical_shed_ratio, 1.0);
+        assert_eq!(p.gate(&layers, Route::Status, Priority::Critical), None);
+        assert_eq!(p.signals(&[]).critical_shed_ratio, 0.0, "a new window starts afresh");
     }
 }

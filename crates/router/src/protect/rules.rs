@@ -144,7 +144,7 @@ impl Default for FlowRules {
                 accounts: BTreeMap::new(),
                 keys_tracked_max: 65_536,
             },
-            edge_concurrency: ConcurrencyRules { initial: 512, min: 32, max: 8192, latency_target_ms: 25 },
+            edge_concurrency: ConcurrencyRules { initial: 512, min: 32, max: 8192, latency_target_ms: 50 },
             concurrency: ConcurrencyRules { initial: 256, min: 8, max: 4096, latency_target_ms: 50 },
             breaker: BreakerRules::default(),
             retry: RetryRules { budget_percent: 10.0, attempts_max: 3, backoff_base_ms: 10, backoff_max_ms: 200 },
