@@ -14,8 +14,10 @@
 //! | 6 | adaptive concurrency limit, class shares ([`concurrency`]) | cell | 503 `overloaded` |
 //! | 7 | the cell's queue: class shares, then queue-delay shedding (CoDel) | cell | 503 `overloaded` |
 //!
-//! Layer 0 runs once a request's body has been read (its client's pace must
-//! never teach the limit); layers 1–3 once per HTTP request ([`Protection::admit`],
+//! The front gate (`cellpay_api::gate`, [`Protection::gate`]) refuses from
+//! the request head what layers 0 and 1 would refuse, before anything else is
+//! spent on it. Layer 0's permit is taken once a request's body has been read
+//! (its client's pace must never teach the limit); layers 1–3 once per HTTP request ([`Protection::admit`],
 //! [`Protection::admit_account`]); 4–6 wrap every call the router makes to a
 //! cell ([`Protection::call`]); 7 lives in the cell engine. Every refusal is
 //! counted by layer and priority class. The flow rules behind 2–6 can be
