@@ -193,7 +193,7 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
         // From 500/s: a debug build on one loaded core still finds a capacity.
         (vec![500.0, 1_000.0, 2_000.0, 3_000.0, 5_000.0, 7_000.0], 2.0, 6.0)
     } else {
-        ((1..=8).map(|k| 2_000.0 * f64::from(k)).collect(), 4.0, 20.0)
+        ((1..=12).map(|k| 2_000.0 * f64::from(k)).collect(), 4.0, 20.0)
     };
     let stages: String = steps.iter().map(|r| stage(&format!("step-{r:.0}"), step_s, *r, *r)).collect();
     let find = profile(&format!("name = \"drill-capacity\"\naccounts = 4000\nseed = 1\n{stages}{mix}{keys}"))?;
