@@ -83,13 +83,12 @@ impl Held<'_> {
 /// whole body at its pace within the budget, and hands the handler a body
 /// already in memory. The budget is held until the response is ready.
 pub async fn read_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let (parts, incoming) = request.into_parts();
+    let (mut parts, incoming) = request.into_parts();
     let mut held = Held { budget: &state.intake.budget, permit: None };
     let pace = state.intake.pace;
     let reading = std::time::Instant::now();
     let read =
         body::read_paced(&parts.headers, incoming, state.limits.body_bytes_max, &pace, |n| held.grow_to(n)).await;
-    let mut parts = parts;
     parts.extensions.insert(BodyRead(reading.elapsed()));
     let bytes = match read {
         Ok(bytes) => bytes,
