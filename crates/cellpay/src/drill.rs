@@ -177,7 +177,13 @@ fn refused(r: &Report, op: &str) -> (u64, u64) {
     })
 }
 
-fn goodput(r: &Report) -> f64 {
+/// Answers of any status per second.
+pub(crate) fn answered(r: &Report) -> f64 {
+    r.operations.values().map(|o| o.requests as f64).sum::<f64>() / r.duration_s
+}
+
+/// Answers that were not errors per second.
+pub(crate) fn goodput(r: &Report) -> f64 {
     r.operations.values().map(|o| (o.requests - o.errors) as f64).sum::<f64>() / r.duration_s
 }
 
@@ -198,31 +204,17 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let stages: String = steps.iter().map(|r| stage(&format!("step-{r:.0}"), step_s, *r, *r)).collect();
     let find = profile(&format!("name = \"drill-capacity\"\naccounts = 4000\nseed = 1\n{stages}{mix}{keys}"))?;
     // Seed every run first, shadow first: the ramp, or the seeding of the
-    // real runs itself, may well turn shadow traffic off.
-    let mut shadow = Runner::prepare(
+    // real runs itself, may well turn shadow traffic off. Their stages are
+    // set once the capacity is known.
+    let seeded = |name: &str, seed: u32| {
         profile(&format!(
-            "name = \"drill-shadow\"\naccounts = 4000\nseed = 3\n{}{mix}{keys}",
-            stage("overload", hold_s, 1.0, 1.0)
-        ))?,
-        c.options(true, false),
-    )
-    .await?;
-    let mut real = Runner::prepare(
-        profile(&format!(
-            "name = \"drill-real\"\naccounts = 4000\nseed = 2\n{}{mix}{keys}",
-            stage("overload", hold_s, 1.0, 1.0)
-        ))?,
-        c.options(false, progress),
-    )
-    .await?;
-    let flood = Runner::prepare(
-        profile(&format!(
-            "name = \"drill-flood\"\naccounts = 4000\nseed = 5\n{}{mix}{keys}",
-            stage("flood", 1.0, 1.0, 1.0)
-        ))?,
-        c.options(false, progress),
-    )
-    .await?;
+            "name = \"{name}\"\naccounts = 4000\nseed = {seed}\n{}{mix}{keys}",
+            stage(name, 1.0, 1.0, 1.0)
+        ))
+    };
+    let mut shadow = Runner::prepare(seeded("drill-shadow", 3)?, c.options(true, false)).await?;
+    let mut real = Runner::prepare(seeded("drill-real", 2)?, c.options(false, progress)).await?;
+    let flood = Runner::prepare(seeded("drill-flood", 5)?, c.options(false, progress)).await?;
     let found = run_all(vec![(find, c.options(false, progress))]).await?;
     let ramp = &found[0].0;
     let capacity = steps
@@ -252,10 +244,7 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let runs = run_prepared(vec![real, shadow]).await?;
     let (real, shadow) = (&runs[0], &runs[1]);
     let good = goodput(&real.0) + goodput(&shadow.0);
-    let answered: f64 = [&real.0, &shadow.0]
-        .iter()
-        .map(|r| r.operations.values().map(|o| o.requests as f64).sum::<f64>() / r.duration_s)
-        .sum();
+    let answered = answered(&real.0) + answered(&shadow.0);
     let p99 = payments_p99(&real.0);
     let ratio = |(s, n): (u64, u64)| if n == 0 { 0.0 } else { s as f64 / n as f64 };
     let payments = {
@@ -323,9 +312,8 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
         rate_to: flood_rate,
     }])?;
     let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
-    let in_flight_max = c.options(false, false).in_flight_max as u64;
     let (flood_checks, flood_figures, flood_report) =
-        crate::flood::flood(flood, &http, c.pid(), in_flight_max, flood_rate, capacity).await?;
+        crate::flood::flood(flood, &http, c.pid(), GENERATOR_IN_FLIGHT_MAX as u64, flood_rate, capacity).await?;
     let mut checks = checks;
     checks.extend(flood_checks);
     let figures = json!({

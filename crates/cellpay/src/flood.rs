@@ -19,7 +19,7 @@ use cellpay_stress::http::Http;
 use cellpay_stress::{Report, Runner};
 use serde_json::{json, Value};
 
-use crate::drill::{check, Check, PAYMENT_P99_SLO_MS};
+use crate::drill::{answered, check, goodput, Check, PAYMENT_P99_SLO_MS};
 
 /// The flood's offered load, as a multiple of the capacity found.
 pub const FLOOD_TIMES_CAPACITY: f64 = 10.0;
@@ -34,8 +34,6 @@ pub const RSS_SAMPLE: Duration = Duration::from_millis(250);
 /// buffer (grows to 400 KiB at most, but a drill's requests are small) and
 /// its write buffer; 64 KiB is generous for requests of a few hundred bytes.
 pub const CONNECTION_BYTES_MAX: u64 = 64 << 10;
-/// The default `body_bytes_in_flight_max` (the drills start their server with it).
-const BODY_BYTES_IN_FLIGHT_MAX: u64 = 256 << 20;
 /// Payments recovered means this many in a row answered 201 within the SLO.
 const RECOVERED_IN_A_ROW: usize = 5;
 
@@ -80,11 +78,12 @@ pub async fn flood(
     let recovered_after = recovery(http).await;
     sampler.abort();
     let peak = peak.load(Relaxed).max(rss_bytes(pid).unwrap_or(0));
-    let allowed = BODY_BYTES_IN_FLIGHT_MAX + connections * CONNECTION_BYTES_MAX;
+    // The drills start their server with the default front limits.
+    let body_bytes = cellpay_api::FrontLimits::default().body_bytes_in_flight_max as u64;
+    let allowed = body_bytes + connections * CONNECTION_BYTES_MAX;
     let grew = peak.saturating_sub(before);
     let up = alive(pid);
-    let answered: f64 = report.operations.values().map(|o| o.requests as f64).sum::<f64>() / report.duration_s;
-    let good: f64 = report.operations.values().map(|o| (o.requests - o.errors) as f64).sum::<f64>() / report.duration_s;
+    let (answered, good) = (answered(&report), goodput(&report));
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     // The probe starts as the flood's last request is answered.
     let recovered_s = recovered_after.map(|d| d.as_secs_f64());
@@ -159,7 +158,7 @@ async fn recovery(http: &Http) -> Option<Duration> {
         n += 1;
         let sent = Instant::now();
         // Opening is idempotent: the probe's accounts exist after the first answer.
-        let ok = if n == 1 || in_a_row == 0 {
+        let ok = if in_a_row == 0 {
             let a = http.send("POST", "/v1/accounts", Some(open(bank, true))).await;
             let b = http.send("POST", "/v1/accounts", Some(open(shop, false))).await;
             matches!((a, b), (Ok(a), Ok(b)) if a.status < 300 && b.status < 300)
