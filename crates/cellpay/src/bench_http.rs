@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::header::HeaderValue;
 use hyper_util::rt::TokioIo;
 use rand::distr::{Alphanumeric, SampleString};
 use rand::rngs::SmallRng;
@@ -166,16 +166,9 @@ impl Conn {
     }
 
     async fn send_once(&mut self, method: &str, path: &str, body: String) -> anyhow::Result<(u16, Bytes)> {
-        let mut req = hyper::Request::new(Full::new(Bytes::from(body)));
-        *req.method_mut() = hyper::Method::from_bytes(method.as_bytes())?;
-        *req.uri_mut() = hyper::Uri::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes()))?;
-        let headers = req.headers_mut();
-        headers.insert(HOST, self.host.clone());
-        headers.insert(AUTHORIZATION, self.auth.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.shadow {
-            headers.insert("x-cellpay-shadow", HeaderValue::from_static("1"));
-        }
+        let method = hyper::Method::from_bytes(method.as_bytes())?;
+        let uri = hyper::Uri::from_maybe_shared(Bytes::copy_from_slice(path.as_bytes()))?;
+        let req = cellpay_stress::http::request(method, uri, &self.host, &self.auth, self.shadow, Bytes::from(body));
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;
         let status = resp.status().as_u16();

@@ -23,6 +23,30 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections kept for reuse at most; more are closed when returned.
 const IDLE_CONNECTIONS_MAX: usize = 4096;
 
+/// One request as the load generators send it: a JSON body, the host and
+/// bearer token headers built once by the caller, and the shadow header when
+/// it acts on the shadow ledger.
+pub fn request(
+    method: hyper::Method,
+    uri: hyper::Uri,
+    host: &HeaderValue,
+    auth: &HeaderValue,
+    shadow: bool,
+    body: Bytes,
+) -> hyper::Request<Full<Bytes>> {
+    let mut req = hyper::Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    let headers = req.headers_mut();
+    headers.insert(HOST, host.clone());
+    headers.insert(AUTHORIZATION, auth.clone());
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if shadow {
+        headers.insert("x-cellpay-shadow", HeaderValue::from_static("1"));
+    }
+    req
+}
+
 #[derive(Clone)]
 pub struct Http {
     /// `host:port`, to connect to.
@@ -116,16 +140,8 @@ impl Http {
         body: Bytes,
     ) -> hyper::Result<Answer> {
         let uri = if self.prefix.is_empty() { path.to_string() } else { format!("{}{path}", self.prefix) };
-        let mut req = hyper::Request::new(Full::new(body));
-        *req.method_mut() = method.clone();
-        *req.uri_mut() = uri.parse().unwrap_or_else(|_| hyper::Uri::from_static("/"));
-        let headers = req.headers_mut();
-        headers.insert(HOST, self.host.clone());
-        headers.insert(AUTHORIZATION, self.auth.clone());
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if self.shadow {
-            headers.insert("x-cellpay-shadow", HeaderValue::from_static("1"));
-        }
+        let uri = uri.parse().unwrap_or_else(|_| hyper::Uri::from_static("/"));
+        let req = request(method.clone(), uri, &self.host, &self.auth, self.shadow, body);
         sender.ready().await?;
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
