@@ -125,8 +125,8 @@ pub const QUEUE_SHARE_PERCENT: [usize; 4] = [100, 90, 75, 50];
 
 /// The default group-commit linger. On this project's machines an fsync
 /// costs about 150 µs of CPU (a virtio flush), a quarter of a payment's
-/// server CPU without it; 2 ms of linger cut fsyncs 5–10x and doubled the
-/// payments one core serves (docs/BENCHMARKS.md), within a 100 ms p99 SLO.
+/// server CPU without it; 2 ms of linger cut fsyncs 4.6x and served 1.6x the
+/// payments on one core (docs/BENCHMARKS.md), within a 100 ms p99 SLO.
 pub const BATCH_LINGER_DEFAULT: Duration = Duration::from_millis(2);
 
 impl Default for EngineConfig {
@@ -750,9 +750,10 @@ impl Engine {
     /// this batch's durable append: only under concurrent load (the previous
     /// batch held more than one command, so a lone client never waits), only
     /// for a batch with commands to log (reads append nothing), and only
-    /// while the batch has room.
-    fn lingers(&self, batch: &[Work], size: usize, previous: usize, full: bool) -> bool {
-        !full
+    /// while the batch is open (`closed`: a stop is in it, or the next work
+    /// did not fit).
+    fn lingers(&self, batch: &[Work], size: usize, previous: usize, closed: bool) -> bool {
+        !closed
             && previous > 1
             && !self.shared.config.batch_linger.is_zero()
             && size < self.shared.config.batch_commands_max
