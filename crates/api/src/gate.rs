@@ -31,9 +31,9 @@ use axum::http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use cellpay_core::{ErrorCode, Priority};
 use cellpay_router::protect::GateRefusal;
 use cellpay_router::{Action, Route};
-use metrics::{Counter, Histogram};
 
 use crate::error::ApiError;
+use crate::metrics::AnswerSeries;
 use crate::request_id::{self, X_REQUEST_ID};
 use crate::AppState;
 
@@ -74,36 +74,13 @@ const TEMPLATES: [&str; 6] = [
     "/v1/accounts/{id}",
 ];
 
-/// The metric handles one kind of refused answer records into, resolved once.
-struct Handles {
-    requests: Counter,
-    duration: Histogram,
-    class_duration: Histogram,
-    critical: Option<Histogram>,
-}
-
-impl Handles {
-    fn new(template: &'static str, class: Priority) -> Self {
-        use metrics::{counter, histogram};
-        let critical = (class == Priority::Critical).then(|| {
-            histogram!("cellpay_critical_request_duration_seconds", "tenant" => "(unknown)", "status_class" => "5xx")
-        });
-        Self {
-            requests: counter!("cellpay_http_requests_total", "route" => template, "code" => "503"),
-            duration: histogram!("cellpay_http_request_duration_seconds", "route" => template),
-            class_duration: histogram!("cellpay_http_request_class_duration_seconds", "route" => template, "class" => class.as_str(), "status_class" => "5xx"),
-            critical,
-        }
-    }
-}
-
 /// Prepared answers and resolved metric handles of the front gate.
 pub struct Gate {
     /// `overloaded` per class (rank).
     overloaded: [Bytes; 4],
     shadow_off: Bytes,
     history_off: Bytes,
-    handles: [[OnceLock<Handles>; 4]; TEMPLATES.len()],
+    handles: [[OnceLock<AnswerSeries>; 4]; TEMPLATES.len()],
     /// Requests past the gate and not yet answered (`cellpay_front_in_flight`).
     in_flight: AtomicU64,
 }
@@ -158,9 +135,10 @@ impl Gate {
         }
     }
 
-    fn handles(&self, template: &'static str, class: Priority) -> &Handles {
+    fn handles(&self, template: &'static str, class: Priority) -> &AnswerSeries {
         let t = TEMPLATES.iter().position(|t| *t == template).expect("classify_path answers only TEMPLATES");
-        self.handles[t][class.rank()].get_or_init(|| Handles::new(template, class))
+        self.handles[t][class.rank()]
+            .get_or_init(|| AnswerSeries::new(template, Some(StatusCode::SERVICE_UNAVAILABLE), Some(class), None))
     }
 }
 
@@ -193,16 +171,8 @@ pub fn check<B>(state: &AppState, request: &Request<B>, arrived: Instant) -> Opt
 /// What `metrics::track` records for every answer, for one refused here.
 fn record(state: &AppState, template: &'static str, class: Priority, arrived: Instant) {
     let seconds = arrived.elapsed().as_secs_f64();
-    state.answered.fetch_add(1, Relaxed);
-    state.unavailable_answers.fetch_add(1, Relaxed);
-    state.classes.record(class, seconds, true);
-    let h = state.gate.handles(template, class);
-    h.requests.increment(1);
-    h.duration.record(seconds);
-    h.class_duration.record(seconds);
-    if let Some(critical) = &h.critical {
-        critical.record(seconds);
-    }
+    state.gate.handles(template, class).record(seconds);
+    crate::metrics::answered(state, Some(class), Some(StatusCode::SERVICE_UNAVAILABLE), seconds);
 }
 
 #[cfg(test)]

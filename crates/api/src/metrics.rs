@@ -177,10 +177,6 @@ pub async fn track(
     let class = class_of(&request);
     let mut timing = Timing { state: state.clone(), route, class, started: Instant::now(), finished: false };
     let response = next.run(request).await;
-    state.answered.fetch_add(1, Relaxed);
-    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-        state.unavailable_answers.fetch_add(1, Relaxed);
-    }
     let tenant = response.extensions().get::<TenantLabel>().map(|t| t.0.as_str());
     timing.finish(Some(response.status()), tenant);
     response
@@ -208,6 +204,42 @@ impl Timing {
         self.finished = true;
         let seconds = self.started.elapsed().as_secs_f64();
         let route = std::mem::take(&mut self.route);
+        AnswerSeries::new(route, status, self.class, tenant).record(seconds);
+        answered(&self.state, self.class, status, seconds);
+    }
+}
+
+/// The dashboard's counts of one answer (`None`: abandoned by its client).
+pub(crate) fn answered(state: &AppState, class: Option<Priority>, status: Option<StatusCode>, seconds: f64) {
+    if let Some(status) = status {
+        state.answered.fetch_add(1, Relaxed);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            state.unavailable_answers.fetch_add(1, Relaxed);
+        }
+    }
+    if let Some(c) = class {
+        state.classes.record(c, seconds, status.is_none_or(|s| s.as_u16() >= 500));
+    }
+}
+
+/// The series one answer is recorded in, by route, status, class and (for
+/// the critical class) tenant: resolved per answer by [`track`], and once
+/// per kind of refusal by the front gate, which keeps them.
+pub(crate) struct AnswerSeries {
+    requests: Option<metrics::Counter>,
+    duration: metrics::Histogram,
+    class_duration: metrics::Histogram,
+    critical: Option<metrics::Histogram>,
+}
+
+impl AnswerSeries {
+    pub(crate) fn new(
+        route: impl Into<metrics::SharedString>,
+        status: Option<StatusCode>,
+        class: Option<Priority>,
+        tenant: Option<&str>,
+    ) -> Self {
+        let route: metrics::SharedString = route.into();
         let status_class = match status.map(|s| s.as_u16() / 100) {
             Some(1) => "1xx",
             Some(2) => "2xx",
@@ -216,21 +248,30 @@ impl Timing {
             Some(_) => "5xx",
             None => "abandoned",
         };
-        if let Some(code) = status {
+        let requests = status.map(|code| {
             counter!("cellpay_http_requests_total", "route" => route.clone(), "code" => code.as_str().to_string())
-                .increment(1);
-        }
-        histogram!("cellpay_http_request_duration_seconds", "route" => route.clone()).record(seconds);
-        let class = self.class.map_or("none", Priority::as_str);
-        histogram!("cellpay_http_request_class_duration_seconds", "route" => route, "class" => class, "status_class" => status_class)
-            .record(seconds);
-        if let Some(c) = self.class {
-            self.state.classes.record(c, seconds, status_class == "5xx" || status.is_none());
-        }
-        if self.class == Some(Priority::Critical) {
+        });
+        let critical = (class == Some(Priority::Critical)).then(|| {
             let tenant = tenant.unwrap_or("(unknown)").to_string();
             histogram!("cellpay_critical_request_duration_seconds", "tenant" => tenant, "status_class" => status_class)
-                .record(seconds);
+        });
+        let class = class.map_or("none", Priority::as_str);
+        Self {
+            requests,
+            duration: histogram!("cellpay_http_request_duration_seconds", "route" => route.clone()),
+            class_duration: histogram!("cellpay_http_request_class_duration_seconds", "route" => route, "class" => class, "status_class" => status_class),
+            critical,
+        }
+    }
+
+    pub(crate) fn record(&self, seconds: f64) {
+        if let Some(requests) = &self.requests {
+            requests.increment(1);
+        }
+        self.duration.record(seconds);
+        self.class_duration.record(seconds);
+        if let Some(critical) = &self.critical {
+            critical.record(seconds);
         }
     }
 }
