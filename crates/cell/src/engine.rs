@@ -939,15 +939,17 @@ impl Engine {
 
     fn checkpoint(&mut self) -> Result<(), Halt> {
         let started = Instant::now();
-        // The snapshot no longer holds the records that left memory: the tier must.
-        if let Some(tier) = &self.tier {
-            tier.flush().map_err(Halt::Tier)?;
-        }
         // Size the buffer from the last snapshot: no regrowing, fewer page faults.
         let capacity = self.snapshot_bytes_last + self.snapshot_bytes_last / 8;
         let bytes = snapshot::encode_with_capacity(&self.state, capacity);
         self.snapshot_bytes_last = bytes.len();
-        self.store.checkpoint(self.seq, bytes)?;
+        match &self.tier {
+            // The snapshot no longer holds the records that left memory: the
+            // checkpoint counts (and the log before it goes) only once the tier
+            // holds them durably. The store waits for that in the background.
+            Some(tier) => self.store.checkpoint_when(self.seq, bytes, tier.flush_later())?,
+            None => self.store.checkpoint(self.seq, bytes)?,
+        }
         self.log_bytes_since_checkpoint = 0;
         // The pause the engine took; the file is written in the background.
         self.shared.stats.record_checkpoint(started.elapsed().as_micros() as u64);

@@ -360,15 +360,20 @@ impl TierLink {
         out
     }
 
-    /// Waits until the tier holds every generation handed to it.
-    pub fn flush(&self) -> Result<(), String> {
-        if self.gen == 0 || self.shared.view().durable_through() >= self.gen {
-            return self.shared.failed().map_or(Ok(()), Err);
-        }
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(TierWork::Flush);
-        }
-        self.shared.wait_durable(self.gen)
+    /// Waits, when called, until the tier holds every generation handed to it
+    /// so far; called on another thread (a checkpoint written in the
+    /// background waits for it, so the writer does not).
+    pub fn flush_later(&self) -> Box<dyn FnOnce() -> Result<(), String> + Send> {
+        let (gen, shared, tx) = (self.gen, self.shared.clone(), self.tx.clone());
+        Box::new(move || {
+            if gen == 0 || shared.view().durable_through() >= gen {
+                return shared.failed().map_or(Ok(()), Err);
+            }
+            if let Some(tx) = tx {
+                let _ = tx.send(TierWork::Flush);
+            }
+            shared.wait_durable(gen)
+        })
     }
 
     /// The records a batch's transfers may need from outside memory: what the prefetch found.
@@ -599,7 +604,7 @@ mod tests {
         assert_eq!(link.releasable(5), Some(marks(3)));
         assert_eq!(link.releasable(5), None);
         // The tier holds both generations once flushed, and a view finds them.
-        link.flush().unwrap();
+        link.flush_later()().unwrap();
         let view = link.shared.view();
         assert_eq!(view.durable_through(), 2);
         let mut found = Found::default();

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::frame::{self, RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
-use crate::{Checkpoint, ReplayReport, Store, StoreError, StoreStats, StoredCheckpoint, TornTail, Visitor};
+use crate::{
+    Checkpoint, CheckpointReady, ReplayReport, Store, StoreError, StoreStats, StoredCheckpoint, TornTail, Visitor,
+};
 
 const SEGMENT_MAGIC: &[u8; 8] = b"CPSEG001";
 const SEGMENT_HEADER_BYTES: usize = 16;
@@ -483,6 +485,10 @@ impl Store for EmbeddedStore {
     }
 
     fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError> {
+        self.checkpoint_when(seq, snapshot, Box::new(|| Ok(())))
+    }
+
+    fn checkpoint_when(&mut self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
@@ -498,6 +504,7 @@ impl Store for EmbeddedStore {
         let writer = std::thread::Builder::new()
             .name("checkpoint".into())
             .spawn(move || {
+                ready().map_err(|reason| StoreError::CheckpointNotReady { seq, reason })?;
                 write_checkpoint_file(&checkpoint_dir, seq, &snapshot, &counters)?;
                 drop_covered(&checkpoint_dir, &log_dir)
             })

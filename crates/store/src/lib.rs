@@ -83,6 +83,8 @@ pub enum StoreError {
     NotReplayed,
     #[error("an earlier write failed; the store refuses further writes until it is reopened")]
     Poisoned,
+    #[error("checkpoint {seq} was not written: {reason}")]
+    CheckpointNotReady { seq: u64, reason: String },
 }
 
 impl StoreError {
@@ -99,6 +101,9 @@ pub type VisitError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Receives each replayed batch: its sequence number and bytes. An `Err`
 /// stops the replay with that error.
 pub type Visitor<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), VisitError>;
+
+/// What a checkpoint waits for before it may count (see [`Store::checkpoint_when`]).
+pub type CheckpointReady = Box<dyn FnOnce() -> Result<(), String> + Send>;
 
 /// The durable store of one cell.
 pub trait Store: Send {
@@ -135,6 +140,17 @@ pub trait Store: Send {
     /// older log) only once it is durable, and at most one is in flight. A
     /// background failure is answered by the next call.
     fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Like [`Store::checkpoint`], but checkpoint `seq` may count only once
+    /// `ready` answers `Ok`: a precondition outside the store, such as the
+    /// idempotency tier holding every record the snapshot no longer holds. A
+    /// store that writes in the background waits for it there, so the caller
+    /// does not; if it fails, nothing is written (older log is kept) and the
+    /// next call answers [`StoreError::CheckpointNotReady`].
+    fn checkpoint_when(&mut self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
+        ready().map_err(|reason| StoreError::CheckpointNotReady { seq, reason })?;
+        self.checkpoint(seq, snapshot)
+    }
 
     /// Returns once the checkpoint in flight, if any, is durable, or answers its failure.
     fn sync_checkpoint(&mut self) -> Result<(), StoreError>;

@@ -105,6 +105,33 @@ fn a_checkpoint_drops_covered_segments_and_replay_starts_after_it() {
 }
 
 #[test]
+fn a_checkpoint_counts_only_once_its_precondition_holds_and_not_at_all_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    write_batches(dir.path(), 10, 1 << 20);
+    let (mut store, _, _) = recover(dir.path(), 1 << 20).unwrap();
+    // The writer is not held up while the precondition waits (in the background).
+    let (release, wait) = std::sync::mpsc::channel::<Result<(), String>>();
+    let ready: cellpay_store::CheckpointReady = Box::new(move || wait.recv().unwrap());
+    store.checkpoint_when(10, b"ten".to_vec(), ready).unwrap();
+    store.append(11, &payload(11)).unwrap();
+    assert!(store.checkpoints().unwrap().is_empty(), "not durable before its precondition holds");
+    release.send(Ok(())).unwrap();
+    store.sync_checkpoint().unwrap();
+    assert_eq!(store.checkpoints().unwrap().iter().map(|c| c.seq).collect::<Vec<_>>(), [10]);
+    // A failed precondition writes nothing, and the next call says why.
+    store.checkpoint_when(11, b"eleven".to_vec(), Box::new(|| Err("the tier failed".into()))).unwrap();
+    let err = store.sync_checkpoint().unwrap_err();
+    assert!(
+        matches!(&err, StoreError::CheckpointNotReady { seq: 11, reason } if reason == "the tier failed"),
+        "{err}"
+    );
+    assert_eq!(store.checkpoints().unwrap().iter().map(|c| c.seq).collect::<Vec<_>>(), [10]);
+    drop(store);
+    let (_, seen, _) = recover(dir.path(), 1 << 20).unwrap();
+    assert_eq!(seen.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [11], "the log after checkpoint 10 is kept");
+}
+
+#[test]
 fn a_checkpoint_with_no_later_batches_recovers_to_its_seq() {
     let dir = tempfile::tempdir().unwrap();
     write_batches(dir.path(), 10, 1 << 20);
