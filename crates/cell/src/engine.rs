@@ -440,76 +440,33 @@ impl Cell {
     /// As [`Cell::start`], with the disk tier of idempotency records in
     /// `tier_dir` (none: records that leave memory are gone).
     pub fn start_with_tier(
-        mut store: Box<dyn Store>,
+        store: Box<dyn Store>,
         tier_dir: Option<&Path>,
         cell: CellId,
         map: &ShardMap,
         config: EngineConfig,
     ) -> Result<Self, RecoveryError> {
-        assert!(config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max);
-        assert!(!config.stall_after.is_zero(), "a stall limit of zero would refuse every batch");
-        let window_ms = config.idempotency_window.as_millis() as u64;
-        let mut tier = match tier_dir {
-            Some(dir) => Some(Tier::open(dir, config.tier.options).map_err(RecoveryError::Tier)?),
-            None => None,
-        };
-        let (mut state, recovery) = recover_with_tier(store.as_mut(), cell, map, config.limits, tier.as_mut())?;
-        state.set_spill(tier.is_some());
-        let shards = state.shard_map().shards();
-        let mut tier = match tier {
-            Some(tier) => Some(
-                TierLink::start(tier, format!("cell-{cell}-tier"), config.tier, shards, window_ms)
-                    .map_err(|source| RecoveryError::Store(StoreError::Io { path: "tier thread".into(), source }))?,
-            ),
-            None => None,
-        };
-        // One slot more than the queue limit, kept for the single Stop.
-        let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
-        let shared = Arc::new(Shared {
-            cell,
-            outbox: watch::Sender::new(0),
-            config,
-            queued: AtomicUsize::new(0),
-            epoch: AtomicU64::new(state.shard_map().epoch()),
-            watchdog: Watchdog::new(cell, config.stall_after),
-            shed_level: AtomicUsize::new(0),
-            queue_delay_us: AtomicU64::new(0),
-            stats: EngineStats::default(),
-            outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
-            figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
-            tier: tier.as_ref().map(|t| t.shared.clone()),
-            prefetcher: tier.as_mut().map(|link| {
-                std::sync::Mutex::new(Prefetcher {
-                    mem: SpillBuffer::default(),
-                    spills: link.prefetch_channel(),
-                    tier: link.shared.clone(),
-                    shards,
-                })
-            }),
-        });
-        // What the replay moved out of memory is the tier's first generation
-        // (the prefetch sees it at once; the first checkpoint waits for it).
-        if let Some(link) = &mut tier {
-            let (real, shadow) = state.take_spilled();
-            link.spill(real, shadow, state.clock_ms());
-        }
-        let engine = Engine {
-            shared: shared.clone(),
-            rx,
-            tier,
-            state,
-            store,
-            seq: recovery.last_seq,
-            encoder: BatchEncoder::default(),
-            log_bytes_since_checkpoint: 0,
-            snapshot_bytes_last: 0,
-            queue_delay: QueueDelay::new(config.queue_delay_target, config.queue_delay_interval),
-        };
+        let (engine, handle, recovery) = Engine::build(store, tier_dir, cell, map, config, Arc::new(wall_clock_ms))?;
         let thread = std::thread::Builder::new()
             .name(format!("cell-{cell}"))
             .spawn(move || engine.run())
             .map_err(|source| RecoveryError::Store(StoreError::Io { path: "engine thread".into(), source }))?;
-        Ok(Self { handle: CellHandle { tx, shared }, thread: Some(thread), recovery })
+        Ok(Self { handle, thread: Some(thread), recovery })
+    }
+
+    /// A cell whose engine runs one batch per [`SteppedCell::step`] on the
+    /// caller's thread, with the batch clock from `clock`: the same engine
+    /// (recovery, batching, the state machine, the store, the answers), driven
+    /// by a deterministic simulation instead of a thread. No disk tier.
+    pub fn stepped(
+        store: Box<dyn Store>,
+        cell: CellId,
+        map: &ShardMap,
+        config: EngineConfig,
+        clock: BatchClock,
+    ) -> Result<(SteppedCell, RecoveryReport), RecoveryError> {
+        let (engine, handle, recovery) = Engine::build(store, None, cell, map, config, clock)?;
+        Ok((SteppedCell { engine, handle, cycle: Cycle::default(), ended: None }, recovery))
     }
 
     pub fn handle(&self) -> CellHandle {
@@ -567,6 +524,71 @@ struct Engine {
     log_bytes_since_checkpoint: u64,
     snapshot_bytes_last: usize,
     queue_delay: QueueDelay,
+    /// The batch clock (Unix ms; the state never lets it go back).
+    clock: BatchClock,
+}
+
+/// Where a batch's time comes from: the wall clock in production, the
+/// simulated clock in a simulation. Unix milliseconds.
+pub type BatchClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// What one engine cycle hands the next: the work that did not fit the last
+/// batch, the batch's buffer, and the size of the last batch (for the linger).
+#[derive(Default)]
+struct Cycle {
+    carry: Option<Work>,
+    batch: Vec<Work>,
+    previous: usize,
+}
+
+/// A cell's engine driven one batch at a time by the caller (see [`Cell::stepped`]).
+/// Dropping it is a crash: nothing queued is answered, no final checkpoint.
+pub struct SteppedCell {
+    engine: Engine,
+    handle: CellHandle,
+    cycle: Cycle,
+    /// How the engine ended, once it did.
+    ended: Option<Result<(), StoreError>>,
+}
+
+impl SteppedCell {
+    pub fn handle(&self) -> CellHandle {
+        self.handle.clone()
+    }
+
+    /// Runs one batch of what is queued; answers false when nothing was
+    /// queued or the engine has ended.
+    pub fn step(&mut self) -> bool {
+        if self.ended.is_some() {
+            return false;
+        }
+        let Some(first) = self.cycle.carry.take().or_else(|| self.engine.rx.try_recv().ok()) else {
+            return false;
+        };
+        if let Some(end) = self.engine.cycle(first, &mut self.cycle) {
+            self.engine.shared.watchdog.engine_ended();
+            self.ended = Some(end);
+        }
+        true
+    }
+
+    /// How the engine ended (a store failure, a panic), once it did.
+    pub fn ended(&self) -> Option<&Result<(), StoreError>> {
+        self.ended.as_ref()
+    }
+
+    /// The cell's state between batches.
+    pub fn state(&self) -> &CellState {
+        &self.engine.state
+    }
+}
+
+impl Drop for SteppedCell {
+    fn drop(&mut self) {
+        // Like an engine thread's end: the cell stops serving at once.
+        self.engine.shared.watchdog.engine_ended();
+        self.engine.rx.close();
+    }
 }
 
 /// What the engine owes one request of a batch: computed before the append,
@@ -678,71 +700,152 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 }
 
 impl Engine {
+    /// Recovers the cell from `store` (and its tier) and builds its engine,
+    /// not yet running.
+    fn build(
+        mut store: Box<dyn Store>,
+        tier_dir: Option<&Path>,
+        cell: CellId,
+        map: &ShardMap,
+        config: EngineConfig,
+        clock: BatchClock,
+    ) -> Result<(Engine, CellHandle, RecoveryReport), RecoveryError> {
+        assert!(config.batch_commands_max > 0 && config.queue_commands_max >= config.batch_commands_max);
+        assert!(!config.stall_after.is_zero(), "a stall limit of zero would refuse every batch");
+        let window_ms = config.idempotency_window.as_millis() as u64;
+        let mut tier = match tier_dir {
+            Some(dir) => Some(Tier::open(dir, config.tier.options).map_err(RecoveryError::Tier)?),
+            None => None,
+        };
+        let (mut state, recovery) = recover_with_tier(store.as_mut(), cell, map, config.limits, tier.as_mut())?;
+        state.set_spill(tier.is_some());
+        let shards = state.shard_map().shards();
+        let mut tier = match tier {
+            Some(tier) => Some(
+                TierLink::start(tier, format!("cell-{cell}-tier"), config.tier, shards, window_ms)
+                    .map_err(|source| RecoveryError::Store(StoreError::Io { path: "tier thread".into(), source }))?,
+            ),
+            None => None,
+        };
+        // One slot more than the queue limit, kept for the single Stop.
+        let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
+        let shared = Arc::new(Shared {
+            cell,
+            outbox: watch::Sender::new(0),
+            config,
+            queued: AtomicUsize::new(0),
+            epoch: AtomicU64::new(state.shard_map().epoch()),
+            watchdog: Watchdog::new(cell, config.stall_after),
+            shed_level: AtomicUsize::new(0),
+            queue_delay_us: AtomicU64::new(0),
+            stats: EngineStats::default(),
+            outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
+            figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
+            tier: tier.as_ref().map(|t| t.shared.clone()),
+            prefetcher: tier.as_mut().map(|link| {
+                std::sync::Mutex::new(Prefetcher {
+                    mem: SpillBuffer::default(),
+                    spills: link.prefetch_channel(),
+                    tier: link.shared.clone(),
+                    shards,
+                })
+            }),
+        });
+        // What the replay moved out of memory is the tier's first generation
+        // (the prefetch sees it at once; the first checkpoint waits for it).
+        if let Some(link) = &mut tier {
+            let (real, shadow) = state.take_spilled();
+            link.spill(real, shadow, state.clock_ms());
+        }
+        let engine = Engine {
+            shared: shared.clone(),
+            rx,
+            tier,
+            state,
+            store,
+            seq: recovery.last_seq,
+            encoder: BatchEncoder::default(),
+            log_bytes_since_checkpoint: 0,
+            snapshot_bytes_last: 0,
+            queue_delay: QueueDelay::new(config.queue_delay_target, config.queue_delay_interval),
+            clock,
+        };
+        Ok((engine, CellHandle { tx, shared }, recovery))
+    }
+
     fn run(mut self) -> Result<(), StoreError> {
         let _exit = EngineExit(self.shared.clone());
-        let mut carry: Option<Work> = None;
-        let mut batch: Vec<Work> = Vec::new();
-        let mut previous = 0usize;
+        let mut cycle = Cycle::default();
         loop {
-            let Some(first) = carry.take().or_else(|| self.rx.blocking_recv()) else {
+            let Some(first) = cycle.carry.take().or_else(|| self.rx.blocking_recv()) else {
                 return self.final_checkpoint().map_err(Halt::into_store);
             };
-            self.shared.watchdog.cycle_started();
-            let mut size = first.cost();
-            let stop = matches!(first, Work::Stop { .. });
-            batch.push(first);
-            // Smart batching: take what is already queued, up to the batch
-            // limit; under concurrent load, linger once for more (group commit).
-            let mut lingered = false;
-            loop {
-                while !stop && carry.is_none() && size < self.shared.config.batch_commands_max {
-                    let Ok(next) = self.rx.try_recv() else { break };
-                    if size + next.cost() > self.shared.config.batch_commands_max {
-                        carry = Some(next);
-                        break;
-                    }
-                    size += next.cost();
-                    batch.push(next);
-                }
-                if lingered || !self.lingers(&batch, size, previous, stop || carry.is_some()) {
+            if let Some(end) = self.cycle(first, &mut cycle) {
+                return end;
+            }
+        }
+    }
+
+    /// One batch: takes `first` and what else is queued (up to the batch
+    /// limit), applies it, appends it durably and answers it. Answers how the
+    /// engine ends, if this batch ends it (a stop, a failure).
+    fn cycle(&mut self, first: Work, cycle: &mut Cycle) -> Option<Result<(), StoreError>> {
+        let Cycle { carry, batch, previous } = cycle;
+        self.shared.watchdog.cycle_started();
+        let mut size = first.cost();
+        let stop = matches!(first, Work::Stop { .. });
+        batch.push(first);
+        // Smart batching: take what is already queued, up to the batch
+        // limit; under concurrent load, linger once for more (group commit).
+        let mut lingered = false;
+        loop {
+            while !stop && carry.is_none() && size < self.shared.config.batch_commands_max {
+                let Ok(next) = self.rx.try_recv() else { break };
+                if size + next.cost() > self.shared.config.batch_commands_max {
+                    *carry = Some(next);
                     break;
                 }
-                lingered = true;
-                std::thread::sleep(self.shared.config.batch_linger);
+                size += next.cost();
+                batch.push(next);
             }
-            previous = size;
-            let stopping = batch.iter().find_map(|w| match w {
-                Work::Stop { checkpoint } => Some(*checkpoint),
-                _ => None,
-            });
-            self.shared.queued.fetch_sub(size, Relaxed);
-            // A panic is caught here with the batch still owed its answers, so
-            // they are answered with the reason. The state it leaves is never
-            // used again: the engine fails and serves nothing more.
-            let cycle = panic::catch_unwind(AssertUnwindSafe(|| {
-                self.shed_late(&mut batch);
-                self.process(&mut batch)
-            }));
-            match cycle {
-                Ok(Ok(())) => self.shared.watchdog.cycle_finished(),
-                Ok(Err(halt)) => {
-                    self.fail(&halt.to_string(), &mut batch, carry);
-                    return Err(match halt {
-                        Halt::Store(e) => e,
-                        Halt::Tier(_) => StoreError::Poisoned,
-                    });
-                }
-                Err(payload) => {
-                    let reason = format!("the engine panicked: {}", panic_message(payload.as_ref()));
-                    self.fail(&reason, &mut batch, carry);
-                    return Err(StoreError::Poisoned);
-                }
+            if lingered || !self.lingers(batch, size, *previous, stop || carry.is_some()) {
+                break;
             }
-            match stopping {
-                Some(true) => return self.final_checkpoint().map_err(Halt::into_store),
-                Some(false) => return Ok(()),
-                None => {}
+            lingered = true;
+            std::thread::sleep(self.shared.config.batch_linger);
+        }
+        *previous = size;
+        let stopping = batch.iter().find_map(|w| match w {
+            Work::Stop { checkpoint } => Some(*checkpoint),
+            _ => None,
+        });
+        self.shared.queued.fetch_sub(size, Relaxed);
+        // A panic is caught here with the batch still owed its answers, so
+        // they are answered with the reason. The state it leaves is never
+        // used again: the engine fails and serves nothing more.
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            self.shed_late(batch);
+            self.process(batch)
+        }));
+        match outcome {
+            Ok(Ok(())) => self.shared.watchdog.cycle_finished(),
+            Ok(Err(halt)) => {
+                self.fail(&halt.to_string(), batch, carry.take());
+                return Some(Err(match halt {
+                    Halt::Store(e) => e,
+                    Halt::Tier(_) => StoreError::Poisoned,
+                }));
             }
+            Err(payload) => {
+                let reason = format!("the engine panicked: {}", panic_message(payload.as_ref()));
+                self.fail(&reason, batch, carry.take());
+                return Some(Err(StoreError::Poisoned));
+            }
+        }
+        match stopping {
+            Some(true) => Some(self.final_checkpoint().map_err(Halt::into_store)),
+            Some(false) => Some(Ok(())),
+            None => None,
         }
     }
 
@@ -810,7 +913,7 @@ impl Engine {
         let cpu_started = thread_cpu_ns();
         self.encoder.clear();
         // The batch's clock: the wall clock, never backwards; logged with the batch.
-        let clock_ms = self.state.advance_clock(wall_clock_ms());
+        let clock_ms = self.state.advance_clock((self.clock)());
         self.encoder.set_clock(clock_ms);
         // One answer per work, in order; the batch keeps its replies until
         // they are sent, so a failure before that can still answer them.

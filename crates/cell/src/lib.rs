@@ -27,8 +27,8 @@ pub use buckets::{BucketCounts, Buckets, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_S};
 pub use client::{BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
 pub use engine::{
-    Cell, CellFigures, CellHandle, EngineConfig, EngineError, Submission, OUTBOX_MESSAGES_MAX_DEFAULT,
-    QUEUE_SHARE_PERCENT,
+    BatchClock, Cell, CellFigures, CellHandle, EngineConfig, EngineError, SteppedCell, Submission,
+    OUTBOX_MESSAGES_MAX_DEFAULT, QUEUE_SHARE_PERCENT,
 };
 pub use health::Health;
 pub use recovery::{recover, recover_with_tier, DamagedCheckpoint, RecoveryError, RecoveryReport};

@@ -19,6 +19,7 @@ mod flood;
 mod placement;
 mod rehearse;
 mod serve;
+mod sim;
 mod stress;
 
 use std::process::ExitCode;
@@ -62,6 +63,9 @@ enum Command {
     /// Recovers one cell's store, checks its invariants and prints what it found.
     /// Exit 1 when the store is corrupt or an invariant fails.
     Check(check::Args),
+    /// Deterministic simulation of a whole cluster under crashes, disk and
+    /// network faults; a seed replays exactly. Exit 1 when an invariant fails.
+    Sim(sim::Args),
     /// Tools for cellpay's own tests.
     #[command(subcommand, hide = true)]
     Debug(DebugCommand),
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Engine(args)) => bench_engine::run(args),
         Command::Bench(BenchCommand::Http(args)) => bench_http::run(args),
         Command::Check(args) => check::run(args),
+        Command::Sim(args) => sim::run(args),
         Command::Debug(DebugCommand::CrashLoad(args)) => crash_load::run(args),
     };
     match result {

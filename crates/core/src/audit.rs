@@ -25,6 +25,7 @@
 //! sums at `c` mean the two books disagree about what moved. Each finding
 //! names the pair, the sequences and the amount.
 
+use std::borrow::Borrow;
 use std::fmt;
 
 use crate::ids::CellId;
@@ -316,9 +317,10 @@ pub fn reconcile_pair(before: &OutboxFigures, at_dest: &InboxAt, after_at: &Outb
 /// The audit of cells that are not running (or all read at one moment, as
 /// `cellpay check` does with stopped data directories): each cell's full
 /// audit, and every ordered pair reconciled.
-pub fn audit_states(cells: &[CellState], shadow: bool) -> Vec<Finding> {
+pub fn audit_states<S: std::borrow::Borrow<CellState>>(cells: &[S], shadow: bool) -> Vec<Finding> {
+    let cells: Vec<&CellState> = cells.iter().map(Borrow::borrow).collect();
     let mut findings: Vec<Finding> = cells.iter().flat_map(|c| c.ledger(shadow).audit(c.cell()).findings).collect();
-    for a in cells {
+    for a in &cells {
         for b in cells.iter().filter(|b| b.cell() != a.cell()) {
             findings.extend(reconcile_states(a, b, shadow));
         }

@@ -1,0 +1,213 @@
+//! The simulated network between the router, the relays and the cells: a
+//! [`SimLink`] is a real [`CellClient`] (the interface a cell in another
+//! process will be reached through), whose calls the network may lose before
+//! or after the cell acts on them, duplicate, delay, or refuse while the cell
+//! is cut off by a partition.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellHandle, CellStatus, EngineError, Health};
+use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
+use tokio::sync::watch;
+
+use crate::rng::Rng;
+
+/// How often each fault strikes a call, per million calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetFaults {
+    /// The request is lost: the cell never sees it.
+    pub request_loss: u32,
+    /// The cell acts on it, and its answer is lost.
+    pub reply_loss: u32,
+    /// The request arrives twice (the second answer is dropped).
+    pub duplicate: u32,
+    /// Calls wait up to this many ticks before they arrive.
+    pub delay_ticks_max: u64,
+}
+
+/// The network's state, shared by every link of one simulation.
+#[derive(Debug)]
+pub struct Net {
+    rng: Rng,
+    /// The simulation's tick, which delayed calls wait for.
+    pub tick: u64,
+    pub faults: NetFaults,
+    /// Cells cut off from everyone: calls to them fail.
+    pub cut: BTreeSet<CellId>,
+    pub lost_requests: u64,
+    pub lost_replies: u64,
+    pub duplicates: u64,
+}
+
+pub type SharedNet = Arc<Mutex<Net>>;
+
+impl Net {
+    pub fn new(rng: Rng) -> SharedNet {
+        Arc::new(Mutex::new(Net {
+            rng,
+            tick: 0,
+            faults: NetFaults::default(),
+            cut: BTreeSet::new(),
+            lost_requests: 0,
+            lost_replies: 0,
+            duplicates: 0,
+        }))
+    }
+}
+
+/// What happens to one call, decided when it is made.
+struct Fate {
+    arrive_at: u64,
+    request_lost: bool,
+    reply_lost: bool,
+    duplicate: bool,
+}
+
+fn fate(net: &SharedNet) -> Fate {
+    let mut n = net.lock().expect("one thread");
+    let f = n.faults;
+    let delay = if f.delay_ticks_max > 0 { n.rng.below(f.delay_ticks_max + 1) } else { 0 };
+    let fate = Fate {
+        arrive_at: n.tick + delay,
+        request_lost: n.rng.chance(f.request_loss),
+        reply_lost: n.rng.chance(f.reply_loss),
+        duplicate: n.rng.chance(f.duplicate),
+    };
+    n.lost_requests += u64::from(fate.request_lost);
+    n.lost_replies += u64::from(fate.reply_lost);
+    n.duplicates += u64::from(fate.duplicate);
+    fate
+}
+
+/// Ready once the simulation's tick reaches `at` (the simulation polls every
+/// pending call each tick, so no waker is needed).
+struct Until {
+    net: SharedNet,
+    at: u64,
+}
+
+impl Future for Until {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        if self.net.lock().expect("one thread").tick >= self.at {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// The engine a cell runs now, if any (empty while it is down).
+pub type Slot = Arc<Mutex<Option<CellHandle>>>;
+
+/// A [`CellClient`] that reaches a cell through the simulated network.
+pub struct SimLink {
+    cell: CellId,
+    slot: Slot,
+    net: SharedNet,
+    /// The figures last seen, answered while the cell is down.
+    figures: Mutex<Arc<CellFigures>>,
+    outbox: watch::Sender<u64>,
+}
+
+impl SimLink {
+    pub fn new(cell: CellId, slot: Slot, net: SharedNet) -> Self {
+        Self { cell, slot, net, figures: Mutex::new(Arc::default()), outbox: watch::Sender::new(0) }
+    }
+
+    fn handle(&self) -> Option<CellHandle> {
+        self.slot.lock().expect("one thread").clone()
+    }
+
+    fn unavailable(cell: CellId, reason: &str) -> EngineError {
+        EngineError::Unavailable { cell, reason: format!("simulated network: {reason}") }
+    }
+
+    /// Waits for the call's arrival; answers the cell's handle if it can be reached.
+    async fn arrive(cell: CellId, slot: &Slot, net: &SharedNet, fate: &Fate) -> Result<CellHandle, EngineError> {
+        Until { net: net.clone(), at: fate.arrive_at }.await;
+        if fate.request_lost {
+            return Err(Self::unavailable(cell, "request lost"));
+        }
+        if net.lock().expect("one thread").cut.contains(&cell) {
+            return Err(Self::unavailable(cell, "partitioned"));
+        }
+        slot.lock().expect("one thread").clone().ok_or_else(|| Self::unavailable(cell, "the cell is down"))
+    }
+
+    fn reply<T>(cell: CellId, net: &SharedNet, fate: &Fate, answer: Result<T, EngineError>) -> Result<T, EngineError> {
+        if fate.reply_lost || net.lock().expect("one thread").cut.contains(&cell) {
+            return Err(Self::unavailable(cell, "reply lost"));
+        }
+        answer
+    }
+}
+
+impl CellClient for SimLink {
+    fn cell(&self) -> CellId {
+        self.cell
+    }
+
+    fn status(&self) -> CellStatus {
+        match self.handle() {
+            Some(h) => CellClient::status(&h),
+            None => CellStatus {
+                cell: self.cell,
+                epoch: 0,
+                queue_depth: 0,
+                queue_delay_us: 0,
+                health: Health::Failed { reason: "down (simulated)".into() },
+            },
+        }
+    }
+
+    fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {
+        let fate = fate(&self.net);
+        Box::pin(async move {
+            let handle = Self::arrive(self.cell, &self.slot, &self.net, &fate).await?;
+            let first = handle.submit(commands.clone());
+            if fate.duplicate {
+                let _ = handle.submit(commands);
+            }
+            let answer = match first {
+                Ok(submission) => submission.wait().await,
+                Err(e) => Err(e),
+            };
+            Self::reply(self.cell, &self.net, &fate, answer)
+        })
+    }
+
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>> {
+        let fate = fate(&self.net);
+        Box::pin(async move {
+            let handle = Self::arrive(self.cell, &self.slot, &self.net, &fate).await?;
+            let answer = match handle.query(query) {
+                Ok(submission) => submission.wait().await,
+                Err(e) => Err(e),
+            };
+            Self::reply(self.cell, &self.net, &fate, answer)
+        })
+    }
+
+    fn outbox_signal(&self) -> watch::Receiver<u64> {
+        self.outbox.subscribe()
+    }
+
+    fn figures(&self) -> Arc<CellFigures> {
+        let mut seen = self.figures.lock().expect("one thread");
+        if let Some(h) = self.handle() {
+            *seen = h.figures();
+        }
+        seen.clone()
+    }
+
+    fn set_outbox_messages_max(&self, max: u64) {
+        if let Some(h) = self.handle() {
+            h.set_outbox_messages_max(max);
+        }
+    }
+}

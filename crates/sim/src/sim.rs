@@ -1,0 +1,672 @@
+//! The scheduler: one thread, one seeded generator, simulated time. Each tick
+//! it does one thing at random (a client's payment or retry, one batch of one
+//! engine, one relay round started, a fault or a repair), polls every call in
+//! flight once, and checks the invariants on the cells' states in hand.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use cellpay_cell::{
+    BatchClock, BreakerRules, Cell, CellClient, EngineConfig, EngineError, Relay, RelayConfig, RelayGate, RelayStats,
+    RoundError, SteppedCell,
+};
+use cellpay_core::{
+    audit_states, AccountId, Authority, CellId, CellState, Command, Currency, Limits, Op, OpenAccount, Outcome, Query,
+    QueryAnswer, ShardMap, TenantId, Transfer, TransferId, TransferStatus, TransferView,
+};
+
+use crate::disk::{Disk, SharedDisk, SimStore};
+use crate::net::{Net, NetFaults, SharedNet, SimLink, Slot};
+use crate::rng::Rng;
+
+/// One simulated run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Ticks of the random phase (the drain after it is extra).
+    pub steps: u64,
+    pub cells: u32,
+    /// Payer and payee accounts, spread over the cells by the shard map.
+    pub accounts: u32,
+    /// Crashes, disk and network faults.
+    pub faults: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self { seed: 1, steps: 2_000, cells: 3, accounts: 12, faults: true }
+    }
+}
+
+/// What a run did, and the digest of where it ended (the same seed gives the same digest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimReport {
+    pub seed: u64,
+    pub ticks: u64,
+    pub simulated_ms: u64,
+    pub payments_acked: u64,
+    pub payments_refused: u64,
+    pub retries: u64,
+    pub relay_rounds: u64,
+    pub crashes: u64,
+    pub fsync_errors: u64,
+    pub torn_tails: u64,
+    pub damaged_checkpoints: u64,
+    pub fall_backs: u64,
+    pub damaged_records: u64,
+    pub refused_starts: u64,
+    pub partitions: u64,
+    pub lost_requests: u64,
+    pub lost_replies: u64,
+    pub duplicates: u64,
+    pub digest: u64,
+}
+
+/// A run that broke an invariant: the seed replays it exactly.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("seed {seed} failed at tick {tick}: {what}\n  replay: cellpay sim --seed {seed} --steps {steps} --cells {cells} --accounts {accounts}{faults}")]
+pub struct SimFailure {
+    pub seed: u64,
+    pub tick: u64,
+    pub steps: u64,
+    pub cells: u32,
+    pub accounts: u32,
+    pub faults: &'static str,
+    pub what: String,
+}
+
+/// The simulated clock starts here (Unix ms), so batch times look real.
+const CLOCK_START_MS: u64 = 1_800_000_000_000;
+/// Ticks a crashed cell stays down at most.
+const DOWN_TICKS_MAX: u64 = 200;
+/// Ticks the drain may take before pending money counts as stuck.
+const DRAIN_TICKS_MAX: u64 = 20_000;
+/// Credits a relay round carries (small, so rounds interleave with faults).
+const ROUND_MESSAGES_MAX: usize = 16;
+
+type CallFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// One cell of the simulated cluster.
+struct SimCell {
+    id: CellId,
+    disk: SharedDisk,
+    engine: Option<SteppedCell>,
+    /// What the links reach: the running engine's handle, or nothing while down.
+    slot: Slot,
+    up_at: u64,
+}
+
+/// A client's payment in flight.
+struct Payment {
+    transfer: Transfer,
+    call: CallFuture<Result<Vec<Outcome>, EngineError>>,
+}
+
+/// A relay and its round in flight.
+struct RelayRun {
+    relay: Arc<Relay>,
+    round: Option<CallFuture<Result<usize, RoundError>>>,
+}
+
+/// A payment some client was told about: what, and the status it was told.
+#[derive(Debug, Clone)]
+struct Acked {
+    view: TransferView,
+}
+
+struct Sim {
+    config: SimConfig,
+    rng: Rng,
+    tick: u64,
+    clock: Arc<AtomicU64>,
+    map: ShardMap,
+    net: SharedNet,
+    cells: Vec<SimCell>,
+    /// The router's links to each cell, for clients.
+    links: Vec<Arc<SimLink>>,
+    relays: Vec<RelayRun>,
+    payments: Vec<Payment>,
+    accounts: Vec<AccountId>,
+    banks: Vec<AccountId>,
+    /// Every payment ever sent, by (payer, id), for retries.
+    sent: Vec<Transfer>,
+    acked: BTreeMap<(AccountId, TransferId), Acked>,
+    /// The payments an answer said were created (once each, or paid twice).
+    created: BTreeSet<(AccountId, TransferId)>,
+    report: SimReport,
+    next_id: u64,
+    /// `SIM_TRACE` set: print each tick, answer and round to stderr.
+    trace: bool,
+}
+
+fn engine_config() -> EngineConfig {
+    EngineConfig {
+        batch_commands_max: 64,
+        batch_linger: Duration::ZERO,
+        queue_commands_max: 4096,
+        // Checkpoints often, so crashes fall around them.
+        checkpoint_log_bytes: 1 << 10,
+        // Far above what a run makes, so every record a check asks for is kept.
+        limits: Limits { transfers_retained_max: 1 << 15, history_entries_max: 1 << 15 },
+        // No shedding by queue delay and no stall: both read the wall clock.
+        queue_delay_target: Duration::from_secs(3600),
+        stall_after: Duration::from_secs(3600),
+        ..EngineConfig::default()
+    }
+}
+
+fn cny() -> Currency {
+    Currency::new("CNY").expect("a valid currency")
+}
+
+fn poll_once<T>(call: &mut CallFuture<T>) -> Option<T> {
+    match call.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+fn rank(status: TransferStatus) -> u8 {
+    match status {
+        TransferStatus::Pending => 0,
+        TransferStatus::Settled | TransferStatus::Reversed => 1,
+    }
+}
+
+impl Sim {
+    fn fail(&self, what: impl Into<String>) -> SimFailure {
+        SimFailure {
+            seed: self.config.seed,
+            tick: self.tick,
+            steps: self.config.steps,
+            cells: self.config.cells,
+            accounts: self.config.accounts,
+            faults: if self.config.faults { "" } else { " --no-faults" },
+            what: what.into(),
+        }
+    }
+
+    fn new(config: SimConfig) -> Result<Sim, SimFailure> {
+        let mut rng = Rng::new(config.seed);
+        let net = Net::new(rng.fork());
+        let map = ShardMap::round_robin(config.cells * 4, config.cells).expect("a valid shard map");
+        let clock = Arc::new(AtomicU64::new(CLOCK_START_MS));
+        let mut sim = Sim {
+            config,
+            rng,
+            tick: 0,
+            clock,
+            map,
+            net: net.clone(),
+            cells: Vec::new(),
+            links: Vec::new(),
+            relays: Vec::new(),
+            payments: Vec::new(),
+            accounts: (0..config.accounts).map(|i| AccountId::new(&format!("u{i}")).expect("valid")).collect(),
+            banks: (0..config.cells.max(2)).map(|i| AccountId::new(&format!("bank{i}")).expect("valid")).collect(),
+            sent: Vec::new(),
+            acked: BTreeMap::new(),
+            created: BTreeSet::new(),
+            report: SimReport { seed: config.seed, ..SimReport::default() },
+            next_id: 0,
+            trace: std::env::var_os("SIM_TRACE").is_some(),
+        };
+        for i in 0..config.cells {
+            let id = CellId(i);
+            let slot: Slot = Arc::new(Mutex::new(None));
+            sim.links.push(Arc::new(SimLink::new(id, slot.clone(), net.clone())));
+            sim.cells.push(SimCell { id, disk: Disk::new(format!("cell-{i}")), engine: None, slot, up_at: 0 });
+        }
+        for i in 0..sim.cells.len() {
+            sim.start(i)?;
+        }
+        let never_open = BreakerRules { min_calls: u32::MAX, ..BreakerRules::default() };
+        for a in 0..config.cells as usize {
+            for b in (0..config.cells as usize).filter(|b| *b != a) {
+                let relay = Relay {
+                    source: sim.links[a].clone(),
+                    dest: sim.links[b].clone(),
+                    shadow: false,
+                    config: RelayConfig { messages_per_round_max: ROUND_MESSAGES_MAX, ..RelayConfig::default() },
+                    stats: Arc::new(RelayStats::default()),
+                    gate: Arc::new(RelayGate::new(never_open, Arc::new(AtomicBool::new(false)))),
+                };
+                sim.relays.push(RelayRun { relay: Arc::new(relay), round: None });
+            }
+        }
+        sim.open_accounts()?;
+        Ok(sim)
+    }
+
+    /// Opens every account at its cell, with no faults yet.
+    fn open_accounts(&mut self) -> Result<(), SimFailure> {
+        let opens: Vec<(AccountId, bool)> = self
+            .banks
+            .iter()
+            .map(|b| (b.clone(), true))
+            .chain(self.accounts.iter().map(|a| (a.clone(), false)))
+            .collect();
+        for (id, overdraft) in opens {
+            let owner = self.map.owner_of(id.as_str()).0 as usize;
+            let handle = self.cells[owner].engine.as_ref().expect("started").handle();
+            let op = Op::OpenAccount(OpenAccount {
+                id: id.clone(),
+                currency: cny(),
+                overdraft,
+                tenant: TenantId::default_tenant(),
+            });
+            let submission =
+                handle.submit(vec![Command { shadow: false, op }]).map_err(|e| self.fail(e.to_string()))?;
+            self.cells[owner].engine.as_mut().expect("started").step();
+            let mut call: CallFuture<_> = Box::pin(submission.wait());
+            match poll_once(&mut call) {
+                Some(Ok(outcomes)) if matches!(outcomes[0], Outcome::AccountOpened { .. }) => {}
+                other => return Err(self.fail(format!("opening {id} answered {other:?}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) cell `i` from its disk, through the real recovery.
+    fn start(&mut self, i: usize) -> Result<(), SimFailure> {
+        let clock = self.clock.clone();
+        let batch_clock: BatchClock = Arc::new(move || clock.load(Relaxed));
+        let id = self.cells[i].id;
+        let damaged_before = self.cells[i].disk.lock().expect("one thread").has_damaged_record();
+        let store = Box::new(SimStore::open(self.cells[i].disk.clone()));
+        match Cell::stepped(store, id, &self.map, engine_config(), batch_clock) {
+            Ok((engine, recovery)) => {
+                if damaged_before {
+                    let disk = self.cells[i].disk.lock().expect("one thread");
+                    if disk.damaged_after(recovery.checkpoint_seq) {
+                        return Err(self.fail(format!(
+                            "cell {id} recovered past a damaged log record (from checkpoint {}): it was skipped",
+                            recovery.checkpoint_seq
+                        )));
+                    }
+                }
+                self.report.torn_tails += u64::from(recovery.torn_tail.is_some());
+                self.report.fall_backs += u64::from(!recovery.fell_back_from.is_empty());
+                *self.cells[i].slot.lock().expect("one thread") = Some(engine.handle());
+                self.cells[i].engine = Some(engine);
+                self.check_durable(i)
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                if damaged_before && reason.contains("fails its checksum") {
+                    // The right refusal: a damaged, acknowledged record is never
+                    // skipped. The operator restores the sector; the cell starts.
+                    self.report.refused_starts += 1;
+                    self.cells[i].disk.lock().expect("one thread").repair_records();
+                    return self.start(i);
+                }
+                Err(self.fail(format!("cell {id} did not recover: {reason}")))
+            }
+        }
+    }
+
+    /// A crash of cell `i`: the engine is gone at once, whatever it was doing.
+    fn crash(&mut self, i: usize) {
+        let Some(engine) = self.cells[i].engine.take() else { return };
+        drop(engine);
+        *self.cells[i].slot.lock().expect("one thread") = None;
+        let keep_checkpoint = self.rng.chance(500_000);
+        let torn = self.rng.chance(300_000).then(|| vec![0xA5; 1 + self.rng.below(40) as usize]);
+        self.cells[i].disk.lock().expect("one thread").crash(keep_checkpoint, torn);
+        self.cells[i].up_at = self.tick + 1 + self.rng.below(DOWN_TICKS_MAX);
+        self.report.crashes += 1;
+    }
+
+    /// Every payment a client was told about, whose payer lives in cell `i`,
+    /// is there with the status it was told or a later one.
+    fn check_durable(&self, i: usize) -> Result<(), SimFailure> {
+        let Some(engine) = &self.cells[i].engine else { return Ok(()) };
+        let state = engine.state();
+        for ((from, id), acked) in &self.acked {
+            if self.map.owner_of(from.as_str()) != self.cells[i].id {
+                continue;
+            }
+            let q = Query::Transfer { shadow: false, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
+            let QueryAnswer::Transfers(found) = state.query(&q) else {
+                return Err(self.fail("a transfer query answered something else"));
+            };
+            let Some(now) = found.first() else {
+                return Err(
+                    self.fail(format!("acknowledged payment {from}/{id} is gone from cell {}", self.cells[i].id))
+                );
+            };
+            if now.amount != acked.view.amount || now.to != acked.view.to || rank(now.status) < rank(acked.view.status)
+            {
+                return Err(self
+                    .fail(format!("acknowledged payment {from}/{id} changed: told {:?}, now {:?}", acked.view, now)));
+            }
+            if rank(acked.view.status) == 1 && now.status != acked.view.status {
+                return Err(
+                    self.fail(format!("payment {from}/{id} was told {:?}, now {:?}", acked.view.status, now.status))
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The audit on the running cells' states in hand (exact between batches):
+    /// each cell's walk against its kept figures, and every pair reconciled.
+    fn check_audit(&self) -> Result<(), SimFailure> {
+        let states: Vec<&CellState> = self.cells.iter().filter_map(|c| c.engine.as_ref().map(|e| e.state())).collect();
+        let findings = audit_states(&states, false);
+        if let Some(f) = findings.first() {
+            return Err(self.fail(format!("the audit found: {f}")));
+        }
+        Ok(())
+    }
+
+    fn new_payment(&mut self) {
+        let retry = !self.sent.is_empty() && self.rng.chance(200_000);
+        let transfer = if retry {
+            self.report.retries += 1;
+            let i = self.rng.below(self.sent.len() as u64) as usize;
+            self.sent[i].clone()
+        } else {
+            self.next_id += 1;
+            let payer_is_bank = self.rng.chance(250_000);
+            let from =
+                if payer_is_bank { self.rng.pick(&self.banks).clone() } else { self.rng.pick(&self.accounts).clone() };
+            let to = loop {
+                let to = self.rng.pick(&self.accounts).clone();
+                if to != from {
+                    break to;
+                }
+            };
+            let amount = 1 + self.rng.below(if payer_is_bank { 1000 } else { 200 }) as i64;
+            let t = Transfer {
+                id: TransferId::new(&format!("t{}", self.next_id)).expect("valid"),
+                from,
+                to,
+                amount,
+                currency: None,
+                memo: None,
+                by: Authority::Admin,
+            };
+            self.sent.push(t.clone());
+            t
+        };
+        // The router's routing: the payer's cell, by the shard map.
+        let owner = self.map.owner_of(transfer.from.as_str()).0 as usize;
+        let link = self.links[owner].clone();
+        let command = Command { shadow: false, op: Op::Transfer(transfer.clone()) };
+        let call: CallFuture<_> = Box::pin(async move { link.submit(vec![command]).await });
+        self.payments.push(Payment { transfer, call });
+    }
+
+    /// What a client learns from an answer.
+    fn answered(&mut self, transfer: &Transfer, outcomes: Vec<Outcome>) -> Result<(), SimFailure> {
+        if self.trace {
+            eprintln!("answer {}/{}: {outcomes:?}", transfer.from, transfer.id);
+        }
+        let key = (transfer.from.clone(), transfer.id.clone());
+        match outcomes.into_iter().next() {
+            Some(Outcome::Transferred { transfer: view, created, .. }) => {
+                // Answers of one batch may reach their clients in any order:
+                // what counts is that only one of them ever says "created".
+                if created && !self.created.insert(key.clone()) {
+                    return Err(self.fail(format!("payment {}/{} was paid twice", key.0, key.1)));
+                }
+                if let Some(before) = self.acked.get(&key) {
+                    if view.amount != before.view.amount || view.to != before.view.to {
+                        return Err(self.fail(format!("a retry of {}/{} answered another payment", key.0, key.1)));
+                    }
+                }
+                if view.amount != transfer.amount || view.to != transfer.to {
+                    return Err(self.fail(format!("payment {}/{} answered {view:?} for {transfer:?}", key.0, key.1)));
+                }
+                let keep = self.acked.get(&key).is_none_or(|b| rank(view.status) >= rank(b.view.status));
+                if keep {
+                    self.acked.insert(key, Acked { view });
+                }
+                self.report.payments_acked += 1;
+            }
+            Some(Outcome::Rejected(_)) => self.report.payments_refused += 1,
+            other => return Err(self.fail(format!("a payment answered {other:?}"))),
+        }
+        Ok(())
+    }
+
+    /// Polls every call in flight once.
+    fn poll_calls(&mut self) -> Result<(), SimFailure> {
+        let mut i = 0;
+        while i < self.payments.len() {
+            match poll_once(&mut self.payments[i].call) {
+                None => i += 1,
+                Some(answer) => {
+                    let p = self.payments.swap_remove(i);
+                    if let Ok(outcomes) = answer {
+                        self.answered(&p.transfer, outcomes)?;
+                    }
+                }
+            }
+        }
+        for r in &mut self.relays {
+            if let Some(round) = &mut r.round {
+                if let Some(done) = poll_once(round) {
+                    r.round = None;
+                    if self.trace {
+                        eprintln!("round {}→{}: {done:?}", r.relay.source.cell(), r.relay.dest.cell());
+                    }
+                    if let Err(RoundError::Unexpected(why)) = done {
+                        let (s, d) = (r.relay.source.cell(), r.relay.dest.cell());
+                        return Err(SimFailure {
+                            seed: self.config.seed,
+                            tick: self.tick,
+                            steps: self.config.steps,
+                            cells: self.config.cells,
+                            accounts: self.config.accounts,
+                            faults: if self.config.faults { "" } else { " --no-faults" },
+                            what: format!("relay {s}→{d}: {why}"),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_round(&mut self, r: usize) {
+        if self.relays[r].round.is_none() {
+            let relay = self.relays[r].relay.clone();
+            self.relays[r].round = Some(Box::pin(async move { relay.round().await }));
+            self.report.relay_rounds += 1;
+        }
+    }
+
+    /// One batch of cell `i`; an engine that ended (fail-stop) is a crash.
+    fn step_cell(&mut self, i: usize) {
+        let Some(engine) = &mut self.cells[i].engine else { return };
+        engine.step();
+        if engine.ended().is_some() {
+            self.crash(i);
+        }
+    }
+
+    fn fault(&mut self) {
+        let i = self.rng.below(self.cells.len() as u64) as usize;
+        match self.rng.below(8) {
+            0 | 1 => self.crash(i),
+            2 => {
+                let mut disk = self.cells[i].disk.lock().expect("one thread");
+                disk.fail_next_fsync = true;
+                disk.failed_fsync_kept = self.rng.chance(500_000);
+                self.report.fsync_errors += 1;
+            }
+            3 => {
+                let mut disk = self.cells[i].disk.lock().expect("one thread");
+                if disk.kept_checkpoints() >= 2 && disk.damage_newest_checkpoint().is_some() {
+                    self.report.damaged_checkpoints += 1;
+                }
+            }
+            4 => {
+                let mut disk = self.cells[i].disk.lock().expect("one thread");
+                if let Some((first, last)) = disk.log_range() {
+                    if !disk.has_damaged_record() && disk.damage_record(first + self.rng.below(last - first + 1)) {
+                        self.report.damaged_records += 1;
+                    }
+                }
+            }
+            5 => {
+                let mut net = self.net.lock().expect("one thread");
+                let cell = self.cells[i].id;
+                if !net.cut.remove(&cell) {
+                    net.cut.insert(cell);
+                    self.report.partitions += 1;
+                }
+            }
+            _ => {
+                let on = self.rng.chance(500_000);
+                let faults = if on {
+                    NetFaults { request_loss: 50_000, reply_loss: 50_000, duplicate: 50_000, delay_ticks_max: 20 }
+                } else {
+                    NetFaults::default()
+                };
+                self.net.lock().expect("one thread").faults = faults;
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.trace {
+            eprintln!(
+                "tick {} payments {} rounds {}",
+                self.tick,
+                self.payments.len(),
+                self.relays.iter().filter(|r| r.round.is_some()).count()
+            );
+        }
+        self.tick += 1;
+        self.net.lock().expect("one thread").tick = self.tick;
+        self.clock.fetch_add(self.rng.below(4), Relaxed);
+    }
+
+    fn restart_due(&mut self) -> Result<(), SimFailure> {
+        for i in 0..self.cells.len() {
+            if self.cells[i].engine.is_none() && self.cells[i].up_at <= self.tick {
+                self.start(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn random_phase(&mut self) -> Result<(), SimFailure> {
+        for _ in 0..self.config.steps {
+            self.tick();
+            match self.rng.below(100) {
+                0..=34 => self.new_payment(),
+                35..=74 => {
+                    let i = self.rng.below(self.cells.len() as u64) as usize;
+                    self.step_cell(i);
+                }
+                75..=94 => {
+                    let r = self.rng.below(self.relays.len() as u64) as usize;
+                    self.start_round(r);
+                }
+                _ if self.config.faults => self.fault(),
+                _ => {}
+            }
+            self.restart_due()?;
+            self.poll_calls()?;
+            self.check_audit()?;
+        }
+        Ok(())
+    }
+
+    /// Heals every fault and runs until every payment in flight is answered
+    /// and every credit delivered; then nothing may stay pending.
+    fn drain(&mut self) -> Result<(), SimFailure> {
+        {
+            let mut net = self.net.lock().expect("one thread");
+            net.faults = NetFaults::default();
+            net.cut.clear();
+        }
+        for c in &self.cells {
+            c.disk.lock().expect("one thread").fail_next_fsync = false;
+        }
+        for i in 0..self.cells.len() {
+            if self.cells[i].engine.is_none() {
+                self.cells[i].up_at = 0;
+            }
+        }
+        self.restart_due()?;
+        for _ in 0..DRAIN_TICKS_MAX {
+            self.tick();
+            for i in 0..self.cells.len() {
+                self.step_cell(i);
+            }
+            for r in 0..self.relays.len() {
+                self.start_round(r);
+            }
+            self.poll_calls()?;
+            let open: u64 = self
+                .cells
+                .iter()
+                .filter_map(|c| c.engine.as_ref())
+                .map(|e| e.state().ledger(false).figures().open_messages())
+                .sum();
+            // Rounds still in flight then find nothing to carry.
+            if open == 0 && self.payments.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(self.fail(format!("money still in flight after {DRAIN_TICKS_MAX} ticks of drain with every fault healed")))
+    }
+
+    fn final_checks(&mut self) -> Result<(), SimFailure> {
+        self.check_audit()?;
+        let states: Vec<&CellState> = self.cells.iter().filter_map(|c| c.engine.as_ref().map(|e| e.state())).collect();
+        let total: i128 = states.iter().map(|s| s.ledger(false).figures().balance_sum).sum();
+        if total != 0 {
+            return Err(self.fail(format!("money is not conserved: balances sum to {total} with nothing in flight")));
+        }
+        for i in 0..self.cells.len() {
+            self.check_durable(i)?;
+        }
+        for (from, id) in self.acked.keys() {
+            let owner = self.map.owner_of(from.as_str()).0 as usize;
+            let state = self.cells[owner].engine.as_ref().expect("running after the drain").state();
+            let q = Query::Transfer { shadow: false, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
+            if let QueryAnswer::Transfers(found) = state.query(&q) {
+                if found.first().is_some_and(|t| t.status == TransferStatus::Pending) {
+                    return Err(self.fail(format!("payment {from}/{id} is still pending after the drain")));
+                }
+            }
+        }
+        // The digest of the end state: per-shard digests and the figures.
+        let mut text = String::new();
+        for s in &states {
+            if let QueryAnswer::Digests { digests, .. } = s.query(&Query::Digests { shadow: false }) {
+                text.push_str(&format!("{digests:?}"));
+            }
+            text.push_str(&format!("{:?}", s.ledger(false).figures()));
+        }
+        self.report.digest = cellpay_core::stable_hash(text.as_bytes());
+        Ok(())
+    }
+}
+
+/// Runs one seed: the random phase with faults, the drain, the final checks.
+pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
+    let mut sim = Sim::new(config)?;
+    sim.random_phase()?;
+    sim.drain()?;
+    sim.final_checks()?;
+    let net = sim.net.lock().expect("one thread");
+    sim.report.lost_requests = net.lost_requests;
+    sim.report.lost_replies = net.lost_replies;
+    sim.report.duplicates = net.duplicates;
+    drop(net);
+    sim.report.ticks = sim.tick;
+    sim.report.simulated_ms = sim.clock.load(Relaxed) - CLOCK_START_MS;
+    Ok(sim.report.clone())
+}
