@@ -27,10 +27,17 @@ pub struct NetFaults {
     pub duplicate: u32,
     /// Calls wait up to this many ticks before they arrive.
     pub delay_ticks_max: u64,
+    /// The caller gives up at once (a timeout) while the request is still on
+    /// its way: it arrives up to `late_ticks_max` ticks later, after whatever
+    /// the caller sent next (a reordering).
+    pub late: u32,
+    pub late_ticks_max: u64,
 }
 
+/// A request still on its way after its caller gave up on it.
+pub type Orphan = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The network's state, shared by every link of one simulation.
-#[derive(Debug)]
 pub struct Net {
     rng: Rng,
     /// The simulation's tick, which delayed calls wait for.
@@ -41,6 +48,9 @@ pub struct Net {
     pub lost_requests: u64,
     pub lost_replies: u64,
     pub duplicates: u64,
+    pub late: u64,
+    /// Requests delivered late; the simulation polls them every tick.
+    pub orphans: Vec<Orphan>,
 }
 
 pub type SharedNet = Arc<Mutex<Net>>;
@@ -55,6 +65,8 @@ impl Net {
             lost_requests: 0,
             lost_replies: 0,
             duplicates: 0,
+            late: 0,
+            orphans: Vec::new(),
         }))
     }
 }
@@ -65,6 +77,8 @@ struct Fate {
     request_lost: bool,
     reply_lost: bool,
     duplicate: bool,
+    /// Arrives at this tick, after the caller gave up.
+    late_at: Option<u64>,
 }
 
 fn fate(net: &SharedNet) -> Fate {
@@ -76,7 +90,11 @@ fn fate(net: &SharedNet) -> Fate {
         request_lost: n.rng.chance(f.request_loss),
         reply_lost: n.rng.chance(f.reply_loss),
         duplicate: n.rng.chance(f.duplicate),
+        late_at: None,
     };
+    let late = n.rng.chance(f.late);
+    let fate = Fate { late_at: late.then(|| n.tick + 1 + n.rng.below(f.late_ticks_max.max(1))), ..fate };
+    n.late += u64::from(late);
     n.lost_requests += u64::from(fate.request_lost);
     n.lost_replies += u64::from(fate.reply_lost);
     n.duplicates += u64::from(fate.duplicate);
@@ -167,6 +185,21 @@ impl CellClient for SimLink {
 
     fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {
         let fate = fate(&self.net);
+        if let Some(at) = fate.late_at {
+            let (cell, slot, net) = (self.cell, self.slot.clone(), self.net.clone());
+            let orphan: Orphan = Box::pin(async move {
+                Until { net: net.clone(), at }.await;
+                let handle = slot.lock().expect("one thread").clone();
+                if let (false, Some(handle)) = (net.lock().expect("one thread").cut.contains(&cell), handle) {
+                    // Its answer goes to a caller that gave up.
+                    let _ = handle.submit(commands);
+                }
+            });
+            self.net.lock().expect("one thread").orphans.push(orphan);
+            return Box::pin(
+                async move { Err(Self::unavailable(cell, "timed out (the request is still on its way)")) },
+            );
+        }
         Box::pin(async move {
             let handle = Self::arrive(self.cell, &self.slot, &self.net, &fate).await?;
             let first = handle.submit(commands.clone());

@@ -64,6 +64,8 @@ pub struct SimReport {
     pub lost_requests: u64,
     pub lost_replies: u64,
     pub duplicates: u64,
+    pub late_deliveries: u64,
+    pub shadow_payments: u64,
     pub digest: u64,
 }
 
@@ -101,8 +103,12 @@ struct SimCell {
     up_at: u64,
 }
 
+/// A payment's identity: ledger (shadow), payer, id.
+type Key = (bool, AccountId, TransferId);
+
 /// A client's payment in flight.
 struct Payment {
+    shadow: bool,
     transfer: Transfer,
     call: CallFuture<Result<Vec<Outcome>, EngineError>>,
 }
@@ -133,26 +139,29 @@ struct Sim {
     payments: Vec<Payment>,
     accounts: Vec<AccountId>,
     banks: Vec<AccountId>,
-    /// Every payment ever sent, by (payer, id), for retries.
-    sent: Vec<Transfer>,
-    acked: BTreeMap<(AccountId, TransferId), Acked>,
+    /// Every payment ever sent (with its ledger), for retries.
+    sent: Vec<(bool, Transfer)>,
+    acked: BTreeMap<Key, Acked>,
     /// The payments an answer said were created (once each, or paid twice).
-    created: BTreeSet<(AccountId, TransferId)>,
+    created: BTreeSet<Key>,
     report: SimReport,
     next_id: u64,
     /// `SIM_TRACE` set: print each tick, answer and round to stderr.
     trace: bool,
 }
 
-fn engine_config() -> EngineConfig {
+/// The engine as the simulation runs it; `steps` bounds the payments a run makes.
+fn engine_config(steps: u64) -> EngineConfig {
+    // Above what a run makes (one payment a tick at most), so every record a
+    // check asks for is kept; no larger, since a cell allocates its rings up front.
+    let retained = usize::try_from(steps).unwrap_or(usize::MAX).saturating_add(1).max(1 << 12);
     EngineConfig {
         batch_commands_max: 64,
         batch_linger: Duration::ZERO,
         queue_commands_max: 4096,
         // Checkpoints often, so crashes fall around them.
         checkpoint_log_bytes: 1 << 10,
-        // Far above what a run makes, so every record a check asks for is kept.
-        limits: Limits { transfers_retained_max: 1 << 15, history_entries_max: 1 << 15 },
+        limits: Limits { transfers_retained_max: retained, history_entries_max: retained },
         // No shedding by queue delay and no stall: both read the wall clock.
         queue_delay_target: Duration::from_secs(3600),
         stall_after: Duration::from_secs(3600),
@@ -227,11 +236,11 @@ impl Sim {
         }
         let never_open = BreakerRules { min_calls: u32::MAX, ..BreakerRules::default() };
         for a in 0..config.cells as usize {
-            for b in (0..config.cells as usize).filter(|b| *b != a) {
+            for (b, shadow) in (0..config.cells as usize).filter(|b| *b != a).flat_map(|b| [(b, false), (b, true)]) {
                 let relay = Relay {
                     source: sim.links[a].clone(),
                     dest: sim.links[b].clone(),
-                    shadow: false,
+                    shadow,
                     config: RelayConfig { messages_per_round_max: ROUND_MESSAGES_MAX, ..RelayConfig::default() },
                     stats: Arc::new(RelayStats::default()),
                     gate: Arc::new(RelayGate::new(never_open, Arc::new(AtomicBool::new(false)))),
@@ -251,7 +260,9 @@ impl Sim {
             .map(|b| (b.clone(), true))
             .chain(self.accounts.iter().map(|a| (a.clone(), false)))
             .collect();
-        for (id, overdraft) in opens {
+        for (shadow, (id, overdraft)) in
+            opens.iter().map(|o| (false, o.clone())).chain(opens.iter().map(|o| (true, o.clone())))
+        {
             let owner = self.map.owner_of(id.as_str()).0 as usize;
             let handle = self.cells[owner].engine.as_ref().expect("started").handle();
             let op = Op::OpenAccount(OpenAccount {
@@ -260,8 +271,7 @@ impl Sim {
                 overdraft,
                 tenant: TenantId::default_tenant(),
             });
-            let submission =
-                handle.submit(vec![Command { shadow: false, op }]).map_err(|e| self.fail(e.to_string()))?;
+            let submission = handle.submit(vec![Command { shadow, op }]).map_err(|e| self.fail(e.to_string()))?;
             self.cells[owner].engine.as_mut().expect("started").step();
             let mut call: CallFuture<_> = Box::pin(submission.wait());
             match poll_once(&mut call) {
@@ -279,7 +289,7 @@ impl Sim {
         let id = self.cells[i].id;
         let damaged_before = self.cells[i].disk.lock().expect("one thread").has_damaged_record();
         let store = Box::new(SimStore::open(self.cells[i].disk.clone()));
-        match Cell::stepped(store, id, &self.map, engine_config(), batch_clock) {
+        match Cell::stepped(store, id, &self.map, engine_config(self.config.steps), batch_clock) {
             Ok((engine, recovery)) => {
                 if damaged_before {
                     let disk = self.cells[i].disk.lock().expect("one thread");
@@ -327,11 +337,11 @@ impl Sim {
     fn check_durable(&self, i: usize) -> Result<(), SimFailure> {
         let Some(engine) = &self.cells[i].engine else { return Ok(()) };
         let state = engine.state();
-        for ((from, id), acked) in &self.acked {
+        for ((shadow, from, id), acked) in &self.acked {
             if self.map.owner_of(from.as_str()) != self.cells[i].id {
                 continue;
             }
-            let q = Query::Transfer { shadow: false, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
+            let q = Query::Transfer { shadow: *shadow, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
             let QueryAnswer::Transfers(found) = state.query(&q) else {
                 return Err(self.fail("a transfer query answered something else"));
             };
@@ -358,20 +368,24 @@ impl Sim {
     /// each cell's walk against its kept figures, and every pair reconciled.
     fn check_audit(&self) -> Result<(), SimFailure> {
         let states: Vec<&CellState> = self.cells.iter().filter_map(|c| c.engine.as_ref().map(|e| e.state())).collect();
-        let findings = audit_states(&states, false);
-        if let Some(f) = findings.first() {
-            return Err(self.fail(format!("the audit found: {f}")));
+        for shadow in [false, true] {
+            if let Some(f) = audit_states(&states, shadow).first() {
+                let ledger = if shadow { "shadow" } else { "real" };
+                return Err(self.fail(format!("the audit of the {ledger} ledger found: {f}")));
+            }
         }
         Ok(())
     }
 
     fn new_payment(&mut self) {
         let retry = !self.sent.is_empty() && self.rng.chance(200_000);
-        let transfer = if retry {
+        let (shadow, transfer) = if retry {
             self.report.retries += 1;
             let i = self.rng.below(self.sent.len() as u64) as usize;
             self.sent[i].clone()
         } else {
+            let shadow = self.rng.chance(250_000);
+            self.report.shadow_payments += u64::from(shadow);
             self.next_id += 1;
             let payer_is_bank = self.rng.chance(250_000);
             let from =
@@ -392,37 +406,37 @@ impl Sim {
                 memo: None,
                 by: Authority::Admin,
             };
-            self.sent.push(t.clone());
-            t
+            self.sent.push((shadow, t.clone()));
+            (shadow, t)
         };
         // The router's routing: the payer's cell, by the shard map.
         let owner = self.map.owner_of(transfer.from.as_str()).0 as usize;
         let link = self.links[owner].clone();
-        let command = Command { shadow: false, op: Op::Transfer(transfer.clone()) };
+        let command = Command { shadow, op: Op::Transfer(transfer.clone()) };
         let call: CallFuture<_> = Box::pin(async move { link.submit(vec![command]).await });
-        self.payments.push(Payment { transfer, call });
+        self.payments.push(Payment { shadow, transfer, call });
     }
 
     /// What a client learns from an answer.
-    fn answered(&mut self, transfer: &Transfer, outcomes: Vec<Outcome>) -> Result<(), SimFailure> {
+    fn answered(&mut self, shadow: bool, transfer: &Transfer, outcomes: Vec<Outcome>) -> Result<(), SimFailure> {
         if self.trace {
             eprintln!("answer {}/{}: {outcomes:?}", transfer.from, transfer.id);
         }
-        let key = (transfer.from.clone(), transfer.id.clone());
+        let key = (shadow, transfer.from.clone(), transfer.id.clone());
         match outcomes.into_iter().next() {
             Some(Outcome::Transferred { transfer: view, created, .. }) => {
                 // Answers of one batch may reach their clients in any order:
                 // what counts is that only one of them ever says "created".
                 if created && !self.created.insert(key.clone()) {
-                    return Err(self.fail(format!("payment {}/{} was paid twice", key.0, key.1)));
+                    return Err(self.fail(format!("payment {}/{} was paid twice", key.1, key.2)));
                 }
                 if let Some(before) = self.acked.get(&key) {
                     if view.amount != before.view.amount || view.to != before.view.to {
-                        return Err(self.fail(format!("a retry of {}/{} answered another payment", key.0, key.1)));
+                        return Err(self.fail(format!("a retry of {}/{} answered another payment", key.1, key.2)));
                     }
                 }
                 if view.amount != transfer.amount || view.to != transfer.to {
-                    return Err(self.fail(format!("payment {}/{} answered {view:?} for {transfer:?}", key.0, key.1)));
+                    return Err(self.fail(format!("payment {}/{} answered {view:?} for {transfer:?}", key.1, key.2)));
                 }
                 let keep = self.acked.get(&key).is_none_or(|b| rank(view.status) >= rank(b.view.status));
                 if keep {
@@ -438,6 +452,14 @@ impl Sim {
 
     /// Polls every call in flight once.
     fn poll_calls(&mut self) -> Result<(), SimFailure> {
+        let orphans = std::mem::take(&mut self.net.lock().expect("one thread").orphans);
+        let mut pending = Vec::new();
+        for mut orphan in orphans {
+            if orphan.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+                pending.push(orphan);
+            }
+        }
+        self.net.lock().expect("one thread").orphans.extend(pending);
         let mut i = 0;
         while i < self.payments.len() {
             match poll_once(&mut self.payments[i].call) {
@@ -445,7 +467,7 @@ impl Sim {
                 Some(answer) => {
                     let p = self.payments.swap_remove(i);
                     if let Ok(outcomes) = answer {
-                        self.answered(&p.transfer, outcomes)?;
+                        self.answered(p.shadow, &p.transfer, outcomes)?;
                     }
                 }
             }
@@ -527,7 +549,14 @@ impl Sim {
             _ => {
                 let on = self.rng.chance(500_000);
                 let faults = if on {
-                    NetFaults { request_loss: 50_000, reply_loss: 50_000, duplicate: 50_000, delay_ticks_max: 20 }
+                    NetFaults {
+                        request_loss: 50_000,
+                        reply_loss: 50_000,
+                        duplicate: 50_000,
+                        delay_ticks_max: 20,
+                        late: 30_000,
+                        late_ticks_max: 60,
+                    }
                 } else {
                     NetFaults::default()
                 };
@@ -612,10 +641,13 @@ impl Sim {
                 .cells
                 .iter()
                 .filter_map(|c| c.engine.as_ref())
-                .map(|e| e.state().ledger(false).figures().open_messages())
+                .map(|e| {
+                    e.state().ledger(false).figures().open_messages() + e.state().ledger(true).figures().open_messages()
+                })
                 .sum();
+            let orphans = self.net.lock().expect("one thread").orphans.len();
             // Rounds still in flight then find nothing to carry.
-            if open == 0 && self.payments.is_empty() {
+            if open == 0 && self.payments.is_empty() && orphans == 0 {
                 return Ok(());
             }
         }
@@ -625,17 +657,21 @@ impl Sim {
     fn final_checks(&mut self) -> Result<(), SimFailure> {
         self.check_audit()?;
         let states: Vec<&CellState> = self.cells.iter().filter_map(|c| c.engine.as_ref().map(|e| e.state())).collect();
-        let total: i128 = states.iter().map(|s| s.ledger(false).figures().balance_sum).sum();
-        if total != 0 {
-            return Err(self.fail(format!("money is not conserved: balances sum to {total} with nothing in flight")));
+        for shadow in [false, true] {
+            let total: i128 = states.iter().map(|s| s.ledger(shadow).figures().balance_sum).sum();
+            if total != 0 {
+                return Err(self.fail(format!(
+                    "money is not conserved: balances sum to {total} with nothing in flight (shadow: {shadow})"
+                )));
+            }
         }
         for i in 0..self.cells.len() {
             self.check_durable(i)?;
         }
-        for (from, id) in self.acked.keys() {
+        for (shadow, from, id) in self.acked.keys() {
             let owner = self.map.owner_of(from.as_str()).0 as usize;
             let state = self.cells[owner].engine.as_ref().expect("running after the drain").state();
-            let q = Query::Transfer { shadow: false, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
+            let q = Query::Transfer { shadow: *shadow, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
             if let QueryAnswer::Transfers(found) = state.query(&q) {
                 if found.first().is_some_and(|t| t.status == TransferStatus::Pending) {
                     return Err(self.fail(format!("payment {from}/{id} is still pending after the drain")));
@@ -645,10 +681,12 @@ impl Sim {
         // The digest of the end state: per-shard digests and the figures.
         let mut text = String::new();
         for s in &states {
-            if let QueryAnswer::Digests { digests, .. } = s.query(&Query::Digests { shadow: false }) {
-                text.push_str(&format!("{digests:?}"));
+            for shadow in [false, true] {
+                if let QueryAnswer::Digests { digests, .. } = s.query(&Query::Digests { shadow }) {
+                    text.push_str(&format!("{digests:?}"));
+                }
+                text.push_str(&format!("{:?}", s.ledger(shadow).figures()));
             }
-            text.push_str(&format!("{:?}", s.ledger(false).figures()));
         }
         self.report.digest = cellpay_core::stable_hash(text.as_bytes());
         Ok(())
@@ -665,6 +703,7 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     sim.report.lost_requests = net.lost_requests;
     sim.report.lost_replies = net.lost_replies;
     sim.report.duplicates = net.duplicates;
+    sim.report.late_deliveries = net.late;
     drop(net);
     sim.report.ticks = sim.tick;
     sim.report.simulated_ms = sim.clock.load(Relaxed) - CLOCK_START_MS;

@@ -87,6 +87,8 @@ fn the_same_seed_replays_bit_for_bit_and_every_fault_strikes() {
         total.lost_replies += r.lost_replies;
         total.duplicates += r.duplicates;
         total.retries += r.retries;
+        total.late_deliveries += r.late_deliveries;
+        total.shadow_payments += r.shadow_payments;
     }
     let kinds = [
         total.crashes,
@@ -99,6 +101,8 @@ fn the_same_seed_replays_bit_for_bit_and_every_fault_strikes() {
         total.lost_replies,
         total.duplicates,
         total.retries,
+        total.late_deliveries,
+        total.shadow_payments,
     ];
     assert!(kinds.iter().all(|k| *k > 0), "{total:?}");
 }
