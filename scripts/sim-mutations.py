@@ -76,6 +76,9 @@ def main():
             fail = [l for l in sim.stdout.splitlines() if l.startswith("FAIL")]
             if sim.returncode == 1 and fail:
                 print(f"{name}: caught ({what})\n    {fail[0][5:]}")
+            elif sim.returncode not in (0, 1):
+                # The simulator itself stopped (a panic): the bug is caught, loudly.
+                print(f"{name}: caught, the run crashed ({what})\n    {sim.stderr.strip().splitlines()[-1:]}")
             else:
                 print(f"{name}: MISSED ({what}): {sim.stdout.strip().splitlines()[-1:]}")
                 missed += 1

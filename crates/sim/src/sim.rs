@@ -12,8 +12,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use cellpay_cell::{
-    BatchClock, BreakerRules, Cell, CellClient, EngineConfig, EngineError, Relay, RelayConfig, RelayGate, RelayStats,
-    RoundError, SteppedCell,
+    BatchClock, BreakerRules, Cell, CellClient, EngineConfig, EngineError, Health, Relay, RelayConfig, RelayGate,
+    RelayStats, RoundError, SteppedCell,
 };
 use cellpay_core::{
     audit_states, AccountId, Authority, CellId, CellState, Command, Currency, Limits, Op, OpenAccount, Outcome, Query,
@@ -505,13 +505,20 @@ impl Sim {
         }
     }
 
-    /// One batch of cell `i`; an engine that ended (fail-stop) is a crash.
-    fn step_cell(&mut self, i: usize) {
-        let Some(engine) = &mut self.cells[i].engine else { return };
+    /// One batch of cell `i`. An engine that ended on a store error (fail-stop)
+    /// is a crash; one that panicked is a bug.
+    fn step_cell(&mut self, i: usize) -> Result<(), SimFailure> {
+        let Some(engine) = &mut self.cells[i].engine else { return Ok(()) };
         engine.step();
         if engine.ended().is_some() {
+            if let Health::Failed { reason } = CellClient::status(&engine.handle()).health {
+                if reason.contains("panicked") {
+                    return Err(self.fail(format!("cell {}: {reason}", self.cells[i].id)));
+                }
+            }
             self.crash(i);
         }
+        Ok(())
     }
 
     fn fault(&mut self) {
@@ -595,7 +602,7 @@ impl Sim {
                 0..=34 => self.new_payment(),
                 35..=74 => {
                     let i = self.rng.below(self.cells.len() as u64) as usize;
-                    self.step_cell(i);
+                    self.step_cell(i)?;
                 }
                 75..=94 => {
                     let r = self.rng.below(self.relays.len() as u64) as usize;
@@ -631,7 +638,7 @@ impl Sim {
         for _ in 0..DRAIN_TICKS_MAX {
             self.tick();
             for i in 0..self.cells.len() {
-                self.step_cell(i);
+                self.step_cell(i)?;
             }
             for r in 0..self.relays.len() {
                 self.start_round(r);
