@@ -16,8 +16,8 @@ use cellpay_cell::{
     RelayStats, RoundError, SteppedCell,
 };
 use cellpay_core::{
-    audit_states, AccountId, Authority, CellId, CellState, Command, Currency, Limits, Op, OpenAccount, Outcome, Query,
-    QueryAnswer, ShardMap, TenantId, Transfer, TransferId, TransferStatus, TransferView,
+    audit_states, AccountId, Authority, CellId, CellState, Command, Currency, ErrorCode, Limits, Op, OpenAccount,
+    Outcome, Query, QueryAnswer, ShardMap, TenantId, Transfer, TransferId, TransferStatus, TransferView,
 };
 
 use crate::disk::{Disk, SharedDisk, SimStore};
@@ -66,6 +66,9 @@ pub struct SimReport {
     pub duplicates: u64,
     pub late_deliveries: u64,
     pub shadow_payments: u64,
+    pub misrouted: u64,
+    /// Payments refused because the outbox towards the payee's cell was full (I7).
+    pub outbox_full: u64,
     pub digest: u64,
 }
 
@@ -88,6 +91,8 @@ const CLOCK_START_MS: u64 = 1_800_000_000_000;
 const DOWN_TICKS_MAX: u64 = 200;
 /// Ticks the drain may take before pending money counts as stuck.
 const DRAIN_TICKS_MAX: u64 = 20_000;
+/// Undelivered credits a cell may hold per destination (small, so the bound bites during partitions).
+const OUTBOX_MESSAGES_MAX: u64 = 12;
 /// Credits a relay round carries (small, so rounds interleave with faults).
 const ROUND_MESSAGES_MAX: usize = 16;
 
@@ -109,6 +114,8 @@ type Key = (bool, AccountId, TransferId);
 /// A client's payment in flight.
 struct Payment {
     shadow: bool,
+    /// Sent to a cell that does not own the payer.
+    misrouted: bool,
     transfer: Transfer,
     call: CallFuture<Result<Vec<Outcome>, EngineError>>,
 }
@@ -165,6 +172,7 @@ fn engine_config(steps: u64) -> EngineConfig {
         // No shedding by queue delay and no stall: both read the wall clock.
         queue_delay_target: Duration::from_secs(3600),
         stall_after: Duration::from_secs(3600),
+        outbox_messages_max: OUTBOX_MESSAGES_MAX,
         ..EngineConfig::default()
     }
 }
@@ -369,6 +377,19 @@ impl Sim {
     fn check_audit(&self) -> Result<(), SimFailure> {
         let states: Vec<&CellState> = self.cells.iter().filter_map(|c| c.engine.as_ref().map(|e| e.state())).collect();
         for shadow in [false, true] {
+            // I7: the outbox towards each cell stays within its limit.
+            for s in &states {
+                if let Some(o) =
+                    s.ledger(shadow).figures().outbox.iter().find(|o| o.open_messages() > OUTBOX_MESSAGES_MAX)
+                {
+                    return Err(self.fail(format!(
+                        "cell {}'s outbox to cell {} holds {} messages, above its limit",
+                        s.cell(),
+                        o.dest,
+                        o.open_messages()
+                    )));
+                }
+            }
             if let Some(f) = audit_states(&states, shadow).first() {
                 let ledger = if shadow { "shadow" } else { "real" };
                 return Err(self.fail(format!("the audit of the {ledger} ledger found: {f}")));
@@ -411,10 +432,19 @@ impl Sim {
         };
         // The router's routing: the payer's cell, by the shard map.
         let owner = self.map.owner_of(transfer.from.as_str()).0 as usize;
-        let link = self.links[owner].clone();
+        // Now and then a stale router sends it to a cell that does not own the
+        // payer: that cell must refuse it (`wrong_cell`) and change nothing (I6).
+        let misrouted = self.cells.len() > 1 && self.rng.chance(30_000);
+        let target = if misrouted {
+            (owner + 1 + self.rng.below(self.cells.len() as u64 - 1) as usize) % self.cells.len()
+        } else {
+            owner
+        };
+        self.report.misrouted += u64::from(misrouted);
+        let link = self.links[target].clone();
         let command = Command { shadow, op: Op::Transfer(transfer.clone()) };
         let call: CallFuture<_> = Box::pin(async move { link.submit(vec![command]).await });
-        self.payments.push(Payment { shadow, transfer, call });
+        self.payments.push(Payment { shadow, transfer, call, misrouted });
     }
 
     /// What a client learns from an answer.
@@ -444,7 +474,10 @@ impl Sim {
                 }
                 self.report.payments_acked += 1;
             }
-            Some(Outcome::Rejected(_)) => self.report.payments_refused += 1,
+            Some(Outcome::Rejected(r)) => {
+                self.report.payments_refused += 1;
+                self.report.outbox_full += u64::from(r.code == ErrorCode::OutboxFull);
+            }
             other => return Err(self.fail(format!("a payment answered {other:?}"))),
         }
         Ok(())
@@ -466,8 +499,18 @@ impl Sim {
                 None => i += 1,
                 Some(answer) => {
                     let p = self.payments.swap_remove(i);
-                    if let Ok(outcomes) = answer {
-                        self.answered(p.shadow, &p.transfer, outcomes)?;
+                    match answer {
+                        Ok(outcomes) if p.misrouted => {
+                            let refused = matches!(outcomes.first(), Some(Outcome::Rejected(r)) if r.code == ErrorCode::WrongCell);
+                            if !refused {
+                                return Err(self.fail(format!(
+                                    "payment {}/{} sent to a cell that does not own its payer answered {outcomes:?}",
+                                    p.transfer.from, p.transfer.id
+                                )));
+                            }
+                        }
+                        Ok(outcomes) => self.answered(p.shadow, &p.transfer, outcomes)?,
+                        Err(_) => {}
                     }
                 }
             }

@@ -89,6 +89,8 @@ fn the_same_seed_replays_bit_for_bit_and_every_fault_strikes() {
         total.retries += r.retries;
         total.late_deliveries += r.late_deliveries;
         total.shadow_payments += r.shadow_payments;
+        total.misrouted += r.misrouted;
+        total.outbox_full += r.outbox_full;
     }
     let kinds = [
         total.crashes,
@@ -103,6 +105,8 @@ fn the_same_seed_replays_bit_for_bit_and_every_fault_strikes() {
         total.retries,
         total.late_deliveries,
         total.shadow_payments,
+        total.misrouted,
+        total.outbox_full,
     ];
     assert!(kinds.iter().all(|k| *k > 0), "{total:?}");
 }
