@@ -37,7 +37,7 @@ MUTATIONS = [
      "a cell acts on a payment whose payer it does not own (I6 fencing)"),
     ("core-ignores-outbox-limit", "crates/core/src/ledger.rs",
      "if queued >= place.admission.outbox_messages_max {",
-     "if queued >= place.admission.outbox_messages_max + 1000 {",
+     "if queued >= place.admission.outbox_messages_max.saturating_add(1000) {",
      "a cell queues credits past its outbox limit (I7)"),
     ("core-skips-funds-check", "crates/core/src/ledger.rs",
      "if !payer_account.overdraft && payer_after < 0 {",

@@ -40,9 +40,17 @@ pub struct EngineStats {
     pub queue_wait_seconds: Buckets,
 }
 
+/// A histogram of µs (or sizes) with 3 significant digits that grows with the
+/// largest value recorded, so an engine start does not zero a full-range table
+/// (four of them, ~1.5 MB) it may never fill; capped at an hour.
 fn histogram() -> Mutex<Histogram<u64>> {
-    Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds"))
+    let mut h = Histogram::new(3).expect("valid histogram precision");
+    h.auto(true);
+    Mutex::new(h)
 }
+
+/// The largest value a histogram records (larger ones count as this).
+const HISTOGRAM_VALUE_MAX: u64 = 3_600_000_000;
 
 impl Default for EngineStats {
     fn default() -> Self {
@@ -71,7 +79,7 @@ impl Default for EngineStats {
 
 fn record(h: &Mutex<Histogram<u64>>, v: u64) {
     let mut h = h.lock().expect("stats lock is never held across a panic");
-    h.saturating_record(v.max(1));
+    h.saturating_record(v.clamp(1, HISTOGRAM_VALUE_MAX));
 }
 
 /// Percentiles of one histogram.
