@@ -121,10 +121,7 @@ fn a_checkpoint_counts_only_once_its_precondition_holds_and_not_at_all_when_it_f
     // A failed precondition writes nothing, and the next call says why.
     store.checkpoint_when(11, b"eleven".to_vec(), Box::new(|| Err("the tier failed".into()))).unwrap();
     let err = store.sync_checkpoint().unwrap_err();
-    assert!(
-        matches!(&err, StoreError::CheckpointNotReady { seq: 11, reason } if reason == "the tier failed"),
-        "{err}"
-    );
+    assert!(matches!(&err, StoreError::CheckpointNotReady { seq: 11, reason } if reason == "the tier failed"), "{err}");
     assert_eq!(store.checkpoints().unwrap().iter().map(|c| c.seq).collect::<Vec<_>>(), [10]);
     drop(store);
     let (_, seen, _) = recover(dir.path(), 1 << 20).unwrap();
