@@ -10,8 +10,10 @@ use cellpay_core::{
     AccountId, Authority, Command, Currency, ErrorCode, Ledger, Op, OpenAccount, Outcome, TenantId, Transfer,
     TransferId,
 };
+use cellpay_router::Mode;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 
@@ -149,7 +151,39 @@ pub struct TransferBody {
 #[serde(deny_unknown_fields)]
 pub struct BatchBody<'a> {
     #[serde(borrow)]
-    pub transfers: Vec<&'a serde_json::value::RawValue>,
+    pub transfers: Vec<&'a RawValue>,
+}
+
+/// `PUT /v1/admin/degrade/{switch}`: `{"mode": "on" | "off" | "auto"}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    pub mode: Mode,
+}
+
+/// Parses a batch body; its items stay raw JSON, each parsed on its own by
+/// [`batch_item`], so one bad item is answered alone.
+pub fn parse_batch(bytes: &[u8]) -> Result<BatchBody<'_>, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))
+}
+
+/// One batch item: the id the client gave and its transfer command, or the
+/// error that item is answered with.
+pub fn batch_item(raw: &RawValue, shadow: bool, by: &Authority) -> Result<(String, Command), ApiError> {
+    let b = serde_json::from_str::<TransferBody>(raw.get())
+        .map_err(|e| ApiError::invalid(format!("malformed transfer: {e}")))?;
+    let id = b.id.clone();
+    transfer(b, shadow, by).map(|cmd| (id, cmd))
+}
+
+/// The id of a batch item, if its JSON has a string `id`, for its answer.
+pub fn batch_item_id(raw: &RawValue) -> serde_json::Value {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a str>,
+    }
+    serde_json::from_str::<IdOnly<'_>>(raw.get()).ok().and_then(|i| i.id).map_or(serde_json::Value::Null, Into::into)
 }
 
 pub fn account_id(field: &str, s: &str) -> Result<AccountId, ApiError> {

@@ -20,8 +20,18 @@ use crate::state::CellState;
 /// cell's clock, and the time of each transfer record. An older snapshot is
 /// refused with its magic.
 const MAGIC: &[u8; 8] = b"CPSNAP04";
-/// No count in a snapshot may exceed this (I7): it bounds allocation on bad input.
+/// No count in a snapshot may exceed this (I7). Room reserved for a count is
+/// also bounded by the bytes left ([`Reader::capacity_for`]), at the fewest
+/// bytes each item takes below, so a count that lies allocates nothing big.
 const COUNT_MAX: u64 = 1 << 32;
+/// An account with one-byte ids: id, currency, balance, overdraft, tenant, history head.
+const ACCOUNT_BYTES_MIN: usize = 2 + 3 + 8 + 1 + 2 + 8;
+/// A transfer record with a one-byte id and a local payee.
+const RECORD_BYTES_MIN: usize = 2 + 4 + 5 + 8 + 3 + 1 + 8 + 1 + 4;
+/// A history entry with a one-byte transfer id and a local counterparty.
+const ENTRY_BYTES_MIN: usize = 4 + 8 + 2 + 5 + 1 + 8 + 8;
+/// An inbox mark that refused nothing.
+const MARK_BYTES_MIN: usize = 8 + 8 + 1 + 8;
 
 fn kind_tag(k: EntryKind) -> u8 {
     match k {
@@ -239,8 +249,8 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     let limits = Limits { transfers_retained_max, history_entries_max };
     let mut l = Ledger::new(limits, map.shards());
     let n = r.count(u64::from(u32::MAX))?;
-    l.accounts.reserve(n);
-    l.index.reserve(n);
+    l.accounts.reserve(r.capacity_for(n, ACCOUNT_BYTES_MIN));
+    l.index.reserve(r.capacity_for(n, ACCOUNT_BYTES_MIN));
     for i in 0..n {
         let id = r.account_id()?;
         let id_hash = crate::shard::stable_hash(id.as_str().as_bytes());
@@ -262,7 +272,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     // (`Ledger::release_records`), at most about a queue's worth more. So the
     // count is bounded like any other, and only the allocation by the limit.
     let n = r.count(COUNT_MAX)?;
-    let expected = n.min(transfers_retained_max.saturating_mul(2));
+    let expected = r.capacity_for(n.min(transfers_retained_max.saturating_mul(2)), RECORD_BYTES_MIN);
     l.records = VecDeque::with_capacity(expected);
     l.record_index.reserve(expected);
     for k in 0..n {
@@ -287,7 +297,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     }
     l.history_first_seq = r.u64()?;
     let n = r.count(history_entries_max as u64)?;
-    l.history = VecDeque::with_capacity(n);
+    l.history = VecDeque::with_capacity(r.capacity_for(n, ENTRY_BYTES_MIN));
     for _ in 0..n {
         let entry = Entry {
             account: r.u32()?,
@@ -355,7 +365,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
         if m as u64 > figures.applied_through {
             return Err(r.error("an inbox tail is longer than what it applied"));
         }
-        let mut tail = VecDeque::with_capacity(m);
+        let mut tail = VecDeque::with_capacity(r.capacity_for(m, MARK_BYTES_MIN));
         for _ in 0..m {
             let digest = r.u64()?;
             let amount = r.i64()?;
@@ -374,4 +384,40 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
         *d = r.u64()?;
     }
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::ShardMap;
+
+    /// The empty state of one cell of one shard, and where its real ledger starts.
+    fn empty() -> (Vec<u8>, usize) {
+        let state = CellState::new(CellId(0), ShardMap::round_robin(1, 1).unwrap(), Limits::default());
+        let bytes = encode(&state);
+        assert!(decode(&bytes).is_ok());
+        (bytes, MAGIC.len() + 1 + 4 + 8 + 8 + 8 + 4 + 4)
+    }
+
+    fn set_u64(bytes: &mut [u8], at: usize, v: u64) {
+        bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Found by the `snapshot` fuzz target: a count of 2^32 - 1 accounts
+    /// reserved room for all of them (hundreds of GB) before the first failed
+    /// to decode; a history count up to its limit of 2^32 did the same.
+    #[test]
+    fn a_count_reserves_only_what_the_bytes_can_hold() {
+        let (good, ledger) = empty();
+        let mut bytes = good.clone();
+        set_u64(&mut bytes, ledger + 16, u64::from(u32::MAX));
+        assert!(decode(&bytes).is_err());
+        // No accounts and no records: the history count follows the two
+        // record counts and their first sequence number.
+        let mut bytes = good.clone();
+        set_u64(&mut bytes, ledger + 8, COUNT_MAX);
+        let history = ledger + 24 + 8 + 8 + 8 + 8;
+        set_u64(&mut bytes, history, COUNT_MAX);
+        assert!(decode(&bytes).is_err());
+    }
 }

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use cellpay_core::{Authority, ErrorCode};
-use cellpay_router::{FlowRules, Mode, Plan};
+use cellpay_router::{FlowRules, Plan};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -56,12 +56,6 @@ pub async fn replace_plan(
     Ok(Json(degrade_view(&state)?).into_response())
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SwitchBody {
-    mode: Mode,
-}
-
 /// `PUT /v1/admin/degrade/{switch}` with `{"mode": "on" | "off" | "auto"}`.
 pub async fn set_switch(
     State(state): State<AppState>,
@@ -73,7 +67,7 @@ pub async fn set_switch(
 ) -> Result<Response, ApiError> {
     admin_only(role, "turning a degrade switch")?;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
-    let order: SwitchBody = body::parse(&bytes)?;
+    let order: body::SwitchBody = body::parse(&bytes)?;
     let cluster = state.cluster()?;
     let view = cluster.protection().degrade.set(&switch, order.mode).map_err(|e| ApiError::invalid(e.to_string()))?;
     if !cluster.protection().degrade.is_on(cellpay_router::Action::BalanceReadsStale) {

@@ -8,7 +8,7 @@ use axum::{Extension, Json};
 use cellpay_core::{AccountId, Authority, ErrorCode, Op, Outcome, QueryAnswer, Rejection};
 use serde_json::{json, Value};
 
-use crate::body::{self, BatchBody, TransferBody};
+use crate::body::{self, TransferBody};
 use crate::error::ApiError;
 use crate::guard::{self, Admitted, Classified};
 use crate::oplog::Action;
@@ -42,16 +42,6 @@ pub async fn create(
     }
 }
 
-/// The id of a batch item, if its JSON has a string `id`, for its answer.
-fn item_id(raw: &serde_json::value::RawValue) -> Value {
-    #[derive(serde::Deserialize)]
-    struct IdOnly<'a> {
-        #[serde(borrow)]
-        id: Option<&'a str>,
-    }
-    serde_json::from_str::<IdOnly<'_>>(raw.get()).ok().and_then(|i| i.id).map_or(Value::Null, Value::from)
-}
-
 pub async fn batch(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -62,8 +52,7 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     let shadow = classified.shadow;
     let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
-    let parsed: BatchBody<'_> =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("malformed JSON body: {e}")))?;
+    let parsed = body::parse_batch(&bytes)?;
     let max = state.limits.batch_items_max;
     if parsed.transfers.len() > max {
         let msg = format!("a batch holds at most {max} transfers, got {}", parsed.transfers.len());
@@ -80,23 +69,17 @@ pub async fn batch(
     let mut commands = Vec::with_capacity(parsed.transfers.len());
     let mut positions = Vec::with_capacity(parsed.transfers.len());
     for raw in &parsed.transfers {
-        let item = serde_json::from_str::<TransferBody>(raw.get())
-            .map_err(|e| ApiError::invalid(format!("malformed transfer: {e}")))
-            .and_then(|b| {
-                let id = b.id.clone();
-                body::transfer(b, shadow, &by).map(|cmd| (id, cmd))
-            })
-            .and_then(|(id, cmd)| match &cmd.op {
-                Op::Transfer(t) => guard::admit_payment(&state, class, shadow, &t.from, &t.to).map(|()| (id, cmd)),
-                _ => Ok((id, cmd)),
-            });
+        let item = body::batch_item(raw, shadow, &by).and_then(|(id, cmd)| match &cmd.op {
+            Op::Transfer(t) => guard::admit_payment(&state, class, shadow, &t.from, &t.to).map(|()| (id, cmd)),
+            _ => Ok((id, cmd)),
+        });
         match item {
             Ok((id, cmd)) => {
                 positions.push((results.len(), id));
                 commands.push(cmd);
                 results.push(Value::Null);
             }
-            Err(e) => results.push(json!({"id": item_id(raw), "error": e.body()})),
+            Err(e) => results.push(json!({"id": body::batch_item_id(raw), "error": e.body()})),
         }
     }
     let answers = cluster.submit_transfers(commands).await;
