@@ -353,6 +353,13 @@ impl Sim {
             let QueryAnswer::Transfers(found) = state.query(&q) else {
                 return Err(self.fail("a transfer query answered something else"));
             };
+            // I5: ids are unique across both ledgers here, so a payment is in its own ledger only.
+            let other =
+                Query::Transfer { shadow: !*shadow, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
+            if matches!(state.query(&other), QueryAnswer::Transfers(v) if !v.is_empty()) {
+                let ledger = if *shadow { "real" } else { "shadow" };
+                return Err(self.fail(format!("payment {from}/{id} crossed into the {ledger} ledger")));
+            }
             let Some(now) = found.first() else {
                 return Err(
                     self.fail(format!("acknowledged payment {from}/{id} is gone from cell {}", self.cells[i].id))
