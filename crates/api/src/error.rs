@@ -68,6 +68,19 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         json!({"code": self.public_code().as_str(), "message": self.message})
     }
+
+    /// The same body, typed: serialised straight to bytes, with no `Value` tree
+    /// (a batch answers thousands of them).
+    pub fn typed_body(&self) -> ErrorBody<'_> {
+        ErrorBody { code: self.public_code().as_str(), message: &self.message }
+    }
+}
+
+/// An error's body: `{"code": …, "message": …}`, as [`ApiError::body`].
+#[derive(Debug, serde::Serialize)]
+pub struct ErrorBody<'a> {
+    pub code: &'static str,
+    pub message: &'a str,
 }
 
 impl From<Rejection> for ApiError {
