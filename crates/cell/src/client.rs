@@ -30,6 +30,19 @@ pub struct CellStatus {
     pub health: Health,
 }
 
+impl CellStatus {
+    /// The status of a cell whose engine is not running (or cannot be reached), and why.
+    pub fn down(cell: CellId, reason: &str) -> Self {
+        CellStatus {
+            cell,
+            epoch: 0,
+            queue_depth: 0,
+            queue_delay_us: 0,
+            health: Health::Failed { reason: reason.into() },
+        }
+    }
+}
+
 pub trait CellClient: Send + Sync + 'static {
     fn cell(&self) -> CellId;
     fn status(&self) -> CellStatus;

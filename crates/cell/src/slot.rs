@@ -14,7 +14,6 @@ use tokio::sync::watch;
 
 use crate::client::{BoxFuture, CellClient, CellStatus};
 use crate::engine::{CellFigures, CellHandle, EngineError};
-use crate::health::Health;
 
 pub struct CellSlot {
     cell: CellId,
@@ -72,13 +71,7 @@ impl CellClient for CellSlot {
     fn status(&self) -> CellStatus {
         match self.handle() {
             Some(h) => CellClient::status(&h),
-            None => CellStatus {
-                cell: self.cell,
-                epoch: 0,
-                queue_depth: 0,
-                queue_delay_us: 0,
-                health: Health::Failed { reason: "the cell's engine is not running".into() },
-            },
+            None => CellStatus::down(self.cell, "the cell's engine is not running"),
         }
     }
 

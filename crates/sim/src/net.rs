@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellHandle, CellStatus, EngineError, Health};
+use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellHandle, CellStatus, EngineError};
 use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
@@ -173,13 +173,7 @@ impl CellClient for SimLink {
     fn status(&self) -> CellStatus {
         match self.handle() {
             Some(h) => CellClient::status(&h),
-            None => CellStatus {
-                cell: self.cell,
-                epoch: 0,
-                queue_depth: 0,
-                queue_delay_us: 0,
-                health: Health::Failed { reason: "down (simulated)".into() },
-            },
+            None => CellStatus::down(self.cell, "down (simulated)"),
         }
     }
 

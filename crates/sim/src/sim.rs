@@ -522,29 +522,22 @@ impl Sim {
                 }
             }
         }
+        let mut unexpected = None;
         for r in &mut self.relays {
             if let Some(round) = &mut r.round {
                 if let Some(done) = poll_once(round) {
                     r.round = None;
+                    let (s, d) = (r.relay.source.cell(), r.relay.dest.cell());
                     if self.trace {
-                        eprintln!("round {}→{}: {done:?}", r.relay.source.cell(), r.relay.dest.cell());
+                        eprintln!("round {s}→{d}: {done:?}");
                     }
                     if let Err(RoundError::Unexpected(why)) = done {
-                        let (s, d) = (r.relay.source.cell(), r.relay.dest.cell());
-                        return Err(SimFailure {
-                            seed: self.config.seed,
-                            tick: self.tick,
-                            steps: self.config.steps,
-                            cells: self.config.cells,
-                            accounts: self.config.accounts,
-                            faults: if self.config.faults { "" } else { " --no-faults" },
-                            what: format!("relay {s}→{d}: {why}"),
-                        });
+                        unexpected.get_or_insert(format!("relay {s}→{d}: {why}"));
                     }
                 }
             }
         }
-        Ok(())
+        unexpected.map_or(Ok(()), |what| Err(self.fail(what)))
     }
 
     fn start_round(&mut self, r: usize) {
