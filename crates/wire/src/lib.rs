@@ -1,0 +1,7 @@
+//! The cell protocol: how routers and relays reach a cell in another process.
+//!
+//! [`RemoteCell`] implements [`cellpay_cell::CellClient`] over HTTP/2 to a
+//! cell process's [`serve`]; the router and the relays cannot tell it from a
+//! cell in their own process.
+
+pub mod codec;
