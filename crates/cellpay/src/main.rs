@@ -8,8 +8,19 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Prints a line to stdout, ignoring a closed stdout: a server does not stop
+/// because whoever started it stopped reading.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod bench_engine;
 mod bench_http;
+mod cell_process;
+mod cluster_cli;
 mod check;
 mod child;
 mod config;
@@ -18,9 +29,11 @@ mod drill;
 mod flood;
 mod placement;
 mod rehearse;
+mod router_process;
 mod serve;
 mod sim;
 mod stress;
+mod up;
 
 use std::process::ExitCode;
 
@@ -48,6 +61,17 @@ enum Command {
     /// Runs a whole cluster in one process: N cells, the router, the relays
     /// and the HTTP API (DESIGN.md section 4).
     Serve(Box<config::ServeArgs>),
+    /// Runs one cell in its own process: its store, the cell protocol, its
+    /// relays to the other cells (DESIGN.md section 10).
+    Cell(Box<cell_process::Args>),
+    /// Runs one stateless HTTP v1 front for cells in other processes.
+    Router(Box<router_process::Args>),
+    /// The operator's CLI for the control plane.
+    #[command(subcommand)]
+    Cluster(cluster_cli::Command),
+    /// Starts a many-process cluster on this machine (cells and routers as
+    /// processes, the control plane in PostgreSQL) and supervises it.
+    Up(Box<up::Args>),
     /// A full-link stress run on shadow traffic; writes the readiness report.
     /// Exit 0 go, 1 no-go, 2 error.
     Stress(stress::Args),
@@ -97,6 +121,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => serve::run(*args),
+        Command::Cell(args) => cell_process::run(*args),
+        Command::Router(args) => router_process::run(*args),
+        Command::Cluster(command) => cluster_cli::run(command),
+        Command::Up(args) => up::run(*args),
         Command::Stress(args) => stress::run(args),
         Command::Rehearse(args) => rehearse::run(args),
         Command::Drill(args) => drill::run(args),

@@ -25,14 +25,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, FileAuth, FileToken, ServeArgs};
 
-/// Prints a line to stdout, ignoring a closed stdout: a server does not stop
-/// because whoever started it stopped reading.
-macro_rules! say {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stdout(), $($arg)*);
-    }};
-}
-
 /// What `<data-dir>/cluster.toml` records when the cluster is created.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,7 +60,7 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
 }
 
 /// Writes a file durably (temporary name, fsync, rename) with `mode`.
-fn write_private(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(mode).open(&tmp)?;
     f.write_all(text.as_bytes())?;
@@ -78,7 +70,7 @@ fn write_private(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
 }
 
 /// Configured tokens, or those in `<data-dir>/tokens.toml`, or fresh ones written there.
-fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
+pub(crate) fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
     let parse = |specs: &[String]| -> anyhow::Result<Vec<Token>> {
         specs.iter().map(|s| Token::parse(s).map_err(anyhow::Error::from)).collect()
     };
@@ -118,7 +110,7 @@ fn tokens(config: &Config) -> anyhow::Result<Vec<Token>> {
     parse(&stored.tokens.iter().map(FileToken::spec).collect::<Vec<_>>())
 }
 
-fn engine_config(config: &Config) -> EngineConfig {
+pub(crate) fn engine_config(config: &Config) -> EngineConfig {
     EngineConfig {
         batch_commands_max: config.batch_commands_max,
         batch_linger: std::time::Duration::from_micros(config.batch_linger_us),
@@ -160,18 +152,18 @@ fn open_cells(config: &Config, map: &ShardMap) -> anyhow::Result<Vec<Cell>> {
 
 /// SIGTERM and SIGINT, registered once at start: a signal that arrives between
 /// two waits is kept for the next wait, never lost.
-struct ShutdownSignal {
+pub(crate) struct ShutdownSignal {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl ShutdownSignal {
-    fn install() -> anyhow::Result<Self> {
+    pub(crate) fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{signal, SignalKind};
         Ok(Self { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
     }
 
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
@@ -180,7 +172,7 @@ impl ShutdownSignal {
 }
 
 /// The flow rules and degrade plan: from their files, or the defaults.
-fn protection_files(config: &Config) -> anyhow::Result<(FlowRules, Plan)> {
+pub(crate) fn protection_files(config: &Config) -> anyhow::Result<(FlowRules, Plan)> {
     let read = |path: &Path| std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()));
     let rules = match &config.rules {
         Some(path) => FlowRules::from_toml(&read(path)?)

@@ -41,10 +41,25 @@ fn balance(s: &Server, id: &str) -> i64 {
     r.body["balance"].as_i64().unwrap()
 }
 
+const CLIENT_ERROR_FLAGS: [&str; 4] = ["--body-bytes-max", "65536", "--batch-items-max", "100"];
+
 #[test]
 fn accounts_transfers_and_every_client_error() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--cells", "2", "--body-bytes-max", "65536", "--batch-items-max", "100"]);
+    let s = Server::start(dir.path(), &[&["--cells", "2"][..], &CLIENT_ERROR_FLAGS].concat());
+    every_client_error(&s, true);
+}
+
+/// The same contract through the first of 2 routers in front of 2 cell processes.
+#[test]
+fn accounts_transfers_and_every_client_error_many_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 2, &CLIENT_ERROR_FLAGS);
+    every_client_error(&s, false);
+}
+
+/// `in_process`: the cells run in the server's process, so its `/metrics` shows their engines.
+fn every_client_error(s: &Server, in_process: bool) {
     let ids = ids_in_cells(2);
     let (bank, alice, bob) = (&ids[0][0], &ids[0][1], &ids[0][2]);
 
@@ -138,14 +153,16 @@ fn accounts_transfers_and_every_client_error() {
     assert_eq!(r.body, openapi());
     let metrics = s.request("GET", "/metrics", None, &[], None);
     let text = metrics.body.as_str().unwrap();
-    for name in [
-        "cellpay_http_requests_total",
-        "cellpay_http_request_duration_seconds_bucket",
-        "cellpay_cell_queue_depth",
-        "cellpay_cell_commit_duration_seconds_bucket",
-        "cellpay_cell_batch_size_commands_bucket",
-        "cellpay_outbox_backlog_messages",
-    ] {
+    let mut names = vec!["cellpay_http_requests_total", "cellpay_http_request_duration_seconds_bucket"];
+    if in_process {
+        names.extend([
+            "cellpay_cell_queue_depth",
+            "cellpay_cell_commit_duration_seconds_bucket",
+            "cellpay_cell_batch_size_commands_bucket",
+            "cellpay_outbox_backlog_messages",
+        ]);
+    }
+    for name in names {
         assert!(text.contains(name), "/metrics lacks {name}");
     }
     assert!(!text.contains(CLIENT) && !text.contains(ADMIN), "no secret in metrics");
@@ -157,7 +174,16 @@ fn accounts_transfers_and_every_client_error() {
 #[test]
 fn batches_answer_each_item_and_are_idempotent_per_item() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--cells", "2", "--batch-items-max", "100"]);
+    batches(&Server::start(dir.path(), &["--cells", "2", "--batch-items-max", "100"]));
+}
+
+#[test]
+fn batches_answer_each_item_and_are_idempotent_per_item_many_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    batches(&Server::up(dir.path(), 2, 2, &["--batch-items-max", "100"]));
+}
+
+fn batches(s: &Server) {
     let ids = ids_in_cells(2);
     let (bank, a, b) = (&ids[0][0], &ids[0][1], &ids[1][0]);
     open(&s, ADMIN, bank, true);
@@ -201,6 +227,24 @@ fn batches_answer_each_item_and_are_idempotent_per_item() {
 fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), &["--cells", "4"]);
+    cross_cell(&s);
+    assert_eq!(s.terminate(), Some(0), "SIGTERM drains and exits 0");
+    // A restart finds the same cluster.
+    let s = Server::start(dir.path(), &["--cells", "4"]);
+    let ids = ids_in_cells(4);
+    assert_eq!(balance(&s, &ids[3][0]), 300);
+    assert_eq!(s.get("/v1/transfers/to-ghost", CLIENT).body["status"], "reversed");
+}
+
+/// Credits cross between cell processes through their relays.
+#[test]
+fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed_many_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 4, 1, &[]);
+    cross_cell(&s);
+}
+
+fn cross_cell(s: &Server) {
     let ids = ids_in_cells(4);
     let bank = &ids[0][0];
     open(&s, ADMIN, bank, true);
@@ -231,11 +275,6 @@ fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
         (audit.body["ok"].as_bool(), audit.body["sum"].as_i64(), audit.body["in_flight"].as_i64()),
         (Some(true), Some(0), Some(0))
     );
-    assert_eq!(s.terminate(), Some(0), "SIGTERM drains and exits 0");
-    // A restart finds the same cluster.
-    let s = Server::start(dir.path(), &["--cells", "4"]);
-    assert_eq!(balance(&s, &ids[3][0]), 300);
-    assert_eq!(s.get("/v1/transfers/to-ghost", CLIENT).body["status"], "reversed");
 }
 
 #[test]

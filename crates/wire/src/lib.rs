@@ -5,3 +5,11 @@
 //! cell in their own process.
 
 pub mod codec;
+pub mod faults;
+pub mod client;
+pub mod secret;
+pub mod server;
+
+pub use client::{RemoteCell, RemoteConfig};
+pub use secret::ClusterSecret;
+pub use server::{app, serve};

@@ -19,6 +19,34 @@ pub struct Server {
     pub base: String,
     pub dir: PathBuf,
     agent: ureq::Agent,
+    /// A many-process cluster (`cellpay up`): every router's base URL (the first is `base`).
+    pub routers: Vec<String>,
+    /// A many-process cluster's control plane database, dropped with the server.
+    pub database: Option<String>,
+    /// Every line `cellpay up` printed (members started, restarted, and their own lines).
+    pub history: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+/// The PostgreSQL every machine runs (trust auth).
+pub const POSTGRES: &str = "postgres://root@127.0.0.1:5432";
+
+/// Runs SQL against the `postgres` database.
+pub fn postgres_admin(sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, connection) =
+            tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls).await.expect("PostgreSQL runs on 127.0.0.1:5432");
+        tokio::spawn(connection);
+        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    });
+}
+
+/// A database name no other test (or test run) uses.
+pub fn fresh_database(what: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("cellpay_t_{what}_{}_{n}_{nanos}", std::process::id())
 }
 
 pub struct Reply {
@@ -86,7 +114,76 @@ impl Server {
             base: base.expect("address printed before ready"),
             dir: dir.to_path_buf(),
             agent: config.into(),
+            routers: Vec::new(),
+            database: None,
+            history: Default::default(),
         }
+    }
+
+    /// Starts `cellpay up`: `cells` cell processes and `routers` router
+    /// processes with the test tokens, the control plane in a fresh database
+    /// (dropped with the server); waits until every router is ready.
+    pub fn up(dir: &Path, cells: u32, routers: u32, extra: &[&str]) -> Server {
+        let database = fresh_database("up");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+            .args(["up", "--listen", "127.0.0.1:0", "--cells", &cells.to_string(), "--routers", &routers.to_string()])
+            .args(["--control", &format!("{POSTGRES}/{database}"), "--data-dir"])
+            .arg(dir)
+            .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn cellpay up");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        let history: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let kept = history.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let routers = loop {
+            let line = rx.recv_timeout(Duration::from_secs(120)).expect("cellpay up prints when it is ready");
+            if let Some(rest) = line.strip_prefix("cellpay up ready: routers at ") {
+                break rest.split(' ').map(str::to_string).collect::<Vec<_>>();
+            }
+            assert!(!line.starts_with("cellpay up: not every router"), "{line}");
+        };
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        Server {
+            child,
+            base: routers[0].clone(),
+            dir: dir.to_path_buf(),
+            agent: config.into(),
+            routers,
+            database: Some(database),
+            history,
+        }
+    }
+
+    /// The pid `cellpay up` last started `member` ("cell 2", "router 0") with.
+    pub fn pid_of(&self, member: &str) -> u32 {
+        let prefix = format!("cellpay up: started {member} (pid ");
+        let history = self.history.lock().unwrap();
+        let line = history.iter().rev().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{member} was never started"));
+        line[prefix.len()..].trim_end_matches(')').parse().unwrap()
+    }
+
+    /// Has `cellpay up` printed a line containing `text`?
+    pub fn printed(&self, text: &str) -> bool {
+        self.history.lock().unwrap().iter().any(|l| l.contains(text))
+    }
+
+    /// The same server through another of its routers.
+    pub fn via(&self, router: usize) -> Via<'_> {
+        Via { server: self, base: self.routers[router].clone() }
     }
 
     pub fn request(
@@ -183,8 +280,45 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.database.is_some() {
+            // `up` stops its members on SIGTERM; SIGKILL would leave them running.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            for _ in 0..3000 {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(db) = self.database.take() {
+            postgres_admin(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+        }
+    }
+}
+
+/// Requests through one router of a many-process cluster.
+pub struct Via<'a> {
+    server: &'a Server,
+    base: String,
+}
+
+impl Via<'_> {
+    pub fn post(&self, path: &str, token: &str, body: &Value) -> Option<Reply> {
+        let url = format!("{}{}", self.base, path);
+        let req = ureq::http::Request::builder()
+            .method("POST")
+            .uri(&url)
+            .header("Authorization", format!("Bearer {token}"))
+            .body(body.to_string())
+            .unwrap();
+        let mut resp = self.server.agent.run(req).ok()?;
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().ok()?;
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Some(Reply { status, body, cell: None, epoch: None, retry_after: None, stale_ms: None, request_id: None })
     }
 }
 

@@ -1,0 +1,235 @@
+//! `cellpay cell`: one cell in its own process.
+//!
+//! It recovers the cell's embedded store (whose file lock is what keeps a
+//! second process for the same cell from writing), serves the cell protocol
+//! on `--cell-listen`, reports its address to the control plane every
+//! second, and pushes its cross-cell credits to the payee's cell process
+//! through one relay per peer and ledger. It follows the control plane for
+//! its peers' addresses; when the control plane is down it keeps the last
+//! copy, and payments go on.
+//!
+//! SIGTERM or SIGINT: stop serving, stop the relays, stop the engine (which
+//! answers what is queued and writes a final checkpoint), exit 0.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cellpay_cell::{Cell, CellClient, CellSlot, Relay, RelayConfig, RelayGate, RelayStats};
+use cellpay_control::{Control, ControlView};
+use cellpay_core::CellId;
+use cellpay_wire::{ClusterSecret, RemoteCell, RemoteConfig};
+
+use crate::config::{Config, ServeArgs};
+use crate::serve::{engine_config, protection_files, ShutdownSignal};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The cell this process runs.
+    #[arg(long)]
+    id: u32,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Where to serve the cell protocol; port 0 picks a free one.
+    #[arg(long, default_value = "127.0.0.1:0", env = "CELLPAY_CELL_LISTEN")]
+    cell_listen: SocketAddr,
+    /// The address routers and peers should use, when not the one listened on (NAT, containers).
+    #[arg(long, env = "CELLPAY_CELL_ADVERTISE")]
+    advertise: Option<String>,
+    /// Engine settings, as for `serve` (the data dir holds `cell-<id>`).
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// How a process reaches the control plane and proves it belongs to the cluster.
+#[derive(clap::Args, Clone)]
+pub struct ControlArgs {
+    /// The control plane: a PostgreSQL URL (postgres://user@host:port/database).
+    #[arg(long, env = "CELLPAY_CONTROL")]
+    pub control: String,
+    /// The cluster secret that routers and cells show each other (at least
+    /// 16 printable characters). Never a client token.
+    #[arg(long, env = "CELLPAY_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: String,
+}
+
+impl ControlArgs {
+    pub fn secret(&self) -> anyhow::Result<ClusterSecret> {
+        ClusterSecret::new(&self.cluster_secret).context("--cluster-secret")
+    }
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+pub async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// This process, as the control plane records it.
+pub fn process_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}@{}", std::process::id(), host.trim())
+}
+
+/// Reads the control plane until it answers, for at most `patience`.
+pub async fn first_view(url: &str, patience: Duration) -> anyhow::Result<ControlView> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let attempt = async { Control::connect(url).await?.view().await };
+        match attempt.await {
+            Ok(view) => return Ok(view),
+            Err(e @ cellpay_control::ControlError::NotInitialised) => return Err(e.into()),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(anyhow::anyhow!("the control plane did not answer within {patience:?}: {e}"))
+            }
+            Err(e) => {
+                tracing::warn!("waiting for the control plane: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args.serve)?;
+    let secret = args.control.secret()?;
+    if let Some(cpus) = &config.cpus {
+        cpus.pin_process("--cpus")?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(serve_cell(
+        config,
+        CellId(args.id),
+        args.control.control,
+        secret,
+        args.cell_listen,
+        args.advertise,
+    ))
+}
+
+async fn serve_cell(
+    config: Config,
+    id: CellId,
+    control_url: String,
+    secret: ClusterSecret,
+    listen: SocketAddr,
+    advertise: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut shutdown = ShutdownSignal::install()?;
+    let view = first_view(&control_url, Duration::from_secs(30)).await?;
+    anyhow::ensure!(
+        (id.0 as usize) < view.cells.len(),
+        "the control plane records {} cells; there is no cell {id}",
+        view.cells.len()
+    );
+    let map = view.map.clone();
+    let dir = config.data_dir.join(format!("cell-{}", id.0));
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let opening = {
+        let (dir, map, engine) = (dir.clone(), map.clone(), engine_config(&config));
+        tokio::task::spawn_blocking(move || Cell::open_embedded(&dir, id, &map, engine))
+    };
+    let cell = opening
+        .await
+        .expect("recovery does not panic")
+        .with_context(|| format!("recovering cell {id} from {}", dir.display()))?;
+    let r = cell.recovery();
+    tracing::info!(cell = %id, checkpoint = r.checkpoint_seq, batches = r.batches_replayed, ms = r.duration.as_millis() as u64, "recovered");
+    let slot = Arc::new(CellSlot::new(id));
+    slot.install(cell.handle());
+
+    let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    let address = advertise.unwrap_or_else(|| tcp.local_addr().expect("a bound listener has an address").to_string());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let app = cellpay_wire::app(slot.clone(), secret.clone());
+    let server = tokio::spawn(cellpay_wire::serve(tcp, app, stop_rx.clone()));
+
+    // Report where this cell serves, now and every second (the heartbeat the status shows).
+    let reporter = {
+        let (url, address, mut stop) = (control_url.clone(), address.clone(), stop_rx.clone());
+        let process = process_name();
+        tokio::spawn(async move {
+            let mut control: Option<Control> = None;
+            loop {
+                if control.is_none() {
+                    control = Control::connect(&url).await.ok();
+                }
+                if let Some(c) = &control {
+                    if let Err(e) = c.report_cell(id, &address, &process).await {
+                        tracing::debug!("could not report to the control plane: {e}");
+                        control = None;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+        })
+    };
+
+    // A client per peer, its address kept current from the control plane; a relay per peer and ledger.
+    let (rules, _) = protection_files(&config)?;
+    let peers: Vec<RemoteCell> = view
+        .cells
+        .iter()
+        .filter(|c| c.id != id)
+        .map(|c| RemoteCell::start(c.id, c.address.as_deref().unwrap_or(""), secret.clone(), RemoteConfig::default()))
+        .collect();
+    let relay_config =
+        RelayConfig { messages_per_round_max: config.relay_messages_per_round_max, ..RelayConfig::default() };
+    let mut relays = Vec::new();
+    for peer in &peers {
+        for shadow in [false, true] {
+            let stats = Arc::new(RelayStats::default());
+            let gate = Arc::new(RelayGate::new(rules.breaker, Arc::new(AtomicBool::new(false))));
+            let relay = Relay {
+                source: slot.clone() as Arc<dyn CellClient>,
+                dest: Arc::new(peer.clone()) as Arc<dyn CellClient>,
+                shadow,
+                config: relay_config,
+                stats: stats.clone(),
+                gate,
+            };
+            relays.push(tokio::spawn(relay.run(stop_rx.clone())));
+        }
+    }
+    let follower = {
+        let mut views = cellpay_control::follow(control_url.clone());
+        let peers = peers.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = views.changed() => if changed.is_err() { return },
+                    _ = stopped(&mut stop) => return,
+                }
+                let view = views.borrow_and_update().clone();
+                let Some(view) = view else { continue };
+                for peer in &peers {
+                    if let Some(address) = view.cells.get(peer.cell().0 as usize).and_then(|c| c.address.as_deref()) {
+                        peer.set_address(address);
+                    }
+                }
+            }
+        })
+    };
+    say!("cellpay cell {id} serving the cell protocol on {address} (data in {})", dir.display());
+
+    shutdown.recv().await;
+    say!("cellpay cell {id} stopping");
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    for r in relays {
+        let _ = r.await;
+    }
+    let _ = reporter.await;
+    let _ = follower.await;
+    slot.clear();
+    tokio::task::spawn_blocking(move || cell.stop()).await.expect("stopping does not panic").context("stopping the cell")?;
+    say!("cellpay cell {id} stopped");
+    Ok(ExitCode::SUCCESS)
+}

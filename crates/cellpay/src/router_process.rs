@@ -1,0 +1,134 @@
+//! `cellpay router`: one stateless HTTP v1 front for cells in other processes.
+//!
+//! It serves the same contract as `serve` (the protection stack lives here),
+//! with a [`RemoteCell`] per cell instead of a cell in the process. It keeps
+//! a copy of the control plane (cells' addresses, the shard map), refreshed
+//! by notification and polling; it never reads it on a payment's path, and a
+//! control plane that is down leaves the last copy in place. Several routers
+//! can front the same cells: they share nothing but the cells and the
+//! control plane.
+//!
+//! SIGTERM or SIGINT: stop accepting, finish the requests in flight, leave
+//! the control plane's list of routers, exit 0.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cellpay_api::{ApiLimits, AppState, Auth};
+use cellpay_cell::CellClient;
+use cellpay_control::Control;
+use cellpay_router::{Cluster, Protection};
+use cellpay_wire::{RemoteCell, RemoteConfig};
+
+use crate::cell_process::{first_view, stopped, ControlArgs};
+use crate::config::{Config, ServeArgs};
+use crate::serve::{protection_files, tokens, ShutdownSignal};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// This router's name in the control plane [default: router-<pid>].
+    #[arg(long, env = "CELLPAY_ROUTER_NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    control: ControlArgs,
+    /// HTTP settings, as for `serve` (`--listen`, tokens, limits, flow rules, degrade plan).
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(args.serve)?;
+    let secret = args.control.secret()?;
+    if let Some(cpus) = &config.cpus {
+        cpus.pin_process("--cpus")?;
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let auth = Auth::new(tokens(&config)?);
+    let name = args.name.unwrap_or_else(|| format!("router-{}", std::process::id()));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let mut shutdown = ShutdownSignal::install()?;
+        let view = first_view(&args.control.control, Duration::from_secs(30)).await?;
+        let (rules, plan) = protection_files(&config)?;
+        let cells = view.cells.len();
+        let protection = Arc::new(Protection::new(rules, plan, auth.token_roles(), cells));
+        let remotes: Vec<RemoteCell> = view
+            .cells
+            .iter()
+            .map(|c| RemoteCell::start(c.id, c.address.as_deref().unwrap_or(""), secret.clone(), RemoteConfig::default()))
+            .collect();
+        let clients: Vec<Arc<dyn CellClient>> =
+            remotes.iter().map(|r| Arc::new(r.clone()) as Arc<dyn CellClient>).collect();
+        let cluster = Arc::new(Cluster::new(view.map.clone(), clients, protection));
+
+        let limits = ApiLimits { body_bytes_max: config.body_bytes_max, batch_items_max: config.batch_items_max };
+        let state = AppState::new(auth, limits, config.front.clone());
+        let tcp = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let addr = tcp.local_addr()?;
+        let app = cellpay_api::router(state.clone());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server =
+            tokio::spawn(cellpay_api::front::serve(tcp, app, state.clone(), config.front.clone(), stop_rx.clone()));
+        let signals = cluster.spawn_signals(stop_rx.clone());
+        let oplog_path = config.data_dir.join(format!("operator-{name}.log"));
+        let oplog = cellpay_api::oplog::OperatorLog::open(&oplog_path)
+            .with_context(|| format!("opening the operator log {}", oplog_path.display()))?;
+        let _ = state.0.oplog.set(Arc::new(oplog));
+        let _ = state.0.cluster.set(cluster);
+
+        // Keep the cells' addresses current, and report this router every second.
+        let follower = {
+            let mut views = cellpay_control::follow(args.control.control.clone());
+            let (url, name, address, mut stop) = (args.control.control.clone(), name.clone(), addr.to_string(), stop_rx.clone());
+            tokio::spawn(async move {
+                let mut control: Option<Control> = None;
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        changed = views.changed() => {
+                            if changed.is_err() { return }
+                            let view = views.borrow_and_update().clone();
+                            for (remote, entry) in remotes.iter().zip(view.iter().flat_map(|v| v.cells.iter())) {
+                                if let Some(a) = entry.address.as_deref() {
+                                    remote.set_address(a);
+                                }
+                            }
+                        }
+                        _ = tick.tick() => {
+                            if control.is_none() {
+                                control = Control::connect(&url).await.ok();
+                            }
+                            if let Some(c) = &control {
+                                if let Err(e) = c.report_router(&name, &address).await {
+                                    tracing::debug!("could not report to the control plane: {e}");
+                                    control = None;
+                                }
+                            }
+                        }
+                        _ = stopped(&mut stop) => {
+                            if let Some(c) = &control {
+                                let _ = c.forget_router(&name).await;
+                            }
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        say!("cellpay router {name} listening on http://{addr} ({cells} cells, epoch {})", view.map.epoch());
+
+        shutdown.recv().await;
+        say!("cellpay router {name} stopping: draining requests");
+        let _ = stop_tx.send(true);
+        server.await.context("the HTTP server task")?.context("the HTTP server")?;
+        let _ = signals.await;
+        let _ = follower.await;
+        say!("cellpay router {name} stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,257 @@
+//! A many-process cluster (`cellpay up`: cell processes, router processes,
+//! the control plane in PostgreSQL) under the failures a cell architecture
+//! exists for: a cell process killed with SIGKILL under load, a router killed
+//! with requests in flight, a second process started for a cell that runs.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{ids_in_cells, Server, ADMIN, CLIENT};
+use serde_json::json;
+
+fn open(s: &Server, token: &str, id: &str, overdraft: bool) {
+    let r = s.post("/v1/accounts", token, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn balance(s: &Server, id: &str) -> i64 {
+    let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["balance"].as_i64().unwrap()
+}
+
+/// One payment's answer as a worker saw it.
+struct Tried {
+    payer_cell: usize,
+    id: String,
+    /// 0: no answer at all (the connection broke).
+    status: u16,
+    code: String,
+    took: Duration,
+    at: Instant,
+}
+
+/// Pays `amount` 1 from `payer` to `payee` until `stop`, alternating routers.
+fn worker(s: &Server, payer_cell: usize, payer: &str, payee: &str, prefix: &str, stop: &AtomicBool, out: &Mutex<Vec<Tried>>) {
+    let mut n = 0u64;
+    while !stop.load(Relaxed) {
+        let id = format!("{prefix}-{n}");
+        let body = json!({"id": id, "from": payer, "to": payee, "amount": 1});
+        let started = Instant::now();
+        let reply = s.via(n as usize % s.routers.len()).post("/v1/transfers", CLIENT, &body);
+        let (status, code) = match &reply {
+            Some(r) => (r.status, r.body["error"]["code"].as_str().unwrap_or("").to_string()),
+            None => (0, String::new()),
+        };
+        out.lock().unwrap().push(Tried { payer_cell, id, status, code, took: started.elapsed(), at: Instant::now() });
+        n += 1;
+    }
+}
+
+/// Retries every payment not acknowledged with 201, with its own id, until
+/// acknowledged (201 first time, 200 a replay); answers how many ids there are.
+fn settle_every_id(s: &Server, tried: &[Tried], payers: &[String], payees: &[String]) -> Vec<u64> {
+    let mut per_payer = vec![0u64; payers.len()];
+    let mut seen = std::collections::HashSet::new();
+    for t in tried {
+        if !seen.insert(t.id.clone()) {
+            continue;
+        }
+        per_payer[t.payer_cell] += 1;
+        if t.status == 201 {
+            continue;
+        }
+        let body = json!({"id": t.id, "from": payers[t.payer_cell], "to": payees[t.payer_cell], "amount": 1});
+        let mut last = String::new();
+        let acknowledged = (0..200).any(|_| {
+            let r = s.post("/v1/transfers", CLIENT, &body);
+            last = format!("{} {}", r.status, r.body);
+            if r.status == 201 || r.status == 200 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            false
+        });
+        assert!(acknowledged, "a retry of {} was never acknowledged: {last}", t.id);
+    }
+    per_payer
+}
+
+fn audit_drains(s: &Server) {
+    s.eventually("every credit is delivered and the audit is exact", || {
+        let r = s.get("/v1/audit", CLIENT);
+        r.status == 200 && r.body["ok"] == true && r.body["sum"] == 0 && r.body["in_flight"] == 0
+    });
+}
+
+#[test]
+fn a_cell_process_killed_under_cross_cell_load_hurts_only_its_own_payers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 3, 2, &[]);
+    let ids = ids_in_cells(3);
+    let (mut payers, mut payees) = (Vec::new(), Vec::new());
+    for c in 0..3 {
+        let (bank, payer) = (&ids[c][0], &ids[c][1]);
+        open(&s, ADMIN, bank, true);
+        open(&s, CLIENT, payer, false);
+        let r = s.post("/v1/transfers", ADMIN, &json!({"id": format!("fund-{c}"), "from": bank, "to": payer, "amount": 1_000_000}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        payers.push(payer.clone());
+    }
+    // Each payer pays into the next cell: every payment crosses cells.
+    for c in 0..3 {
+        let payee = ids[(c + 1) % 3][2].clone();
+        open(&s, CLIENT, &payee, false);
+        payees.push(payee);
+    }
+
+    let stop = AtomicBool::new(false);
+    let tried = Mutex::new(Vec::new());
+    let killed_at = std::thread::scope(|scope| {
+        for c in 0..3 {
+            let (s, payer, payee, stop, tried) = (&s, &payers[c], &payees[c], &stop, &tried);
+            scope.spawn(move || worker(s, c, payer, payee, &format!("p{c}"), stop, tried));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let pid = s.pid_of("cell 2");
+        // SAFETY: kill(2) on a process of this test's cluster.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        let killed_at = Instant::now();
+        // Until the dead cell's payers are served again (the supervisor restarted it), then a little more.
+        let deadline = killed_at + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let back = tried.lock().unwrap().iter().any(|t| t.payer_cell == 2 && t.at > killed_at && t.status == 201);
+            if back {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Relaxed);
+        killed_at
+    });
+    let tried = tried.into_inner().unwrap();
+    assert!(s.printed("cellpay up: cell 2 was killed by signal 9; restarting"), "the supervisor says it restarts the cell");
+
+    // Other cells' payers: served throughout.
+    let others: Vec<&Tried> = tried.iter().filter(|t| t.payer_cell != 2).collect();
+    let ok = others.iter().filter(|t| t.status == 201).count();
+    let ratio = ok as f64 / others.len() as f64;
+    let refused: Vec<String> = others.iter().filter(|t| t.status != 201).map(|t| format!("{} {}", t.status, t.code)).collect();
+    assert!(ratio >= 0.999, "other cells' payers: {ok} of {} served ({ratio:.4}); refused: {refused:?}", others.len());
+    // The dead cell's payers: refused fast with cell_unavailable, then served again.
+    let theirs: Vec<&Tried> = tried.iter().filter(|t| t.payer_cell == 2 && t.at > killed_at).collect();
+    let failed: Vec<&&Tried> = theirs.iter().filter(|t| t.status != 201).collect();
+    for t in &failed {
+        assert_eq!((t.status, t.code.as_str()), (503, "cell_unavailable"), "the dead cell's share fails with cell_unavailable");
+    }
+    let slowest = failed.iter().map(|t| t.took).max().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(5), "a refusal took {slowest:?}: it must fail fast, never hang");
+    let back = theirs.iter().find(|t| t.status == 201).expect("the restarted cell serves again");
+    eprintln!(
+        "kill -9 of cell 2: {} of {} other payments served; {} refused fast (slowest {slowest:?}); outage {:?}",
+        ok,
+        others.len(),
+        failed.len(),
+        back.at.duration_since(killed_at)
+    );
+
+    // Nothing acknowledged is lost; every id, retried, is paid exactly once.
+    let per_payer = settle_every_id(&s, &tried, &payers, &payees);
+    audit_drains(&s);
+    for c in 0..3 {
+        assert_eq!(balance(&s, &payers[c]), 1_000_000 - per_payer[c] as i64, "payer {c} paid each id once");
+        assert_eq!(balance(&s, &payees[c]), per_payer[c] as i64, "payee of cell {c}'s payer got each credit once");
+    }
+}
+
+#[test]
+fn a_router_killed_with_payments_in_flight_loses_none_and_pays_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 2, &[]);
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
+    open(&s, ADMIN, bank, true);
+    open(&s, CLIENT, payer, false);
+    open(&s, CLIENT, payee, false);
+    let r = s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000_000}));
+    assert_eq!(r.status, 201);
+
+    let stop = AtomicBool::new(false);
+    let tried = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for w in 0..4 {
+            let (s, stop, tried) = (&s, &stop, &tried);
+            scope.spawn(move || {
+                // Through router 0 only: its death leaves these payments without an answer.
+                let mut n = 0;
+                while !stop.load(Relaxed) {
+                    let id = format!("r{w}-{n}");
+                    let body = json!({"id": id, "from": payer, "to": payee, "amount": 1});
+                    let started = Instant::now();
+                    let reply = s.via(0).post("/v1/transfers", CLIENT, &body);
+                    let status = reply.as_ref().map_or(0, |r| r.status);
+                    tried.lock().unwrap().push(Tried { payer_cell: 0, id, status, code: String::new(), took: started.elapsed(), at: Instant::now() });
+                    n += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        let pid = s.pid_of("router 0");
+        // SAFETY: kill(2) on a process of this test's cluster.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Relaxed);
+    });
+    let tried = tried.into_inner().unwrap();
+    let unanswered = tried.iter().filter(|t| t.status != 201).count();
+    assert!(unanswered > 0, "the kill caught payments in flight");
+    eprintln!("router killed: {} payments sent, {unanswered} without an answer, retried through router 1", tried.len());
+    // Every one retried through the other router with its own id.
+    let mut through_other = Vec::new();
+    for t in tried.iter().filter(|t| t.status != 201) {
+        let body = json!({"id": t.id, "from": payer, "to": payee, "amount": 1});
+        let r = (0..100)
+            .find_map(|_| {
+                let r = s.via(1).post("/v1/transfers", CLIENT, &body).filter(|r| r.status == 201 || r.status == 200);
+                if r.is_none() {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r
+            })
+            .unwrap_or_else(|| panic!("{} was never acknowledged through router 1", t.id));
+        through_other.push(r.status);
+    }
+    let replays = through_other.iter().filter(|&&st| st == 200).count();
+    eprintln!("retried through router 1: {} new, {replays} replays of a payment router 0 had made", through_other.len() - replays);
+    let n = tried.len() as i64;
+    s.eventually("the payee has every credit", || balance(&s, payee) == n);
+    assert_eq!(balance(&s, payer), 1_000_000 - n, "each payment debited once");
+    audit_drains(&s);
+    s.eventually("the supervisor restarts the router", || s.printed("cellpay up: router 0 was killed by signal 9"));
+}
+
+#[test]
+fn a_second_process_for_a_running_cell_is_fenced_out_by_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 1, &[]);
+    let secret = std::fs::read_to_string(dir.path().join("cluster.secret")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["cell", "--id", "0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--control", &format!("{}/{}", common::POSTGRES, s.database.as_ref().unwrap())])
+        .env("CELLPAY_CLUSTER_SECRET", secret.trim())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("lock"), "the error names the store's lock: {stderr}");
+    assert!(!stderr.contains(secret.trim()), "the secret is never printed");
+    // The running cell still serves.
+    let ids = ids_in_cells(2);
+    open(&s, CLIENT, &ids[0][0], false);
+}

@@ -1,0 +1,425 @@
+//! [`RemoteCell`]: a [`CellClient`] for a cell in another process.
+//!
+//! One HTTP/2 connection per peer carries every call, multiplexed. Each call
+//! has a deadline; at most [`RemoteConfig::in_flight_max`] calls are in
+//! flight to one peer, and while they are, the commands that arrive queue
+//! per priority class and leave together as one call when a slot frees (a
+//! network hop per payment would not keep up). A peer that cannot be reached
+//! answers `cell_unavailable` at once: the connection is refused, or it
+//! cannot be opened within the connect timeout, and the calls that follow
+//! fail fast until it can.
+//!
+//! The status, figures and outbox generation are read by a background poll
+//! every [`RemoteConfig::status_poll`]: `status()` and `figures()` never wait
+//! on the network.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellStatus, EngineError};
+use cellpay_core::{priority_of, CellId, Command, Outcome, Priority, Query, QueryAnswer};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{oneshot, watch, Semaphore};
+
+use crate::codec;
+use crate::secret::ClusterSecret;
+use crate::server::{PROTOCOL_HEADER, REQUEST_ID_HEADER};
+
+/// Limits and clocks of one peer's client (I7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteConfig {
+    /// Time to open a connection; past it the call answers `cell_unavailable`.
+    pub connect_timeout: Duration,
+    /// Deadline of one submit or query, from sending to the whole answer.
+    pub call_timeout: Duration,
+    /// Calls in flight to this peer at once.
+    pub in_flight_max: usize,
+    /// The most commands coalesced into one call (a caller's own batch is
+    /// never split, and goes alone when it is larger).
+    pub coalesce_commands_max: usize,
+    /// Commands waiting for a call slot, across classes; past it, `overloaded`.
+    pub queued_commands_max: usize,
+    /// How often the status is read.
+    pub status_poll: Duration,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(500),
+            call_timeout: Duration::from_secs(5),
+            in_flight_max: 8,
+            coalesce_commands_max: 4096,
+            queued_commands_max: 65_536,
+            status_poll: Duration::from_millis(100),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<Outcome>, EngineError>>;
+
+/// One caller's commands waiting for a call.
+struct Waiting {
+    commands: Vec<Command>,
+    reply: Reply,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Waiting>,
+    commands: usize,
+}
+
+struct Inner {
+    cell: CellId,
+    address: RwLock<String>,
+    secret: ClusterSecret,
+    config: RemoteConfig,
+    /// The open connection, if any; replaced after a failure.
+    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    slots: Arc<Semaphore>,
+    /// Per priority class, in `Priority::ALL` order.
+    queues: [Mutex<Queue>; 4],
+    queued: AtomicU64,
+    status: RwLock<CellStatus>,
+    figures: RwLock<Arc<CellFigures>>,
+    outbox: watch::Sender<u64>,
+    request_ids: AtomicU64,
+    /// Calls sent, and commands they carried: their ratio is the coalescing.
+    calls: AtomicU64,
+    commands_sent: AtomicU64,
+}
+
+/// A cell in another process.
+#[derive(Clone)]
+pub struct RemoteCell(Arc<Inner>);
+
+fn class_index(p: Priority) -> usize {
+    Priority::ALL.iter().position(|&q| q == p).expect("every class is listed")
+}
+
+impl RemoteCell {
+    /// A client of cell `cell` at `address` (host:port); starts its status
+    /// poll, which ends when the last clone is dropped. Needs a tokio runtime.
+    pub fn start(cell: CellId, address: &str, secret: ClusterSecret, config: RemoteConfig) -> Self {
+        let inner = Arc::new(Inner {
+            cell,
+            address: RwLock::new(address.to_string()),
+            secret,
+            config,
+            conn: tokio::sync::Mutex::new(None),
+            slots: Arc::new(Semaphore::new(config.in_flight_max)),
+            queues: Default::default(),
+            queued: AtomicU64::new(0),
+            status: RwLock::new(CellStatus::down(cell, "not reached yet")),
+            figures: RwLock::new(Arc::default()),
+            outbox: watch::Sender::new(0),
+            request_ids: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            commands_sent: AtomicU64::new(0),
+        });
+        tokio::spawn(poll_status(Arc::downgrade(&inner)));
+        Self(inner)
+    }
+
+    pub fn address(&self) -> String {
+        self.0.address.read().expect("address lock").clone()
+    }
+
+    /// Points the client at a new address (the cell moved); the next call connects there.
+    pub fn set_address(&self, address: &str) {
+        let mut current = self.0.address.write().expect("address lock");
+        if *current != address {
+            *current = address.to_string();
+            drop(current);
+            if let Ok(mut conn) = self.0.conn.try_lock() {
+                *conn = None;
+            }
+        }
+    }
+
+    /// Calls sent and commands they carried, since start.
+    pub fn sent(&self) -> (u64, u64) {
+        (self.0.calls.load(Relaxed), self.0.commands_sent.load(Relaxed))
+    }
+}
+
+impl Inner {
+    fn unavailable(&self, reason: String) -> EngineError {
+        EngineError::Unavailable { cell: self.cell, reason }
+    }
+
+    /// The open connection, or a new one.
+    async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, EngineError> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        *conn = None;
+        let address = self.address.read().expect("address lock").clone();
+        let connect = tokio::net::TcpStream::connect(address.as_str());
+        let tcp = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(self.unavailable(format!("cannot connect to {address}: {e}"))),
+            Err(_) => {
+                let ms = self.config.connect_timeout.as_millis();
+                return Err(self.unavailable(format!("no connection to {address} within {ms} ms")));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(crate::server::KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(crate::server::KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let handshake = builder.handshake(TokioIo::new(tcp));
+        let (sender, connection) = match tokio::time::timeout(self.config.connect_timeout, handshake).await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(self.unavailable(format!("HTTP/2 handshake with {address} failed: {e}"))),
+            Err(_) => return Err(self.unavailable(format!("HTTP/2 handshake with {address} timed out"))),
+        };
+        let cell = self.cell;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%cell, "cell protocol connection ended: {e}");
+            }
+        });
+        *conn = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// One call: `body` to `path`, the answer's bytes, within the deadline.
+    async fn call(&self, method: hyper::Method, path: &str, body: Vec<u8>) -> Result<Bytes, EngineError> {
+        let deadline = self.config.call_timeout;
+        let attempt = async {
+            let mut sender = self.connection().await?;
+            let address = self.address.read().expect("address lock").clone();
+            let request_id = format!("c{}-{}", self.cell.0, self.request_ids.fetch_add(1, Relaxed));
+            let request = hyper::Request::builder()
+                .method(method)
+                .uri(format!("http://{address}{path}"))
+                .header(hyper::header::AUTHORIZATION, self.secret.header())
+                .header(PROTOCOL_HEADER, codec::PROTOCOL_VERSION.to_string())
+                .header(REQUEST_ID_HEADER, &request_id)
+                .body(Full::new(Bytes::from(body)))
+                .expect("a well-formed request");
+            sender.ready().await.map_err(|e| self.unavailable(format!("connection to {address} lost: {e}")))?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| self.unavailable(format!("call to {address} failed: {e}")))?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| self.unavailable(format!("answer from {address} cut: {e}")))?
+                .to_bytes();
+            if !status.is_success() {
+                let why = String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned();
+                tracing::warn!(cell = %self.cell, %request_id, %status, "the cell refused a call: {why}");
+                return Err(self.unavailable(format!("the cell answered {status}: {why}")));
+            }
+            Ok(bytes)
+        };
+        match tokio::time::timeout(deadline, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(self.unavailable(format!("no answer within {} ms", deadline.as_millis()))),
+        }
+    }
+
+    /// Takes waiting callers of class `class`, oldest first, up to the coalescing limit (always at least one).
+    fn take(&self, class: usize) -> Vec<Waiting> {
+        let mut queue = self.queues[class].lock().expect("queue lock");
+        let mut taken = Vec::new();
+        let mut commands = 0;
+        while let Some(front) = queue.waiting.front() {
+            let n = front.commands.len();
+            if !taken.is_empty() && commands + n > self.config.coalesce_commands_max {
+                break;
+            }
+            let w = queue.waiting.pop_front().expect("front exists");
+            queue.commands -= n;
+            self.queued.fetch_sub(n as u64, Relaxed);
+            // A caller that gave up (its deadline passed) is not sent.
+            if w.reply.is_closed() {
+                continue;
+            }
+            commands += n;
+            taken.push(w);
+        }
+        taken
+    }
+
+    /// Sends the taken callers' commands as one call and answers each.
+    async fn flush(self: Arc<Self>, taken: Vec<Waiting>, _slot: tokio::sync::OwnedSemaphorePermit) {
+        let mut all = Vec::with_capacity(taken.iter().map(|w| w.commands.len()).sum());
+        let mut sizes = Vec::with_capacity(taken.len());
+        let mut replies = Vec::with_capacity(taken.len());
+        for w in taken {
+            sizes.push(w.commands.len());
+            all.extend(w.commands);
+            replies.push(w.reply);
+        }
+        let total = all.len();
+        self.calls.fetch_add(1, Relaxed);
+        self.commands_sent.fetch_add(total as u64, Relaxed);
+        let body = codec::encode_commands(&all);
+        drop(all);
+        let answer = match self.call(hyper::Method::POST, "/cell/v1/submit", body).await {
+            Ok(bytes) => match codec::decode_outcomes(&bytes) {
+                Ok(Ok(outcomes)) if outcomes.len() == total => Ok(outcomes),
+                Ok(Ok(outcomes)) => {
+                    Err(self.unavailable(format!("the cell answered {} outcomes for {total} commands", outcomes.len())))
+                }
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(self.unavailable(format!("garbled answer: {e}"))),
+            },
+            Err(e) => Err(e),
+        };
+        match answer {
+            Ok(outcomes) => {
+                let mut rest = outcomes.into_iter();
+                for (reply, n) in replies.into_iter().zip(sizes) {
+                    let _ = reply.send(Ok(rest.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    async fn submit(self: Arc<Self>, commands: Vec<Command>) -> Result<Vec<Outcome>, EngineError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        if commands.len() > codec::SUBMIT_COMMANDS_MAX {
+            return Err(EngineError::TooLarge { commands: commands.len(), max: codec::SUBMIT_COMMANDS_MAX });
+        }
+        let n = commands.len();
+        let queued = self.queued.fetch_add(n as u64, Relaxed);
+        if queued + n as u64 > self.config.queued_commands_max as u64 {
+            self.queued.fetch_sub(n as u64, Relaxed);
+            return Err(EngineError::Overloaded {
+                cell: self.cell,
+                queued: queued as usize,
+                max: self.config.queued_commands_max,
+            });
+        }
+        let class = class_index(priority_of(&commands));
+        let (reply, mut answer) = oneshot::channel();
+        {
+            let mut queue = self.queues[class].lock().expect("queue lock");
+            queue.commands += n;
+            queue.waiting.push_back(Waiting { commands, reply });
+        }
+        loop {
+            tokio::select! {
+                biased;
+                answered = &mut answer => {
+                    return answered.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into())));
+                }
+                slot = self.slots.clone().acquire_owned() => {
+                    let slot = slot.expect("the semaphore is never closed");
+                    let taken = self.take(class);
+                    if taken.is_empty() {
+                        // Another caller took ours into a call already.
+                        drop(slot);
+                        return answer.await.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into())));
+                    }
+                    // The call runs on its own: a caller that gives up does
+                    // not cut the others' answers short.
+                    tokio::spawn(self.clone().flush(taken, slot));
+                }
+            }
+        }
+    }
+
+    async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
+        let _slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let bytes = self.call(hyper::Method::POST, "/cell/v1/query", codec::encode_query(&query)).await?;
+        codec::decode_answer(&bytes).unwrap_or_else(|e| Err(self.unavailable(format!("garbled answer: {e}"))))
+    }
+
+    async fn read_status(&self) -> Result<codec::StatusReport, EngineError> {
+        let bytes = self.call(hyper::Method::GET, "/cell/v1/status", Vec::new()).await?;
+        codec::decode_status(&bytes).map_err(|e| self.unavailable(format!("garbled status: {e}")))
+    }
+}
+
+/// Reads the peer's status every `status_poll` while the client lives.
+async fn poll_status(inner: Weak<Inner>) {
+    let mut last_generation = None;
+    loop {
+        let Some(me) = inner.upgrade() else { return };
+        let period = me.config.status_poll;
+        let started = Instant::now();
+        match me.read_status().await {
+            Ok(report) => {
+                *me.status.write().expect("status lock") = report.status;
+                *me.figures.write().expect("figures lock") = Arc::new(report.figures);
+                if last_generation != Some(report.outbox_generation) {
+                    last_generation = Some(report.outbox_generation);
+                    me.outbox.send_modify(|g| *g += 1);
+                }
+            }
+            Err(e) => {
+                let reason = match e {
+                    EngineError::Unavailable { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                *me.status.write().expect("status lock") = CellStatus::down(me.cell, &reason);
+                last_generation = None;
+            }
+        }
+        drop(me);
+        tokio::time::sleep(period.saturating_sub(started.elapsed())).await;
+    }
+}
+
+impl CellClient for RemoteCell {
+    fn cell(&self) -> CellId {
+        self.0.cell
+    }
+
+    fn status(&self) -> CellStatus {
+        self.0.status.read().expect("status lock").clone()
+    }
+
+    fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {
+        Box::pin(self.0.clone().submit(commands))
+    }
+
+    fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>> {
+        Box::pin(self.0.clone().query(query))
+    }
+
+    fn outbox_signal(&self) -> watch::Receiver<u64> {
+        self.0.outbox.subscribe()
+    }
+
+    fn figures(&self) -> Arc<CellFigures> {
+        self.0.figures.read().expect("figures lock").clone()
+    }
+
+    /// Sent in the background: the cell keeps the limit it had until it arrives.
+    fn set_outbox_messages_max(&self, max: u64) {
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            let body = max.to_le_bytes().to_vec();
+            if let Err(e) = inner.call(hyper::Method::PUT, "/cell/v1/outbox-limit", body).await {
+                tracing::warn!(cell = %inner.cell, "could not set the outbox limit: {e}");
+            }
+        });
+    }
+}
