@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 
-targets=(log_segment batch snapshot tier_run idempotency_record http_bodies)
+targets=(log_segment batch snapshot tier_run idempotency_record http_bodies wire)
 target=${1:?usage: scripts/fuzz.sh TARGET|all SECONDS (targets: ${targets[*]})}
 seconds=${2:?usage: scripts/fuzz.sh TARGET|all SECONDS}
 if [[ $target == all ]]; then

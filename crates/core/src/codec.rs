@@ -20,7 +20,8 @@ pub const BATCH_COMMANDS_MAX: u32 = 1 << 20;
 
 /// The fewest bytes a command takes (an account opened with one-byte ids):
 /// a batch's count reserves room for no more commands than its bytes hold.
-const COMMAND_BYTES_MIN: usize = 10;
+/// Public for the codecs that carry commands inside their own bodies.
+pub const COMMAND_BYTES_MIN: usize = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot decode {what} at byte {offset}: {reason}")]

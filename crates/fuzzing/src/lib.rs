@@ -1,6 +1,6 @@
 //! cellpay-fuzzing: the fuzz harnesses of every decoder that reads bytes from
 //! outside the process (the log, logged batches, snapshots, the idempotency
-//! tier's run files and records, HTTP bodies).
+//! tier's run files and records, HTTP bodies, the cell protocol's bodies).
 //!
 //! Each harness takes any bytes and must return: the input decodes or is
 //! refused with an error, never a panic, and no single allocation exceeds
@@ -20,11 +20,13 @@ mod http;
 mod log;
 pub mod seeds;
 mod tier;
+mod wire;
 
 pub use codec::{batch, idempotency_record, snapshot};
 pub use http::http_bodies;
 pub use log::log_segment;
 pub use tier::tier_run;
+pub use wire::{wire, WIRE_KINDS};
 
 /// A harness: decodes one input, panics (or aborts) on a bug.
 pub type Harness = fn(&[u8]);
@@ -37,6 +39,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("tier_run", tier_run),
     ("idempotency_record", idempotency_record),
     ("http_bodies", http_bodies),
+    ("wire", wire),
 ];
 
 /// The harness named `target`.

@@ -1,8 +1,9 @@
 //! Seed inputs for every target, made by the real encoders: frames the store
 //! wrote, batches the codec wrote, a snapshot of a cell with accounts,
-//! records, history, an outbox and an inbox, a run file the tier wrote, and
-//! the JSON bodies of the HTTP contract. `cellpay-fuzz-seeds DIR` writes them
-//! to `DIR/<target>/`; the committed corpus starts from them.
+//! records, history, an outbox and an inbox, a run file the tier wrote, the
+//! JSON bodies of the HTTP contract, and the cell protocol's bodies.
+//! `cellpay-fuzz-seeds DIR` writes them to `DIR/<target>/`; the committed
+//! corpus starts from them.
 
 use cellpay_core::codec::{encode_batch, Writer};
 use cellpay_core::{
@@ -11,6 +12,8 @@ use cellpay_core::{
 };
 use cellpay_store::{EmbeddedStore, Store, StoreOptions};
 use cellpay_tier::{Entry, Tier, TierOptions};
+
+mod wire;
 
 /// One seed: its target, a file name, the bytes.
 pub struct Seed {
@@ -207,6 +210,9 @@ pub fn seeds() -> Vec<Seed> {
     }
     for (name, body) in http_bodies() {
         add("http_bodies", format!("seed-{name}"), body);
+    }
+    for (name, body) in wire::bodies() {
+        add("wire", format!("seed-{name}"), body);
     }
     out
 }
