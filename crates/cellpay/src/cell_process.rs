@@ -229,7 +229,10 @@ async fn serve_cell(
     let _ = reporter.await;
     let _ = follower.await;
     slot.clear();
-    tokio::task::spawn_blocking(move || cell.stop()).await.expect("stopping does not panic").context("stopping the cell")?;
+    tokio::task::spawn_blocking(move || cell.stop())
+        .await
+        .expect("stopping does not panic")
+        .context("stopping the cell")?;
     say!("cellpay cell {id} stopped");
     Ok(ExitCode::SUCCESS)
 }

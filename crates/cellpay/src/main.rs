@@ -20,9 +20,9 @@ macro_rules! say {
 mod bench_engine;
 mod bench_http;
 mod cell_process;
-mod cluster_cli;
 mod check;
 mod child;
+mod cluster_cli;
 mod config;
 mod crash_load;
 mod drill;

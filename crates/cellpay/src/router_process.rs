@@ -58,7 +58,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let remotes: Vec<RemoteCell> = view
             .cells
             .iter()
-            .map(|c| RemoteCell::start(c.id, c.address.as_deref().unwrap_or(""), secret.clone(), RemoteConfig::default()))
+            .map(|c| {
+                RemoteCell::start(c.id, c.address.as_deref().unwrap_or(""), secret.clone(), RemoteConfig::default())
+            })
             .collect();
         let clients: Vec<Arc<dyn CellClient>> =
             remotes.iter().map(|r| Arc::new(r.clone()) as Arc<dyn CellClient>).collect();
@@ -84,7 +86,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Keep the cells' addresses current, and report this router every second.
         let follower = {
             let mut views = cellpay_control::follow(args.control.control.clone());
-            let (url, name, address, mut stop) = (args.control.control.clone(), name.clone(), addr.to_string(), stop_rx.clone());
+            let (url, name, address, mut stop) =
+                (args.control.control.clone(), name.clone(), addr.to_string(), stop_rx.clone());
             tokio::spawn(async move {
                 let mut control: Option<Control> = None;
                 let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -86,7 +86,10 @@ async fn ensure_database(url: &str) -> anyhow::Result<()> {
     let exists = client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db]).await?.is_some();
     if !exists {
         let quoted = format!("\"{}\"", db.replace('"', "\"\""));
-        client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.with_context(|| format!("creating database {db}"))?;
+        client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+            .with_context(|| format!("creating database {db}"))?;
         say!("cellpay up: created database {db}");
     }
     Ok(())
@@ -116,7 +119,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ensure_database(&args.control).await?;
         let control = Control::connect(&args.control).await?;
         let map = control.init(config.cells, config.shards).await?;
-        let _ = control.record("cellpay up", &format!("starting {} cells and {} routers", config.cells, args.routers)).await;
+        let _ = control
+            .record("cellpay up", &format!("starting {} cells and {} routers", config.cells, args.routers))
+            .await;
         drop(control);
 
         let mut common = vec!["--data-dir".to_string(), data_dir.display().to_string()];
@@ -125,16 +130,34 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         for c in 0..config.cells {
             let mut a = vec!["cell".to_string(), "--id".into(), c.to_string()];
             a.extend(common.clone());
-            members.push(Arc::new(Member { kind: Kind::Cell, index: c, args: a, pid: Mutex::new(0), address: Mutex::new(None) }));
+            members.push(Arc::new(Member {
+                kind: Kind::Cell,
+                index: c,
+                args: a,
+                pid: Mutex::new(0),
+                address: Mutex::new(None),
+            }));
         }
         for r in 0..args.routers {
             let mut listen = config.listen;
             if listen.port() != 0 {
                 listen.set_port(listen.port() + r as u16);
             }
-            let mut a = vec!["router".to_string(), "--name".into(), format!("router-{r}"), "--listen".into(), listen.to_string()];
+            let mut a = vec![
+                "router".to_string(),
+                "--name".into(),
+                format!("router-{r}"),
+                "--listen".into(),
+                listen.to_string(),
+            ];
             a.extend(common.clone());
-            members.push(Arc::new(Member { kind: Kind::Router, index: r, args: a, pid: Mutex::new(0), address: Mutex::new(None) }));
+            members.push(Arc::new(Member {
+                kind: Kind::Router,
+                index: r,
+                args: a,
+                pid: Mutex::new(0),
+                address: Mutex::new(None),
+            }));
         }
         let stopping = Arc::new(AtomicBool::new(false));
         let env = vec![
@@ -232,7 +255,8 @@ async fn wait_ready(members: &[Arc<Member>]) -> anyhow::Result<Vec<String>> {
     let deadline = Instant::now() + READY_WAIT;
     let routers: Vec<_> = members.iter().filter(|m| m.kind == Kind::Router).cloned().collect();
     loop {
-        let addresses: Vec<Option<String>> = routers.iter().map(|m| m.address.lock().expect("address lock").clone()).collect();
+        let addresses: Vec<Option<String>> =
+            routers.iter().map(|m| m.address.lock().expect("address lock").clone()).collect();
         if addresses.iter().all(Option::is_some) {
             let addresses: Vec<String> = addresses.into_iter().flatten().collect();
             let mut ready = true;
@@ -322,21 +346,31 @@ async fn supervise(member: Arc<Member>, env: Vec<(String, String)>, stopping: Ar
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn up_passes_on_every_setting_but_its_own() {
-        let args = ["--routers", "2", "--body-bytes-max=65536", "--cells=3", "--batch-items-max", "100", "--token", "x:y", "--drills"];
-        let out = super::passed_on(args.iter().map(|s| s.to_string()));
-        assert_eq!(out, ["--body-bytes-max=65536", "--batch-items-max", "100", "--drills"]);
-    }
-}
-
 fn describe(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(sig)) => format!("was killed by signal {sig}"),
         _ => "ended".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn up_passes_on_every_setting_but_its_own() {
+        let args = [
+            "--routers",
+            "2",
+            "--body-bytes-max=65536",
+            "--cells=3",
+            "--batch-items-max",
+            "100",
+            "--token",
+            "x:y",
+            "--drills",
+        ];
+        let out = super::passed_on(args.iter().map(|s| s.to_string()));
+        assert_eq!(out, ["--body-bytes-max=65536", "--batch-items-max", "100", "--drills"]);
     }
 }

@@ -64,15 +64,15 @@ fn every_client_error(s: &Server, in_process: bool) {
     let (bank, alice, bob) = (&ids[0][0], &ids[0][1], &ids[0][2]);
 
     // Accounts: created, replayed, conflicting, forbidden, malformed.
-    let r = open(&s, ADMIN, bank, true);
+    let r = open(s, ADMIN, bank, true);
     assert_eq!(r.status, 201);
     conforms(&r.body, "Account");
     assert_eq!((r.cell, r.epoch), (Some(0), Some(1)), "served by the owning cell");
-    assert_eq!(open(&s, ADMIN, bank, true).status, 200, "same body: replay");
-    is_error(&open(&s, ADMIN, bank, false), 409, "conflict");
-    is_error(&open(&s, CLIENT, "other", true), 403, "forbidden");
+    assert_eq!(open(s, ADMIN, bank, true).status, 200, "same body: replay");
+    is_error(&open(s, ADMIN, bank, false), 409, "conflict");
+    is_error(&open(s, CLIENT, "other", true), 403, "forbidden");
     for id in [alice, bob] {
-        assert_eq!(open(&s, CLIENT, id, false).status, 201);
+        assert_eq!(open(s, CLIENT, id, false).status, 201);
     }
     is_error(&s.post("/v1/accounts", CLIENT, &json!({"id": "x", "currency": "XYZ"})), 400, "invalid_request");
     is_error(&s.post("/v1/accounts", CLIENT, &json!({"id": "bad id", "currency": "CNY"})), 400, "invalid_request");
@@ -91,18 +91,18 @@ fn every_client_error(s: &Server, in_process: bool) {
     is_error(&s.get("/v1/digests", CLIENT), 403, "forbidden");
 
     // Transfers: accepted, replayed, conflicting; each rule's error.
-    let r = fund(&s, "fund-1", bank, alice, 1_000);
+    let r = fund(s, "fund-1", bank, alice, 1_000);
     assert_eq!(r.status, 201);
     conforms(&r.body, "Transfer");
     assert_eq!(r.body["status"], "settled");
-    assert_eq!(fund(&s, "fund-1", bank, alice, 1_000).status, 200);
-    is_error(&fund(&s, "fund-1", bank, alice, 999), 409, "conflict");
-    is_error(&pay(&s, "t-zero", alice, bob, 0), 400, "invalid_request");
-    is_error(&pay(&s, "t-neg", alice, bob, -5), 400, "invalid_request");
-    is_error(&pay(&s, "t-big", alice, bob, 1 << 53), 400, "invalid_request");
-    is_error(&pay(&s, "t-self", alice, alice, 5), 400, "invalid_request");
-    is_error(&pay(&s, "t-poor", alice, bob, 1_001), 422, "insufficient_funds");
-    is_error(&pay(&s, "t-ghost", "ghost-payer", bob, 1), 404, "account_not_found");
+    assert_eq!(fund(s, "fund-1", bank, alice, 1_000).status, 200);
+    is_error(&fund(s, "fund-1", bank, alice, 999), 409, "conflict");
+    is_error(&pay(s, "t-zero", alice, bob, 0), 400, "invalid_request");
+    is_error(&pay(s, "t-neg", alice, bob, -5), 400, "invalid_request");
+    is_error(&pay(s, "t-big", alice, bob, 1 << 53), 400, "invalid_request");
+    is_error(&pay(s, "t-self", alice, alice, 5), 400, "invalid_request");
+    is_error(&pay(s, "t-poor", alice, bob, 1_001), 422, "insufficient_funds");
+    is_error(&pay(s, "t-ghost", "ghost-payer", bob, 1), 404, "account_not_found");
     let usd = json!({"id": "t-usd", "from": alice, "to": bob, "amount": 1, "currency": "USD"});
     is_error(&s.post("/v1/transfers", CLIENT, &usd), 422, "currency_mismatch");
     let wrong_type = json!({"id": "t-type", "from": alice, "to": bob, "amount": "5"});
@@ -113,13 +113,13 @@ fn every_client_error(s: &Server, in_process: bool) {
     is_error(&s.post("/v1/transfers", CLIENT, &memo), 400, "invalid_request");
     let huge = json!({"id": "t-huge", "from": alice, "to": bob, "amount": 1, "memo": "m".repeat(70_000)});
     is_error(&s.post("/v1/transfers", CLIENT, &huge), 413, "payload_too_large");
-    assert_eq!(balance(&s, alice), 1_000, "no rejected transfer moved money");
+    assert_eq!(balance(s, alice), 1_000, "no rejected transfer moved money");
     is_error(&s.get("/v1/accounts/nobody", CLIENT), 404, "account_not_found");
     is_error(&s.get("/v1/transfers/nothing", CLIENT), 404, "transfer_not_found");
     is_error(&s.get("/v1/accounts/bad%20id", CLIENT), 400, "invalid_request");
 
     // A transfer's status and the payer's history.
-    assert_eq!(pay(&s, "t-ok", alice, bob, 250).status, 201);
+    assert_eq!(pay(s, "t-ok", alice, bob, 250).status, 201);
     let r = s.get("/v1/transfers/t-ok", CLIENT);
     conforms(&r.body, "Transfer");
     assert_eq!((r.body["status"].as_str(), r.cell), (Some("settled"), Some(0)));
@@ -186,9 +186,9 @@ fn batches_answer_each_item_and_are_idempotent_per_item_many_processes() {
 fn batches(s: &Server) {
     let ids = ids_in_cells(2);
     let (bank, a, b) = (&ids[0][0], &ids[0][1], &ids[1][0]);
-    open(&s, ADMIN, bank, true);
-    open(&s, CLIENT, a, false);
-    open(&s, CLIENT, b, false);
+    open(s, ADMIN, bank, true);
+    open(s, CLIENT, a, false);
+    open(s, CLIENT, b, false);
     let batch = json!({"transfers": [
         {"id": "b-1", "from": bank, "to": a, "amount": 100},
         {"id": "b-2", "from": bank, "to": b, "amount": 50},
@@ -214,13 +214,13 @@ fn batches(s: &Server) {
     let conflict = json!({"transfers": [{"id": "b-1", "from": bank, "to": a, "amount": 101}]});
     assert_eq!(s.post("/v1/transfers/batch", ADMIN, &conflict).body["results"][0]["error"]["code"], "conflict");
     s.eventually("b-2 settles", || s.get("/v1/transfers/b-2", CLIENT).body["status"] == "settled");
-    assert_eq!((balance(&s, a), balance(&s, b)), (100, 50));
+    assert_eq!((balance(s, a), balance(s, b)), (100, 50));
     // Too many items, none at all, malformed.
     let many: Vec<Value> = (0..101).map(|i| json!({"id": format!("m{i}"), "from": a, "to": b, "amount": 1})).collect();
     is_error(&s.post("/v1/transfers/batch", CLIENT, &json!({"transfers": many})), 413, "payload_too_large");
     is_error(&s.post("/v1/transfers/batch", CLIENT, &json!({"transfers": []})), 400, "invalid_request");
     is_error(&s.post("/v1/transfers/batch", CLIENT, &json!({"items": []})), 400, "invalid_request");
-    assert_eq!(balance(&s, a), 100);
+    assert_eq!(balance(s, a), 100);
 }
 
 #[test]
@@ -247,12 +247,12 @@ fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed_many_processes() 
 fn cross_cell(s: &Server) {
     let ids = ids_in_cells(4);
     let bank = &ids[0][0];
-    open(&s, ADMIN, bank, true);
+    open(s, ADMIN, bank, true);
     for payees in &ids[1..] {
-        open(&s, CLIENT, &payees[0], false);
+        open(s, CLIENT, &payees[0], false);
     }
     for (cell, payees) in ids.iter().enumerate().skip(1) {
-        let r = fund(&s, &format!("x{cell}"), bank, &payees[0], 100 * cell as i64);
+        let r = fund(s, &format!("x{cell}"), bank, &payees[0], 100 * cell as i64);
         assert_eq!((r.status, r.body["status"].as_str(), r.cell), (201, Some("pending"), Some(0)));
     }
     for (cell, payees) in ids.iter().enumerate().skip(1) {
@@ -260,14 +260,14 @@ fn cross_cell(s: &Server) {
         s.eventually(&format!("{id} settles"), || {
             s.get(&format!("/v1/transfers/{id}"), CLIENT).body["status"] == "settled"
         });
-        assert_eq!(balance(&s, &payees[0]), 100 * cell as i64);
+        assert_eq!(balance(s, &payees[0]), 100 * cell as i64);
     }
     // A payee that does not exist in its cell: the credit is refused, the payer made whole.
     let ghost = &ids[2][5];
-    let r = fund(&s, "to-ghost", bank, ghost, 77);
+    let r = fund(s, "to-ghost", bank, ghost, 77);
     assert_eq!(r.body["status"], "pending");
     s.eventually("to-ghost is reversed", || s.get("/v1/transfers/to-ghost", CLIENT).body["status"] == "reversed");
-    assert_eq!(balance(&s, bank), -600);
+    assert_eq!(balance(s, bank), -600);
     let r = s.get(&format!("/v1/accounts/{bank}/entries"), CLIENT);
     assert_eq!(r.body["entries"][0]["kind"], "reversal");
     let audit = s.get("/v1/audit", CLIENT);

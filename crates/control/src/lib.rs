@@ -99,14 +99,22 @@ pub struct ControlView {
 impl ControlView {
     /// Routers that reported within [`SILENT_AFTER`] (at least 1: the reader itself).
     pub fn live_routers(&self) -> usize {
-        self.routers.iter().filter(|r| r.seen_ms_ago.is_some_and(|ms| ms <= SILENT_AFTER.as_millis() as u64)).count().max(1)
+        self.routers
+            .iter()
+            .filter(|r| r.seen_ms_ago.is_some_and(|ms| ms <= SILENT_AFTER.as_millis() as u64))
+            .count()
+            .max(1)
     }
 
     /// Same cluster, same addresses and map: what a follower compares before publishing.
     fn same_assignment(&self, other: &ControlView) -> bool {
         self.map == other.map
             && self.cells.len() == other.cells.len()
-            && self.cells.iter().zip(&other.cells).all(|(a, b)| a.id == b.id && a.address == b.address && a.state == b.state)
+            && self
+                .cells
+                .iter()
+                .zip(&other.cells)
+                .all(|(a, b)| a.id == b.id && a.address == b.address && a.state == b.state)
             && self.live_routers() == other.live_routers()
     }
 }
@@ -181,18 +189,18 @@ impl Control {
             &[&(shards as i32), &(wanted.epoch() as i64), &owners],
         ))
         .await?;
-        let view = self.view().await?;
         if inserted == 1 {
             for c in 0..cells {
-                timed(
-                    self.client
-                        .execute(&format!("INSERT INTO {SCHEMA}.cells (id) VALUES ($1) ON CONFLICT DO NOTHING"), &[&(c as i32)]),
-                )
+                timed(self.client.execute(
+                    &format!("INSERT INTO {SCHEMA}.cells (id) VALUES ($1) ON CONFLICT DO NOTHING"),
+                    &[&(c as i32)],
+                ))
                 .await?;
             }
             self.record("cluster init", &format!("{cells} cells, {shards} shards, epoch {}", wanted.epoch())).await?;
             return Ok(wanted);
         }
+        let view = self.view().await?;
         if view.map.shards() != shards || view.cells.len() as u32 != cells {
             return Err(ControlError::Mismatch(format!(
                 "the control plane holds a cluster of {} cells and {} shards, not {cells} and {shards}",
@@ -206,10 +214,7 @@ impl Control {
     /// Reads the whole control plane in one transaction.
     pub async fn view(&self) -> Result<ControlView, ControlError> {
         let read = async {
-            let tx_rows = self
-                .client
-                .query_opt(&format!("SELECT epoch, owners FROM {SCHEMA}.cluster"), &[])
-                .await;
+            let tx_rows = self.client.query_opt(&format!("SELECT epoch, owners FROM {SCHEMA}.cluster"), &[]).await;
             let cluster = match tx_rows {
                 Ok(row) => row,
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => None,
@@ -312,8 +317,10 @@ impl Control {
 
     /// Appends to the operator action log.
     pub async fn record(&self, who: &str, what: &str) -> Result<(), ControlError> {
-        timed(self.client.execute(&format!("INSERT INTO {SCHEMA}.actions (who, what) VALUES ($1, $2)"), &[&who, &what]))
-            .await?;
+        timed(
+            self.client.execute(&format!("INSERT INTO {SCHEMA}.actions (who, what) VALUES ($1, $2)"), &[&who, &what]),
+        )
+        .await?;
         Ok(())
     }
 
@@ -384,7 +391,11 @@ async fn follow_once(url: &str, tx: &watch::Sender<Option<Arc<ControlView>>>) ->
             let view = control.view().await?;
             let changed = tx.borrow().as_ref().is_none_or(|old| !old.same_assignment(&view));
             if changed {
-                tracing::info!(epoch = view.map.epoch(), cells = view.cells.len(), "control plane read");
+                tracing::debug!(
+                    epoch = view.map.epoch(),
+                    cells = view.cells.len(),
+                    "control plane read: the assignment changed"
+                );
             }
             // Always published: the copy's age is part of what it says.
             tx.send_replace(Some(Arc::new(view)));

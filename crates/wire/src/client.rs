@@ -90,6 +90,10 @@ struct Inner {
     figures: RwLock<Arc<CellFigures>>,
     outbox: watch::Sender<u64>,
     request_ids: AtomicU64,
+    /// The outbox limit the flow rules set (0: none), and whether the cell
+    /// as now running has it: a restarted cell is sent it again.
+    outbox_max: AtomicU64,
+    outbox_max_delivered: std::sync::atomic::AtomicBool,
     /// Calls sent, and commands they carried: their ratio is the coalescing.
     calls: AtomicU64,
     commands_sent: AtomicU64,
@@ -120,6 +124,8 @@ impl RemoteCell {
             figures: RwLock::new(Arc::default()),
             outbox: watch::Sender::new(0),
             request_ids: AtomicU64::new(0),
+            outbox_max: AtomicU64::new(0),
+            outbox_max_delivered: std::sync::atomic::AtomicBool::new(false),
             calls: AtomicU64::new(0),
             commands_sent: AtomicU64::new(0),
         });
@@ -351,6 +357,18 @@ impl Inner {
         codec::decode_answer(&bytes).unwrap_or_else(|e| Err(self.unavailable(format!("garbled answer: {e}"))))
     }
 
+    /// Sends the outbox limit unless the cell as now running has it.
+    async fn deliver_outbox_max(&self) {
+        let max = self.outbox_max.load(Relaxed);
+        if max == 0 || self.outbox_max_delivered.load(Relaxed) {
+            return;
+        }
+        match self.call(hyper::Method::PUT, "/cell/v1/outbox-limit", max.to_le_bytes().to_vec()).await {
+            Ok(_) => self.outbox_max_delivered.store(self.outbox_max.load(Relaxed) == max, Relaxed),
+            Err(e) => tracing::debug!(cell = %self.cell, "could not set the outbox limit yet: {e}"),
+        }
+    }
+
     async fn read_status(&self) -> Result<codec::StatusReport, EngineError> {
         let bytes = self.call(hyper::Method::GET, "/cell/v1/status", Vec::new()).await?;
         codec::decode_status(&bytes).map_err(|e| self.unavailable(format!("garbled status: {e}")))
@@ -372,6 +390,7 @@ async fn poll_status(inner: Weak<Inner>) {
                     last_generation = Some(report.outbox_generation);
                     me.outbox.send_modify(|g| *g += 1);
                 }
+                me.deliver_outbox_max().await;
             }
             Err(e) => {
                 let reason = match e {
@@ -380,6 +399,8 @@ async fn poll_status(inner: Weak<Inner>) {
                 };
                 *me.status.write().expect("status lock") = CellStatus::down(me.cell, &reason);
                 last_generation = None;
+                // It may come back as a new process, which knows only its own default.
+                me.outbox_max_delivered.store(false, Relaxed);
             }
         }
         drop(me);
@@ -412,14 +433,10 @@ impl CellClient for RemoteCell {
         self.0.figures.read().expect("figures lock").clone()
     }
 
-    /// Sent in the background: the cell keeps the limit it had until it arrives.
+    /// Sent with the next status read, and again to a cell that restarts:
+    /// until it arrives the cell keeps the limit it had.
     fn set_outbox_messages_max(&self, max: u64) {
-        let inner = self.0.clone();
-        tokio::spawn(async move {
-            let body = max.to_le_bytes().to_vec();
-            if let Err(e) = inner.call(hyper::Method::PUT, "/cell/v1/outbox-limit", body).await {
-                tracing::warn!(cell = %inner.cell, "could not set the outbox limit: {e}");
-            }
-        });
+        self.0.outbox_max.store(max, Relaxed);
+        self.0.outbox_max_delivered.store(false, Relaxed);
     }
 }

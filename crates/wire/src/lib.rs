@@ -4,9 +4,9 @@
 //! cell process's [`serve`]; the router and the relays cannot tell it from a
 //! cell in their own process.
 
+pub mod client;
 pub mod codec;
 pub mod faults;
-pub mod client;
 pub mod secret;
 pub mod server;
 

@@ -12,7 +12,6 @@
 //! Every request carries `x-cellpay-protocol` (the version its body is
 //! written in) and may carry `x-request-id`, which the cell's logs show.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,16 +70,16 @@ fn refuse(status: StatusCode, why: &str) -> Response {
     (status, why.to_string()).into_response()
 }
 
-/// Checks the secret and the protocol version; `Err` is the refusal to send.
-fn admit(served: &Served, headers: &HeaderMap) -> Result<(), Response> {
+/// Checks the secret and the protocol version; `Some` is the refusal to send.
+fn refusal(served: &Served, headers: &HeaderMap) -> Option<Response> {
     let offered = headers.get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
     if !offered.is_some_and(|o| served.secret.matches_header(o)) {
-        return Err(refuse(StatusCode::UNAUTHORIZED, "the cluster secret is missing or wrong"));
+        return Some(refuse(StatusCode::UNAUTHORIZED, "the cluster secret is missing or wrong"));
     }
     let version = headers.get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u8>().ok());
     match version {
-        Some(v) if (codec::PROTOCOL_VERSION_MIN..=codec::PROTOCOL_VERSION).contains(&v) => Ok(()),
-        other => Err(refuse(
+        Some(v) if (codec::PROTOCOL_VERSION_MIN..=codec::PROTOCOL_VERSION).contains(&v) => None,
+        other => Some(refuse(
             StatusCode::BAD_REQUEST,
             &format!(
                 "protocol version {other:?} is not spoken here (this cell reads {} to {})",
@@ -100,7 +99,7 @@ fn binary(body: Vec<u8>) -> Response {
 }
 
 async fn submit(State(served): State<Served>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = admit(&served, &headers) {
+    if let Some(refused) = refusal(&served, &headers) {
         return refused;
     }
     let commands = match codec::decode_commands(&body) {
@@ -119,7 +118,7 @@ async fn submit(State(served): State<Served>, headers: HeaderMap, body: Bytes) -
 }
 
 async fn query(State(served): State<Served>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = admit(&served, &headers) {
+    if let Some(refused) = refusal(&served, &headers) {
         return refused;
     }
     let query = match codec::decode_query(&body) {
@@ -133,7 +132,7 @@ async fn query(State(served): State<Served>, headers: HeaderMap, body: Bytes) ->
 }
 
 async fn status(State(served): State<Served>, headers: HeaderMap) -> Response {
-    if let Err(refused) = admit(&served, &headers) {
+    if let Some(refused) = refusal(&served, &headers) {
         return refused;
     }
     let report = StatusReport {
@@ -145,7 +144,7 @@ async fn status(State(served): State<Served>, headers: HeaderMap) -> Response {
 }
 
 async fn outbox_limit(State(served): State<Served>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(refused) = admit(&served, &headers) {
+    if let Some(refused) = refusal(&served, &headers) {
         return refused;
     }
     let Ok(bytes) = <[u8; 8]>::try_from(&body[..]) else {
@@ -200,7 +199,7 @@ pub async fn serve(tcp: TcpListener, app: Router, mut stop: watch::Receiver<bool
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     first.notify_one();
                     let mut app = app.clone();
-                    async move { Ok::<_, Infallible>(app.call(Request::from(req.map(axum::body::Body::new))).await?) }
+                    async move { app.call(Request::from(req.map(axum::body::Body::new))).await }
                 })
             };
             let conn = builder.serve_connection(TokioIo::new(socket), service);

@@ -34,8 +34,9 @@ pub const POSTGRES: &str = "postgres://root@127.0.0.1:5432";
 pub fn postgres_admin(sql: &str) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let (client, connection) =
-            tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls).await.expect("PostgreSQL runs on 127.0.0.1:5432");
+        let (client, connection) = tokio_postgres::connect(&format!("{POSTGRES}/postgres"), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL runs on 127.0.0.1:5432");
         tokio::spawn(connection);
         client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     });
@@ -172,7 +173,11 @@ impl Server {
     pub fn pid_of(&self, member: &str) -> u32 {
         let prefix = format!("cellpay up: started {member} (pid ");
         let history = self.history.lock().unwrap();
-        let line = history.iter().rev().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{member} was never started"));
+        let line = history
+            .iter()
+            .rev()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{member} was never started"));
         line[prefix.len()..].trim_end_matches(')').parse().unwrap()
     }
 
@@ -307,12 +312,20 @@ pub struct Via<'a> {
 
 impl Via<'_> {
     pub fn post(&self, path: &str, token: &str, body: &Value) -> Option<Reply> {
+        self.call("POST", path, token, body.to_string())
+    }
+
+    pub fn get(&self, path: &str, token: &str) -> Option<Reply> {
+        self.call("GET", path, token, String::new())
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: String) -> Option<Reply> {
         let url = format!("{}{}", self.base, path);
         let req = ureq::http::Request::builder()
-            .method("POST")
+            .method(method)
             .uri(&url)
             .header("Authorization", format!("Bearer {token}"))
-            .body(body.to_string())
+            .body(body)
             .unwrap();
         let mut resp = self.server.agent.run(req).ok()?;
         let status = resp.status().as_u16();
