@@ -1,8 +1,8 @@
 //! [`RemoteCell`]: a [`CellClient`] for a cell in another process.
 //!
 //! One HTTP/2 connection per peer carries every call, multiplexed. Each call
-//! has a deadline; at most [`RemoteConfig::in_flight_max`] calls are in
-//! flight to one peer, and while they are, the commands that arrive queue
+//! has a deadline; at most [`RemoteConfig::in_flight_max`] submit calls are
+//! in flight to one peer, and while they are, the commands that arrive queue
 //! per priority class and leave together as one call when a slot frees (a
 //! network hop per payment would not keep up). A peer that cannot be reached
 //! answers `cell_unavailable` at once: the connection is refused, or it
@@ -37,8 +37,13 @@ pub struct RemoteConfig {
     pub connect_timeout: Duration,
     /// Deadline of one submit or query, from sending to the whole answer.
     pub call_timeout: Duration,
-    /// Calls in flight to this peer at once.
+    /// Submit calls in flight to this peer at once: while they are, commands
+    /// queue and leave together (fewer, larger calls; 2 measured best here,
+    /// docs/BENCHMARKS.md).
     pub in_flight_max: usize,
+    /// Query calls in flight to this peer at once (apart, so a slow audit read
+    /// never holds back payments).
+    pub queries_in_flight_max: usize,
     /// The most commands coalesced into one call (a caller's own batch is
     /// never split, and goes alone when it is larger).
     pub coalesce_commands_max: usize,
@@ -53,7 +58,8 @@ impl Default for RemoteConfig {
         Self {
             connect_timeout: Duration::from_millis(500),
             call_timeout: Duration::from_secs(5),
-            in_flight_max: 8,
+            in_flight_max: 2,
+            queries_in_flight_max: 16,
             coalesce_commands_max: 4096,
             queued_commands_max: 65_536,
             status_poll: Duration::from_millis(100),
@@ -83,6 +89,7 @@ struct Inner {
     /// The open connection, if any; replaced after a failure.
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
     slots: Arc<Semaphore>,
+    query_slots: Arc<Semaphore>,
     /// Per priority class, in `Priority::ALL` order.
     queues: [Mutex<Queue>; 4],
     queued: AtomicU64,
@@ -118,6 +125,7 @@ impl RemoteCell {
             config,
             conn: tokio::sync::Mutex::new(None),
             slots: Arc::new(Semaphore::new(config.in_flight_max)),
+            query_slots: Arc::new(Semaphore::new(config.queries_in_flight_max)),
             queues: Default::default(),
             queued: AtomicU64::new(0),
             status: RwLock::new(CellStatus::down(cell, "not reached yet")),
@@ -352,7 +360,7 @@ impl Inner {
     }
 
     async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
-        let _slot = self.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let _slot = self.query_slots.acquire().await.expect("the semaphore is never closed");
         let bytes = self.call(hyper::Method::POST, "/cell/v1/query", codec::encode_query(&query)).await?;
         codec::decode_answer(&bytes).unwrap_or_else(|e| Err(self.unavailable(format!("garbled answer: {e}"))))
     }

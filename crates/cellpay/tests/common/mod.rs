@@ -376,3 +376,115 @@ pub fn allowed_cpus() -> Vec<usize> {
         })
         .collect()
 }
+
+/// A many-process cluster started piece by piece (no supervisor), with a
+/// fault-injecting proxy in front of every cell (what routers and peers dial)
+/// and one in front of the control plane: a test can cut any of them.
+pub struct Pieces {
+    /// The cells' processes, by cell.
+    pub cells: Vec<Child>,
+    /// The proxy in front of each cell.
+    pub cell_proxies: Vec<cellpay_wire::faults::FaultProxy>,
+    /// The proxy every process reaches the control plane through.
+    pub control_proxy: cellpay_wire::faults::FaultProxy,
+    /// The router, as a server the usual helpers talk to (it owns the database).
+    pub server: Server,
+    _runtime: tokio::runtime::Runtime,
+}
+
+pub const CLUSTER_SECRET: &str = "cluster-secret-for-tests-0001";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Reads a child's stdout until a line starts with `prefix`; answers the rest of that line.
+fn wait_line(child: &mut Child, prefix: &str) -> String {
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no line starting {prefix:?}"));
+        if let Some(rest) = line.strip_prefix(prefix) {
+            // The reader thread goes on draining the pipe (sends to a dropped channel fail, unheard).
+            return rest.to_string();
+        }
+    }
+}
+
+impl Pieces {
+    /// `cells` cell processes and one router, the control plane in a fresh database.
+    pub fn start(dir: &Path, cells: u32) -> Pieces {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let database = fresh_database("pieces");
+        postgres_admin(&format!("CREATE DATABASE {database}"));
+        let control_proxy =
+            runtime.block_on(cellpay_wire::faults::FaultProxy::start("127.0.0.1:5432".parse().unwrap())).unwrap();
+        let control = format!("postgres://root@{}/{database}", control_proxy.addr());
+        let bin = env!("CARGO_BIN_EXE_cellpay");
+        let init = Command::new(bin)
+            .args(["cluster", "init", "--control", &control, "--cells", &cells.to_string()])
+            .output()
+            .unwrap();
+        assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+        let mut cell_children = Vec::new();
+        let mut cell_proxies = Vec::new();
+        for c in 0..cells {
+            let port = free_port();
+            let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let proxy = runtime.block_on(cellpay_wire::faults::FaultProxy::start(listen)).unwrap();
+            let mut child = Command::new(bin)
+                .args(["cell", "--id", &c.to_string(), "--control", &control, "--data-dir"])
+                .arg(dir)
+                .args(["--cell-listen", &listen.to_string(), "--advertise", &proxy.addr().to_string()])
+                .env("CELLPAY_CLUSTER_SECRET", CLUSTER_SECRET)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            wait_line(&mut child, &format!("cellpay cell {c} serving"));
+            cell_children.push(child);
+            cell_proxies.push(proxy);
+        }
+        let mut router = Command::new(bin)
+            .args(["router", "--listen", "127.0.0.1:0", "--control", &control, "--data-dir"])
+            .arg(dir)
+            .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
+            .env("CELLPAY_CLUSTER_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let rest = wait_line(&mut router, "cellpay router ");
+        let base = rest.split("listening on ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        let server = Server {
+            child: router,
+            base: base.clone(),
+            dir: dir.to_path_buf(),
+            agent: config.into(),
+            routers: vec![base],
+            database: Some(database),
+            history: Default::default(),
+        };
+        server.eventually("the router is ready", || server.request("GET", "/readyz", None, &[], None).status == 200);
+        Pieces { cells: cell_children, cell_proxies, control_proxy, server, _runtime: runtime }
+    }
+}
+
+impl Drop for Pieces {
+    fn drop(&mut self) {
+        for c in &mut self.cells {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Partitions of a many-process cluster, made by fault-injecting proxies on
+//! the cell-protocol links and in front of the control plane: a cell cut off
+//! under load, a one-way cut (work arrives, acknowledgements do not), and the
+//! control plane gone while payments flow.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cellpay_wire::faults::Fault;
+use common::{ids_in_cells, Pieces, Server, ADMIN, CLIENT};
+use serde_json::json;
+
+fn open(s: &Server, token: &str, id: &str, overdraft: bool) {
+    let r = s.post("/v1/accounts", token, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn balance(s: &Server, id: &str) -> i64 {
+    let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["balance"].as_i64().unwrap()
+}
+
+/// Three cells; in each a funded payer paying a payee in the next cell.
+struct Load {
+    payers: Vec<String>,
+    payees: Vec<String>,
+}
+
+fn accounts(s: &Server) -> Load {
+    let ids = ids_in_cells(3);
+    let (mut payers, mut payees) = (Vec::new(), Vec::new());
+    for (c, in_cell) in ids.iter().enumerate() {
+        open(s, ADMIN, &in_cell[0], true);
+        open(s, CLIENT, &in_cell[1], false);
+        let fund = json!({"id": format!("fund-{c}"), "from": in_cell[0], "to": in_cell[1], "amount": 1_000_000});
+        assert_eq!(s.post("/v1/transfers", ADMIN, &fund).status, 201);
+        payers.push(in_cell[1].clone());
+    }
+    for c in 0..3 {
+        let payee = ids[(c + 1) % 3][2].clone();
+        open(s, CLIENT, &payee, false);
+        payees.push(payee);
+    }
+    Load { payers, payees }
+}
+
+/// (payer cell, id, status, code, when answered)
+type Tried = (usize, String, u16, String, Instant);
+
+/// Pays from every payer until `stop`; returns every attempt.
+fn pay_until(s: &Server, load: &Load, stop: &AtomicBool, during: impl FnOnce()) -> Vec<Tried> {
+    let tried = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for c in 0..3 {
+            let (tried, payer, payee) = (&tried, &load.payers[c], &load.payees[c]);
+            scope.spawn(move || {
+                let mut n = 0;
+                while !stop.load(Relaxed) {
+                    let id = format!("p{c}-{n}");
+                    let r =
+                        s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": payer, "to": payee, "amount": 1}));
+                    let code = r.body["error"]["code"].as_str().unwrap_or("").to_string();
+                    tried.lock().unwrap().push((c, id, r.status, code, Instant::now()));
+                    n += 1;
+                    if r.status != 201 {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            });
+        }
+        during();
+        stop.store(true, Relaxed);
+    });
+    tried.into_inner().unwrap()
+}
+
+/// Retries every payment not acknowledged, with its id, until acknowledged;
+/// then checks each id was paid exactly once and the audit is exact.
+fn every_id_once(s: &Server, load: &Load, tried: &[Tried]) {
+    let mut per_payer = [0i64; 3];
+    for (c, id, status, _, _) in tried {
+        per_payer[*c] += 1;
+        if *status == 201 {
+            continue;
+        }
+        let body = json!({"id": id, "from": load.payers[*c], "to": load.payees[*c], "amount": 1});
+        let acknowledged = (0..300).any(|_| {
+            let r = s.post("/v1/transfers", CLIENT, &body);
+            r.status == 201 || r.status == 200 || {
+                std::thread::sleep(Duration::from_millis(50));
+                false
+            }
+        });
+        assert!(acknowledged, "{id} was never acknowledged");
+    }
+    s.eventually("every credit arrives and the audit is exact", || {
+        let r = s.get("/v1/audit", CLIENT);
+        r.status == 200 && r.body["ok"] == true && r.body["in_flight"] == 0
+    });
+    for c in 0..3 {
+        assert_eq!(balance(s, &load.payers[c]), 1_000_000 - per_payer[c], "payer {c}: each id debited once");
+        assert_eq!(balance(s, &load.payees[c]), per_payer[c], "payee of payer {c}: each credit applied once");
+    }
+}
+
+fn breaker_state(s: &Server, cell: u32) -> f64 {
+    let text = s.request("GET", "/metrics", None, &[], None).body.as_str().unwrap_or("").to_string();
+    let prefix = format!("cellpay_breaker_state{{cell=\"{cell}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+}
+
+#[test]
+fn a_cell_cut_off_for_10_s_under_load_gets_every_credit_exactly_once_after_healing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pieces::start(dir.path(), 3);
+    let s = &p.server;
+    let load = accounts(s);
+    let stop = AtomicBool::new(false);
+    let mut cut_at = Instant::now();
+    let mut breaker_opened = false;
+    let tried = pay_until(s, &load, &stop, || {
+        std::thread::sleep(Duration::from_millis(500));
+        p.cell_proxies[2].set(Fault::Cut);
+        cut_at = Instant::now();
+        while cut_at.elapsed() < Duration::from_secs(10) {
+            breaker_opened |= breaker_state(s, 2) > 0.0;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        p.cell_proxies[2].set(Fault::Pass);
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert!(breaker_opened, "the router's breaker for the cut cell opened");
+    let during: Vec<&Tried> = tried
+        .iter()
+        .filter(|t| t.4 > cut_at + Duration::from_millis(500) && t.4 < cut_at + Duration::from_secs(10))
+        .collect();
+    // Payers in the other cells keep paying, including into the cut cell (credits wait in their outboxes).
+    let others: Vec<&&Tried> = during.iter().filter(|t| t.0 != 2).collect();
+    let served = others.iter().filter(|t| t.2 == 201).count();
+    assert!(
+        served as f64 >= 0.999 * others.len() as f64,
+        "{served} of {} other payments served during the cut",
+        others.len()
+    );
+    assert!(others.iter().any(|t| t.0 == 1), "cell 1's payer paid into the cut cell");
+    // The cut cell's payers are refused with cell_unavailable.
+    for t in during.iter().filter(|t| t.0 == 2) {
+        assert_eq!((t.2, t.3.as_str()), (503, "cell_unavailable"), "{}", t.1);
+    }
+    every_id_once(s, &load, &tried);
+}
+
+#[test]
+fn a_one_way_cut_delivers_credits_whose_acknowledgements_were_lost_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pieces::start(dir.path(), 3);
+    let s = &p.server;
+    let load = accounts(s);
+    let stop = AtomicBool::new(false);
+    let tried = pay_until(s, &load, &stop, || {
+        std::thread::sleep(Duration::from_millis(500));
+        // Cell 2 receives calls (credits from cell 1's relay among them) but its answers do not get out.
+        p.cell_proxies[2].set(Fault::StallReplies);
+        std::thread::sleep(Duration::from_secs(6));
+        p.cell_proxies[2].set(Fault::Pass);
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    let pending_payer1 = tried.iter().filter(|t| t.0 == 1 && t.2 == 201).count();
+    assert!(pending_payer1 > 0, "cell 1 paid into cell 2 throughout");
+    let stalled = tried.iter().filter(|t| t.0 == 2 && t.2 == 503 && t.3 == "cell_unavailable").count();
+    assert!(stalled > 0, "cell 2's own payers went unanswered while its replies were held");
+    every_id_once(s, &load, &tried);
+}
+
+#[test]
+fn payments_go_on_while_the_control_plane_is_down_for_60_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pieces::start(dir.path(), 3);
+    let s = &p.server;
+    let load = accounts(s);
+    let stop = AtomicBool::new(false);
+    let mut down = (Instant::now(), Instant::now());
+    let tried = pay_until(s, &load, &stop, || {
+        std::thread::sleep(Duration::from_millis(500));
+        p.control_proxy.set(Fault::Cut);
+        down.0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(60));
+        down.1 = Instant::now();
+        p.control_proxy.set(Fault::Pass);
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let during: Vec<&Tried> = tried.iter().filter(|t| t.4 > down.0 && t.4 < down.1).collect();
+    let served = during.iter().filter(|t| t.2 == 201).count();
+    let refused: Vec<String> =
+        during.iter().filter(|t| t.2 != 201).map(|t| format!("{} {}", t.2, t.3)).take(5).collect();
+    assert!(during.len() > 100, "payments were tried while the control plane was down");
+    assert!(
+        served as f64 >= 0.999 * during.len() as f64,
+        "{served} of {} served with the control plane down: {refused:?}",
+        during.len()
+    );
+    every_id_once(s, &load, &tried);
+    // And the status reports come back once it returns.
+    s.eventually("the control plane is read again", || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+            .args([
+                "cluster",
+                "status",
+                "--json",
+                "--control",
+                &format!("{}/{}", common::POSTGRES, s.database.as_ref().unwrap()),
+            ])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["cells"].as_array().is_some_and(|cells| cells.iter().all(|c| c["reporting"] == true))
+            && v["routers"].as_array().is_some_and(|r| r.len() == 1)
+    });
+}
