@@ -101,9 +101,9 @@ fn every_id_once(s: &Server, load: &Load, tried: &[Tried]) {
         let r = s.get("/v1/audit", CLIENT);
         r.status == 200 && r.body["ok"] == true && r.body["in_flight"] == 0
     });
-    for c in 0..3 {
-        assert_eq!(balance(s, &load.payers[c]), 1_000_000 - per_payer[c], "payer {c}: each id debited once");
-        assert_eq!(balance(s, &load.payees[c]), per_payer[c], "payee of payer {c}: each credit applied once");
+    for (c, paid) in per_payer.iter().enumerate() {
+        assert_eq!(balance(s, &load.payers[c]), 1_000_000 - paid, "payer {c}: each id debited once");
+        assert_eq!(balance(s, &load.payees[c]), *paid, "payee of payer {c}: each credit applied once");
     }
 }
 
