@@ -72,6 +72,9 @@ pub struct Inner {
     pub local_cells: OnceLock<Vec<Arc<CellSlot>>>,
     /// Halting and restarting cells, for drills; unset: the drill endpoints answer 403.
     pub control: OnceLock<Arc<dyn CellControl>>,
+    /// Where an operator's switches and rules are kept for every router (the
+    /// control plane); unset in `serve`, whose one router is the cluster.
+    pub shared: OnceLock<Arc<dyn SharedSettings>>,
     /// Balances served while `balance_reads_stale` is on.
     pub stale: guard::StaleBalances,
     pub relays: OnceLock<Vec<RelayHandle>>,
@@ -99,6 +102,12 @@ pub trait CellControl: Send + Sync + 'static {
     fn restart(&self, cell: u32) -> BoxFuture<'_, Result<String, String>>;
 }
 
+/// Keeps an operator's degrade switches and flow rules for every router.
+pub trait SharedSettings: Send + Sync + 'static {
+    fn set_switch<'a>(&'a self, name: &'a str, mode: cellpay_router::Mode) -> BoxFuture<'a, Result<(), String>>;
+    fn set_rules<'a>(&'a self, rules: &'a cellpay_router::FlowRules) -> BoxFuture<'a, Result<(), String>>;
+}
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState(pub Arc<Inner>);
@@ -120,6 +129,7 @@ impl AppState {
             cluster: OnceLock::new(),
             local_cells: OnceLock::new(),
             control: OnceLock::new(),
+            shared: OnceLock::new(),
             stale: Default::default(),
             relays: OnceLock::new(),
             metrics: metrics::handle(),

@@ -182,10 +182,12 @@ async fn serve_cell(
     let relay_config =
         RelayConfig { messages_per_round_max: config.relay_messages_per_round_max, ..RelayConfig::default() };
     let mut relays = Vec::new();
+    // The `cross_cell_defer` switch as an operator set it in the control plane.
+    let deferred = Arc::new(AtomicBool::new(switch_on(&view, "cross_cell_defer")));
     for peer in &peers {
         for shadow in [false, true] {
             let stats = Arc::new(RelayStats::default());
-            let gate = Arc::new(RelayGate::new(rules.breaker, Arc::new(AtomicBool::new(false))));
+            let gate = Arc::new(RelayGate::new(rules.breaker, deferred.clone()));
             let relay = Relay {
                 source: slot.clone() as Arc<dyn CellClient>,
                 dest: Arc::new(peer.clone()) as Arc<dyn CellClient>,
@@ -200,6 +202,7 @@ async fn serve_cell(
     let follower = {
         let mut views = cellpay_control::follow(control_url.clone());
         let peers = peers.clone();
+        let deferred = deferred.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
@@ -209,6 +212,10 @@ async fn serve_cell(
                 }
                 let view = views.borrow_and_update().clone();
                 let Some(view) = view else { continue };
+                let defer = switch_on(&view, "cross_cell_defer");
+                if deferred.swap(defer, std::sync::atomic::Ordering::Relaxed) != defer {
+                    tracing::warn!(deferred = defer, "cross-cell delivery set from the control plane");
+                }
                 for peer in &peers {
                     if let Some(address) = view.cells.get(peer.cell().0 as usize).and_then(|c| c.address.as_deref()) {
                         peer.set_address(address);
@@ -235,4 +242,10 @@ async fn serve_cell(
         .context("stopping the cell")?;
     say!("cellpay cell {id} stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Is the operator's switch `name` on in the control plane? (A cell runs no
+/// triggers: `auto` is off here.)
+fn switch_on(view: &ControlView, name: &str) -> bool {
+    view.switches.iter().any(|(n, mode)| n == name && mode == "on")
 }

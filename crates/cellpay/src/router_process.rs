@@ -81,26 +81,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let oplog = cellpay_api::oplog::OperatorLog::open(&oplog_path)
             .with_context(|| format!("opening the operator log {}", oplog_path.display()))?;
         let _ = state.0.oplog.set(Arc::new(oplog));
-        let _ = state.0.cluster.set(cluster);
+        let _ =
+            state.0.shared.set(Arc::new(ControlSettings { url: args.control.control.clone(), router: name.clone() }));
+        apply_settings(&cluster, &view, &mut None);
+        let _ = state.0.cluster.set(cluster.clone());
 
         // Keep the cells' addresses current, and report this router every second.
         let follower = {
             let mut views = cellpay_control::follow(args.control.control.clone());
+            let cluster = cluster.clone();
             let (url, name, address, mut stop) =
                 (args.control.control.clone(), name.clone(), addr.to_string(), stop_rx.clone());
             tokio::spawn(async move {
                 let mut control: Option<Control> = None;
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut rules_applied = view.rules_json.clone();
                 loop {
                     tokio::select! {
                         changed = views.changed() => {
                             if changed.is_err() { return }
-                            let view = views.borrow_and_update().clone();
-                            for (remote, entry) in remotes.iter().zip(view.iter().flat_map(|v| v.cells.iter())) {
+                            let Some(view) = views.borrow_and_update().clone() else { continue };
+                            for (remote, entry) in remotes.iter().zip(view.cells.iter()) {
                                 if let Some(a) = entry.address.as_deref() {
                                     remote.set_address(a);
                                 }
                             }
+                            apply_settings(&cluster, &view, &mut rules_applied);
                         }
                         _ = tick.tick() => {
                             if control.is_none() {
@@ -134,4 +140,68 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         say!("cellpay router {name} stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Applies what the control plane holds for every router: the degrade
+/// switches operators set, their flow rules (when changed since
+/// `rules_applied`), and this router's share of the rate limits.
+fn apply_settings(cluster: &Cluster, view: &cellpay_control::ControlView, rules_applied: &mut Option<String>) {
+    let protection = cluster.protection();
+    let local: std::collections::HashMap<String, cellpay_router::Mode> =
+        protection.degrade.switches().into_iter().map(|s| (s.plan.name.as_str().to_string(), s.mode)).collect();
+    for (name, mode) in &view.switches {
+        let Ok(mode) = serde_json::from_value::<cellpay_router::Mode>(serde_json::Value::String(mode.clone())) else {
+            tracing::warn!(switch = %name, "the control plane holds a switch mode this router does not know: {mode}");
+            continue;
+        };
+        if local.get(name).is_some_and(|m| *m != mode) {
+            match protection.degrade.set(name, mode) {
+                Ok(_) => tracing::warn!(switch = %name, ?mode, "degrade switch set from the control plane"),
+                Err(e) => tracing::warn!("the control plane names a switch this router's plan lacks: {e}"),
+            }
+        }
+    }
+    if view.rules_json.is_some() && view.rules_json != *rules_applied {
+        let json = view.rules_json.as_deref().unwrap_or_default();
+        match cellpay_router::FlowRules::from_json(json.as_bytes()) {
+            Ok(rules) => {
+                cluster.replace_rules(rules);
+                *rules_applied = view.rules_json.clone();
+            }
+            Err(e) => tracing::warn!("the control plane's flow rules are refused, the old ones stay: {e}"),
+        }
+    }
+    protection.set_routers(view.live_routers() as u32);
+}
+
+/// The control plane as the keeper of switches and rules for every router.
+struct ControlSettings {
+    url: String,
+    router: String,
+}
+
+impl cellpay_api::SharedSettings for ControlSettings {
+    fn set_switch<'a>(
+        &'a self,
+        name: &'a str,
+        mode: cellpay_router::Mode,
+    ) -> cellpay_cell::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mode = serde_json::to_value(mode).map_err(|e| e.to_string())?;
+            let mode = mode.as_str().unwrap_or_default().to_string();
+            let control = Control::connect(&self.url).await.map_err(|e| e.to_string())?;
+            control.set_switch(name, &mode, &self.router).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn set_rules<'a>(
+        &'a self,
+        rules: &'a cellpay_router::FlowRules,
+    ) -> cellpay_cell::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let json = serde_json::to_string(rules).map_err(|e| e.to_string())?;
+            let control = Control::connect(&self.url).await.map_err(|e| e.to_string())?;
+            control.set_rules(&json, &self.router).await.map_err(|e| e.to_string())
+        })
+    }
 }

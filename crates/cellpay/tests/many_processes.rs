@@ -298,3 +298,75 @@ fn a_second_process_for_a_running_cell_is_fenced_out_by_its_store() {
     let ids = ids_in_cells(2);
     open(&s, CLIENT, &ids[0][0], false);
 }
+
+#[test]
+fn switches_and_rate_limits_are_cluster_wide_promises_across_routers() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 2, &[]);
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
+    open(&s, ADMIN, bank, true);
+    open(&s, CLIENT, payer, false);
+    open(&s, CLIENT, payee, false);
+    assert_eq!(
+        s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000_000})).status,
+        201
+    );
+
+    // A degrade switch set through router 0 holds on router 1.
+    let r = s.request("PUT", "/v1/admin/degrade/shadow_off", Some(ADMIN), &[], Some(r#"{"mode":"on"}"#));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let shadow = |router: usize| {
+        let body = json!({"id": format!("sh-{}", rand_id()), "from": payer, "to": payee, "amount": 1});
+        let url = format!("{}/v1/transfers", s.routers[router]);
+        let req = ureq::http::Request::builder()
+            .method("POST")
+            .uri(&url)
+            .header("Authorization", format!("Bearer {CLIENT}"))
+            .header("X-Cellpay-Shadow", "1")
+            .body(body.to_string())
+            .unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut resp = agent.run(req).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+        (resp.status().as_u16(), v["error"]["code"].as_str().unwrap_or("").to_string())
+    };
+    assert_eq!(shadow(0), (503, "degraded".to_string()));
+    s.eventually("router 1 holds the switch", || shadow(1) == (503, "degraded".to_string()));
+
+    // A rate limit set through router 0 is one promise for the cluster: each router enforces half.
+    let mut rules = s.get("/v1/admin/rules", ADMIN).body;
+    rules["routes"] = json!({"payments": {"rate_per_s": 10, "burst": 20}});
+    let r = s.request("PUT", "/v1/admin/rules", Some(ADMIN), &[], Some(&rules.to_string()));
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.eventually("router 1 holds the rules", || {
+        s.via(1).get("/v1/admin/rules", ADMIN).is_some_and(|r| r.body["routes"]["payments"]["burst"] == 20)
+    });
+    // Let both routers see each other and every bucket fill again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let started = Instant::now();
+    let mut accepted = 0u32;
+    for n in 0..60 {
+        let body = json!({"id": format!("rl-{n}"), "from": payer, "to": payee, "amount": 1});
+        let r = s.via(n % 2).post("/v1/transfers", CLIENT, &body).unwrap();
+        match r.status {
+            201 => accepted += 1,
+            429 => assert_eq!(r.body["error"]["code"], "rate_limited"),
+            other => panic!("{other} {}", r.body),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The whole cluster may take the burst (20) plus the rate over the time taken, and a little slack.
+    let promise = 20.0 + 10.0 * elapsed + 2.0;
+    assert!(
+        f64::from(accepted) <= promise,
+        "{accepted} payments accepted in {elapsed:.2} s by two routers against a promise of {promise:.0}"
+    );
+    assert!(accepted >= 10, "each router takes its share of the burst: {accepted}");
+}
+
+/// A unique suffix for ids within one test process.
+fn rand_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, Relaxed)
+}

@@ -17,6 +17,8 @@
 //! | `cells` | id, address, zone, state, the process that last reported, when |
 //! | `routers` | name, address, when it last reported |
 //! | `actions` | the operator action log: when, who, what |
+//! | `switches` | degrade switches an operator set: name, mode (`on`, `off`, `auto`) |
+//! | `rules` | one row: the flow rules in force, as JSON, cluster-wide |
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -92,6 +94,10 @@ pub struct ControlView {
     pub map: ShardMap,
     pub cells: Vec<CellEntry>,
     pub routers: Vec<RouterEntry>,
+    /// Degrade switches an operator set, by name: `on`, `off` or `auto`.
+    pub switches: Vec<(String, String)>,
+    /// The flow rules an operator set, as JSON (none: each router's own file or defaults).
+    pub rules_json: Option<String>,
     /// When this process read it.
     pub read_at: Instant,
 }
@@ -116,6 +122,8 @@ impl ControlView {
                 .zip(&other.cells)
                 .all(|(a, b)| a.id == b.id && a.address == b.address && a.state == b.state)
             && self.live_routers() == other.live_routers()
+            && self.switches == other.switches
+            && self.rules_json == other.rules_json
     }
 }
 
@@ -180,7 +188,15 @@ impl Control {
              CREATE TABLE IF NOT EXISTS {SCHEMA}.actions (
                  at timestamptz NOT NULL DEFAULT now(),
                  who text NOT NULL,
-                 what text NOT NULL);"
+                 what text NOT NULL);
+             CREATE TABLE IF NOT EXISTS {SCHEMA}.switches (
+                 name text PRIMARY KEY,
+                 mode text NOT NULL,
+                 at timestamptz NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS {SCHEMA}.rules (
+                 one boolean PRIMARY KEY DEFAULT true CHECK (one),
+                 json text NOT NULL,
+                 at timestamptz NOT NULL DEFAULT now());"
         )))
         .await?;
         let owners: Vec<i32> = wanted.owners().iter().map(|c| c.0 as i32).collect();
@@ -258,7 +274,16 @@ impl Control {
                     seen_ms_ago: r.get::<_, Option<i64>>(2).map(|ms| ms.max(0) as u64),
                 })
                 .collect();
-            Ok(ControlView { map, cells, routers, read_at: Instant::now() })
+            let switches = self
+                .client
+                .query(&format!("SELECT name, mode FROM {SCHEMA}.switches ORDER BY name"), &[])
+                .await?
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let rules_json =
+                self.client.query_opt(&format!("SELECT json FROM {SCHEMA}.rules"), &[]).await?.map(|r| r.get(0));
+            Ok(ControlView { map, cells, routers, switches, rules_json, read_at: Instant::now() })
         };
         match tokio::time::timeout(STATEMENT_TIMEOUT, read).await {
             Ok(r) => r,
@@ -312,6 +337,34 @@ impl Control {
     /// Forgets a router that stopped.
     pub async fn forget_router(&self, name: &str) -> Result<(), ControlError> {
         timed(self.client.execute(&format!("DELETE FROM {SCHEMA}.routers WHERE name = $1"), &[&name])).await?;
+        self.notify().await
+    }
+
+    /// An operator's degrade switch, for every router.
+    pub async fn set_switch(&self, name: &str, mode: &str, who: &str) -> Result<(), ControlError> {
+        timed(self.client.execute(
+            &format!(
+                "INSERT INTO {SCHEMA}.switches (name, mode) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET mode = $2, at = now()"
+            ),
+            &[&name, &mode],
+        ))
+        .await?;
+        self.record(who, &format!("degrade switch {name} set to {mode}")).await?;
+        self.notify().await
+    }
+
+    /// An operator's flow rules (JSON), for every router.
+    pub async fn set_rules(&self, json: &str, who: &str) -> Result<(), ControlError> {
+        timed(self.client.execute(
+            &format!(
+                "INSERT INTO {SCHEMA}.rules (json) VALUES ($1)
+                 ON CONFLICT (one) DO UPDATE SET json = $1, at = now()"
+            ),
+            &[&json],
+        ))
+        .await?;
+        self.record(who, "flow rules replaced").await?;
         self.notify().await
     }
 

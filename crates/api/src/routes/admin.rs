@@ -75,7 +75,29 @@ pub async fn set_switch(
     }
     let args = json!({"switch": switch, "mode": order.mode});
     state.record(Action { caller, by: &Authority::Admin, action: "degrade_switch", args });
-    Ok(Json(view).into_response())
+    let scope = share(&state, |shared| shared.set_switch(&switch, order.mode)).await;
+    Ok(([(SCOPE_HEADER, scope)], Json(view)).into_response())
+}
+
+/// Says whether an operator's order holds on every router (`cluster`) or,
+/// with the control plane unreachable, on this one only (`router`).
+pub const SCOPE_HEADER: &str = "x-cellpay-scope";
+
+/// Stores an order in the shared settings, if there are any; answers its scope.
+/// The order holds on this router either way: an operator must be able to
+/// degrade during an incident even when the control plane is down.
+async fn share<'a, F>(state: &'a AppState, store: F) -> &'static str
+where
+    F: FnOnce(&'a dyn crate::SharedSettings) -> crate::BoxFuture<'a, Result<(), String>>,
+{
+    let Some(shared) = state.shared.get() else { return "cluster" };
+    match store(shared.as_ref()).await {
+        Ok(()) => "cluster",
+        Err(e) => {
+            tracing::warn!("an operator's order holds on this router only: the control plane did not take it: {e}");
+            "router"
+        }
+    }
 }
 
 /// `GET /v1/admin/rules`: the flow rules in force.
@@ -97,9 +119,10 @@ pub async fn replace_rules(
     let rules = FlowRules::from_json(&bytes).map_err(|e| ApiError::invalid(format!("flow rules refused: {e}")))?;
     let cluster = state.cluster()?;
     let args = serde_json::to_value(&rules).unwrap_or(Value::Null);
-    cluster.replace_rules(rules);
+    cluster.replace_rules(rules.clone());
     state.record(Action { caller, by: &Authority::Admin, action: "flow_rules", args });
-    Ok(Json(cluster.protection().rules()).into_response())
+    let scope = share(&state, |shared| shared.set_rules(&rules)).await;
+    Ok(([(SCOPE_HEADER, scope)], Json(cluster.protection().rules())).into_response())
 }
 
 async fn control(state: &AppState, caller: Caller, id: &str, halt: bool) -> Result<Response, ApiError> {

@@ -114,9 +114,12 @@ pub struct CellGuard {
     pub limit: AdaptiveLimit,
 }
 
-/// The layers built from one set of flow rules.
+/// The layers built from one set of flow rules, at this router's share.
 pub struct Layers {
+    /// The cluster-wide rules (what an operator set).
     pub rules: FlowRules,
+    /// The routers that share the rate limits (this one among them).
+    pub routers: u32,
     rates: EdgeLimits,
     pub hot_keys: HotKeys,
     pub edge: AdaptiveLimit,
@@ -125,11 +128,13 @@ pub struct Layers {
 }
 
 impl Layers {
-    fn new(rules: FlowRules, token_roles: &[String], cells: usize) -> Self {
+    fn new(rules: FlowRules, token_roles: &[String], cells: usize, routers: u32) -> Self {
         let roles: Vec<&str> = token_roles.iter().map(String::as_str).collect();
+        let share = rules.shared(routers);
         Self {
-            rates: EdgeLimits::new(&rules, &roles),
-            hot_keys: HotKeys::new(rules.hot_keys.clone()),
+            rates: EdgeLimits::new(&share, &roles),
+            hot_keys: HotKeys::new(share.hot_keys),
+            routers,
             edge: AdaptiveLimit::new(rules.edge_concurrency),
             cells: (0..cells)
                 .map(|_| CellGuard {
@@ -248,7 +253,7 @@ impl Protection {
     /// `token_roles[i]` is the role of token `i`.
     pub fn new(rules: FlowRules, plan: Plan, token_roles: Vec<String>, cells: usize) -> Self {
         Self {
-            layers: RwLock::new(Arc::new(Layers::new(rules, &token_roles, cells))),
+            layers: RwLock::new(Arc::new(Layers::new(rules, &token_roles, cells, 1))),
             token_roles,
             cells,
             degrade: Degrade::new(plan),
@@ -267,11 +272,26 @@ impl Protection {
 
     /// Installs checked rules; the caller checked them (`FlowRules::check`).
     pub fn replace_rules(&self, rules: FlowRules) {
-        let layers = Arc::new(Layers::new(rules, &self.token_roles, self.cells));
+        let routers = self.layers().routers;
+        let layers = Arc::new(Layers::new(rules, &self.token_roles, self.cells, routers));
         *self.layers.write().expect("rules lock is never held across a panic") = layers;
         self.counters.rules_changes.fetch_add(1, Relaxed);
         metrics::counter!("cellpay_rules_changes_total").increment(1);
         tracing::warn!("flow rules replaced");
+    }
+
+    /// Sets how many routers share the cluster-wide rate limits (from the
+    /// control plane's live router count). Buckets start full again, as on
+    /// any change of rules.
+    pub fn set_routers(&self, routers: u32) {
+        let routers = routers.max(1);
+        let current = self.layers();
+        if current.routers == routers {
+            return;
+        }
+        let layers = Arc::new(Layers::new(current.rules.clone(), &self.token_roles, self.cells, routers));
+        *self.layers.write().expect("rules lock is never held across a panic") = layers;
+        tracing::info!(routers, "rate limits shared among {routers} routers");
     }
 
     /// Layer 0: a request of `class` enters the HTTP front, or is refused at

@@ -152,6 +152,32 @@ impl Default for FlowRules {
     }
 }
 
+impl Rate {
+    /// This rate's share for one of `routers` routers that each enforce it
+    /// apart: rate and burst divided, rounded up, never below 1.
+    pub fn share(self, routers: u32) -> Rate {
+        let n = routers.max(1);
+        Rate { rate_per_s: self.rate_per_s.div_ceil(n).max(1), burst: self.burst.div_ceil(n).max(1) }
+    }
+}
+
+impl FlowRules {
+    /// The limits one of `routers` routers enforces so that together they
+    /// keep the cluster-wide promise: every rate (per route, per token, per
+    /// hot key) divided among them. Concurrency limits and breakers guard
+    /// this router's own resources and are not divided.
+    pub fn shared(&self, routers: u32) -> FlowRules {
+        let mut out = self.clone();
+        out.routes.values_mut().for_each(|r| *r = r.share(routers));
+        out.tokens.values_mut().for_each(|r| *r = r.share(routers));
+        let h = &mut out.hot_keys;
+        h.payee = h.payee.map(|r| r.share(routers));
+        h.payer = h.payer.map(|r| r.share(routers));
+        h.accounts.values_mut().for_each(|r| *r = r.share(routers));
+        out
+    }
+}
+
 /// Why a rule set (or a degrade plan) was refused; the old one stays in force.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
@@ -286,5 +312,22 @@ mod tests {
         let mut rules = FlowRules::default();
         rules.routes.insert(Route::Payments, Rate { rate_per_s: 0, burst: 1 });
         assert!(rules.check().unwrap_err().to_string().contains("routes.payments"));
+    }
+
+    #[test]
+    fn n_routers_each_enforce_a_share_that_keeps_the_cluster_wide_promise() {
+        let mut rules = FlowRules::default();
+        rules.routes.insert(Route::Payments, Rate { rate_per_s: 1_000, burst: 100 });
+        rules.tokens.insert("client".into(), Rate { rate_per_s: 7, burst: 1 });
+        rules.hot_keys.accounts.insert("merchant".into(), Rate { rate_per_s: 300, burst: 30 });
+        let one = rules.shared(1);
+        assert_eq!(one, rules, "one router enforces the whole promise");
+        let three = rules.shared(3);
+        assert_eq!(three.routes[&Route::Payments], Rate { rate_per_s: 334, burst: 34 });
+        assert_eq!(three.tokens["client"], Rate { rate_per_s: 3, burst: 1 }, "rounded up, never 0");
+        assert_eq!(three.hot_keys.accounts["merchant"], Rate { rate_per_s: 100, burst: 10 });
+        assert_eq!(three.hot_keys.payee, Some(Rate { rate_per_s: 6_667, burst: 1_667 }));
+        assert_eq!(three.edge_concurrency, rules.edge_concurrency, "a router's own resources are not divided");
+        assert!(three.check().is_ok());
     }
 }
