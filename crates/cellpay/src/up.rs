@@ -10,6 +10,11 @@
 //! line is shown prefixed with its name. SIGTERM or SIGINT: every member is
 //! stopped with SIGTERM and waited for.
 //!
+//! A cell process that stops reporting to the control plane for
+//! [`SILENCE_KILL`] while its process still exists (stopped, hung, cut off
+//! from the control plane) is killed with SIGKILL and so started again: its
+//! store's lock dies with it, so the new process is the only writer.
+//!
 //! Every other `serve` setting given to `up` (a flag, `--config`, or the
 //! `CELLPAY_*` environment) reaches every member: flags are passed on, the
 //! environment is inherited.
@@ -33,6 +38,8 @@ pub const CONTROL_DEFAULT: &str = "postgres://root@127.0.0.1:5432/cellpay";
 const QUICK_DEATH: Duration = Duration::from_secs(10);
 const RESTART_PAUSE_MIN: Duration = Duration::from_millis(100);
 const RESTART_PAUSE_MAX: Duration = Duration::from_secs(5);
+/// A cell process silent in the control plane this long is killed (and restarted).
+pub const SILENCE_KILL: Duration = Duration::from_secs(5);
 /// How long `up` waits for every router to be ready before saying so anyway.
 const READY_WAIT: Duration = Duration::from_secs(120);
 
@@ -165,6 +172,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ("CELLPAY_CLUSTER_SECRET".to_string(), secret),
             ("CELLPAY_TOKENS".to_string(), config.tokens.join(",")),
         ];
+        tokio::spawn(watch_silence(args.control.clone(), members.clone(), stopping.clone()));
         let mut supervisors = Vec::new();
         for m in &members {
             supervisors.push(tokio::spawn(supervise(m.clone(), env.clone(), stopping.clone())));
@@ -271,6 +279,29 @@ async fn wait_ready(members: &[Arc<Member>]) -> anyhow::Result<Vec<String>> {
             anyhow::bail!("waited {READY_WAIT:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Kills a cell process whose reports to the control plane stopped while it still exists.
+async fn watch_silence(control: String, members: Vec<Arc<Member>>, stopping: Arc<AtomicBool>) {
+    let mut views = cellpay_control::follow(control);
+    while views.changed().await.is_ok() && !stopping.load(SeqCst) {
+        let Some(view) = views.borrow_and_update().clone() else { continue };
+        for m in members.iter().filter(|m| m.kind == Kind::Cell) {
+            let pid = *m.pid.lock().expect("pid lock");
+            let Some(entry) = view.cells.get(m.index as usize) else { continue };
+            let reported_by_it = entry.process.as_deref().is_some_and(|p| p.starts_with(&format!("{pid}@")));
+            let silent_ms = entry.seen_ms_ago.unwrap_or(0);
+            if pid != 0 && reported_by_it && silent_ms > SILENCE_KILL.as_millis() as u64 {
+                say!(
+                    "cellpay up: {} (pid {pid}) has not reported for {:.1} s; killing it",
+                    m.name(),
+                    silent_ms as f64 / 1e3
+                );
+                // SAFETY: kill(2) on our own child's pid; SIGKILL reaches a stopped process too.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
     }
 }
 

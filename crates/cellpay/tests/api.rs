@@ -47,20 +47,20 @@ const CLIENT_ERROR_FLAGS: [&str; 4] = ["--body-bytes-max", "65536", "--batch-ite
 fn accounts_transfers_and_every_client_error() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), &[&["--cells", "2"][..], &CLIENT_ERROR_FLAGS].concat());
-    every_client_error(&s, true);
+    every_client_error(&s, 2, true);
 }
 
-/// The same contract through the first of 2 routers in front of 2 cell processes.
+/// The same contract through the first of 2 routers in front of 3 cell processes.
 #[test]
 fn accounts_transfers_and_every_client_error_many_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::up(dir.path(), 2, 2, &CLIENT_ERROR_FLAGS);
-    every_client_error(&s, false);
+    let s = Server::up(dir.path(), 3, 2, &CLIENT_ERROR_FLAGS);
+    every_client_error(&s, 3, false);
 }
 
 /// `in_process`: the cells run in the server's process, so its `/metrics` shows their engines.
-fn every_client_error(s: &Server, in_process: bool) {
-    let ids = ids_in_cells(2);
+fn every_client_error(s: &Server, cells: u32, in_process: bool) {
+    let ids = ids_in_cells(cells);
     let (bank, alice, bob) = (&ids[0][0], &ids[0][1], &ids[0][2]);
 
     // Accounts: created, replayed, conflicting, forbidden, malformed.
@@ -137,7 +137,7 @@ fn every_client_error(s: &Server, in_process: bool) {
     // The operations endpoints.
     let r = s.get("/v1/cluster", CLIENT);
     conforms(&r.body, "Cluster");
-    assert_eq!(r.body["cells"].as_array().unwrap().len(), 2);
+    assert_eq!(r.body["cells"].as_array().unwrap().len(), cells as usize);
     let r = s.get("/v1/audit", CLIENT);
     conforms(&r.body, "Audit");
     assert_eq!((r.body["ok"].as_bool(), r.body["sum"].as_i64()), (Some(true), Some(0)));
@@ -174,17 +174,17 @@ fn every_client_error(s: &Server, in_process: bool) {
 #[test]
 fn batches_answer_each_item_and_are_idempotent_per_item() {
     let dir = tempfile::tempdir().unwrap();
-    batches(&Server::start(dir.path(), &["--cells", "2", "--batch-items-max", "100"]));
+    batches(&Server::start(dir.path(), &["--cells", "2", "--batch-items-max", "100"]), 2);
 }
 
 #[test]
 fn batches_answer_each_item_and_are_idempotent_per_item_many_processes() {
     let dir = tempfile::tempdir().unwrap();
-    batches(&Server::up(dir.path(), 2, 2, &["--batch-items-max", "100"]));
+    batches(&Server::up(dir.path(), 3, 2, &["--batch-items-max", "100"]), 3);
 }
 
-fn batches(s: &Server) {
-    let ids = ids_in_cells(2);
+fn batches(s: &Server, cells: u32) {
+    let ids = ids_in_cells(cells);
     let (bank, a, b) = (&ids[0][0], &ids[0][1], &ids[1][0]);
     open(s, ADMIN, bank, true);
     open(s, CLIENT, a, false);
@@ -240,7 +240,7 @@ fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
 #[test]
 fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed_many_processes() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::up(dir.path(), 4, 1, &[]);
+    let s = Server::up(dir.path(), 4, 2, &[]);
     cross_cell(&s);
 }
 

@@ -370,3 +370,46 @@ fn rand_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, Relaxed)
 }
+
+/// A cell process stopped (SIGSTOP) past its silence limit is replaced: the
+/// supervisor kills it (SIGKILL reaches a stopped process), the replacement
+/// takes the store's lock, and the stopped process never runs again, so it
+/// commits nothing and answers nobody from memory.
+#[test]
+fn a_stopped_cell_process_is_replaced_and_never_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 1, &[]);
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[1][0], &ids[1][1], &ids[0][1]);
+    open(&s, ADMIN, bank, true);
+    open(&s, CLIENT, payer, false);
+    open(&s, CLIENT, payee, false);
+    assert_eq!(
+        s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000})).status,
+        201
+    );
+    let pay = |id: &str| s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": payer, "to": payee, "amount": 1}));
+    assert_eq!(pay("before").status, 201);
+
+    let stale = s.pid_of("cell 1");
+    // SAFETY: kill(2) on a process of this test's cluster.
+    assert_eq!(unsafe { libc::kill(stale as i32, libc::SIGSTOP) }, 0);
+    // A payment sent to the stopped process: its outcome is unknown to the client.
+    let during = pay("during");
+    assert_ne!(during.status, 201, "a stopped cell cannot acknowledge");
+    s.eventually("the supervisor kills the silent cell", || {
+        s.printed(&format!("cell 1 (pid {stale}) has not reported"))
+    });
+    s.eventually("a replacement serves cell 1", || pay("after").status == 201);
+    assert_ne!(s.pid_of("cell 1"), stale);
+    // SAFETY: as above; the stale process is gone, so there is nothing to continue.
+    let resumed = unsafe { libc::kill(stale as i32, libc::SIGCONT) };
+    assert_eq!(resumed, -1, "the stale process no longer exists");
+
+    // The client's retry of the unknown payment is paid once, whatever the stale process did with it.
+    let retried = pay("during");
+    assert!(retried.status == 201 || retried.status == 200, "{}", retried.body);
+    s.eventually("the credits arrive", || balance(&s, payee) == 3);
+    assert_eq!(balance(&s, payer), 997, "three payments, each debited once");
+    audit_drains(&s, 0);
+}
