@@ -52,6 +52,8 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_retries_refused_by_budget_total", Kind::Counter, "Retries the retry budget refused."),
     fam("cellpay_hot_keys_tracked", Kind::Gauge, "Accounts the hot-key table tracks now."),
     fam("cellpay_hot_keys_untracked_total", Kind::Counter, "Accounts the full hot-key table could not track."),
+    fam("cellpay_cell_protocol_calls_total", Kind::Counter, "Submit calls made over the cell protocol to a cell in another process, by cell: with cellpay_cell_protocol_commands_total, the coalescing."),
+    fam("cellpay_cell_protocol_commands_total", Kind::Counter, "Commands those calls carried, by cell."),
     fam("cellpay_breaker_state", Kind::Gauge, "The router's circuit breaker to each cell: 0 closed, 1 half-open, 2 open."),
     fam("cellpay_concurrency_limit", Kind::Gauge, "The adaptive concurrency limit towards each cell (layer 6)."),
     fam("cellpay_signal_critical_p99_seconds", Kind::Gauge, "The p99 of critical requests at the HTTP front, arrival to answer, over the last signal window, as the degrade plan reads it."),

@@ -381,6 +381,7 @@ async fn bench(
     let setup_started = Instant::now();
     setup(addr, &token, args.accounts, args.connections).await?;
     let setup_s = setup_started.elapsed().as_secs_f64();
+    tracing::info!(setup_s, seconds = args.seconds, "accounts ready; measuring");
     let map = ShardMap::round_robin(SHARDS_DEFAULT, args.cells)?;
     let names: Vec<String> = (0..args.accounts).map(account).collect();
     let mut by_cell = vec![Vec::new(); args.cells as usize];

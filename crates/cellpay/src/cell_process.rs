@@ -39,6 +39,10 @@ pub struct Args {
     /// The address routers and peers should use, when not the one listened on (NAT, containers).
     #[arg(long, env = "CELLPAY_CELL_ADVERTISE")]
     advertise: Option<String>,
+    /// Where to serve `GET /metrics` (Prometheus text: this cell's engine, its
+    /// relays, the process) and `GET /healthz` over HTTP/1.1; none: not served.
+    #[arg(long, env = "CELLPAY_CELL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Engine settings, as for `serve` (the data dir holds `cell-<id>`).
     #[command(flatten)]
     serve: ServeArgs,
@@ -99,14 +103,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cpus.pin_process("--cpus")?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve_cell(
-        config,
-        CellId(args.id),
-        args.control.control,
-        secret,
-        args.cell_listen,
-        args.advertise,
-    ))
+    let listen = Listen { cell: args.cell_listen, advertise: args.advertise, metrics: args.metrics_listen };
+    runtime.block_on(serve_cell(config, CellId(args.id), args.control.control, secret, listen))
+}
+
+/// Where a cell process listens.
+struct Listen {
+    cell: SocketAddr,
+    advertise: Option<String>,
+    metrics: Option<SocketAddr>,
 }
 
 async fn serve_cell(
@@ -114,8 +119,7 @@ async fn serve_cell(
     id: CellId,
     control_url: String,
     secret: ClusterSecret,
-    listen: SocketAddr,
-    advertise: Option<String>,
+    listen: Listen,
 ) -> anyhow::Result<ExitCode> {
     let mut shutdown = ShutdownSignal::install()?;
     let view = first_view(&control_url, Duration::from_secs(30)).await?;
@@ -141,8 +145,10 @@ async fn serve_cell(
     let slot = Arc::new(CellSlot::new(id));
     slot.install(cell.handle());
 
-    let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
-    let address = advertise.unwrap_or_else(|| tcp.local_addr().expect("a bound listener has an address").to_string());
+    let tcp =
+        tokio::net::TcpListener::bind(listen.cell).await.with_context(|| format!("listening on {}", listen.cell))?;
+    let address =
+        listen.advertise.unwrap_or_else(|| tcp.local_addr().expect("a bound listener has an address").to_string());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let app = cellpay_wire::app(slot.clone(), secret.clone());
     let server = tokio::spawn(cellpay_wire::serve(tcp, app, stop_rx.clone()));
@@ -182,12 +188,20 @@ async fn serve_cell(
     let relay_config =
         RelayConfig { messages_per_round_max: config.relay_messages_per_round_max, ..RelayConfig::default() };
     let mut relays = Vec::new();
+    let mut relay_handles = Vec::new();
     // The `cross_cell_defer` switch as an operator set it in the control plane.
     let deferred = Arc::new(AtomicBool::new(switch_on(&view, "cross_cell_defer")));
     for peer in &peers {
         for shadow in [false, true] {
             let stats = Arc::new(RelayStats::default());
             let gate = Arc::new(RelayGate::new(rules.breaker, deferred.clone()));
+            relay_handles.push(cellpay_router::RelayHandle {
+                source: id,
+                dest: peer.cell(),
+                shadow,
+                stats: stats.clone(),
+                gate: gate.clone(),
+            });
             let relay = Relay {
                 source: slot.clone() as Arc<dyn CellClient>,
                 dest: Arc::new(peer.clone()) as Arc<dyn CellClient>,
@@ -224,6 +238,10 @@ async fn serve_cell(
             }
         })
     };
+    let metrics = match listen.metrics {
+        Some(at) => Some(serve_metrics(at, slot.clone(), relay_handles, stop_rx.clone()).await?),
+        None => None,
+    };
     say!("cellpay cell {id} serving the cell protocol on {address} (data in {})", dir.display());
 
     shutdown.recv().await;
@@ -235,6 +253,9 @@ async fn serve_cell(
     }
     let _ = reporter.await;
     let _ = follower.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     slot.clear();
     tokio::task::spawn_blocking(move || cell.stop())
         .await
@@ -248,4 +269,45 @@ async fn serve_cell(
 /// triggers: `auto` is off here.)
 fn switch_on(view: &ControlView, name: &str) -> bool {
     view.switches.iter().any(|(n, mode)| n == name && mode == "on")
+}
+
+/// Serves this cell's `/metrics` and `/healthz` over HTTP/1.1 on `at` until `stop`.
+async fn serve_metrics(
+    at: SocketAddr,
+    slot: Arc<CellSlot>,
+    relays: Vec<cellpay_router::RelayHandle>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::routing::get;
+    // No route here takes a token; the state wants one, so it gets one nobody knows.
+    use rand::distr::{Alphanumeric, SampleString};
+    let unknown = format!("admin:{}", Alphanumeric.sample_string(&mut rand::rng(), 40));
+    let state = cellpay_api::AppState::new(
+        cellpay_api::Auth::new(vec![cellpay_api::Token::parse(&unknown)?]),
+        cellpay_api::ApiLimits::default(),
+        cellpay_api::FrontLimits::default(),
+    );
+    let _ = state.0.local_cells.set(vec![slot]);
+    let _ = state.0.relays.set(relays);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|axum::extract::State(state): axum::extract::State<cellpay_api::AppState>| async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    cellpay_api::metrics::render(&state).await,
+                )
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state.clone());
+    let tcp = tokio::net::TcpListener::bind(at).await.with_context(|| format!("listening on {at}"))?;
+    say!("cellpay cell metrics on http://{}/metrics", tcp.local_addr()?);
+    // The front door's timeouts and connection caps hold here too.
+    let front = cellpay_api::FrontLimits::default();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = cellpay_api::front::serve(tcp, app, state, front, stop).await {
+            tracing::warn!("the metrics listener stopped: {e}");
+        }
+    }))
 }

@@ -38,6 +38,15 @@ pub struct Args {
     /// No progress bars on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Run the drill on a many-process cluster (`cellpay up`: 4 cell
+    /// processes and a router); kill-cell then kills a cell process with
+    /// SIGKILL and measures the outage until its supervisor has it serving again.
+    #[arg(long)]
+    processes: bool,
+    /// The PostgreSQL a many-process drill keeps its control plane in (a fresh
+    /// database, dropped after).
+    #[arg(long, env = "CELLPAY_DRILL_POSTGRES", default_value = "postgres://root@127.0.0.1:5432")]
+    postgres: String,
     #[command(flatten)]
     placement: crate::placement::PlacementArgs,
 }
@@ -82,6 +91,8 @@ struct Cluster {
     target: String,
     token: String,
     server_cpus: Option<Vec<usize>>,
+    /// A many-process cluster: what its supervisor printed.
+    up: Option<crate::child::UpLines>,
 }
 
 /// Starts the drill's server where `placement` puts it, then pins the drill (the generator).
@@ -90,7 +101,17 @@ fn start(placement: &Plan, extra: &[&str]) -> anyhow::Result<Cluster> {
     let (server, addr) =
         crate::child::start_server_with(4, &token, placement, extra).context("starting a fresh cluster")?;
     placement.pin_generator()?;
-    Ok(Cluster { server, target: format!("http://{addr}"), token, server_cpus: placement.server_cpus() })
+    Ok(Cluster { server, target: format!("http://{addr}"), token, server_cpus: placement.server_cpus(), up: None })
+}
+
+/// Starts a many-process cluster (4 cells, 1 router) instead.
+fn start_processes(placement: &Plan, postgres: &str) -> anyhow::Result<Cluster> {
+    let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
+    let (server, addr, lines) =
+        crate::child::start_up(4, &token, placement, postgres).context("starting a many-process cluster")?;
+    placement.pin_generator()?;
+    let target = format!("http://{addr}");
+    Ok(Cluster { server, target, token, server_cpus: placement.server_cpus(), up: Some(lines) })
 }
 
 impl Cluster {
@@ -537,6 +558,118 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
     Ok((checks, figures, runs.into_iter().map(|r| r.0).collect()))
 }
 
+/// The outage a killed cell process may cause its shards, from the kill to
+/// the first success after its supervisor restarted it (issue 16's target).
+pub const KILL_OUTAGE_TARGET_S: f64 = 2.0;
+
+/// An account the drill opens in cell `cell`, to see when that cell serves.
+async fn probe_account(c: &Cluster, cell: u32) -> anyhow::Result<String> {
+    let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
+    let map = cellpay_core::ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 4)?;
+    let id =
+        (0..).map(|i| format!("drill-probe-{i}")).find(|id| map.owner_of(id).0 == cell).expect("some id lands there");
+    let body = json!({"id": id, "currency": "CNY"}).to_string();
+    let r = http.send("POST", "/v1/accounts", Some(body)).await.map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(r.status == 201 || r.status == 200, "opening the probe account answered {}", r.status);
+    Ok(id)
+}
+
+/// kill-cell on a many-process cluster: SIGKILL to a cell process under load;
+/// its supervisor restarts it; the outage is timed by a probe read every 10 ms.
+async fn kill_cell_process(
+    c: &Cluster,
+    lines: &crate::child::UpLines,
+    short: bool,
+    progress: bool,
+) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
+    let (seconds, rate) = if short { (12.0, 400.0) } else { (30.0, 2_000.0) };
+    let kill_at = seconds / 3.0;
+    let p = profile(&format!(
+        "name = \"drill-kill-process\"\naccounts = 4000\nseed = 5\n{}[mix]\ntransfer = 70\nbalance = 20\nstatus = 10\n\
+         [keys]\ncross_cell_share = 0.2\n",
+        stage("steady", seconds, rate, rate)
+    ))?;
+    let probe = probe_account(c, KILLED).await?;
+    let runner = Runner::prepare(p, c.options(false, progress)).await?;
+    let member = format!("cell {KILLED}");
+    let pid = lines.pid_of(&member).context("the supervisor named no pid for the cell")?;
+    let killer = {
+        let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
+        let path = format!("/v1/accounts/{probe}");
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(kill_at)).await;
+            // SAFETY: kill(2) on a process of the cluster this drill started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let killed = std::time::Instant::now();
+            while killed.elapsed() < std::time::Duration::from_secs(60) {
+                if http.send("GET", &path, None).await.is_ok_and(|r| r.status == 200) {
+                    return Some(killed.elapsed().as_secs_f64());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            None
+        })
+    };
+    let runs = run_prepared(vec![runner]).await?;
+    let outage = killer.await.context("the killer task")?;
+    let (report, checked, missing) = &runs[0];
+    let others: (u64, u64) = report
+        .timeline
+        .iter()
+        .flat_map(|s| s.owners.iter())
+        .filter(|(cell, _)| **cell != KILLED)
+        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed));
+    let others_success = others.0 as f64 / (others.0 + others.1).max(1) as f64;
+    let back_at = kill_at + outage.unwrap_or(seconds) + 1.0;
+    let after: (u64, u64) = report
+        .timeline
+        .iter()
+        .filter(|s| s.t as f64 >= back_at.ceil())
+        .flat_map(|s| s.owners.iter())
+        .filter(|(cell, _)| **cell == KILLED)
+        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed));
+    let recovered = after.0 as f64 / (after.0 + after.1).max(1) as f64;
+    let restarted = lines.printed(&format!("cellpay up: {member} was killed by signal 9; restarting"));
+    let checks = vec![
+        check(
+            "other_cells",
+            others_success >= 0.999,
+            format!(
+                "requests owned by other cells: {:.3} % succeeded ({} of {})",
+                others_success * 100.0,
+                others.0,
+                others.0 + others.1
+            ),
+        ),
+        check(
+            "outage",
+            outage.is_some_and(|s| s < KILL_OUTAGE_TARGET_S),
+            match outage {
+                Some(s) => format!(
+                    "cell {KILLED} (pid {pid}) killed: served again after {s:.2} s (target < {KILL_OUTAGE_TARGET_S} s)"
+                ),
+                None => format!("cell {KILLED} (pid {pid}) killed: not served again within 60 s"),
+            },
+        ),
+        check("restarted", restarted, format!("the supervisor restarted {member}: {restarted}")),
+        check(
+            "recovered",
+            after.0 > 0 && recovered >= 0.99,
+            format!(
+                "after the restart cell {KILLED} served {:.2} % of its {} requests",
+                recovered * 100.0,
+                after.0 + after.1
+            ),
+        ),
+        check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
+    ];
+    let figures = json!({
+        "killed_at_s": kill_at, "killed_pid": pid, "outage_s": outage,
+        "other_cells_success": others_success, "recovered_success": recovered,
+    });
+    Ok((checks, figures, runs.into_iter().map(|r| r.0).collect()))
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let placement = args.placement.plan(true)?;
     let files = tempfile::tempdir()?;
@@ -550,14 +683,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // not wait behind them.
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let cluster = start(&placement, &extra.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let cluster = if args.processes {
+        anyhow::ensure!(args.kind == Kind::KillCell, "--processes runs the kill-cell drill");
+        start_processes(&placement, &args.postgres)?
+    } else {
+        start(&placement, &extra.iter().map(String::as_str).collect::<Vec<_>>())?
+    };
     let progress = !args.quiet;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let (mut checks, mut figures, reports) = runtime.block_on(async {
         let out = match args.kind {
             Kind::Overload => overload(&cluster, args.short, progress).await,
             Kind::HotMerchant => hot_merchant(&cluster, args.short, progress).await,
-            Kind::KillCell => kill_cell(&cluster, args.short, progress).await,
+            Kind::KillCell => match &cluster.up {
+                Some(lines) => kill_cell_process(&cluster, lines, args.short, progress).await,
+                None => kill_cell(&cluster, args.short, progress).await,
+            },
         }?;
         anyhow::Ok(out)
     })?;
@@ -569,6 +710,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let name = match args.kind {
         Kind::Overload => "overload",
         Kind::HotMerchant => "hot-merchant",
+        Kind::KillCell if args.processes => "kill-cell --processes",
         Kind::KillCell => "kill-cell",
     };
     for (i, r) in reports.iter().enumerate() {

@@ -34,7 +34,7 @@ use crate::serve::{tokens, write_private, ShutdownSignal};
 
 /// The control plane `up` uses when none is given.
 pub const CONTROL_DEFAULT: &str = "postgres://root@127.0.0.1:5432/cellpay";
-/// A member that lived less than this before exiting is restarted after a growing pause.
+/// A member that keeps exiting less than this after its start is restarted after a growing pause.
 const QUICK_DEATH: Duration = Duration::from_secs(10);
 const RESTART_PAUSE_MIN: Duration = Duration::from_millis(100);
 const RESTART_PAUSE_MAX: Duration = Duration::from_secs(5);
@@ -135,7 +135,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         common.extend(passed_on(std::env::args().skip_while(|a| a != "up").skip(1)));
         let mut members = Vec::new();
         for c in 0..config.cells {
-            let mut a = vec!["cell".to_string(), "--id".into(), c.to_string()];
+            let mut a =
+                vec!["cell".to_string(), "--id".into(), c.to_string(), "--metrics-listen".into(), "127.0.0.1:0".into()];
             a.extend(common.clone());
             members.push(Arc::new(Member {
                 kind: Kind::Cell,
@@ -319,7 +320,8 @@ async fn readyz(address: &str) -> std::io::Result<bool> {
 /// Runs one member until `stopping`, starting it again whenever it exits.
 async fn supervise(member: Arc<Member>, env: Vec<(String, String)>, stopping: Arc<AtomicBool>) {
     let name = member.name();
-    let mut pause = RESTART_PAUSE_MIN;
+    // Deaths in a row that each came soon after a start.
+    let mut quick_deaths = 0u32;
     loop {
         let started = Instant::now();
         let exe = match std::env::current_exe() {
@@ -368,7 +370,13 @@ async fn supervise(member: Arc<Member>, env: Vec<(String, String)>, stopping: Ar
             Ok(s) => describe(s),
             Err(e) => format!("could not be waited for: {e}"),
         };
-        pause = if started.elapsed() < QUICK_DEATH { (pause * 2).min(RESTART_PAUSE_MAX) } else { RESTART_PAUSE_MIN };
+        quick_deaths = if started.elapsed() < QUICK_DEATH { quick_deaths + 1 } else { 1 };
+        // The first restart is at once (a cell's outage is what it costs); a
+        // member that keeps dying waits longer each time.
+        let pause = match quick_deaths {
+            0 | 1 => Duration::ZERO,
+            n => (RESTART_PAUSE_MIN * 2u32.saturating_pow(n - 2)).min(RESTART_PAUSE_MAX),
+        };
         say!("cellpay up: {name} {how}; restarting it in {} ms", pause.as_millis());
         tokio::time::sleep(pause).await;
         if stopping.load(SeqCst) {

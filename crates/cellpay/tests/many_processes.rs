@@ -413,3 +413,45 @@ fn a_stopped_cell_process_is_replaced_and_never_resumes() {
     assert_eq!(balance(&s, payer), 997, "three payments, each debited once");
     audit_drains(&s, 0);
 }
+
+/// Each cell process serves its own engine's and relays' metrics; the router's show the cells' figures.
+#[test]
+fn cell_processes_serve_their_engine_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 1, &[]);
+    let ids = ids_in_cells(2);
+    open(&s, ADMIN, &ids[0][0], true);
+    open(&s, CLIENT, &ids[1][1], false);
+    let r = s.post("/v1/transfers", ADMIN, &json!({"id": "m-1", "from": ids[0][0], "to": ids[1][1], "amount": 5}));
+    assert_eq!(r.status, 201);
+    s.eventually("settled", || s.get("/v1/transfers/m-1", CLIENT).body["status"] == "settled");
+    let url = {
+        let history = s.history.lock().unwrap();
+        let line = history
+            .iter()
+            .find(|l| l.starts_with("[cell 0] cellpay cell metrics on "))
+            .expect("cell 0 says where")
+            .clone();
+        line.rsplit(' ').next().unwrap().to_string()
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let text = agent.get(&url).call().unwrap().body_mut().read_to_string().unwrap();
+    for name in [
+        "cellpay_cell_commit_duration_seconds_bucket{cell=\"0\"",
+        "cellpay_cell_batches_total{cell=\"0\"}",
+        "cellpay_relay_delivered_total{",
+        "cellpay_relay_settle_duration_seconds_bucket{",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(text.contains(name), "cell 0's /metrics lacks {name}");
+    }
+    assert!(!text.contains("cellpay_cell_batches_total{cell=\"1\"}"), "a cell process shows its own engine only");
+    let router = s.request("GET", "/metrics", None, &[], None).body.as_str().unwrap().to_string();
+    for name in [
+        "cellpay_cell_protocol_calls_total{cell=\"0\"}",
+        "cellpay_ledger_accounts{",
+        "cellpay_outbox_backlog_messages{",
+    ] {
+        assert!(router.contains(name), "the router's /metrics lacks {name}");
+    }
+}

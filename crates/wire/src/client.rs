@@ -93,6 +93,8 @@ struct Inner {
     /// Per priority class, in `Priority::ALL` order.
     queues: [Mutex<Queue>; 4],
     queued: AtomicU64,
+    /// Wakes the flusher when commands are queued.
+    wake: Arc<tokio::sync::Notify>,
     status: RwLock<CellStatus>,
     figures: RwLock<Arc<CellFigures>>,
     outbox: watch::Sender<u64>,
@@ -104,6 +106,13 @@ struct Inner {
     /// Calls sent, and commands they carried: their ratio is the coalescing.
     calls: AtomicU64,
     commands_sent: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The flusher waits on this: it wakes, finds no client, and ends.
+        self.wake.notify_one();
+    }
 }
 
 /// A cell in another process.
@@ -128,6 +137,7 @@ impl RemoteCell {
             query_slots: Arc::new(Semaphore::new(config.queries_in_flight_max)),
             queues: Default::default(),
             queued: AtomicU64::new(0),
+            wake: Arc::new(tokio::sync::Notify::new()),
             status: RwLock::new(CellStatus::down(cell, "not reached yet")),
             figures: RwLock::new(Arc::default()),
             outbox: watch::Sender::new(0),
@@ -138,6 +148,7 @@ impl RemoteCell {
             commands_sent: AtomicU64::new(0),
         });
         tokio::spawn(poll_status(Arc::downgrade(&inner)));
+        tokio::spawn(flush_queues(Arc::downgrade(&inner), inner.wake.clone()));
         Self(inner)
     }
 
@@ -285,6 +296,9 @@ impl Inner {
         let total = all.len();
         self.calls.fetch_add(1, Relaxed);
         self.commands_sent.fetch_add(total as u64, Relaxed);
+        let cell = self.cell.0.to_string();
+        metrics::counter!("cellpay_cell_protocol_calls_total", "cell" => cell.clone()).increment(1);
+        metrics::counter!("cellpay_cell_protocol_commands_total", "cell" => cell).increment(total as u64);
         let body = codec::encode_commands(&all);
         drop(all);
         let answer = match self.call(hyper::Method::POST, "/cell/v1/submit", body).await {
@@ -331,32 +345,14 @@ impl Inner {
             });
         }
         let class = class_index(priority_of(&commands));
-        let (reply, mut answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         {
             let mut queue = self.queues[class].lock().expect("queue lock");
             queue.commands += n;
             queue.waiting.push_back(Waiting { commands, reply });
         }
-        loop {
-            tokio::select! {
-                biased;
-                answered = &mut answer => {
-                    return answered.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into())));
-                }
-                slot = self.slots.clone().acquire_owned() => {
-                    let slot = slot.expect("the semaphore is never closed");
-                    let taken = self.take(class);
-                    if taken.is_empty() {
-                        // Another caller took ours into a call already.
-                        drop(slot);
-                        return answer.await.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into())));
-                    }
-                    // The call runs on its own: a caller that gives up does
-                    // not cut the others' answers short.
-                    tokio::spawn(self.clone().flush(taken, slot));
-                }
-            }
-        }
+        self.wake.notify_one();
+        answer.await.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into())))
     }
 
     async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
@@ -380,6 +376,31 @@ impl Inner {
     async fn read_status(&self) -> Result<codec::StatusReport, EngineError> {
         let bytes = self.call(hyper::Method::GET, "/cell/v1/status", Vec::new()).await?;
         codec::decode_status(&bytes).map_err(|e| self.unavailable(format!("garbled status: {e}")))
+    }
+}
+
+/// Sends the queued commands: whenever a submit slot is free and commands
+/// wait, the highest class's waiting callers leave together as one call, on a
+/// task of its own (a caller that gives up cuts no one else's answer short).
+/// One task per peer, so a caller is woken once, by its answer.
+async fn flush_queues(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
+    loop {
+        let Some(me) = inner.upgrade() else { return };
+        let waiting = me.queues.iter().any(|q| !q.lock().expect("queue lock").waiting.is_empty());
+        if !waiting {
+            drop(me);
+            wake.notified().await;
+            continue;
+        }
+        let slot = me.slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+        // Highest class first (`Priority::ALL` is in priority order).
+        let taken = (0..me.queues.len()).map(|class| me.take(class)).find(|t| !t.is_empty());
+        match taken {
+            Some(taken) => {
+                tokio::spawn(me.clone().flush(taken, slot));
+            }
+            None => drop(slot),
+        }
     }
 }
 
