@@ -87,6 +87,10 @@ struct Inner {
     /// (failed, slow) of the latest calls, oldest first.
     window: VecDeque<(bool, bool)>,
     opened: u64,
+    /// Set while open when the cell itself was seen down (not serving): once
+    /// it is seen serving again (a restarted process), probing need not wait
+    /// for `open_ms`.
+    opened_on_down_cell: bool,
 }
 
 pub struct Breaker {
@@ -122,7 +126,7 @@ pub struct Open {
 
 impl Breaker {
     pub fn new(rules: BreakerRules) -> Self {
-        let inner = Inner { phase: Phase::Closed, window: VecDeque::new(), opened: 0 };
+        let inner = Inner { phase: Phase::Closed, window: VecDeque::new(), opened: 0, opened_on_down_cell: false };
         Self { rules, inner: Mutex::new(inner) }
     }
 
@@ -202,6 +206,28 @@ impl Breaker {
         inner.phase = Phase::Open { until: Instant::now() + Duration::from_millis(u64::from(self.rules.open_ms)) };
         inner.window.clear();
         inner.opened += 1;
+        inner.opened_on_down_cell = false;
+    }
+
+    /// The cell was seen down (its status: not serving) while the breaker is open.
+    pub fn cell_seen_down(&self) {
+        let mut inner = self.lock();
+        if matches!(inner.phase, Phase::Open { .. }) {
+            inner.opened_on_down_cell = true;
+        }
+    }
+
+    /// The cell is seen serving again: if the breaker opened while the cell
+    /// was down, it goes half-open now rather than after `open_ms`, so a
+    /// restarted cell is probed at once. Answers whether it did.
+    pub fn cell_seen_serving(&self) -> bool {
+        let mut inner = self.lock();
+        if matches!(inner.phase, Phase::Open { .. }) && inner.opened_on_down_cell {
+            inner.phase = Phase::Open { until: Instant::now() };
+            inner.opened_on_down_cell = false;
+            return true;
+        }
+        false
     }
 }
 
@@ -243,5 +269,24 @@ mod tests {
         b.record(b.try_pass().unwrap(), true);
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.opened(), 2);
+    }
+
+    #[test]
+    fn an_open_breaker_probes_at_once_when_its_down_cell_serves_again_and_only_then() {
+        let b = Breaker::new(BreakerRules { open_ms: 60_000, ..rules() });
+        for _ in 0..4 {
+            let pass = b.try_pass().unwrap();
+            b.record(pass, true);
+        }
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.cell_seen_serving(), "a cell never seen down does not shorten the open time");
+        assert!(b.try_pass().is_err());
+        b.cell_seen_down();
+        assert!(b.cell_seen_serving());
+        let probe = b.try_pass().expect("probed at once");
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        b.record(probe, true);
+        assert_eq!(b.state(), BreakerState::Open, "a failed probe opens it again, for open_ms");
+        assert!(!b.cell_seen_serving(), "the new opening needs the cell seen down again");
     }
 }

@@ -416,7 +416,17 @@ impl Protection {
                 guard.limit.in_flight()
             )));
         };
-        let pass = match guard.breaker.try_pass() {
+        let serving = || cell.status().health.is_serving();
+        let mut passed = guard.breaker.try_pass();
+        if passed.is_err() {
+            if !serving() {
+                guard.breaker.cell_seen_down();
+            } else if guard.breaker.cell_seen_serving() {
+                // The cell was down and serves again (restarted): probe it now.
+                passed = guard.breaker.try_pass();
+            }
+        }
+        let pass = match passed {
             Ok(pass) => pass,
             Err(open) => {
                 drop(permit);
@@ -430,6 +440,9 @@ impl Protection {
         let congested = result.as_ref().err().is_some_and(RouteError::congested);
         permit.done(congested);
         guard.breaker.record(pass, failed);
+        if failed && !serving() {
+            guard.breaker.cell_seen_down();
+        }
         let mut w = self.window.lock().expect("window lock is never held across a panic");
         w.calls += 1;
         w.failed += u64::from(failed || congested);
