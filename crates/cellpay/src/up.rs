@@ -10,10 +10,13 @@
 //! line is shown prefixed with its name. SIGTERM or SIGINT: every member is
 //! stopped with SIGTERM and waited for.
 //!
-//! A cell process that stops reporting to the control plane for
-//! [`SILENCE_KILL`] while its process still exists (stopped, hung, cut off
-//! from the control plane) is killed with SIGKILL and so started again: its
-//! store's lock dies with it, so the new process is the only writer.
+//! `up` also asks every cell process for its status over the cell protocol
+//! (twice a second, each ask with a 1 s deadline). One that has not answered
+//! as working for [`SILENCE_KILL`] while its process still exists (stopped,
+//! hung, its engine failed) is killed with SIGKILL and so started again: its
+//! store's lock dies with it, so the new process is the only writer. The
+//! control plane plays no part in this: when PostgreSQL is down or comes
+//! back, no cell is killed for having been unable to report there.
 //!
 //! Every other `serve` setting given to `up` (a flag, `--config`, or the
 //! `CELLPAY_*` environment) reaches every member: flags are passed on, the
@@ -29,6 +32,10 @@ use cellpay_control::Control;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+use cellpay_cell::CellClient;
+use cellpay_core::CellId;
+use cellpay_wire::{ClusterSecret, RemoteCell, RemoteConfig};
+
 use crate::config::{Config, ServeArgs};
 use crate::serve::{tokens, write_private, ShutdownSignal};
 
@@ -38,8 +45,18 @@ pub const CONTROL_DEFAULT: &str = "postgres://root@127.0.0.1:5432/cellpay";
 const QUICK_DEATH: Duration = Duration::from_secs(10);
 const RESTART_PAUSE_MIN: Duration = Duration::from_millis(100);
 const RESTART_PAUSE_MAX: Duration = Duration::from_secs(5);
-/// A cell process silent in the control plane this long is killed (and restarted).
+/// A cell process that has not answered its status as working for this long is killed (and restarted).
 pub const SILENCE_KILL: Duration = Duration::from_secs(5);
+/// How `up` asks a cell process for its status.
+const LIVENESS: RemoteConfig = RemoteConfig {
+    connect_timeout: Duration::from_millis(500),
+    call_timeout: Duration::from_secs(1),
+    in_flight_max: 1,
+    queries_in_flight_max: 1,
+    coalesce_commands_max: 1,
+    queued_commands_max: 1,
+    status_poll: Duration::from_millis(500),
+};
 /// How long `up` waits for every router to be ready before saying so anyway.
 const READY_WAIT: Duration = Duration::from_secs(120);
 
@@ -170,10 +187,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let stopping = Arc::new(AtomicBool::new(false));
         let env = vec![
             ("CELLPAY_CONTROL".to_string(), args.control.clone()),
-            ("CELLPAY_CLUSTER_SECRET".to_string(), secret),
+            ("CELLPAY_CLUSTER_SECRET".to_string(), secret.clone()),
             ("CELLPAY_TOKENS".to_string(), config.tokens.join(",")),
         ];
-        tokio::spawn(watch_silence(args.control.clone(), members.clone(), stopping.clone()));
+        let liveness_secret = ClusterSecret::new(&secret)?;
+        tokio::spawn(watch_liveness(members.clone(), liveness_secret, stopping.clone()));
         let mut supervisors = Vec::new();
         for m in &members {
             supervisors.push(tokio::spawn(supervise(m.clone(), env.clone(), stopping.clone())));
@@ -283,24 +301,41 @@ async fn wait_ready(members: &[Arc<Member>]) -> anyhow::Result<Vec<String>> {
     }
 }
 
-/// Kills a cell process whose reports to the control plane stopped while it still exists.
-async fn watch_silence(control: String, members: Vec<Arc<Member>>, stopping: Arc<AtomicBool>) {
-    let mut views = cellpay_control::follow(control);
-    while views.changed().await.is_ok() && !stopping.load(SeqCst) {
-        let Some(view) = views.borrow_and_update().clone() else { continue };
-        for m in members.iter().filter(|m| m.kind == Kind::Cell) {
+/// Kills a cell process that has not answered its status as working for
+/// [`SILENCE_KILL`] while its process exists; its supervisor starts it again.
+async fn watch_liveness(members: Vec<Arc<Member>>, secret: ClusterSecret, stopping: Arc<AtomicBool>) {
+    let cells: Vec<Arc<Member>> = members.into_iter().filter(|m| m.kind == Kind::Cell).collect();
+    // Per cell: the process watched, its client, and since when it has not answered as working.
+    let mut watched: Vec<Option<(u32, RemoteCell, Option<Instant>)>> = vec![None; cells.len()];
+    while !stopping.load(SeqCst) {
+        tokio::time::sleep(LIVENESS.status_poll).await;
+        for (m, w) in cells.iter().zip(watched.iter_mut()) {
             let pid = *m.pid.lock().expect("pid lock");
-            let Some(entry) = view.cells.get(m.index as usize) else { continue };
-            let reported_by_it = entry.process.as_deref().is_some_and(|p| p.starts_with(&format!("{pid}@")));
-            let silent_ms = entry.seen_ms_ago.unwrap_or(0);
-            if pid != 0 && reported_by_it && silent_ms > SILENCE_KILL.as_millis() as u64 {
+            let address = m.address.lock().expect("address lock").clone();
+            let Some(address) = address.filter(|_| pid != 0) else {
+                *w = None;
+                continue;
+            };
+            if w.as_ref().is_none_or(|(watched_pid, client, _)| *watched_pid != pid || client.address() != address) {
+                *w = Some((pid, RemoteCell::start(CellId(m.index), &address, secret.clone(), LIVENESS), None));
+                continue;
+            }
+            let Some((_, client, down_since)) = w.as_mut() else { continue };
+            let health = CellClient::status(client).health;
+            if !matches!(health, cellpay_cell::Health::Failed { .. }) {
+                *down_since = None;
+                continue;
+            }
+            let since = *down_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= SILENCE_KILL && !stopping.load(SeqCst) {
                 say!(
-                    "cellpay up: {} (pid {pid}) has not reported for {:.1} s; killing it",
+                    "cellpay up: {} (pid {pid}) has not answered as working for {:.1} s ({health}); killing it",
                     m.name(),
-                    silent_ms as f64 / 1e3
+                    since.elapsed().as_secs_f64()
                 );
                 // SAFETY: kill(2) on our own child's pid; SIGKILL reaches a stopped process too.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                *w = None;
             }
         }
     }
@@ -353,7 +388,12 @@ async fn supervise(member: Arc<Member>, env: Vec<(String, String)>, stopping: Ar
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Some(rest) = line.split("listening on ").nth(1) {
+                    // A router's HTTP address, a cell's cell-protocol address.
+                    let said = line
+                        .split("listening on ")
+                        .nth(1)
+                        .or_else(|| line.split("serving the cell protocol on ").nth(1));
+                    if let Some(rest) = said {
                         let address = rest.split_whitespace().next().unwrap_or("").to_string();
                         *member.address.lock().expect("address lock") = Some(address);
                     }

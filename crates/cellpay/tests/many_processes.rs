@@ -398,7 +398,7 @@ fn a_stopped_cell_process_is_replaced_and_never_resumes() {
     let during = pay("during");
     assert_ne!(during.status, 201, "a stopped cell cannot acknowledge");
     s.eventually("the supervisor kills the silent cell", || {
-        s.printed(&format!("cell 1 (pid {stale}) has not reported"))
+        s.printed(&format!("cell 1 (pid {stale}) has not answered as working"))
     });
     s.eventually("a replacement serves cell 1", || pay("after").status == 201);
     assert_ne!(s.pid_of("cell 1"), stale);
@@ -454,4 +454,40 @@ fn cell_processes_serve_their_engine_metrics() {
     ] {
         assert!(router.contains(name), "the router's /metrics lacks {name}");
     }
+}
+
+/// The supervisor's liveness checks ask the cells, not the control plane: with
+/// PostgreSQL unreachable for a while and back, no cell is killed and payments go on.
+#[test]
+fn the_control_plane_down_and_back_kills_no_cell_of_a_supervised_cluster() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let proxy = runtime.block_on(cellpay_wire::faults::FaultProxy::start("127.0.0.1:5432".parse().unwrap())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up_via(dir.path(), 2, 1, &[], &proxy.addr().to_string());
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
+    open(&s, ADMIN, bank, true);
+    open(&s, CLIENT, payer, false);
+    open(&s, CLIENT, payee, false);
+    assert_eq!(
+        s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000})).status,
+        201
+    );
+    proxy.set(cellpay_wire::faults::Fault::Cut);
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let r =
+            s.post("/v1/transfers", CLIENT, &json!({"id": format!("d-{n}"), "from": payer, "to": payee, "amount": 1}));
+        assert_eq!(r.status, 201, "with the control plane down: {}", r.body);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.set(cellpay_wire::faults::Fault::Pass);
+    // Long enough for every process to read and report again.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(!s.printed("killing it"), "no cell was killed: {:?}", s.history.lock().unwrap());
+    assert!(!s.printed("restarting"), "no member died");
+    s.eventually("every credit arrives", || balance(&s, payee) == n);
+    audit_drains(&s, 0);
 }

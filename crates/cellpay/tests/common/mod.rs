@@ -125,10 +125,16 @@ impl Server {
     /// processes with the test tokens, the control plane in a fresh database
     /// (dropped with the server); waits until every router is ready.
     pub fn up(dir: &Path, cells: u32, routers: u32, extra: &[&str]) -> Server {
+        Self::up_via(dir, cells, routers, extra, "127.0.0.1:5432")
+    }
+
+    /// As `up`, every process reaching PostgreSQL at `postgres` (host:port: a proxy, say).
+    pub fn up_via(dir: &Path, cells: u32, routers: u32, extra: &[&str], postgres: &str) -> Server {
         let database = fresh_database("up");
+        postgres_admin(&format!("CREATE DATABASE {database}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
             .args(["up", "--listen", "127.0.0.1:0", "--cells", &cells.to_string(), "--routers", &routers.to_string()])
-            .args(["--control", &format!("{POSTGRES}/{database}"), "--data-dir"])
+            .args(["--control", &format!("postgres://root@{postgres}/{database}"), "--data-dir"])
             .arg(dir)
             .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
             .args(extra)
