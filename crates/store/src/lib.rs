@@ -3,8 +3,8 @@
 //! The [`Store`] trait is deliberately narrow: append one batch durably, write
 //! a checkpoint, list and read the checkpoints, and replay the batches after one.
 //! The engine gives it opaque bytes; the store frames, checksums and fsyncs
-//! them. That is all a PostgreSQL backend would need to provide as well (a
-//! `batches` table keyed by sequence number, a `checkpoints` table, a lease row).
+//! them. That is all the PostgreSQL backend provides as well: a `batches` table
+//! keyed by sequence number, a `checkpoints` table and a fence row.
 //!
 //! [`EmbeddedStore`] is the default backend: an append-only log of segment
 //! files per cell, one `fdatasync` per batch, and snapshot checkpoints.

@@ -112,6 +112,27 @@ fn check_fence(tx: &mut Transaction<'_>, fence_share: &Statement, mine: i64, pla
     Ok(())
 }
 
+/// Creates the schema of a cell and its tables, if missing. The advisory lock
+/// serializes two first opens of one cell, which would otherwise race on
+/// `CREATE … IF NOT EXISTS`.
+fn create_tables_sql(schema: &str) -> String {
+    let s = format!("\"{schema}\"");
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext('cellpay-store:{schema}'));
+         CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE IF NOT EXISTS {s}.batches (
+             seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL);
+         CREATE TABLE IF NOT EXISTS {s}.checkpoints (
+             seq bigint, chunk integer, bytes bytea NOT NULL, PRIMARY KEY (seq, chunk));
+         CREATE TABLE IF NOT EXISTS {s}.checkpoint_heads (
+             seq bigint PRIMARY KEY, chunks integer NOT NULL, len bigint NOT NULL, crc integer NOT NULL,
+             set_aside boolean NOT NULL DEFAULT false);
+         CREATE TABLE IF NOT EXISTS {s}.fence (
+             one boolean PRIMARY KEY DEFAULT true CHECK (one), token bigint NOT NULL);
+         INSERT INTO {s}.fence (token) VALUES (0) ON CONFLICT DO NOTHING;"
+    )
+}
+
 impl PostgresStore {
     /// Connects to `url`, creates schema `schema` and its tables if missing,
     /// and takes the cell over: the fence token is incremented, so every
@@ -127,22 +148,7 @@ impl PostgresStore {
         let place = format!("postgres:{schema}");
         let mut client = Client::connect(url, NoTls).map_err(pg_error(&place))?;
         let s = format!("\"{schema}\"");
-        // The advisory lock serializes two first opens of one cell, which would
-        // otherwise race on CREATE … IF NOT EXISTS.
-        let ddl = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('cellpay-store:{schema}'));
-             CREATE SCHEMA IF NOT EXISTS {s};
-             CREATE TABLE IF NOT EXISTS {s}.batches (
-                 seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL);
-             CREATE TABLE IF NOT EXISTS {s}.checkpoints (
-                 seq bigint, chunk integer, bytes bytea NOT NULL, PRIMARY KEY (seq, chunk));
-             CREATE TABLE IF NOT EXISTS {s}.checkpoint_heads (
-                 seq bigint PRIMARY KEY, chunks integer NOT NULL, len bigint NOT NULL, crc integer NOT NULL,
-                 set_aside boolean NOT NULL DEFAULT false);
-             CREATE TABLE IF NOT EXISTS {s}.fence (
-                 one boolean PRIMARY KEY DEFAULT true CHECK (one), token bigint NOT NULL);
-             INSERT INTO {s}.fence (token) VALUES (0) ON CONFLICT DO NOTHING;"
-        );
+        let ddl = create_tables_sql(schema);
         let mut tx = client.transaction().map_err(pg_error(&place))?;
         tx.batch_execute(&ddl).map_err(pg_error(&place))?;
         let row = tx.query_one(&format!("UPDATE {s}.fence SET token = token + 1 RETURNING token"), &[]);
@@ -221,7 +227,8 @@ impl PostgresStore {
             if i == 0 {
                 let live = format!("SELECT 1 FROM {heads} WHERE seq = $1 AND NOT set_aside");
                 if tx.query_opt(&live, &[&sql_seq(seq)]).map_err(pg_error(&place))?.is_some() {
-                    return Ok(()); // already durable: nothing to write
+                    // Already durable (a seq names one state): nothing to write.
+                    return Ok(());
                 }
                 // Leftovers at this seq: an unfinished write, or one set aside.
                 tx.execute(&format!("DELETE FROM {heads} WHERE seq = $1"), &[&sql_seq(seq)])
@@ -275,8 +282,8 @@ fn read_chunks(
     let len: i64 = head.try_get(1).map_err(pg_error(&place))?;
     let crc: i32 = head.try_get(2).map_err(pg_error(&place))?;
     let len = u64::try_from(len).map_err(|_| corrupt(0, format!("checkpoint length {len} is negative")))?;
-    if len > RECORD_BYTES_MAX as u64 * 16 {
-        return Err(corrupt(0, format!("checkpoint length {len} is beyond any snapshot")));
+    if chunks < 1 || len > chunks as u64 * CHECKPOINT_CHUNK_BYTES_MAX as u64 {
+        return Err(corrupt(0, format!("checkpoint head says {len} bytes in {chunks} chunks")));
     }
     let sql = format!("SELECT chunk, bytes FROM {chunks_table} WHERE seq = $1 ORDER BY chunk");
     let mut rows = tx.query_raw(sql.as_str(), [sql_seq(seq)]).map_err(pg_error(&place))?;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use cellpay_store::{
     EmbeddedStore, PostgresOptions, PostgresStore, ReplayReport, Store, StoreError, StoreOptions, CHECKPOINTS_KEPT,
+    RECORD_BYTES_MAX,
 };
 
 const POSTGRES_URL: &str = "postgres://root@127.0.0.1:5432/test";
@@ -84,7 +85,9 @@ impl Drop for Postgres {
 impl Backend for Postgres {
     type S = PostgresStore;
     fn open(&self) -> PostgresStore {
-        PostgresStore::open(POSTGRES_URL, &self.schema, self.options).unwrap()
+        // Named after the schema, so that a test can cut this store's connections.
+        let url = format!("{POSTGRES_URL}?application_name={}", self.schema);
+        PostgresStore::open(&url, &self.schema, self.options).unwrap()
     }
     fn damage_checkpoint(&self, seq: u64) {
         let n = self.sql(&format!(
@@ -167,6 +170,8 @@ fn appends_must_follow_replay_and_be_in_order<B: Backend>(backend: &B) {
     store.append(1, b"x").unwrap();
     assert!(matches!(store.append(1, b"x"), Err(StoreError::OutOfOrder { seq: 1, expected: 2 })));
     store.append(2, b"y").unwrap();
+    let too_large = vec![0u8; RECORD_BYTES_MAX + 1];
+    assert!(matches!(store.append(3, &too_large), Err(StoreError::TooLarge { .. })));
     let stats = store.stats();
     assert!(stats.log_bytes_written >= 2 && stats.fsyncs >= 2, "{stats:?}");
     drop(store);
@@ -392,6 +397,27 @@ fn postgresql_an_unfinished_checkpoint_never_counts() {
     assert_eq!(r.seqs(), [1, 2, 3]);
     r.store.checkpoint(3, b"whole".to_vec()).unwrap();
     assert_eq!(r.store.load_checkpoint().unwrap().unwrap().snapshot, b"whole");
+}
+
+#[test]
+fn postgresql_a_lost_connection_poisons_the_store_and_a_reopen_reads_what_committed() {
+    let backend = Postgres::new();
+    write_batches(&backend, 3);
+    let mut r = recover(&backend).unwrap();
+    r.store.append(4, &payload(4)).unwrap();
+    let cut = backend.sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{}'",
+        backend.schema
+    ));
+    assert_eq!(cut, 1, "one connection of this store to cut");
+    let err = r.store.append(5, &payload(5)).unwrap_err();
+    assert!(matches!(err, StoreError::Postgres { .. }), "{err}");
+    assert!(matches!(r.store.append(5, &payload(5)), Err(StoreError::Poisoned)));
+    assert!(matches!(r.store.checkpoint(4, b"four".to_vec()), Err(StoreError::Poisoned)));
+    drop(r);
+    let mut r = recover(&backend).unwrap();
+    assert_eq!(r.seqs(), [1, 2, 3, 4]);
+    r.store.append(5, &payload(5)).unwrap();
 }
 
 #[test]
