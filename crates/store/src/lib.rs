@@ -3,15 +3,19 @@
 //! The [`Store`] trait is deliberately narrow: append one batch durably, write
 //! a checkpoint, list and read the checkpoints, and replay the batches after one.
 //! The engine gives it opaque bytes; the store frames, checksums and fsyncs
-//! them. That is all a PostgreSQL backend would need to provide as well (a
-//! `batches` table keyed by sequence number, a `checkpoints` table, a lease row).
+//! them. That is all the PostgreSQL backend provides as well: a `batches` table
+//! keyed by sequence number, a `checkpoints` table and a fence row.
 //!
 //! [`EmbeddedStore`] is the default backend: an append-only log of segment
 //! files per cell, one `fdatasync` per batch, and snapshot checkpoints.
+//! [`PostgresStore`] keeps the same log and checkpoints in one PostgreSQL
+//! schema per cell, with a fence row instead of a file lock.
 
 mod embedded;
 mod frame;
+mod postgres;
 
+pub use crate::postgres::{PostgresOptions, PostgresStore, CHECKPOINT_CHUNK_BYTES_MAX};
 pub use embedded::{EmbeddedStore, StoreOptions, CHECKPOINTS_KEPT};
 pub use frame::{RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
 
@@ -85,6 +89,14 @@ pub enum StoreError {
     Poisoned,
     #[error("checkpoint {seq} was not written: {reason}")]
     CheckpointNotReady { seq: u64, reason: String },
+    /// A newer writer opened the cell (PostgreSQL): this store wrote nothing
+    /// and never will; its process must step down.
+    #[error("fenced out: this store holds fence token {mine}, but a newer writer took the cell over with token {current}; nothing was written")]
+    Fenced { mine: i64, current: i64 },
+    #[error("{place}: {source}")]
+    Postgres { place: String, source: ::postgres::Error },
+    #[error("{name:?} is not a plain identifier for a schema (a lowercase letter or _, then lowercase letters, digits or _; at most 63 bytes)")]
+    SchemaName { name: String },
 }
 
 impl StoreError {

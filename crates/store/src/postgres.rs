@@ -1,0 +1,464 @@
+//! The PostgreSQL store: the same log and checkpoints as the embedded store,
+//! kept in one schema per cell, with a fence row instead of a file lock.
+//!
+//! ```text
+//! <schema>.batches          (seq, bytes, crc)          one row per batch, one transaction each
+//! <schema>.checkpoints      (seq, chunk, bytes)        a snapshot in chunks of CHECKPOINT_CHUNK_BYTES_MAX at most
+//! <schema>.checkpoint_heads (seq, chunks, len, crc, set_aside)
+//! <schema>.fence            (one, token)               the writer's token; open increments it
+//! ```
+//!
+//! Why a fence and not a lease: `open` takes the cell over by incrementing the
+//! token, and every write first reads it `FOR SHARE` in its own transaction and
+//! refuses to commit unless it is still this store's token. The share lock
+//! conflicts with the takeover's update, so a write either commits before a
+//! newer `open` (whose replay then reads it) or sees the new token and commits
+//! nothing. An old process that wakes up after a pause can never commit behind
+//! a newer writer's back, whatever its clock says.
+//!
+//! A batch's `crc` is the record checksum of the embedded log (crc32c over
+//! length, seq and bytes), so a row whose bytes or seq were changed behind the
+//! store's back is [`StoreError::Corrupt`] on replay. A transaction commits
+//! whole, so there is no torn tail. A checkpoint's chunks may span several
+//! transactions; its head row is written in the same transaction as the last
+//! chunk, so a checkpoint without a head was never finished and never counts.
+//!
+//! Old log is dropped with `DELETE` in the transaction that completes a
+//! checkpoint; partitioning `batches` by seq range (dropping whole
+//! partitions) is the plan once that costs too much.
+
+use std::io;
+use std::path::PathBuf;
+
+use ::postgres::fallible_iterator::FallibleIterator;
+use ::postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
+
+use crate::embedded::CHECKPOINTS_KEPT;
+use crate::frame::{self, RECORD_BYTES_MAX};
+use crate::{Checkpoint, CheckpointReady, ReplayReport, Store, StoreError, StoreStats, StoredCheckpoint, Visitor};
+
+/// The largest piece of a checkpoint one row (and one transaction) carries.
+pub const CHECKPOINT_CHUNK_BYTES_MAX: usize = 16 << 20;
+
+/// PostgreSQL limits identifiers to 63 bytes.
+const SCHEMA_NAME_BYTES_MAX: usize = 63;
+
+/// Tuning of the PostgreSQL store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// A checkpoint is written in rows (and transactions) of at most this many
+    /// bytes; at most [`CHECKPOINT_CHUNK_BYTES_MAX`].
+    pub checkpoint_chunk_bytes: usize,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self { checkpoint_chunk_bytes: CHECKPOINT_CHUNK_BYTES_MAX }
+    }
+}
+
+/// The statements of the write path, prepared once at `open`.
+struct Statements {
+    fence_share: Statement,
+    insert_batch: Statement,
+}
+
+/// The PostgreSQL backend of [`Store`].
+pub struct PostgresStore {
+    client: Client,
+    schema: String,
+    options: PostgresOptions,
+    statements: Statements,
+    /// The fence token this store took the cell over with.
+    token: i64,
+    /// The next batch sequence number; `None` until `replay` has run.
+    next_seq: Option<u64>,
+    stats: StoreStats,
+    poisoned: bool,
+    /// A checkpoint whose precondition failed, answered by the next call.
+    checkpoint_failure: Option<StoreError>,
+}
+
+/// A schema name we can put in SQL unquoted-safe: `[a-z_][a-z0-9_]*`, 63 bytes at most.
+fn is_plain_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+    first_ok
+        && name.len() <= SCHEMA_NAME_BYTES_MAX
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn pg_error(place: &str) -> impl FnOnce(::postgres::Error) -> StoreError + '_ {
+    move |source| StoreError::Postgres { place: place.to_string(), source }
+}
+
+/// Sequence numbers are `bigint` in SQL.
+fn sql_seq(seq: u64) -> i64 {
+    i64::try_from(seq).expect("a batch sequence number stays below 2^63 (one batch per microsecond for 290 000 years)")
+}
+
+fn not_found(path: PathBuf, what: String) -> StoreError {
+    StoreError::Io { path, source: io::Error::new(io::ErrorKind::NotFound, what) }
+}
+
+/// Reads the fence inside `tx`, holding it `FOR SHARE` until the commit, and
+/// refuses unless it still carries `mine`.
+fn check_fence(tx: &mut Transaction<'_>, fence_share: &Statement, mine: i64, place: &str) -> Result<(), StoreError> {
+    let row = tx.query_one(fence_share, &[]).map_err(pg_error(place))?;
+    let current: i64 = row.try_get(0).map_err(pg_error(place))?;
+    if current != mine {
+        return Err(StoreError::Fenced { mine, current });
+    }
+    Ok(())
+}
+
+/// Creates the schema of a cell and its tables, if missing. The advisory lock
+/// serializes two first opens of one cell, which would otherwise race on
+/// `CREATE … IF NOT EXISTS`.
+fn create_tables_sql(schema: &str) -> String {
+    let s = format!("\"{schema}\"");
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext('cellpay-store:{schema}'));
+         CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE IF NOT EXISTS {s}.batches (
+             seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL);
+         CREATE TABLE IF NOT EXISTS {s}.checkpoints (
+             seq bigint, chunk integer, bytes bytea NOT NULL, PRIMARY KEY (seq, chunk));
+         CREATE TABLE IF NOT EXISTS {s}.checkpoint_heads (
+             seq bigint PRIMARY KEY, chunks integer NOT NULL, len bigint NOT NULL, crc integer NOT NULL,
+             set_aside boolean NOT NULL DEFAULT false);
+         CREATE TABLE IF NOT EXISTS {s}.fence (
+             one boolean PRIMARY KEY DEFAULT true CHECK (one), token bigint NOT NULL);
+         INSERT INTO {s}.fence (token) VALUES (0) ON CONFLICT DO NOTHING;"
+    )
+}
+
+impl PostgresStore {
+    /// Connects to `url`, creates schema `schema` and its tables if missing,
+    /// and takes the cell over: the fence token is incremented, so every
+    /// earlier store of this cell is refused its next write.
+    pub fn open(url: &str, schema: &str, options: PostgresOptions) -> Result<Self, StoreError> {
+        if !is_plain_identifier(schema) {
+            return Err(StoreError::SchemaName { name: schema.to_string() });
+        }
+        assert!(
+            options.checkpoint_chunk_bytes > 0 && options.checkpoint_chunk_bytes <= CHECKPOINT_CHUNK_BYTES_MAX,
+            "checkpoint_chunk_bytes must be in 1..={CHECKPOINT_CHUNK_BYTES_MAX}"
+        );
+        let place = format!("postgres:{schema}");
+        let mut client = Client::connect(url, NoTls).map_err(pg_error(&place))?;
+        let s = format!("\"{schema}\"");
+        let ddl = create_tables_sql(schema);
+        let mut tx = client.transaction().map_err(pg_error(&place))?;
+        tx.batch_execute(&ddl).map_err(pg_error(&place))?;
+        let row = tx.query_one(&format!("UPDATE {s}.fence SET token = token + 1 RETURNING token"), &[]);
+        let token: i64 = row.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
+        tx.commit().map_err(pg_error(&place))?;
+        let statements = Statements {
+            fence_share: client.prepare(&format!("SELECT token FROM {s}.fence FOR SHARE")).map_err(pg_error(&place))?,
+            insert_batch: client
+                .prepare(&format!("INSERT INTO {s}.batches (seq, bytes, crc) VALUES ($1, $2, $3)"))
+                .map_err(pg_error(&place))?,
+        };
+        Ok(Self {
+            client,
+            schema: schema.to_string(),
+            options,
+            statements,
+            token,
+            next_seq: None,
+            stats: StoreStats::default(),
+            poisoned: false,
+            checkpoint_failure: None,
+        })
+    }
+
+    /// The fence token this store took the cell over with.
+    pub fn token(&self) -> i64 {
+        self.token
+    }
+
+    /// `"<schema>".<table>`, for SQL.
+    fn table(&self, name: &str) -> String {
+        format!("\"{}\".{name}", self.schema)
+    }
+
+    /// `postgres:<schema>.<table>`, for messages.
+    fn place(&self, table: &str) -> String {
+        format!("postgres:{}.{table}", self.schema)
+    }
+
+    fn checkpoint_path(&self, seq: u64) -> PathBuf {
+        PathBuf::from(format!("{}/{seq}", self.place("checkpoints")))
+    }
+
+    fn take_checkpoint_failure(&mut self) -> Result<(), StoreError> {
+        self.checkpoint_failure.take().map_or(Ok(()), Err)
+    }
+
+    /// One transaction: check the fence, insert the batch, commit.
+    fn commit_batch(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
+        let place = self.place("batches");
+        let crc = frame::checksum(seq, batch) as i32;
+        let mut tx = self.client.transaction().map_err(pg_error(&place))?;
+        check_fence(&mut tx, &self.statements.fence_share, self.token, &place)?;
+        tx.execute(&self.statements.insert_batch, &[&sql_seq(seq), &batch, &crc]).map_err(pg_error(&place))?;
+        // Commit point. If COMMIT fails (the connection is lost) the batch may
+        // or may not have committed: the store stays poisoned and the cell
+        // must reopen, whose replay reads what did commit.
+        tx.commit().map_err(pg_error(&place))
+    }
+
+    /// Writes checkpoint `seq`: chunk by chunk, one transaction each, each
+    /// checking the fence; the head goes with the last chunk, and with it the
+    /// checkpoints and batches no longer kept.
+    fn write_checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
+        let place = self.place("checkpoints");
+        let (heads, chunks_table) = (self.table("checkpoint_heads"), self.table("checkpoints"));
+        let chunk_bytes = self.options.checkpoint_chunk_bytes;
+        let chunk_count = snapshot.len().div_ceil(chunk_bytes).max(1);
+        let chunks = i32::try_from(chunk_count).expect("a snapshot below 2^31 chunks: RECORD_BYTES_MAX-sized state");
+        let insert_chunk = format!("INSERT INTO {chunks_table} (seq, chunk, bytes) VALUES ($1, $2, $3)");
+        let drop_covered = self.drop_covered_sql();
+        for i in 0..chunk_count {
+            let chunk = &snapshot[i * chunk_bytes..((i + 1) * chunk_bytes).min(snapshot.len())];
+            let mut tx = self.client.transaction().map_err(pg_error(&place))?;
+            check_fence(&mut tx, &self.statements.fence_share, self.token, &place)?;
+            if i == 0 {
+                let live = format!("SELECT 1 FROM {heads} WHERE seq = $1 AND NOT set_aside");
+                if tx.query_opt(&live, &[&sql_seq(seq)]).map_err(pg_error(&place))?.is_some() {
+                    // Already durable (a seq names one state): nothing to write.
+                    return Ok(());
+                }
+                // Leftovers at this seq: an unfinished write, or one set aside.
+                tx.execute(&format!("DELETE FROM {heads} WHERE seq = $1"), &[&sql_seq(seq)])
+                    .and_then(|_| tx.execute(&format!("DELETE FROM {chunks_table} WHERE seq = $1"), &[&sql_seq(seq)]))
+                    .map_err(pg_error(&place))?;
+            }
+            tx.execute(&insert_chunk, &[&sql_seq(seq), &(i as i32), &chunk]).map_err(pg_error(&place))?;
+            if i + 1 == chunk_count {
+                let head = format!("INSERT INTO {heads} (seq, chunks, len, crc) VALUES ($1, $2, $3, $4)");
+                let (len, crc) = (snapshot.len() as i64, crc32c::crc32c(snapshot) as i32);
+                tx.execute(&head, &[&sql_seq(seq), &chunks, &len, &crc]).map_err(pg_error(&place))?;
+                tx.batch_execute(&drop_covered).map_err(pg_error(&place))?;
+            }
+            tx.commit().map_err(pg_error(&place))?;
+            self.stats.fsyncs += 1;
+        }
+        self.stats.checkpoint_bytes_written += snapshot.len() as u64;
+        Ok(())
+    }
+
+    /// Inside the transaction that completes a checkpoint: drops checkpoints
+    /// beyond the newest [`CHECKPOINTS_KEPT`] (set-aside ones stay), chunks
+    /// without a head (an unfinished write of an earlier writer or of ours:
+    /// the fence says no one else is writing), and the batches the oldest kept
+    /// checkpoint covers, so recovery can start from any kept one.
+    fn drop_covered_sql(&self) -> String {
+        let (heads, chunks, batches) =
+            (self.table("checkpoint_heads"), self.table("checkpoints"), self.table("batches"));
+        let kept = format!("SELECT seq FROM {heads} WHERE NOT set_aside ORDER BY seq DESC LIMIT {CHECKPOINTS_KEPT}");
+        format!(
+            "DELETE FROM {heads} WHERE NOT set_aside AND seq NOT IN ({kept});
+             DELETE FROM {chunks} c WHERE NOT EXISTS (SELECT 1 FROM {heads} h WHERE h.seq = c.seq);
+             DELETE FROM {batches} WHERE seq <= (SELECT min(seq) FROM ({kept}) k);"
+        )
+    }
+}
+
+/// Joins the chunks of checkpoint `seq` (read in `tx` from `chunks_table`)
+/// into one snapshot, checking that they are all there, in order, and match
+/// the head. `path` names the checkpoint in messages.
+fn read_chunks(
+    tx: &mut Transaction<'_>,
+    chunks_table: &str,
+    seq: u64,
+    head: &Row,
+    path: PathBuf,
+) -> Result<Checkpoint, StoreError> {
+    let place = path.display().to_string();
+    let corrupt = |offset: u64, reason: String| StoreError::Corrupt { file: path.clone(), offset, reason };
+    let chunks: i32 = head.try_get(0).map_err(pg_error(&place))?;
+    let len: i64 = head.try_get(1).map_err(pg_error(&place))?;
+    let crc: i32 = head.try_get(2).map_err(pg_error(&place))?;
+    let len = u64::try_from(len).map_err(|_| corrupt(0, format!("checkpoint length {len} is negative")))?;
+    if chunks < 1 || len > chunks as u64 * CHECKPOINT_CHUNK_BYTES_MAX as u64 {
+        return Err(corrupt(0, format!("checkpoint head says {len} bytes in {chunks} chunks")));
+    }
+    let sql = format!("SELECT chunk, bytes FROM {chunks_table} WHERE seq = $1 ORDER BY chunk");
+    let mut rows = tx.query_raw(sql.as_str(), [sql_seq(seq)]).map_err(pg_error(&place))?;
+    let mut snapshot = Vec::with_capacity(len as usize);
+    let mut expected = 0i32;
+    while let Some(row) = rows.next().map_err(pg_error(&place))? {
+        let chunk: i32 = row.try_get(0).map_err(pg_error(&place))?;
+        let bytes: &[u8] = row.try_get(1).map_err(pg_error(&place))?;
+        if chunk != expected {
+            return Err(corrupt(snapshot.len() as u64, format!("checkpoint chunk {expected} is missing")));
+        }
+        snapshot.extend_from_slice(bytes);
+        expected += 1;
+    }
+    if expected != chunks {
+        return Err(corrupt(
+            snapshot.len() as u64,
+            format!("checkpoint has {expected} chunks, its head says {chunks}"),
+        ));
+    }
+    if snapshot.len() as u64 != len {
+        return Err(corrupt(0, format!("checkpoint length {} does not match its head's {len}", snapshot.len())));
+    }
+    if crc32c::crc32c(&snapshot) != crc as u32 {
+        return Err(corrupt(0, "checkpoint checksum mismatch".into()));
+    }
+    Ok(Checkpoint { seq, snapshot })
+}
+
+impl Store for PostgresStore {
+    fn checkpoints(&mut self) -> Result<Vec<StoredCheckpoint>, StoreError> {
+        let sql = format!("SELECT seq FROM {} WHERE NOT set_aside ORDER BY seq DESC", self.table("checkpoint_heads"));
+        let place = self.place("checkpoint_heads");
+        let rows = self.client.query(&sql, &[]).map_err(pg_error(&place))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: i64 = row.try_get(0).map_err(pg_error(&place))?;
+            let seq = seq as u64;
+            out.push(StoredCheckpoint { seq, file: self.checkpoint_path(seq) });
+        }
+        Ok(out)
+    }
+
+    fn read_checkpoint(&mut self, seq: u64) -> Result<Checkpoint, StoreError> {
+        let path = self.checkpoint_path(seq);
+        let place = path.display().to_string();
+        let head_sql =
+            format!("SELECT chunks, len, crc FROM {} WHERE seq = $1 AND NOT set_aside", self.table("checkpoint_heads"));
+        let chunks_table = self.table("checkpoints");
+        // One snapshot of the database for the head and its chunks.
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .map_err(pg_error(&place))?;
+        let Some(head) = tx.query_opt(&head_sql, &[&sql_seq(seq)]).map_err(pg_error(&place))? else {
+            return Err(not_found(path, format!("no checkpoint {seq}")));
+        };
+        let checkpoint = read_chunks(&mut tx, &chunks_table, seq, &head, path)?;
+        tx.commit().map_err(pg_error(&place))?;
+        Ok(checkpoint)
+    }
+
+    fn set_aside_checkpoint(&mut self, seq: u64) -> Result<PathBuf, StoreError> {
+        let path = self.checkpoint_path(seq);
+        let place = path.display().to_string();
+        let sql =
+            format!("UPDATE {} SET set_aside = true WHERE seq = $1 AND NOT set_aside", self.table("checkpoint_heads"));
+        let mut tx = self.client.transaction().map_err(pg_error(&place))?;
+        check_fence(&mut tx, &self.statements.fence_share, self.token, &place)?;
+        if tx.execute(&sql, &[&sql_seq(seq)]).map_err(pg_error(&place))? == 0 {
+            return Err(not_found(path, format!("no checkpoint {seq} to set aside")));
+        }
+        tx.commit().map_err(pg_error(&place))?;
+        self.stats.fsyncs += 1;
+        Ok(PathBuf::from(format!("{}.set_aside", path.display())))
+    }
+
+    fn replay(&mut self, after_seq: u64, visit: Visitor<'_>) -> Result<ReplayReport, StoreError> {
+        let place = self.place("batches");
+        let sql = format!("SELECT seq, bytes, crc FROM {} WHERE seq > $1 ORDER BY seq", self.table("batches"));
+        let mut report = ReplayReport { last_seq: after_seq, ..ReplayReport::default() };
+        let mut rows = self.client.query_raw(sql.as_str(), [sql_seq(after_seq)]).map_err(pg_error(&place))?;
+        while let Some(row) = rows.next().map_err(pg_error(&place))? {
+            let seq: i64 = row.try_get(0).map_err(pg_error(&place))?;
+            let bytes: &[u8] = row.try_get(1).map_err(pg_error(&place))?;
+            let crc: i32 = row.try_get(2).map_err(pg_error(&place))?;
+            let seq = seq as u64;
+            let expected = report.last_seq + 1;
+            if seq != expected {
+                return Err(StoreError::Gap { file: PathBuf::from(&place), expected, found: seq });
+            }
+            let actual = frame::checksum(seq, bytes);
+            if actual != crc as u32 {
+                return Err(StoreError::Corrupt {
+                    file: PathBuf::from(format!("{place}/{seq}")),
+                    offset: 0,
+                    reason: format!(
+                        "batch {seq}: checksum mismatch (stored {:08x}, bytes give {actual:08x})",
+                        crc as u32
+                    ),
+                });
+            }
+            visit(seq, bytes).map_err(|source| StoreError::Visit { seq, source })?;
+            report.batches += 1;
+            report.bytes += bytes.len() as u64;
+            report.last_seq = seq;
+        }
+        // A transaction commits whole: there is no torn tail to cut.
+        self.next_seq = Some(report.last_seq + 1);
+        Ok(report)
+    }
+
+    fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        self.take_checkpoint_failure()?;
+        let expected = self.next_seq.ok_or(StoreError::NotReplayed)?;
+        if seq != expected {
+            return Err(StoreError::OutOfOrder { seq, expected });
+        }
+        if batch.len() > RECORD_BYTES_MAX {
+            return Err(StoreError::TooLarge { bytes: batch.len(), max: RECORD_BYTES_MAX });
+        }
+        self.poisoned = true; // cleared below once the batch is durable, or surely not written
+        match self.commit_batch(seq, batch) {
+            Ok(()) => {}
+            Err(fenced @ StoreError::Fenced { .. }) => {
+                // Rolled back before anything was written: the outcome is known.
+                self.poisoned = false;
+                return Err(fenced);
+            }
+            Err(unknown) => return Err(unknown),
+        }
+        self.stats.log_bytes_written += batch.len() as u64;
+        self.stats.fsyncs += 1;
+        self.next_seq = Some(seq + 1);
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// Writes checkpoint `seq` synchronously, before it returns (a background
+    /// writer would need a second connection; that is the next step).
+    fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError> {
+        self.checkpoint_when(seq, snapshot, Box::new(|| Ok(())))
+    }
+
+    /// Synchronous, like [`PostgresStore::checkpoint`]: `ready` runs on the
+    /// caller's thread. If it fails nothing is written, and the next call
+    /// (append, checkpoint or `sync_checkpoint`) answers
+    /// [`StoreError::CheckpointNotReady`], as a background store would.
+    fn checkpoint_when(&mut self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned);
+        }
+        self.take_checkpoint_failure()?;
+        let next = self.next_seq.ok_or(StoreError::NotReplayed)?;
+        assert!(seq < next, "a checkpoint covers only batches already appended");
+        if let Err(reason) = ready() {
+            self.checkpoint_failure = Some(StoreError::CheckpointNotReady { seq, reason });
+            return Ok(());
+        }
+        // A checkpoint that fails midway leaves no head, so it never counts;
+        // the log is untouched until the head commits. No need to poison.
+        self.write_checkpoint(seq, &snapshot)
+    }
+
+    fn sync_checkpoint(&mut self) -> Result<(), StoreError> {
+        self.take_checkpoint_failure()
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.stats
+    }
+}
