@@ -352,7 +352,17 @@ impl Inner {
             queue.waiting.push_back(Waiting { commands, reply });
         }
         self.wake.notify_one();
-        answer.await.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into())))
+        // A caller waits at most two deadlines: one for a call slot (a lower
+        // class waits behind higher ones), one for the call. Past that its
+        // commands are not sent (a taken call is not recalled: the outcome is
+        // unknown, which idempotent commands make safe).
+        match tokio::time::timeout(self.config.call_timeout * 2, answer).await {
+            Ok(answered) => answered.unwrap_or_else(|_| Err(self.unavailable("the call was abandoned".into()))),
+            Err(_) => {
+                let ms = (self.config.call_timeout * 2).as_millis();
+                Err(self.unavailable(format!("no answer within {ms} ms of queueing")))
+            }
+        }
     }
 
     async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
