@@ -304,11 +304,7 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
             format!("goodput {good:.0}/s = {:.0} % of capacity {capacity:.0}/s", good / capacity * 100.0),
         ),
         check("shed_order", ordered, format!("shed: {shed_figure}")),
-        check(
-            "nothing_lost",
-            missing == 0,
-            format!("{missing} of {} sampled acknowledged transfers missing", real.1 + shadow.1),
-        ),
+        nothing_lost_check(real.1 + shadow.1, missing),
         check(
             "audit_polls",
             real.0.checks.audit_failures + shadow.0.checks.audit_failures == 0,
@@ -447,7 +443,7 @@ async fn hot_merchant(c: &Cluster, short: bool, progress: bool) -> anyhow::Resul
             h.admitted_per_s, h.requests, h.rate_limited
         )),
         check("others_p99", others > 0.0 && others <= PAYMENT_P99_SLO_MS, format!("other payments p99 {others:.1} ms (SLO {PAYMENT_P99_SLO_MS} ms)")),
-        check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
+        nothing_lost_check(*checked, *missing),
     ];
     let figures = serde_json::to_value(h)?;
     Ok((checks, figures, runs.into_iter().map(|r| r.0).collect()))
@@ -475,6 +471,41 @@ async fn shard_share(c: &Cluster, cell: u32) -> anyhow::Result<f64> {
 /// The cell the kill-cell drill halts.
 const KILLED: u32 = 1;
 
+/// (succeeded, failed) answers of the whole seconds of the run between `from`
+/// and `to`, counting the cells `keep` says.
+fn answers(report: &Report, from: f64, to: f64, keep: impl Fn(u32) -> bool) -> (u64, u64) {
+    report
+        .timeline
+        .iter()
+        .filter(|s| s.t as f64 >= from && ((s.t + 1) as f64) <= to)
+        .flat_map(|s| s.owners.iter())
+        .filter(|(cell, _)| keep(**cell))
+        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed))
+}
+
+/// The share of (succeeded, failed) that succeeded.
+fn share_ok((ok, failed): (u64, u64)) -> f64 {
+    ok as f64 / (ok + failed).max(1) as f64
+}
+
+/// The killed cell serves again: at least 99 % of its answers after the restart.
+fn recovered_check(after: (u64, u64)) -> Check {
+    let recovered = share_ok(after);
+    check(
+        "recovered",
+        after.0 > 0 && recovered >= 0.99,
+        format!(
+            "after the restart cell {KILLED} served {:.2} % of its {} requests",
+            recovered * 100.0,
+            after.0 + after.1
+        ),
+    )
+}
+
+fn nothing_lost_check(checked: u64, missing: u64) -> Check {
+    check("nothing_lost", missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing"))
+}
+
 async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
     let (seconds, rate) = if short { (12.0, 400.0) } else { (30.0, 2_000.0) };
     let (halt_at, restart_at) = (seconds / 3.0, 2.0 * seconds / 3.0);
@@ -491,28 +522,16 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
     let (Some(halted), Some(restarted)) = (event_at("halt_cell"), event_at("restart_cell")) else {
         anyhow::bail!("the drill could not halt and restart cell {KILLED}: {:?}", report.events);
     };
-    let sum = |from: f64, to: f64, owner: Option<u32>| -> (u64, u64) {
-        report
-            .timeline
-            .iter()
-            .filter(|s| s.t as f64 >= from && ((s.t + 1) as f64) <= to)
-            .flat_map(|s| s.owners.iter())
-            .filter(|(cell, _)| owner.is_none_or(|o| o == **cell))
-            .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed))
-    };
-    let others: (u64, u64) = report
-        .timeline
-        .iter()
-        .flat_map(|s| s.owners.iter())
-        .filter(|(cell, _)| **cell != KILLED)
-        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed));
-    let others_success = others.0 as f64 / (others.0 + others.1).max(1) as f64;
+    let sum =
+        |from: f64, to: f64, owner: Option<u32>| answers(report, from, to, |cell| owner.is_none_or(|o| o == cell));
+    let others = answers(report, 0.0, f64::INFINITY, |cell| cell != KILLED);
+    let others_success = share_ok(others);
     // Whole seconds inside the outage, after the breaker had a second to open.
     let outage = sum(halted.ceil(), restarted.floor(), None);
     let failed_share = outage.1 as f64 / (outage.0 + outage.1).max(1) as f64;
     let shard_share = shard_share(c, KILLED).await?;
     let after = sum(restarted.ceil() + 1.0, f64::INFINITY, Some(KILLED));
-    let recovered = after.0 as f64 / (after.0 + after.1).max(1) as f64;
+    let recovered = share_ok(after);
     let checks = vec![
         check(
             "other_cells",
@@ -539,16 +558,8 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
                 shard_share * 100.0
             ),
         ),
-        check(
-            "recovered",
-            after.0 > 0 && recovered >= 0.99,
-            format!(
-                "after the restart cell {KILLED} served {:.2} % of its {} requests",
-                recovered * 100.0,
-                after.0 + after.1
-            ),
-        ),
-        check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
+        recovered_check(after),
+        nothing_lost_check(*checked, *missing),
     ];
     let figures = json!({
         "halted_at_s": halted, "restarted_at_s": restarted,
@@ -613,22 +624,11 @@ async fn kill_cell_process(
     let runs = run_prepared(vec![runner]).await?;
     let outage = killer.await.context("the killer task")?;
     let (report, checked, missing) = &runs[0];
-    let others: (u64, u64) = report
-        .timeline
-        .iter()
-        .flat_map(|s| s.owners.iter())
-        .filter(|(cell, _)| **cell != KILLED)
-        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed));
-    let others_success = others.0 as f64 / (others.0 + others.1).max(1) as f64;
+    let others = answers(report, 0.0, f64::INFINITY, |cell| cell != KILLED);
+    let others_success = share_ok(others);
     let back_at = kill_at + outage.unwrap_or(seconds) + 1.0;
-    let after: (u64, u64) = report
-        .timeline
-        .iter()
-        .filter(|s| s.t as f64 >= back_at.ceil())
-        .flat_map(|s| s.owners.iter())
-        .filter(|(cell, _)| **cell == KILLED)
-        .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed));
-    let recovered = after.0 as f64 / (after.0 + after.1).max(1) as f64;
+    let after = answers(report, back_at.ceil(), f64::INFINITY, |cell| cell == KILLED);
+    let recovered = share_ok(after);
     let restarted = lines.printed(&format!("cellpay up: {member} was killed by signal 9; restarting"));
     let checks = vec![
         check(
@@ -652,16 +652,8 @@ async fn kill_cell_process(
             },
         ),
         check("restarted", restarted, format!("the supervisor restarted {member}: {restarted}")),
-        check(
-            "recovered",
-            after.0 > 0 && recovered >= 0.99,
-            format!(
-                "after the restart cell {KILLED} served {:.2} % of its {} requests",
-                recovered * 100.0,
-                after.0 + after.1
-            ),
-        ),
-        check("nothing_lost", *missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing")),
+        recovered_check(after),
+        nothing_lost_check(*checked, *missing),
     ];
     let figures = json!({
         "killed_at_s": kill_at, "killed_pid": pid, "outage_s": outage,

@@ -9,18 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{ids_in_cells, Server, ADMIN, CLIENT};
+use common::{balance, ids_in_cells, open, Server, ADMIN, CLIENT};
 use serde_json::json;
 
-fn open(s: &Server, token: &str, id: &str, overdraft: bool) {
-    let r = s.post("/v1/accounts", token, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
+/// Opens `bank` (overdraft), `payer` and `payee`, and funds `payer` from `bank` with `amount`.
+fn fund_payer(s: &Server, bank: &str, payer: &str, payee: &str, amount: i64) {
+    open(s, ADMIN, bank, true);
+    open(s, CLIENT, payer, false);
+    open(s, CLIENT, payee, false);
+    let r = s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": amount}));
     assert_eq!(r.status, 201, "{}", r.body);
-}
-
-fn balance(s: &Server, id: &str) -> i64 {
-    let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body["balance"].as_i64().unwrap()
 }
 
 /// One payment's answer as a worker saw it.
@@ -202,11 +200,7 @@ fn a_router_killed_with_payments_in_flight_loses_none_and_pays_none_twice() {
     let s = Server::up(dir.path(), 2, 2, &[]);
     let ids = ids_in_cells(2);
     let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
-    open(&s, ADMIN, bank, true);
-    open(&s, CLIENT, payer, false);
-    open(&s, CLIENT, payee, false);
-    let r = s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000_000}));
-    assert_eq!(r.status, 201);
+    fund_payer(&s, bank, payer, payee, 1_000_000);
 
     let stop = AtomicBool::new(false);
     let tried = Mutex::new(Vec::new());
@@ -305,13 +299,7 @@ fn switches_and_rate_limits_are_cluster_wide_promises_across_routers() {
     let s = Server::up(dir.path(), 2, 2, &[]);
     let ids = ids_in_cells(2);
     let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
-    open(&s, ADMIN, bank, true);
-    open(&s, CLIENT, payer, false);
-    open(&s, CLIENT, payee, false);
-    assert_eq!(
-        s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000_000})).status,
-        201
-    );
+    fund_payer(&s, bank, payer, payee, 1_000_000);
 
     // A degrade switch set through router 0 holds on router 1.
     let r = s.request("PUT", "/v1/admin/degrade/shadow_off", Some(ADMIN), &[], Some(r#"{"mode":"on"}"#));
@@ -381,13 +369,7 @@ fn a_stopped_cell_process_is_replaced_and_never_resumes() {
     let s = Server::up(dir.path(), 2, 1, &[]);
     let ids = ids_in_cells(2);
     let (bank, payer, payee) = (&ids[1][0], &ids[1][1], &ids[0][1]);
-    open(&s, ADMIN, bank, true);
-    open(&s, CLIENT, payer, false);
-    open(&s, CLIENT, payee, false);
-    assert_eq!(
-        s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000})).status,
-        201
-    );
+    fund_payer(&s, bank, payer, payee, 1_000);
     let pay = |id: &str| s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": payer, "to": payee, "amount": 1}));
     assert_eq!(pay("before").status, 201);
 
@@ -470,13 +452,7 @@ fn the_control_plane_down_and_back_kills_no_cell_of_a_supervised_cluster() {
     let s = Server::up_via(dir.path(), 2, 1, &[], &proxy.addr().to_string());
     let ids = ids_in_cells(2);
     let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
-    open(&s, ADMIN, bank, true);
-    open(&s, CLIENT, payer, false);
-    open(&s, CLIENT, payee, false);
-    assert_eq!(
-        s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1_000})).status,
-        201
-    );
+    fund_payer(&s, bank, payer, payee, 1_000);
     proxy.set(cellpay_wire::faults::Fault::Cut);
     let started = Instant::now();
     let mut n = 0;

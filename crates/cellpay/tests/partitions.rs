@@ -10,19 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cellpay_wire::faults::Fault;
-use common::{ids_in_cells, Pieces, Server, ADMIN, CLIENT};
+use common::{balance, ids_in_cells, open, Pieces, Server, ADMIN, CLIENT};
 use serde_json::json;
-
-fn open(s: &Server, token: &str, id: &str, overdraft: bool) {
-    let r = s.post("/v1/accounts", token, &json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
-    assert_eq!(r.status, 201, "{}", r.body);
-}
-
-fn balance(s: &Server, id: &str) -> i64 {
-    let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body["balance"].as_i64().unwrap()
-}
 
 /// Three cells; in each a funded payer paying a payee in the next cell.
 struct Load {

@@ -42,6 +42,19 @@ pub fn postgres_admin(sql: &str) {
     });
 }
 
+/// Opens an account in CNY and asserts it was created.
+pub fn open(s: &Server, token: &str, id: &str, overdraft: bool) {
+    let r = s.post("/v1/accounts", token, &serde_json::json!({"id": id, "currency": "CNY", "overdraft": overdraft}));
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// An account's balance, read with the client token.
+pub fn balance(s: &Server, id: &str) -> i64 {
+    let r = s.get(&format!("/v1/accounts/{id}"), CLIENT);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body["balance"].as_i64().unwrap()
+}
+
 /// A database name no other test (or test run) uses.
 pub fn fresh_database(what: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
