@@ -18,7 +18,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -186,6 +185,13 @@ fn drop_covered(checkpoint_dir: &Path, log_dir: &Path) -> Result<(), StoreError>
     sync_dir(checkpoint_dir)
 }
 
+/// How long `open` waits for the writer lock before answering `Locked`. A
+/// child process forked by another thread holds a copy of the lock's
+/// descriptor from its fork to its exec (the descriptor is close-on-exec), so
+/// a lock just released can look held for a moment; a writer that really
+/// holds it holds it for far longer.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+
 impl EmbeddedStore {
     /// Opens (creating if needed) the store in `dir` and takes its writer lock.
     pub fn open(dir: impl Into<PathBuf>, options: StoreOptions) -> Result<Self, StoreError> {
@@ -200,10 +206,16 @@ impl EmbeddedStore {
             .write(true)
             .open(&lock_path)
             .map_err(StoreError::io(&lock_path))?;
-        // SAFETY: flock on a valid, owned file descriptor has no memory effects.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(StoreError::Locked { path: lock_path });
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => return Err(StoreError::Locked { path: lock_path }),
+                Err(std::fs::TryLockError::Error(e)) => return Err(StoreError::io(&lock_path)(e)),
+            }
         }
         sync_dir(&dir)?;
         Ok(Self {

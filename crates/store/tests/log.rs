@@ -78,6 +78,33 @@ fn a_second_writer_is_fenced_out() {
     assert!(matches!(second, Err(StoreError::Locked { .. })));
 }
 
+/// A child process forked by another thread holds a copy of the lock's descriptor until its exec.
+/// The store it was copied from is closed meanwhile: opening the directory again waits for the
+/// exec instead of answering `Locked`.
+#[test]
+fn a_lock_held_only_by_a_forked_child_until_its_exec_is_waited_for() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path(), 1 << 20);
+    let spawner = std::thread::spawn(move || {
+        let mut child = std::process::Command::new("true");
+        // SAFETY: the hook only sleeps, which is async-signal-safe.
+        unsafe {
+            child.pre_exec(|| {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Ok(())
+            });
+        }
+        child.spawn().expect("spawn").wait().expect("wait")
+    });
+    // The fork happens at once; spawn returns only after the exec, 300 ms later.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    drop(first);
+    let reopened = EmbeddedStore::open(dir.path(), StoreOptions::default());
+    assert!(reopened.is_ok(), "reopened while the child had not yet exec'd: {:?}", reopened.err());
+    assert!(spawner.join().expect("spawner").success());
+}
+
 #[test]
 fn a_checkpoint_drops_covered_segments_and_replay_starts_after_it() {
     let dir = tempfile::tempdir().unwrap();

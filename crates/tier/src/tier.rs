@@ -3,7 +3,6 @@
 
 use std::cmp::Ordering;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -99,15 +98,27 @@ struct Found {
     path: PathBuf,
 }
 
+/// How long `open` waits for the directory lock before answering `Locked`. A
+/// child process forked by another thread holds a copy of the lock's
+/// descriptor from its fork to its exec (the descriptor is close-on-exec), so
+/// a lock just released can look held for a moment; a tier that really holds
+/// it holds it for far longer.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+
 fn lock(dir: &Path) -> Result<File, TierError> {
     let path = dir.join("LOCK");
     let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(TierError::io(&path))?;
-    // SAFETY: flock on a valid, owned file descriptor has no memory effects.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(TierError::Locked { path });
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(TierError::Locked { path }),
+            Err(std::fs::TryLockError::Error(e)) => return Err(TierError::io(&path)(e)),
+        }
     }
-    Ok(file)
 }
 
 /// Lists the run files and removes temporary ones; answers whether it removed any.

@@ -70,6 +70,37 @@ fn a_second_tier_on_the_same_directory_is_refused() {
     assert!(matches!(Tier::open(dir.path(), roomy()), Err(TierError::Locked { .. })));
 }
 
+/// A child process forked by another thread holds a copy of the lock's descriptor until its exec.
+/// The tier it was copied from is closed meanwhile: opening the directory again waits for the
+/// exec instead of answering `Locked` (this failed CI once, next to the kill -9 test's children).
+#[test]
+fn a_lock_held_only_by_a_forked_child_until_its_exec_is_waited_for() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tier = open(dir.path());
+    let (forked, fork_seen) = std::sync::mpsc::channel();
+    let spawner = std::thread::spawn(move || {
+        let mut child = std::process::Command::new("true");
+        // SAFETY: the hook only sleeps, which is async-signal-safe.
+        unsafe {
+            child.pre_exec(|| {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Ok(())
+            });
+        }
+        let child = child.spawn();
+        forked.send(()).ok();
+        child.expect("spawn").wait().expect("wait")
+    });
+    // The fork happens at once; spawn returns only after the exec, 300 ms later.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    drop(tier);
+    let reopened = Tier::open(dir.path(), roomy());
+    assert!(reopened.is_ok(), "reopened while the child had not yet exec'd: {:?}", reopened.err());
+    fork_seen.recv().expect("the child was spawned");
+    assert!(spawner.join().expect("spawner").success());
+}
+
 #[test]
 fn the_filter_keeps_false_positives_under_two_percent_at_ten_bits_per_key() {
     let dir = tempfile::tempdir().expect("tempdir");
