@@ -32,6 +32,15 @@ struct Tried {
     at: Instant,
 }
 
+impl Tried {
+    /// Paid and acknowledged: 201, or 200 when the router's own retry of a
+    /// call cut by the kill found the payment its first attempt had made
+    /// (seen about once in 25 runs under load).
+    fn acknowledged(&self) -> bool {
+        self.status == 201 || self.status == 200
+    }
+}
+
 /// Pays `amount` 1 from `payer` to `payee` until `stop`, alternating routers.
 fn worker(
     s: &Server,
@@ -67,7 +76,7 @@ fn settle_every_id(s: &Server, tried: &[Tried], payers: &[String], payees: &[Str
             continue;
         }
         per_payer[t.payer_cell] += 1;
-        if t.status == 201 {
+        if t.acknowledged() {
             continue;
         }
         let body = json!({"id": t.id, "from": payers[t.payer_cell], "to": payees[t.payer_cell], "amount": 1});
@@ -141,7 +150,7 @@ fn a_cell_process_killed_under_cross_cell_load_hurts_only_its_own_payers() {
         // Until the dead cell's payers are served again (the supervisor restarted it), then a little more.
         let deadline = killed_at + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let back = tried.lock().unwrap().iter().any(|t| t.payer_cell == 2 && t.at > killed_at && t.status == 201);
+            let back = tried.lock().unwrap().iter().any(|t| t.payer_cell == 2 && t.at > killed_at && t.acknowledged());
             if back {
                 break;
             }
@@ -159,14 +168,14 @@ fn a_cell_process_killed_under_cross_cell_load_hurts_only_its_own_payers() {
 
     // Other cells' payers: served throughout.
     let others: Vec<&Tried> = tried.iter().filter(|t| t.payer_cell != 2).collect();
-    let ok = others.iter().filter(|t| t.status == 201).count();
+    let ok = others.iter().filter(|t| t.acknowledged()).count();
     let ratio = ok as f64 / others.len() as f64;
     let refused: Vec<String> =
-        others.iter().filter(|t| t.status != 201).map(|t| format!("{} {}", t.status, t.code)).collect();
+        others.iter().filter(|t| !t.acknowledged()).map(|t| format!("{} {}", t.status, t.code)).collect();
     assert!(ratio >= 0.999, "other cells' payers: {ok} of {} served ({ratio:.4}); refused: {refused:?}", others.len());
     // The dead cell's payers: refused fast with cell_unavailable, then served again.
     let theirs: Vec<&Tried> = tried.iter().filter(|t| t.payer_cell == 2 && t.at > killed_at).collect();
-    let failed: Vec<&&Tried> = theirs.iter().filter(|t| t.status != 201).collect();
+    let failed: Vec<&&Tried> = theirs.iter().filter(|t| !t.acknowledged()).collect();
     for t in &failed {
         assert_eq!(
             (t.status, t.code.as_str()),
@@ -176,7 +185,7 @@ fn a_cell_process_killed_under_cross_cell_load_hurts_only_its_own_payers() {
     }
     let slowest = failed.iter().map(|t| t.took).max().unwrap_or_default();
     assert!(slowest < Duration::from_secs(5), "a refusal took {slowest:?}: it must fail fast, never hang");
-    let back = theirs.iter().find(|t| t.status == 201).expect("the restarted cell serves again");
+    let back = theirs.iter().find(|t| t.acknowledged()).expect("the restarted cell serves again");
     eprintln!(
         "kill -9 of cell 2: {} of {} other payments served; {} refused fast (slowest {slowest:?}); outage {:?}",
         ok,
