@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
+use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer, ShardMap};
 use tokio::sync::watch;
 
 use crate::engine::{CellFigures, CellHandle, EngineError};
@@ -57,6 +57,16 @@ pub trait CellClient: Send + Sync + 'static {
     fn figures(&self) -> std::sync::Arc<CellFigures>;
     /// Sets the cell's limit of undelivered credits per destination (flow rules).
     fn set_outbox_messages_max(&self, max: u64);
+    /// The shard map the cell works at, when it can tell (a router that was
+    /// refused `wrong_cell` learns a newer map from the cell that refused it).
+    fn shard_map(&self) -> BoxFuture<'_, Option<ShardMap>> {
+        Box::pin(async { None })
+    }
+    /// The epoch of the map the sender works at, carried by every call where
+    /// the cell is in another process: a cell behind it refuses the call
+    /// (`wrong_cell`) rather than act on its older map. In-process cells share
+    /// the sender's map, so the default does nothing.
+    fn set_sender_epoch(&self, _epoch: u64) {}
 }
 
 impl CellClient for CellHandle {
@@ -94,5 +104,10 @@ impl CellClient for CellHandle {
 
     fn set_outbox_messages_max(&self, max: u64) {
         CellHandle::set_outbox_messages_max(self, max)
+    }
+
+    fn shard_map(&self) -> BoxFuture<'_, Option<ShardMap>> {
+        let map = CellHandle::shard_map(self);
+        Box::pin(async move { Some((*map).clone()) })
     }
 }

@@ -239,6 +239,8 @@ struct Shared {
     config: EngineConfig,
     queued: AtomicUsize,
     epoch: AtomicU64,
+    /// The shard map the cell works at, replaced when a batch installs a newer one.
+    map: std::sync::Mutex<Arc<ShardMap>>,
     watchdog: Watchdog,
     /// Set by the engine's queue-delay controller, read by handles.
     shed_level: AtomicUsize,
@@ -290,6 +292,11 @@ impl CellHandle {
     /// The shard map epoch the cell works at.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch.load(Relaxed)
+    }
+
+    /// The shard map the cell works at.
+    pub fn shard_map(&self) -> Arc<ShardMap> {
+        self.shared.map.lock().expect("map lock").clone()
     }
 
     /// Commands and queries waiting in the queue.
@@ -735,6 +742,7 @@ impl Engine {
             config,
             queued: AtomicUsize::new(0),
             epoch: AtomicU64::new(state.shard_map().epoch()),
+            map: std::sync::Mutex::new(Arc::new(state.shard_map().clone())),
             watchdog: Watchdog::new(cell, config.stall_after),
             shed_level: AtomicUsize::new(0),
             queue_delay_us: AtomicU64::new(0),
@@ -1000,7 +1008,11 @@ impl Engine {
             *self.shared.figures.lock().expect("figures lock") =
                 Arc::new(CellFigures::of(&self.state, &self.shared.config));
         }
-        self.shared.epoch.store(self.state.shard_map().epoch(), Relaxed);
+        let epoch = self.state.shard_map().epoch();
+        if self.shared.epoch.load(Relaxed) != epoch {
+            *self.shared.map.lock().expect("map lock") = Arc::new(self.state.shard_map().clone());
+            self.shared.epoch.store(epoch, Relaxed);
+        }
         let shared = self.shared.clone();
         let s = &shared.stats;
         s.batches.fetch_add(1, Relaxed);

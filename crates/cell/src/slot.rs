@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
-use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
+use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer, ShardMap};
 use tokio::sync::watch;
 
 use crate::client::{BoxFuture, CellClient, CellStatus};
@@ -99,5 +99,10 @@ impl CellClient for CellSlot {
         if let Some(h) = self.handle() {
             h.set_outbox_messages_max(max);
         }
+    }
+
+    fn shard_map(&self) -> BoxFuture<'_, Option<ShardMap>> {
+        let map = self.handle().map(|h| h.shard_map());
+        Box::pin(async move { map.map(|m| (*m).clone()) })
     }
 }

@@ -144,13 +144,17 @@ async fn serve_cell(
     tracing::info!(cell = %id, checkpoint = r.checkpoint_seq, batches = r.batches_replayed, ms = r.duration.as_millis() as u64, "recovered");
     let slot = Arc::new(CellSlot::new(id));
     slot.install(cell.handle());
+    // A map the control plane moved on to while this cell was down.
+    adopt_map(&slot, &view.map).await;
 
     let tcp =
         tokio::net::TcpListener::bind(listen.cell).await.with_context(|| format!("listening on {}", listen.cell))?;
     let address =
         listen.advertise.unwrap_or_else(|| tcp.local_addr().expect("a bound listener has an address").to_string());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let app = cellpay_wire::app(slot.clone(), secret.clone());
+    // Notified when a caller works at a newer map than this cell: read the control plane at once.
+    let behind = Arc::new(tokio::sync::Notify::new());
+    let app = cellpay_wire::app(slot.clone(), secret.clone(), behind.clone());
     let server = tokio::spawn(cellpay_wire::serve(tcp, app, stop_rx.clone()));
 
     // Report where this cell serves, now and every second (the heartbeat the status shows).
@@ -185,6 +189,9 @@ async fn serve_cell(
         .filter(|c| c.id != id)
         .map(|c| RemoteCell::start(c.id, c.address.as_deref().unwrap_or(""), secret.clone(), RemoteConfig::default()))
         .collect();
+    // Credits carry the epoch of the map this cell works at.
+    let epoch = slot.status().epoch;
+    peers.iter().for_each(|p| p.set_sender_epoch(epoch));
     let relay_config =
         RelayConfig { messages_per_round_max: config.relay_messages_per_round_max, ..RelayConfig::default() };
     let mut relays = Vec::new();
@@ -214,8 +221,8 @@ async fn serve_cell(
         }
     }
     let follower = {
-        let mut views = cellpay_control::follow(control_url.clone());
-        let peers = peers.clone();
+        let mut views = cellpay_control::follow_kicked(control_url.clone(), behind);
+        let (peers, slot) = (peers.clone(), slot.clone());
         let deferred = deferred.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
@@ -226,6 +233,10 @@ async fn serve_cell(
                 }
                 let view = views.borrow_and_update().clone();
                 let Some(view) = view else { continue };
+                if view.map.epoch() > slot.status().epoch && adopt_map(&slot, &view.map).await {
+                    let epoch = slot.status().epoch;
+                    peers.iter().for_each(|p| p.set_sender_epoch(epoch));
+                }
                 let defer = switch_on(&view, "cross_cell_defer");
                 if deferred.swap(defer, std::sync::atomic::Ordering::Relaxed) != defer {
                     tracing::warn!(deferred = defer, "cross-cell delivery set from the control plane");
@@ -263,6 +274,26 @@ async fn serve_cell(
         .context("stopping the cell")?;
     say!("cellpay cell {id} stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Installs `map` in the cell's engine (durably, as a logged command) when
+/// it is newer than the one the cell works at; answers whether it did.
+async fn adopt_map(slot: &CellSlot, map: &cellpay_core::ShardMap) -> bool {
+    let from = slot.status().epoch;
+    if map.epoch() <= from {
+        return false;
+    }
+    let install = cellpay_core::Command::real(cellpay_core::Op::InstallShardMap(map.clone()));
+    match slot.submit(vec![install]).await.as_deref() {
+        Ok([cellpay_core::Outcome::ShardMapInstalled { epoch }]) => {
+            say!("cellpay cell {}: shard map epoch {from} -> {epoch}", slot.cell());
+            true
+        }
+        other => {
+            tracing::warn!(cell = %slot.cell(), epoch = map.epoch(), "the shard map was not installed: {other:?}");
+            false
+        }
+    }
 }
 
 /// Is the operator's switch `name` on in the control plane? (A cell runs no

@@ -172,6 +172,9 @@ fn apply_settings(cluster: &Cluster, view: &cellpay_control::ControlView, rules_
         }
     }
     protection.set_routers(view.live_routers() as u32);
+    if view.map.epoch() > cluster.map().epoch() && cluster.set_map(view.map.clone()) {
+        tracing::warn!(epoch = view.map.epoch(), "shard map taken from the control plane");
+    }
 }
 
 /// The control plane as the keeper of switches and rules for every router.

@@ -1,7 +1,8 @@
 //! Partitions of a many-process cluster, made by fault-injecting proxies on
 //! the cell-protocol links and in front of the control plane: a cell cut off
 //! under load, a one-way cut (work arrives, acknowledgements do not), and the
-//! control plane gone while payments flow.
+//! control plane gone while payments flow; and shard maps that change while
+//! a router cannot hear of it, or while every LISTEN connection is down.
 
 mod common;
 
@@ -9,8 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use cellpay_core::{CellId, ShardMap, SHARDS_DEFAULT};
 use cellpay_wire::faults::Fault;
-use common::{balance, ids_in_cells, open, Pieces, Server, ADMIN, CLIENT};
+use common::{balance, ids_in_cells, open, postgres_admin, Pieces, Server, ADMIN, CLIENT};
 use serde_json::json;
 
 /// Three cells; in each a funded payer paying a payee in the next cell.
@@ -218,4 +220,96 @@ fn payments_go_on_while_the_control_plane_is_down_for_60_s() {
         v["cells"].as_array().is_some_and(|cells| cells.iter().all(|c| c["reporting"] == true))
             && v["routers"].as_array().is_some_and(|r| r.len() == 1)
     });
+}
+
+// ---- shard map changes ---------------------------------------------------------------------
+
+/// An account of cell 0 (under the first map) whose shard holds none of `used`.
+fn id_in_an_empty_shard_of_cell_0(used: &[&str]) -> String {
+    let map = ShardMap::round_robin(SHARDS_DEFAULT, 3).unwrap();
+    let taken: Vec<_> = used.iter().map(|id| map.shard_of(id)).collect();
+    (0..)
+        .map(|i| format!("moved-{i}"))
+        .find(|id| map.owner_of(id) == CellId(0) && !taken.contains(&map.shard_of(id)))
+        .unwrap()
+}
+
+/// As an operator: gives the (empty) shard of `id` to cell `to`, in a map one epoch newer.
+fn reassign(p: &Pieces, id: &str, to: u32) -> u64 {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let control = cellpay_control::Control::connect(&p.control_direct).await.unwrap();
+        let map = control.view().await.unwrap().map;
+        let mut owners = map.owners().to_vec();
+        owners[map.shard_of(id).0 as usize] = CellId(to);
+        let next = ShardMap::new(map.epoch() + 1, owners).unwrap();
+        control.set_map(&next, "test").await.unwrap();
+        next.epoch()
+    })
+}
+
+/// The router's map epoch and its cells' epochs, from `GET /v1/cluster`.
+fn epochs(s: &Server) -> (u64, Vec<u64>) {
+    let c = s.get("/v1/cluster", ADMIN);
+    let cells = c.body["cells"].as_array().unwrap().iter().map(|c| c["epoch"].as_u64().unwrap()).collect();
+    (c.body["epoch"].as_u64().unwrap(), cells)
+}
+
+#[test]
+fn a_router_with_a_stale_map_is_refused_wrong_cell_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pieces::start(dir.path(), 3);
+    let s = &p.server;
+    let bank = ids_in_cells(3)[0][0].clone();
+    open(s, ADMIN, &bank, true);
+    let moved = id_in_an_empty_shard_of_cell_0(&[&bank]);
+
+    // The router alone loses the control plane and keeps its map at epoch 1;
+    // the operator gives the moved account's shard to cell 1, and the cells follow.
+    p.router_control_proxy.set(Fault::Cut);
+    let epoch = reassign(&p, &moved, 1);
+    assert_eq!(epoch, 2);
+    s.eventually("every cell works at epoch 2", || epochs(s).1 == [2, 2, 2]);
+    assert_eq!(epochs(s).0, 1, "the router's own map is stale");
+
+    // Its first command for that shard goes to cell 0, which refuses it
+    // `wrong_cell`; the router learns epoch 2 from cell 0 and goes once more, to cell 1.
+    let r = s.post("/v1/accounts", CLIENT, &json!({"id": moved, "currency": "CNY"}));
+    assert_eq!((r.status, r.cell, r.epoch), (201, Some(1), Some(2)), "{}", r.body);
+    assert_eq!(epochs(s).0, 2, "the router works at the map cell 0 gave it");
+    // Money reaches the moved account across cells, and leaves it from cell 1.
+    let pay = s.post("/v1/transfers", ADMIN, &json!({"id": "to-moved", "from": bank, "to": moved, "amount": 500}));
+    assert_eq!((pay.status, pay.cell), (201, Some(0)), "{}", pay.body);
+    s.eventually("the credit arrives in cell 1", || balance(s, &moved) == 500);
+    let back = s.post("/v1/transfers", CLIENT, &json!({"id": "from-moved", "from": moved, "to": bank, "amount": 200}));
+    assert_eq!((back.status, back.cell, back.epoch), (201, Some(1), Some(2)), "{}", back.body);
+    s.eventually("the payment back is credited", || balance(s, &moved) == 300);
+    // Cell 0 holds nothing of the shard it gave away.
+    assert_eq!(s.get(&format!("/v1/accounts/{moved}"), CLIENT).cell, Some(1));
+    p.router_control_proxy.set(Fault::Pass);
+}
+
+#[test]
+fn a_map_changed_while_every_listen_connection_is_killed_still_reaches_every_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pieces::start(dir.path(), 3);
+    let s = &p.server;
+    let bank = ids_in_cells(3)[0][0].clone();
+    open(s, ADMIN, &bank, true);
+    let moved = id_in_an_empty_shard_of_cell_0(&[&bank]);
+
+    // Every connection the cluster holds to the control plane (the LISTENs
+    // among them) is killed, and the map changes before they are back: the
+    // notification reaches no one, and the followers' reads after reconnecting must find it.
+    let database = s.database.as_deref().unwrap();
+    postgres_admin(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    ));
+    assert_eq!(reassign(&p, &moved, 2), 2);
+    s.eventually("the router and every cell work at epoch 2", || epochs(s) == (2, vec![2, 2, 2]));
+    let r = s.post("/v1/accounts", CLIENT, &json!({"id": moved, "currency": "CNY"}));
+    assert_eq!((r.status, r.cell, r.epoch), (201, Some(2), Some(2)), "{}", r.body);
+    let pay = s.post("/v1/transfers", ADMIN, &json!({"id": "to-moved", "from": bank, "to": moved, "amount": 700}));
+    assert_eq!(pay.status, 201, "{}", pay.body);
+    s.eventually("the credit arrives in cell 2", || balance(s, &moved) == 700);
 }

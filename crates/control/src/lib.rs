@@ -340,6 +340,33 @@ impl Control {
         self.notify().await
     }
 
+    /// Replaces the shard map with `next`, which must succeed the recorded one
+    /// (a higher epoch, the same shards, only known cells). Cells and routers
+    /// follow it; a cell that owned a shard it loses refuses its payers from
+    /// then on (`wrong_cell`). Moving a shard that holds accounts also moves
+    /// its data, which is the move's job, not this call's.
+    pub async fn set_map(&self, next: &ShardMap, who: &str) -> Result<(), ControlError> {
+        let view = self.view().await?;
+        view.map.check_successor(next).map_err(|e| ControlError::Mismatch(e.to_string()))?;
+        if let Some(unknown) = next.owners().iter().find(|o| o.0 as usize >= view.cells.len()) {
+            return Err(ControlError::Mismatch(format!("the map names cell {unknown}, which the cluster lacks")));
+        }
+        let owners: Vec<i32> = next.owners().iter().map(|c| c.0 as i32).collect();
+        let updated = timed(self.client.execute(
+            &format!("UPDATE {SCHEMA}.cluster SET epoch = $1, owners = $2 WHERE epoch = $3"),
+            &[&(next.epoch() as i64), &owners, &(view.map.epoch() as i64)],
+        ))
+        .await?;
+        if updated != 1 {
+            return Err(ControlError::Mismatch(format!(
+                "the map changed under this call (it was at epoch {})",
+                view.map.epoch()
+            )));
+        }
+        self.record(who, &format!("shard map epoch {} installed", next.epoch())).await?;
+        self.notify().await
+    }
+
     /// An operator's degrade switch, for every router.
     pub async fn set_switch(&self, name: &str, mode: &str, who: &str) -> Result<(), ControlError> {
         timed(self.client.execute(
@@ -399,11 +426,21 @@ impl Control {
 /// stays. The receiver holds `None` until the first read succeeds. The task
 /// ends when every receiver is dropped.
 pub fn follow(url: String) -> watch::Receiver<Option<Arc<ControlView>>> {
+    follow_kicked(url, Arc::new(tokio::sync::Notify::new()))
+}
+
+/// The least time between two reads that `kick` asked for.
+const KICKED_READ_GAP: Duration = Duration::from_millis(100);
+
+/// As [`follow`], and read again soon after `kick` is notified (a cell that
+/// learns it is behind its callers' map catches up at once), at most every
+/// [`KICKED_READ_GAP`].
+pub fn follow_kicked(url: String, kick: Arc<tokio::sync::Notify>) -> watch::Receiver<Option<Arc<ControlView>>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         let mut failures = 0u64;
         while !tx.is_closed() {
-            if let Err(e) = follow_once(&url, &tx).await {
+            if let Err(e) = follow_once(&url, &tx, &kick).await {
                 failures += 1;
                 // The first failure of an outage is a warning; the rest are repeats.
                 if failures == 1 {
@@ -419,7 +456,11 @@ pub fn follow(url: String) -> watch::Receiver<Option<Arc<ControlView>>> {
 }
 
 /// One connection's life: LISTEN, then read on every notification and poll.
-async fn follow_once(url: &str, tx: &watch::Sender<Option<Arc<ControlView>>>) -> Result<(), ControlError> {
+async fn follow_once(
+    url: &str,
+    tx: &watch::Sender<Option<Arc<ControlView>>>,
+    kick: &tokio::sync::Notify,
+) -> Result<(), ControlError> {
     let (client, mut connection) = timed(config(url)?.connect(NoTls)).await?;
     let (notes_tx, mut notes) = mpsc::channel::<()>(16);
     let driver = tokio::spawn(async move {
@@ -452,9 +493,11 @@ async fn follow_once(url: &str, tx: &watch::Sender<Option<Arc<ControlView>>>) ->
             }
             // Always published: the copy's age is part of what it says.
             tx.send_replace(Some(Arc::new(view)));
+            let read_at = tokio::time::Instant::now();
             tokio::select! {
                 _ = tokio::time::sleep(POLL_PERIOD) => {}
                 note = notes.recv() => if note.is_none() { return Err(ControlError::Lost) },
+                _ = kick.notified() => tokio::time::sleep_until(read_at + KICKED_READ_GAP).await,
                 _ = tx.closed() => return Ok(()),
             }
         }

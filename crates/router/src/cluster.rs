@@ -32,7 +32,9 @@ pub struct RelayHandle {
 }
 
 pub struct Cluster {
-    map: ShardMap,
+    /// Replaced by a newer map from the control plane, or from a cell that
+    /// refused a command `wrong_cell` while working at a newer one.
+    map: std::sync::RwLock<Arc<ShardMap>>,
     cells: Vec<Arc<dyn CellClient>>,
     protection: Arc<Protection>,
     signals: std::sync::Mutex<crate::Signals>,
@@ -47,7 +49,45 @@ impl Cluster {
         assert!(map.owners().iter().all(|o| (o.0 as usize) < cells.len()), "the map names only known cells");
         let outbox_max = protection.rules().outbox_messages_max;
         cells.iter().for_each(|c| c.set_outbox_messages_max(outbox_max));
-        Self { map, cells, protection, signals: Default::default() }
+        cells.iter().for_each(|c| c.set_sender_epoch(map.epoch()));
+        Self { map: std::sync::RwLock::new(Arc::new(map)), cells, protection, signals: Default::default() }
+    }
+
+    /// Installs `next` when it succeeds the current map (a higher epoch, the
+    /// same shards) and names only known cells; answers whether it did.
+    pub fn set_map(&self, next: ShardMap) -> bool {
+        if let Some(unknown) = next.owners().iter().find(|o| (o.0 as usize) >= self.cells.len()) {
+            tracing::warn!(epoch = next.epoch(), "a shard map naming unknown cell {unknown} is ignored");
+            return false;
+        }
+        let epoch = next.epoch();
+        {
+            let mut map = self.map.write().expect("map lock");
+            if map.check_successor(&next).is_err() {
+                return false;
+            }
+            *map = Arc::new(next);
+        }
+        self.cells.iter().for_each(|c| c.set_sender_epoch(epoch));
+        tracing::info!(epoch, "the router works at a new shard map");
+        true
+    }
+
+    /// After `cell` refused a command `wrong_cell`: learns the map it works
+    /// at, if newer than the router's; answers whether the map changed.
+    async fn refresh_from(&self, cell: &Arc<dyn CellClient>) -> bool {
+        match cell.shard_map().await {
+            Some(map) if map.epoch() > self.map().epoch() => self.set_map(map),
+            _ => false,
+        }
+    }
+
+    /// Whether `routed`, refused `wrong_cell` by `first`, should go again:
+    /// the router learned a newer map under which `account` lives elsewhere.
+    async fn moved<T>(&self, routed: &Routed<T>, first: &Arc<dyn CellClient>, account: &AccountId) -> bool {
+        matches!(routed.result, Err(RouteError::WrongCell { .. }))
+            && self.refresh_from(first).await
+            && self.owner(account).cell() != first.cell()
     }
 
     /// Installs checked flow rules: the router's layers, and each cell's outbox limit.
@@ -62,8 +102,9 @@ impl Cluster {
         &self.protection
     }
 
-    pub fn map(&self) -> &ShardMap {
-        &self.map
+    /// The shard map the router works at.
+    pub fn map(&self) -> Arc<ShardMap> {
+        self.map.read().expect("map lock").clone()
     }
 
     pub fn cells(&self) -> &[Arc<dyn CellClient>] {
@@ -72,7 +113,8 @@ impl Cluster {
 
     /// The client of the cell that owns `account`.
     pub fn owner(&self, account: &AccountId) -> &Arc<dyn CellClient> {
-        &self.cells[self.map.owner_of(account.as_str()).0 as usize]
+        let owner = self.map.read().expect("map lock").owner_of(account.as_str());
+        &self.cells[owner.0 as usize]
     }
 
     /// Commands to one cell, through the per-call layers (retry budget,
@@ -80,11 +122,11 @@ impl Cluster {
     /// ids, so a retry answers what the first attempt would have. A single
     /// command the cell refuses as `wrong_cell` is retried like an unavailable
     /// cell (a batch keeps its per-item answers).
-    async fn on(protection: &Protection, cell: &Arc<dyn CellClient>, commands: Vec<Command>) -> Routed<Vec<Outcome>> {
-        let class = priority_of(&commands);
+    async fn on(protection: &Protection, cell: &Arc<dyn CellClient>, commands: &[Command]) -> Routed<Vec<Outcome>> {
+        let class = priority_of(commands);
         let single = commands.len() == 1;
         let attempt = || async {
-            let outcomes = cell.submit(commands.clone()).await?;
+            let outcomes = cell.submit(commands.to_vec()).await?;
             match outcomes.first() {
                 Some(Outcome::Rejected(r)) if single && r.code == ErrorCode::WrongCell => {
                     Err(RouteError::WrongCell { cell: cell.cell(), reason: r.message.clone() })
@@ -111,14 +153,21 @@ impl Cluster {
         Routed { cell: cell.cell(), epoch: cell.status().epoch, result }
     }
 
-    /// One command, routed by the account it acts on (the payer for a transfer).
+    /// One command, routed by the account it acts on (the payer for a
+    /// transfer). Refused `wrong_cell` by a cell at a newer map, it goes once
+    /// more, to the owner under that map.
     pub async fn submit_one(&self, command: Command) -> Routed<Outcome> {
-        let cell = match &command.op {
-            Op::OpenAccount(o) => self.owner(&o.id),
-            Op::Transfer(t) => self.owner(&t.from),
+        let account = match &command.op {
+            Op::OpenAccount(o) => &o.id,
+            Op::Transfer(t) => &t.from,
             other => panic!("the router only routes client commands, not {other:?}"),
         };
-        let routed = Self::on(&self.protection, cell, vec![command]).await;
+        let commands = [command.clone()];
+        let first = self.owner(account);
+        let mut routed = Self::on(&self.protection, first, &commands).await;
+        if self.moved(&routed, first, account).await {
+            routed = Self::on(&self.protection, self.owner(account), &commands).await;
+        }
         Routed {
             cell: routed.cell,
             epoch: routed.epoch,
@@ -130,9 +179,10 @@ impl Cluster {
     pub async fn submit_transfers(&self, commands: Vec<Command>) -> Vec<Routed<Outcome>> {
         let n = commands.len();
         let mut per_cell: Vec<(Vec<usize>, Vec<Command>)> = vec![(Vec::new(), Vec::new()); self.cells.len()];
+        let map = self.map();
         for (i, cmd) in commands.into_iter().enumerate() {
             let Op::Transfer(t) = &cmd.op else { panic!("a batch holds transfers only") };
-            let cell = self.map.owner_of(t.from.as_str()).0 as usize;
+            let cell = map.owner_of(t.from.as_str()).0 as usize;
             per_cell[cell].0.push(i);
             per_cell[cell].1.push(cmd);
         }
@@ -142,14 +192,22 @@ impl Cluster {
                 continue;
             }
             let (client, protection) = (self.cells[cell].clone(), self.protection.clone());
-            tasks.spawn(async move { (positions, Self::on(&protection, &client, cmds).await) });
+            tasks.spawn(async move {
+                let routed = Self::on(&protection, &client, &cmds).await;
+                (positions, cmds, routed)
+            });
         }
         let mut out: Vec<Option<Routed<Outcome>>> = (0..n).map(|_| None).collect();
+        // Items a cell refused `wrong_cell`: each goes again alone, through the map the cell knows.
+        let mut misrouted = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let (positions, routed) = joined.expect("routing tasks do not panic");
+            let (positions, cmds, routed) = joined.expect("routing tasks do not panic");
             match routed.result {
                 Ok(outcomes) => {
-                    for (i, outcome) in positions.into_iter().zip(outcomes) {
+                    for ((i, outcome), cmd) in positions.into_iter().zip(outcomes).zip(cmds) {
+                        if matches!(&outcome, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell) {
+                            misrouted.push((i, cmd));
+                        }
                         out[i] = Some(Routed { cell: routed.cell, epoch: routed.epoch, result: Ok(outcome) });
                     }
                 }
@@ -160,12 +218,26 @@ impl Cluster {
                 }
             }
         }
+        if let Some((i, _)) = misrouted.first() {
+            let refused_by = out[*i].as_ref().expect("routed").cell;
+            if self.refresh_from(&self.cells[refused_by.0 as usize]).await {
+                for (i, cmd) in misrouted {
+                    out[i] = Some(self.submit_one(cmd).await);
+                }
+            }
+        }
         out.into_iter().map(|r| r.expect("every item was routed")).collect()
     }
 
-    /// A read about one account, at the cell that owns it.
+    /// A read about one account, at the cell that owns it (once more at the
+    /// owner under a newer map, as for a command).
     pub async fn query_account(&self, account: &AccountId, query: Query) -> Routed<QueryAnswer> {
-        Self::ask(&self.protection, self.owner(account), query).await
+        let first = self.owner(account);
+        let routed = Self::ask(&self.protection, first, query.clone()).await;
+        if self.moved(&routed, first, account).await {
+            return Self::ask(&self.protection, self.owner(account), query).await;
+        }
+        routed
     }
 
     /// The transfers with id `id`. A transfer id is unique per payer, so with
@@ -182,7 +254,7 @@ impl Cluster {
     ) -> Routed<QueryAnswer> {
         if let Some(from) = from {
             let query = Query::Transfer { shadow, id: id.clone(), from: Some(from.clone()), by: by.clone() };
-            return Self::ask(&self.protection, self.owner(from), query).await;
+            return self.query_account(from, query).await;
         }
         let mut tasks = JoinSet::new();
         for cell in &self.cells {
@@ -259,9 +331,9 @@ impl Cluster {
                 Err(e) => return Err((cell.cell(), e)),
             }
         }
-        let digests =
-            self.map.owners().iter().enumerate().map(|(shard, owner)| per_cell[owner.0 as usize][shard]).collect();
-        Ok((self.map.epoch(), digests))
+        let map = self.map();
+        let digests = map.owners().iter().enumerate().map(|(shard, owner)| per_cell[owner.0 as usize][shard]).collect();
+        Ok((map.epoch(), digests))
     }
 }
 

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellStatus, EngineError};
-use cellpay_core::{priority_of, CellId, Command, Outcome, Priority, Query, QueryAnswer};
+use cellpay_core::{priority_of, CellId, Command, Outcome, Priority, Query, QueryAnswer, ShardMap};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,7 +28,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::codec;
 use crate::secret::ClusterSecret;
-use crate::server::{PROTOCOL_HEADER, REQUEST_ID_HEADER};
+use crate::server::{CELL_HEADER, EPOCH_HEADER, PROTOCOL_HEADER, REQUEST_ID_HEADER};
 
 /// Limits and clocks of one peer's client (I7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +106,9 @@ struct Inner {
     /// Calls sent, and commands they carried: their ratio is the coalescing.
     calls: AtomicU64,
     commands_sent: AtomicU64,
+    /// The epoch of the shard map this client's owner works at (0: unknown),
+    /// sent with every submit and query.
+    sender_epoch: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -146,6 +149,7 @@ impl RemoteCell {
             outbox_max_delivered: std::sync::atomic::AtomicBool::new(false),
             calls: AtomicU64::new(0),
             commands_sent: AtomicU64::new(0),
+            sender_epoch: AtomicU64::new(0),
         });
         tokio::spawn(poll_status(Arc::downgrade(&inner)));
         tokio::spawn(flush_queues(Arc::downgrade(&inner), inner.wake.clone()));
@@ -227,14 +231,18 @@ impl Inner {
             let mut sender = self.connection().await?;
             let address = self.address.read().expect("address lock").clone();
             let request_id = format!("c{}-{}", self.cell.0, self.request_ids.fetch_add(1, Relaxed));
-            let request = hyper::Request::builder()
+            let mut request = hyper::Request::builder()
                 .method(method)
                 .uri(format!("http://{address}{path}"))
                 .header(hyper::header::AUTHORIZATION, self.secret.header())
                 .header(PROTOCOL_HEADER, codec::PROTOCOL_VERSION.to_string())
                 .header(REQUEST_ID_HEADER, &request_id)
-                .body(Full::new(Bytes::from(body)))
-                .expect("a well-formed request");
+                .header(CELL_HEADER, self.cell.0.to_string());
+            let epoch = self.sender_epoch.load(Relaxed);
+            if epoch > 0 {
+                request = request.header(EPOCH_HEADER, epoch.to_string());
+            }
+            let request = request.body(Full::new(Bytes::from(body))).expect("a well-formed request");
             sender.ready().await.map_err(|e| self.unavailable(format!("connection to {address} lost: {e}")))?;
             let response = sender
                 .send_request(request)
@@ -383,6 +391,11 @@ impl Inner {
         }
     }
 
+    async fn read_map(&self) -> Result<ShardMap, EngineError> {
+        let bytes = self.call(hyper::Method::GET, "/cell/v1/map", Vec::new()).await?;
+        codec::decode_map(&bytes).map_err(|e| self.unavailable(format!("garbled shard map: {e}")))
+    }
+
     async fn read_status(&self) -> Result<codec::StatusReport, EngineError> {
         let bytes = self.call(hyper::Method::GET, "/cell/v1/status", Vec::new()).await?;
         codec::decode_status(&bytes).map_err(|e| self.unavailable(format!("garbled status: {e}")))
@@ -477,5 +490,22 @@ impl CellClient for RemoteCell {
     fn set_outbox_messages_max(&self, max: u64) {
         self.0.outbox_max.store(max, Relaxed);
         self.0.outbox_max_delivered.store(false, Relaxed);
+    }
+
+    /// Asks the cell (within the call deadline); `None` when it cannot answer.
+    fn shard_map(&self) -> BoxFuture<'_, Option<ShardMap>> {
+        Box::pin(async move {
+            match self.0.read_map().await {
+                Ok(map) => Some(map),
+                Err(e) => {
+                    tracing::debug!(cell = %self.0.cell, "could not read the cell's shard map: {e}");
+                    None
+                }
+            }
+        })
+    }
+
+    fn set_sender_epoch(&self, epoch: u64) {
+        self.0.sender_epoch.fetch_max(epoch, Relaxed);
     }
 }

@@ -36,7 +36,7 @@ mod view;
 
 use cellpay_cell::{CellFigures, CellStatus, EngineError};
 use cellpay_core::codec::{DecodeError, Reader, Writer};
-use cellpay_core::{CellId, Command, Outcome, Priority, Query, QueryAnswer};
+use cellpay_core::{CellId, Command, Outcome, Priority, Query, QueryAnswer, ShardMap};
 
 pub use audit::{WALK_FIGURES, WALK_FIGURE_UNKNOWN};
 
@@ -126,6 +126,16 @@ pub fn encode_status(report: &StatusReport) -> Vec<u8> {
 }
 pub fn decode_status(bytes: &[u8]) -> Result<StatusReport, DecodeError> {
     decode_body(bytes, "status", status::read_report)
+}
+
+/// The shard map a cell works at (the map call's answer).
+pub fn encode_map(map: &ShardMap) -> Vec<u8> {
+    let mut w = open_body();
+    cellpay_core::codec::encode_shard_map(&mut w, map);
+    w.buf
+}
+pub fn decode_map(bytes: &[u8]) -> Result<ShardMap, DecodeError> {
+    decode_body(bytes, "shard map", cellpay_core::codec::decode_shard_map)
 }
 
 /// A writer holding the version byte every body starts with.

@@ -8,9 +8,15 @@
 //! | `POST /cell/v1/query` | a query | its answer, or the engine's refusal |
 //! | `GET /cell/v1/status` | none | status, figures, outbox generation |
 //! | `PUT /cell/v1/outbox-limit` | a little-endian u64 | none |
+//! | `GET /cell/v1/map` | none | the shard map the cell works at |
 //!
 //! Every request carries `x-cellpay-protocol` (the version its body is
-//! written in) and may carry `x-request-id`, which the cell's logs show.
+//! written in) and may carry `x-request-id`, which the cell's logs show,
+//! `x-cellpay-cell`, the cell the caller means to reach (a process that runs
+//! another cell answers 421: an address gone stale reaches nobody's money),
+//! and `x-cellpay-epoch`, the epoch of the shard map its sender works at. A
+//! cell behind that epoch refuses the submit or query `wrong_cell` (it acts
+//! on no older map than its sender's) and wakes its catch-up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +28,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use cellpay_cell::CellClient;
+use cellpay_core::{ErrorCode, Outcome, QueryAnswer, Rejection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tower_service::Service;
 
 use crate::codec::{self, StatusReport};
@@ -47,22 +54,28 @@ pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const PROTOCOL_HEADER: &str = "x-cellpay-protocol";
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const CELL_HEADER: &str = "x-cellpay-cell";
+pub const EPOCH_HEADER: &str = "x-cellpay-epoch";
 
 #[derive(Clone)]
 struct Served {
     cell: Arc<dyn CellClient>,
     secret: ClusterSecret,
+    /// Notified when a caller works at a newer map than the cell's.
+    behind: Arc<Notify>,
 }
 
-/// The routes of the protocol for `cell`.
-pub fn app(cell: Arc<dyn CellClient>, secret: ClusterSecret) -> Router {
+/// The routes of the protocol for `cell`; `behind` is notified whenever a
+/// caller shows a newer shard map epoch than the cell works at.
+pub fn app(cell: Arc<dyn CellClient>, secret: ClusterSecret, behind: Arc<Notify>) -> Router {
     Router::new()
         .route("/cell/v1/submit", post(submit))
         .route("/cell/v1/query", post(query))
         .route("/cell/v1/status", get(status))
         .route("/cell/v1/outbox-limit", put(outbox_limit))
+        .route("/cell/v1/map", get(map))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .with_state(Served { cell, secret })
+        .with_state(Served { cell, secret, behind })
 }
 
 /// Why a call was refused before it reached the cell.
@@ -75,6 +88,13 @@ fn refusal(served: &Served, headers: &HeaderMap) -> Option<Response> {
     let offered = headers.get(axum::http::header::AUTHORIZATION).map(|v| v.as_bytes());
     if !offered.is_some_and(|o| served.secret.matches_header(o)) {
         return Some(refuse(StatusCode::UNAUTHORIZED, "the cluster secret is missing or wrong"));
+    }
+    let meant = headers.get(CELL_HEADER).and_then(|v| v.to_str().ok());
+    if let Some(meant) = meant.filter(|m| *m != served.cell.cell().0.to_string()) {
+        return Some(refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!("this process runs cell {}, not cell {meant}", served.cell.cell()),
+        ));
     }
     let version = headers.get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u8>().ok());
     match version {
@@ -94,6 +114,23 @@ fn request_id(headers: &HeaderMap) -> &str {
     headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
 
+/// The refusal of a caller whose shard map is newer than the cell's, if it is.
+fn behind(served: &Served, headers: &HeaderMap) -> Option<Rejection> {
+    let sender = headers.get(EPOCH_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())?;
+    let mine = served.cell.status().epoch;
+    if sender <= mine {
+        return None;
+    }
+    served.behind.notify_one();
+    Some(Rejection::new(
+        ErrorCode::WrongCell,
+        format!(
+            "cell {} works at shard map epoch {mine}, behind its caller's {sender}; it is catching up",
+            served.cell.cell()
+        ),
+    ))
+}
+
 fn binary(body: Vec<u8>) -> Response {
     ([(PROTOCOL_HEADER, codec::PROTOCOL_VERSION.to_string())], body).into_response()
 }
@@ -110,6 +147,10 @@ async fn submit(State(served): State<Served>, headers: HeaderMap, body: Bytes) -
         }
     };
     let n = commands.len();
+    if let Some(refused) = behind(&served, &headers) {
+        tracing::info!(request_id = request_id(&headers), commands = n, "submit refused: {}", refused.message);
+        return binary(codec::encode_outcomes(&Ok(vec![Outcome::Rejected(refused); n])));
+    }
     let result = served.cell.submit(commands).await;
     if let Err(e) = &result {
         tracing::debug!(request_id = request_id(&headers), commands = n, "submit refused: {e}");
@@ -128,7 +169,20 @@ async fn query(State(served): State<Served>, headers: HeaderMap, body: Bytes) ->
             return refuse(StatusCode::BAD_REQUEST, &e.to_string());
         }
     };
+    if let Some(refused) = behind(&served, &headers) {
+        return binary(codec::encode_answer(&Ok(QueryAnswer::Rejected(refused))));
+    }
     binary(codec::encode_answer(&served.cell.query(query).await))
+}
+
+async fn map(State(served): State<Served>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&served, &headers) {
+        return refused;
+    }
+    match served.cell.shard_map().await {
+        Some(map) => binary(codec::encode_map(&map)),
+        None => refuse(StatusCode::SERVICE_UNAVAILABLE, "the cell's engine is not running"),
+    }
 }
 
 async fn status(State(served): State<Served>, headers: HeaderMap) -> Response {

@@ -171,7 +171,7 @@ async fn a_cell_serves_a_version_1_caller_and_refuses_a_version_it_does_not_spea
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
     let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(cellpay_wire::serve(tcp, cellpay_wire::app(slot.clone(), secret.clone()), stop));
+    tokio::spawn(cellpay_wire::serve(tcp, cellpay_wire::app(slot.clone(), secret.clone(), Default::default()), stop));
 
     // The frozen submit body, sent raw as a version-1 router would.
     let client = RemoteCell::start(CellId(0), &addr.to_string(), secret.clone(), RemoteConfig::default());

@@ -406,6 +406,10 @@ pub struct Pieces {
     pub cell_proxies: Vec<cellpay_wire::faults::FaultProxy>,
     /// The proxy every process reaches the control plane through.
     pub control_proxy: cellpay_wire::faults::FaultProxy,
+    /// And one more between it and the router only: cut, the router alone keeps a stale copy.
+    pub router_control_proxy: cellpay_wire::faults::FaultProxy,
+    /// The control plane's URL, as the test (an operator) reaches it: not through the proxies.
+    pub control_direct: String,
     /// The router, as a server the usual helpers talk to (it owns the database).
     pub server: Server,
     _runtime: tokio::runtime::Runtime,
@@ -470,8 +474,12 @@ impl Pieces {
             cell_children.push(child);
             cell_proxies.push(proxy);
         }
+        let control_direct = format!("{POSTGRES}/{database}");
+        let router_control_proxy =
+            runtime.block_on(cellpay_wire::faults::FaultProxy::start(control_proxy.addr())).unwrap();
+        let router_control = format!("postgres://root@{}/{database}", router_control_proxy.addr());
         let mut router = Command::new(bin)
-            .args(["router", "--listen", "127.0.0.1:0", "--control", &control, "--data-dir"])
+            .args(["router", "--listen", "127.0.0.1:0", "--control", &router_control, "--data-dir"])
             .arg(dir)
             .args(["--token", &format!("client:{CLIENT}"), "--token", &format!("admin:{ADMIN}")])
             .env("CELLPAY_CLUSTER_SECRET", CLUSTER_SECRET)
@@ -495,7 +503,15 @@ impl Pieces {
             history: Default::default(),
         };
         server.eventually("the router is ready", || server.request("GET", "/readyz", None, &[], None).status == 200);
-        Pieces { cells: cell_children, cell_proxies, control_proxy, server, _runtime: runtime }
+        Pieces {
+            cells: cell_children,
+            cell_proxies,
+            control_proxy,
+            router_control_proxy,
+            control_direct,
+            server,
+            _runtime: runtime,
+        }
     }
 }
 
