@@ -77,14 +77,38 @@ pub fn process_name() -> String {
     format!("{}@{}", std::process::id(), host.trim())
 }
 
-/// Reads the control plane until it answers, for at most `patience`.
-pub async fn first_view(url: &str, patience: Duration) -> anyhow::Result<ControlView> {
+/// Where the processes of a data dir keep their copy of the control plane.
+pub fn saved_view_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("control-view.json")
+}
+
+/// How long a process with a saved copy of the control plane waits for the
+/// control plane before it starts from the copy.
+pub const SAVED_VIEW_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Reads the control plane until it answers, for at most `patience`; when
+/// `saved` holds a copy, for at most [`SAVED_VIEW_PATIENCE`], then from the
+/// copy (a process restarted during an outage of the control plane serves).
+pub async fn first_view(url: &str, patience: Duration, saved: &std::path::Path) -> anyhow::Result<ControlView> {
+    let has_copy = saved.exists();
+    let patience = if has_copy { patience.min(SAVED_VIEW_PATIENCE) } else { patience };
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         let attempt = async { Control::connect(url).await?.view().await };
         match attempt.await {
             Ok(view) => return Ok(view),
             Err(e @ cellpay_control::ControlError::NotInitialised) => return Err(e.into()),
+            Err(e) if tokio::time::Instant::now() >= deadline && has_copy => {
+                let view = cellpay_control::load_view(saved)
+                    .with_context(|| format!("the control plane did not answer within {patience:?} ({e})"))?;
+                say!(
+                    "the control plane did not answer within {patience:?}; starting from its copy in {} (epoch {})",
+                    saved.display(),
+                    view.map.epoch()
+                );
+                tracing::warn!("started from the saved copy of the control plane: {e}");
+                return Ok(view);
+            }
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(anyhow::anyhow!("the control plane did not answer within {patience:?}: {e}"))
             }
@@ -122,7 +146,8 @@ async fn serve_cell(
     listen: Listen,
 ) -> anyhow::Result<ExitCode> {
     let mut shutdown = ShutdownSignal::install()?;
-    let view = first_view(&control_url, Duration::from_secs(30)).await?;
+    let saved = saved_view_path(&config.data_dir);
+    let view = first_view(&control_url, Duration::from_secs(30), &saved).await?;
     anyhow::ensure!(
         (id.0 as usize) < view.cells.len(),
         "the control plane records {} cells; there is no cell {id}",
@@ -132,6 +157,8 @@ async fn serve_cell(
     let dir = config.data_dir.join(format!("cell-{}", id.0));
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let mut saver = ViewSaver::new(saved);
+    saver.save(&view);
     let opening = {
         let (dir, map, engine) = (dir.clone(), map.clone(), engine_config(&config));
         tokio::task::spawn_blocking(move || Cell::open_embedded(&dir, id, &map, engine))
@@ -233,6 +260,7 @@ async fn serve_cell(
                 }
                 let view = views.borrow_and_update().clone();
                 let Some(view) = view else { continue };
+                saver.save(&view);
                 if view.map.epoch() > slot.status().epoch && adopt_map(&slot, &view.map).await {
                     let epoch = slot.status().epoch;
                     peers.iter().for_each(|p| p.set_sender_epoch(epoch));
@@ -274,6 +302,32 @@ async fn serve_cell(
         .context("stopping the cell")?;
     say!("cellpay cell {id} stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps the data dir's copy of the control plane: writes a view that differs
+/// from the last one written (rarely: a view changes when the map, an
+/// address, a switch or the rules do).
+pub struct ViewSaver {
+    path: std::path::PathBuf,
+    last: String,
+}
+
+impl ViewSaver {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self { path, last: String::new() }
+    }
+
+    pub fn save(&mut self, view: &ControlView) {
+        let text = view.to_saved();
+        if text == self.last {
+            return;
+        }
+        // A small synced write; off the runtime's reactor.
+        match tokio::task::block_in_place(|| cellpay_control::save_text(&self.path, &text)) {
+            Ok(()) => self.last = text,
+            Err(e) => tracing::warn!("could not save the copy of the control plane to {}: {e}", self.path.display()),
+        }
+    }
 }
 
 /// Installs `map` in the cell's engine (durably, as a logged command) when

@@ -22,7 +22,7 @@ use cellpay_control::Control;
 use cellpay_router::{Cluster, Protection};
 use cellpay_wire::{RemoteCell, RemoteConfig};
 
-use crate::cell_process::{first_view, stopped, ControlArgs};
+use crate::cell_process::{first_view, saved_view_path, stopped, ControlArgs, ViewSaver};
 use crate::config::{Config, ServeArgs};
 use crate::serve::{protection_files, tokens, ShutdownSignal};
 
@@ -51,7 +51,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let mut shutdown = ShutdownSignal::install()?;
-        let view = first_view(&args.control.control, Duration::from_secs(30)).await?;
+        let saved = saved_view_path(&config.data_dir);
+        let view = first_view(&args.control.control, Duration::from_secs(30), &saved).await?;
+        let mut saver = ViewSaver::new(saved);
+        saver.save(&view);
         let (rules, plan) = protection_files(&config)?;
         let cells = view.cells.len();
         let protection = Arc::new(Protection::new(rules, plan, auth.token_roles(), cells));
@@ -101,6 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         changed = views.changed() => {
                             if changed.is_err() { return }
                             let Some(view) = views.borrow_and_update().clone() else { continue };
+                            saver.save(&view);
                             for (remote, entry) in remotes.iter().zip(view.cells.iter()) {
                                 if let Some(a) = entry.address.as_deref() {
                                     remote.set_address(a);

@@ -366,8 +366,17 @@ async fn supervise(member: Arc<Member>, env: Vec<(String, String)>, stopping: Ar
                 return;
             }
         };
+        let mut args = member.args.clone();
+        // A restarted cell listens where it did (routers and peers find it
+        // there even while the control plane, which they learn addresses
+        // from, is down), unless that keeps failing: then anywhere.
+        if member.kind == Kind::Cell && !args.iter().any(|a| a == "--cell-listen") && quick_deaths < 2 {
+            if let Some(address) = member.address.lock().expect("address lock").clone() {
+                args.extend(["--cell-listen".to_string(), address]);
+            }
+        }
         let mut command = tokio::process::Command::new(exe);
-        command.args(&member.args).stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
+        command.args(&args).stdout(Stdio::piped()).stderr(Stdio::inherit()).stdin(Stdio::null());
         for (k, v) in &env {
             if !v.is_empty() {
                 command.env(k, v);

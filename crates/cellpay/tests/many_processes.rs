@@ -480,3 +480,48 @@ fn the_control_plane_down_and_back_kills_no_cell_of_a_supervised_cluster() {
     s.eventually("every credit arrives", || balance(&s, payee) == n);
     audit_drains(&s, 0);
 }
+
+/// A cell killed while the control plane is down comes back: the supervisor
+/// restarts it on the address it had, it starts from the data dir's copy of
+/// the control plane, and its payers are served again before PostgreSQL returns.
+#[test]
+fn a_cell_killed_while_the_control_plane_is_down_restarts_from_the_saved_copy() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let proxy = runtime.block_on(cellpay_wire::faults::FaultProxy::start("127.0.0.1:5432".parse().unwrap())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up_via(dir.path(), 2, 1, &[], &proxy.addr().to_string());
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
+    fund_payer(&s, bank, payer, payee, 1_000);
+    assert!(dir.path().join("control-view.json").exists(), "the processes keep a copy of the control plane");
+    proxy.set(cellpay_wire::faults::Fault::Cut);
+    let pid = s.pid_of("cell 0");
+    // SAFETY: kill(2) on a process of this test's cluster.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    // One payment, retried with its id until the restarted cell acknowledges it.
+    let killed_at = Instant::now();
+    loop {
+        let r = s.post("/v1/transfers", CLIENT, &json!({"id": "while-down", "from": payer, "to": payee, "amount": 1}));
+        if r.status == 201 || r.status == 200 {
+            break;
+        }
+        assert_eq!(r.body["error"]["code"], "cell_unavailable", "{}", r.body);
+        assert!(killed_at.elapsed() < Duration::from_secs(60), "cell 0 did not come back: {}", r.body);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("cell 0 served again {:?} after its kill, the control plane down", killed_at.elapsed());
+    assert!(s.printed("starting from its copy"), "the restarted cell says where its view came from");
+    assert_ne!(s.pid_of("cell 0"), pid, "a new process serves cell 0");
+    for i in 0..20 {
+        let r = s.post(
+            "/v1/transfers",
+            CLIENT,
+            &json!({"id": format!("after-{i}"), "from": payer, "to": payee, "amount": 1}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // Its credits reach cell 1 through the peer address of the copy.
+    s.eventually("every credit arrives with the control plane still down", || balance(&s, payee) == 21);
+    proxy.set(cellpay_wire::faults::Fault::Pass);
+    audit_drains(&s, 0);
+}

@@ -20,6 +20,10 @@
 //! | `switches` | degrade switches an operator set: name, mode (`on`, `off`, `auto`) |
 //! | `rules` | one row: the flow rules in force, as JSON, cluster-wide |
 
+mod saved;
+
+pub use saved::{load_view, save_text};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
