@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer, ShardMap};
+use cellpay_core::{CellId, Command, ErrorCode, Outcome, Query, QueryAnswer, Rejection, ShardMap};
 use tokio::sync::watch;
 
 use crate::engine::{CellFigures, CellHandle, EngineError};
@@ -41,6 +41,19 @@ impl CellStatus {
             health: Health::Failed { reason: reason.into() },
         }
     }
+}
+
+/// The refusal of a call whose sender works at a newer shard map than the
+/// cell (`wrong_cell`: the cell acts on no map older than its caller's and
+/// catches up first), or `None` when the cell may take it. A sender's epoch
+/// of 0 says nothing (a caller that does not send one).
+pub fn behind_refusal(cell: CellId, cell_epoch: u64, sender_epoch: u64) -> Option<Rejection> {
+    (sender_epoch > cell_epoch).then(|| {
+        Rejection::new(
+            ErrorCode::WrongCell,
+            format!("cell {cell} works at shard map epoch {cell_epoch}, behind its caller's {sender_epoch}; it is catching up"),
+        )
+    })
 }
 
 pub trait CellClient: Send + Sync + 'static {

@@ -24,7 +24,7 @@ mod tier;
 
 pub use breaker::{Breaker, BreakerRules, BreakerState, Open as BreakerOpen, Pass as BreakerPass};
 pub use buckets::{BucketCounts, Buckets, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_S};
-pub use client::{BoxFuture, CellClient, CellStatus};
+pub use client::{behind_refusal, BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
 pub use engine::{
     BatchClock, Cell, CellFigures, CellHandle, EngineConfig, EngineError, SteppedCell, Submission,

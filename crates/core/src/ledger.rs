@@ -954,6 +954,12 @@ impl Ledger {
     }
 
     pub(crate) fn credit(&mut self, place: &Place<'_>, c: &Credit) -> Outcome {
+        // A credit for a payee this cell does not own at its epoch is not for
+        // it: refused before its inbox is read or made (a message meant for
+        // another cell must not look like a reused or out-of-order number here).
+        if !place.owns(&c.to) {
+            return place.wrong_cell(&c.to);
+        }
         let digest = digest::message(&c.transfer, &c.from, &c.to, c.amount, c.currency);
         let inbox = self.inbox.entry(c.source).or_insert_with(|| Inbox::new(c.source));
         let applied_through = inbox.figures.applied_through;
@@ -980,9 +986,6 @@ impl Ledger {
         if c.seq != applied_through + 1 {
             let msg = format!("expected credit {} from cell {}", applied_through + 1, c.source);
             return Outcome::rejected(ErrorCode::OutOfOrder, msg);
-        }
-        if !place.owns(&c.to) {
-            return place.wrong_cell(&c.to);
         }
         match self.credit_target(c) {
             Ok((payee, payee_after)) => {

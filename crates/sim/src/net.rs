@@ -2,15 +2,23 @@
 //! [`SimLink`] is a real [`CellClient`] (the interface a cell in another
 //! process will be reached through), whose calls the network may lose before
 //! or after the cell acts on them, duplicate, delay, or refuse while the cell
-//! is cut off by a partition.
+//! is cut off by a partition, or deliver a relay's call to another cell
+//! than the one it means (an address gone stale).
+//!
+//! Every call carries the epoch of the map its sender works at, as the cell
+//! protocol does, and meets the same refusal there: a cell behind it answers
+//! `wrong_cell`. What a cell does with a call it should have refused (one
+//! from a newer map, one meant for another cell) is written down in
+//! [`Net::violations`] for the simulation to fail on.
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellHandle, CellStatus, EngineError};
+use cellpay_cell::{behind_refusal, BoxFuture, CellClient, CellFigures, CellHandle, CellStatus, EngineError};
 use cellpay_core::{CellId, Command, Outcome, Query, QueryAnswer};
 use tokio::sync::watch;
 
@@ -32,6 +40,8 @@ pub struct NetFaults {
     /// the caller sent next (a reordering).
     pub late: u32,
     pub late_ticks_max: u64,
+    /// A relay's call reaches another cell than the one it means.
+    pub misdeliver: u32,
 }
 
 /// A request still on its way after its caller gave up on it.
@@ -49,8 +59,14 @@ pub struct Net {
     pub lost_replies: u64,
     pub duplicates: u64,
     pub late: u64,
+    pub misdelivered: u64,
+    pub behind_refusals: u64,
     /// Requests delivered late; the simulation polls them every tick.
     pub orphans: Vec<Orphan>,
+    /// Every cell's slot, where a misdelivered call lands.
+    pub slots: Vec<Slot>,
+    /// Calls a cell acted on that it should have refused.
+    pub violations: Vec<String>,
 }
 
 pub type SharedNet = Arc<Mutex<Net>>;
@@ -66,7 +82,11 @@ impl Net {
             lost_replies: 0,
             duplicates: 0,
             late: 0,
+            misdelivered: 0,
+            behind_refusals: 0,
             orphans: Vec::new(),
+            slots: Vec::new(),
+            violations: Vec::new(),
         }))
     }
 }
@@ -79,6 +99,8 @@ struct Fate {
     duplicate: bool,
     /// Arrives at this tick, after the caller gave up.
     late_at: Option<u64>,
+    /// Reaches this other cell (a misdeliverable link's submit only).
+    elsewhere: Option<usize>,
 }
 
 fn fate(net: &SharedNet) -> Fate {
@@ -91,6 +113,7 @@ fn fate(net: &SharedNet) -> Fate {
         reply_lost: n.rng.chance(f.reply_loss),
         duplicate: n.rng.chance(f.duplicate),
         late_at: None,
+        elsewhere: None,
     };
     let late = n.rng.chance(f.late);
     let fate = Fate { late_at: late.then(|| n.tick + 1 + n.rng.below(f.late_ticks_max.max(1))), ..fate };
@@ -130,11 +153,43 @@ pub struct SimLink {
     /// The figures last seen, answered while the cell is down.
     figures: Mutex<Arc<CellFigures>>,
     outbox: watch::Sender<u64>,
+    /// The epoch of the map the link's owner works at, sent with every call.
+    sender_epoch: AtomicU64,
+    /// Whether its submits may reach another cell (a relay's link to its peer).
+    misdeliverable: bool,
 }
 
 impl SimLink {
     pub fn new(cell: CellId, slot: Slot, net: SharedNet) -> Self {
-        Self { cell, slot, net, figures: Mutex::new(Arc::default()), outbox: watch::Sender::new(0) }
+        Self {
+            cell,
+            slot,
+            net,
+            figures: Mutex::new(Arc::default()),
+            outbox: watch::Sender::new(0),
+            sender_epoch: AtomicU64::new(0),
+            misdeliverable: false,
+        }
+    }
+
+    /// A link whose submits the network may deliver to another cell.
+    pub fn misdeliverable(cell: CellId, slot: Slot, net: SharedNet) -> Self {
+        Self { misdeliverable: true, ..Self::new(cell, slot, net) }
+    }
+
+    /// The fate of a submit: a misdeliverable link's may go elsewhere.
+    fn submit_fate(&self) -> Fate {
+        let mut fate = fate(&self.net);
+        if self.misdeliverable {
+            let mut n = self.net.lock().expect("one thread");
+            let (rate, cells) = (n.faults.misdeliver, n.slots.len());
+            if cells > 1 && n.rng.chance(rate) {
+                let other = (self.cell.0 as usize + 1 + n.rng.below(cells as u64 - 1) as usize) % cells;
+                fate.elsewhere = Some(other);
+                n.misdelivered += 1;
+            }
+        }
+        fate
     }
 
     fn handle(&self) -> Option<CellHandle> {
@@ -145,7 +200,8 @@ impl SimLink {
         EngineError::Unavailable { cell, reason: format!("simulated network: {reason}") }
     }
 
-    /// Waits for the call's arrival; answers the cell's handle if it can be reached.
+    /// Waits for the call's arrival; answers the handle of the cell it
+    /// reaches (its own, or another's when misdelivered) if it can be reached.
     async fn arrive(cell: CellId, slot: &Slot, net: &SharedNet, fate: &Fate) -> Result<CellHandle, EngineError> {
         Until { net: net.clone(), at: fate.arrive_at }.await;
         if fate.request_lost {
@@ -154,7 +210,57 @@ impl SimLink {
         if net.lock().expect("one thread").cut.contains(&cell) {
             return Err(Self::unavailable(cell, "partitioned"));
         }
-        slot.lock().expect("one thread").clone().ok_or_else(|| Self::unavailable(cell, "the cell is down"))
+        let slot = match fate.elsewhere {
+            Some(other) => net.lock().expect("one thread").slots[other].clone(),
+            None => slot.clone(),
+        };
+        let handle = slot.lock().expect("one thread").clone();
+        handle.ok_or_else(|| Self::unavailable(cell, "the cell is down"))
+    }
+
+    /// Why `handle`'s cell should refuse a call this link sent at `sender`'s
+    /// epoch, if it should: it comes from a newer map, or was meant for another cell.
+    fn refusable(&self, handle: &CellHandle, sender: u64) -> Option<String> {
+        let mine = handle.epoch();
+        if sender > mine {
+            return Some(format!(
+                "cell {} at epoch {mine} acted on a call from a sender at epoch {sender}",
+                handle.cell()
+            ));
+        }
+        (handle.cell() != self.cell)
+            .then(|| format!("cell {} acted on a call meant for cell {}", handle.cell(), self.cell))
+    }
+
+    /// Submits `commands` as the cell protocol delivers them: refused whole
+    /// while the cell is behind the sender's map. An answer that changed
+    /// state where the call should have been refused is a violation.
+    async fn deliver(
+        net: &SharedNet,
+        handle: &CellHandle,
+        sender_epoch: u64,
+        refusable: Option<String>,
+        commands: Vec<Command>,
+        duplicate: bool,
+    ) -> Result<Vec<Outcome>, EngineError> {
+        if let Some(refused) = behind_refusal(handle.cell(), handle.epoch(), sender_epoch) {
+            net.lock().expect("one thread").behind_refusals += 1;
+            return Ok(vec![Outcome::Rejected(refused); commands.len()]);
+        }
+        let first = handle.submit(commands.clone());
+        if duplicate {
+            let _ = handle.submit(commands);
+        }
+        let answer = match first {
+            Ok(submission) => submission.wait().await,
+            Err(e) => Err(e),
+        };
+        if let (Some(why), Ok(outcomes)) = (refusable, &answer) {
+            if outcomes.iter().any(Outcome::changed_state) {
+                net.lock().expect("one thread").violations.push(format!("{why}: {outcomes:?}"));
+            }
+        }
+        answer
     }
 
     fn reply<T>(cell: CellId, net: &SharedNet, fate: &Fate, answer: Result<T, EngineError>) -> Result<T, EngineError> {
@@ -178,15 +284,23 @@ impl CellClient for SimLink {
     }
 
     fn submit(&self, commands: Vec<Command>) -> BoxFuture<'_, Result<Vec<Outcome>, EngineError>> {
-        let fate = fate(&self.net);
+        let fate = self.submit_fate();
+        let sender_epoch = self.sender_epoch.load(Relaxed);
         if let Some(at) = fate.late_at {
             let (cell, slot, net) = (self.cell, self.slot.clone(), self.net.clone());
             let orphan: Orphan = Box::pin(async move {
                 Until { net: net.clone(), at }.await;
                 let handle = slot.lock().expect("one thread").clone();
-                if let (false, Some(handle)) = (net.lock().expect("one thread").cut.contains(&cell), handle) {
+                let cut = net.lock().expect("one thread").cut.contains(&cell);
+                if let (false, Some(handle)) = (cut, handle) {
                     // Its answer goes to a caller that gave up.
-                    let _ = handle.submit(commands);
+                    let refusable = (sender_epoch > handle.epoch()).then(|| {
+                        format!(
+                            "cell {cell} at epoch {} acted on a late call from epoch {sender_epoch}",
+                            handle.epoch()
+                        )
+                    });
+                    let _ = Self::deliver(&net, &handle, sender_epoch, refusable, commands, false).await;
                 }
             });
             self.net.lock().expect("one thread").orphans.push(orphan);
@@ -196,14 +310,8 @@ impl CellClient for SimLink {
         }
         Box::pin(async move {
             let handle = Self::arrive(self.cell, &self.slot, &self.net, &fate).await?;
-            let first = handle.submit(commands.clone());
-            if fate.duplicate {
-                let _ = handle.submit(commands);
-            }
-            let answer = match first {
-                Ok(submission) => submission.wait().await,
-                Err(e) => Err(e),
-            };
+            let refusable = self.refusable(&handle, sender_epoch);
+            let answer = Self::deliver(&self.net, &handle, sender_epoch, refusable, commands, fate.duplicate).await;
             Self::reply(self.cell, &self.net, &fate, answer)
         })
     }
@@ -212,6 +320,11 @@ impl CellClient for SimLink {
         let fate = fate(&self.net);
         Box::pin(async move {
             let handle = Self::arrive(self.cell, &self.slot, &self.net, &fate).await?;
+            let sender_epoch = self.sender_epoch.load(Relaxed);
+            if let Some(refused) = behind_refusal(handle.cell(), handle.epoch(), sender_epoch) {
+                self.net.lock().expect("one thread").behind_refusals += 1;
+                return Self::reply(self.cell, &self.net, &fate, Ok(QueryAnswer::Rejected(refused)));
+            }
             let answer = match handle.query(query) {
                 Ok(submission) => submission.wait().await,
                 Err(e) => Err(e),
@@ -236,5 +349,9 @@ impl CellClient for SimLink {
         if let Some(h) = self.handle() {
             h.set_outbox_messages_max(max);
         }
+    }
+
+    fn set_sender_epoch(&self, epoch: u64) {
+        self.sender_epoch.fetch_max(epoch, Relaxed);
     }
 }

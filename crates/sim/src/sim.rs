@@ -67,6 +67,12 @@ pub struct SimReport {
     pub late_deliveries: u64,
     pub shadow_payments: u64,
     pub misrouted: u64,
+    /// New shard maps the processes learned at different times.
+    pub map_changes: u64,
+    /// Relay calls the network delivered to another cell than they meant.
+    pub misdelivered: u64,
+    /// Calls refused because their cell was behind the sender's map.
+    pub behind_refusals: u64,
     /// Payments refused because the outbox towards the payee's cell was full (I7).
     pub outbox_full: u64,
     pub digest: u64,
@@ -142,6 +148,14 @@ struct Sim {
     cells: Vec<SimCell>,
     /// The router's links to each cell, for clients.
     links: Vec<Arc<SimLink>>,
+    /// Each relay's link to its peer, by the relay's source cell.
+    relay_links: Vec<(usize, Arc<SimLink>)>,
+    /// When each cell learns the newest map (the control plane's follow), and
+    /// when it was last asked to install it.
+    learns_map_at: Vec<u64>,
+    install_asked_at: Vec<Option<u64>>,
+    /// When the router learns it.
+    router_learns_map_at: Option<u64>,
     relays: Vec<RelayRun>,
     payments: Vec<Payment>,
     accounts: Vec<AccountId>,
@@ -222,6 +236,10 @@ impl Sim {
             net: net.clone(),
             cells: Vec::new(),
             links: Vec::new(),
+            relay_links: Vec::new(),
+            learns_map_at: vec![0; config.cells as usize],
+            install_asked_at: vec![None; config.cells as usize],
+            router_learns_map_at: None,
             relays: Vec::new(),
             payments: Vec::new(),
             accounts: (0..config.accounts).map(|i| AccountId::new(&format!("u{i}")).expect("valid")).collect(),
@@ -237,7 +255,11 @@ impl Sim {
             let id = CellId(i);
             let slot: Slot = Arc::new(Mutex::new(None));
             sim.links.push(Arc::new(SimLink::new(id, slot.clone(), net.clone())));
+            net.lock().expect("one thread").slots.push(slot.clone());
             sim.cells.push(SimCell { id, disk: Disk::new(format!("cell-{i}")), engine: None, slot, up_at: 0 });
+        }
+        for link in &sim.links {
+            link.set_sender_epoch(sim.map.epoch());
         }
         for i in 0..sim.cells.len() {
             sim.start(i)?;
@@ -245,9 +267,14 @@ impl Sim {
         let never_open = BreakerRules { min_calls: u32::MAX, ..BreakerRules::default() };
         for a in 0..config.cells as usize {
             for (b, shadow) in (0..config.cells as usize).filter(|b| *b != a).flat_map(|b| [(b, false), (b, true)]) {
+                // As in a cell process: the source is the relay's own cell (no
+                // epoch to show it), the peer a remote that carries the source's epoch.
+                let (source_slot, dest_slot) = (sim.cells[a].slot.clone(), sim.cells[b].slot.clone());
+                let dest = Arc::new(SimLink::misdeliverable(CellId(b as u32), dest_slot, net.clone()));
+                sim.relay_links.push((a, dest.clone()));
                 let relay = Relay {
-                    source: sim.links[a].clone(),
-                    dest: sim.links[b].clone(),
+                    source: Arc::new(SimLink::new(CellId(a as u32), source_slot, net.clone())),
+                    dest,
                     shadow,
                     config: RelayConfig { messages_per_round_max: ROUND_MESSAGES_MAX, ..RelayConfig::default() },
                     stats: Arc::new(RelayStats::default()),
@@ -564,9 +591,60 @@ impl Sim {
         Ok(())
     }
 
+    /// A new shard map (the same owners: moving a shard's data is not
+    /// simulated yet) that each cell and the router learn at its own time,
+    /// so callers run ahead of cells and cells ahead of callers.
+    fn new_map(&mut self) {
+        let next = ShardMap::new(self.map.epoch() + 1, self.map.owners().to_vec()).expect("a valid successor");
+        self.map = next;
+        for at in &mut self.learns_map_at {
+            *at = self.tick + self.rng.below(60);
+        }
+        self.router_learns_map_at = Some(self.tick + self.rng.below(60));
+        self.report.map_changes += 1;
+    }
+
+    /// The control plane's follow: a cell due to learn the newest map installs
+    /// it (a logged command; asked again if a crash lost it), the router takes
+    /// it when due, and each relay's calls carry its cell's epoch.
+    fn follow_map(&mut self) {
+        let epoch = self.map.epoch();
+        for i in 0..self.cells.len() {
+            let Some(engine) = &self.cells[i].engine else { continue };
+            let handle = engine.handle();
+            let asked_lately = self.install_asked_at[i].is_some_and(|at| at + 20 > self.tick);
+            if handle.epoch() < epoch && self.learns_map_at[i] <= self.tick && !asked_lately {
+                // The answer is not awaited: the next batch applies it.
+                let _ = handle.submit(vec![Command::real(Op::InstallShardMap(self.map.clone()))]);
+                self.install_asked_at[i] = Some(self.tick);
+            }
+        }
+        if self.router_learns_map_at.is_some_and(|at| at <= self.tick) {
+            self.router_learns_map_at = None;
+            for link in &self.links {
+                link.set_sender_epoch(epoch);
+            }
+        }
+        for (source, link) in &self.relay_links {
+            if let Some(engine) = &self.cells[*source].engine {
+                link.set_sender_epoch(engine.handle().epoch());
+            }
+        }
+    }
+
+    /// A call a cell acted on that it should have refused fails the run.
+    fn check_violations(&self) -> Result<(), SimFailure> {
+        let net = self.net.lock().expect("one thread");
+        match net.violations.first() {
+            Some(v) => Err(self.fail(v.clone())),
+            None => Ok(()),
+        }
+    }
+
     fn fault(&mut self) {
         let i = self.rng.below(self.cells.len() as u64) as usize;
-        match self.rng.below(8) {
+        match self.rng.below(9) {
+            8 => self.new_map(),
             0 | 1 => self.crash(i),
             2 => {
                 let mut disk = self.cells[i].disk.lock().expect("one thread");
@@ -606,6 +684,7 @@ impl Sim {
                         delay_ticks_max: 20,
                         late: 30_000,
                         late_ticks_max: 60,
+                        misdeliver: 20_000,
                     }
                 } else {
                     NetFaults::default()
@@ -655,7 +734,9 @@ impl Sim {
                 _ => {}
             }
             self.restart_due()?;
+            self.follow_map();
             self.poll_calls()?;
+            self.check_violations()?;
             self.check_audit()?;
         }
         Ok(())
@@ -676,6 +757,10 @@ impl Sim {
             if self.cells[i].engine.is_none() {
                 self.cells[i].up_at = 0;
             }
+            self.learns_map_at[i] = 0;
+        }
+        if self.router_learns_map_at.is_some() {
+            self.router_learns_map_at = Some(0);
         }
         self.restart_due()?;
         for _ in 0..DRAIN_TICKS_MAX {
@@ -686,7 +771,9 @@ impl Sim {
             for r in 0..self.relays.len() {
                 self.start_round(r);
             }
+            self.follow_map();
             self.poll_calls()?;
+            self.check_violations()?;
             let open: u64 = self
                 .cells
                 .iter()
@@ -754,6 +841,8 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     sim.report.lost_replies = net.lost_replies;
     sim.report.duplicates = net.duplicates;
     sim.report.late_deliveries = net.late;
+    sim.report.misdelivered = net.misdelivered;
+    sim.report.behind_refusals = net.behind_refusals;
     drop(net);
     sim.report.ticks = sim.tick;
     sim.report.simulated_ms = sim.clock.load(Relaxed) - CLOCK_START_MS;

@@ -91,6 +91,9 @@ fn the_same_seed_replays_bit_for_bit_and_every_fault_strikes() {
         total.shadow_payments += r.shadow_payments;
         total.misrouted += r.misrouted;
         total.outbox_full += r.outbox_full;
+        total.map_changes += r.map_changes;
+        total.misdelivered += r.misdelivered;
+        total.behind_refusals += r.behind_refusals;
     }
     let kinds = [
         total.crashes,
@@ -107,6 +110,9 @@ fn the_same_seed_replays_bit_for_bit_and_every_fault_strikes() {
         total.shadow_payments,
         total.misrouted,
         total.outbox_full,
+        total.map_changes,
+        total.misdelivered,
+        total.behind_refusals,
     ];
     assert!(kinds.iter().all(|k| *k > 0), "{total:?}");
 }

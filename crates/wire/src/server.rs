@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use cellpay_cell::CellClient;
-use cellpay_core::{ErrorCode, Outcome, QueryAnswer, Rejection};
+use cellpay_core::{Outcome, QueryAnswer, Rejection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -117,18 +117,9 @@ fn request_id(headers: &HeaderMap) -> &str {
 /// The refusal of a caller whose shard map is newer than the cell's, if it is.
 fn behind(served: &Served, headers: &HeaderMap) -> Option<Rejection> {
     let sender = headers.get(EPOCH_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())?;
-    let mine = served.cell.status().epoch;
-    if sender <= mine {
-        return None;
-    }
+    let refused = cellpay_cell::behind_refusal(served.cell.cell(), served.cell.status().epoch, sender)?;
     served.behind.notify_one();
-    Some(Rejection::new(
-        ErrorCode::WrongCell,
-        format!(
-            "cell {} works at shard map epoch {mine}, behind its caller's {sender}; it is catching up",
-            served.cell.cell()
-        ),
-    ))
+    Some(refused)
 }
 
 fn binary(body: Vec<u8>) -> Response {
