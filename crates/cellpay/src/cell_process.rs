@@ -179,8 +179,8 @@ async fn serve_cell(
     let address =
         listen.advertise.unwrap_or_else(|| tcp.local_addr().expect("a bound listener has an address").to_string());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Notified when a caller works at a newer map than this cell: read the control plane at once.
-    let behind = Arc::new(tokio::sync::Notify::new());
+    // Notified when a caller works at a newer map than this cell (see `catch_up`).
+    let (behind, kick) = (Arc::new(tokio::sync::Notify::new()), Arc::new(tokio::sync::Notify::new()));
     let app = cellpay_wire::app(slot.clone(), secret.clone(), behind.clone());
     let server = tokio::spawn(cellpay_wire::serve(tcp, app, stop_rx.clone()));
 
@@ -248,7 +248,7 @@ async fn serve_cell(
         }
     }
     let follower = {
-        let mut views = cellpay_control::follow_kicked(control_url.clone(), behind);
+        let mut views = cellpay_control::follow_kicked(control_url.clone(), kick.clone());
         let (peers, slot) = (peers.clone(), slot.clone());
         let deferred = deferred.clone();
         let mut stop = stop_rx.clone();
@@ -277,6 +277,38 @@ async fn serve_cell(
             }
         })
     };
+    // A caller showed a newer map: read the control plane at once, and ask
+    // the peers (a cell cut off from the control plane catches up from them).
+    let catch_up = {
+        let (peers, slot, mut stop) = (peers.clone(), slot.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = behind.notified() => {}
+                    _ = stopped(&mut stop) => return,
+                }
+                kick.notify_one();
+                let mut asking = tokio::task::JoinSet::new();
+                for peer in &peers {
+                    let peer = peer.clone();
+                    asking.spawn(async move { peer.shard_map().await });
+                }
+                let mut newest: Option<cellpay_core::ShardMap> = None;
+                while let Some(Ok(Some(map))) = asking.join_next().await {
+                    if newest.as_ref().is_none_or(|n| map.epoch() > n.epoch()) {
+                        newest = Some(map);
+                    }
+                }
+                if let Some(map) = newest {
+                    if adopt_map(&slot, &map).await {
+                        let epoch = slot.status().epoch;
+                        peers.iter().for_each(|p| p.set_sender_epoch(epoch));
+                    }
+                }
+                tokio::time::sleep(CATCH_UP_GAP).await;
+            }
+        })
+    };
     let metrics = match listen.metrics {
         Some(at) => Some(serve_metrics(at, slot.clone(), relay_handles, stop_rx.clone()).await?),
         None => None,
@@ -292,6 +324,7 @@ async fn serve_cell(
     }
     let _ = reporter.await;
     let _ = follower.await;
+    let _ = catch_up.await;
     if let Some(m) = metrics {
         let _ = m.await;
     }
@@ -303,6 +336,9 @@ async fn serve_cell(
     say!("cellpay cell {id} stopped");
     Ok(ExitCode::SUCCESS)
 }
+
+/// The least time between two catch-ups a caller's newer epoch asks for.
+const CATCH_UP_GAP: Duration = Duration::from_millis(200);
 
 /// Keeps the data dir's copy of the control plane: writes a view that differs
 /// from the last one written (rarely: a view changes when the map, an

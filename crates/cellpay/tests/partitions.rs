@@ -313,3 +313,41 @@ fn a_map_changed_while_every_listen_connection_is_killed_still_reaches_every_pro
     assert_eq!(pay.status, 201, "{}", pay.body);
     s.eventually("the credit arrives in cell 2", || balance(s, &moved) == 700);
 }
+
+#[test]
+fn a_cell_cut_off_from_the_control_plane_catches_up_on_the_map_from_its_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Pieces::start(dir.path(), 3);
+    let s = &p.server;
+    let ids = ids_in_cells(3);
+    let (bank, payer) = (ids[0][0].clone(), ids[2][1].clone());
+    open(s, ADMIN, &bank, true);
+    open(s, CLIENT, &payer, false);
+    let fund = s.post("/v1/transfers", ADMIN, &json!({"id": "fund", "from": bank, "to": payer, "amount": 1000}));
+    assert_eq!(fund.status, 201, "{}", fund.body);
+    s.eventually("the payer is funded", || balance(s, &payer) == 1000);
+    let moved = id_in_an_empty_shard_of_cell_0(&[&bank, &payer]);
+
+    // Cell 2 cannot hear of the new map; the router and cells 0 and 1 take it.
+    p.cell_control_proxies[2].set(Fault::Cut);
+    assert_eq!(reassign(&p, &moved, 1), 2);
+    s.eventually("the router and cells 0 and 1 work at epoch 2", || epochs(s) == (2, vec![2, 2, 1]));
+
+    // A payment of cell 2's payer reaches cell 2 from a router at epoch 2:
+    // cell 2 refuses it, asks its peers for their map, takes epoch 2, and serves.
+    let started = Instant::now();
+    loop {
+        let r = s.post("/v1/transfers", CLIENT, &json!({"id": "behind", "from": payer, "to": bank, "amount": 10}));
+        if r.status == 201 || r.status == 200 {
+            break;
+        }
+        assert_eq!(r.body["error"]["code"], "cell_unavailable", "{}", r.body);
+        assert!(started.elapsed() < Duration::from_secs(10), "cell 2 never caught up: {}", r.body);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("cell 2 caught up and served {:?} after the first refusal", started.elapsed());
+    // Its control link still cut: the map came from its peers.
+    s.eventually("cell 2 works at epoch 2", || epochs(s).1 == [2, 2, 2]);
+    assert_eq!(balance(s, &payer), 990, "paid once");
+    p.cell_control_proxies[2].set(Fault::Pass);
+}

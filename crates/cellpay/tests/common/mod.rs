@@ -408,6 +408,8 @@ pub struct Pieces {
     pub control_proxy: cellpay_wire::faults::FaultProxy,
     /// And one more between it and the router only: cut, the router alone keeps a stale copy.
     pub router_control_proxy: cellpay_wire::faults::FaultProxy,
+    /// And one between it and each cell.
+    pub cell_control_proxies: Vec<cellpay_wire::faults::FaultProxy>,
     /// The control plane's URL, as the test (an operator) reaches it: not through the proxies.
     pub control_direct: String,
     /// The router, as a server the usual helpers talk to (it owns the database).
@@ -457,12 +459,16 @@ impl Pieces {
         assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
         let mut cell_children = Vec::new();
         let mut cell_proxies = Vec::new();
+        let mut cell_control_proxies = Vec::new();
         for c in 0..cells {
+            let own = runtime.block_on(cellpay_wire::faults::FaultProxy::start(control_proxy.addr())).unwrap();
+            let cell_control = format!("postgres://root@{}/{database}", own.addr());
+            cell_control_proxies.push(own);
             let port = free_port();
             let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let proxy = runtime.block_on(cellpay_wire::faults::FaultProxy::start(listen)).unwrap();
             let mut child = Command::new(bin)
-                .args(["cell", "--id", &c.to_string(), "--control", &control, "--data-dir"])
+                .args(["cell", "--id", &c.to_string(), "--control", &cell_control, "--data-dir"])
                 .arg(dir)
                 .args(["--cell-listen", &listen.to_string(), "--advertise", &proxy.addr().to_string()])
                 .env("CELLPAY_CLUSTER_SECRET", CLUSTER_SECRET)
@@ -508,6 +514,7 @@ impl Pieces {
             cell_proxies,
             control_proxy,
             router_control_proxy,
+            cell_control_proxies,
             control_direct,
             server,
             _runtime: runtime,

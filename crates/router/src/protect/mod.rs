@@ -85,9 +85,10 @@ pub enum RouteError {
     Degraded(String),
     #[error("cell {cell} is unavailable: {reason}")]
     Unavailable { cell: CellId, reason: String },
-    /// The cell does not own the shard at its epoch (a shard moved): retried,
-    /// and never counted against the cell's breaker.
-    #[error("cell {cell} does not own this account's shard: {reason}")]
+    /// The cell does not own the shard at its epoch (a shard moved), or works
+    /// at an older map than the router's: retried, and never counted against
+    /// the cell's breaker.
+    #[error("cell {cell} refused the call as wrong_cell: {reason}")]
     WrongCell { cell: CellId, reason: String },
 }
 
