@@ -483,6 +483,16 @@ fn answers(report: &Report, from: f64, to: f64, keep: impl Fn(u32) -> bool) -> (
         .fold((0, 0), |acc, (_, (ok, failed))| (acc.0 + ok, acc.1 + failed))
 }
 
+/// The run's errors by operation and code, for a check's message.
+fn errors_by_code(report: &Report) -> Vec<(&str, &std::collections::BTreeMap<String, u64>)> {
+    report
+        .operations
+        .iter()
+        .filter(|(_, o)| !o.errors_by_code.is_empty())
+        .map(|(op, o)| (op.as_str(), &o.errors_by_code))
+        .collect()
+}
+
 /// The share of (succeeded, failed) that succeeded.
 fn share_ok((ok, failed): (u64, u64)) -> f64 {
     ok as f64 / (ok + failed).max(1) as f64
@@ -541,12 +551,7 @@ async fn kill_cell(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(
                 others_success * 100.0,
                 others.0,
                 others.0 + others.1,
-                report
-                    .operations
-                    .iter()
-                    .filter(|(_, o)| !o.errors_by_code.is_empty())
-                    .map(|(op, o)| (op.as_str(), &o.errors_by_code))
-                    .collect::<Vec<_>>()
+                errors_by_code(report)
             ),
         ),
         check(
@@ -635,10 +640,11 @@ async fn kill_cell_process(
             "other_cells",
             others_success >= 0.999,
             format!(
-                "requests owned by other cells: {:.3} % succeeded ({} of {})",
+                "requests owned by other cells: {:.3} % succeeded ({} of {}); errors of the run by operation and code: {:?}",
                 others_success * 100.0,
                 others.0,
-                others.0 + others.1
+                others.0 + others.1,
+                errors_by_code(report)
             ),
         ),
         check(
