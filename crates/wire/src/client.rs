@@ -183,8 +183,18 @@ impl Inner {
         EngineError::Unavailable { cell: self.cell, reason }
     }
 
-    /// The open connection, or a new one.
+    /// The open connection, or a new one. A peer that cannot be connected to
+    /// is marked down at once, not at the next status poll: the breaker then
+    /// knows the cell is gone, and probes it as soon as the poll finds it back.
     async fn connection(&self) -> Result<SendRequest<Full<Bytes>>, EngineError> {
+        let connected = self.connect().await;
+        if let Err(EngineError::Unavailable { reason, .. }) = &connected {
+            *self.status.write().expect("status lock") = CellStatus::down(self.cell, reason);
+        }
+        connected
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, EngineError> {
         let mut conn = self.conn.lock().await;
         if let Some(c) = conn.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
