@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cellpay_cell::{Cell, CellClient, CellSlot, Relay, RelayConfig, RelayGate, RelayStats};
+use cellpay_cell::{CellClient, CellSlot, Relay, RelayConfig, RelayGate, RelayStats};
 use cellpay_control::{Control, ControlView};
 use cellpay_core::CellId;
 use cellpay_wire::{ClusterSecret, RemoteCell, RemoteConfig};
@@ -160,13 +160,10 @@ async fn serve_cell(
     let mut saver = ViewSaver::new(saved);
     saver.save(&view);
     let opening = {
-        let (dir, map, engine) = (dir.clone(), map.clone(), engine_config(&config));
-        tokio::task::spawn_blocking(move || Cell::open_embedded(&dir, id, &map, engine))
+        let (config, map, engine) = (config.clone(), map.clone(), engine_config(&config));
+        tokio::task::spawn_blocking(move || crate::serve::open_cell(&config, id, &map, engine))
     };
-    let cell = opening
-        .await
-        .expect("recovery does not panic")
-        .with_context(|| format!("recovering cell {id} from {}", dir.display()))?;
+    let cell = opening.await.expect("recovery does not panic")?;
     let r = cell.recovery();
     tracing::info!(cell = %id, checkpoint = r.checkpoint_seq, batches = r.batches_replayed, ms = r.duration.as_millis() as u64, "recovered");
     let slot = Arc::new(CellSlot::new(id));
@@ -313,7 +310,11 @@ async fn serve_cell(
         Some(at) => Some(serve_metrics(at, slot.clone(), relay_handles, stop_rx.clone()).await?),
         None => None,
     };
-    say!("cellpay cell {id} serving the cell protocol on {address} (data in {})", dir.display());
+    let data_in = match config.store.as_str() {
+        "embedded" => dir.display().to_string(),
+        _ => format!("PostgreSQL, schema cell_{}", id.0),
+    };
+    say!("cellpay cell {id} serving the cell protocol on {address} (data in {data_in})");
 
     shutdown.recv().await;
     say!("cellpay cell {id} stopping");

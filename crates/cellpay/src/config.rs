@@ -92,6 +92,12 @@ settings! {
     /// Where the cluster keeps its stores, shard map and generated tokens [default: ./cellpay-data].
     #[arg(long, env = "CELLPAY_DATA_DIR")]
     data_dir: PathBuf => data_dir;
+    /// Where each cell keeps its log and checkpoints: `embedded` (files under
+    /// the data dir) or a PostgreSQL URL (postgres://user@host:port/database;
+    /// cell N in the schema `cell_N`, fenced by a token every batch checks)
+    /// [default: embedded]. A router ignores it.
+    #[arg(long, env = "CELLPAY_STORE", hide_env_values = true)]
+    store: String => store;
     /// A bearer token, ROLE:SECRET with ROLE client or admin, or
     /// client@TENANT:SECRET for a client acting for TENANT (repeatable;
     /// CELLPAY_TOKENS takes a comma-separated list). None configured: tokens are
@@ -238,6 +244,8 @@ pub struct Config {
     pub shards: u32,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `embedded`, or the PostgreSQL URL the cells' stores live in.
+    pub store: String,
     /// `ROLE:SECRET` specs from flags, environment or file; empty: generate.
     pub tokens: Vec<String>,
     pub body_bytes_max: usize,
@@ -272,6 +280,7 @@ impl Default for Config {
             shards: cellpay_core::SHARDS_DEFAULT,
             listen: "127.0.0.1:7070".parse().expect("a valid address"),
             data_dir: PathBuf::from("./cellpay-data"),
+            store: "embedded".to_string(),
             tokens: Vec::new(),
             body_bytes_max: 4 << 20,
             batch_items_max: 8190,

@@ -133,19 +133,35 @@ pub(crate) fn engine_config(config: &Config) -> EngineConfig {
     }
 }
 
+/// Opens (recovers) cell `id` from the store `config.store` names: files
+/// under `<data-dir>/cell-<id>`, or the schema `cell_<id>` of a PostgreSQL
+/// database (the idempotency tier, derived from the log, stays on local disk).
+pub fn open_cell(config: &Config, id: CellId, map: &ShardMap, engine: EngineConfig) -> anyhow::Result<Cell> {
+    let dir = config.data_dir.join(format!("cell-{}", id.0));
+    match config.store.as_str() {
+        "embedded" => Cell::open_embedded(&dir, id, map, engine)
+            .with_context(|| format!("recovering cell {id} from {}", dir.display())),
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let schema = format!("cell_{}", id.0);
+            let store = cellpay_store::PostgresStore::open(url, &schema, cellpay_store::PostgresOptions::default())
+                .with_context(|| format!("opening cell {id}'s store in PostgreSQL (schema {schema})"))?;
+            let tier = engine.tier.enabled.then(|| dir.join("idempotency"));
+            if tier.is_some() {
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            Cell::start_with_tier(Box::new(store), tier.as_deref(), id, map, engine)
+                .with_context(|| format!("recovering cell {id} from PostgreSQL (schema {schema})"))
+        }
+        _ => anyhow::bail!("--store is `embedded` or a PostgreSQL URL starting with postgres://"),
+    }
+}
+
 /// Opens every cell, each on its own thread, and waits for all.
 fn open_cells(config: &Config, map: &ShardMap) -> anyhow::Result<Vec<Cell>> {
     let engine = engine_config(config);
     std::thread::scope(|scope| {
-        let opening: Vec<_> = (0..config.cells)
-            .map(|c| {
-                let dir = config.data_dir.join(format!("cell-{c}"));
-                scope.spawn(move || {
-                    Cell::open_embedded(&dir, CellId(c), map, engine)
-                        .with_context(|| format!("recovering cell {c} from {}", dir.display()))
-                })
-            })
-            .collect();
+        let opening: Vec<_> =
+            (0..config.cells).map(|c| scope.spawn(move || open_cell(config, CellId(c), map, engine))).collect();
         opening.into_iter().map(|t| t.join().expect("cell recovery does not panic")).collect()
     })
 }
@@ -222,9 +238,8 @@ impl LocalCells {
         if running.is_some() {
             return Err(format!("cell {cell} is already running"));
         }
-        let dir = self.config.data_dir.join(format!("cell-{cell}"));
-        let opened = Cell::open_embedded(&dir, CellId(cell), &self.map, engine_config(&self.config))
-            .map_err(|e| format!("recovering cell {cell}: {e}"))?;
+        let opened = open_cell(&self.config, CellId(cell), &self.map, engine_config(&self.config))
+            .map_err(|e| format!("{e:#}"))?;
         let ms = opened.recovery().duration.as_millis();
         let handle = opened.handle();
         *running = Some(opened);

@@ -525,3 +525,61 @@ fn a_cell_killed_while_the_control_plane_is_down_restarts_from_the_saved_copy() 
     proxy.set(cellpay_wire::faults::Fault::Pass);
     audit_drains(&s, 0);
 }
+
+/// Cells whose log and checkpoints live in PostgreSQL (`--store postgres://…`):
+/// a cell process killed with SIGKILL loses nothing acknowledged, and its
+/// replacement recovers from the database.
+#[test]
+fn cells_on_postgresql_lose_nothing_to_a_kill_9() {
+    let store = common::TempDatabase::create("store");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 1, &["--store", &store.url()]);
+    assert!(s.printed("data in PostgreSQL, schema cell_0"), "{:?}", s.history.lock().unwrap());
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
+    fund_payer(&s, bank, payer, payee, 1_000);
+    let pay = |id: &str| s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": payer, "to": payee, "amount": 1}));
+    for i in 0..30 {
+        assert_eq!(pay(&format!("before-{i}")).status, 201);
+    }
+    let pid = s.pid_of("cell 0");
+    // SAFETY: kill(2) on a process of this test's cluster.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let killed_at = Instant::now();
+    loop {
+        let r = pay("after-kill");
+        if r.status == 201 || r.status == 200 {
+            break;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(30), "cell 0 did not come back: {}", r.body);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("cell 0 on PostgreSQL served again {:?} after its kill", killed_at.elapsed());
+    assert_ne!(s.pid_of("cell 0"), pid);
+    // Every payment acknowledged before the kill is there, once; the credits all arrive.
+    for i in 0..30 {
+        assert_eq!(pay(&format!("before-{i}")).status, 200, "before-{i} replays, not paid again");
+    }
+    assert_eq!(balance(&s, payer), 1_000 - 31);
+    s.eventually("every credit arrives", || balance(&s, payee) == 31);
+    audit_drains(&s, 0);
+    // The log is in the database, and nothing of a log is on the cells' disk.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (batches, fence) = rt.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&store.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let batches: i64 = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM cell_0.batches) + (SELECT count(*) FROM cell_0.checkpoint_heads)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let fence: i64 = client.query_one("SELECT token FROM cell_0.fence", &[]).await.unwrap().get(0);
+        (batches, fence)
+    });
+    assert!(batches > 0, "cell 0's batches and checkpoints are in PostgreSQL");
+    assert!(fence >= 2, "the restarted process took a new fencing token ({fence})");
+    assert!(!dir.path().join("cell-0").join("log").exists(), "no embedded log was written");
+}

@@ -63,6 +63,27 @@ pub fn fresh_database(what: &str) -> String {
     format!("cellpay_t_{what}_{}_{n}_{nanos}", std::process::id())
 }
 
+/// A database of its own for a test, dropped with it.
+pub struct TempDatabase(pub String);
+
+impl TempDatabase {
+    pub fn create(what: &str) -> TempDatabase {
+        let name = fresh_database(what);
+        postgres_admin(&format!("CREATE DATABASE {name}"));
+        TempDatabase(name)
+    }
+
+    pub fn url(&self) -> String {
+        format!("{POSTGRES}/{}", self.0)
+    }
+}
+
+impl Drop for TempDatabase {
+    fn drop(&mut self) {
+        postgres_admin(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.0));
+    }
+}
+
 pub struct Reply {
     pub status: u16,
     pub body: Value,
