@@ -161,9 +161,9 @@ async fn serve_cell(
     saver.save(&view);
     let opening = {
         let (config, map, engine) = (config.clone(), map.clone(), engine_config(&config));
-        tokio::task::spawn_blocking(move || crate::serve::open_cell(&config, id, &map, engine))
+        tokio::task::spawn_blocking(move || crate::serve::open_fenced_cell(&config, id, &map, engine))
     };
-    let cell = opening.await.expect("recovery does not panic")?;
+    let (cell, token) = opening.await.expect("recovery does not panic")?;
     let r = cell.recovery();
     tracing::info!(cell = %id, checkpoint = r.checkpoint_seq, batches = r.batches_replayed, ms = r.duration.as_millis() as u64, "recovered");
     let slot = Arc::new(CellSlot::new(id));
@@ -181,13 +181,29 @@ async fn serve_cell(
     let app = cellpay_wire::app(slot.clone(), secret.clone(), behind.clone());
     let server = tokio::spawn(cellpay_wire::serve(tcp, app, stop_rx.clone()));
 
-    // Report where this cell serves, now and every second (the heartbeat the status shows).
+    // Report where this cell serves, now and every second (the heartbeat the
+    // status shows); on PostgreSQL, first check that no newer process took
+    // the cell over (a stopped process resumed must not point routers at itself).
     let reporter = {
         let (url, address, mut stop) = (control_url.clone(), address.clone(), stop_rx.clone());
         let process = process_name();
+        let fence = token.map(|mine| (config.store.clone(), format!("cell_{}", id.0), mine));
+        let slot = slot.clone();
         tokio::spawn(async move {
             let mut control: Option<Control> = None;
+            let mut store_client = None;
             loop {
+                if let Some((store, schema, mine)) = &fence {
+                    let current = fence_token(&mut store_client, store, schema).await;
+                    if let Some(current) = current.filter(|current| current > mine) {
+                        say!(
+                            "cellpay cell {id}: a newer process took this cell over (fence token {current}, this \
+                             process holds {mine}); it commits nothing more and exits"
+                        );
+                        slot.clear();
+                        std::process::exit(FENCED_EXIT);
+                    }
+                }
                 if control.is_none() {
                     control = Control::connect(&url).await.ok();
                 }
@@ -336,6 +352,29 @@ async fn serve_cell(
         .context("stopping the cell")?;
     say!("cellpay cell {id} stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The exit code of a cell process fenced out by a newer one.
+pub const FENCED_EXIT: i32 = 3;
+
+/// The fence token the cell's PostgreSQL store holds now, if it can be read
+/// (through `client`, connected when missing and dropped after a failure).
+async fn fence_token(client: &mut Option<tokio_postgres::Client>, store: &str, schema: &str) -> Option<i64> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        let connect = tokio_postgres::connect(store, tokio_postgres::NoTls);
+        let (c, connection) = tokio::time::timeout(Duration::from_secs(2), connect).await.ok()?.ok()?;
+        tokio::spawn(connection);
+        *client = Some(c);
+    }
+    let sql = format!("SELECT token FROM \"{schema}\".fence");
+    let read = tokio::time::timeout(Duration::from_secs(2), client.as_ref()?.query_one(&sql, &[])).await;
+    match read {
+        Ok(Ok(row)) => Some(row.get(0)),
+        _ => {
+            *client = None;
+            None
+        }
+    }
 }
 
 /// The least time between two catch-ups a caller's newer epoch asks for.

@@ -137,9 +137,21 @@ pub(crate) fn engine_config(config: &Config) -> EngineConfig {
 /// under `<data-dir>/cell-<id>`, or the schema `cell_<id>` of a PostgreSQL
 /// database (the idempotency tier, derived from the log, stays on local disk).
 pub fn open_cell(config: &Config, id: CellId, map: &ShardMap, engine: EngineConfig) -> anyhow::Result<Cell> {
+    open_fenced_cell(config, id, map, engine).map(|(cell, _)| cell)
+}
+
+/// As [`open_cell`], with the fence token the cell's store took it over with
+/// (PostgreSQL; `None` for the embedded store, whose file lock fences).
+pub fn open_fenced_cell(
+    config: &Config,
+    id: CellId,
+    map: &ShardMap,
+    engine: EngineConfig,
+) -> anyhow::Result<(Cell, Option<i64>)> {
     let dir = config.data_dir.join(format!("cell-{}", id.0));
     match config.store.as_str() {
         "embedded" => Cell::open_embedded(&dir, id, map, engine)
+            .map(|cell| (cell, None))
             .with_context(|| format!("recovering cell {id} from {}", dir.display())),
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let schema = format!("cell_{}", id.0);
@@ -149,7 +161,9 @@ pub fn open_cell(config: &Config, id: CellId, map: &ShardMap, engine: EngineConf
             if tier.is_some() {
                 std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             }
+            let token = store.token();
             Cell::start_with_tier(Box::new(store), tier.as_deref(), id, map, engine)
+                .map(|cell| (cell, Some(token)))
                 .with_context(|| format!("recovering cell {id} from PostgreSQL (schema {schema})"))
         }
         _ => anyhow::bail!("--store is `embedded` or a PostgreSQL URL starting with postgres://"),

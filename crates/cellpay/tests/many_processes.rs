@@ -583,3 +583,52 @@ fn cells_on_postgresql_lose_nothing_to_a_kill_9() {
     assert!(fence >= 2, "the restarted process took a new fencing token ({fence})");
     assert!(!dir.path().join("cell-0").join("log").exists(), "no embedded log was written");
 }
+
+/// On PostgreSQL the fence is a token the store takes at open: a second
+/// process started for a running cell takes the cell over, and the process it
+/// took it from sees the newer token and exits (code 3) without pointing
+/// anyone at itself again; the supervisor's restart then takes it back, and
+/// the intruder steps down the same way. Nothing acknowledged is lost.
+#[test]
+fn a_second_process_for_a_cell_on_postgresql_fences_the_first_out() {
+    let store = common::TempDatabase::create("store");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 2, 1, &["--store", &store.url()]);
+    let ids = ids_in_cells(2);
+    let (bank, payer, payee) = (&ids[0][0], &ids[0][1], &ids[1][1]);
+    fund_payer(&s, bank, payer, payee, 1_000);
+    let pay = |id: &str| s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": payer, "to": payee, "amount": 1}));
+    for i in 0..20 {
+        assert_eq!(pay(&format!("before-{i}")).status, 201);
+    }
+    let first = s.pid_of("cell 0");
+
+    // An intruder: another process for cell 0, on the same store and control plane.
+    let secret = std::fs::read_to_string(dir.path().join("cluster.secret")).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let intruder = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["cell", "--id", "0", "--store", &store.url(), "--data-dir"])
+        .arg(other.path())
+        .args(["--control", &format!("{}/{}", common::POSTGRES, s.database.as_ref().unwrap())])
+        .env("CELLPAY_CLUSTER_SECRET", secret.trim())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    // It took the cell over; the supervised process stepped down and was
+    // restarted, which took the cell back; the intruder then stepped down.
+    let said = String::from_utf8_lossy(&intruder.stdout);
+    assert_eq!(intruder.status.code(), Some(3), "the intruder exits fenced: {said}");
+    assert!(said.contains("a newer process took this cell over"), "{said}");
+    assert!(s.printed("cellpay cell 0: a newer process took this cell over"), "the first process stepped down");
+    assert!(s.printed("cellpay up: cell 0 exited with code 3; restarting"), "{:?}", s.history.lock().unwrap());
+    assert_ne!(s.pid_of("cell 0"), first);
+
+    // Whatever answered in between, every payment is paid once and served now.
+    s.eventually("cell 0 serves again", || pay("after").status != 503);
+    for i in 0..20 {
+        assert_eq!(pay(&format!("before-{i}")).status, 200, "before-{i} replays, not paid again");
+    }
+    assert_eq!(balance(&s, payer), 1_000 - 21);
+    s.eventually("every credit arrives", || balance(&s, payee) == 21);
+    audit_drains(&s, 0);
+}
