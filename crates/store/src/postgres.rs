@@ -156,8 +156,14 @@ impl PostgresStore {
         tx.commit().map_err(pg_error(&place))?;
         let statements = Statements {
             fence_share: client.prepare(&format!("SELECT token FROM {s}.fence FOR SHARE")).map_err(pg_error(&place))?,
+            // One statement, so one round trip and its own transaction: the row
+            // goes in only while the fence still holds this store's token (the
+            // share lock orders it against a newer writer's increment, after
+            // which the re-checked condition finds no row and nothing goes in).
             insert_batch: client
-                .prepare(&format!("INSERT INTO {s}.batches (seq, bytes, crc) VALUES ($1, $2, $3)"))
+                .prepare(&format!(
+                    "INSERT INTO {s}.batches (seq, bytes, crc) SELECT $1, $2, $3 FROM {s}.fence WHERE token = $4 FOR SHARE"
+                ))
                 .map_err(pg_error(&place))?,
         };
         Ok(Self {
@@ -196,17 +202,29 @@ impl PostgresStore {
         self.checkpoint_failure.take().map_or(Ok(()), Err)
     }
 
-    /// One transaction: check the fence, insert the batch, commit.
+    /// One statement, one round trip: insert the batch where the fence holds
+    /// this store's token. No row inserted: a newer writer took the cell over.
     fn commit_batch(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
         let place = self.place("batches");
         let crc = frame::checksum(seq, batch) as i32;
+        // Commit point. If the answer is lost (the connection broke) the batch
+        // may or may not have committed: the store stays poisoned and the
+        // cell must reopen, whose replay reads what did commit.
+        let inserted = self
+            .client
+            .execute(&self.statements.insert_batch, &[&sql_seq(seq), &batch, &crc, &self.token])
+            .map_err(pg_error(&place))?;
+        if inserted == 1 {
+            return Ok(());
+        }
         let mut tx = self.client.transaction().map_err(pg_error(&place))?;
         check_fence(&mut tx, &self.statements.fence_share, self.token, &place)?;
-        tx.execute(&self.statements.insert_batch, &[&sql_seq(seq), &batch, &crc]).map_err(pg_error(&place))?;
-        // Commit point. If COMMIT fails (the connection is lost) the batch may
-        // or may not have committed: the store stays poisoned and the cell
-        // must reopen, whose replay reads what did commit.
-        tx.commit().map_err(pg_error(&place))
+        Err(StoreError::Io {
+            path: PathBuf::from(&place),
+            source: std::io::Error::other(format!(
+                "batch {seq} was not inserted, yet the fence holds this store's token"
+            )),
+        })
     }
 
     /// Writes checkpoint `seq`: chunk by chunk, one transaction each, each
