@@ -438,7 +438,7 @@ mod tests {
             assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
             checked += 1;
         }
-        assert_eq!(checked, 31, "every setting but --config, --token, --rules and --degrade-plan");
+        assert_eq!(checked, 32, "every setting but --config, --token, --rules and --degrade-plan");
     }
 
     #[test]

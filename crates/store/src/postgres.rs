@@ -42,6 +42,8 @@ pub const CHECKPOINT_CHUNK_BYTES_MAX: usize = 16 << 20;
 
 /// PostgreSQL limits identifiers to 63 bytes.
 const SCHEMA_NAME_BYTES_MAX: usize = 63;
+/// Time to connect to PostgreSQL when the URL sets none.
+pub const CONNECT_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Tuning of the PostgreSQL store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +148,13 @@ impl PostgresStore {
             "checkpoint_chunk_bytes must be in 1..={CHECKPOINT_CHUNK_BYTES_MAX}"
         );
         let place = format!("postgres:{schema}");
-        let mut client = Client::connect(url, NoTls).map_err(pg_error(&place))?;
+        let mut config: ::postgres::Config = url.parse().map_err(pg_error(&place))?;
+        // A database that does not answer is an error, not a wait without end
+        // (I7); the URL's own `connect_timeout` wins.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
+        }
+        let mut client = config.connect(NoTls).map_err(pg_error(&place))?;
         let s = format!("\"{schema}\"");
         let ddl = create_tables_sql(schema);
         let mut tx = client.transaction().map_err(pg_error(&place))?;
