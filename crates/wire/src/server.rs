@@ -117,7 +117,12 @@ fn request_id(headers: &HeaderMap) -> &str {
 /// The refusal of a caller whose shard map is newer than the cell's, if it is.
 fn behind(served: &Served, headers: &HeaderMap) -> Option<Rejection> {
     let sender = headers.get(EPOCH_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())?;
-    let refused = cellpay_cell::behind_refusal(served.cell.cell(), served.cell.status().epoch, sender)?;
+    // Epoch 0: no engine runs (maps start at 1); the call is answered `cell_unavailable` as it is.
+    let mine = served.cell.status().epoch;
+    if mine == 0 {
+        return None;
+    }
+    let refused = cellpay_cell::behind_refusal(served.cell.cell(), mine, sender)?;
     served.behind.notify_one();
     Some(refused)
 }
