@@ -307,7 +307,9 @@ async fn serve_cell(
                     asking.spawn(async move { peer.shard_map().await });
                 }
                 let mut newest: Option<cellpay_core::ShardMap> = None;
-                while let Some(Ok(Some(map))) = asking.join_next().await {
+                // Every peer that answers counts; one that is down or unknown does not stop the others.
+                while let Some(asked) = asking.join_next().await {
+                    let Ok(Some(map)) = asked else { continue };
                     if newest.as_ref().is_none_or(|n| map.epoch() > n.epoch()) {
                         newest = Some(map);
                     }
@@ -397,6 +399,13 @@ impl ViewSaver {
         let text = view.to_saved();
         if text == self.last {
             return;
+        }
+        // Processes of one data dir share the copy: one whose follow lags
+        // must not put an older map back.
+        if let Ok(saved) = cellpay_control::load_view(&self.path) {
+            if saved.map.epoch() > view.map.epoch() {
+                return;
+            }
         }
         // A small synced write; off the runtime's reactor.
         match tokio::task::block_in_place(|| cellpay_control::save_text(&self.path, &text)) {

@@ -83,11 +83,14 @@ impl Cluster {
     }
 
     /// Whether `routed`, refused `wrong_cell` by `first`, should go again:
-    /// the router learned a newer map under which `account` lives elsewhere.
+    /// under the router's map, newer now (learned from `first`, or by another
+    /// call meanwhile), `account` lives elsewhere.
     async fn moved<T>(&self, routed: &Routed<T>, first: &Arc<dyn CellClient>, account: &AccountId) -> bool {
-        matches!(routed.result, Err(RouteError::WrongCell { .. }))
-            && self.refresh_from(first).await
-            && self.owner(account).cell() != first.cell()
+        if !matches!(routed.result, Err(RouteError::WrongCell { .. })) {
+            return false;
+        }
+        self.refresh_from(first).await;
+        self.owner(account).cell() != first.cell()
     }
 
     /// Installs checked flow rules: the router's layers, and each cell's outbox limit.
@@ -220,8 +223,11 @@ impl Cluster {
         }
         if let Some((i, _)) = misrouted.first() {
             let refused_by = out[*i].as_ref().expect("routed").cell;
-            if self.refresh_from(&self.cells[refused_by.0 as usize]).await {
-                for (i, cmd) in misrouted {
+            self.refresh_from(&self.cells[refused_by.0 as usize]).await;
+            for (i, cmd) in misrouted {
+                let Op::Transfer(t) = &cmd.op else { unreachable!("a batch holds transfers only") };
+                // Only where the map now names another owner: the same cell would refuse again.
+                if self.owner(&t.from).cell() != out[i].as_ref().expect("routed").cell {
                     out[i] = Some(self.submit_one(cmd).await);
                 }
             }
