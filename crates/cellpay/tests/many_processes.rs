@@ -21,6 +21,21 @@ fn fund_payer(s: &Server, bank: &str, payer: &str, payee: &str, amount: i64) {
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
+/// Runs another `cellpay cell --id 0` beside cluster `s` (its control plane
+/// and cluster secret, data in `data_dir`, plus `extra`) to its exit.
+fn second_cell_0(s: &Server, data_dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let secret = std::fs::read_to_string(s.dir.join("cluster.secret")).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["cell", "--id", "0", "--data-dir"])
+        .arg(data_dir)
+        .args(["--control", &format!("{}/{}", common::POSTGRES, s.database.as_ref().unwrap())])
+        .args(extra)
+        .env("CELLPAY_CLUSTER_SECRET", secret.trim())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
 /// One payment's answer as a worker saw it.
 struct Tried {
     payer_cell: usize,
@@ -285,14 +300,7 @@ fn a_second_process_for_a_running_cell_is_fenced_out_by_its_store() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::up(dir.path(), 2, 1, &[]);
     let secret = std::fs::read_to_string(dir.path().join("cluster.secret")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
-        .args(["cell", "--id", "0", "--data-dir"])
-        .arg(dir.path())
-        .args(["--control", &format!("{}/{}", common::POSTGRES, s.database.as_ref().unwrap())])
-        .env("CELLPAY_CLUSTER_SECRET", secret.trim())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = second_cell_0(&s, dir.path(), &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("lock"), "the error names the store's lock: {stderr}");
@@ -604,16 +612,8 @@ fn a_second_process_for_a_cell_on_postgresql_fences_the_first_out() {
     let first = s.pid_of("cell 0");
 
     // An intruder: another process for cell 0, on the same store and control plane.
-    let secret = std::fs::read_to_string(dir.path().join("cluster.secret")).unwrap();
     let other = tempfile::tempdir().unwrap();
-    let intruder = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
-        .args(["cell", "--id", "0", "--store", &store.url(), "--data-dir"])
-        .arg(other.path())
-        .args(["--control", &format!("{}/{}", common::POSTGRES, s.database.as_ref().unwrap())])
-        .env("CELLPAY_CLUSTER_SECRET", secret.trim())
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
+    let intruder = second_cell_0(&s, other.path(), &["--store", &store.url()]);
     // It took the cell over; the supervised process stepped down and was
     // restarted, which took the cell back; the intruder then stepped down.
     let said = String::from_utf8_lossy(&intruder.stdout);

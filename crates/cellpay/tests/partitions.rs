@@ -234,6 +234,14 @@ fn id_in_an_empty_shard_of_cell_0(used: &[&str]) -> String {
         .unwrap()
 }
 
+/// A bank account opened in cell 0, and an account id of cell 0 in a shard that holds nothing.
+fn bank_and_an_empty_shard(s: &Server) -> (String, String) {
+    let bank = ids_in_cells(3)[0][0].clone();
+    open(s, ADMIN, &bank, true);
+    let moved = id_in_an_empty_shard_of_cell_0(&[&bank]);
+    (bank, moved)
+}
+
 /// As an operator: gives the (empty) shard of `id` to cell `to`, in a map one epoch newer.
 fn reassign(p: &Pieces, id: &str, to: u32) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -260,9 +268,7 @@ fn a_router_with_a_stale_map_is_refused_wrong_cell_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let p = Pieces::start(dir.path(), 3);
     let s = &p.server;
-    let bank = ids_in_cells(3)[0][0].clone();
-    open(s, ADMIN, &bank, true);
-    let moved = id_in_an_empty_shard_of_cell_0(&[&bank]);
+    let (bank, moved) = bank_and_an_empty_shard(s);
 
     // The router alone loses the control plane and keeps its map at epoch 1;
     // the operator gives the moved account's shard to cell 1, and the cells follow.
@@ -294,9 +300,7 @@ fn a_map_changed_while_every_listen_connection_is_killed_still_reaches_every_pro
     let dir = tempfile::tempdir().unwrap();
     let p = Pieces::start(dir.path(), 3);
     let s = &p.server;
-    let bank = ids_in_cells(3)[0][0].clone();
-    open(s, ADMIN, &bank, true);
-    let moved = id_in_an_empty_shard_of_cell_0(&[&bank]);
+    let (bank, moved) = bank_and_an_empty_shard(s);
 
     // Every connection the cluster holds to the control plane (the LISTENs
     // among them) is killed, and the map changes before they are back: the

@@ -160,12 +160,12 @@ impl Cluster {
     /// transfer). Refused `wrong_cell` by a cell at a newer map, it goes once
     /// more, to the owner under that map.
     pub async fn submit_one(&self, command: Command) -> Routed<Outcome> {
-        let account = match &command.op {
+        let commands = [command];
+        let account = match &commands[0].op {
             Op::OpenAccount(o) => &o.id,
             Op::Transfer(t) => &t.from,
             other => panic!("the router only routes client commands, not {other:?}"),
         };
-        let commands = [command.clone()];
         let first = self.owner(account);
         let mut routed = Self::on(&self.protection, first, &commands).await;
         if self.moved(&routed, first, account).await {
