@@ -159,11 +159,7 @@ async fn serve_cell(
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let mut saver = ViewSaver::new(saved);
     saver.save(&view);
-    let opening = {
-        let (config, map, engine) = (config.clone(), map.clone(), engine_config(&config));
-        tokio::task::spawn_blocking(move || crate::serve::open_fenced_cell(&config, id, &map, engine))
-    };
-    let (cell, token) = opening.await.expect("recovery does not panic")?;
+    let (cell, token) = open_store_patiently(&config, id, &map).await?;
     let r = cell.recovery();
     tracing::info!(cell = %id, checkpoint = r.checkpoint_seq, batches = r.batches_replayed, ms = r.duration.as_millis() as u64, "recovered");
     let slot = Arc::new(CellSlot::new(id));
@@ -324,6 +320,28 @@ async fn serve_cell(
             }
         })
     };
+    // On PostgreSQL a failed engine is a lost database connection (a
+    // primary that died, a restart): this process exits, and the next one
+    // recovers from whatever database then accepts writes (the promoted
+    // standby) and reads the highest committed batch before it answers.
+    if token.is_some() {
+        let slot = slot.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FAILED_POLL).await;
+                let Some(handle) = slot.handle() else { continue };
+                if handle.is_failed() {
+                    say!(
+                        "cellpay cell {id}: the engine stopped ({}); exiting so that a new process recovers the \
+                         cell from the database",
+                        handle.health()
+                    );
+                    slot.clear();
+                    std::process::exit(STORE_LOST_EXIT);
+                }
+            }
+        });
+    }
     let metrics = match listen.metrics {
         Some(at) => Some(serve_metrics(at, slot.clone(), relay_handles, stop_rx.clone()).await?),
         None => None,
@@ -358,6 +376,57 @@ async fn serve_cell(
 
 /// The exit code of a cell process fenced out by a newer one.
 pub const FENCED_EXIT: i32 = 3;
+/// The exit code of a cell process whose PostgreSQL store failed under it.
+pub const STORE_LOST_EXIT: i32 = 4;
+/// How often a cell process on PostgreSQL looks whether its engine failed.
+const FAILED_POLL: Duration = Duration::from_millis(20);
+/// How long a cell process keeps trying to open its PostgreSQL store (the
+/// database restarting, a standby being promoted) before it gives up.
+pub const STORE_OPEN_PATIENCE: Duration = Duration::from_secs(60);
+/// The pause between two tries.
+const STORE_OPEN_RETRY: Duration = Duration::from_millis(100);
+
+/// Opens and recovers the cell's store. On PostgreSQL, a database that does
+/// not answer or does not accept writes yet (a primary restarting, a standby
+/// not yet promoted) is tried again for up to [`STORE_OPEN_PATIENCE`]; a
+/// corrupt or fenced store is not.
+async fn open_store_patiently(
+    config: &Config,
+    id: CellId,
+    map: &cellpay_core::ShardMap,
+) -> anyhow::Result<(cellpay_cell::Cell, Option<i64>)> {
+    let started = tokio::time::Instant::now();
+    let mut said = false;
+    loop {
+        let opening = {
+            let (config, map, engine) = (config.clone(), map.clone(), engine_config(config));
+            tokio::task::spawn_blocking(move || crate::serve::open_fenced_cell(&config, id, &map, engine))
+        };
+        let error = match opening.await.expect("recovery does not panic") {
+            Ok(opened) => {
+                if said {
+                    say!(
+                        "cellpay cell {id}: the database answers again after {:.2} s",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(opened);
+            }
+            Err(e) => e,
+        };
+        let unreachable = error.chain().any(|c| {
+            matches!(c.downcast_ref::<cellpay_store::StoreError>(), Some(cellpay_store::StoreError::Postgres { .. }))
+        });
+        if !unreachable || started.elapsed() >= STORE_OPEN_PATIENCE {
+            return Err(error);
+        }
+        if !said {
+            say!("cellpay cell {id}: waiting for a database that accepts writes ({error:#})");
+            said = true;
+        }
+        tokio::time::sleep(STORE_OPEN_RETRY).await;
+    }
+}
 
 /// The fence token the cell's PostgreSQL store holds now, if it can be read
 /// (through `client`, connected when missing and dropped after a failure).

@@ -70,12 +70,14 @@ impl UpLines {
 
 /// Starts `cellpay up` (cells and one router as processes, the control plane
 /// in a fresh database of the PostgreSQL at `postgres`, dropped when it
-/// stops), placed as `placement` says; returns once the router is ready.
+/// stops), placed as `placement` says, with more `up` flags; returns once
+/// the router is ready.
 pub fn start_up(
     cells: u32,
     admin_token: &str,
     placement: &Plan,
     postgres: &str,
+    extra: &[&str],
 ) -> anyhow::Result<(Started, SocketAddr, UpLines)> {
     let dir = tempfile::tempdir()?;
     let db = format!("cellpay_drill_{}_{}", std::process::id(), rand::random::<u32>());
@@ -85,6 +87,7 @@ pub fn start_up(
         .arg(dir.path())
         .args(["--control", &control])
         .args(placement.serve_args())
+        .args(extra)
         .env("CELLPAY_TOKENS", format!("admin:{admin_token}"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())

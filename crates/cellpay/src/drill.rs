@@ -1,4 +1,4 @@
-//! `cellpay drill <overload|hot-merchant|kill-cell>`: the degrade plan and
+//! `cellpay drill <overload|hot-merchant|kill-cell|failover>`: the degrade plan and
 //! the protection stack, tested ahead of the day on a fresh cluster.
 //!
 //! Each drill starts its own `cellpay serve`, drives it with the stress
@@ -23,6 +23,9 @@ pub enum Kind {
     Overload,
     HotMerchant,
     KillCell,
+    /// Kill the PostgreSQL primary that holds every cell's data, promote its
+    /// synchronous standby, fence the old primary (always on processes).
+    Failover,
 }
 
 #[derive(clap::Args)]
@@ -47,6 +50,11 @@ pub struct Args {
     /// database, dropped after).
     #[arg(long, env = "CELLPAY_DRILL_POSTGRES", default_value = "postgres://root@127.0.0.1:5432")]
     postgres: String,
+    /// failover only, for the drill's own test: replicate asynchronously and
+    /// stall the WAL sender for the last second before the kill, so the
+    /// checks are seen to catch the loss asynchronous replication allows.
+    #[arg(long, hide = true)]
+    asynchronous: bool,
     #[command(flatten)]
     placement: crate::placement::PlacementArgs,
 }
@@ -78,18 +86,18 @@ pub(crate) fn check(name: &'static str, pass: bool, figure: String) -> Check {
 }
 
 /// A profile from TOML text; drills write theirs in code so the figures sit beside the checks.
-fn profile(text: &str) -> anyhow::Result<Profile> {
+pub(crate) fn profile(text: &str) -> anyhow::Result<Profile> {
     Ok(Profile::parse(text, "drill profile")?)
 }
 
-fn stage(name: &str, seconds: f64, from: f64, to: f64) -> String {
+pub(crate) fn stage(name: &str, seconds: f64, from: f64, to: f64) -> String {
     format!("[[stages]]\nname = \"{name}\"\nduration_s = {seconds}\nrate_from = {from:.0}\nrate_to = {to:.0}\n")
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     server: crate::child::Started,
-    target: String,
-    token: String,
+    pub(crate) target: String,
+    pub(crate) token: String,
     server_cpus: Option<Vec<usize>>,
     /// A many-process cluster: what its supervisor printed.
     up: Option<crate::child::UpLines>,
@@ -105,10 +113,10 @@ fn start(placement: &Plan, extra: &[&str]) -> anyhow::Result<Cluster> {
 }
 
 /// Starts a many-process cluster (4 cells, 1 router) instead.
-fn start_processes(placement: &Plan, postgres: &str) -> anyhow::Result<Cluster> {
+fn start_processes(placement: &Plan, postgres: &str, extra: &[&str]) -> anyhow::Result<Cluster> {
     let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
     let (server, addr, lines) =
-        crate::child::start_up(4, &token, placement, postgres).context("starting a many-process cluster")?;
+        crate::child::start_up(4, &token, placement, postgres, extra).context("starting a many-process cluster")?;
     placement.pin_generator()?;
     let target = format!("http://{addr}");
     Ok(Cluster { server, target, token, server_cpus: placement.server_cpus(), up: Some(lines) })
@@ -120,7 +128,7 @@ impl Cluster {
         self.server.pid()
     }
 
-    fn options(&self, shadow: bool, progress: bool) -> RunOptions {
+    pub(crate) fn options(&self, shadow: bool, progress: bool) -> RunOptions {
         RunOptions {
             target: self.target.clone(),
             token: self.token.clone(),
@@ -133,7 +141,7 @@ impl Cluster {
 }
 
 /// Runs prepared runners at once; answers each report and its missing acknowledged transfers.
-async fn run_prepared(runners: Vec<Runner>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
+pub(crate) async fn run_prepared(runners: Vec<Runner>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
     let runners: Vec<Arc<Runner>> = runners.into_iter().map(Arc::new).collect();
     let reports = futures_join(runners.iter().map(|r| r.clone().run()).collect()).await;
     let mut out = Vec::new();
@@ -473,7 +481,7 @@ const KILLED: u32 = 1;
 
 /// (succeeded, failed) answers of the whole seconds of the run between `from`
 /// and `to`, counting the cells `keep` says.
-fn answers(report: &Report, from: f64, to: f64, keep: impl Fn(u32) -> bool) -> (u64, u64) {
+pub(crate) fn answers(report: &Report, from: f64, to: f64, keep: impl Fn(u32) -> bool) -> (u64, u64) {
     report
         .timeline
         .iter()
@@ -484,7 +492,7 @@ fn answers(report: &Report, from: f64, to: f64, keep: impl Fn(u32) -> bool) -> (
 }
 
 /// The run's errors by operation and code, for a check's message.
-fn errors_by_code(report: &Report) -> Vec<(&str, &std::collections::BTreeMap<String, u64>)> {
+pub(crate) fn errors_by_code(report: &Report) -> Vec<(&str, &std::collections::BTreeMap<String, u64>)> {
     report
         .operations
         .iter()
@@ -494,7 +502,7 @@ fn errors_by_code(report: &Report) -> Vec<(&str, &std::collections::BTreeMap<Str
 }
 
 /// The share of (succeeded, failed) that succeeded.
-fn share_ok((ok, failed): (u64, u64)) -> f64 {
+pub(crate) fn share_ok((ok, failed): (u64, u64)) -> f64 {
     ok as f64 / (ok + failed).max(1) as f64
 }
 
@@ -512,7 +520,7 @@ fn recovered_check(after: (u64, u64)) -> Check {
     )
 }
 
-fn nothing_lost_check(checked: u64, missing: u64) -> Check {
+pub(crate) fn nothing_lost_check(checked: u64, missing: u64) -> Check {
     check("nothing_lost", missing == 0, format!("{missing} of {checked} sampled acknowledged transfers missing"))
 }
 
@@ -675,15 +683,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Kind::Overload => vec![],
         Kind::HotMerchant => vec!["--rules".into(), hot_merchant_rules(files.path())?.display().to_string()],
         Kind::KillCell => vec!["--drills".into(), "true".into()],
+        Kind::Failover => vec![],
     };
     // The drill measures this cluster, not the writeback of whatever ran on
     // the machine before it: flush dirty pages first, so the cells' fsyncs do
     // not wait behind them.
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    let cluster = if args.processes {
+    // The failover drill's cells keep their data in a primary and standby of their own.
+    let pair = match args.kind {
+        Kind::Failover => {
+            let pair = crate::pg_pair::PgPair::start(args.asynchronous);
+            Some(Arc::new(pair.context("starting a PostgreSQL primary and standby")?))
+        }
+        _ => None,
+    };
+    let cluster = if let Some(pair) = &pair {
+        start_processes(&placement, &args.postgres, &["--store", &pair.url()])?
+    } else if args.processes {
         anyhow::ensure!(args.kind == Kind::KillCell, "--processes runs the kill-cell drill");
-        start_processes(&placement, &args.postgres)?
+        start_processes(&placement, &args.postgres, &[])?
     } else {
         start(&placement, &extra.iter().map(String::as_str).collect::<Vec<_>>())?
     };
@@ -697,6 +716,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Some(lines) => kill_cell_process(&cluster, lines, args.short, progress).await,
                 None => kill_cell(&cluster, args.short, progress).await,
             },
+            Kind::Failover => {
+                let pair = pair.clone().expect("the failover drill started its pair");
+                crate::failover::failover(&cluster, pair, args.short, args.asynchronous, progress).await
+            }
         }?;
         anyhow::Ok(out)
     })?;
@@ -710,6 +733,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Kind::HotMerchant => "hot-merchant",
         Kind::KillCell if args.processes => "kill-cell --processes",
         Kind::KillCell => "kill-cell",
+        Kind::Failover => "failover",
     };
     for (i, r) in reports.iter().enumerate() {
         crate::stress::write_report(r, &args.report.join(format!("run-{i}-{}", r.profile)))?;

@@ -58,6 +58,15 @@ fn accounts_transfers_and_every_client_error_many_processes() {
     every_client_error(&s, 3, false);
 }
 
+/// The same contract with the cells' data in PostgreSQL (`--store`).
+#[test]
+fn accounts_transfers_and_every_client_error_cells_on_postgresql() {
+    let (dir, store) = (tempfile::tempdir().unwrap(), common::TempDatabase::create("api"));
+    let s = Server::up(dir.path(), 3, 1, &[&["--store", &store.url()][..], &CLIENT_ERROR_FLAGS].concat());
+    assert!(s.printed("data in PostgreSQL, schema cell_2"));
+    every_client_error(&s, 3, false);
+}
+
 /// `in_process`: the cells run in the server's process, so its `/metrics` shows their engines.
 fn every_client_error(s: &Server, cells: u32, in_process: bool) {
     let ids = ids_in_cells(cells);
@@ -183,6 +192,12 @@ fn batches_answer_each_item_and_are_idempotent_per_item_many_processes() {
     batches(&Server::up(dir.path(), 3, 2, &["--batch-items-max", "100"]), 3);
 }
 
+#[test]
+fn batches_answer_each_item_and_are_idempotent_per_item_cells_on_postgresql() {
+    let (dir, store) = (tempfile::tempdir().unwrap(), common::TempDatabase::create("api"));
+    batches(&Server::up(dir.path(), 3, 1, &["--batch-items-max", "100", "--store", &store.url()]), 3);
+}
+
 fn batches(s: &Server, cells: u32) {
     let ids = ids_in_cells(cells);
     let (bank, a, b) = (&ids[0][0], &ids[0][1], &ids[1][0]);
@@ -241,6 +256,13 @@ fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed() {
 fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed_many_processes() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::up(dir.path(), 4, 2, &[]);
+    cross_cell(&s);
+}
+
+#[test]
+fn cross_cell_transfers_settle_and_a_missing_payee_is_reversed_cells_on_postgresql() {
+    let (dir, store) = (tempfile::tempdir().unwrap(), common::TempDatabase::create("api"));
+    let s = Server::up(dir.path(), 4, 1, &["--store", &store.url()]);
     cross_cell(&s);
 }
 

@@ -1,4 +1,4 @@
-//! The short forms of the three drills, end to end: each starts its own
+//! The short forms of the drills, end to end: each starts its own
 //! cluster, prints a verdict line with the figure that decided it, and writes
 //! drill.json with every check and its figure plus the stress reports.
 
@@ -97,6 +97,39 @@ fn kill_cell_process_hurts_only_its_share_and_its_supervisor_brings_it_back_fast
         assert_eq!(check(&report, name)["pass"], true, "{name}: {}", check(&report, name));
     }
     assert_eq!(report["pass"], report["checks"].as_array().unwrap().iter().all(|c| c["pass"] == true));
+}
+
+/// Every cell's data in a PostgreSQL primary with a synchronous standby: the
+/// primary is killed under load, the standby promoted, the old primary fenced.
+#[test]
+fn failover_to_the_synchronous_standby_loses_nothing_acknowledged() {
+    let (code, stdout, report) = drill("failover");
+    verdict_line(&stdout, "failover", code == Some(0));
+    for name in ["failover", "synchronous", "rpo_zero", "nothing_lost", "fenced", "audit"] {
+        assert_eq!(check(&report, name)["pass"], true, "{name}: {}\n{stdout}", check(&report, name));
+    }
+    let f = &report["figures"];
+    assert!(f["failover_s"].as_f64().unwrap() < 10.0, "{f}");
+    assert_eq!(f["witness_lost"], 0, "{f}");
+    assert!(f["witness_acked_last_second_before_kill"].as_u64().unwrap() > 0, "acknowledged up to the kill: {f}");
+    assert_eq!(f["before"]["synchronous_commit"], "remote_apply", "{f}");
+    assert_eq!(report["pass"], report["checks"].as_array().unwrap().iter().all(|c| c["pass"] == true));
+    // The verdict names the figure that decided it.
+    assert!(stdout.contains("first write served"), "{stdout}");
+}
+
+/// The same drill with asynchronous replication and a WAL sender stalled for
+/// the last second before the kill: what the primary acknowledged in that
+/// second is gone after the failover, and the drill says so.
+#[test]
+fn failover_checks_catch_what_asynchronous_replication_loses() {
+    let (code, stdout, report) = drill_with("failover", &["--asynchronous"]);
+    assert_eq!(code, Some(1), "{stdout}");
+    verdict_line(&stdout, "failover", false);
+    assert_eq!(check(&report, "synchronous")["pass"], false);
+    assert_eq!(check(&report, "rpo_zero")["pass"], false, "{}", check(&report, "rpo_zero"));
+    assert!(report["figures"]["witness_lost"].as_u64().unwrap() > 0, "{}", report["figures"]);
+    assert_eq!(check(&report, "fenced")["pass"], true);
 }
 
 #[test]
