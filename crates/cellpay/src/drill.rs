@@ -55,6 +55,10 @@ pub struct Args {
     /// checks are seen to catch the loss asynchronous replication allows.
     #[arg(long, hide = true)]
     asynchronous: bool,
+    /// failover only: restart the killed primary in place instead of
+    /// promoting the standby (a PostgreSQL restart under load).
+    #[arg(long)]
+    in_place: bool,
     #[command(flatten)]
     placement: crate::placement::PlacementArgs,
 }
@@ -690,6 +694,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // not wait behind them.
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
+    anyhow::ensure!(
+        args.kind == Kind::Failover || !(args.in_place || args.asynchronous),
+        "--in-place and --asynchronous are settings of the failover drill"
+    );
     // The failover drill's cells keep their data in a primary and standby of their own.
     let pair = match args.kind {
         Kind::Failover => {
@@ -718,7 +726,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             },
             Kind::Failover => {
                 let pair = pair.clone().expect("the failover drill started its pair");
-                crate::failover::failover(&cluster, pair, args.short, args.asynchronous, progress).await
+                let how = crate::failover::How { stall: args.asynchronous, in_place: args.in_place };
+                crate::failover::failover(&cluster, pair, args.short, how, progress).await
             }
         }?;
         anyhow::Ok(out)
@@ -733,6 +742,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Kind::HotMerchant => "hot-merchant",
         Kind::KillCell if args.processes => "kill-cell --processes",
         Kind::KillCell => "kill-cell",
+        Kind::Failover if args.in_place => "failover --in-place",
         Kind::Failover => "failover",
     };
     for (i, r) in reports.iter().enumerate() {

@@ -99,11 +99,21 @@ async fn missing(http: &cellpay_stress::http::Http, ids: &[String]) -> Vec<Strin
     lost
 }
 
+/// What the drill does to the primary.
+#[derive(Clone, Copy)]
+pub(crate) struct How {
+    /// Stall the WAL sender for the last second before the kill (the test of
+    /// the checks, with asynchronous replication).
+    pub stall: bool,
+    /// Restart the killed primary in place instead of promoting the standby.
+    pub in_place: bool,
+}
+
 pub(crate) async fn failover(
     c: &Cluster,
     pair: Arc<PgPair>,
     short: bool,
-    stall: bool,
+    how: How,
     progress: bool,
 ) -> anyhow::Result<(Vec<Check>, Value, Vec<Report>)> {
     let (seconds, rate) = if short { (14.0, 300.0) } else { (40.0, 1_500.0) };
@@ -124,7 +134,7 @@ pub(crate) async fn failover(
     let failing = {
         let pair = pair.clone();
         tokio::spawn(async move {
-            if stall {
+            if how.stall {
                 tokio::time::sleep(kill_at - STALL_BEFORE_KILL).await;
                 pair.stall_replication()?;
                 tokio::time::sleep(STALL_BEFORE_KILL).await;
@@ -134,11 +144,14 @@ pub(crate) async fn failover(
             let killed = pair.kill_primary()?;
             let killed_at = start.elapsed();
             tokio::time::sleep(PROMOTE_AFTER).await;
-            let promoting = pair.clone();
-            tokio::task::spawn_blocking(move || promoting.promote_standby()).await??;
-            let promoted_at = start.elapsed();
-            pair.fence_old_primary()?;
-            anyhow::Ok((killed, killed_at, promoted_at))
+            let acting = pair.clone();
+            if how.in_place {
+                tokio::task::spawn_blocking(move || acting.restart_old_primary()).await??;
+            } else {
+                tokio::task::spawn_blocking(move || acting.promote_standby()).await??;
+                pair.fence_old_primary()?;
+            }
+            anyhow::Ok((killed, killed_at, start.elapsed()))
         })
     };
     let runs = run_prepared(vec![runner]).await?;
@@ -147,10 +160,13 @@ pub(crate) async fn failover(
     let (killed, killed_at, promoted_at) = failing.await.context("the failover task")??;
     // The old primary, started again by someone who did not get the news,
     // must come up read-only: the cells' URL asks for the one that accepts writes.
-    let restarting = pair.clone();
-    tokio::task::spawn_blocking(move || restarting.restart_old_primary()).await??;
-    let old_writes = PgPair::accepts_writes(pair.primary.port).await;
-    let after = replication(&pair.standby_url()).await.ok();
+    let (old_writes, after) = if how.in_place {
+        (None, replication(&pair.primary_url()).await.ok())
+    } else {
+        let restarting = pair.clone();
+        tokio::task::spawn_blocking(move || restarting.restart_old_primary()).await??;
+        (Some(PgPair::accepts_writes(pair.primary.port).await), replication(&pair.standby_url()).await.ok())
+    };
 
     let back = witness.first_acked_after(killed_at).map(|t| t.saturating_sub(killed_at).as_secs_f64());
     let (acked, near_kill) = witness.acked(killed_at, Duration::from_secs(1));
@@ -158,16 +174,17 @@ pub(crate) async fn failover(
     let (report, checked, missing_sampled) = &runs[0];
     let back_at = killed_at.as_secs_f64() + back.unwrap_or(seconds) + 1.0;
     let served = answers(report, back_at.ceil(), f64::INFINITY, |_| true);
-    let checks = vec![
+    let mut checks = vec![
         check(
             "failover",
             back.is_some_and(|s| s < FAILOVER_TARGET_S),
             match back {
                 Some(s) => format!(
-                    "primary killed ({} processes) at {:.1} s, standby promoted {:.2} s later (declared detection \
-                     {:.1} s), first write served {s:.2} s after the kill (target < {FAILOVER_TARGET_S} s)",
+                    "primary killed ({} processes) at {:.1} s, {} {:.2} s later (declared detection {:.1} s), first \
+                     write served {s:.2} s after the kill (target < {FAILOVER_TARGET_S} s)",
                     killed.len(),
                     killed_at.as_secs_f64(),
+                    if how.in_place { "restarted in place" } else { "standby promoted" },
                     (promoted_at - killed_at).as_secs_f64(),
                     PROMOTE_AFTER.as_secs_f64()
                 ),
@@ -198,15 +215,6 @@ pub(crate) async fn failover(
         ),
         nothing_lost_check(*checked, *missing_sampled),
         check(
-            "fenced",
-            matches!(old_writes, Ok(false)),
-            match &old_writes {
-                Ok(false) => "the old primary, started again, is read-only: the cells' URL skips it".into(),
-                Ok(true) => "the old primary, started again, accepts writes: two primaries".into(),
-                Err(e) => format!("the old primary did not answer after its restart: {e}"),
-            },
-        ),
-        check(
             "recovered",
             served.0 > 0 && share_ok(served) >= 0.99,
             format!(
@@ -218,10 +226,22 @@ pub(crate) async fn failover(
             ),
         ),
     ];
+    if let Some(old_writes) = old_writes {
+        checks.push(check(
+            "fenced",
+            matches!(old_writes, Ok(false)),
+            match &old_writes {
+                Ok(false) => "the old primary, started again, is read-only: the cells' URL skips it".into(),
+                Ok(true) => "the old primary, started again, accepts writes: two primaries".into(),
+                Err(e) => format!("the old primary did not answer after its restart: {e}"),
+            },
+        ));
+    }
     let figures = json!({
+        "in_place": how.in_place,
         "killed_at_s": killed_at.as_secs_f64(),
         "promote_after_s": PROMOTE_AFTER.as_secs_f64(),
-        "promoted_at_s": promoted_at.as_secs_f64(),
+        "promoted_or_restarted_at_s": promoted_at.as_secs_f64(),
         "failover_s": back,
         "witness_acked": acked.len(),
         "witness_acked_last_second_before_kill": near_kill,
@@ -234,7 +254,9 @@ pub(crate) async fn failover(
         "after": after.map(|a| json!({
             "synchronous_standby_names": a.synchronous_standby_names,
             "standbys": a.standbys,
-            "note": "the promoted primary has no standby: attach one (pg_basebackup) before the peak, or a second failure loses data",
+            "note": if how.in_place { "the restarted primary and its standby, as before" } else {
+                "the promoted primary has no standby: attach one (pg_basebackup) before the peak, or a second failure loses data"
+            },
         })),
     });
     Ok((checks, figures, runs.into_iter().map(|r| r.0).collect()))

@@ -157,7 +157,7 @@ impl PgPair {
         append(
             &pair.standby.data.join("postgresql.auto.conf"),
             &format!(
-                "\n# cellpay drill: the standby\n{}hot_standby = on\nsynchronous_standby_names = ''\n\
+                "\n# cellpay drill: the standby\n{}hot_standby = on\nsynchronous_standby_names = ''\nwal_retrieve_retry_interval = '200ms'\n\
                  primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name=standby'\n",
                 pair.common_settings(&pair.standby),
                 pair.primary.port
@@ -257,8 +257,20 @@ impl PgPair {
             // SAFETY: kill(2) on processes of the instance this pair started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        // The shared memory and the pid file of a killed postmaster stay; a
-        // later start of this directory (the fencing check) clears them itself.
+        // Dead, or a zombie nobody reaped yet (the postmaster was pg_ctl's
+        // orphan): either way it runs no more. Its pid file stays, and a
+        // zombie's pid still answers kill(0), which a later start would take
+        // for a running server; the machine's loss takes the pid file's
+        // meaning with it, so it goes, with the socket's lock file.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|&pid| runs(pid)) {
+            anyhow::ensure!(Instant::now() < deadline, "the primary's processes {pids:?} outlived SIGKILL for 10 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(self.primary.data.join("postmaster.pid"));
+        let socket = self.dir.path().join(format!(".s.PGSQL.{}", self.primary.port));
+        let _ = std::fs::remove_file(socket.with_extension(format!("{}.lock", self.primary.port)));
+        let _ = std::fs::remove_file(socket);
         Ok(pids)
     }
 
@@ -298,10 +310,10 @@ impl PgPair {
         chown_to_postgres(&signal)
     }
 
-    /// Starts the old primary again (after [`Self::fence_old_primary`]: read-only).
+    /// Starts the old primary again (its pid file went with the kill): after [`Self::fence_old_primary`]
+    /// read-only; without, as the primary (crash recovery, then the standby
+    /// reconnects and commits wait for it again).
     pub fn restart_old_primary(&self) -> anyhow::Result<()> {
-        // A killed postmaster leaves its pid file; pg_ctl refuses to start
-        // while that pid lives, and it does not (we killed it).
         self.pg_ctl(&self.primary, "start")
     }
 
@@ -323,13 +335,20 @@ impl Drop for PgPair {
                 // PostgreSQL's immediate shutdown (no checkpoint: the pair is thrown away).
                 unsafe { libc::kill(pm, libc::SIGQUIT) };
                 let deadline = Instant::now() + Duration::from_secs(10);
-                // SAFETY: signal 0 only asks whether the process exists.
-                while unsafe { libc::kill(pm, 0) } == 0 && Instant::now() < deadline {
+                while runs(pm) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
         }
     }
+}
+
+/// Does `pid` exist and run (not a zombie)?
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
 }
 
 /// The pids whose parent is `parent`, from /proc.

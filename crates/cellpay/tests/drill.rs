@@ -118,6 +118,23 @@ fn failover_to_the_synchronous_standby_loses_nothing_acknowledged() {
     assert!(stdout.contains("first write served"), "{stdout}");
 }
 
+/// A PostgreSQL restart under load (the primary killed and started again in
+/// place): the cells' commits stop for that time, never for good.
+#[test]
+fn a_postgresql_restart_under_load_stops_commits_only_while_it_is_down() {
+    let (code, stdout, report) = drill_with("failover", &["--in-place"]);
+    verdict_line(&stdout, "failover --in-place", code == Some(0));
+    for name in ["failover", "synchronous", "rpo_zero", "nothing_lost", "audit"] {
+        assert_eq!(check(&report, name)["pass"], true, "{name}: {}\n{stdout}", check(&report, name));
+    }
+    assert!(stdout.contains("restarted in place"), "{stdout}");
+    assert_eq!(
+        report["figures"]["after"]["standbys"][0][1], "sync",
+        "the standby is back in sync: {}",
+        report["figures"]
+    );
+}
+
 /// The same drill with asynchronous replication and a WAL sender stalled for
 /// the last second before the kill: what the primary acknowledged in that
 /// second is gone after the failover, and the drill says so.
