@@ -61,6 +61,11 @@ pub struct Args {
     /// Directory for the cell's store (default: a fresh temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Where the cell's log and checkpoints go: `embedded` (files in the
+    /// directory) or a PostgreSQL URL, where schema `bench_engine` is dropped
+    /// and created afresh (and dropped after); the tier stays in the directory.
+    #[arg(long, default_value = "embedded")]
+    store: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -305,7 +310,28 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..EngineConfig::default()
     };
     let map = ShardMap::round_robin(cellpay_core::SHARDS_DEFAULT, 1).expect("valid map");
-    let cell = Cell::open_embedded(&dir, CellId(0), &map, config).context("opening the cell")?;
+    let postgres = match args.store.as_str() {
+        "embedded" => None,
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            drop_schema(url)?;
+            Some(url.to_string())
+        }
+        _ => anyhow::bail!("--store is `embedded` or a PostgreSQL URL starting with postgres://"),
+    };
+    let open = || -> anyhow::Result<Cell> {
+        match &postgres {
+            None => Cell::open_embedded(&dir, CellId(0), &map, config).context("opening the cell"),
+            Some(url) => {
+                let store =
+                    cellpay_store::PostgresStore::open(url, PG_SCHEMA, cellpay_store::PostgresOptions::default())
+                        .context("opening the PostgreSQL store")?;
+                let tier = config.tier.enabled.then(|| dir.join("idempotency"));
+                Cell::start_with_tier(Box::new(store), tier.as_deref(), CellId(0), &map, config)
+                    .context("opening the cell")
+            }
+        }
+    };
+    let cell = open()?;
     let handle = cell.handle();
     let ids: Vec<AccountId> = (0..args.accounts).map(account_id).collect();
     let bank = AccountId::new("bank").expect("valid id");
@@ -404,7 +430,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     drop((handle, p));
     if args.recovery {
         cell.halt().context("halting the cell")?;
-        let reopened = Cell::open_embedded(&dir, CellId(0), &map, config).context("reopening the cell")?;
+        let reopened = open().context("reopening the cell")?;
         let r = reopened.recovery();
         report.recovery = Some(RecoveryFigures {
             recovery_ms: r.duration.as_secs_f64() * 1e3,
@@ -417,7 +443,23 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
     }
     print_report(&report, args.json)?;
+    if let Some(url) = &postgres {
+        drop_schema(url)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The schema `bench engine --store postgres://…` writes its cell to.
+const PG_SCHEMA: &str = "bench_engine";
+
+fn drop_schema(url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        client.batch_execute(&format!("DROP SCHEMA IF EXISTS {PG_SCHEMA} CASCADE")).await?;
+        anyhow::Ok(())
+    })
 }
 
 fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {

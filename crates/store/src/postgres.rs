@@ -2,10 +2,12 @@
 //! kept in one schema per cell, with a fence row instead of a file lock.
 //!
 //! ```text
-//! <schema>.batches          (seq, bytes, crc)          one row per batch, one transaction each
+//! <schema>.batches          (seq, bytes, crc)          one row per batch, one transaction each;
+//!                                                       partitioned by seq range (batches_<k>)
 //! <schema>.checkpoints      (seq, chunk, bytes)        a snapshot in chunks of CHECKPOINT_CHUNK_BYTES_MAX at most
 //! <schema>.checkpoint_heads (seq, chunks, len, crc, set_aside)
 //! <schema>.fence            (one, token)               the writer's token; open increments it
+//! <schema>.layout           (one, batches_per_partition) fixed when the schema is created
 //! ```
 //!
 //! Why a fence and not a lease: `open` takes the cell over by incrementing the
@@ -23,9 +25,14 @@
 //! transactions; its head row is written in the same transaction as the last
 //! chunk, so a checkpoint without a head was never finished and never counts.
 //!
-//! Old log is dropped with `DELETE` in the transaction that completes a
-//! checkpoint; partitioning `batches` by seq range (dropping whole
-//! partitions) is the plan once that costs too much.
+//! Old log goes whole partitions at a time: `batches` is partitioned by
+//! seq range, `batches_per_partition` batches each (partition `batches_<k>`
+//! holds seqs `k·W ..< (k+1)·W`), and the transaction that completes a
+//! checkpoint drops every partition the oldest kept checkpoint covers. No
+//! `DELETE`, so no dead rows for VACUUM to find; the covered rows of the
+//! partition still in use stay until it goes (replay starts after the
+//! checkpoint, so they are never read). The writer creates the partition a
+//! batch needs before its insert, once per partition.
 
 use std::io;
 use std::path::PathBuf;
@@ -51,11 +58,21 @@ pub struct PostgresOptions {
     /// A checkpoint is written in rows (and transactions) of at most this many
     /// bytes; at most [`CHECKPOINT_CHUNK_BYTES_MAX`].
     pub checkpoint_chunk_bytes: usize,
+    /// Batches per partition of `batches`, for a schema created now (an
+    /// existing schema keeps the width it was created with).
+    pub batches_per_partition: u64,
 }
+
+/// Batches per partition of the log: at 1,000 batches a second (a busy
+/// cell's group commits) a partition a quarter of an hour.
+pub const BATCHES_PER_PARTITION_DEFAULT: u64 = 1 << 20;
 
 impl Default for PostgresOptions {
     fn default() -> Self {
-        Self { checkpoint_chunk_bytes: CHECKPOINT_CHUNK_BYTES_MAX }
+        Self {
+            checkpoint_chunk_bytes: CHECKPOINT_CHUNK_BYTES_MAX,
+            batches_per_partition: BATCHES_PER_PARTITION_DEFAULT,
+        }
     }
 }
 
@@ -73,6 +90,10 @@ pub struct PostgresStore {
     statements: Statements,
     /// The fence token this store took the cell over with.
     token: i64,
+    /// The schema's partition width, from its `layout` row.
+    batches_per_partition: u64,
+    /// The highest partition this store made sure exists.
+    partition_made: Option<u64>,
     /// The next batch sequence number; `None` until `replay` has run.
     next_seq: Option<u64>,
     stats: StoreStats,
@@ -114,16 +135,24 @@ fn check_fence(tx: &mut Transaction<'_>, fence_share: &Statement, mine: i64, pla
     Ok(())
 }
 
-/// Creates the schema of a cell and its tables, if missing. The advisory lock
-/// serializes two first opens of one cell, which would otherwise race on
+/// The advisory lock that serializes DDL on a cell's schema (two first
+/// opens, two writers making one partition), which would otherwise race on
 /// `CREATE … IF NOT EXISTS`.
-fn create_tables_sql(schema: &str) -> String {
+fn ddl_lock_sql(schema: &str) -> String {
+    format!("SELECT pg_advisory_xact_lock(hashtext('cellpay-store:{schema}'));")
+}
+
+/// Creates the schema of a cell and its tables, if missing.
+fn create_tables_sql(schema: &str, batches_per_partition: u64) -> String {
     let s = format!("\"{schema}\"");
     format!(
-        "SELECT pg_advisory_xact_lock(hashtext('cellpay-store:{schema}'));
+        "{}
          CREATE SCHEMA IF NOT EXISTS {s};
          CREATE TABLE IF NOT EXISTS {s}.batches (
-             seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL);
+             seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL) PARTITION BY RANGE (seq);
+         CREATE TABLE IF NOT EXISTS {s}.layout (
+             one boolean PRIMARY KEY DEFAULT true CHECK (one), batches_per_partition bigint NOT NULL);
+         INSERT INTO {s}.layout (batches_per_partition) VALUES ({batches_per_partition}) ON CONFLICT DO NOTHING;
          CREATE TABLE IF NOT EXISTS {s}.checkpoints (
              seq bigint, chunk integer, bytes bytea NOT NULL, PRIMARY KEY (seq, chunk));
          CREATE TABLE IF NOT EXISTS {s}.checkpoint_heads (
@@ -131,8 +160,14 @@ fn create_tables_sql(schema: &str) -> String {
              set_aside boolean NOT NULL DEFAULT false);
          CREATE TABLE IF NOT EXISTS {s}.fence (
              one boolean PRIMARY KEY DEFAULT true CHECK (one), token bigint NOT NULL);
-         INSERT INTO {s}.fence (token) VALUES (0) ON CONFLICT DO NOTHING;"
+         INSERT INTO {s}.fence (token) VALUES (0) ON CONFLICT DO NOTHING;",
+        ddl_lock_sql(schema)
     )
+}
+
+/// The partition of `batches` that holds `seq`.
+fn partition_of(seq: u64, width: u64) -> u64 {
+    seq / width
 }
 
 impl PostgresStore {
@@ -147,6 +182,7 @@ impl PostgresStore {
             options.checkpoint_chunk_bytes > 0 && options.checkpoint_chunk_bytes <= CHECKPOINT_CHUNK_BYTES_MAX,
             "checkpoint_chunk_bytes must be in 1..={CHECKPOINT_CHUNK_BYTES_MAX}"
         );
+        assert!(options.batches_per_partition > 0, "batches_per_partition must be at least 1");
         let place = format!("postgres:{schema}");
         let mut config: ::postgres::Config = url.parse().map_err(pg_error(&place))?;
         // A database that does not answer is an error, not a wait without end
@@ -156,9 +192,25 @@ impl PostgresStore {
         }
         let mut client = config.connect(NoTls).map_err(pg_error(&place))?;
         let s = format!("\"{schema}\"");
-        let ddl = create_tables_sql(schema);
+        let ddl = create_tables_sql(schema, options.batches_per_partition);
         let mut tx = client.transaction().map_err(pg_error(&place))?;
         tx.batch_execute(&ddl).map_err(pg_error(&place))?;
+        // A schema made by a cellpay before the log was partitioned.
+        let partitioned = format!(
+            "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{schema}' AND c.relname = 'batches'"
+        );
+        let partitioned: bool = tx.query_one(&partitioned, &[]).and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
+        if !partitioned {
+            return Err(StoreError::Io {
+                path: PathBuf::from(format!("{place}.batches")),
+                source: io::Error::other(
+                    "the log table is not partitioned (made by an older cellpay): move the cell to a new schema",
+                ),
+            });
+        }
+        let width = tx.query_one(&format!("SELECT batches_per_partition FROM {s}.layout"), &[]);
+        let width: i64 = width.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
         let row = tx.query_one(&format!("UPDATE {s}.fence SET token = token + 1 RETURNING token"), &[]);
         let token: i64 = row.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
         tx.commit().map_err(pg_error(&place))?;
@@ -180,6 +232,8 @@ impl PostgresStore {
             options,
             statements,
             token,
+            batches_per_partition: width as u64,
+            partition_made: None,
             next_seq: None,
             stats: StoreStats::default(),
             poisoned: false,
@@ -210,9 +264,33 @@ impl PostgresStore {
         self.checkpoint_failure.take().map_or(Ok(()), Err)
     }
 
+    /// Makes sure the partition that holds `seq` exists (one round trip, once per partition).
+    fn make_partition(&mut self, seq: u64) -> Result<(), StoreError> {
+        let k = partition_of(seq, self.batches_per_partition);
+        if self.partition_made.is_some_and(|made| made >= k) {
+            return Ok(());
+        }
+        let place = self.place("batches");
+        let (from, to) = (k * self.batches_per_partition, (k + 1) * self.batches_per_partition);
+        let sql = format!(
+            "{} CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({});",
+            ddl_lock_sql(&self.schema),
+            self.table(&format!("batches_{k}")),
+            self.table("batches"),
+            sql_seq(from),
+            sql_seq(to)
+        );
+        let mut tx = self.client.transaction().map_err(pg_error(&place))?;
+        tx.batch_execute(&sql).map_err(pg_error(&place))?;
+        tx.commit().map_err(pg_error(&place))?;
+        self.partition_made = Some(k);
+        Ok(())
+    }
+
     /// One statement, one round trip: insert the batch where the fence holds
     /// this store's token. No row inserted: a newer writer took the cell over.
     fn commit_batch(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
+        self.make_partition(seq)?;
         let place = self.place("batches");
         let crc = frame::checksum(seq, batch) as i32;
         // Commit point. If the answer is lost (the connection broke) the batch
@@ -246,6 +324,8 @@ impl PostgresStore {
         let chunks = i32::try_from(chunk_count).expect("a snapshot below 2^31 chunks: RECORD_BYTES_MAX-sized state");
         let insert_chunk = format!("INSERT INTO {chunks_table} (seq, chunk, bytes) VALUES ($1, $2, $3)");
         let drop_covered = self.drop_covered_sql();
+        let (oldest_kept, partitions) = (self.oldest_kept_sql(), self.partitions_sql());
+        let width = self.batches_per_partition;
         for i in 0..chunk_count {
             let chunk = &snapshot[i * chunk_bytes..((i + 1) * chunk_bytes).min(snapshot.len())];
             let mut tx = self.client.transaction().map_err(pg_error(&place))?;
@@ -267,6 +347,7 @@ impl PostgresStore {
                 let (len, crc) = (snapshot.len() as i64, crc32c::crc32c(snapshot) as i32);
                 tx.execute(&head, &[&sql_seq(seq), &chunks, &len, &crc]).map_err(pg_error(&place))?;
                 tx.batch_execute(&drop_covered).map_err(pg_error(&place))?;
+                drop_covered_partitions(&mut tx, &place, &oldest_kept, &partitions, width, &self.schema)?;
             }
             tx.commit().map_err(pg_error(&place))?;
             self.stats.fsyncs += 1;
@@ -276,20 +357,65 @@ impl PostgresStore {
     }
 
     /// Inside the transaction that completes a checkpoint: drops checkpoints
-    /// beyond the newest [`CHECKPOINTS_KEPT`] (set-aside ones stay), chunks
-    /// without a head (an unfinished write of an earlier writer or of ours:
-    /// the fence says no one else is writing), and the batches the oldest kept
-    /// checkpoint covers, so recovery can start from any kept one.
+    /// beyond the newest [`CHECKPOINTS_KEPT`] (set-aside ones stay) and
+    /// chunks without a head (an unfinished write of an earlier writer or of
+    /// ours: the fence says no one else is writing).
     fn drop_covered_sql(&self) -> String {
-        let (heads, chunks, batches) =
-            (self.table("checkpoint_heads"), self.table("checkpoints"), self.table("batches"));
-        let kept = format!("SELECT seq FROM {heads} WHERE NOT set_aside ORDER BY seq DESC LIMIT {CHECKPOINTS_KEPT}");
+        let (heads, chunks) = (self.table("checkpoint_heads"), self.table("checkpoints"));
         format!(
-            "DELETE FROM {heads} WHERE NOT set_aside AND seq NOT IN ({kept});
-             DELETE FROM {chunks} c WHERE NOT EXISTS (SELECT 1 FROM {heads} h WHERE h.seq = c.seq);
-             DELETE FROM {batches} WHERE seq <= (SELECT min(seq) FROM ({kept}) k);"
+            "DELETE FROM {heads} WHERE NOT set_aside AND seq NOT IN ({});
+             DELETE FROM {chunks} c WHERE NOT EXISTS (SELECT 1 FROM {heads} h WHERE h.seq = c.seq);",
+            self.kept_sql()
         )
     }
+
+    /// The seqs of the checkpoints kept, newest first.
+    fn kept_sql(&self) -> String {
+        format!(
+            "SELECT seq FROM {} WHERE NOT set_aside ORDER BY seq DESC LIMIT {CHECKPOINTS_KEPT}",
+            self.table("checkpoint_heads")
+        )
+    }
+
+    /// The seq of the oldest checkpoint kept (none: NULL).
+    fn oldest_kept_sql(&self) -> String {
+        format!("SELECT min(seq) FROM ({}) k", self.kept_sql())
+    }
+
+    /// The names of the partitions of the log.
+    fn partitions_sql(&self) -> String {
+        format!(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = '{}'::regclass",
+            self.table("batches")
+        )
+    }
+}
+
+/// Inside the transaction that completes a checkpoint: drops every
+/// partition of the log whose batches the oldest kept checkpoint covers, so
+/// recovery can start from any kept one. Answers how many went.
+fn drop_covered_partitions(
+    tx: &mut Transaction<'_>,
+    place: &str,
+    oldest_kept_sql: &str,
+    partitions_sql: &str,
+    width: u64,
+    schema: &str,
+) -> Result<u64, StoreError> {
+    let oldest: Option<i64> = tx.query_one(oldest_kept_sql, &[]).and_then(|r| r.try_get(0)).map_err(pg_error(place))?;
+    let Some(oldest) = oldest else { return Ok(0) };
+    let mut dropped = 0;
+    for row in tx.query(partitions_sql, &[]).map_err(pg_error(place))? {
+        let name: String = row.try_get(0).map_err(pg_error(place))?;
+        let Some(k) = name.strip_prefix("batches_").and_then(|k| k.parse::<u64>().ok()) else { continue };
+        // Its last seq, (k+1)·W − 1, is covered.
+        if (k + 1) * width <= oldest as u64 + 1 {
+            tx.batch_execute(&format!("DROP TABLE \"{schema}\".{name}")).map_err(pg_error(place))?;
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }
 
 /// Joins the chunks of checkpoint `seq` (read in `tx` from `chunks_table`)

@@ -55,8 +55,9 @@ struct Postgres {
 
 impl Postgres {
     fn new() -> Self {
-        // Small chunks, so that checkpoints in these tests span several rows.
-        Self::with_options(PostgresOptions { checkpoint_chunk_bytes: 7 })
+        // Small chunks and partitions, so that checkpoints in these tests span
+        // several rows and the log several partitions.
+        Self::with_options(PostgresOptions { checkpoint_chunk_bytes: 7, batches_per_partition: 4 })
     }
 
     fn with_options(options: PostgresOptions) -> Self {
@@ -418,6 +419,65 @@ fn postgresql_a_lost_connection_poisons_the_store_and_a_reopen_reads_what_commit
     let mut r = recover(&backend).unwrap();
     assert_eq!(r.seqs(), [1, 2, 3, 4]);
     r.store.append(5, &payload(5)).unwrap();
+}
+
+/// The partitions of the log, by their first seq.
+fn partitions(backend: &Postgres) -> Vec<u64> {
+    let mut client = postgres::Client::connect(POSTGRES_URL, postgres::NoTls).unwrap();
+    let sql = format!(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = '{}.batches'::regclass",
+        backend.schema
+    );
+    let mut firsts: Vec<u64> = client
+        .query(&sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0).strip_prefix("batches_").unwrap().parse::<u64>().unwrap() * 4)
+        .collect();
+    firsts.sort();
+    firsts
+}
+
+#[test]
+fn postgresql_old_log_goes_a_whole_partition_at_a_time() {
+    let backend = Postgres::new();
+    write_batches(&backend, 30);
+    // Seqs 1..=30 in partitions of 4: [0,4) [4,8) … [28,32).
+    assert_eq!(partitions(&backend), (0..8).map(|k| k * 4).collect::<Vec<_>>());
+    let mut r = recover(&backend).unwrap();
+    r.store.checkpoint(10, b"ten".to_vec()).unwrap();
+    // The oldest kept checkpoint (10) covers [0,4) and [4,8), not [8,12).
+    assert_eq!(partitions(&backend), [8, 12, 16, 20, 24, 28]);
+    r.store.checkpoint(21, b"twenty-one".to_vec()).unwrap();
+    assert_eq!(partitions(&backend), [8, 12, 16, 20, 24, 28], "checkpoint 10 is still kept");
+    r.store.checkpoint(25, b"twenty-five".to_vec()).unwrap();
+    // Kept: 25 and 21; 21 covers [8,12) [12,16) [16,20) but not [20,24).
+    assert_eq!(partitions(&backend), [20, 24, 28]);
+    append_all(&mut r.store, 31, 33);
+    drop(r);
+    // Recovery from either kept checkpoint still finds every batch after it.
+    let r = recover(&backend).unwrap();
+    assert_eq!(r.seqs(), (26..=33).collect::<Vec<_>>());
+    let from_older = replay_from(r.store, 21).unwrap();
+    assert_eq!(from_older.seqs(), (22..=33).collect::<Vec<_>>());
+    assert_eq!(partitions(&backend), [20, 24, 28, 32]);
+    // No row was deleted from the partition still in use (no dead rows for
+    // VACUUM): 20 and 21, which checkpoint 21 covers, stay until it goes.
+    let covered = backend.sql(&format!("SELECT seq FROM {}.batches WHERE seq <= 21", backend.schema));
+    assert_eq!(covered, 2, "no DELETE ran on the log");
+}
+
+#[test]
+fn postgresql_a_schema_whose_log_is_not_partitioned_is_a_clear_error() {
+    let backend = Postgres::new();
+    backend.sql(&format!("CREATE SCHEMA {}", backend.schema));
+    backend.sql(&format!(
+        "CREATE TABLE {}.batches (seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL)",
+        backend.schema
+    ));
+    let err = PostgresStore::open(POSTGRES_URL, &backend.schema, PostgresOptions::default()).err().unwrap();
+    assert!(err.to_string().contains("not partitioned"), "{err}");
 }
 
 #[test]
