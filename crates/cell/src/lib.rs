@@ -16,6 +16,7 @@ mod client;
 mod codel;
 mod engine;
 mod health;
+mod projector;
 mod recovery;
 mod relay;
 mod slot;
@@ -31,6 +32,9 @@ pub use engine::{
     OUTBOX_MESSAGES_MAX_DEFAULT, QUEUE_SHARE_PERCENT,
 };
 pub use health::Health;
+pub use projector::{
+    Projector, ProjectorError, ProjectorStats, PROJECTION_BATCHES_MAX, PROJECTION_POLL, PROJECTION_RETRY,
+};
 pub use recovery::{recover, recover_with_tier, DamagedCheckpoint, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats, RoundError};
 pub use slot::CellSlot;

@@ -342,8 +342,23 @@ async fn serve_cell(
             }
         });
     }
+    // The ledger as SQL tables, filled from the log by a projector of its own.
+    let projection = (token.is_some() && config.sql_tables).then(|| {
+        let stats = Arc::new(cellpay_cell::ProjectorStats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let projector = cellpay_cell::Projector::new(&config.store, &format!("cell_{}", id.0), id, stats.clone());
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("projector-{id}"))
+            .spawn(move || projector.run(&flag))
+            .expect("a thread for the projector");
+        (stats, stop, thread)
+    });
     let metrics = match listen.metrics {
-        Some(at) => Some(serve_metrics(at, slot.clone(), relay_handles, stop_rx.clone()).await?),
+        Some(at) => {
+            let stats = projection.as_ref().map(|(stats, _, _)| stats.clone());
+            Some(serve_metrics(at, slot.clone(), relay_handles, stats, stop_rx.clone()).await?)
+        }
         None => None,
     };
     let data_in = match config.store.as_str() {
@@ -364,6 +379,10 @@ async fn serve_cell(
     let _ = catch_up.await;
     if let Some(m) = metrics {
         let _ = m.await;
+    }
+    if let Some((_, stop, thread)) = projection {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
     slot.clear();
     tokio::task::spawn_blocking(move || cell.stop())
@@ -515,8 +534,10 @@ async fn serve_metrics(
     at: SocketAddr,
     slot: Arc<CellSlot>,
     relays: Vec<cellpay_router::RelayHandle>,
+    projection: Option<Arc<cellpay_cell::ProjectorStats>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let cell = slot.cell();
     use axum::routing::get;
     // No route here takes a token; the state wants one, so it gets one nobody knows.
     use rand::distr::{Alphanumeric, SampleString};
@@ -531,11 +552,12 @@ async fn serve_metrics(
     let app = axum::Router::new()
         .route(
             "/metrics",
-            get(|axum::extract::State(state): axum::extract::State<cellpay_api::AppState>| async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    cellpay_api::metrics::render(&state).await,
-                )
+            get(move |axum::extract::State(state): axum::extract::State<cellpay_api::AppState>| async move {
+                let mut text = cellpay_api::metrics::render(&state).await;
+                if let Some(p) = &projection {
+                    text.push_str(&p.render_prometheus(cell));
+                }
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
             }),
         )
         .route("/healthz", get(|| async { "ok" }))

@@ -98,6 +98,11 @@ settings! {
     /// [default: embedded]. A router ignores it.
     #[arg(long, env = "CELLPAY_STORE", hide_env_values = true)]
     store: String => store;
+    /// With the store in PostgreSQL, keep the ledger readable with SQL: a
+    /// projector in each cell process fills `cell_N.accounts`,
+    /// `cell_N.transfers` and `cell_N.projection` from the log [default: true].
+    #[arg(long, env = "CELLPAY_SQL_TABLES")]
+    sql_tables: bool => sql_tables;
     /// A bearer token, ROLE:SECRET with ROLE client or admin, or
     /// client@TENANT:SECRET for a client acting for TENANT (repeatable;
     /// CELLPAY_TOKENS takes a comma-separated list). None configured: tokens are
@@ -246,6 +251,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `embedded`, or the PostgreSQL URL the cells' stores live in.
     pub store: String,
+    /// A projector fills SQL tables from the log (PostgreSQL stores only).
+    pub sql_tables: bool,
     /// `ROLE:SECRET` specs from flags, environment or file; empty: generate.
     pub tokens: Vec<String>,
     pub body_bytes_max: usize,
@@ -281,6 +288,7 @@ impl Default for Config {
             listen: "127.0.0.1:7070".parse().expect("a valid address"),
             data_dir: PathBuf::from("./cellpay-data"),
             store: "embedded".to_string(),
+            sql_tables: true,
             tokens: Vec::new(),
             body_bytes_max: 4 << 20,
             batch_items_max: 8190,
@@ -438,7 +446,7 @@ mod tests {
             assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
             checked += 1;
         }
-        assert_eq!(checked, 32, "every setting but --config, --token, --rules and --degrade-plan");
+        assert_eq!(checked, 33, "every setting but --config, --token, --rules and --degrade-plan");
     }
 
     #[test]

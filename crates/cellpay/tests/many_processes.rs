@@ -590,6 +590,19 @@ fn cells_on_postgresql_lose_nothing_to_a_kill_9() {
     assert!(batches > 0, "cell 0's batches and checkpoints are in PostgreSQL");
     assert!(fence >= 2, "the restarted process took a new fencing token ({fence})");
     assert!(!dir.path().join("cell-0").join("log").exists(), "no embedded log was written");
+    // The ledger is readable with SQL, the killed process's projection carried on by its replacement.
+    s.eventually("the SQL tables catch up with the log", || {
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&store.url(), tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(connection);
+            let sql = "SELECT (SELECT balance FROM cell_0.accounts WHERE id = $1), \
+                       (SELECT count(*) FROM cell_0.transfers WHERE payer = $1 AND status = 'settled'), \
+                       (SELECT balance FROM cell_1.accounts WHERE id = $2)";
+            let row = client.query_one(sql, &[payer, payee]).await.unwrap();
+            let (paid, settled, received): (Option<i64>, i64, Option<i64>) = (row.get(0), row.get(1), row.get(2));
+            paid == Some(1_000 - 31) && settled == 31 && received == Some(31)
+        })
+    });
 }
 
 /// On PostgreSQL the fence is a token the store takes at open: a second

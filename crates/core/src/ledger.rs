@@ -345,6 +345,34 @@ pub struct Ledger {
     pub(crate) balance_sum: i128,
     /// Accounts without overdraft below zero, kept with every change (I4).
     pub(crate) negative_accounts: u64,
+    /// What changed since the last `take_touched`, when a projection asks
+    /// (`set_touched`); not state: neither in a snapshot nor compared.
+    pub(crate) touched: Option<TouchedMarks>,
+}
+
+/// The accounts and transfer records changed since the last `take_touched`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TouchedMarks {
+    accounts: Vec<u32>,
+    records: Vec<u64>,
+    /// Records closed after they left memory (pending ones kept aside).
+    closed_evicted: Vec<TransferRow>,
+}
+
+/// A transfer as a projection writes it: its view, and when it was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRow {
+    pub transfer: TransferView,
+    /// The cell's clock when it was accepted, Unix milliseconds (rounded up to a second).
+    pub accepted_at_ms: u64,
+}
+
+/// What a stretch of batches changed, for a projection: each account and
+/// transfer once, as they are now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub accounts: Vec<AccountView>,
+    pub transfers: Vec<TransferRow>,
 }
 
 impl PartialEq for Ledger {
@@ -399,6 +427,7 @@ impl Ledger {
             digests: vec![0; shards as usize],
             balance_sum: 0,
             negative_accounts: 0,
+            touched: None,
         }
     }
 
@@ -443,6 +472,9 @@ impl Ledger {
         }
         a.balance = balance;
         debug_assert!(a.overdraft || a.balance >= 0, "I4: {} went negative", a.id);
+        if let Some(t) = &mut self.touched {
+            t.accounts.push(i);
+        }
     }
 
     fn add_leg(&mut self, i: u32, transfer: &TransferId, kind: EntryKind) {
@@ -484,7 +516,44 @@ impl Ledger {
         let seq = self.records_first_seq + self.records.len() as u64;
         record.same_id_prev = self.record_index.insert(record.id.clone(), seq).map_or(0, |prev| prev + 1);
         self.records.push_back(record);
+        if let Some(t) = &mut self.touched {
+            t.records.push(seq);
+        }
         seq
+    }
+
+    /// Records, from now on, what changes (for a projection); off, forgets.
+    pub fn set_touched(&mut self, on: bool) {
+        self.touched = on.then(TouchedMarks::default);
+    }
+
+    /// What changed since the last call (or `set_touched`): each account and
+    /// record once, as it is now. Call it before the batch ends (records
+    /// leave memory only at a batch's end).
+    pub fn take_touched(&mut self) -> Touched {
+        let Some(marks) = self.touched.as_mut().map(std::mem::take) else { return Touched::default() };
+        let mut accounts = marks.accounts;
+        accounts.sort_unstable();
+        accounts.dedup();
+        let mut records = marks.records;
+        records.sort_unstable();
+        records.dedup();
+        let mut transfers: Vec<TransferRow> = records
+            .iter()
+            .filter_map(|&seq| self.record(seq))
+            .map(|r| TransferRow { transfer: self.transfer_view(r), accepted_at_ms: r.at_ms() })
+            .collect();
+        transfers.extend(marks.closed_evicted);
+        Touched { accounts: accounts.into_iter().map(|i| self.view(i)).collect(), transfers }
+    }
+
+    /// Every account and every transfer record in memory (a projection's resync).
+    pub fn everything(&self) -> Touched {
+        let rows = |r: &TransferRecord| TransferRow { transfer: self.transfer_view(r), accepted_at_ms: r.at_ms() };
+        Touched {
+            accounts: (0..self.accounts.len() as u32).map(|i| self.view(i)).collect(),
+            transfers: self.records.iter().chain(self.evicted_pending.values()).map(rows).collect(),
+        }
     }
 
     /// Moves the oldest records out of memory until at most
@@ -674,6 +743,9 @@ impl Ledger {
         self.index.insert(o.id.clone(), i);
         let d = &mut self.digests[shard as usize];
         *d = d.wrapping_add(digest::account_term(id_hash, 0));
+        if let Some(t) = &mut self.touched {
+            t.accounts.push(i);
+        }
         Outcome::AccountOpened { account: self.view(i), created: true }
     }
 
@@ -1052,9 +1124,19 @@ impl Ledger {
         if let Some(record) = self.record_mut(entry.record_seq) {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = status;
+            if let Some(t) = &mut self.touched {
+                t.records.push(entry.record_seq);
+            }
         } else if let Some(key) = self.evicted_pending_seq.remove(&entry.record_seq) {
             let mut record = self.evicted_pending.remove(&key).expect("both maps hold an evicted pending record");
             record.status = status;
+            let row = self
+                .touched
+                .is_some()
+                .then(|| TransferRow { transfer: self.transfer_view(&record), accepted_at_ms: record.at_ms() });
+            if let (Some(t), Some(row)) = (&mut self.touched, row) {
+                t.closed_evicted.push(row);
+            }
             if self.spill {
                 let old = self.old_record(&record);
                 self.spilled.push(old);

@@ -43,7 +43,7 @@ pub use audit::{
 pub use command::*;
 pub use error::{ErrorCode, Rejection};
 pub use ids::{AccountId, CellId, IdError, TenantId, TransferId, TENANT_DEFAULT};
-pub use ledger::{Admission, IdempotencyReach, Ledger, Limits, IDEMPOTENCY_WINDOW_MS_DEFAULT};
+pub use ledger::{Admission, IdempotencyReach, Ledger, Limits, Touched, TransferRow, IDEMPOTENCY_WINDOW_MS_DEFAULT};
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use older::{idempotency_key, NoOlder, OldRecord, OlderRecords};
 pub use priority::{priority_of, Priority};

@@ -97,6 +97,22 @@ impl CellState {
         self.shadow.release_records(marks.shadow, marks.round);
     }
 
+    /// Records what the real ledger's batches change, for a projection (see
+    /// `Ledger::take_touched`); shadow traffic is not projected.
+    pub fn set_touched(&mut self, on: bool) {
+        self.real.set_touched(on);
+    }
+
+    /// What the real ledger changed since the last call; before `end_batch`.
+    pub fn take_touched(&mut self) -> crate::ledger::Touched {
+        self.real.take_touched()
+    }
+
+    /// The real ledger's accounts and in-memory transfers, for a projection's resync.
+    pub fn everything(&self) -> crate::ledger::Touched {
+        self.real.everything()
+    }
+
     /// Hands records that leave memory to a disk tier (both ledgers): see `take_spilled`.
     pub fn set_spill(&mut self, spill: bool) {
         self.real.set_spill(spill);

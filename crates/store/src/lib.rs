@@ -15,7 +15,7 @@ mod embedded;
 mod frame;
 mod postgres;
 
-pub use crate::postgres::{PostgresOptions, PostgresStore, CHECKPOINT_CHUNK_BYTES_MAX};
+pub use crate::postgres::{PostgresOptions, PostgresStore, BATCHES_PER_PARTITION_DEFAULT, CHECKPOINT_CHUNK_BYTES_MAX};
 pub use embedded::{EmbeddedStore, StoreOptions, CHECKPOINTS_KEPT};
 pub use frame::{RECORD_BYTES_MAX, RECORD_HEADER_BYTES};
 

@@ -149,7 +149,8 @@ fn create_tables_sql(schema: &str, batches_per_partition: u64) -> String {
         "{}
          CREATE SCHEMA IF NOT EXISTS {s};
          CREATE TABLE IF NOT EXISTS {s}.batches (
-             seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL) PARTITION BY RANGE (seq);
+             seq bigint PRIMARY KEY, bytes bytea NOT NULL, crc integer NOT NULL,
+             committed_at timestamptz NOT NULL DEFAULT clock_timestamp()) PARTITION BY RANGE (seq);
          CREATE TABLE IF NOT EXISTS {s}.layout (
              one boolean PRIMARY KEY DEFAULT true CHECK (one), batches_per_partition bigint NOT NULL);
          INSERT INTO {s}.layout (batches_per_partition) VALUES ({batches_per_partition}) ON CONFLICT DO NOTHING;
@@ -191,6 +192,12 @@ impl PostgresStore {
             config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
         }
         let mut client = config.connect(NoTls).map_err(pg_error(&place))?;
+        // Never a statement timeout on the store's session, whatever the role,
+        // database or server sets: PostgreSQL answers a commit whose wait for
+        // a synchronous standby was cancelled (which a statement timeout does)
+        // as committed, with only a WARNING. The cell would then acknowledge a
+        // batch the standby may not have, and a failover would lose it (I2).
+        client.batch_execute("SET statement_timeout = 0").map_err(pg_error(&place))?;
         let s = format!("\"{schema}\"");
         let ddl = create_tables_sql(schema, options.batches_per_partition);
         let mut tx = client.transaction().map_err(pg_error(&place))?;
@@ -239,6 +246,52 @@ impl PostgresStore {
             poisoned: false,
             checkpoint_failure: None,
         })
+    }
+
+    /// Opens the cell's store to read it only (a projection, an inspection):
+    /// it takes nothing over (the fence stays as it is), creates nothing, and
+    /// every write it tries is refused as [`StoreError::Fenced`]. Errors when
+    /// the cell's schema does not exist yet.
+    pub fn open_reader(url: &str, schema: &str) -> Result<Self, StoreError> {
+        if !is_plain_identifier(schema) {
+            return Err(StoreError::SchemaName { name: schema.to_string() });
+        }
+        let place = format!("postgres:{schema}");
+        let mut config: ::postgres::Config = url.parse().map_err(pg_error(&place))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
+        }
+        let mut client = config.connect(NoTls).map_err(pg_error(&place))?;
+        let s = format!("\"{schema}\"");
+        let width = client.query_one(&format!("SELECT batches_per_partition FROM {s}.layout"), &[]);
+        let width: i64 = width.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
+        let statements = Statements {
+            fence_share: client.prepare(&format!("SELECT token FROM {s}.fence FOR SHARE")).map_err(pg_error(&place))?,
+            insert_batch: client
+                .prepare(&format!(
+                    "INSERT INTO {s}.batches (seq, bytes, crc) SELECT $1, $2, $3 FROM {s}.fence WHERE token = $4 FOR SHARE"
+                ))
+                .map_err(pg_error(&place))?,
+        };
+        Ok(Self {
+            client,
+            schema: schema.to_string(),
+            options: PostgresOptions::default(),
+            statements,
+            // No token is ever below 0: every write finds the fence elsewhere.
+            token: -1,
+            batches_per_partition: width as u64,
+            partition_made: None,
+            next_seq: None,
+            stats: StoreStats::default(),
+            poisoned: false,
+            checkpoint_failure: None,
+        })
+    }
+
+    /// The connection, for a reader's own queries (a projection writes its tables through it).
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
     }
 
     /// The fence token this store took the cell over with.
