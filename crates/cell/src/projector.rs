@@ -46,9 +46,15 @@ pub const PROJECTION_POLL: Duration = Duration::from_millis(20);
 /// Log batches folded into one projection transaction at most (I7): a
 /// projector far behind catches up in steps of this many.
 pub const PROJECTION_BATCHES_MAX: usize = 512;
+/// Rows (accounts and transfers changed) one projection transaction writes
+/// at most (I7): a stretch of big batches is cut after the batch that passes it.
+pub const PROJECTION_ROWS_MAX: usize = 65_536;
 /// The pause before a projector that failed (the database gone, the cell's
-/// schema not there yet) tries again.
+/// schema not there yet) tries again; it doubles with each failure in a row,
+/// up to [`PROJECTION_RETRY_MAX`] (a replica is rebuilt from a checkpoint at
+/// each try, which costs the cell's database).
 pub const PROJECTION_RETRY: Duration = Duration::from_secs(1);
+pub const PROJECTION_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What the projector did, for `/metrics` and tests.
 #[derive(Debug)]
@@ -93,6 +99,12 @@ impl ProjectorStats {
         let h = self.lag_us.lock().expect("lag lock");
         let ms = |us: u64| us as f64 / 1e3;
         (ms(h.value_at_quantile(0.5)), ms(h.value_at_quantile(0.99)), ms(h.max()))
+    }
+
+    /// Forgets the lag measured so far (a benchmark's measured phase starts).
+    pub fn reset_lag(&self) {
+        self.lag_seconds.reset();
+        self.lag_us.lock().expect("lag lock").reset();
     }
 
     /// Batches the projector has read from the log and committed to the tables.
@@ -194,9 +206,15 @@ struct Pending {
     /// Log batches folded in: the first and last seq.
     from: u64,
     through: u64,
+    /// When each committed, Unix seconds on the database's clock.
+    committed_at_s: Vec<f64>,
 }
 
 impl Pending {
+    fn rows(&self) -> usize {
+        self.accounts.len() + self.transfers.len()
+    }
+
     fn add(&mut self, touched: cellpay_core::Touched) {
         for a in touched.accounts {
             self.accounts.insert(a.id.clone(), a);
@@ -228,16 +246,23 @@ impl Projector {
 
     /// Runs until `stop`, starting over after each failure.
     pub fn run(&self, stop: &AtomicBool) {
+        let mut pause = PROJECTION_RETRY;
         while !stop.load(Relaxed) {
+            let written_before = self.stats.transactions.load(Relaxed);
             if let Err(e) = self.run_once(stop) {
                 self.stats.failures.fetch_add(1, Relaxed);
-                tracing::warn!(cell = %self.cell, "the SQL projection stopped and starts over: {e}");
+                // A run that wrote something was a good run: the backoff starts over.
+                if self.stats.transactions.load(Relaxed) > written_before {
+                    pause = PROJECTION_RETRY;
+                }
+                tracing::warn!(cell = %self.cell, "the SQL projection stopped and starts over in {pause:?}: {e}");
                 *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
                 let mut waited = Duration::ZERO;
-                while waited < PROJECTION_RETRY && !stop.load(Relaxed) {
+                while waited < pause && !stop.load(Relaxed) {
                     std::thread::sleep(PROJECTION_POLL);
                     waited += PROJECTION_POLL;
                 }
+                pause = (pause * 2).min(PROJECTION_RETRY_MAX);
             }
         }
     }
@@ -306,8 +331,9 @@ impl Projector {
     }
 
     /// Applies up to [`PROJECTION_BATCHES_MAX`] log batches after the
-    /// replica's (none past `until`), collecting what those after
-    /// `watermark` changed.
+    /// replica's (none past `until`, and none more once
+    /// [`PROJECTION_ROWS_MAX`] rows wait), collecting what those after
+    /// `watermark` changed. One bounded query: no long read holds the log.
     fn read_log(
         &self,
         reader: &mut PostgresStore,
@@ -316,46 +342,35 @@ impl Projector {
         until: u64,
     ) -> Result<Pending, ProjectorError> {
         let mut pending = Pending::default();
-        let mut count = 0usize;
-        let mut failure: Option<ProjectorError> = None;
-        let result = reader.replay(replica.at, &mut |seq, bytes| {
-            let batch = decode_batch(bytes)?;
+        let left = usize::try_from(until.saturating_sub(replica.at)).unwrap_or(usize::MAX);
+        for row in reader.read_after(replica.at, PROJECTION_BATCHES_MAX.min(left))? {
+            let seq = row.seq;
+            let batch = decode_batch(&row.bytes).map_err(|e| ProjectorError::Replay { seq, reason: e.to_string() })?;
             replica.state.advance_clock(batch.clock_ms);
             for cmd in &batch.commands {
                 let outcome = replica.state.replay(cmd);
                 if !outcome.changed_state() {
-                    failure = Some(ProjectorError::Replay {
-                        seq,
-                        reason: format!("a logged command did not apply: {outcome:?}"),
-                    });
-                    return Err("stop".into());
+                    let reason = format!("a logged command did not apply: {outcome:?}");
+                    return Err(ProjectorError::Replay { seq, reason });
                 }
             }
             let touched = replica.state.take_touched();
             replica.state.end_batch();
             replica.at = seq;
+            self.stats.log_seq.fetch_max(seq, Relaxed);
             if seq > watermark {
                 if pending.from == 0 {
                     pending.from = seq;
                 }
                 pending.through = seq;
+                pending.committed_at_s.push(row.committed_at_s);
                 pending.add(touched);
+                if pending.rows() >= PROJECTION_ROWS_MAX {
+                    break;
+                }
             }
-            count += 1;
-            self.stats.log_seq.fetch_max(seq, Relaxed);
-            if count >= PROJECTION_BATCHES_MAX || seq >= until {
-                return Err(ENOUGH.into());
-            }
-            Ok(())
-        });
-        if let Some(f) = failure {
-            return Err(f);
         }
-        match result {
-            Ok(_) => Ok(pending),
-            Err(StoreError::Visit { source, .. }) if source.to_string() == ENOUGH => Ok(pending),
-            Err(e) => Err(e.into()),
-        }
+        Ok(pending)
     }
 
     /// Writes `pending` and moves the watermark from `watermark` to
@@ -366,28 +381,21 @@ impl Projector {
         let mut tx = client.transaction().map_err(sql(place))?;
         upsert(&mut tx, &s, pending.accounts.values(), pending.transfers.values(), pending.through, place)?;
         let moved = tx
-            .execute(
+            .query_opt(
                 &format!(
-                    "UPDATE {s}.projection SET batch_seq = $1, projected_at = clock_timestamp() WHERE batch_seq = $2"
+                    "UPDATE {s}.projection SET batch_seq = $1, projected_at = clock_timestamp() WHERE batch_seq = $2 \
+                     RETURNING EXTRACT(EPOCH FROM clock_timestamp())::float8"
                 ),
                 &[&(pending.through as i64), &(watermark as i64)],
             )
             .map_err(sql(place))?;
-        if moved != 1 {
+        let Some(now) = moved else {
             return Err(ProjectorError::Raced { schema: self.schema.clone(), expected: watermark });
-        }
-        let lags = tx
-            .query(
-                &format!(
-                    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - committed_at)::float8 FROM {s}.batches \
-                     WHERE seq >= $1 AND seq <= $2"
-                ),
-                &[&(pending.from as i64), &(pending.through as i64)],
-            )
-            .map_err(sql(place))?;
+        };
         tx.commit().map_err(sql(place))?;
-        for row in lags {
-            self.stats.observe_lag(row.get(0));
+        let now: f64 = now.get(0);
+        for committed in &pending.committed_at_s {
+            self.stats.observe_lag(now - committed);
         }
         self.stats.transactions.fetch_add(1, Relaxed);
         self.stats.accounts_written.fetch_add(pending.accounts.len() as u64, Relaxed);
@@ -428,9 +436,6 @@ impl Projector {
     }
 }
 
-/// Stops a replay after [`PROJECTION_BATCHES_MAX`] batches (not an error).
-const ENOUGH: &str = "cellpay-projection-enough";
-
 /// Upserts accounts and transfers, one statement each (arrays unnested).
 fn upsert<'a>(
     tx: &mut postgres::Transaction<'_>,
@@ -464,7 +469,16 @@ fn upsert<'a>(
     }
     let (mut payers, mut tids, mut payees, mut amounts, mut tcurrencies, mut statuses, mut accepted) =
         (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+    // One row per key (a payer may reuse an id once the first left the
+    // idempotency window: the newer wins), or the upsert would touch a row twice.
+    let mut newest: HashMap<(&str, &str), &TransferRow> = HashMap::new();
     for t in transfers {
+        let key = (t.transfer.from.as_str(), t.transfer.id.as_str());
+        if newest.get(&key).is_none_or(|had| had.accepted_at_ms <= t.accepted_at_ms) {
+            newest.insert(key, t);
+        }
+    }
+    for t in newest.into_values() {
         payers.push(t.transfer.from.as_str().to_string());
         tids.push(t.transfer.id.as_str().to_string());
         payees.push(t.transfer.to.as_str().to_string());
@@ -480,7 +494,9 @@ fn upsert<'a>(
                  SELECT payer, id, payee, amount, currency, status, to_timestamp(accepted_ms / 1000.0), $8 \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bigint[]) \
                      AS u(payer, id, payee, amount, currency, status, accepted_ms) \
-                 ON CONFLICT (payer, id) DO UPDATE SET status = EXCLUDED.status, batch_seq = EXCLUDED.batch_seq"
+                 ON CONFLICT (payer, id) DO UPDATE SET payee = EXCLUDED.payee, amount = EXCLUDED.amount, \
+                     currency = EXCLUDED.currency, status = EXCLUDED.status, accepted_at = EXCLUDED.accepted_at, \
+                     batch_seq = EXCLUDED.batch_seq"
             ),
             &[&payers, &tids, &payees, &amounts, &tcurrencies, &statuses, &accepted, &batch],
         )

@@ -66,6 +66,10 @@ pub struct Args {
     /// and created afresh (and dropped after); the tier stays in the directory.
     #[arg(long, default_value = "embedded")]
     store: String,
+    /// With --store postgres://…: run the SQL projector beside the engine (as
+    /// a cell process does) and report its lag and whether it kept up.
+    #[arg(long)]
+    project: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -99,6 +103,22 @@ struct Report {
     retries_paid_again: u64,
     tier: Option<TierReport>,
     recovery: Option<RecoveryFigures>,
+    projection: Option<ProjectionFigures>,
+}
+
+#[derive(Serialize)]
+struct ProjectionFigures {
+    /// Lag from a batch's commit to its rows in the SQL tables, over the measured phase.
+    lag_p50_ms: f64,
+    lag_p99_ms: f64,
+    lag_max_ms: f64,
+    /// Batches the log held at the end of the measured phase, and those the tables showed then.
+    log_batches: u64,
+    projected_batches: u64,
+    /// After the load stopped: how long the tables took to show the last batch.
+    caught_up_after_ms: f64,
+    accounts_written: u64,
+    transfers_written: u64,
 }
 
 #[derive(Serialize)]
@@ -333,6 +353,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let cell = open()?;
     let handle = cell.handle();
+    anyhow::ensure!(!args.project || postgres.is_some(), "--project needs --store postgres://…");
+    let projection = postgres.as_ref().filter(|_| args.project).map(|url| {
+        let stats = std::sync::Arc::new(cellpay_cell::ProjectorStats::default());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let projector = cellpay_cell::Projector::new(url, PG_SCHEMA, CellId(0), stats.clone());
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || projector.run(&flag));
+        (stats, stop, thread)
+    });
     let ids: Vec<AccountId> = (0..args.accounts).map(account_id).collect();
     let bank = AccountId::new("bank").expect("valid id");
     let mut p = Pipeline {
@@ -353,6 +382,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     p.rejected.clear();
 
     handle.stats().reset_histograms();
+    // The projection's lag is measured over the measured phase: wait for the
+    // setup's batches to be projected, then start counting afresh.
+    let lag_before = projection.as_ref().map(|(stats, _, _)| {
+        let target = handle.stats().batches.load(Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while stats.batch_seq.load(Relaxed) < target.saturating_sub(1) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stats.reset_lag();
+        stats.lag_count()
+    });
     let before = handle.stats().snapshot();
     let cpu_before = process_cpu_ns();
     let zipf = match args.zipf {
@@ -377,6 +417,32 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     p.drain()?;
     let elapsed = started.elapsed().as_secs_f64();
     let after = handle.stats().snapshot();
+    let projection_figures = match (&projection, lag_before) {
+        (Some((stats, _, _)), Some(_)) => {
+            let log_batches = last_batch(postgres.as_deref().expect("projection runs on PostgreSQL"))?;
+            let projected_batches = stats.batch_seq.load(Relaxed);
+            let waited = Instant::now();
+            while stats.batch_seq.load(Relaxed) < log_batches && waited.elapsed() < Duration::from_secs(600) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let (lag_p50_ms, lag_p99_ms, lag_max_ms) = stats.lag_ms();
+            Some(ProjectionFigures {
+                lag_p50_ms,
+                lag_p99_ms,
+                lag_max_ms,
+                log_batches,
+                projected_batches,
+                caught_up_after_ms: waited.elapsed().as_secs_f64() * 1e3,
+                accounts_written: stats.accounts_written.load(Relaxed),
+                transfers_written: stats.transfers_written.load(Relaxed),
+            })
+        }
+        _ => None,
+    };
+    if let Some((_, stop, thread)) = projection {
+        stop.store(true, Relaxed);
+        let _ = thread.join();
+    }
     let process_cpu = process_cpu_ns() - cpu_before;
     let transfers = p.transfers.max(1) as f64;
     let bytes = (after.log_bytes - before.log_bytes) + (after.checkpoint_bytes - before.checkpoint_bytes);
@@ -416,6 +482,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             disk_read_us_mean: t.disk_read_ns as f64 / 1e3 / t.disk_reads.max(1) as f64,
         }),
         recovery: None,
+        projection: projection_figures,
     };
     if args.recovery {
         // Measure recovery at its worst: just before the next checkpoint, when
@@ -447,6 +514,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         drop_schema(url)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The newest batch in the bench's log.
+fn last_batch(url: &str) -> anyhow::Result<u64> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let row = client.query_one(&format!("SELECT coalesce(max(seq), 0) FROM {PG_SCHEMA}.batches"), &[]).await?;
+        anyhow::Ok(row.get::<_, i64>(0) as u64)
+    })
 }
 
 /// The schema `bench engine --store postgres://…` writes its cell to.
@@ -513,6 +591,12 @@ fn print_report(r: &Report, json: bool) -> anyhow::Result<()> {
         println!(
             "  recovery       {:.0} ms for {} accounts, {} transfers ever (checkpoint at batch {}, {} batches / {} commands replayed)",
             rec.recovery_ms, rec.accounts, rec.transfers_total, rec.checkpoint_seq, rec.batches_replayed, rec.commands_replayed
+        );
+    }
+    if let Some(p) = &r.projection {
+        println!(
+            "  SQL projection lag p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; at the end it showed batch {} of {}, all {:.0} ms later ({} account and {} transfer rows written)",
+            p.lag_p50_ms, p.lag_p99_ms, p.lag_max_ms, p.projected_batches, p.log_batches, p.caught_up_after_ms, p.accounts_written, p.transfers_written
         );
     }
     Ok(())

@@ -381,8 +381,13 @@ async fn serve_cell(
         let _ = m.await;
     }
     if let Some((_, stop, thread)) = projection {
+        // The projector stops between two of its transactions; one stuck on
+        // a dead connection is left behind (the process exits), never waited for.
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while !thread.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     slot.clear();
     tokio::task::spawn_blocking(move || cell.stop())
@@ -433,8 +438,14 @@ async fn open_store_patiently(
             }
             Err(e) => e,
         };
+        // A PostgreSQL error anywhere in the chain: at open, or during the
+        // replay (recovery's errors wrap the store's transparently).
         let unreachable = error.chain().any(|c| {
-            matches!(c.downcast_ref::<cellpay_store::StoreError>(), Some(cellpay_store::StoreError::Postgres { .. }))
+            c.downcast_ref::<tokio_postgres::Error>().is_some()
+                || matches!(
+                    c.downcast_ref::<cellpay_store::StoreError>(),
+                    Some(cellpay_store::StoreError::Postgres { .. })
+                )
         });
         if !unreachable || started.elapsed() >= STORE_OPEN_PATIENCE {
             return Err(error);

@@ -141,7 +141,8 @@ pub(crate) async fn failover(
             } else {
                 tokio::time::sleep(kill_at).await;
             }
-            let killed = pair.kill_primary()?;
+            let killing = pair.clone();
+            let killed = tokio::task::spawn_blocking(move || killing.kill_primary()).await??;
             let killed_at = start.elapsed();
             tokio::time::sleep(PROMOTE_AFTER).await;
             let acting = pair.clone();

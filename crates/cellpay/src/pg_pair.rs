@@ -94,9 +94,12 @@ pub fn pg_bin() -> anyhow::Result<PathBuf> {
     versions.pop().map(|(_, bin)| bin).context("no PostgreSQL with initdb under /usr/lib/postgresql")
 }
 
-/// A free loopback TCP port (free when asked; PostgreSQL binds it right after).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Two different free loopback TCP ports (free when asked; PostgreSQL binds
+/// them right after): both listeners are held until both ports are chosen.
+fn free_ports() -> anyhow::Result<(u16, u16)> {
+    let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let b = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 /// One PostgreSQL instance of the pair.
@@ -130,8 +133,9 @@ impl PgPair {
         let bin = pg_bin()?;
         let dir = tempfile::Builder::new().prefix("cellpay-pg-pair-").tempdir()?;
         chown_to_postgres(dir.path())?;
-        let primary = Instance { data: dir.path().join("primary"), port: free_port()? };
-        let standby = Instance { data: dir.path().join("standby"), port: free_port()? };
+        let (primary_port, standby_port) = free_ports()?;
+        let primary = Instance { data: dir.path().join("primary"), port: primary_port };
+        let standby = Instance { data: dir.path().join("standby"), port: standby_port };
         let pair = Self { bin, dir, primary, standby };
         let mut initdb = pair.tool("initdb");
         initdb.arg("-D").arg(&pair.primary.data);
@@ -251,6 +255,11 @@ impl PgPair {
         let pm = self.primary.postmaster().context("the primary has no postmaster.pid")?;
         // SAFETY: kill(2) on the postmaster this pair started.
         unsafe { libc::kill(pm, libc::SIGSTOP) };
+        // SIGSTOP is delivered asynchronously: only once it is stopped can it fork nothing more.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while state(pm).is_some_and(|s| s != "T") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut pids = children_of(pm);
         pids.push(pm);
         for &pid in &pids {
@@ -338,17 +347,27 @@ impl Drop for PgPair {
                 while runs(pm) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                // Still there (stopped, or stuck): it goes before its directory does.
+                if runs(pm) {
+                    for pid in children_of(pm).into_iter().chain([pm]) {
+                        // SAFETY: kill(2) on processes of an instance this pair started.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
             }
         }
     }
 }
 
+/// The state letter of `pid` (R, S, T, Z, …), if it exists.
+fn state(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().next()?.to_string())
+}
+
 /// Does `pid` exist and run (not a zombie)?
 fn runs(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
-        .unwrap_or(false)
+    state(pid).is_some_and(|s| s != "Z")
 }
 
 /// The pids whose parent is `parent`, from /proc.

@@ -94,6 +94,10 @@ pub struct PostgresStore {
     batches_per_partition: u64,
     /// The highest partition this store made sure exists.
     partition_made: Option<u64>,
+    /// The batch from which to try again to make the next partition ahead.
+    ahead_from: u64,
+    /// A reader (`open_reader`): it writes nothing.
+    read_only: bool,
     /// The next batch sequence number; `None` until `replay` has run.
     next_seq: Option<u64>,
     stats: StoreStats,
@@ -123,6 +127,59 @@ fn sql_seq(seq: u64) -> i64 {
 fn not_found(path: PathBuf, what: String) -> StoreError {
     StoreError::Io { path, source: io::Error::new(io::ErrorKind::NotFound, what) }
 }
+
+/// TCP keepalive on the store's connections: idle this long, then a probe
+/// every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] unanswered ones and the
+/// connection is closed. A database that vanished from the network (its
+/// machine gone, a cut cable) then fails the write in flight after about
+/// 10 s instead of never; the cell's process exits and its replacement finds
+/// whichever server accepts writes.
+pub const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const KEEPALIVE_RETRIES: u32 = 5;
+/// Data sent and not acknowledged by the server's machine for this long closes the connection.
+pub const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Connects to `url` with the store's bounds: a connect timeout (the URL's
+/// own wins), TCP keepalive and a user timeout, and never a statement timeout.
+fn connect(url: &str, place: &str) -> Result<Client, StoreError> {
+    let mut config: ::postgres::Config = url.parse().map_err(pg_error(place))?;
+    // A database that does not answer is an error, not a wait without end (I7).
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
+    }
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES)
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
+    let mut client = config.connect(NoTls).map_err(pg_error(place))?;
+    // Never a statement timeout on the store's session, whatever the role,
+    // database or server sets: PostgreSQL answers a commit whose wait for a
+    // synchronous standby was cancelled (which a statement timeout does) as
+    // committed, with only a WARNING. The cell would then acknowledge a batch
+    // the standby may not have, and a failover would lose it (I2).
+    client.batch_execute("SET statement_timeout = 0").map_err(pg_error(place))?;
+    Ok(client)
+}
+
+/// One batch of the log as a reader gets it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedRow {
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    /// When it committed, Unix seconds on the database's clock.
+    pub committed_at_s: f64,
+}
+
+/// How long DDL off the write path (a partition made ahead, old ones
+/// dropped) waits for its lock before it gives up until later: it takes the
+/// log table's exclusive lock, which a long read would otherwise make every
+/// commit queue behind.
+const DDL_LOCK_TIMEOUT: &str = "100ms";
+/// Batches between two tries to make the next partition ahead of time.
+const AHEAD_RETRY_BATCHES: u64 = 64;
 
 /// Reads the fence inside `tx`, holding it `FOR SHARE` until the commit, and
 /// refuses unless it still carries `mine`.
@@ -185,19 +242,7 @@ impl PostgresStore {
         );
         assert!(options.batches_per_partition > 0, "batches_per_partition must be at least 1");
         let place = format!("postgres:{schema}");
-        let mut config: ::postgres::Config = url.parse().map_err(pg_error(&place))?;
-        // A database that does not answer is an error, not a wait without end
-        // (I7); the URL's own `connect_timeout` wins.
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
-        }
-        let mut client = config.connect(NoTls).map_err(pg_error(&place))?;
-        // Never a statement timeout on the store's session, whatever the role,
-        // database or server sets: PostgreSQL answers a commit whose wait for
-        // a synchronous standby was cancelled (which a statement timeout does)
-        // as committed, with only a WARNING. The cell would then acknowledge a
-        // batch the standby may not have, and a failover would lose it (I2).
-        client.batch_execute("SET statement_timeout = 0").map_err(pg_error(&place))?;
+        let mut client = connect(url, &place)?;
         let s = format!("\"{schema}\"");
         let ddl = create_tables_sql(schema, options.batches_per_partition);
         let mut tx = client.transaction().map_err(pg_error(&place))?;
@@ -241,6 +286,8 @@ impl PostgresStore {
             token,
             batches_per_partition: width as u64,
             partition_made: None,
+            ahead_from: 0,
+            read_only: false,
             next_seq: None,
             stats: StoreStats::default(),
             poisoned: false,
@@ -257,11 +304,7 @@ impl PostgresStore {
             return Err(StoreError::SchemaName { name: schema.to_string() });
         }
         let place = format!("postgres:{schema}");
-        let mut config: ::postgres::Config = url.parse().map_err(pg_error(&place))?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT_DEFAULT);
-        }
-        let mut client = config.connect(NoTls).map_err(pg_error(&place))?;
+        let mut client = connect(url, &place)?;
         let s = format!("\"{schema}\"");
         let width = client.query_one(&format!("SELECT batches_per_partition FROM {s}.layout"), &[]);
         let width: i64 = width.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
@@ -282,6 +325,8 @@ impl PostgresStore {
             token: -1,
             batches_per_partition: width as u64,
             partition_made: None,
+            ahead_from: 0,
+            read_only: true,
             next_seq: None,
             stats: StoreStats::default(),
             poisoned: false,
@@ -317,16 +362,35 @@ impl PostgresStore {
         self.checkpoint_failure.take().map_or(Ok(()), Err)
     }
 
-    /// Makes sure the partition that holds `seq` exists (one round trip, once per partition).
+    /// Makes sure the partition that holds `seq` exists (one round trip,
+    /// once per partition, when it was not made ahead), and from halfway
+    /// through a partition tries to make the next one ahead of time.
     fn make_partition(&mut self, seq: u64) -> Result<(), StoreError> {
-        let k = partition_of(seq, self.batches_per_partition);
-        if self.partition_made.is_some_and(|made| made >= k) {
-            return Ok(());
+        let width = self.batches_per_partition;
+        let k = partition_of(seq, width);
+        if self.partition_made.is_none_or(|made| made < k) {
+            // Needed now: wait for the lock as long as that takes.
+            self.create_partition(k, None)?;
+            self.partition_made = Some(k);
         }
+        // Ahead of time, off the critical moment, and without queueing on the
+        // lock (a long read of the log holds it): a try that would wait gives
+        // up and comes back [`AHEAD_RETRY_BATCHES`] later.
+        if seq % width >= width / 2 && self.partition_made == Some(k) && seq >= self.ahead_from {
+            match self.create_partition(k + 1, Some(DDL_LOCK_TIMEOUT)) {
+                Ok(()) => self.partition_made = Some(k + 1),
+                Err(_) => self.ahead_from = seq + AHEAD_RETRY_BATCHES,
+            }
+        }
+        Ok(())
+    }
+
+    fn create_partition(&mut self, k: u64, lock_timeout: Option<&str>) -> Result<(), StoreError> {
         let place = self.place("batches");
         let (from, to) = (k * self.batches_per_partition, (k + 1) * self.batches_per_partition);
+        let wait = lock_timeout.map(|t| format!("SET LOCAL lock_timeout = '{t}';")).unwrap_or_default();
         let sql = format!(
-            "{} CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({});",
+            "{wait} {} CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({});",
             ddl_lock_sql(&self.schema),
             self.table(&format!("batches_{k}")),
             self.table("batches"),
@@ -335,8 +399,50 @@ impl PostgresStore {
         );
         let mut tx = self.client.transaction().map_err(pg_error(&place))?;
         tx.batch_execute(&sql).map_err(pg_error(&place))?;
-        tx.commit().map_err(pg_error(&place))?;
-        self.partition_made = Some(k);
+        tx.commit().map_err(pg_error(&place))
+    }
+
+    /// Reads at most `limit` batches after `after`, in order, each checked
+    /// like a replay's (checksum, no gap), with its commit time: a bounded
+    /// query, so a reader following the log never holds a long read.
+    pub fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<LoggedRow>, StoreError> {
+        let place = self.place("batches");
+        let sql = format!(
+            "SELECT seq, bytes, crc, EXTRACT(EPOCH FROM committed_at)::float8 FROM {} \
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+            self.table("batches")
+        );
+        let rows = self.client.query(&sql, &[&sql_seq(after), &(limit as i64)]).map_err(pg_error(&place))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (expected, row) in (after + 1..).zip(rows) {
+            let seq: i64 = row.try_get(0).map_err(pg_error(&place))?;
+            let bytes: Vec<u8> = row.try_get(1).map_err(pg_error(&place))?;
+            let crc: i32 = row.try_get(2).map_err(pg_error(&place))?;
+            let committed_at_s: f64 = row.try_get(3).map_err(pg_error(&place))?;
+            let seq = seq as u64;
+            if seq != expected {
+                return Err(StoreError::Gap { file: PathBuf::from(&place), expected, found: seq });
+            }
+            if frame::checksum(seq, &bytes) != crc as u32 {
+                return Err(StoreError::Corrupt {
+                    file: PathBuf::from(format!("{place}/{seq}")),
+                    offset: 0,
+                    reason: format!("batch {seq}: checksum mismatch"),
+                });
+            }
+            out.push(LoggedRow { seq, bytes, committed_at_s });
+        }
+        Ok(out)
+    }
+
+    /// A reader writes nothing.
+    fn refuse_if_reader(&self) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::Io {
+                path: PathBuf::from(format!("postgres:{}", self.schema)),
+                source: io::Error::other("this store was opened to read only"),
+            });
+        }
         Ok(())
     }
 
@@ -377,8 +483,6 @@ impl PostgresStore {
         let chunks = i32::try_from(chunk_count).expect("a snapshot below 2^31 chunks: RECORD_BYTES_MAX-sized state");
         let insert_chunk = format!("INSERT INTO {chunks_table} (seq, chunk, bytes) VALUES ($1, $2, $3)");
         let drop_covered = self.drop_covered_sql();
-        let (oldest_kept, partitions) = (self.oldest_kept_sql(), self.partitions_sql());
-        let width = self.batches_per_partition;
         for i in 0..chunk_count {
             let chunk = &snapshot[i * chunk_bytes..((i + 1) * chunk_bytes).min(snapshot.len())];
             let mut tx = self.client.transaction().map_err(pg_error(&place))?;
@@ -400,12 +504,17 @@ impl PostgresStore {
                 let (len, crc) = (snapshot.len() as i64, crc32c::crc32c(snapshot) as i32);
                 tx.execute(&head, &[&sql_seq(seq), &chunks, &len, &crc]).map_err(pg_error(&place))?;
                 tx.batch_execute(&drop_covered).map_err(pg_error(&place))?;
-                drop_covered_partitions(&mut tx, &place, &oldest_kept, &partitions, width, &self.schema)?;
             }
             tx.commit().map_err(pg_error(&place))?;
             self.stats.fsyncs += 1;
         }
         self.stats.checkpoint_bytes_written += snapshot.len() as u64;
+        // The log the kept checkpoints cover goes once they are durable, a
+        // partition at a time, each in a transaction of its own that does not
+        // queue on the table's lock; what cannot go now goes at a later checkpoint.
+        let (oldest_kept, partitions) = (self.oldest_kept_sql(), self.partitions_sql());
+        let (width, schema) = (self.batches_per_partition, self.schema.clone());
+        let _ = drop_covered_partitions(&mut self.client, &place, &oldest_kept, &partitions, width, &schema);
         Ok(())
     }
 
@@ -445,26 +554,30 @@ impl PostgresStore {
     }
 }
 
-/// Inside the transaction that completes a checkpoint: drops every
-/// partition of the log whose batches the oldest kept checkpoint covers, so
-/// recovery can start from any kept one. Answers how many went.
+/// After a checkpoint: drops every partition of the log whose batches the
+/// oldest kept checkpoint covers (recovery can start from any kept one),
+/// each in its own transaction with a short lock timeout. Answers how many went.
 fn drop_covered_partitions(
-    tx: &mut Transaction<'_>,
+    client: &mut Client,
     place: &str,
     oldest_kept_sql: &str,
     partitions_sql: &str,
     width: u64,
     schema: &str,
 ) -> Result<u64, StoreError> {
-    let oldest: Option<i64> = tx.query_one(oldest_kept_sql, &[]).and_then(|r| r.try_get(0)).map_err(pg_error(place))?;
+    let oldest: Option<i64> =
+        client.query_one(oldest_kept_sql, &[]).and_then(|r| r.try_get(0)).map_err(pg_error(place))?;
     let Some(oldest) = oldest else { return Ok(0) };
     let mut dropped = 0;
-    for row in tx.query(partitions_sql, &[]).map_err(pg_error(place))? {
+    for row in client.query(partitions_sql, &[]).map_err(pg_error(place))? {
         let name: String = row.try_get(0).map_err(pg_error(place))?;
         let Some(k) = name.strip_prefix("batches_").and_then(|k| k.parse::<u64>().ok()) else { continue };
         // Its last seq, (k+1)·W − 1, is covered.
         if (k + 1) * width <= oldest as u64 + 1 {
-            tx.batch_execute(&format!("DROP TABLE \"{schema}\".{name}")).map_err(pg_error(place))?;
+            let sql = format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; DROP TABLE \"{schema}\".{name};");
+            let mut tx = client.transaction().map_err(pg_error(place))?;
+            tx.batch_execute(&sql).map_err(pg_error(place))?;
+            tx.commit().map_err(pg_error(place))?;
             dropped += 1;
         }
     }
@@ -555,6 +668,7 @@ impl Store for PostgresStore {
     }
 
     fn set_aside_checkpoint(&mut self, seq: u64) -> Result<PathBuf, StoreError> {
+        self.refuse_if_reader()?;
         let path = self.checkpoint_path(seq);
         let place = path.display().to_string();
         let sql =
@@ -605,6 +719,7 @@ impl Store for PostgresStore {
     }
 
     fn append(&mut self, seq: u64, batch: &[u8]) -> Result<(), StoreError> {
+        self.refuse_if_reader()?;
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
@@ -644,6 +759,7 @@ impl Store for PostgresStore {
     /// (append, checkpoint or `sync_checkpoint`) answers
     /// [`StoreError::CheckpointNotReady`], as a background store would.
     fn checkpoint_when(&mut self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
+        self.refuse_if_reader()?;
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }

@@ -443,17 +443,18 @@ fn partitions(backend: &Postgres) -> Vec<u64> {
 fn postgresql_old_log_goes_a_whole_partition_at_a_time() {
     let backend = Postgres::new();
     write_batches(&backend, 30);
-    // Seqs 1..=30 in partitions of 4: [0,4) [4,8) … [28,32).
-    assert_eq!(partitions(&backend), (0..8).map(|k| k * 4).collect::<Vec<_>>());
+    // Seqs 1..=30 in partitions of 4: [0,4) [4,8) … [28,32), and [32,36)
+    // made ahead of time (from halfway through the one in use).
+    assert_eq!(partitions(&backend), (0..9).map(|k| k * 4).collect::<Vec<_>>());
     let mut r = recover(&backend).unwrap();
     r.store.checkpoint(10, b"ten".to_vec()).unwrap();
     // The oldest kept checkpoint (10) covers [0,4) and [4,8), not [8,12).
-    assert_eq!(partitions(&backend), [8, 12, 16, 20, 24, 28]);
+    assert_eq!(partitions(&backend), [8, 12, 16, 20, 24, 28, 32]);
     r.store.checkpoint(21, b"twenty-one".to_vec()).unwrap();
-    assert_eq!(partitions(&backend), [8, 12, 16, 20, 24, 28], "checkpoint 10 is still kept");
+    assert_eq!(partitions(&backend), [8, 12, 16, 20, 24, 28, 32], "checkpoint 10 is still kept");
     r.store.checkpoint(25, b"twenty-five".to_vec()).unwrap();
     // Kept: 25 and 21; 21 covers [8,12) [12,16) [16,20) but not [20,24).
-    assert_eq!(partitions(&backend), [20, 24, 28]);
+    assert_eq!(partitions(&backend), [20, 24, 28, 32]);
     append_all(&mut r.store, 31, 33);
     drop(r);
     // Recovery from either kept checkpoint still finds every batch after it.
@@ -466,6 +467,27 @@ fn postgresql_old_log_goes_a_whole_partition_at_a_time() {
     // VACUUM): 20 and 21, which checkpoint 21 covers, stay until it goes.
     let covered = backend.sql(&format!("SELECT seq FROM {}.batches WHERE seq <= 21", backend.schema));
     assert_eq!(covered, 2, "no DELETE ran on the log");
+}
+
+#[test]
+fn postgresql_a_reader_reads_bounded_stretches_and_takes_nothing_over() {
+    let backend = Postgres::new();
+    write_batches(&backend, 10);
+    let mut writer = recover(&backend).unwrap().store;
+    let mut reader = PostgresStore::open_reader(POSTGRES_URL, &backend.schema).unwrap();
+    let rows = reader.read_after(3, 4).unwrap();
+    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5, 6, 7]);
+    assert_eq!(rows[0].bytes, payload(4));
+    assert!(rows[0].committed_at_s > 1.7e9, "Unix seconds on the database's clock");
+    assert!(reader.read_after(10, 4).unwrap().is_empty());
+    assert!(reader.append(11, &payload(11)).is_err(), "a reader writes nothing");
+    assert!(reader.checkpoint(10, b"no".to_vec()).is_err());
+    // The writer still holds the cell: opening a reader took nothing over.
+    append_all(&mut writer, 11, 12);
+    assert_eq!(reader.read_after(10, 100).unwrap().len(), 2);
+    // A hole in the log is a gap, not a shorter answer.
+    backend.sql(&format!("DELETE FROM {}.batches WHERE seq = 6", backend.schema));
+    assert!(matches!(reader.read_after(3, 10), Err(StoreError::Gap { expected: 6, found: 7, .. })));
 }
 
 #[test]
