@@ -70,6 +70,10 @@ pub struct Args {
     /// a cell process does) and report its lag and whether it kept up.
     #[arg(long)]
     project: bool,
+    /// Transfers per second to offer in the measured phase (requests of
+    /// --batch paced evenly); 0: as fast as the engine takes them.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -385,9 +389,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // The projection's lag is measured over the measured phase: wait for the
     // setup's batches to be projected, then start counting afresh.
     let lag_before = projection.as_ref().map(|(stats, _, _)| {
-        let target = handle.stats().batches.load(Relaxed);
+        let target = postgres.as_deref().map_or(Ok(0), last_batch).unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(600);
-        while stats.batch_seq.load(Relaxed) < target.saturating_sub(1) && Instant::now() < deadline {
+        while stats.batch_seq.load(Relaxed) < target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
         stats.reset_lag();
@@ -410,9 +414,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
+    let gap = (args.rate > 0.0).then(|| Duration::from_secs_f64(args.batch as f64 / args.rate));
+    let mut sent = 0u32;
     while Instant::now() < deadline {
+        if let Some(gap) = gap {
+            let due = started + gap * sent;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
         let (commands, retry) = gen.request(args.batch);
         p.send_marked(commands, retry)?;
+        sent += 1;
     }
     p.drain()?;
     let elapsed = started.elapsed().as_secs_f64();
