@@ -24,18 +24,23 @@
 //! whole, so there is no torn tail. A checkpoint's chunks may span several
 //! transactions; its head row is written in the same transaction as the last
 //! chunk, so a checkpoint without a head was never finished and never counts.
+//! Checkpoints are written in the background on a connection of their own
+//! (at most one in flight; its failure is answered by the next call).
 //!
 //! Old log goes whole partitions at a time: `batches` is partitioned by
 //! seq range, `batches_per_partition` batches each (partition `batches_<k>`
-//! holds seqs `k·W ..< (k+1)·W`), and the transaction that completes a
-//! checkpoint drops every partition the oldest kept checkpoint covers. No
-//! `DELETE`, so no dead rows for VACUUM to find; the covered rows of the
-//! partition still in use stay until it goes (replay starts after the
-//! checkpoint, so they are never read). The writer creates the partition a
-//! batch needs before its insert, once per partition.
+//! holds seqs `k·W ..< (k+1)·W`), and once a checkpoint is durable every
+//! partition the oldest kept checkpoint covers is dropped. No `DELETE`, so
+//! no dead rows for VACUUM to find; the covered rows of the partition still
+//! in use stay until it goes (replay starts after the checkpoint, so they are
+//! never read). The writer makes the partition a batch needs if it is not
+//! there, and the next one ahead of time; DDL off the commit's own need
+//! waits at most `DDL_LOCK_TIMEOUT` for the table's lock.
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use ::postgres::fallible_iterator::FallibleIterator;
 use ::postgres::{Client, IsolationLevel, NoTls, Row, Statement, Transaction};
@@ -102,8 +107,19 @@ pub struct PostgresStore {
     next_seq: Option<u64>,
     stats: StoreStats,
     poisoned: bool,
-    /// A checkpoint whose precondition failed, answered by the next call.
-    checkpoint_failure: Option<StoreError>,
+    /// The URL, for the checkpoint writer's own connection.
+    url: String,
+    /// The background writer of the latest checkpoint, until it is joined.
+    checkpoint_in_flight: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
+    /// What background checkpoint writers wrote.
+    checkpoint_counters: Arc<CheckpointCounters>,
+}
+
+/// Counters the background checkpoint writers add to.
+#[derive(Debug, Default)]
+struct CheckpointCounters {
+    bytes: AtomicU64,
+    commits: AtomicU64,
 }
 
 /// A schema name we can put in SQL unquoted-safe: `[a-z_][a-z0-9_]*`, 63 bytes at most.
@@ -291,7 +307,9 @@ impl PostgresStore {
             next_seq: None,
             stats: StoreStats::default(),
             poisoned: false,
-            checkpoint_failure: None,
+            url: url.to_string(),
+            checkpoint_in_flight: None,
+            checkpoint_counters: Arc::default(),
         })
     }
 
@@ -330,7 +348,9 @@ impl PostgresStore {
             next_seq: None,
             stats: StoreStats::default(),
             poisoned: false,
-            checkpoint_failure: None,
+            url: url.to_string(),
+            checkpoint_in_flight: None,
+            checkpoint_counters: Arc::default(),
         })
     }
 
@@ -358,8 +378,31 @@ impl PostgresStore {
         PathBuf::from(format!("{}/{seq}", self.place("checkpoints")))
     }
 
-    fn take_checkpoint_failure(&mut self) -> Result<(), StoreError> {
-        self.checkpoint_failure.take().map_or(Ok(()), Err)
+    /// Waits for the checkpoint in flight, if any, and answers its failure.
+    fn finish_checkpoint(&mut self) -> Result<(), StoreError> {
+        match self.checkpoint_in_flight.take() {
+            None => Ok(()),
+            Some(writer) => writer.join().unwrap_or(Err(StoreError::Poisoned)),
+        }
+    }
+
+    /// What a background writer needs to write a checkpoint of this cell.
+    fn checkpoint_job(&self) -> CheckpointJob {
+        CheckpointJob {
+            url: self.url.clone(),
+            place: self.place("checkpoints"),
+            heads: self.table("checkpoint_heads"),
+            chunks_table: self.table("checkpoints"),
+            fence_share: format!("SELECT token FROM {} FOR SHARE", self.table("fence")),
+            drop_covered: self.drop_covered_sql(),
+            oldest_kept: self.oldest_kept_sql(),
+            partitions: self.partitions_sql(),
+            schema: self.schema.clone(),
+            token: self.token,
+            chunk_bytes: self.options.checkpoint_chunk_bytes,
+            width: self.batches_per_partition,
+            counters: self.checkpoint_counters.clone(),
+        }
     }
 
     /// Makes sure the partition that holds `seq` exists (one round trip,
@@ -472,52 +515,6 @@ impl PostgresStore {
         })
     }
 
-    /// Writes checkpoint `seq`: chunk by chunk, one transaction each, each
-    /// checking the fence; the head goes with the last chunk, and with it the
-    /// checkpoints and batches no longer kept.
-    fn write_checkpoint(&mut self, seq: u64, snapshot: &[u8]) -> Result<(), StoreError> {
-        let place = self.place("checkpoints");
-        let (heads, chunks_table) = (self.table("checkpoint_heads"), self.table("checkpoints"));
-        let chunk_bytes = self.options.checkpoint_chunk_bytes;
-        let chunk_count = snapshot.len().div_ceil(chunk_bytes).max(1);
-        let chunks = i32::try_from(chunk_count).expect("a snapshot below 2^31 chunks: RECORD_BYTES_MAX-sized state");
-        let insert_chunk = format!("INSERT INTO {chunks_table} (seq, chunk, bytes) VALUES ($1, $2, $3)");
-        let drop_covered = self.drop_covered_sql();
-        for i in 0..chunk_count {
-            let chunk = &snapshot[i * chunk_bytes..((i + 1) * chunk_bytes).min(snapshot.len())];
-            let mut tx = self.client.transaction().map_err(pg_error(&place))?;
-            check_fence(&mut tx, &self.statements.fence_share, self.token, &place)?;
-            if i == 0 {
-                let live = format!("SELECT 1 FROM {heads} WHERE seq = $1 AND NOT set_aside");
-                if tx.query_opt(&live, &[&sql_seq(seq)]).map_err(pg_error(&place))?.is_some() {
-                    // Already durable (a seq names one state): nothing to write.
-                    return Ok(());
-                }
-                // Leftovers at this seq: an unfinished write, or one set aside.
-                tx.execute(&format!("DELETE FROM {heads} WHERE seq = $1"), &[&sql_seq(seq)])
-                    .and_then(|_| tx.execute(&format!("DELETE FROM {chunks_table} WHERE seq = $1"), &[&sql_seq(seq)]))
-                    .map_err(pg_error(&place))?;
-            }
-            tx.execute(&insert_chunk, &[&sql_seq(seq), &(i as i32), &chunk]).map_err(pg_error(&place))?;
-            if i + 1 == chunk_count {
-                let head = format!("INSERT INTO {heads} (seq, chunks, len, crc) VALUES ($1, $2, $3, $4)");
-                let (len, crc) = (snapshot.len() as i64, crc32c::crc32c(snapshot) as i32);
-                tx.execute(&head, &[&sql_seq(seq), &chunks, &len, &crc]).map_err(pg_error(&place))?;
-                tx.batch_execute(&drop_covered).map_err(pg_error(&place))?;
-            }
-            tx.commit().map_err(pg_error(&place))?;
-            self.stats.fsyncs += 1;
-        }
-        self.stats.checkpoint_bytes_written += snapshot.len() as u64;
-        // The log the kept checkpoints cover goes once they are durable, a
-        // partition at a time, each in a transaction of its own that does not
-        // queue on the table's lock; what cannot go now goes at a later checkpoint.
-        let (oldest_kept, partitions) = (self.oldest_kept_sql(), self.partitions_sql());
-        let (width, schema) = (self.batches_per_partition, self.schema.clone());
-        let _ = drop_covered_partitions(&mut self.client, &place, &oldest_kept, &partitions, width, &schema);
-        Ok(())
-    }
-
     /// Inside the transaction that completes a checkpoint: drops checkpoints
     /// beyond the newest [`CHECKPOINTS_KEPT`] (set-aside ones stay) and
     /// chunks without a head (an unfinished write of an earlier writer or of
@@ -551,6 +548,72 @@ impl PostgresStore {
              WHERE i.inhparent = '{}'::regclass",
             self.table("batches")
         )
+    }
+}
+
+/// A checkpoint to write on a connection of its own, off the engine's thread.
+struct CheckpointJob {
+    url: String,
+    place: String,
+    heads: String,
+    chunks_table: String,
+    fence_share: String,
+    drop_covered: String,
+    oldest_kept: String,
+    partitions: String,
+    schema: String,
+    token: i64,
+    chunk_bytes: usize,
+    width: u64,
+    counters: Arc<CheckpointCounters>,
+}
+
+impl CheckpointJob {
+    /// Writes checkpoint `seq` once `ready` says it may: chunk by chunk, one
+    /// transaction each, each checking the fence; the head goes with the last
+    /// chunk, and with it the checkpoints no longer kept; then the log
+    /// partitions the kept ones cover.
+    fn run(self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
+        ready().map_err(|reason| StoreError::CheckpointNotReady { seq, reason })?;
+        let place = self.place.as_str();
+        let mut client = connect(&self.url, place)?;
+        let fence_share = client.prepare(&self.fence_share).map_err(pg_error(place))?;
+        let (heads, chunks_table) = (&self.heads, &self.chunks_table);
+        let chunk_count = snapshot.len().div_ceil(self.chunk_bytes).max(1);
+        let chunks = i32::try_from(chunk_count).expect("a snapshot below 2^31 chunks: RECORD_BYTES_MAX-sized state");
+        let insert_chunk = format!("INSERT INTO {chunks_table} (seq, chunk, bytes) VALUES ($1, $2, $3)");
+        for i in 0..chunk_count {
+            let chunk = &snapshot[i * self.chunk_bytes..((i + 1) * self.chunk_bytes).min(snapshot.len())];
+            let mut tx = client.transaction().map_err(pg_error(place))?;
+            check_fence(&mut tx, &fence_share, self.token, place)?;
+            if i == 0 {
+                let live = format!("SELECT 1 FROM {heads} WHERE seq = $1 AND NOT set_aside");
+                if tx.query_opt(&live, &[&sql_seq(seq)]).map_err(pg_error(place))?.is_some() {
+                    // Already durable (a seq names one state): nothing to write.
+                    return Ok(());
+                }
+                // Leftovers at this seq: an unfinished write, or one set aside.
+                tx.execute(&format!("DELETE FROM {heads} WHERE seq = $1"), &[&sql_seq(seq)])
+                    .and_then(|_| tx.execute(&format!("DELETE FROM {chunks_table} WHERE seq = $1"), &[&sql_seq(seq)]))
+                    .map_err(pg_error(place))?;
+            }
+            tx.execute(&insert_chunk, &[&sql_seq(seq), &(i as i32), &chunk]).map_err(pg_error(place))?;
+            if i + 1 == chunk_count {
+                let head = format!("INSERT INTO {heads} (seq, chunks, len, crc) VALUES ($1, $2, $3, $4)");
+                let (len, crc) = (snapshot.len() as i64, crc32c::crc32c(&snapshot) as i32);
+                tx.execute(&head, &[&sql_seq(seq), &chunks, &len, &crc]).map_err(pg_error(place))?;
+                tx.batch_execute(&self.drop_covered).map_err(pg_error(place))?;
+            }
+            tx.commit().map_err(pg_error(place))?;
+            self.counters.commits.fetch_add(1, Relaxed);
+        }
+        self.counters.bytes.fetch_add(snapshot.len() as u64, Relaxed);
+        // The log the kept checkpoints cover goes once they are durable, a
+        // partition at a time, each in a transaction of its own that does not
+        // queue on the table's lock; what cannot go now goes at a later checkpoint.
+        let _ =
+            drop_covered_partitions(&mut client, place, &self.oldest_kept, &self.partitions, self.width, &self.schema);
+        Ok(())
     }
 }
 
@@ -669,6 +732,8 @@ impl Store for PostgresStore {
 
     fn set_aside_checkpoint(&mut self, seq: u64) -> Result<PathBuf, StoreError> {
         self.refuse_if_reader()?;
+        // A checkpoint in flight may be deleting old ones: let it finish.
+        self.finish_checkpoint()?;
         let path = self.checkpoint_path(seq);
         let place = path.display().to_string();
         let sql =
@@ -723,7 +788,6 @@ impl Store for PostgresStore {
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        self.take_checkpoint_failure()?;
         let expected = self.next_seq.ok_or(StoreError::NotReplayed)?;
         if seq != expected {
             return Err(StoreError::OutOfOrder { seq, expected });
@@ -748,38 +812,43 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    /// Writes checkpoint `seq` synchronously, before it returns (a background
-    /// writer would need a second connection; that is the next step).
     fn checkpoint(&mut self, seq: u64, snapshot: Vec<u8>) -> Result<(), StoreError> {
         self.checkpoint_when(seq, snapshot, Box::new(|| Ok(())))
     }
 
-    /// Synchronous, like [`PostgresStore::checkpoint`]: `ready` runs on the
-    /// caller's thread. If it fails nothing is written, and the next call
-    /// (append, checkpoint or `sync_checkpoint`) answers
-    /// [`StoreError::CheckpointNotReady`], as a background store would.
+    /// Written in the background, on a connection of its own, so the engine
+    /// does not wait for it (a checkpoint of a million accounts is tens of
+    /// megabytes: seconds on PostgreSQL). At most one is in flight; its
+    /// failure, or its precondition's, is answered by the next call.
     fn checkpoint_when(&mut self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
         self.refuse_if_reader()?;
         if self.poisoned {
             return Err(StoreError::Poisoned);
         }
-        self.take_checkpoint_failure()?;
         let next = self.next_seq.ok_or(StoreError::NotReplayed)?;
         assert!(seq < next, "a checkpoint covers only batches already appended");
-        if let Err(reason) = ready() {
-            self.checkpoint_failure = Some(StoreError::CheckpointNotReady { seq, reason });
-            return Ok(());
-        }
+        self.finish_checkpoint()?;
         // A checkpoint that fails midway leaves no head, so it never counts;
         // the log is untouched until the head commits. No need to poison.
-        self.write_checkpoint(seq, &snapshot)
+        let job = self.checkpoint_job();
+        let writer = std::thread::Builder::new()
+            .name("pg-checkpoint".into())
+            .spawn(move || job.run(seq, snapshot, ready))
+            .map_err(StoreError::io(self.checkpoint_path(seq)))?;
+        self.checkpoint_in_flight = Some(writer);
+        Ok(())
     }
 
     fn sync_checkpoint(&mut self) -> Result<(), StoreError> {
-        self.take_checkpoint_failure()
+        self.finish_checkpoint()
     }
 
     fn stats(&self) -> StoreStats {
-        self.stats
+        StoreStats {
+            checkpoint_bytes_written: self.stats.checkpoint_bytes_written
+                + self.checkpoint_counters.bytes.load(Relaxed),
+            fsyncs: self.stats.fsyncs + self.checkpoint_counters.commits.load(Relaxed),
+            ..self.stats
+        }
     }
 }
