@@ -34,8 +34,9 @@
 //! no dead rows for VACUUM to find; the covered rows of the partition still
 //! in use stay until it goes (replay starts after the checkpoint, so they are
 //! never read). The writer makes the partition a batch needs if it is not
-//! there, and the next one ahead of time; DDL off the commit's own need
-//! waits at most `DDL_LOCK_TIMEOUT` for the table's lock.
+//! there, and the next one ahead of time, each as a table of its own then
+//! `ATTACH PARTITION` (a lock reads and inserts do not conflict with); DDL
+//! off the commit's own need waits at most `DDL_LOCK_TIMEOUT` for its lock.
 
 use std::io;
 use std::path::PathBuf;
@@ -113,6 +114,16 @@ pub struct PostgresStore {
     checkpoint_in_flight: Option<std::thread::JoinHandle<Result<(), StoreError>>>,
     /// What background checkpoint writers wrote.
     checkpoint_counters: Arc<CheckpointCounters>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // A checkpoint in flight (a stopping cell's final one) finishes, or
+        // fails, before the store goes: never a writer left behind.
+        if let Err(e) = self.finish_checkpoint() {
+            eprintln!("postgres:{}: the last checkpoint was not written: {e}", self.schema);
+        }
+    }
 }
 
 /// Counters the background checkpoint writers add to.
@@ -428,20 +439,29 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Makes partition `k`: a table of its own, then `ATTACH PARTITION`,
+    /// whose lock on the log table (SHARE UPDATE EXCLUSIVE) lets reads and
+    /// inserts go on, where `CREATE TABLE … PARTITION OF` would take an
+    /// exclusive one. Nothing to do when it is attached already.
     fn create_partition(&mut self, k: u64, lock_timeout: Option<&str>) -> Result<(), StoreError> {
         let place = self.place("batches");
         let (from, to) = (k * self.batches_per_partition, (k + 1) * self.batches_per_partition);
-        let wait = lock_timeout.map(|t| format!("SET LOCAL lock_timeout = '{t}';")).unwrap_or_default();
-        let sql = format!(
-            "{wait} {} CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({});",
-            ddl_lock_sql(&self.schema),
-            self.table(&format!("batches_{k}")),
-            self.table("batches"),
-            sql_seq(from),
-            sql_seq(to)
-        );
+        let (name, parent) = (self.table(&format!("batches_{k}")), self.table("batches"));
         let mut tx = self.client.transaction().map_err(pg_error(&place))?;
-        tx.batch_execute(&sql).map_err(pg_error(&place))?;
+        let wait = lock_timeout.map(|t| format!("SET LOCAL lock_timeout = '{t}';")).unwrap_or_default();
+        tx.batch_execute(&format!("{wait} {}", ddl_lock_sql(&self.schema))).map_err(pg_error(&place))?;
+        let attached = format!("SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass('{name}')");
+        if tx.query_opt(&attached, &[]).map_err(pg_error(&place))?.is_none() {
+            // The range as a CHECK first, so the attach need not scan to prove it.
+            let sql = format!(
+                "CREATE TABLE IF NOT EXISTS {name} (LIKE {parent} INCLUDING DEFAULTS, \
+                     CHECK (seq >= {f} AND seq < {t}));
+                 ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM ({f}) TO ({t});",
+                f = sql_seq(from),
+                t = sql_seq(to)
+            );
+            tx.batch_execute(&sql).map_err(pg_error(&place))?;
+        }
         tx.commit().map_err(pg_error(&place))
     }
 
@@ -787,6 +807,10 @@ impl Store for PostgresStore {
         self.refuse_if_reader()?;
         if self.poisoned {
             return Err(StoreError::Poisoned);
+        }
+        // A background checkpoint that ended is answered now, not a checkpoint later.
+        if self.checkpoint_in_flight.as_ref().is_some_and(|w| w.is_finished()) {
+            self.finish_checkpoint()?;
         }
         let expected = self.next_seq.ok_or(StoreError::NotReplayed)?;
         if seq != expected {

@@ -477,6 +477,32 @@ fn postgresql_old_log_goes_a_whole_partition_at_a_time() {
     assert_eq!(covered, 2, "no DELETE ran on the log");
 }
 
+/// A long read of the log (an open transaction that read it: a report, a
+/// dump) does not stop the writer when it needs a new partition: attaching
+/// one takes a lock that reads and inserts do not conflict with.
+#[test]
+fn postgresql_a_long_read_of_the_log_does_not_block_the_writer_at_a_partition_boundary() {
+    let backend = Postgres::new();
+    write_batches(&backend, 3);
+    let mut reader = postgres::Client::connect(POSTGRES_URL, postgres::NoTls).unwrap();
+    let mut long_read = reader.transaction().unwrap();
+    let n: i64 = long_read.query_one(&format!("SELECT count(*) FROM {}.batches", backend.schema), &[]).unwrap().get(0);
+    assert_eq!(n, 3);
+    let mut r = recover(&backend).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        // Seqs 4..=20 cross four partition boundaries (width 4).
+        append_all(&mut r.store, 4, 20);
+        tx.send(()).unwrap();
+        r
+    });
+    let done = rx.recv_timeout(std::time::Duration::from_secs(20));
+    long_read.rollback().unwrap();
+    assert!(done.is_ok(), "the writer waited on the reader's lock");
+    drop(writer.join().unwrap());
+    assert_eq!(recover(&backend).unwrap().seqs(), (1..=20).collect::<Vec<_>>());
+}
+
 #[test]
 fn postgresql_a_reader_reads_bounded_stretches_and_takes_nothing_over() {
     let backend = Postgres::new();
