@@ -293,6 +293,20 @@ impl PostgresStore {
         let row = tx.query_one(&format!("UPDATE {s}.fence SET token = token + 1 RETURNING token"), &[]);
         let token: i64 = row.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
         tx.commit().map_err(pg_error(&place))?;
+        Self::with_client(client, url, schema, options, token, width as u64, false)
+    }
+
+    /// The store around a connected client: prepares the write path's statements.
+    fn with_client(
+        mut client: Client,
+        url: &str,
+        schema: &str,
+        options: PostgresOptions,
+        token: i64,
+        batches_per_partition: u64,
+        read_only: bool,
+    ) -> Result<Self, StoreError> {
+        let (s, place) = (format!("\"{schema}\""), format!("postgres:{schema}"));
         let statements = Statements {
             fence_share: client.prepare(&format!("SELECT token FROM {s}.fence FOR SHARE")).map_err(pg_error(&place))?,
             // One statement, so one round trip and its own transaction: the row
@@ -311,10 +325,10 @@ impl PostgresStore {
             options,
             statements,
             token,
-            batches_per_partition: width as u64,
+            batches_per_partition,
             partition_made: None,
             ahead_from: 0,
-            read_only: false,
+            read_only,
             next_seq: None,
             stats: StoreStats::default(),
             poisoned: false,
@@ -326,8 +340,8 @@ impl PostgresStore {
 
     /// Opens the cell's store to read it only (a projection, an inspection):
     /// it takes nothing over (the fence stays as it is), creates nothing, and
-    /// every write it tries is refused as [`StoreError::Fenced`]. Errors when
-    /// the cell's schema does not exist yet.
+    /// every write it tries is refused. Errors when the cell's schema does not
+    /// exist yet.
     pub fn open_reader(url: &str, schema: &str) -> Result<Self, StoreError> {
         if !is_plain_identifier(schema) {
             return Err(StoreError::SchemaName { name: schema.to_string() });
@@ -337,32 +351,8 @@ impl PostgresStore {
         let s = format!("\"{schema}\"");
         let width = client.query_one(&format!("SELECT batches_per_partition FROM {s}.layout"), &[]);
         let width: i64 = width.and_then(|r| r.try_get(0)).map_err(pg_error(&place))?;
-        let statements = Statements {
-            fence_share: client.prepare(&format!("SELECT token FROM {s}.fence FOR SHARE")).map_err(pg_error(&place))?,
-            insert_batch: client
-                .prepare(&format!(
-                    "INSERT INTO {s}.batches (seq, bytes, crc) SELECT $1, $2, $3 FROM {s}.fence WHERE token = $4 FOR SHARE"
-                ))
-                .map_err(pg_error(&place))?,
-        };
-        Ok(Self {
-            client,
-            schema: schema.to_string(),
-            options: PostgresOptions::default(),
-            statements,
-            // No token is ever below 0: every write finds the fence elsewhere.
-            token: -1,
-            batches_per_partition: width as u64,
-            partition_made: None,
-            ahead_from: 0,
-            read_only: true,
-            next_seq: None,
-            stats: StoreStats::default(),
-            poisoned: false,
-            url: url.to_string(),
-            checkpoint_in_flight: None,
-            checkpoint_counters: Arc::default(),
-        })
+        // No token is ever below 0: every write finds the fence elsewhere.
+        Self::with_client(client, url, schema, PostgresOptions::default(), -1, width as u64, true)
     }
 
     /// The connection, for a reader's own queries (a projection writes its tables through it).
