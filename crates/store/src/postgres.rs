@@ -200,10 +200,10 @@ pub struct LoggedRow {
     pub committed_at_s: f64,
 }
 
-/// How long DDL off the write path (a partition made ahead, old ones
-/// dropped) waits for its lock before it gives up until later: it takes the
-/// log table's exclusive lock, which a long read would otherwise make every
-/// commit queue behind.
+/// How long DDL off the write path waits for its lock before it gives up
+/// until later: a partition made ahead (its attach conflicts with other DDL
+/// only) and an old one dropped (`DROP` takes the log table's exclusive lock,
+/// which inserts would queue behind for as long as it waited).
 const DDL_LOCK_TIMEOUT: &str = "100ms";
 /// Batches between two tries to make the next partition ahead of time.
 const AHEAD_RETRY_BATCHES: u64 = 64;
@@ -308,7 +308,7 @@ impl PostgresStore {
     ) -> Result<Self, StoreError> {
         let (s, place) = (format!("\"{schema}\""), format!("postgres:{schema}"));
         let statements = Statements {
-            fence_share: client.prepare(&format!("SELECT token FROM {s}.fence FOR SHARE")).map_err(pg_error(&place))?,
+            fence_share: client.prepare(&fence_share_sql(schema)).map_err(pg_error(&place))?,
             // One statement, so one round trip and its own transaction: the row
             // goes in only while the fence still holds this store's token (the
             // share lock orders it against a newer writer's increment, after
@@ -367,7 +367,7 @@ impl PostgresStore {
 
     /// `"<schema>".<table>`, for SQL.
     fn table(&self, name: &str) -> String {
-        format!("\"{}\".{name}", self.schema)
+        table_of(&self.schema, name)
     }
 
     /// `postgres:<schema>.<table>`, for messages.
@@ -391,13 +391,6 @@ impl PostgresStore {
     fn checkpoint_job(&self) -> CheckpointJob {
         CheckpointJob {
             url: self.url.clone(),
-            place: self.place("checkpoints"),
-            heads: self.table("checkpoint_heads"),
-            chunks_table: self.table("checkpoints"),
-            fence_share: format!("SELECT token FROM {} FOR SHARE", self.table("fence")),
-            drop_covered: self.drop_covered_sql(),
-            oldest_kept: self.oldest_kept_sql(),
-            partitions: self.partitions_sql(),
             schema: self.schema.clone(),
             token: self.token,
             chunk_bytes: self.options.checkpoint_chunk_bytes,
@@ -524,53 +517,42 @@ impl PostgresStore {
             )),
         })
     }
+}
 
-    /// Inside the transaction that completes a checkpoint: drops checkpoints
-    /// beyond the newest [`CHECKPOINTS_KEPT`] (set-aside ones stay) and
-    /// chunks without a head (an unfinished write of an earlier writer or of
-    /// ours: the fence says no one else is writing).
-    fn drop_covered_sql(&self) -> String {
-        let (heads, chunks) = (self.table("checkpoint_heads"), self.table("checkpoints"));
-        format!(
-            "DELETE FROM {heads} WHERE NOT set_aside AND seq NOT IN ({});
-             DELETE FROM {chunks} c WHERE NOT EXISTS (SELECT 1 FROM {heads} h WHERE h.seq = c.seq);",
-            self.kept_sql()
-        )
-    }
+/// `"<schema>".<table>`, for SQL.
+fn table_of(schema: &str, name: &str) -> String {
+    format!("\"{schema}\".{name}")
+}
 
-    /// The seqs of the checkpoints kept, newest first.
-    fn kept_sql(&self) -> String {
-        format!(
-            "SELECT seq FROM {} WHERE NOT set_aside ORDER BY seq DESC LIMIT {CHECKPOINTS_KEPT}",
-            self.table("checkpoint_heads")
-        )
-    }
+/// Reads the fence row `FOR SHARE` (held until the transaction ends).
+fn fence_share_sql(schema: &str) -> String {
+    format!("SELECT token FROM {} FOR SHARE", table_of(schema, "fence"))
+}
 
-    /// The seq of the oldest checkpoint kept (none: NULL).
-    fn oldest_kept_sql(&self) -> String {
-        format!("SELECT min(seq) FROM ({}) k", self.kept_sql())
-    }
+/// The seqs of the checkpoints kept, newest first.
+fn kept_sql(schema: &str) -> String {
+    format!(
+        "SELECT seq FROM {} WHERE NOT set_aside ORDER BY seq DESC LIMIT {CHECKPOINTS_KEPT}",
+        table_of(schema, "checkpoint_heads")
+    )
+}
 
-    /// The names of the partitions of the log.
-    fn partitions_sql(&self) -> String {
-        format!(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = '{}'::regclass",
-            self.table("batches")
-        )
-    }
+/// Inside the transaction that completes a checkpoint: drops checkpoints
+/// beyond the newest [`CHECKPOINTS_KEPT`] (set-aside ones stay) and chunks
+/// without a head (an unfinished write of an earlier writer or of ours: the
+/// fence says no one else is writing).
+fn drop_covered_sql(schema: &str) -> String {
+    let (heads, chunks) = (table_of(schema, "checkpoint_heads"), table_of(schema, "checkpoints"));
+    format!(
+        "DELETE FROM {heads} WHERE NOT set_aside AND seq NOT IN ({});
+         DELETE FROM {chunks} c WHERE NOT EXISTS (SELECT 1 FROM {heads} h WHERE h.seq = c.seq);",
+        kept_sql(schema)
+    )
 }
 
 /// A checkpoint to write on a connection of its own, off the engine's thread.
 struct CheckpointJob {
     url: String,
-    place: String,
-    heads: String,
-    chunks_table: String,
-    fence_share: String,
-    drop_covered: String,
-    oldest_kept: String,
-    partitions: String,
     schema: String,
     token: i64,
     chunk_bytes: usize,
@@ -585,10 +567,12 @@ impl CheckpointJob {
     /// partitions the kept ones cover.
     fn run(self, seq: u64, snapshot: Vec<u8>, ready: CheckpointReady) -> Result<(), StoreError> {
         ready().map_err(|reason| StoreError::CheckpointNotReady { seq, reason })?;
-        let place = self.place.as_str();
+        let schema = self.schema.as_str();
+        let place = format!("postgres:{schema}.checkpoints");
+        let place = place.as_str();
         let mut client = connect(&self.url, place)?;
-        let fence_share = client.prepare(&self.fence_share).map_err(pg_error(place))?;
-        let (heads, chunks_table) = (&self.heads, &self.chunks_table);
+        let fence_share = client.prepare(&fence_share_sql(schema)).map_err(pg_error(place))?;
+        let (heads, chunks_table) = (table_of(schema, "checkpoint_heads"), table_of(schema, "checkpoints"));
         let chunk_count = snapshot.len().div_ceil(self.chunk_bytes).max(1);
         let chunks = i32::try_from(chunk_count).expect("a snapshot below 2^31 chunks: RECORD_BYTES_MAX-sized state");
         let insert_chunk = format!("INSERT INTO {chunks_table} (seq, chunk, bytes) VALUES ($1, $2, $3)");
@@ -612,7 +596,7 @@ impl CheckpointJob {
                 let head = format!("INSERT INTO {heads} (seq, chunks, len, crc) VALUES ($1, $2, $3, $4)");
                 let (len, crc) = (snapshot.len() as i64, crc32c::crc32c(&snapshot) as i32);
                 tx.execute(&head, &[&sql_seq(seq), &chunks, &len, &crc]).map_err(pg_error(place))?;
-                tx.batch_execute(&self.drop_covered).map_err(pg_error(place))?;
+                tx.batch_execute(&drop_covered_sql(schema)).map_err(pg_error(place))?;
             }
             tx.commit().map_err(pg_error(place))?;
             self.counters.commits.fetch_add(1, Relaxed);
@@ -621,8 +605,7 @@ impl CheckpointJob {
         // The log the kept checkpoints cover goes once they are durable, a
         // partition at a time, each in a transaction of its own that does not
         // queue on the table's lock; what cannot go now goes at a later checkpoint.
-        let _ =
-            drop_covered_partitions(&mut client, place, &self.oldest_kept, &self.partitions, self.width, &self.schema);
+        let _ = drop_covered_partitions(&mut client, place, schema, self.width);
         Ok(())
     }
 }
@@ -630,24 +613,22 @@ impl CheckpointJob {
 /// After a checkpoint: drops every partition of the log whose batches the
 /// oldest kept checkpoint covers (recovery can start from any kept one),
 /// each in its own transaction with a short lock timeout. Answers how many went.
-fn drop_covered_partitions(
-    client: &mut Client,
-    place: &str,
-    oldest_kept_sql: &str,
-    partitions_sql: &str,
-    width: u64,
-    schema: &str,
-) -> Result<u64, StoreError> {
+fn drop_covered_partitions(client: &mut Client, place: &str, schema: &str, width: u64) -> Result<u64, StoreError> {
+    let oldest_kept = format!("SELECT min(seq) FROM ({}) k", kept_sql(schema));
     let oldest: Option<i64> =
-        client.query_one(oldest_kept_sql, &[]).and_then(|r| r.try_get(0)).map_err(pg_error(place))?;
+        client.query_one(&oldest_kept, &[]).and_then(|r| r.try_get(0)).map_err(pg_error(place))?;
     let Some(oldest) = oldest else { return Ok(0) };
+    let partitions = format!(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = '{}'::regclass",
+        table_of(schema, "batches")
+    );
     let mut dropped = 0;
-    for row in client.query(partitions_sql, &[]).map_err(pg_error(place))? {
+    for row in client.query(&partitions, &[]).map_err(pg_error(place))? {
         let name: String = row.try_get(0).map_err(pg_error(place))?;
         let Some(k) = name.strip_prefix("batches_").and_then(|k| k.parse::<u64>().ok()) else { continue };
         // Its last seq, (k+1)·W − 1, is covered.
         if (k + 1) * width <= oldest as u64 + 1 {
-            let sql = format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; DROP TABLE \"{schema}\".{name};");
+            let sql = format!("SET LOCAL lock_timeout = '{DDL_LOCK_TIMEOUT}'; DROP TABLE {};", table_of(schema, &name));
             let mut tx = client.transaction().map_err(pg_error(place))?;
             tx.batch_execute(&sql).map_err(pg_error(place))?;
             tx.commit().map_err(pg_error(place))?;
