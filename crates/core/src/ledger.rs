@@ -538,22 +538,23 @@ impl Ledger {
         let mut records = marks.records;
         records.sort_unstable();
         records.dedup();
-        let mut transfers: Vec<TransferRow> = records
-            .iter()
-            .filter_map(|&seq| self.record(seq))
-            .map(|r| TransferRow { transfer: self.transfer_view(r), accepted_at_ms: r.at_ms() })
-            .collect();
+        let mut transfers: Vec<TransferRow> =
+            records.iter().filter_map(|&seq| self.record(seq)).map(|r| self.transfer_row(r)).collect();
         transfers.extend(marks.closed_evicted);
         Touched { accounts: accounts.into_iter().map(|i| self.view(i)).collect(), transfers }
     }
 
     /// Every account and every transfer record in memory (a projection's resync).
     pub fn everything(&self) -> Touched {
-        let rows = |r: &TransferRecord| TransferRow { transfer: self.transfer_view(r), accepted_at_ms: r.at_ms() };
         Touched {
             accounts: (0..self.accounts.len() as u32).map(|i| self.view(i)).collect(),
-            transfers: self.records.iter().chain(self.evicted_pending.values()).map(rows).collect(),
+            transfers: self.records.iter().chain(self.evicted_pending.values()).map(|r| self.transfer_row(r)).collect(),
         }
+    }
+
+    /// A record as a projection writes it.
+    fn transfer_row(&self, record: &TransferRecord) -> TransferRow {
+        TransferRow { transfer: self.transfer_view(record), accepted_at_ms: record.at_ms() }
     }
 
     /// Moves the oldest records out of memory until at most
@@ -1130,10 +1131,7 @@ impl Ledger {
         } else if let Some(key) = self.evicted_pending_seq.remove(&entry.record_seq) {
             let mut record = self.evicted_pending.remove(&key).expect("both maps hold an evicted pending record");
             record.status = status;
-            let row = self
-                .touched
-                .is_some()
-                .then(|| TransferRow { transfer: self.transfer_view(&record), accepted_at_ms: record.at_ms() });
+            let row = self.touched.is_some().then(|| self.transfer_row(&record));
             if let (Some(t), Some(row)) = (&mut self.touched, row) {
                 t.closed_evicted.push(row);
             }
