@@ -33,8 +33,8 @@ pub use engine::{
 };
 pub use health::Health;
 pub use projector::{
-    Projector, ProjectorError, ProjectorStats, PROJECTION_BATCHES_MAX, PROJECTION_POLL, PROJECTION_RETRY,
-    PROJECTION_RETRY_MAX, PROJECTION_ROWS_MAX,
+    Projector, ProjectorError, ProjectorStats, ProjectorThread, PROJECTION_BATCHES_MAX, PROJECTION_POLL,
+    PROJECTION_RETRY, PROJECTION_RETRY_MAX, PROJECTION_ROWS_MAX,
 };
 pub use recovery::{recover, recover_with_tier, DamagedCheckpoint, RecoveryError, RecoveryReport};
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats, RoundError};

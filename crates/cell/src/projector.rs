@@ -233,6 +233,40 @@ pub struct Projector {
     stats: Arc<ProjectorStats>,
 }
 
+/// A projector running on a thread of its own (see [`Projector::spawn`]);
+/// dropped, it is asked to stop and not waited for.
+pub struct ProjectorThread {
+    pub stats: Arc<ProjectorStats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProjectorThread {
+    /// Asks it to stop after the transaction it is in.
+    pub fn stop(&self) {
+        self.stop.store(true, Relaxed);
+    }
+
+    /// Has its thread ended?
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops it and waits for its thread.
+    pub fn join(mut self) {
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ProjectorThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A replica of the cell's state, at log batch `at`.
 struct Replica {
     state: CellState,
@@ -242,6 +276,18 @@ struct Replica {
 impl Projector {
     pub fn new(url: &str, schema: &str, cell: CellId, stats: Arc<ProjectorStats>) -> Self {
         Self { url: url.to_string(), schema: schema.to_string(), cell, stats }
+    }
+
+    /// Starts a projector of cell `cell` (its log in `schema` at `url`) on a
+    /// thread named `projector-<cell>`, running until stopped.
+    pub fn spawn(url: &str, schema: &str, cell: CellId) -> std::io::Result<ProjectorThread> {
+        let stats = Arc::new(ProjectorStats::default());
+        let projector = Self::new(url, schema, cell, stats.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread =
+            std::thread::Builder::new().name(format!("projector-{cell}")).spawn(move || projector.run(&flag))?;
+        Ok(ProjectorThread { stats, stop, thread: Some(thread) })
     }
 
     /// Runs until `stop`, starting over after each failure.

@@ -3,11 +3,13 @@
 //! machine's PostgreSQL), payments through its engine, and the projector's
 //! tables read back with SQL.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+mod common;
+
+use common::{open_cmd, transfer_cmd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use cellpay_cell::{Cell, EngineConfig, Projector, ProjectorStats};
+use cellpay_cell::{Cell, EngineConfig, Projector, ProjectorThread};
 use cellpay_core::*;
 use cellpay_store::{PostgresOptions, PostgresStore};
 
@@ -67,27 +69,6 @@ fn submit(cell: &Cell, commands: Vec<Command>) -> Vec<Outcome> {
     cell.handle().submit(commands).unwrap().wait_blocking().unwrap()
 }
 
-fn open(id: &str, overdraft: bool) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount {
-        id: AccountId::new(id).unwrap(),
-        currency: Currency::new("CNY").unwrap(),
-        overdraft,
-        tenant: TenantId::default_tenant(),
-    }))
-}
-
-fn pay(id: &str, from: &str, to: &str, amount: i64) -> Command {
-    Command::real(Op::Transfer(Transfer {
-        id: TransferId::new(id).unwrap(),
-        from: AccountId::new(from).unwrap(),
-        to: AccountId::new(to).unwrap(),
-        amount,
-        currency: None,
-        memo: None,
-        by: Authority::Admin,
-    }))
-}
-
 fn balance(cell: &Cell, id: &str) -> i64 {
     let q = Query::Account { shadow: false, id: AccountId::new(id).unwrap(), by: Authority::Admin };
     match cell.handle().query(q).unwrap().wait_blocking().unwrap() {
@@ -96,43 +77,21 @@ fn balance(cell: &Cell, id: &str) -> i64 {
     }
 }
 
-/// A projector on its own thread, stopped when dropped.
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    stats: Arc<ProjectorStats>,
+fn start_projector(schema: &Schema) -> ProjectorThread {
+    Projector::spawn(POSTGRES_URL, &schema.0, CellId(0)).unwrap()
 }
 
-impl Running {
-    fn start(schema: &Schema) -> Self {
-        let (stop, stats) = (Arc::new(AtomicBool::new(false)), Arc::new(ProjectorStats::default()));
-        let projector = Projector::new(POSTGRES_URL, &schema.0, CellId(0), stats.clone());
-        let flag = stop.clone();
-        let thread = Some(std::thread::spawn(move || projector.run(&flag)));
-        Self { stop, thread, stats }
-    }
-
-    /// Waits until the tables show batch `seq`.
-    fn wait_for(&self, seq: u64) {
-        let started = Instant::now();
-        while self.stats.batch_seq.load(Relaxed) < seq {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the projection stays at {} of {seq}: {:?}",
-                self.stats.batch_seq.load(Relaxed),
-                self.stats.last_error.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
+/// Waits until the tables show batch `seq`.
+fn wait_for(projector: &ProjectorThread, seq: u64) {
+    let started = Instant::now();
+    while projector.stats.batch_seq.load(Relaxed) < seq {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the projection stays at {} of {seq}: {:?}",
+            projector.stats.batch_seq.load(Relaxed),
+            projector.stats.last_error.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -159,22 +118,25 @@ fn the_tables_are_the_ledger_as_of_their_watermark_and_a_restarted_projector_goe
     let bank = ids(0, 1, "bank").remove(0);
     let remote = ids(1, 1, "far").remove(0);
     let idle = ids(0, 1, "idle").remove(0);
-    let mut commands = vec![open(&bank, true), open(&idle, false)];
-    commands.extend(accounts.iter().map(|a| open(a, false)));
+    let mut commands = vec![open_cmd(&bank, true), open_cmd(&idle, false)];
+    commands.extend(accounts.iter().map(|a| open_cmd(a, false)));
     submit(&cell, commands);
-    submit(&cell, accounts.iter().enumerate().map(|(i, a)| pay(&format!("fund-{i}"), &bank, a, 1_000)).collect());
+    submit(
+        &cell,
+        accounts.iter().enumerate().map(|(i, a)| transfer_cmd(&format!("fund-{i}"), &bank, a, 1_000)).collect(),
+    );
     // Local payments between the accounts, one batch each.
     for i in 0..30 {
         let (from, to) = (&accounts[i % 20], &accounts[(i * 7 + 3) % 20]);
-        submit(&cell, vec![pay(&format!("p-{i}"), from, to, 10 + i as i64)]);
+        submit(&cell, vec![transfer_cmd(&format!("p-{i}"), from, to, 10 + i as i64)]);
     }
     // A payment to another cell's account: pending, its credit in the outbox.
-    let out = submit(&cell, vec![pay("to-far", &accounts[0], &remote, 77)]);
+    let out = submit(&cell, vec![transfer_cmd("to-far", &accounts[0], &remote, 77)]);
     let Outcome::Transferred { outbox: Some((dest, seq)), .. } = &out[0] else { panic!("{out:?}") };
     let (dest, seq) = (*dest, *seq);
 
-    let projector = Running::start(&schema);
-    projector.wait_for(schema.last_batch());
+    let projector = start_projector(&schema);
+    wait_for(&projector, schema.last_batch());
     accounts.push(bank.clone());
     // An account opened and never paid is there too, at 0.
     accounts.push(idle.clone());
@@ -188,7 +150,7 @@ fn the_tables_are_the_ledger_as_of_their_watermark_and_a_restarted_projector_goe
 
     // The payee's cell applied the credit: settled, in SQL too.
     submit(&cell, vec![Command::real(Op::Settle { dest, seq })]);
-    projector.wait_for(schema.last_batch());
+    wait_for(&projector, schema.last_batch());
     assert_eq!(status(&schema, &accounts[0], "to-far"), "settled");
 
     // Stopped, payments go on; started again, it goes on from its watermark.
@@ -196,17 +158,17 @@ fn the_tables_are_the_ledger_as_of_their_watermark_and_a_restarted_projector_goe
     assert!(lags > 0);
     let (p50, p99, max) = projector.stats.lag_ms();
     assert!(p50 <= p99 && p99 <= max && max < 30_000.0, "{p50} {p99} {max}");
-    drop(projector);
+    projector.join();
     for i in 0..10 {
-        submit(&cell, vec![pay(&format!("later-{i}"), &accounts[i], &accounts[i + 1], 5)]);
+        submit(&cell, vec![transfer_cmd(&format!("later-{i}"), &accounts[i], &accounts[i + 1], 5)]);
     }
-    let projector = Running::start(&schema);
-    projector.wait_for(schema.last_batch());
+    let projector = start_projector(&schema);
+    wait_for(&projector, schema.last_batch());
     assert_eq!(balances_match(&schema, &cell, &accounts), -77);
     assert_eq!(projector.stats.resyncs.load(Relaxed), 0, "its watermark was reachable");
     let metrics = projector.stats.render_prometheus(CellId(0));
     assert!(metrics.contains("cellpay_projection_lag_seconds_count{cell=\"0\"}"), "{metrics}");
-    drop(projector);
+    projector.join();
     cell.stop().unwrap();
 }
 
@@ -218,14 +180,14 @@ fn a_projector_behind_every_kept_checkpoint_writes_the_whole_ledger_once() {
     let cell = open_cell(&schema, config);
     let mut accounts = ids(0, 10, "acct");
     let bank = ids(0, 1, "bank").remove(0);
-    let mut commands = vec![open(&bank, true)];
-    commands.extend(accounts.iter().map(|a| open(a, false)));
+    let mut commands = vec![open_cmd(&bank, true)];
+    commands.extend(accounts.iter().map(|a| open_cmd(a, false)));
     submit(&cell, commands);
     for (i, a) in accounts.iter().enumerate() {
-        submit(&cell, vec![pay(&format!("fund-{i}"), &bank, a, 500)]);
+        submit(&cell, vec![transfer_cmd(&format!("fund-{i}"), &bank, a, 500)]);
     }
     for i in 0..40 {
-        submit(&cell, vec![pay(&format!("p-{i}"), &accounts[i % 10], &accounts[(i + 1) % 10], 3)]);
+        submit(&cell, vec![transfer_cmd(&format!("p-{i}"), &accounts[i % 10], &accounts[(i + 1) % 10], 3)]);
     }
     let kept: Vec<i64> = schema
         .client()
@@ -235,8 +197,8 @@ fn a_projector_behind_every_kept_checkpoint_writes_the_whole_ledger_once() {
         .map(|r| r.get(0))
         .collect();
     assert!(kept.first().is_some_and(|&oldest| oldest > 0), "checkpoint 0 is gone: {kept:?}");
-    let projector = Running::start(&schema);
-    projector.wait_for(schema.last_batch());
+    let projector = start_projector(&schema);
+    wait_for(&projector, schema.last_batch());
     assert_eq!(projector.stats.resyncs.load(Relaxed), 1);
     accounts.push(bank);
     assert_eq!(balances_match(&schema, &cell, &accounts), 0);
@@ -246,6 +208,6 @@ fn a_projector_behind_every_kept_checkpoint_writes_the_whole_ledger_once() {
         .unwrap()
         .get(0);
     assert!(resynced.is_some(), "the table says where it resynced");
-    drop(projector);
+    projector.join();
     cell.stop().unwrap();
 }

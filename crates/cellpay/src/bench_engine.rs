@@ -358,14 +358,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cell = open()?;
     let handle = cell.handle();
     anyhow::ensure!(!args.project || postgres.is_some(), "--project needs --store postgres://…");
-    let projection = postgres.as_ref().filter(|_| args.project).map(|url| {
-        let stats = std::sync::Arc::new(cellpay_cell::ProjectorStats::default());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let projector = cellpay_cell::Projector::new(url, PG_SCHEMA, CellId(0), stats.clone());
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || projector.run(&flag));
-        (stats, stop, thread)
-    });
+    let projection = match postgres.as_deref().filter(|_| args.project) {
+        Some(url) => Some(cellpay_cell::Projector::spawn(url, PG_SCHEMA, CellId(0)).context("starting the projector")?),
+        None => None,
+    };
     let ids: Vec<AccountId> = (0..args.accounts).map(account_id).collect();
     let bank = AccountId::new("bank").expect("valid id");
     let mut p = Pipeline {
@@ -388,15 +384,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     handle.stats().reset_histograms();
     // The projection's lag is measured over the measured phase: wait for the
     // setup's batches to be projected, then start counting afresh.
-    let lag_before = projection.as_ref().map(|(stats, _, _)| {
+    if let Some(projector) = &projection {
         let target = postgres.as_deref().map_or(Ok(0), last_batch).unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(600);
-        while stats.batch_seq.load(Relaxed) < target && Instant::now() < deadline {
+        while projector.stats.batch_seq.load(Relaxed) < target && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        stats.reset_lag();
-        stats.lag_count()
-    });
+        projector.stats.reset_lag();
+    }
     let before = handle.stats().snapshot();
     let cpu_before = process_cpu_ns();
     let zipf = match args.zipf {
@@ -430,8 +425,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     p.drain()?;
     let elapsed = started.elapsed().as_secs_f64();
     let after = handle.stats().snapshot();
-    let projection_figures = match (&projection, lag_before) {
-        (Some((stats, _, _)), Some(_)) => {
+    let projection_figures = match &projection {
+        Some(projector) => {
+            let stats = &projector.stats;
             let log_batches = last_batch(postgres.as_deref().expect("projection runs on PostgreSQL"))?;
             let projected_batches = stats.batch_seq.load(Relaxed);
             let waited = Instant::now();
@@ -450,11 +446,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 transfers_written: stats.transfers_written.load(Relaxed),
             })
         }
-        _ => None,
+        None => None,
     };
-    if let Some((_, stop, thread)) = projection {
-        stop.store(true, Relaxed);
-        let _ = thread.join();
+    if let Some(projector) = projection {
+        projector.join();
     }
     let process_cpu = process_cpu_ns() - cpu_before;
     let transfers = p.transfers.max(1) as f64;

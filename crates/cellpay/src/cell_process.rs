@@ -343,20 +343,16 @@ async fn serve_cell(
         });
     }
     // The ledger as SQL tables, filled from the log by a projector of its own.
-    let projection = (token.is_some() && config.sql_tables).then(|| {
-        let stats = Arc::new(cellpay_cell::ProjectorStats::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let projector = cellpay_cell::Projector::new(&config.store, &format!("cell_{}", id.0), id, stats.clone());
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("projector-{id}"))
-            .spawn(move || projector.run(&flag))
-            .expect("a thread for the projector");
-        (stats, stop, thread)
-    });
+    let projection = match token.is_some() && config.sql_tables {
+        true => Some(
+            cellpay_cell::Projector::spawn(&config.store, &format!("cell_{}", id.0), id)
+                .context("starting the SQL projector's thread")?,
+        ),
+        false => None,
+    };
     let metrics = match listen.metrics {
         Some(at) => {
-            let stats = projection.as_ref().map(|(stats, _, _)| stats.clone());
+            let stats = projection.as_ref().map(|p| p.stats.clone());
             Some(serve_metrics(at, slot.clone(), relay_handles, stats, stop_rx.clone()).await?)
         }
         None => None,
@@ -380,12 +376,12 @@ async fn serve_cell(
     if let Some(m) = metrics {
         let _ = m.await;
     }
-    if let Some((_, stop, thread)) = projection {
+    if let Some(projector) = projection {
         // The projector stops between two of its transactions; one stuck on
         // a dead connection is left behind (the process exits), never waited for.
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        projector.stop();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        while !thread.is_finished() && tokio::time::Instant::now() < deadline {
+        while !projector.is_finished() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
