@@ -2,6 +2,9 @@
 //! durability, smart batching, overload, idempotency across restarts,
 //! checkpoints and fail-stop on a store error.
 
+mod common;
+
+use common::{open_cmd, transfer_cmd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
@@ -11,31 +14,6 @@ use cellpay_core::*;
 use cellpay_store::{
     Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, StoredCheckpoint, Visitor,
 };
-
-fn cny() -> Currency {
-    Currency::new("CNY").unwrap()
-}
-
-fn open_cmd(id: &str, overdraft: bool) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount {
-        id: AccountId::new(id).unwrap(),
-        currency: cny(),
-        overdraft,
-        tenant: TenantId::default_tenant(),
-    }))
-}
-
-fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
-    Command::real(Op::Transfer(Transfer {
-        id: TransferId::new(id).unwrap(),
-        from: AccountId::new(from).unwrap(),
-        to: AccountId::new(to).unwrap(),
-        amount,
-        currency: None,
-        memo: None,
-        by: Authority::Admin,
-    }))
-}
 
 fn one_cell_map() -> ShardMap {
     ShardMap::round_robin(64, 1).unwrap()

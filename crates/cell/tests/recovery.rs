@@ -2,6 +2,9 @@
 //! one crash or one damaged file used to stop a cell for good: a crash right
 //! after a new cell's first batch, and a damaged newest checkpoint.
 
+mod common;
+
+use common::{open_cmd, transfer_cmd};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -11,31 +14,6 @@ use cellpay_store::{
     Checkpoint, EmbeddedStore, ReplayReport, Store, StoreError, StoreOptions, StoreStats, StoredCheckpoint, Visitor,
     CHECKPOINTS_KEPT,
 };
-
-fn cny() -> Currency {
-    Currency::new("CNY").unwrap()
-}
-
-fn open_cmd(id: &str, overdraft: bool) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount {
-        id: AccountId::new(id).unwrap(),
-        currency: cny(),
-        overdraft,
-        tenant: TenantId::default_tenant(),
-    }))
-}
-
-fn transfer_cmd(id: &str, from: &str, to: &str, amount: i64) -> Command {
-    Command::real(Op::Transfer(Transfer {
-        id: TransferId::new(id).unwrap(),
-        from: AccountId::new(from).unwrap(),
-        to: AccountId::new(to).unwrap(),
-        amount,
-        currency: None,
-        memo: None,
-        by: Authority::Admin,
-    }))
-}
 
 fn shadow(mut cmd: Command) -> Command {
     cmd.shadow = true;
