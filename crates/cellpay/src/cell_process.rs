@@ -24,7 +24,7 @@ use cellpay_core::CellId;
 use cellpay_wire::{ClusterSecret, RemoteCell, RemoteConfig};
 
 use crate::config::{Config, ServeArgs};
-use crate::serve::{engine_config, protection_files, ShutdownSignal};
+use crate::serve::{engine_config, pg_schema, protection_files, ShutdownSignal};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -183,7 +183,7 @@ async fn serve_cell(
     let reporter = {
         let (url, address, mut stop) = (control_url.clone(), address.clone(), stop_rx.clone());
         let process = process_name();
-        let fence = token.map(|mine| (config.store.clone(), format!("cell_{}", id.0), mine));
+        let fence = token.map(|mine| (config.store.clone(), pg_schema(id), mine));
         let slot = slot.clone();
         tokio::spawn(async move {
             let mut control: Option<Control> = None;
@@ -345,7 +345,7 @@ async fn serve_cell(
     // The ledger as SQL tables, filled from the log by a projector of its own.
     let projection = match token.is_some() && config.sql_tables {
         true => Some(
-            cellpay_cell::Projector::spawn(&config.store, &format!("cell_{}", id.0), id)
+            cellpay_cell::Projector::spawn(&config.store, &pg_schema(id), id)
                 .context("starting the SQL projector's thread")?,
         ),
         false => None,
@@ -359,7 +359,7 @@ async fn serve_cell(
     };
     let data_in = match config.store.as_str() {
         "embedded" => dir.display().to_string(),
-        _ => format!("PostgreSQL, schema cell_{}", id.0),
+        _ => format!("PostgreSQL, schema {}", pg_schema(id)),
     };
     say!("cellpay cell {id} serving the cell protocol on {address} (data in {data_in})");
 

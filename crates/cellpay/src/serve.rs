@@ -154,7 +154,7 @@ pub fn open_fenced_cell(
             .map(|cell| (cell, None))
             .with_context(|| format!("recovering cell {id} from {}", dir.display())),
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let schema = format!("cell_{}", id.0);
+            let schema = pg_schema(id);
             let store = cellpay_store::PostgresStore::open(url, &schema, cellpay_store::PostgresOptions::default())
                 .with_context(|| format!("opening cell {id}'s store in PostgreSQL (schema {schema})"))?;
             let tier = engine.tier.enabled.then(|| dir.join("idempotency"));
@@ -168,6 +168,11 @@ pub fn open_fenced_cell(
         }
         _ => anyhow::bail!("--store is `embedded` or a PostgreSQL URL starting with postgres://"),
     }
+}
+
+/// The PostgreSQL schema cell `id` keeps its data in (`--store postgres://…`).
+pub(crate) fn pg_schema(id: CellId) -> String {
+    format!("cell_{}", id.0)
 }
 
 /// Opens every cell, each on its own thread, and waits for all.
