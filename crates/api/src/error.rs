@@ -59,7 +59,11 @@ impl ApiError {
     /// The code a client sees: internal routing codes become `cell_unavailable`.
     pub fn public_code(&self) -> ErrorCode {
         match self.code {
-            ErrorCode::WrongCell | ErrorCode::OutOfOrder | ErrorCode::SequenceReused => ErrorCode::CellUnavailable,
+            ErrorCode::WrongCell
+            | ErrorCode::OutOfOrder
+            | ErrorCode::SequenceReused
+            | ErrorCode::ShardFrozen
+            | ErrorCode::ShardMoved => ErrorCode::CellUnavailable,
             other => other,
         }
     }

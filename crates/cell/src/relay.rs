@@ -224,9 +224,13 @@ impl Relay {
             let op = match answer {
                 Outcome::CreditApplied { .. } => Op::Settle { dest, seq: m.seq },
                 Outcome::CreditRefused { code, .. } => Op::Compensate { dest, seq: m.seq, reason: code },
-                // The payee's shard is not at that cell (a move in progress) or a
-                // message is missing in between: stop here, retry later.
-                Outcome::Rejected(r) if matches!(r.code, ErrorCode::WrongCell | ErrorCode::OutOfOrder) => break,
+                // The payee's shard is not at that cell or frozen there (a move in
+                // progress), or a message is missing in between: stop here, retry later.
+                Outcome::Rejected(r)
+                    if matches!(r.code, ErrorCode::WrongCell | ErrorCode::OutOfOrder | ErrorCode::ShardFrozen) =>
+                {
+                    break
+                }
                 // The books of this pair went back in time: nothing more is
                 // delivered (the credits wait in the outbox) and the audit
                 // names the pair until an operator reconciles it.
@@ -242,6 +246,14 @@ impl Relay {
         let refused = acks.iter().filter(|c| matches!(c.op, Op::Compensate { .. })).count() as u64;
         let closed = self.source.submit(acks).await.map_err(unavailable)?;
         for outcome in &closed {
+            // A credit refused `shard_moved` goes on to the shard's new owner,
+            // which the source's map must name first (it follows the control
+            // plane): until then the close waits, like a cell unavailable.
+            if let Outcome::Rejected(r) = outcome {
+                if matches!(r.code, ErrorCode::WrongCell | ErrorCode::ShardFrozen | ErrorCode::OutOfOrder) {
+                    return Err(RoundError::Unavailable(r.message.clone()));
+                }
+            }
             if !matches!(outcome, Outcome::OutboxClosed { .. }) {
                 return Err(RoundError::Unexpected(format!("closing a message answered {outcome:?}")));
             }

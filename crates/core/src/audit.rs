@@ -144,16 +144,27 @@ pub struct LedgerFigures {
     pub outbox: Vec<OutboxFigures>,
     /// Per source cell, in cell order.
     pub inbox: Vec<InboxFigures>,
+    /// Shards moved in and out, per peer cell, in cell order.
+    pub moves: Vec<crate::moves::MoveFigures>,
+    /// The shards this cell holds frozen for a move, as their move records
+    /// would read now (empty outside a move).
+    pub frozen: Vec<crate::moves::MoveRecord>,
 }
 
 impl LedgerFigures {
-    /// Σ balances + Σ (sent − compensated) − Σ received: zero in every sound
-    /// cell, since every change moves both sides. A non-zero term means the
-    /// cell's own books disagree.
+    /// Σ balances + Σ (sent − compensated) − Σ received + Σ moved out −
+    /// Σ moved in: zero in every sound cell, since every change moves both
+    /// sides. A non-zero term means the cell's own books disagree.
     pub fn cell_term(&self) -> i128 {
         let out: i128 = self.outbox.iter().map(|o| o.sent - o.compensated).sum();
         let inn: i128 = self.inbox.iter().map(|i| i.received).sum();
-        self.balance_sum + out - inn
+        let moved: i128 = self.moves.iter().map(|m| m.out_net - m.in_net).sum();
+        self.balance_sum + out - inn + moved
+    }
+
+    /// The move figures with `peer` (zero if no shard ever moved between them).
+    pub fn moves_with(&self, peer: CellId) -> crate::moves::MoveFigures {
+        self.moves.iter().find(|m| m.peer == peer).copied().unwrap_or(crate::moves::MoveFigures::new(peer))
     }
 
     /// What the kept figures alone show wrong in cell `cell`: its own terms
@@ -213,12 +224,19 @@ pub enum Finding {
     /// The destination no longer remembers the sequence asked, so the pair
     /// could not be compared at this moment (a retry usually can).
     Unverified { source: CellId, dest: CellId, seq: u64, applied_through: u64 },
+    /// Shards the source moved out that the destination never counted in:
+    /// their money left one cell and arrived nowhere.
+    MoveLost { source: CellId, dest: CellId, moves: u64, amount: i128 },
+    /// The two cells disagree about the shards moved between them (accounts,
+    /// net or digest); `transient` when the destination counts a move the
+    /// source may have started between the reads.
+    MoveDiverged { source: CellId, dest: CellId, detail: String, transient: bool },
 }
 
 impl Finding {
     /// True when a second try may not find it (the pair moved too far between reads).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Finding::Unverified { .. })
+        matches!(self, Finding::Unverified { .. } | Finding::MoveDiverged { transient: true, .. })
     }
 
     /// The contract's short name of the finding.
@@ -231,6 +249,8 @@ impl Finding {
             Finding::Unsent { .. } => "unsent",
             Finding::Diverged { .. } => "diverged",
             Finding::Unverified { .. } => "unverified",
+            Finding::MoveLost { .. } => "move_lost",
+            Finding::MoveDiverged { .. } => "move_diverged",
         }
     }
 }
@@ -260,6 +280,13 @@ impl fmt::Display for Finding {
                 f,
                 "cell {source}→{dest}: cell {dest} no longer remembers sequence {seq} (applied through {applied_through})"
             ),
+            Finding::MoveLost { source, dest, moves, amount } => write!(
+                f,
+                "cell {source}→{dest}: {moves} shard moves are done at cell {source} but not counted at cell {dest}: {amount} lost"
+            ),
+            Finding::MoveDiverged { source, dest, detail, .. } => {
+                write!(f, "cell {source}→{dest}: the books disagree about the shards moved: {detail}")
+            }
         }
     }
 }
@@ -323,9 +350,16 @@ pub fn audit_states<S: std::borrow::Borrow<CellState>>(cells: &[S], shadow: bool
     for a in &cells {
         for b in cells.iter().filter(|b| b.cell() != a.cell()) {
             findings.extend(reconcile_states(a, b, shadow));
+            let (fa, fb) = (a.figures(shadow), b.figures(shadow));
+            findings.extend(reconcile_figures_moves(a.cell(), &fa, b.cell(), &fb));
         }
     }
     findings
+}
+
+/// The moves of the pair a → b, from each side's figures (a read first).
+pub fn reconcile_figures_moves(a: CellId, fa: &LedgerFigures, b: CellId, fb: &LedgerFigures) -> Option<Finding> {
+    crate::moves::reconcile_moves(a, &fa.moves_with(b), &fa.frozen, b, &fb.moves_with(a))
 }
 
 /// The pair a → b of one ledger, its three reads made on states in hand.

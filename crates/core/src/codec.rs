@@ -222,6 +222,11 @@ const TAG_CREDIT: u8 = 3;
 const TAG_SETTLE: u8 = 4;
 const TAG_COMPENSATE: u8 = 5;
 const TAG_SHARD_MAP: u8 = 6;
+const TAG_FREEZE: u8 = 7;
+const TAG_UNFREEZE: u8 = 8;
+const TAG_INSTALL_SHARD: u8 = 9;
+const TAG_DISCARD_SHARD: u8 = 10;
+const TAG_DROP_SHARD: u8 = 11;
 
 pub fn encode_shard_map(w: &mut Writer, map: &ShardMap) {
     w.u64(map.epoch());
@@ -294,6 +299,30 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             w.bool(cmd.shadow);
             encode_shard_map(w, map);
         }
+        Op::FreezeShard { shard, move_id, to } => {
+            w.u8(TAG_FREEZE);
+            w.bool(cmd.shadow);
+            w.u32(*shard);
+            w.u64(*move_id);
+            w.u32(to.0);
+        }
+        Op::UnfreezeShard { shard, move_id }
+        | Op::DiscardShard { shard, move_id }
+        | Op::DropShard { shard, move_id } => {
+            w.u8(match &cmd.op {
+                Op::UnfreezeShard { .. } => TAG_UNFREEZE,
+                Op::DiscardShard { .. } => TAG_DISCARD_SHARD,
+                _ => TAG_DROP_SHARD,
+            });
+            w.bool(cmd.shadow);
+            w.u32(*shard);
+            w.u64(*move_id);
+        }
+        Op::InstallShard(export) => {
+            w.u8(TAG_INSTALL_SHARD);
+            w.bool(cmd.shadow);
+            crate::moves::encode_export(w, export);
+        }
     }
 }
 
@@ -331,6 +360,11 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
         TAG_SETTLE => Op::Settle { dest: CellId(r.u32()?), seq: r.u64()? },
         TAG_COMPENSATE => Op::Compensate { dest: CellId(r.u32()?), seq: r.u64()?, reason: r.error_code()? },
         TAG_SHARD_MAP => Op::InstallShardMap(decode_shard_map(r)?),
+        TAG_FREEZE => Op::FreezeShard { shard: r.u32()?, move_id: r.u64()?, to: CellId(r.u32()?) },
+        TAG_UNFREEZE => Op::UnfreezeShard { shard: r.u32()?, move_id: r.u64()? },
+        TAG_DISCARD_SHARD => Op::DiscardShard { shard: r.u32()?, move_id: r.u64()? },
+        TAG_DROP_SHARD => Op::DropShard { shard: r.u32()?, move_id: r.u64()? },
+        TAG_INSTALL_SHARD => Op::InstallShard(Box::new(crate::moves::decode_export(r)?)),
         other => return Err(r.error(format!("unknown command tag {other}"))),
     };
     Ok(Command { shadow, op })

@@ -7,6 +7,7 @@ use crate::audit::{InboxAt, LedgerAudit, LedgerFigures, OutboxAt};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::Currency;
+use crate::moves::ShardExport;
 use crate::shard::ShardMap;
 
 /// The longest memo a transfer may carry, in bytes (I7).
@@ -49,6 +50,33 @@ pub enum Op {
     },
     /// Replace the shard map with one of a higher epoch. Ignores the shadow flag.
     InstallShardMap(ShardMap),
+    /// A shard move's steps (see `moves`); each acts on both ledgers and
+    /// ignores the shadow flag. The move is numbered by the epoch it installs.
+    /// At the source: nothing changes the shard from now on but the closes of
+    /// its payers' messages in flight.
+    FreezeShard {
+        shard: u32,
+        move_id: u64,
+        to: CellId,
+    },
+    /// At the source: the move did not happen; the shard serves again.
+    UnfreezeShard {
+        shard: u32,
+        move_id: u64,
+    },
+    /// At the destination: the shard's state, held but not served until the
+    /// map names this cell.
+    InstallShard(Box<ShardExport>),
+    /// At the destination: undoes an install whose move did not happen.
+    DiscardShard {
+        shard: u32,
+        move_id: u64,
+    },
+    /// At the source, once its map names the new owner: the shard leaves.
+    DropShard {
+        shard: u32,
+        move_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +183,11 @@ pub enum Query {
     OutboxAt {
         shadow: bool,
         asked: Vec<(CellId, u64)>,
+    },
+    /// Everything of a frozen shard whose payers' messages are all closed,
+    /// to install in the cell it moves to (both ledgers).
+    ExportShard {
+        shard: u32,
     },
     /// Undelivered outbox messages to `dest` after `after_seq`, oldest first, at most `limit`.
     Outbox {
@@ -293,6 +326,13 @@ pub enum Outcome {
     ShardMapInstalled {
         epoch: u64,
     },
+    /// A shard move's step is done (or was before, `duplicate`). After a
+    /// freeze, `open_messages` counts the shard's payers' messages still in
+    /// flight (the export waits for none).
+    MoveStep {
+        open_messages: u64,
+        duplicate: bool,
+    },
     Rejected(Rejection),
 }
 
@@ -304,6 +344,7 @@ impl Outcome {
             Outcome::CreditApplied { duplicate } | Outcome::CreditRefused { duplicate, .. } => !*duplicate,
             Outcome::OutboxClosed { duplicate, .. } => !*duplicate,
             Outcome::ShardMapInstalled { .. } => true,
+            Outcome::MoveStep { duplicate, .. } => !*duplicate,
             Outcome::Rejected(_) => false,
         }
     }
@@ -329,5 +370,6 @@ pub enum QueryAnswer {
     InboxAt(Vec<InboxAt>),
     OutboxAt(Vec<OutboxAt>),
     Outbox(Vec<OutboxMessage>),
+    ShardExport(Box<ShardExport>),
     Rejected(Rejection),
 }

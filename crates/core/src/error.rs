@@ -37,10 +37,16 @@ pub enum ErrorCode {
     /// than the idempotency window: the cell can no longer tell whether it was
     /// paid, so it refuses rather than risk paying twice.
     IdempotencyExpired,
+    /// The shard is frozen for a move (for a few milliseconds): the router
+    /// waits and tries again, a relay resends later. Internal.
+    ShardFrozen,
+    /// A relay credit for a shard that moved away from this cell: refused
+    /// for good here, and the payer's cell sends it to the new owner. Internal.
+    ShardMoved,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::InvalidRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -60,6 +66,8 @@ impl ErrorCode {
         ErrorCode::OutboxFull,
         ErrorCode::SequenceReused,
         ErrorCode::IdempotencyExpired,
+        ErrorCode::ShardFrozen,
+        ErrorCode::ShardMoved,
     ];
 
     /// The code's name in the contract.
@@ -84,6 +92,8 @@ impl ErrorCode {
             ErrorCode::OutboxFull => "outbox_full",
             ErrorCode::SequenceReused => "sequence_reused",
             ErrorCode::IdempotencyExpired => "idempotency_expired",
+            ErrorCode::ShardFrozen => "shard_frozen",
+            ErrorCode::ShardMoved => "shard_moved",
         }
     }
 
@@ -104,7 +114,9 @@ impl ErrorCode {
             | ErrorCode::WrongCell
             | ErrorCode::OutOfOrder
             | ErrorCode::OutboxFull
-            | ErrorCode::SequenceReused => 503,
+            | ErrorCode::SequenceReused
+            | ErrorCode::ShardFrozen
+            | ErrorCode::ShardMoved => 503,
         }
     }
 

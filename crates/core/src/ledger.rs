@@ -239,6 +239,10 @@ pub(crate) struct Place<'a> {
     pub shadow: bool,
     /// Records outside memory, looked up for this batch before it ran.
     pub older: &'a dyn OlderRecords,
+    /// Shards frozen in this cell for a move: shard → (move id, destination).
+    pub frozen: &'a BTreeMap<u32, (u64, CellId)>,
+    /// Shards that moved away from this cell: shard → (destination, move id).
+    pub moved_away: &'a BTreeMap<u32, (CellId, u64)>,
 }
 
 /// Limits that apply when a command is first admitted, and not when the log
@@ -300,6 +304,19 @@ impl Place<'_> {
         self.map.owner_of(id.as_str()) == self.cell
     }
 
+    /// Is `id`'s shard frozen here for a move?
+    fn frozen(&self, id: &AccountId) -> bool {
+        !self.frozen.is_empty() && self.frozen.contains_key(&self.map.shard_of(id.as_str()).0)
+    }
+
+    fn frozen_refusal(&self, id: &AccountId) -> Outcome {
+        let shard = self.map.shard_of(id.as_str()).0;
+        Outcome::rejected(
+            ErrorCode::ShardFrozen,
+            format!("shard {shard} of account {id} is frozen for a move to another cell: try again in a moment"),
+        )
+    }
+
     fn wrong_cell(&self, id: &AccountId) -> Outcome {
         let owner = self.map.owner_of(id.as_str());
         Outcome::rejected(
@@ -348,12 +365,14 @@ pub struct Ledger {
     /// What changed since the last `take_touched`, when a projection asks
     /// (`set_touched`); not state: neither in a snapshot nor compared.
     pub(crate) touched: Option<TouchedMarks>,
+    /// The shards that moved in and out of this ledger (see `moves`).
+    pub(crate) moves: crate::moves::Moves,
 }
 
 /// The accounts and transfer records changed since the last `take_touched`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TouchedMarks {
-    accounts: Vec<u32>,
+    pub(crate) accounts: Vec<u32>,
     records: Vec<u64>,
     /// Records closed after they left memory (pending ones kept aside).
     closed_evicted: Vec<TransferRow>,
@@ -391,6 +410,7 @@ impl PartialEq for Ledger {
             && self.digests == other.digests
             && self.balance_sum == other.balance_sum
             && self.negative_accounts == other.negative_accounts
+            && self.moves == other.moves
     }
 }
 
@@ -428,6 +448,7 @@ impl Ledger {
             balance_sum: 0,
             negative_accounts: 0,
             touched: None,
+            moves: crate::moves::Moves::default(),
         }
     }
 
@@ -440,8 +461,14 @@ impl Ledger {
         }
     }
 
+    /// Accounts this ledger holds (those that moved away are not counted).
     pub fn accounts_len(&self) -> usize {
-        self.accounts.len()
+        self.index.len()
+    }
+
+    /// Whether the account at position `i` is still here (it did not move away).
+    fn live(&self, i: u32) -> bool {
+        self.accounts[i as usize].shard != crate::moves::GONE
     }
 
     pub fn digests(&self) -> &[u64] {
@@ -484,6 +511,19 @@ impl Ledger {
     }
 
     fn push_history(&mut self, i: u32, transfer: &TransferId, counterparty: AccountRef, kind: EntryKind, amount: i64) {
+        let balance_after = self.accounts[i as usize].balance;
+        self.push_history_entry(i, transfer, counterparty, kind, amount, balance_after);
+    }
+
+    pub(crate) fn push_history_entry(
+        &mut self,
+        i: u32,
+        transfer: &TransferId,
+        counterparty: AccountRef,
+        kind: EntryKind,
+        amount: i64,
+        balance_after: i64,
+    ) {
         if self.history.len() == self.limits.history_entries_max {
             self.history.pop_front();
             self.history_first_seq += 1;
@@ -497,13 +537,13 @@ impl Ledger {
             counterparty,
             kind,
             amount,
-            balance_after: account.balance,
+            balance_after,
         };
         account.history_head = seq + 1;
         self.history.push_back(entry);
     }
 
-    fn push_record(&mut self, mut record: TransferRecord) -> u64 {
+    pub(crate) fn push_record(&mut self, mut record: TransferRecord) -> u64 {
         if !self.records_reserved && self.records.len() + 1 >= self.limits.transfers_retained_max {
             // Once full, the ring holds its limit plus what waits between
             // batches (and, with a disk tier, for release). Reserving that
@@ -547,8 +587,14 @@ impl Ledger {
     /// Every account and every transfer record in memory (a projection's resync).
     pub fn everything(&self) -> Touched {
         Touched {
-            accounts: (0..self.accounts.len() as u32).map(|i| self.view(i)).collect(),
-            transfers: self.records.iter().chain(self.evicted_pending.values()).map(|r| self.transfer_row(r)).collect(),
+            accounts: (0..self.accounts.len() as u32).filter(|&i| self.live(i)).map(|i| self.view(i)).collect(),
+            transfers: self
+                .records
+                .iter()
+                .chain(self.evicted_pending.values())
+                .filter(|r| self.live(r.from))
+                .map(|r| self.transfer_row(r))
+                .collect(),
         }
     }
 
@@ -718,6 +764,9 @@ impl Ledger {
         if !place.owns(&o.id) {
             return place.wrong_cell(&o.id);
         }
+        if place.frozen(&o.id) {
+            return place.frozen_refusal(&o.id);
+        }
         if let Some(&i) = self.index.get(&o.id) {
             let a = &self.accounts[i as usize];
             if a.currency == o.currency && a.overdraft == o.overdraft && self.tenants[a.tenant as usize] == o.tenant {
@@ -750,7 +799,7 @@ impl Ledger {
         Outcome::AccountOpened { account: self.view(i), created: true }
     }
 
-    fn resolve(&self, r: &AccountRef) -> AccountId {
+    pub(crate) fn resolve(&self, r: &AccountRef) -> AccountId {
         match r {
             AccountRef::Local(i) => self.accounts[*i as usize].id.clone(),
             AccountRef::Remote(id) => id.clone(),
@@ -853,6 +902,15 @@ impl Ledger {
         }
         if !place.owns(&t.from) {
             return place.wrong_cell(&t.from);
+        }
+        // During a move's freeze nothing may change the shard (its payers'
+        // closes aside): not a debit of its payer nor a local credit to it.
+        if !place.frozen.is_empty() {
+            for id in [&t.from, &t.to] {
+                if place.frozen(id) && place.owns(id) {
+                    return place.frozen_refusal(id);
+                }
+            }
         }
         // Both accounts are looked up here, back to back, so the two probes of
         // the (large, cold) account index overlap instead of waiting one after
@@ -978,13 +1036,29 @@ impl Ledger {
         let record = Self::new_record(t, payer, payee, currency, TransferStatus::Pending, place.clock_ms);
         let record_seq = self.push_record(record);
         let transfer = Self::accepted_view(t, currency, TransferStatus::Pending);
+        let seq = self.send(dest, record_seq, &t.id, &t.from, &t.to, t.amount, currency);
+        let minted = self.accounts[payer as usize].overdraft;
+        Outcome::Transferred { transfer, created: true, outbox: Some((dest, seq)), minted }
+    }
+
+    /// Puts a credit in the outbox towards `dest` under its next sequence number.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        dest: CellId,
+        record_seq: u64,
+        transfer: &TransferId,
+        from: &AccountId,
+        to: &AccountId,
+        amount: i64,
+        currency: Currency,
+    ) -> u64 {
         let outbox = self.outbox.entry(dest).or_insert_with(|| Outbox::new(dest));
         let f = &mut outbox.figures;
         f.last_seq += 1;
         let seq = f.last_seq;
-        f.sent += i128::from(t.amount);
-        f.sent_chain =
-            digest::chain_link(f.sent_chain, digest::message(&t.id, &t.from, &t.to, t.amount, currency), false);
+        f.sent += i128::from(amount);
+        f.sent_chain = digest::chain_link(f.sent_chain, digest::message(transfer, from, to, amount, currency), false);
         let (sent_through, sent_chain) = (f.sent, f.sent_chain);
         outbox.entries.insert(
             seq,
@@ -992,15 +1066,14 @@ impl Ledger {
                 record_seq,
                 sent_through,
                 sent_chain,
-                transfer: t.id.clone(),
-                from: t.from.clone(),
-                to: t.to.clone(),
-                amount: t.amount,
+                transfer: transfer.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                amount,
                 currency,
             },
         );
-        let minted = self.accounts[payer as usize].overdraft;
-        Outcome::Transferred { transfer, created: true, outbox: Some((dest, seq)), minted }
+        seq
     }
 
     fn new_record(
@@ -1029,14 +1102,17 @@ impl Ledger {
     pub(crate) fn credit(&mut self, place: &Place<'_>, c: &Credit) -> Outcome {
         // A credit for a payee this cell does not own at its epoch is not for
         // it: refused before its inbox is read or made (a message meant for
-        // another cell must not look like a reused or out-of-order number here).
-        if !place.owns(&c.to) {
+        // another cell must not look like a reused or out-of-order number
+        // here), unless the payee's shard moved away from here: the credit
+        // was sent here, so its number is this stream's (see `moves`).
+        let moved_away = !place.owns(&c.to);
+        if moved_away && !place.moved_away.contains_key(&place.map.shard_of(c.to.as_str()).0) {
             return place.wrong_cell(&c.to);
         }
         let digest = digest::message(&c.transfer, &c.from, &c.to, c.amount, c.currency);
-        let inbox = self.inbox.entry(c.source).or_insert_with(|| Inbox::new(c.source));
-        let applied_through = inbox.figures.applied_through;
+        let applied_through = self.inbox.get(&c.source).map_or(0, |i| i.figures.applied_through);
         if c.seq <= applied_through {
+            let inbox = &self.inbox[&c.source];
             return match inbox.mark(c.seq) {
                 None => {
                     let msg = format!("credit {} from cell {} is older than the inbox tail", c.seq, c.source);
@@ -1060,17 +1136,23 @@ impl Ledger {
             let msg = format!("expected credit {} from cell {}", applied_through + 1, c.source);
             return Outcome::rejected(ErrorCode::OutOfOrder, msg);
         }
-        match self.credit_target(c) {
+        if !moved_away && place.frozen(&c.to) {
+            // Held, not refused: the relay sends it again once the move is done.
+            return place.frozen_refusal(&c.to);
+        }
+        let target = if moved_away { Err(ErrorCode::ShardMoved) } else { self.credit_target(c) };
+        let inbox = self.inbox.entry(c.source).or_insert_with(|| Inbox::new(c.source));
+        match target {
             Ok((payee, payee_after)) => {
                 // Commit point.
-                self.inbox.get_mut(&c.source).expect("created above").push(digest, c.amount, None);
+                inbox.push(digest, c.amount, None);
                 self.set_balance(payee, payee_after);
                 self.add_leg(payee, &c.transfer, EntryKind::Credit);
                 self.push_history(payee, &c.transfer, AccountRef::Remote(c.from.clone()), EntryKind::Credit, c.amount);
                 Outcome::CreditApplied { duplicate: false }
             }
             Err(code) => {
-                self.inbox.get_mut(&c.source).expect("created above").push(digest, c.amount, Some(code));
+                inbox.push(digest, c.amount, Some(code));
                 Outcome::CreditRefused { code, duplicate: false }
             }
         }
@@ -1111,6 +1193,14 @@ impl Ledger {
 
     /// Closes the oldest open message towards `dest` and folds it into the pair's figures.
     fn close(&mut self, dest: CellId, seq: u64, refused: bool) -> OutboxEntry {
+        let status = if refused { TransferStatus::Reversed } else { TransferStatus::Settled };
+        self.close_as(dest, seq, refused, status)
+    }
+
+    /// Closes the oldest open message towards `dest` (`refused` by the payee's
+    /// cell or not) and gives its transfer `status`; `Pending` leaves the
+    /// record as it is (the credit goes on under another number).
+    fn close_as(&mut self, dest: CellId, seq: u64, refused: bool, status: TransferStatus) -> OutboxEntry {
         let outbox = self.outbox.get_mut(&dest).expect("checked by next_to_close");
         let entry = outbox.entries.remove(&seq).expect("an open message is in the outbox");
         let f = &mut outbox.figures;
@@ -1121,7 +1211,9 @@ impl Ledger {
         } else {
             f.settled += i128::from(entry.amount);
         }
-        let status = if refused { TransferStatus::Reversed } else { TransferStatus::Settled };
+        if status == TransferStatus::Pending {
+            return entry;
+        }
         if let Some(record) = self.record_mut(entry.record_seq) {
             debug_assert_eq!(record.status, TransferStatus::Pending);
             record.status = status;
@@ -1152,10 +1244,65 @@ impl Ledger {
         Outcome::OutboxClosed { status: TransferStatus::Settled, duplicate: false }
     }
 
-    pub(crate) fn compensate(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
+    pub(crate) fn compensate(&mut self, place: &Place<'_>, dest: CellId, seq: u64, reason: ErrorCode) -> Outcome {
         if let Err(answer) = self.next_to_close(dest, seq, TransferStatus::Reversed) {
             return answer;
         }
+        if reason == ErrorCode::ShardMoved {
+            return self.reroute(place, dest, seq);
+        }
+        self.credit_back(place, dest, seq)
+    }
+
+    /// The payee's shard moved away from `dest`, which refused message `seq`
+    /// for that: the credit goes to the shard's owner under this cell's map,
+    /// under that stream's next number (or applies here, if the shard moved
+    /// here). The pair with `dest` counts it refused, as `dest` does.
+    fn reroute(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
+        let entry = self.outbox[&dest].entries[&seq].clone();
+        let owner = place.map.owner_of(entry.to.as_str());
+        if owner == dest {
+            let msg = format!(
+                "cell {dest} says the shard of {} moved away, and this cell's map (epoch {}) still names it: \
+                 the newer map comes first",
+                entry.to,
+                place.map.epoch()
+            );
+            return Outcome::rejected(ErrorCode::WrongCell, msg);
+        }
+        if owner != place.cell {
+            // Commit point.
+            self.close_as(dest, seq, true, TransferStatus::Pending);
+            self.send(owner, entry.record_seq, &entry.transfer, &entry.from, &entry.to, entry.amount, entry.currency);
+            return Outcome::OutboxClosed { status: TransferStatus::Pending, duplicate: false };
+        }
+        if place.frozen(&entry.to) {
+            return place.frozen_refusal(&entry.to);
+        }
+        let credit = Credit {
+            source: place.cell,
+            seq,
+            transfer: entry.transfer.clone(),
+            from: entry.from.clone(),
+            to: entry.to.clone(),
+            amount: entry.amount,
+            currency: entry.currency,
+        };
+        let Ok((payee, payee_after)) = self.credit_target(&credit) else {
+            return self.credit_back(place, dest, seq);
+        };
+        // Commit point: the payee's shard moved here, the credit is local now.
+        self.close_as(dest, seq, true, TransferStatus::Settled);
+        self.set_balance(payee, payee_after);
+        self.add_leg(payee, &entry.transfer, EntryKind::Credit);
+        let payer =
+            self.index.get(&entry.from).map_or(AccountRef::Remote(entry.from.clone()), |&i| AccountRef::Local(i));
+        self.push_history(payee, &entry.transfer, payer, EntryKind::Credit, entry.amount);
+        Outcome::OutboxClosed { status: TransferStatus::Settled, duplicate: false }
+    }
+
+    /// The payee's cell refused message `seq` for good: the payer gets its money back.
+    fn credit_back(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
         let entry = &self.outbox[&dest].entries[&seq];
         if !place.owns(&entry.from) {
             return place.wrong_cell(&entry.from);
@@ -1192,7 +1339,7 @@ impl Ledger {
         };
         found
             .into_iter()
-            .filter(|r| by.acts_for(&self.tenants[self.accounts[r.from as usize].tenant as usize]))
+            .filter(|r| self.live(r.from) && by.acts_for(&self.tenants[self.accounts[r.from as usize].tenant as usize]))
             .map(|r| self.transfer_view(r))
             .collect()
     }
@@ -1245,11 +1392,13 @@ impl Ledger {
     /// The audit figures as kept: O(cells).
     pub fn figures(&self) -> LedgerFigures {
         LedgerFigures {
-            accounts: self.accounts.len() as u64,
+            accounts: self.index.len() as u64,
             balance_sum: self.balance_sum,
             negative_accounts: self.negative_accounts,
             outbox: self.outbox.values().map(|o| o.figures).collect(),
             inbox: self.inbox.values().map(|i| i.figures).collect(),
+            moves: self.move_figures(),
+            frozen: Vec::new(),
         }
     }
 

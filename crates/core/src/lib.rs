@@ -30,12 +30,14 @@ pub mod error;
 pub mod ids;
 pub mod ledger;
 pub mod money;
+pub mod moves;
 pub mod older;
 pub mod priority;
 pub mod shard;
 pub mod snapshot;
 pub mod state;
 
+pub use audit::reconcile_figures_moves;
 pub use audit::{
     audit_states, reconcile_pair, reconcile_states, Finding, InboxAt, InboxFigures, InboxPrefix, LedgerAudit,
     LedgerFigures, OutboxAt, OutboxFigures, SentPrefix, INBOX_TAIL_RETAINED,
@@ -45,6 +47,10 @@ pub use error::{ErrorCode, Rejection};
 pub use ids::{AccountId, CellId, IdError, TenantId, TransferId, TENANT_DEFAULT};
 pub use ledger::{Admission, IdempotencyReach, Ledger, Limits, Touched, TransferRow, IDEMPOTENCY_WINDOW_MS_DEFAULT};
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
+pub use moves::{
+    reconcile_moves, ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures, MoveRecord,
+    ShardExport, FROZEN_SHARDS_MAX, MOVES_RETAINED,
+};
 pub use older::{idempotency_key, NoOlder, OldRecord, OlderRecords};
 pub use priority::{priority_of, Priority};
 pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};

@@ -55,7 +55,12 @@ impl Command {
     pub fn priority(&self) -> Priority {
         match self.op {
             // A shard map is installed by the operator, never shed.
-            Op::InstallShardMap(_) => Priority::Critical,
+            Op::InstallShardMap(_)
+            | Op::FreezeShard { .. }
+            | Op::UnfreezeShard { .. }
+            | Op::InstallShard(_)
+            | Op::DiscardShard { .. }
+            | Op::DropShard { .. } => Priority::Critical,
             _ => Priority::of(self.shadow, Priority::Critical),
         }
     }
@@ -69,9 +74,11 @@ impl Query {
             Query::Transfer { shadow, .. } => Priority::of(*shadow, Priority::Critical),
             // The relay, the audit and the digests keep money moving and provable.
             Query::Outbox { shadow, .. } => Priority::of(*shadow, Priority::Critical),
-            Query::Digests { .. } | Query::Figures { .. } | Query::InboxAt { .. } | Query::OutboxAt { .. } => {
-                Priority::Critical
-            }
+            Query::Digests { .. }
+            | Query::Figures { .. }
+            | Query::InboxAt { .. }
+            | Query::OutboxAt { .. }
+            | Query::ExportShard { .. } => Priority::Critical,
             // The full audit walks every account: it waits behind everything real.
             Query::Audit { .. } => Priority::Shadow,
         }

@@ -58,7 +58,108 @@ pub fn encode_with_capacity(state: &CellState, capacity: usize) -> Vec<u8> {
     encode_shard_map(&mut w, &state.map);
     encode_ledger(&mut w, &state.real);
     encode_ledger(&mut w, &state.shadow);
+    encode_moves(&mut w, state);
     w.buf
+}
+
+/// Marks the optional trailer with the state of shard moves; a cell that
+/// never moved a shard writes none, so its snapshots read as before.
+const MOVES_TRAILER: u8 = b'M';
+
+fn gone(l: &Ledger) -> Vec<u32> {
+    (0..l.accounts.len() as u32).filter(|&i| l.accounts[i as usize].shard == crate::moves::GONE).collect()
+}
+
+fn encode_moves(w: &mut Writer, state: &CellState) {
+    let ledgers = [&state.real, &state.shadow];
+    let any = !state.frozen.is_empty()
+        || !state.moved_away.is_empty()
+        || !state.arrived.is_empty()
+        || ledgers.iter().any(|l| !l.moves.is_empty() || !gone(l).is_empty());
+    if !any {
+        return;
+    }
+    w.u8(MOVES_TRAILER);
+    w.u64(state.frozen.len() as u64);
+    for (&shard, &(id, to)) in &state.frozen {
+        w.u32(shard);
+        w.u64(id);
+        w.u32(to.0);
+    }
+    w.u64(state.moved_away.len() as u64);
+    for (&shard, &(to, id)) in &state.moved_away {
+        w.u32(shard);
+        w.u32(to.0);
+        w.u64(id);
+    }
+    w.u64(state.arrived.len() as u64);
+    for (&shard, &id) in &state.arrived {
+        w.u32(shard);
+        w.u64(id);
+    }
+    for l in ledgers {
+        let gone = gone(l);
+        w.u64(gone.len() as u64);
+        gone.iter().for_each(|&i| w.u32(i));
+        w.u64(l.moves.per_peer.len() as u64);
+        l.moves.per_peer.values().for_each(|m| crate::moves::encode_move_figures(w, m));
+        w.u64(l.moves.recent.len() as u64);
+        l.moves.recent.iter().for_each(|m| crate::moves::encode_move_record(w, m));
+    }
+}
+
+/// Reads the moves trailer, if any; `dups` are the accounts each ledger
+/// found twice (a shard that moved away and back): each must be gone.
+fn decode_moves(r: &mut Reader<'_>, state: &mut CellState, dups: [Vec<u32>; 2]) -> Result<(), DecodeError> {
+    if r.is_empty() {
+        return if dups.iter().all(Vec::is_empty) { Ok(()) } else { Err(r.error("an account appears twice")) };
+    }
+    if r.u8()? != MOVES_TRAILER {
+        return Err(r.error("trailing bytes after the snapshot"));
+    }
+    let shards = state.map.shards();
+    for _ in 0..r.count(u64::from(shards))? {
+        let (shard, id, to) = (r.u32()?, r.u64()?, CellId(r.u32()?));
+        state.frozen.insert(shard, (id, to));
+    }
+    for _ in 0..r.count(u64::from(shards))? {
+        let (shard, to, id) = (r.u32()?, CellId(r.u32()?), r.u64()?);
+        state.moved_away.insert(shard, (to, id));
+    }
+    for _ in 0..r.count(u64::from(shards))? {
+        let (shard, id) = (r.u32()?, r.u64()?);
+        state.arrived.insert(shard, id);
+    }
+    for (l, dups) in [&mut state.real, &mut state.shadow].into_iter().zip(dups) {
+        let n = r.count(l.accounts.len() as u64)?;
+        let mut gone = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            let i = r.u32()?;
+            if i as usize >= l.accounts.len() || !gone.insert(i) {
+                return Err(r.error("a moved-away account is not an account"));
+            }
+            let a = &mut l.accounts[i as usize];
+            if a.balance != 0 {
+                return Err(r.error("a moved-away account holds money"));
+            }
+            if l.index.get(&a.id) == Some(&i) {
+                l.index.remove(&a.id);
+            }
+            a.shard = crate::moves::GONE;
+        }
+        if dups.iter().any(|i| !gone.contains(i)) {
+            return Err(r.error("an account appears twice"));
+        }
+        for _ in 0..r.count(COUNT_MAX)? {
+            let m = crate::moves::decode_move_figures(r)?;
+            l.moves.per_peer.insert(m.peer, m);
+        }
+        for _ in 0..r.count(crate::moves::MOVES_RETAINED as u64)? {
+            l.moves.recent.push_back(crate::moves::decode_move_record(r)?);
+        }
+    }
+    // Digests of the shards that left were zeroed when they left; the sums are rebuilt by walking.
+    Ok(())
 }
 
 fn encode_ledger(w: &mut Writer, l: &Ledger) {
@@ -166,12 +267,24 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
     let applied = r.u64()?;
     let clock_ms = r.u64()?;
     let map = decode_shard_map(&mut r)?;
-    let real = decode_ledger(&mut r, &map)?;
-    let shadow = decode_ledger(&mut r, &map)?;
+    let (real, real_dups) = decode_ledger(&mut r, &map)?;
+    let (shadow, shadow_dups) = decode_ledger(&mut r, &map)?;
+    let mut state = CellState {
+        cell,
+        map,
+        real,
+        shadow,
+        applied,
+        clock_ms,
+        frozen: BTreeMap::new(),
+        moved_away: BTreeMap::new(),
+        arrived: BTreeMap::new(),
+    };
+    decode_moves(&mut r, &mut state, [real_dups, shadow_dups])?;
     if !r.is_empty() {
         return Err(r.error("trailing bytes after the snapshot"));
     }
-    Ok(CellState { cell, map, real, shadow, applied, clock_ms })
+    Ok(state)
 }
 
 fn encode_record(w: &mut Writer, r: &TransferRecord) {
@@ -240,7 +353,8 @@ fn decode_kind(r: &mut Reader<'_>) -> Result<EntryKind, DecodeError> {
     }
 }
 
-fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Ledger, DecodeError> {
+fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<(Ledger, Vec<u32>), DecodeError> {
+    let mut dups = Vec::new();
     let transfers_retained_max = r.count(COUNT_MAX)?;
     let history_entries_max = r.count(COUNT_MAX)?;
     if transfers_retained_max == 0 || history_entries_max == 0 {
@@ -260,8 +374,10 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
         let tenant = l.intern_tenant(&r.tenant_id()?);
         let account =
             Account { currency, balance, overdraft, tenant, history_head: r.u64()?, id: id.clone(), shard, id_hash };
-        if l.index.insert(id, i as u32).is_some() {
-            return Err(r.error("an account appears twice"));
+        // An id seen before is an account that moved away and came back:
+        // the moves trailer must name the earlier one gone.
+        if let Some(earlier) = l.index.insert(id, i as u32) {
+            dups.push(earlier);
         }
         l.accounts.push(account);
     }
@@ -383,7 +499,7 @@ fn decode_ledger(r: &mut Reader<'_>, map: &crate::shard::ShardMap) -> Result<Led
     for d in l.digests.iter_mut() {
         *d = r.u64()?;
     }
-    Ok(l)
+    Ok((l, dups))
 }
 
 #[cfg(test)]

@@ -4,10 +4,14 @@
 //! Same start state + same commands = same end state and same answers, which
 //! is what lets the store log commands and recovery replay them.
 
+use std::collections::BTreeMap;
+
+use crate::audit::LedgerFigures;
 use crate::command::{Command, Op, Outcome, Query, QueryAnswer};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::CellId;
 use crate::ledger::{Admission, Ledger, Limits, Place};
+use crate::moves::{MoveRecord, ShardExport, FROZEN_SHARDS_MAX};
 use crate::older::{NoOlder, OldRecord, OlderRecords};
 use crate::shard::ShardMap;
 
@@ -35,6 +39,13 @@ pub struct CellState {
     /// The cell's clock, Unix milliseconds: the newest logged batch's clock
     /// (never the wall clock read here), so replay gives records the same times.
     pub(crate) clock_ms: u64,
+    /// Shards frozen here for a move: shard → (move id, destination).
+    pub(crate) frozen: BTreeMap<u32, (u64, CellId)>,
+    /// Shards that moved away from here: shard → (destination, move id).
+    /// A credit still on its way for one is refused `shard_moved`.
+    pub(crate) moved_away: BTreeMap<u32, (CellId, u64)>,
+    /// Shards installed here for a move that no map has decided yet: shard → move id.
+    pub(crate) arrived: BTreeMap<u32, u64>,
 }
 
 impl CellState {
@@ -47,7 +58,36 @@ impl CellState {
             shadow: Ledger::new(limits, shards),
             applied: 0,
             clock_ms: 0,
+            frozen: BTreeMap::new(),
+            moved_away: BTreeMap::new(),
+            arrived: BTreeMap::new(),
         }
+    }
+
+    /// A ledger's audit figures as kept, with the records of the shards
+    /// frozen here for a move as they stand (O(accounts) only during a move).
+    pub fn figures(&self, shadow: bool) -> LedgerFigures {
+        let ledger = self.ledger(shadow);
+        let mut figures = ledger.figures();
+        figures.frozen = self
+            .frozen
+            .iter()
+            .map(|(&shard, &(id, to))| {
+                let (accounts, net) = ledger.shard_net(shard);
+                MoveRecord { id, shard, from: self.cell, to, accounts, net, digest: ledger.shard_digest(shard) }
+            })
+            .collect();
+        figures
+    }
+
+    /// The shards frozen here for a move: shard → (move id, destination).
+    pub fn frozen_shards(&self) -> &BTreeMap<u32, (u64, CellId)> {
+        &self.frozen
+    }
+
+    /// Shards that moved away: shard → (destination, move id).
+    pub fn moved_away(&self) -> &BTreeMap<u32, (CellId, u64)> {
+        &self.moved_away
     }
 
     pub fn cell(&self) -> CellId {
@@ -163,6 +203,11 @@ impl CellState {
     pub fn admit_with(&mut self, cmd: &Command, admission: &Admission, older: &dyn OlderRecords) -> Outcome {
         let outcome = match &cmd.op {
             Op::InstallShardMap(next) => self.install_shard_map(next),
+            Op::FreezeShard { shard, move_id, to } => self.freeze_shard(*shard, *move_id, *to),
+            Op::UnfreezeShard { shard, move_id } => self.unfreeze_shard(*shard, *move_id),
+            Op::InstallShard(export) => self.install_shard(export),
+            Op::DiscardShard { shard, move_id } => self.discard_shard(*shard, *move_id),
+            Op::DropShard { shard, move_id } => self.drop_shard(*shard, *move_id),
             op => self.apply_to_ledger(cmd.shadow, op, admission, older),
         };
         if outcome.changed_state() {
@@ -175,22 +220,238 @@ impl CellState {
         match self.map.check_successor(next) {
             Ok(()) => {
                 self.map = next.clone();
+                self.settle_moves();
                 Outcome::ShardMapInstalled { epoch: next.epoch() }
             }
             Err(e) => Outcome::rejected(ErrorCode::InvalidRequest, e.to_string()),
         }
     }
 
+    /// The map decides every move numbered up to its epoch: the epoch a
+    /// move installs is won by compare-and-set, by the move's map (the shard
+    /// goes) or by another (it stays). A frozen shard the map gives to its
+    /// destination leaves (its messages in flight were closed before the
+    /// export the destination installed); one the map leaves here serves
+    /// again. A shard installed here that the map does not give to this
+    /// cell is undone. So a cell that recovers, or that no coordinator told,
+    /// finishes its part of a move from the map alone.
+    fn settle_moves(&mut self) {
+        let decided: Vec<(u32, u64, CellId)> = self
+            .frozen
+            .iter()
+            .filter(|(_, &(id, _))| id <= self.map.epoch())
+            .map(|(&shard, &(id, to))| (shard, id, to))
+            .collect();
+        for (shard, id, to) in decided {
+            let owner = self.map.owner(crate::shard::ShardId(shard));
+            if owner == to && self.open_messages_of(shard) == 0 {
+                let record = MoveRecord { id, shard, from: self.cell, to, accounts: 0, net: 0, digest: 0 };
+                self.real.drop_shard(record);
+                self.shadow.drop_shard(record);
+                self.moved_away.insert(shard, (to, id));
+            }
+            // Any other owner: the move lost its epoch, the shard stays (and
+            // the owner it names is never this frozen state's destination).
+            self.frozen.remove(&shard);
+        }
+        let arrived: Vec<(u32, u64)> =
+            self.arrived.iter().filter(|(_, &id)| id <= self.map.epoch()).map(|(&s, &id)| (s, id)).collect();
+        for (shard, id) in arrived {
+            if self.map.owner(crate::shard::ShardId(shard)) != self.cell {
+                self.real.discard_shard(id, shard);
+                self.shadow.discard_shard(id, shard);
+            }
+            self.arrived.remove(&shard);
+        }
+    }
+
+    fn check_shard(&self, shard: u32) -> Result<(), Outcome> {
+        if shard >= self.map.shards() {
+            let msg = format!("shard {shard} does not exist (the cluster has {} shards)", self.map.shards());
+            return Err(Outcome::rejected(ErrorCode::InvalidRequest, msg));
+        }
+        Ok(())
+    }
+
+    /// Messages of the shard's payers still in flight, both ledgers.
+    fn open_messages_of(&self, shard: u32) -> u64 {
+        let shards = self.map.shards();
+        self.real.open_messages_of(shard, shards) + self.shadow.open_messages_of(shard, shards)
+    }
+
+    fn freeze_shard(&mut self, shard: u32, move_id: u64, to: CellId) -> Outcome {
+        if let Err(refusal) = self.check_shard(shard) {
+            return refusal;
+        }
+        if let Some(&(id, dest)) = self.frozen.get(&shard) {
+            if (id, dest) == (move_id, to) {
+                return Outcome::MoveStep { open_messages: self.open_messages_of(shard), duplicate: true };
+            }
+            let msg = format!("shard {shard} is frozen for move {id} to cell {dest}");
+            return Outcome::rejected(ErrorCode::Conflict, msg);
+        }
+        let owner = self.map.owner(crate::shard::ShardId(shard));
+        if owner != self.cell {
+            let msg = format!("shard {shard} is owned by cell {owner} at epoch {}", self.map.epoch());
+            return Outcome::rejected(ErrorCode::WrongCell, msg);
+        }
+        if to == self.cell || move_id <= self.map.epoch() {
+            let msg = format!(
+                "a move of shard {shard} goes to another cell and installs an epoch above {} (got cell {to}, epoch {move_id})",
+                self.map.epoch()
+            );
+            return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+        }
+        if self.frozen.len() >= FROZEN_SHARDS_MAX {
+            let msg = format!("{FROZEN_SHARDS_MAX} shards are frozen here already: moves go a few at a time");
+            return Outcome::rejected(ErrorCode::Overloaded, msg);
+        }
+        for ledger in [&self.real, &self.shadow] {
+            if ledger.spill && ledger.records_first_seq > 0 {
+                let msg = "this cell's older transfer records live in its disk tier, and a move does not carry                            those yet: moving the shard would shorten its idempotency window";
+                return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+            }
+        }
+        // Commit point.
+        self.frozen.insert(shard, (move_id, to));
+        Outcome::MoveStep { open_messages: self.open_messages_of(shard), duplicate: false }
+    }
+
+    fn unfreeze_shard(&mut self, shard: u32, move_id: u64) -> Outcome {
+        match self.frozen.get(&shard) {
+            Some(&(id, _)) if id == move_id => {
+                self.frozen.remove(&shard);
+                Outcome::MoveStep { open_messages: 0, duplicate: false }
+            }
+            _ => Outcome::MoveStep { open_messages: 0, duplicate: true },
+        }
+    }
+
+    fn install_shard(&mut self, export: &ShardExport) -> Outcome {
+        if let Err(refusal) = self.check_shard(export.shard) {
+            return refusal;
+        }
+        if self.real.moves.find(export.move_id, export.shard).is_some() {
+            return Outcome::MoveStep { open_messages: 0, duplicate: true };
+        }
+        let owner = self.map.owner(crate::shard::ShardId(export.shard));
+        if export.to != self.cell || owner == self.cell || export.from == self.cell {
+            let msg = format!(
+                "shard {} moving from cell {} to cell {} cannot be installed at cell {} (its map names cell {owner})",
+                export.shard, export.from, export.to, self.cell
+            );
+            return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+        }
+        let shards = self.map.shards();
+        // Both ledgers are checked before either changes (a rejection changes nothing).
+        for shadow in [false, true] {
+            if let Err(why) = self.ledger(shadow).check_install(export.ledger(shadow), export.shard, shards) {
+                return Outcome::rejected(ErrorCode::InvalidRequest, why);
+            }
+        }
+        // Commit point.
+        for shadow in [false, true] {
+            let record = export.record(shadow);
+            let ledger = if shadow { &mut self.shadow } else { &mut self.real };
+            ledger.install_shard(export.ledger(shadow), record, shards);
+        }
+        self.moved_away.remove(&export.shard);
+        self.arrived.insert(export.shard, export.move_id);
+        Outcome::MoveStep { open_messages: 0, duplicate: false }
+    }
+
+    fn discard_shard(&mut self, shard: u32, move_id: u64) -> Outcome {
+        if self.map.owner(crate::shard::ShardId(shard.min(self.map.shards() - 1))) == self.cell {
+            let msg = format!("shard {shard} is served here at epoch {}: its move happened", self.map.epoch());
+            return Outcome::rejected(ErrorCode::Conflict, msg);
+        }
+        if self.real.moves.find(move_id, shard).is_none_or(|r| r.to != self.cell) {
+            return Outcome::MoveStep { open_messages: 0, duplicate: true };
+        }
+        // Commit point.
+        self.real.discard_shard(move_id, shard);
+        self.shadow.discard_shard(move_id, shard);
+        self.arrived.remove(&shard);
+        Outcome::MoveStep { open_messages: 0, duplicate: false }
+    }
+
+    fn drop_shard(&mut self, shard: u32, move_id: u64) -> Outcome {
+        if let Err(refusal) = self.check_shard(shard) {
+            return refusal;
+        }
+        let Some(&(id, to)) = self.frozen.get(&shard) else {
+            if self.real.moves.find(move_id, shard).is_some_and(|r| r.from == self.cell) {
+                return Outcome::MoveStep { open_messages: 0, duplicate: true };
+            }
+            return Outcome::rejected(ErrorCode::InvalidRequest, format!("shard {shard} is not frozen for a move"));
+        };
+        let owner = self.map.owner(crate::shard::ShardId(shard));
+        if id != move_id || self.map.epoch() < move_id || owner != to {
+            let msg = format!(
+                "shard {shard} is frozen for move {id} to cell {to}; at epoch {} the map names cell {owner}",
+                self.map.epoch()
+            );
+            return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+        }
+        let open = self.open_messages_of(shard);
+        if open > 0 {
+            let msg = format!("shard {shard} still has {open} messages in flight");
+            return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+        }
+        // Commit point.
+        let record = MoveRecord { id, shard, from: self.cell, to, accounts: 0, net: 0, digest: 0 };
+        self.real.drop_shard(record);
+        self.shadow.drop_shard(record);
+        self.frozen.remove(&shard);
+        self.moved_away.insert(shard, (to, move_id));
+        Outcome::MoveStep { open_messages: 0, duplicate: false }
+    }
+
+    /// The export of a frozen shard whose payers' messages are all closed.
+    fn export_shard(&self, shard: u32) -> QueryAnswer {
+        let Some(&(move_id, to)) = self.frozen.get(&shard) else {
+            let msg = format!("shard {shard} is not frozen for a move here");
+            return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
+        };
+        let open = self.open_messages_of(shard);
+        if open > 0 {
+            let msg = format!("shard {shard} still has {open} messages in flight");
+            return QueryAnswer::Rejected(Rejection::new(ErrorCode::ShardFrozen, msg));
+        }
+        QueryAnswer::ShardExport(Box::new(ShardExport {
+            shard,
+            move_id,
+            from: self.cell,
+            to,
+            real: self.real.export_shard(shard),
+            shadow: self.shadow.export_shard(shard),
+        }))
+    }
+
     fn apply_to_ledger(&mut self, shadow: bool, op: &Op, admission: &Admission, older: &dyn OlderRecords) -> Outcome {
-        let place = Place { cell: self.cell, map: &self.map, admission, clock_ms: self.clock_ms, shadow, older };
+        let place = Place {
+            cell: self.cell,
+            map: &self.map,
+            admission,
+            clock_ms: self.clock_ms,
+            shadow,
+            older,
+            frozen: &self.frozen,
+            moved_away: &self.moved_away,
+        };
         let ledger = if shadow { &mut self.shadow } else { &mut self.real };
         match op {
             Op::OpenAccount(o) => ledger.open_account(&place, o),
             Op::Transfer(t) => ledger.transfer(&place, t),
             Op::Credit(c) => ledger.credit(&place, c),
             Op::Settle { dest, seq } => ledger.settle(*dest, *seq),
-            Op::Compensate { dest, seq, .. } => ledger.compensate(&place, *dest, *seq),
-            Op::InstallShardMap(_) => unreachable!("handled by apply"),
+            Op::Compensate { dest, seq, reason } => ledger.compensate(&place, *dest, *seq, *reason),
+            Op::InstallShardMap(_)
+            | Op::FreezeShard { .. }
+            | Op::UnfreezeShard { .. }
+            | Op::InstallShard(_)
+            | Op::DiscardShard { .. }
+            | Op::DropShard { .. } => unreachable!("handled by apply"),
         }
     }
 
@@ -260,8 +521,13 @@ impl CellState {
             Query::Digests { shadow } => {
                 QueryAnswer::Digests { epoch: self.map.epoch(), digests: self.ledger(*shadow).digests().to_vec() }
             }
-            Query::Audit { shadow } => QueryAnswer::Audit(self.ledger(*shadow).audit(self.cell)),
-            Query::Figures { shadow } => QueryAnswer::Figures(self.ledger(*shadow).figures()),
+            Query::Audit { shadow } => {
+                let mut audit = self.ledger(*shadow).audit(self.cell);
+                audit.figures.frozen = self.figures(*shadow).frozen;
+                QueryAnswer::Audit(audit)
+            }
+            Query::Figures { shadow } => QueryAnswer::Figures(self.figures(*shadow)),
+            Query::ExportShard { shard } => self.export_shard(*shard),
             Query::InboxAt { shadow, asked } => QueryAnswer::InboxAt(self.ledger(*shadow).inbox_at(asked)),
             Query::OutboxAt { shadow, asked } => QueryAnswer::OutboxAt(self.ledger(*shadow).outbox_at(asked)),
             Query::Outbox { shadow, dest, after_seq, limit } => {

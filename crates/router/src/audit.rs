@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 
 use cellpay_cell::{CellClient, EngineError};
-use cellpay_core::{reconcile_pair, CellId, Finding, InboxAt, LedgerFigures, OutboxAt, Query, QueryAnswer};
+use cellpay_core::{
+    reconcile_figures_moves, reconcile_pair, CellId, Finding, InboxAt, LedgerFigures, OutboxAt, Query, QueryAnswer,
+};
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
@@ -162,6 +164,13 @@ impl Cluster {
                 let dest = after.figures.dest;
                 let before = by_cell[&source].outbox_to(dest);
                 findings.extend(reconcile_pair(&before, &inbox_of(dest, source), after));
+            }
+        }
+        // Shard moves, from the first round's figures: what one cell moved out
+        // the other moved in (a move read half-done is told apart, see `moves`).
+        for &a in &ids {
+            for b in others(a) {
+                findings.extend(reconcile_figures_moves(a, by_cell[&a], b, by_cell[&b]));
             }
         }
         let cells = ids.into_iter().zip(figures).collect();

@@ -159,6 +159,10 @@ impl Cluster {
     /// One command, routed by the account it acts on (the payer for a
     /// transfer). Refused `wrong_cell` by a cell at a newer map, it goes once
     /// more, to the owner under that map.
+    ///
+    /// A shard frozen for a move answers `shard_frozen` for the few
+    /// milliseconds of its cutover: the command waits and goes again (to the
+    /// new owner once the move is done), for at most [`SHARD_FREEZE_WAIT_MAX`].
     pub async fn submit_one(&self, command: Command) -> Routed<Outcome> {
         let commands = [command];
         let account = match &commands[0].op {
@@ -166,11 +170,20 @@ impl Cluster {
             Op::Transfer(t) => &t.from,
             other => panic!("the router only routes client commands, not {other:?}"),
         };
-        let first = self.owner(account);
-        let mut routed = Self::on(&self.protection, first, &commands).await;
-        if self.moved(&routed, first, account).await {
-            routed = Self::on(&self.protection, self.owner(account), &commands).await;
-        }
+        let deadline = tokio::time::Instant::now() + SHARD_FREEZE_WAIT_MAX;
+        let routed = loop {
+            let first = self.owner(account);
+            let mut routed = Self::on(&self.protection, first, &commands).await;
+            if self.moved(&routed, first, account).await {
+                routed = Self::on(&self.protection, self.owner(account), &commands).await;
+            }
+            let frozen = matches!(&routed.result, Ok(v) if matches!(v.first(), Some(Outcome::Rejected(r)) if r.code == ErrorCode::ShardFrozen));
+            if !frozen || tokio::time::Instant::now() >= deadline {
+                break routed;
+            }
+            tokio::time::sleep(SHARD_FREEZE_POLL).await;
+        };
+
         Routed {
             cell: routed.cell,
             epoch: routed.epoch,
@@ -208,7 +221,8 @@ impl Cluster {
             match routed.result {
                 Ok(outcomes) => {
                     for ((i, outcome), cmd) in positions.into_iter().zip(outcomes).zip(cmds) {
-                        if matches!(&outcome, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell) {
+                        if matches!(&outcome, Outcome::Rejected(r) if matches!(r.code, ErrorCode::WrongCell | ErrorCode::ShardFrozen))
+                        {
                             misrouted.push((i, cmd));
                         }
                         out[i] = Some(Routed { cell: routed.cell, epoch: routed.epoch, result: Ok(outcome) });
@@ -226,8 +240,11 @@ impl Cluster {
             self.refresh_from(&self.cells[refused_by.0 as usize]).await;
             for (i, cmd) in misrouted {
                 let Op::Transfer(t) = &cmd.op else { unreachable!("a batch holds transfers only") };
-                // Only where the map now names another owner: the same cell would refuse again.
-                if self.owner(&t.from).cell() != out[i].as_ref().expect("routed").cell {
+                // Only where the map now names another owner (the same cell would
+                // refuse again), or where the shard was frozen (it waits for the move).
+                let before = out[i].as_ref().expect("routed");
+                let frozen = matches!(&before.result, Ok(Outcome::Rejected(r)) if r.code == ErrorCode::ShardFrozen);
+                if frozen || self.owner(&t.from).cell() != before.cell {
                     out[i] = Some(self.submit_one(cmd).await);
                 }
             }
@@ -344,6 +361,13 @@ impl Cluster {
 }
 
 /// How often the router reads its signals and feeds the degrade triggers.
+/// The longest a command waits for a shard frozen for a move (I7); a move's
+/// cutover takes milliseconds, and one that does not finish in time is undone.
+pub const SHARD_FREEZE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How often a command waiting for a frozen shard tries again.
+const SHARD_FREEZE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
 pub const SIGNALS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Cluster {

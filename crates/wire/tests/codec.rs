@@ -15,6 +15,9 @@ use cellpay_core::{
     OutboxFigures, OutboxMessage, Outcome, Priority, Query, QueryAnswer, Rejection, SentPrefix, ShardMap, TenantId,
     Transfer, TransferId, TransferStatus, TransferView,
 };
+use cellpay_core::{
+    ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures, MoveRecord, ShardExport,
+};
 use cellpay_wire::codec::*;
 use proptest::prelude::*;
 
@@ -106,7 +109,47 @@ fn every_command() -> Vec<Command> {
         Command::real(Op::Settle { dest: CellId(1), seq: 2 }),
         Command::shadow(Op::Compensate { dest: CellId(2), seq: 4, reason: ErrorCode::InsufficientFunds }),
         Command::real(Op::InstallShardMap(ShardMap::round_robin(16, 4).unwrap())),
+        Command::real(Op::FreezeShard { shard: 3, move_id: 8, to: CellId(2) }),
+        Command::real(Op::UnfreezeShard { shard: 3, move_id: 8 }),
+        Command::real(Op::InstallShard(Box::new(shard_export()))),
+        Command::real(Op::DiscardShard { shard: 3, move_id: 8 }),
+        Command::real(Op::DropShard { shard: 3, move_id: 8 }),
     ]
+}
+
+/// A shard on its way, with an account, a record and an entry in each ledger.
+fn shard_export() -> ShardExport {
+    let ledger = LedgerExport {
+        accounts: vec![ExportedAccount {
+            id: account("alice"),
+            currency: cny(),
+            balance: -40,
+            overdraft: true,
+            tenant: tenant("acme"),
+        }],
+        records: vec![ExportedRecord {
+            id: transfer_id("pay-1"),
+            from: 0,
+            to: account("bob"),
+            amount: 40,
+            currency: cny(),
+            currency_given: None,
+            memo_hash: 77,
+            status: TransferStatus::Settled,
+            at_s: 1_700_000_000,
+        }],
+        history: vec![ExportedEntry {
+            account: 0,
+            transfer: transfer_id("pay-1"),
+            counterparty: account("bob"),
+            kind: EntryKind::Debit,
+            amount: -40,
+            balance_after: -40,
+        }],
+        legs_digest: 5,
+        digest: 6,
+    };
+    ShardExport { shard: 3, move_id: 8, from: CellId(1), to: CellId(2), real: ledger, shadow: LedgerExport::default() }
 }
 
 fn account_view() -> AccountView {
@@ -143,6 +186,7 @@ fn every_outcome() -> Vec<Outcome> {
         Outcome::CreditRefused { code: ErrorCode::AccountNotFound, duplicate: false },
         Outcome::OutboxClosed { status: TransferStatus::Reversed, duplicate: true },
         Outcome::ShardMapInstalled { epoch: 7 },
+        Outcome::MoveStep { open_messages: 3, duplicate: true },
         Outcome::rejected(ErrorCode::IdempotencyExpired, "too old: «retry» refused"),
     ]
 }
@@ -174,6 +218,7 @@ fn every_query(by: Authority) -> Vec<Query> {
         Query::OutboxAt { shadow: true, asked: vec![] },
         Query::OutboxAt { shadow: false, asked: vec![(CellId(1), 0)] },
         Query::Outbox { shadow: false, dest: CellId(2), after_seq: 99, limit: 4096 },
+        Query::ExportShard { shard: 1023 },
     ]
 }
 
@@ -208,6 +253,24 @@ fn ledger_figures() -> LedgerFigures {
         negative_accounts: 1,
         outbox: vec![outbox_figures(1), outbox_figures(2)],
         inbox: vec![inbox_figures(3)],
+        moves: vec![MoveFigures {
+            peer: CellId(2),
+            out_moves: 3,
+            out_net: -(1 << 66),
+            out_mix: 7,
+            in_moves: 1,
+            in_net: 9,
+            in_mix: u64::MAX,
+        }],
+        frozen: vec![MoveRecord {
+            id: 4,
+            shard: 9,
+            from: CellId(1),
+            to: CellId(2),
+            accounts: 12,
+            net: 1 << 65,
+            digest: 3,
+        }],
     }
 }
 
@@ -220,6 +283,8 @@ fn every_finding() -> Vec<Finding> {
         Finding::Unsent { source: CellId(2), dest: CellId(1), first_seq: 5, last_seq: 9, amount: -70 },
         Finding::Diverged { source: CellId(1), dest: CellId(2), through: 12, detail: "the chains differ".into() },
         Finding::Unverified { source: CellId(1), dest: CellId(2), seq: 3, applied_through: 9000 },
+        Finding::MoveLost { source: CellId(1), dest: CellId(2), moves: 2, amount: 1 << 64 },
+        Finding::MoveDiverged { source: CellId(2), dest: CellId(1), detail: "digests differ".into(), transient: true },
     ];
     for figure in WALK_FIGURES {
         out.push(Finding::Walk { cell: CellId(0), figure, kept: 10, walked: 11 });
@@ -262,6 +327,8 @@ fn every_answer() -> Vec<QueryAnswer> {
         QueryAnswer::Audit(LedgerAudit { figures: ledger_figures(), findings: every_finding() }),
         QueryAnswer::Audit(LedgerAudit::default()),
         QueryAnswer::Figures(ledger_figures()),
+        QueryAnswer::Figures(LedgerFigures { moves: vec![], frozen: vec![], ..ledger_figures() }),
+        QueryAnswer::Audit(LedgerAudit { figures: LedgerFigures::default(), findings: vec![] }),
         QueryAnswer::InboxAt(vec![
             InboxAt {
                 figures: inbox_figures(1),
@@ -282,6 +349,7 @@ fn every_answer() -> Vec<QueryAnswer> {
             currency: cny(),
         }]),
         QueryAnswer::Rejected(Rejection::new(ErrorCode::Forbidden, "not your account")),
+        QueryAnswer::ShardExport(Box::new(shard_export())),
     ]
 }
 
@@ -308,7 +376,8 @@ fn every_status() -> Vec<StatusReport> {
     let mut out = Vec::new();
     for (i, health) in healths.into_iter().enumerate() {
         let figures = CellFigures {
-            real: ledger_figures(),
+            // A status carries no shard moves (the audit reads them).
+            real: LedgerFigures { moves: vec![], frozen: vec![], ..ledger_figures() },
             shadow: LedgerFigures::default(),
             clock_ms: 1_800_000_000_000,
             reach_real: IdempotencyReach { records_held: 10, records_dropped: 2, oldest_at_ms: Some(5) },

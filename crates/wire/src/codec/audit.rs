@@ -108,32 +108,50 @@ pub(super) fn read_outbox_at(r: &mut Reader<'_>) -> Result<OutboxAt, DecodeError
     Ok(OutboxAt { figures, prefix })
 }
 
-pub(super) fn write_figures(w: &mut Writer, f: &LedgerFigures) {
+/// Whether figures carry shard moves: version 1 bodies do not (a status
+/// never does; an answer does under its own tag, only when there are any).
+pub(super) fn has_moves(f: &LedgerFigures) -> bool {
+    !f.moves.is_empty() || !f.frozen.is_empty()
+}
+
+pub(super) fn write_figures(w: &mut Writer, f: &LedgerFigures, with_moves: bool) {
     w.u64(f.accounts);
     w.i128(f.balance_sum);
     w.u64(f.negative_accounts);
     write_list(w, &f.outbox, CELLS_MAX, write_outbox_figures);
     write_list(w, &f.inbox, CELLS_MAX, write_inbox_figures);
+    if with_moves {
+        write_list(w, &f.moves, CELLS_MAX, cellpay_core::moves::encode_move_figures);
+        write_list(w, &f.frozen, cellpay_core::FROZEN_SHARDS_MAX, cellpay_core::moves::encode_move_record);
+    }
 }
 
-pub(super) fn read_figures(r: &mut Reader<'_>) -> Result<LedgerFigures, DecodeError> {
-    Ok(LedgerFigures {
+pub(super) fn read_figures(r: &mut Reader<'_>, with_moves: bool) -> Result<LedgerFigures, DecodeError> {
+    let mut f = LedgerFigures {
         accounts: r.u64()?,
         balance_sum: r.i128()?,
         negative_accounts: r.u64()?,
         outbox: read_list(r, CELLS_MAX, OUTBOX_FIGURES_BYTES, read_outbox_figures)?,
         inbox: read_list(r, CELLS_MAX, INBOX_FIGURES_BYTES, read_inbox_figures)?,
-    })
+        moves: Vec::new(),
+        frozen: Vec::new(),
+    };
+    if with_moves {
+        f.moves = read_list(r, CELLS_MAX, MOVE_FIGURES_BYTES, cellpay_core::moves::decode_move_figures)?;
+        f.frozen =
+            read_list(r, cellpay_core::FROZEN_SHARDS_MAX, MOVE_RECORD_BYTES, cellpay_core::moves::decode_move_record)?;
+    }
+    Ok(f)
 }
 
-pub(super) fn write_audit(w: &mut Writer, audit: &LedgerAudit) {
-    write_figures(w, &audit.figures);
+pub(super) fn write_audit(w: &mut Writer, audit: &LedgerAudit, with_moves: bool) {
+    write_figures(w, &audit.figures, with_moves);
     write_list(w, &audit.findings, AUDIT_FINDINGS_MAX, write_finding);
 }
 
-pub(super) fn read_audit(r: &mut Reader<'_>) -> Result<LedgerAudit, DecodeError> {
+pub(super) fn read_audit(r: &mut Reader<'_>, with_moves: bool) -> Result<LedgerAudit, DecodeError> {
     Ok(LedgerAudit {
-        figures: read_figures(r)?,
+        figures: read_figures(r, with_moves)?,
         findings: read_list(r, AUDIT_FINDINGS_MAX, FINDING_BYTES_MIN, read_finding)?,
     })
 }
@@ -150,6 +168,11 @@ const FINDING_LOST: u8 = 3;
 const FINDING_UNSENT: u8 = 4;
 const FINDING_DIVERGED: u8 = 5;
 const FINDING_UNVERIFIED: u8 = 6;
+const FINDING_MOVE_LOST: u8 = 7;
+const FINDING_MOVE_DIVERGED: u8 = 8;
+/// A move's per-peer figures and a move record, encoded.
+const MOVE_FIGURES_BYTES: usize = 4 + 8 + 16 + 8 + 8 + 16 + 8;
+const MOVE_RECORD_BYTES: usize = 8 + 4 + 4 + 4 + 8 + 16 + 8;
 
 fn write_finding(w: &mut Writer, finding: &Finding) {
     match finding {
@@ -193,6 +216,20 @@ fn write_finding(w: &mut Writer, finding: &Finding) {
             w.u64(*seq);
             w.u64(*applied_through);
         }
+        Finding::MoveLost { source, dest, moves, amount } => {
+            w.u8(FINDING_MOVE_LOST);
+            w.u32(source.0);
+            w.u32(dest.0);
+            w.u64(*moves);
+            w.i128(*amount);
+        }
+        Finding::MoveDiverged { source, dest, detail, transient } => {
+            w.u8(FINDING_MOVE_DIVERGED);
+            w.u32(source.0);
+            w.u32(dest.0);
+            w.str(detail);
+            w.bool(*transient);
+        }
     }
 }
 
@@ -226,6 +263,15 @@ fn read_finding(r: &mut Reader<'_>) -> Result<Finding, DecodeError> {
         FINDING_UNVERIFIED => {
             Finding::Unverified { source: read_cell(r)?, dest: read_cell(r)?, seq: r.u64()?, applied_through: r.u64()? }
         }
+        FINDING_MOVE_LOST => {
+            Finding::MoveLost { source: read_cell(r)?, dest: read_cell(r)?, moves: r.u64()?, amount: r.i128()? }
+        }
+        FINDING_MOVE_DIVERGED => Finding::MoveDiverged {
+            source: read_cell(r)?,
+            dest: read_cell(r)?,
+            detail: r.str()?.to_owned(),
+            transient: r.bool()?,
+        },
         other => return Err(r.error(format!("unknown finding tag {other}"))),
     })
 }

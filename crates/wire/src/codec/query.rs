@@ -22,6 +22,7 @@ const QUERY_FIGURES: u8 = 5;
 const QUERY_INBOX_AT: u8 = 6;
 const QUERY_OUTBOX_AT: u8 = 7;
 const QUERY_OUTBOX: u8 = 8;
+const QUERY_EXPORT_SHARD: u8 = 9;
 
 fn write_asked(w: &mut Writer, asked: &[(CellId, u64)]) {
     write_list(w, asked, CELLS_MAX, |w, (cell, seq)| {
@@ -86,6 +87,11 @@ pub(super) fn write_query(w: &mut Writer, query: &Query) {
             w.u64(*after_seq);
             write_usize(w, *limit);
         }
+        Query::ExportShard { shard } => {
+            w.u8(QUERY_EXPORT_SHARD);
+            w.bool(false);
+            w.u32(*shard);
+        }
     }
 }
 
@@ -128,6 +134,7 @@ pub(super) fn read_query(r: &mut Reader<'_>) -> Result<Query, DecodeError> {
             after_seq: r.u64()?,
             limit: read_limit(r, ANSWER_OUTBOX_MESSAGES_MAX)?,
         },
+        QUERY_EXPORT_SHARD => Query::ExportShard { shard: r.u32()? },
         other => return Err(r.error(format!("unknown query tag {other}"))),
     })
 }
@@ -142,6 +149,12 @@ const ANSWER_INBOX_AT: u8 = 6;
 const ANSWER_OUTBOX_AT: u8 = 7;
 const ANSWER_OUTBOX: u8 = 8;
 const ANSWER_REJECTED: u8 = 9;
+const ANSWER_SHARD_EXPORT: u8 = 10;
+/// The audit and the figures of a ledger that took part in shard moves: the
+/// version 1 bodies, followed by the moves (only then, so a cluster that
+/// never moved a shard writes version 1 bodies byte for byte).
+const ANSWER_AUDIT_MOVES: u8 = 11;
+const ANSWER_FIGURES_MOVES: u8 = 12;
 
 pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
     match answer {
@@ -163,12 +176,14 @@ pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
             write_list(w, digests, DIGESTS_MAX, |w, d| w.u64(*d));
         }
         QueryAnswer::Audit(audit) => {
-            w.u8(ANSWER_AUDIT);
-            audit::write_audit(w, audit);
+            let moves = audit::has_moves(&audit.figures);
+            w.u8(if moves { ANSWER_AUDIT_MOVES } else { ANSWER_AUDIT });
+            audit::write_audit(w, audit, moves);
         }
         QueryAnswer::Figures(figures) => {
-            w.u8(ANSWER_FIGURES);
-            audit::write_figures(w, figures);
+            let moves = audit::has_moves(figures);
+            w.u8(if moves { ANSWER_FIGURES_MOVES } else { ANSWER_FIGURES });
+            audit::write_figures(w, figures, moves);
         }
         QueryAnswer::InboxAt(at) => {
             w.u8(ANSWER_INBOX_AT);
@@ -185,6 +200,10 @@ pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
         QueryAnswer::Rejected(rejection) => {
             w.u8(ANSWER_REJECTED);
             view::write_rejection(w, rejection);
+        }
+        QueryAnswer::ShardExport(export) => {
+            w.u8(ANSWER_SHARD_EXPORT);
+            cellpay_core::moves::encode_export(w, export);
         }
     }
 }
@@ -205,8 +224,10 @@ pub(super) fn read_answer(r: &mut Reader<'_>) -> Result<QueryAnswer, DecodeError
             let epoch = r.u64()?;
             QueryAnswer::Digests { epoch, digests: read_list(r, DIGESTS_MAX, DIGEST_BYTES, |r| r.u64())? }
         }
-        ANSWER_AUDIT => QueryAnswer::Audit(audit::read_audit(r)?),
-        ANSWER_FIGURES => QueryAnswer::Figures(audit::read_figures(r)?),
+        ANSWER_AUDIT => QueryAnswer::Audit(audit::read_audit(r, false)?),
+        ANSWER_FIGURES => QueryAnswer::Figures(audit::read_figures(r, false)?),
+        ANSWER_AUDIT_MOVES => QueryAnswer::Audit(audit::read_audit(r, true)?),
+        ANSWER_FIGURES_MOVES => QueryAnswer::Figures(audit::read_figures(r, true)?),
         ANSWER_INBOX_AT => {
             QueryAnswer::InboxAt(read_list(r, CELLS_MAX, audit::INBOX_AT_BYTES_MIN, audit::read_inbox_at)?)
         }
@@ -220,6 +241,7 @@ pub(super) fn read_answer(r: &mut Reader<'_>) -> Result<QueryAnswer, DecodeError
             view::read_outbox_message,
         )?),
         ANSWER_REJECTED => QueryAnswer::Rejected(view::read_rejection(r)?),
+        ANSWER_SHARD_EXPORT => QueryAnswer::ShardExport(Box::new(cellpay_core::moves::decode_export(r)?)),
         other => return Err(r.error(format!("unknown answer tag {other}"))),
     })
 }

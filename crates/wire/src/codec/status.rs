@@ -68,8 +68,8 @@ fn read_health(r: &mut Reader<'_>) -> Result<Health, DecodeError> {
 }
 
 fn write_cell_figures(w: &mut Writer, f: &CellFigures) {
-    audit::write_figures(w, &f.real);
-    audit::write_figures(w, &f.shadow);
+    audit::write_figures(w, &f.real, false);
+    audit::write_figures(w, &f.shadow, false);
     w.u64(f.clock_ms);
     write_reach(w, &f.reach_real);
     write_reach(w, &f.reach_shadow);
@@ -79,8 +79,8 @@ fn write_cell_figures(w: &mut Writer, f: &CellFigures) {
 
 fn read_cell_figures(r: &mut Reader<'_>) -> Result<CellFigures, DecodeError> {
     Ok(CellFigures {
-        real: audit::read_figures(r)?,
-        shadow: audit::read_figures(r)?,
+        real: audit::read_figures(r, false)?,
+        shadow: audit::read_figures(r, false)?,
         clock_ms: r.u64()?,
         reach_real: read_reach(r)?,
         reach_shadow: read_reach(r)?,

@@ -61,6 +61,7 @@ const OUTCOME_CREDIT_REFUSED: u8 = 3;
 const OUTCOME_OUTBOX_CLOSED: u8 = 4;
 const OUTCOME_SHARD_MAP_INSTALLED: u8 = 5;
 const OUTCOME_REJECTED: u8 = 6;
+const OUTCOME_MOVE_STEP: u8 = 7;
 
 pub(super) fn write_outcome(w: &mut Writer, outcome: &Outcome) {
     match outcome {
@@ -101,6 +102,11 @@ pub(super) fn write_outcome(w: &mut Writer, outcome: &Outcome) {
             w.u8(OUTCOME_REJECTED);
             view::write_rejection(w, rejection);
         }
+        Outcome::MoveStep { open_messages, duplicate } => {
+            w.u8(OUTCOME_MOVE_STEP);
+            w.u64(*open_messages);
+            w.bool(*duplicate);
+        }
     }
 }
 
@@ -118,6 +124,7 @@ pub(super) fn read_outcome(r: &mut Reader<'_>) -> Result<Outcome, DecodeError> {
         OUTCOME_OUTBOX_CLOSED => Outcome::OutboxClosed { status: r.status()?, duplicate: r.bool()? },
         OUTCOME_SHARD_MAP_INSTALLED => Outcome::ShardMapInstalled { epoch: r.u64()? },
         OUTCOME_REJECTED => Outcome::Rejected(view::read_rejection(r)?),
+        OUTCOME_MOVE_STEP => Outcome::MoveStep { open_messages: r.u64()?, duplicate: r.bool()? },
         other => return Err(r.error(format!("unknown outcome tag {other}"))),
     })
 }

@@ -1,0 +1,654 @@
+//! Moving a shard between cells: what leaves one cell and arrives in another,
+//! and the move records the audit reconciles (DESIGN.md section 8).
+//!
+//! A move of shard S from cell B to cell C, numbered by the epoch it installs:
+//! 1. B logs `FreezeShard`: no command changes S at B from now on except the
+//!    closes (settle, compensate) of S's payers' messages still in flight.
+//! 2. Once those are closed (the move waits, with a bound), B exports S: its
+//!    accounts, transfer records (idempotency) and history, real and shadow.
+//! 3. C logs `InstallShard` with the export: the accounts are there, not
+//!    served (C's map still names B).
+//! 4. The control plane's map moves to the new epoch by compare-and-set.
+//! 5. C installs the map and serves S; B installs it and logs `DropShard`.
+//!
+//! The money of S leaves B's books and enters C's without a payment: each
+//! side keeps a move record (shard, accounts, net balance, digest) and per
+//! peer sums of them, so each cell's own identity still balances and the
+//! pair reconciliation compares B's moves out with C's moves in.
+//!
+//! Money in flight: S's payers' messages are closed at B before the export
+//! (step 2), so none is pending across the move. A credit for S still on its
+//! way to B when S has gone is refused by B with `shard_moved` (its sequence
+//! number is used up, so the stream goes on); the payer's cell then sends it
+//! again to the shard's owner under the new map, under a new number. A credit
+//! B applied before the move, redelivered after it, is answered by B's inbox
+//! as applied, as any redelivery is: it is never applied again.
+
+use std::collections::BTreeMap;
+
+use crate::command::{EntryKind, TransferStatus};
+use crate::digest;
+use crate::ids::{AccountId, CellId, TenantId, TransferId};
+use crate::ledger::{AccountRef, Ledger};
+use crate::money::Currency;
+use crate::shard::{mix64, stable_hash};
+
+/// The most shards one cell may have frozen at once (I7): moves go a few at a time.
+pub const FROZEN_SHARDS_MAX: usize = 64;
+
+/// The move records a ledger keeps, newest last, to answer a repeated install (I7).
+pub const MOVES_RETAINED: usize = 4096;
+
+/// An account's shard field once it has moved away: its slot stays (records
+/// and history name it by position) but nothing reaches it any more.
+pub(crate) const GONE: u32 = u32::MAX;
+
+/// One shard's move as one side records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveRecord {
+    /// The epoch of the shard map the move installs: unique per move.
+    pub id: u64,
+    pub shard: u32,
+    pub from: CellId,
+    pub to: CellId,
+    pub accounts: u64,
+    /// Σ balances of the shard's accounts.
+    pub net: i128,
+    /// The shard's digest (accounts and legs).
+    pub digest: u64,
+}
+
+impl MoveRecord {
+    /// The record's fingerprint; peers sum them, so the order of moves does not matter.
+    pub fn mix(&self) -> u64 {
+        let mut h = mix64(self.id ^ 0x6a09_e667_f3bc_c908);
+        h = mix64(h ^ u64::from(self.shard) ^ (u64::from(self.from.0) << 32));
+        h = mix64(h ^ u64::from(self.to.0) ^ self.accounts.rotate_left(17));
+        h = mix64(h ^ (self.net as u64) ^ ((self.net >> 64) as u64).rotate_left(7));
+        mix64(h ^ self.digest)
+    }
+}
+
+/// The moves between this ledger and one peer cell, both directions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MoveFigures {
+    pub peer: CellId,
+    pub out_moves: u64,
+    pub out_net: i128,
+    pub out_mix: u64,
+    pub in_moves: u64,
+    pub in_net: i128,
+    pub in_mix: u64,
+}
+
+impl MoveFigures {
+    pub fn new(peer: CellId) -> Self {
+        Self { peer, ..Self::default() }
+    }
+
+    fn add_out(&mut self, r: &MoveRecord) {
+        self.out_moves += 1;
+        self.out_net += r.net;
+        self.out_mix = self.out_mix.wrapping_add(r.mix());
+    }
+
+    fn add_in(&mut self, r: &MoveRecord) {
+        self.in_moves += 1;
+        self.in_net += r.net;
+        self.in_mix = self.in_mix.wrapping_add(r.mix());
+    }
+
+    fn remove_in(&mut self, r: &MoveRecord) {
+        self.in_moves -= 1;
+        self.in_net -= r.net;
+        self.in_mix = self.in_mix.wrapping_sub(r.mix());
+    }
+}
+
+/// One account as it leaves its cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedAccount {
+    pub id: AccountId,
+    pub currency: Currency,
+    pub balance: i64,
+    pub overdraft: bool,
+    pub tenant: TenantId,
+}
+
+/// One transfer record (the idempotency key and its answer) as it leaves its cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedRecord {
+    pub id: TransferId,
+    /// Position of the payer in the export's accounts.
+    pub from: u32,
+    pub to: AccountId,
+    pub amount: i64,
+    pub currency: Currency,
+    pub currency_given: Option<Currency>,
+    pub memo_hash: u64,
+    pub status: TransferStatus,
+    pub at_s: u32,
+}
+
+/// One history entry as it leaves its cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedEntry {
+    /// Position of the account in the export's accounts.
+    pub account: u32,
+    pub transfer: TransferId,
+    pub counterparty: AccountId,
+    pub kind: EntryKind,
+    pub amount: i64,
+    pub balance_after: i64,
+}
+
+/// One ledger's part of a shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerExport {
+    pub accounts: Vec<ExportedAccount>,
+    /// Oldest first.
+    pub records: Vec<ExportedRecord>,
+    /// Oldest first.
+    pub history: Vec<ExportedEntry>,
+    /// The digest's part that the accounts' balances do not give: the legs.
+    pub legs_digest: u64,
+    /// The shard's digest at the source (accounts and legs): the receiving
+    /// side computes its own from what it installs and must find this.
+    pub digest: u64,
+}
+
+impl LedgerExport {
+    pub fn net(&self) -> i128 {
+        self.accounts.iter().map(|a| i128::from(a.balance)).sum()
+    }
+}
+
+/// A whole shard on its way from one cell to another: both ledgers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardExport {
+    pub shard: u32,
+    pub move_id: u64,
+    pub from: CellId,
+    pub to: CellId,
+    pub real: LedgerExport,
+    pub shadow: LedgerExport,
+}
+
+impl ShardExport {
+    pub fn ledger(&self, shadow: bool) -> &LedgerExport {
+        if shadow {
+            &self.shadow
+        } else {
+            &self.real
+        }
+    }
+
+    /// The record of this move for one ledger, as the source counts it.
+    pub fn record(&self, shadow: bool) -> MoveRecord {
+        let l = self.ledger(shadow);
+        MoveRecord {
+            id: self.move_id,
+            shard: self.shard,
+            from: self.from,
+            to: self.to,
+            accounts: l.accounts.len() as u64,
+            net: l.net(),
+            digest: l.digest,
+        }
+    }
+}
+
+/// The moves a ledger took part in: per peer sums, and the newest records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Moves {
+    pub per_peer: BTreeMap<CellId, MoveFigures>,
+    /// Newest last, at most [`MOVES_RETAINED`].
+    pub recent: std::collections::VecDeque<MoveRecord>,
+}
+
+impl Moves {
+    pub fn is_empty(&self) -> bool {
+        self.per_peer.is_empty() && self.recent.is_empty()
+    }
+
+    fn remember(&mut self, r: MoveRecord) {
+        if self.recent.len() == MOVES_RETAINED {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(r);
+    }
+
+    pub fn find(&self, id: u64, shard: u32) -> Option<&MoveRecord> {
+        self.recent.iter().rev().find(|r| r.id == id && r.shard == shard)
+    }
+}
+
+impl Ledger {
+    /// Positions of the live accounts of `shard`, in position order.
+    fn shard_accounts(&self, shard: u32) -> Vec<u32> {
+        (0..self.accounts.len() as u32).filter(|&i| self.accounts[i as usize].shard == shard).collect()
+    }
+
+    /// Σ balances and the count of `shard`'s accounts.
+    pub(crate) fn shard_net(&self, shard: u32) -> (u64, i128) {
+        let mut n = 0;
+        let mut net = 0i128;
+        for a in self.accounts.iter().filter(|a| a.shard == shard) {
+            n += 1;
+            net += i128::from(a.balance);
+        }
+        (n, net)
+    }
+
+    /// The shard's digest as it stands.
+    pub(crate) fn shard_digest(&self, shard: u32) -> u64 {
+        self.digests[shard as usize]
+    }
+
+    /// Pending transfers of `shard`'s payers: messages in flight that must
+    /// close before the shard can leave.
+    pub(crate) fn open_messages_of(&self, shard: u32, shards: u32) -> u64 {
+        let in_shard = |id: &AccountId| stable_hash(id.as_str().as_bytes()) % u64::from(shards) == u64::from(shard);
+        self.outbox.values().flat_map(|o| o.entries.values()).filter(|e| in_shard(&e.from)).count() as u64
+    }
+
+    /// Everything of `shard` in this ledger, to install in another cell.
+    pub(crate) fn export_shard(&self, shard: u32) -> LedgerExport {
+        let members = self.shard_accounts(shard);
+        let mut position: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        let mut accounts = Vec::with_capacity(members.len());
+        let mut account_terms = 0u64;
+        for (k, &i) in members.iter().enumerate() {
+            position.insert(i, k as u32);
+            let a = &self.accounts[i as usize];
+            account_terms = account_terms.wrapping_add(digest::account_term(a.id_hash, a.balance));
+            accounts.push(ExportedAccount {
+                id: a.id.clone(),
+                currency: a.currency,
+                balance: a.balance,
+                overdraft: a.overdraft,
+                tenant: self.tenants[a.tenant as usize].clone(),
+            });
+        }
+        let records = self
+            .records
+            .iter()
+            .chain(self.evicted_pending.values())
+            .filter_map(|r| {
+                let from = *position.get(&r.from)?;
+                Some(ExportedRecord {
+                    id: r.id.clone(),
+                    from,
+                    to: self.resolve(&r.to),
+                    amount: r.amount,
+                    currency: r.currency,
+                    currency_given: r.currency_given,
+                    memo_hash: r.memo_hash,
+                    status: r.status,
+                    at_s: r.at_s,
+                })
+            })
+            .collect();
+        let history = self
+            .history
+            .iter()
+            .filter_map(|e| {
+                let account = *position.get(&e.account)?;
+                Some(ExportedEntry {
+                    account,
+                    transfer: e.transfer.clone(),
+                    counterparty: self.resolve(&e.counterparty),
+                    kind: e.kind,
+                    amount: e.amount,
+                    balance_after: e.balance_after,
+                })
+            })
+            .collect();
+        let digest = self.digests[shard as usize];
+        LedgerExport { accounts, records, history, legs_digest: digest.wrapping_sub(account_terms), digest }
+    }
+
+    /// Why `export` cannot be installed here as shard `shard`, if it cannot.
+    pub(crate) fn check_install(&self, export: &LedgerExport, shard: u32, shards: u32) -> Result<(), String> {
+        if let Some(a) = export.accounts.iter().find(|a| self.index.contains_key(&a.id)) {
+            return Err(format!("account {} is already in this cell", a.id));
+        }
+        let bad_account = |k: u32| k as usize >= export.accounts.len();
+        if export.records.iter().any(|r| bad_account(r.from)) || export.history.iter().any(|e| bad_account(e.account)) {
+            return Err("the export names an account it does not carry".into());
+        }
+        if let Some(a) = export.accounts.iter().find(|a| crate::shard::shard_of(a.id.as_str(), shards).0 != shard) {
+            return Err(format!("account {} is not in shard {shard}", a.id));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(a) = export.accounts.iter().find(|a| !seen.insert(&a.id)) {
+            return Err(format!("account {} appears twice in the export", a.id));
+        }
+        Ok(())
+    }
+
+    /// Puts an exported shard in this ledger (not yet served: the map decides
+    /// that) and records the move in, as it arrived; `check_install` first.
+    pub(crate) fn install_shard(&mut self, export: &LedgerExport, record: MoveRecord, _shards: u32) -> MoveRecord {
+        let base = self.accounts.len() as u32;
+        let mut account_terms = 0u64;
+        for a in &export.accounts {
+            let i = self.accounts.len() as u32;
+            let id_hash = stable_hash(a.id.as_str().as_bytes());
+            let tenant = self.intern_tenant(&a.tenant);
+            self.accounts.push(crate::ledger::Account {
+                id: a.id.clone(),
+                currency: a.currency,
+                balance: a.balance,
+                overdraft: a.overdraft,
+                tenant,
+                shard: record.shard,
+                id_hash,
+                history_head: 0,
+            });
+            self.index.insert(a.id.clone(), i);
+            self.balance_sum += i128::from(a.balance);
+            if !a.overdraft && a.balance < 0 {
+                self.negative_accounts += 1;
+            }
+            account_terms = account_terms.wrapping_add(digest::account_term(id_hash, a.balance));
+            if let Some(t) = &mut self.touched {
+                t.accounts.push(i);
+            }
+        }
+        let d = &mut self.digests[record.shard as usize];
+        *d = d.wrapping_add(account_terms).wrapping_add(export.legs_digest);
+        let local = |me: &Self, id: &AccountId| match me.index.get(id) {
+            Some(&i) => AccountRef::Local(i),
+            None => AccountRef::Remote(id.clone()),
+        };
+        for r in &export.records {
+            let to = local(self, &r.to);
+            self.push_record(crate::ledger::TransferRecord {
+                id: r.id.clone(),
+                from: base + r.from,
+                to,
+                amount: r.amount,
+                currency: r.currency,
+                currency_given: r.currency_given,
+                memo_hash: r.memo_hash,
+                status: r.status,
+                at_s: r.at_s,
+                same_id_prev: 0,
+                copied_at: 0,
+            });
+        }
+        for e in &export.history {
+            let counterparty = local(self, &e.counterparty);
+            let i = base + e.account;
+            self.push_history_entry(i, &e.transfer, counterparty, e.kind, e.amount, e.balance_after);
+        }
+        // What arrived, counted here: equal to the source's record unless something was lost on the way.
+        let mut arrived = record;
+        arrived.accounts = export.accounts.len() as u64;
+        arrived.net = export.net();
+        arrived.digest = self.digests[record.shard as usize];
+        self.moves.per_peer.entry(record.from).or_insert_with(|| MoveFigures::new(record.from)).add_in(&arrived);
+        self.moves.remember(arrived);
+        arrived
+    }
+
+    /// Takes a shard's accounts out of this ledger (they have moved away, or
+    /// an install is undone) and answers what they held.
+    fn take_out(&mut self, shard: u32) -> (u64, i128) {
+        let members = self.shard_accounts(shard);
+        let mut net = 0i128;
+        for &i in &members {
+            let a = &mut self.accounts[i as usize];
+            net += i128::from(a.balance);
+            self.balance_sum -= i128::from(a.balance);
+            if !a.overdraft && a.balance < 0 {
+                self.negative_accounts -= 1;
+            }
+            a.balance = 0;
+            a.shard = GONE;
+            let id = a.id.clone();
+            self.index.remove(&id);
+        }
+        self.digests[shard as usize] = 0;
+        (members.len() as u64, net)
+    }
+
+    /// Drops a shard that has moved to `record.to`, recording the move out.
+    pub(crate) fn drop_shard(&mut self, mut record: MoveRecord) -> MoveRecord {
+        record.digest = self.digests[record.shard as usize];
+        let (accounts, net) = self.take_out(record.shard);
+        record.accounts = accounts;
+        record.net = net;
+        self.moves.per_peer.entry(record.to).or_insert_with(|| MoveFigures::new(record.to)).add_out(&record);
+        self.moves.remember(record);
+        record
+    }
+
+    /// Undoes an install whose move did not happen (the map never named this cell).
+    pub(crate) fn discard_shard(&mut self, id: u64, shard: u32) -> bool {
+        let Some(k) = self.moves.recent.iter().rposition(|r| r.id == id && r.shard == shard) else {
+            return false;
+        };
+        let record = self.moves.recent.remove(k).expect("found above");
+        self.take_out(shard);
+        if let Some(m) = self.moves.per_peer.get_mut(&record.from) {
+            m.remove_in(&record);
+        }
+        true
+    }
+
+    /// The move figures, per peer, in cell order.
+    pub fn move_figures(&self) -> Vec<MoveFigures> {
+        self.moves.per_peer.values().copied().collect()
+    }
+}
+
+/// Reconciles the moves of one ordered pair B → C from B's figures and C's:
+/// every move B counts out must be counted in by C with the same accounts,
+/// net and digest. A move C counts in that B does not count out is fine
+/// only while B still holds the shard frozen for it (`b_frozen`: the records
+/// B would write for its frozen shards, as they stand).
+pub fn reconcile_moves(
+    b: CellId,
+    b_moves: &MoveFigures,
+    b_frozen: &[MoveRecord],
+    c: CellId,
+    c_moves: &MoveFigures,
+) -> Option<crate::audit::Finding> {
+    use crate::audit::Finding;
+    let (x_n, x_net, x_mix) = (b_moves.out_moves, b_moves.out_net, b_moves.out_mix);
+    let (y_n, y_net, y_mix) = (c_moves.in_moves, c_moves.in_net, c_moves.in_mix);
+    if (x_n, x_net, x_mix) == (y_n, y_net, y_mix) {
+        return None;
+    }
+    if y_n < x_n {
+        return Some(Finding::MoveLost { source: b, dest: c, moves: x_n - y_n, amount: x_net - y_net });
+    }
+    // Moves C installed that B has not dropped yet: B must hold each frozen, as it was exported.
+    let pending: Vec<&MoveRecord> = b_frozen.iter().filter(|r| r.to == c).collect();
+    if pending.len() <= 16 {
+        for subset in 1u32..(1 << pending.len()) {
+            let chosen = pending.iter().enumerate().filter(|(k, _)| subset & (1 << k) != 0).map(|(_, r)| *r);
+            let (mut n, mut net, mut mix) = (x_n, x_net, x_mix);
+            for r in chosen {
+                n += 1;
+                net += r.net;
+                mix = mix.wrapping_add(r.mix());
+            }
+            if (n, net, mix) == (y_n, y_net, y_mix) {
+                return None;
+            }
+        }
+    }
+    let detail = format!(
+        "cell {b} moved out {x_n} shards holding {x_net}, cell {c} moved in {y_n} holding {y_net}{}",
+        if y_n == x_n && y_net == x_net { " (the shards' digests or accounts differ)" } else { "" }
+    );
+    Some(Finding::MoveDiverged { source: b, dest: c, detail, transient: y_n > x_n })
+}
+
+/// The most accounts, records or entries one ledger's export may carry (I7).
+pub const EXPORT_ITEMS_MAX: u64 = 1 << 24;
+
+fn kind_tag(k: EntryKind) -> u8 {
+    match k {
+        EntryKind::Debit => 0,
+        EntryKind::Credit => 1,
+        EntryKind::Reversal => 2,
+    }
+}
+
+fn decode_kind(r: &mut Reader<'_>) -> Result<EntryKind, DecodeError> {
+    match r.u8()? {
+        0 => Ok(EntryKind::Debit),
+        1 => Ok(EntryKind::Credit),
+        2 => Ok(EntryKind::Reversal),
+        k => Err(r.error(format!("unknown entry kind {k}"))),
+    }
+}
+
+use crate::codec::{DecodeError, Reader, Writer};
+
+/// Appends a move record.
+pub fn encode_move_record(w: &mut Writer, m: &MoveRecord) {
+    w.u64(m.id);
+    w.u32(m.shard);
+    w.u32(m.from.0);
+    w.u32(m.to.0);
+    w.u64(m.accounts);
+    w.i128(m.net);
+    w.u64(m.digest);
+}
+
+pub fn decode_move_record(r: &mut Reader<'_>) -> Result<MoveRecord, DecodeError> {
+    Ok(MoveRecord {
+        id: r.u64()?,
+        shard: r.u32()?,
+        from: CellId(r.u32()?),
+        to: CellId(r.u32()?),
+        accounts: r.u64()?,
+        net: r.i128()?,
+        digest: r.u64()?,
+    })
+}
+
+/// Appends a move's per-peer figures.
+pub fn encode_move_figures(w: &mut Writer, m: &MoveFigures) {
+    w.u32(m.peer.0);
+    w.u64(m.out_moves);
+    w.i128(m.out_net);
+    w.u64(m.out_mix);
+    w.u64(m.in_moves);
+    w.i128(m.in_net);
+    w.u64(m.in_mix);
+}
+
+pub fn decode_move_figures(r: &mut Reader<'_>) -> Result<MoveFigures, DecodeError> {
+    Ok(MoveFigures {
+        peer: CellId(r.u32()?),
+        out_moves: r.u64()?,
+        out_net: r.i128()?,
+        out_mix: r.u64()?,
+        in_moves: r.u64()?,
+        in_net: r.i128()?,
+        in_mix: r.u64()?,
+    })
+}
+
+fn encode_ledger_export(w: &mut Writer, l: &LedgerExport) {
+    w.u64(l.accounts.len() as u64);
+    for a in &l.accounts {
+        w.id(a.id.as_str());
+        w.currency(a.currency);
+        w.i64(a.balance);
+        w.bool(a.overdraft);
+        w.id(a.tenant.as_str());
+    }
+    w.u64(l.records.len() as u64);
+    for r in &l.records {
+        w.id(r.id.as_str());
+        w.u32(r.from);
+        w.id(r.to.as_str());
+        w.i64(r.amount);
+        w.currency(r.currency);
+        w.opt_currency(r.currency_given);
+        w.u64(r.memo_hash);
+        w.status(r.status);
+        w.u32(r.at_s);
+    }
+    w.u64(l.history.len() as u64);
+    for e in &l.history {
+        w.u32(e.account);
+        w.id(e.transfer.as_str());
+        w.id(e.counterparty.as_str());
+        w.u8(kind_tag(e.kind));
+        w.i64(e.amount);
+        w.i64(e.balance_after);
+    }
+    w.u64(l.legs_digest);
+    w.u64(l.digest);
+}
+
+fn decode_ledger_export(r: &mut Reader<'_>) -> Result<LedgerExport, DecodeError> {
+    let n = r.count(EXPORT_ITEMS_MAX)?;
+    let mut accounts = Vec::with_capacity(r.capacity_for(n, 16));
+    for _ in 0..n {
+        accounts.push(ExportedAccount {
+            id: r.account_id()?,
+            currency: r.currency()?,
+            balance: r.i64()?,
+            overdraft: r.bool()?,
+            tenant: r.tenant_id()?,
+        });
+    }
+    let n = r.count(EXPORT_ITEMS_MAX)?;
+    let mut records = Vec::with_capacity(r.capacity_for(n, 32));
+    for _ in 0..n {
+        records.push(ExportedRecord {
+            id: r.transfer_id()?,
+            from: r.u32()?,
+            to: r.account_id()?,
+            amount: r.i64()?,
+            currency: r.currency()?,
+            currency_given: r.opt_currency()?,
+            memo_hash: r.u64()?,
+            status: r.status()?,
+            at_s: r.u32()?,
+        });
+    }
+    let n = r.count(EXPORT_ITEMS_MAX)?;
+    let mut history = Vec::with_capacity(r.capacity_for(n, 24));
+    for _ in 0..n {
+        history.push(ExportedEntry {
+            account: r.u32()?,
+            transfer: r.transfer_id()?,
+            counterparty: r.account_id()?,
+            kind: decode_kind(r)?,
+            amount: r.i64()?,
+            balance_after: r.i64()?,
+        });
+    }
+    Ok(LedgerExport { accounts, records, history, legs_digest: r.u64()?, digest: r.u64()? })
+}
+
+/// Appends a shard export (the log's `InstallShard`, the wire's export answer).
+pub fn encode_export(w: &mut Writer, e: &ShardExport) {
+    w.u32(e.shard);
+    w.u64(e.move_id);
+    w.u32(e.from.0);
+    w.u32(e.to.0);
+    encode_ledger_export(w, &e.real);
+    encode_ledger_export(w, &e.shadow);
+}
+
+pub fn decode_export(r: &mut Reader<'_>) -> Result<ShardExport, DecodeError> {
+    Ok(ShardExport {
+        shard: r.u32()?,
+        move_id: r.u64()?,
+        from: CellId(r.u32()?),
+        to: CellId(r.u32()?),
+        real: decode_ledger_export(r)?,
+        shadow: decode_ledger_export(r)?,
+    })
+}
