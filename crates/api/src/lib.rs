@@ -72,6 +72,8 @@ pub struct Inner {
     pub local_cells: OnceLock<Vec<Arc<CellSlot>>>,
     /// Halting and restarting cells, for drills; unset: the drill endpoints answer 403.
     pub control: OnceLock<Arc<dyn CellControl>>,
+    /// Moves shards between cells (the admin API's `shards/{id}/move`).
+    pub mover: OnceLock<Arc<cellpay_router::Mover>>,
     /// Where an operator's switches and rules are kept for every router (the
     /// control plane); unset in `serve`, whose one router is the cluster.
     pub shared: OnceLock<Arc<dyn SharedSettings>>,
@@ -129,6 +131,7 @@ impl AppState {
             cluster: OnceLock::new(),
             local_cells: OnceLock::new(),
             control: OnceLock::new(),
+            mover: OnceLock::new(),
             shared: OnceLock::new(),
             stale: Default::default(),
             relays: OnceLock::new(),
@@ -177,6 +180,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/cells/{id}/halt", post(admin::halt))
         .route("/v1/admin/cells/{id}/restart", post(admin::restart))
         .route("/v1/admin/actions", get(admin::actions))
+        .route("/v1/admin/shards/{id}/move", post(admin::move_shard))
+        .route("/v1/admin/moves/resume", post(admin::resume_moves))
         // Innermost: layer 0 of the protection stack. Its permit is taken only
         // once the body is in memory, so a slow client never holds one.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::edge))

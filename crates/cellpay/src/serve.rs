@@ -31,6 +31,63 @@ use crate::config::{Config, FileAuth, FileToken, ServeArgs};
 struct ClusterFile {
     cells: u32,
     shards: u32,
+    /// The shard map, once a shard has moved (until then: round-robin at epoch 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owners: Option<Vec<u32>>,
+}
+
+impl ClusterFile {
+    fn map(&self) -> anyhow::Result<ShardMap> {
+        match (self.epoch, &self.owners) {
+            (Some(epoch), Some(owners)) => {
+                anyhow::ensure!(owners.len() == self.shards as usize, "the map names {} shards", owners.len());
+                anyhow::ensure!(owners.iter().all(|o| *o < self.cells), "the map names a cell the cluster lacks");
+                Ok(ShardMap::new(epoch, owners.iter().copied().map(CellId).collect())?)
+            }
+            _ => Ok(ShardMap::round_robin(self.shards, self.cells)?),
+        }
+    }
+}
+
+/// The shard map's authority in one process: `cluster.toml`, written
+/// durably, and the router's copy. A swap is a compare-and-set on the epoch.
+pub(crate) struct FileAuthority {
+    path: std::path::PathBuf,
+    cells: u32,
+    map: tokio::sync::Mutex<ShardMap>,
+    cluster: Arc<Cluster>,
+}
+
+impl cellpay_router::MapAuthority for FileAuthority {
+    fn current(&self) -> BoxFuture<'_, Result<ShardMap, cellpay_router::SwapError>> {
+        Box::pin(async move { Ok(self.map.lock().await.clone()) })
+    }
+
+    fn swap(&self, next: ShardMap) -> BoxFuture<'_, Result<(), cellpay_router::SwapError>> {
+        Box::pin(async move {
+            let mut map = self.map.lock().await;
+            if map.epoch() + 1 != next.epoch() || map.check_successor(&next).is_err() {
+                return Err(cellpay_router::SwapError::Lost(format!("the map is at epoch {}", map.epoch())));
+            }
+            let file = ClusterFile {
+                cells: self.cells,
+                shards: next.shards(),
+                epoch: Some(next.epoch()),
+                owners: Some(next.owners().iter().map(|c| c.0).collect()),
+            };
+            let text = toml::to_string(&file).map_err(|e| cellpay_router::SwapError::Unavailable(e.to_string()))?;
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || write_private(&path, &text, 0o644))
+                .await
+                .expect("writing does not panic")
+                .map_err(|e| cellpay_router::SwapError::Unavailable(format!("{e:#}")))?;
+            *map = next.clone();
+            self.cluster.set_map(next);
+            Ok(())
+        })
+    }
 }
 
 fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
@@ -38,6 +95,7 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
     if path.exists() {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let stored: ClusterFile = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+        let map = stored.map().with_context(|| format!("{} is damaged", path.display()))?;
         anyhow::ensure!(
             stored.cells == config.cells,
             "{} holds a cluster of {} cells, but {} were asked for; moving shards between cells is not supported yet",
@@ -52,11 +110,13 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
             stored.shards,
             config.shards
         );
+        Ok(map)
     } else {
-        let text = toml::to_string(&ClusterFile { cells: config.cells, shards: config.shards })?;
+        let text =
+            toml::to_string(&ClusterFile { cells: config.cells, shards: config.shards, epoch: None, owners: None })?;
         write_private(&path, &text, 0o644)?;
+        Ok(ShardMap::round_robin(config.shards, config.cells)?)
     }
-    Ok(ShardMap::round_robin(config.shards, config.cells)?)
 }
 
 /// Writes a file durably (temporary name, fsync, rename) with `mode`.
@@ -383,6 +443,24 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
     let _ = state.0.oplog.set(Arc::new(oplog));
     let _ = state.0.local_cells.set(slots);
     let _ = state.0.relays.set(relays);
+    let authority = Arc::new(FileAuthority {
+        path: config.data_dir.join("cluster.toml"),
+        cells: config.cells,
+        map: tokio::sync::Mutex::new(cluster.map().as_ref().clone()),
+        cluster: cluster.clone(),
+    });
+    let mover = Arc::new(cellpay_router::Mover::new(
+        cluster.cells().to_vec(),
+        authority,
+        cellpay_router::MoveLimits::default(),
+    ));
+    // A move a crash left half done goes the way the map says before anything is served.
+    match mover.resume().await {
+        Ok(resumed) if resumed.is_empty() => {}
+        Ok(resumed) => say!("finished {} shard moves a stop left half done: {resumed:?}", resumed.len()),
+        Err(e) => tracing::warn!("could not finish the shard moves a stop left half done: {e}"),
+    }
+    let _ = state.0.mover.set(mover);
     let _ = state.0.cluster.set(cluster);
     say!("cellpay ready: every cell has recovered");
 

@@ -229,10 +229,13 @@ impl CellState {
 
     /// The map decides every move numbered up to its epoch: the epoch a
     /// move installs is won by compare-and-set, by the move's map (the shard
-    /// goes) or by another (it stays). A frozen shard the map gives to its
-    /// destination leaves (its messages in flight were closed before the
-    /// export the destination installed); one the map leaves here serves
-    /// again. A shard installed here that the map does not give to this
+    /// goes) or by another (it stays). A shard frozen here for a move can
+    /// leave this cell by that move only (another move would have to freeze
+    /// it here first), so a map at or past the move's epoch that names
+    /// another owner says the move won, even when this cell missed the
+    /// move's own map: the shard leaves (its messages in flight were closed
+    /// before the export the destination installed). One the map leaves
+    /// here serves again. A shard installed here that the map does not give to this
     /// cell is undone. So a cell that recovers, or that no coordinator told,
     /// finishes its part of a move from the map alone.
     fn settle_moves(&mut self) {
@@ -244,14 +247,13 @@ impl CellState {
             .collect();
         for (shard, id, to) in decided {
             let owner = self.map.owner(crate::shard::ShardId(shard));
-            if owner == to && self.open_messages_of(shard) == 0 {
+            if owner != self.cell && self.open_messages_of(shard) == 0 {
                 let record = MoveRecord { id, shard, from: self.cell, to, accounts: 0, net: 0, digest: 0 };
                 self.real.drop_shard(record);
                 self.shadow.drop_shard(record);
                 self.moved_away.insert(shard, (to, id));
             }
-            // Any other owner: the move lost its epoch, the shard stays (and
-            // the owner it names is never this frozen state's destination).
+            // Still here: the move lost its epoch, the shard serves again.
             self.frozen.remove(&shard);
         }
         let arrived: Vec<(u32, u64)> =

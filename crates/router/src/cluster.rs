@@ -360,7 +360,6 @@ impl Cluster {
     }
 }
 
-/// How often the router reads its signals and feeds the degrade triggers.
 /// The longest a command waits for a shard frozen for a move (I7); a move's
 /// cutover takes milliseconds, and one that does not finish in time is undone.
 pub const SHARD_FREEZE_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(1);
@@ -368,6 +367,7 @@ pub const SHARD_FREEZE_WAIT_MAX: std::time::Duration = std::time::Duration::from
 /// How often a command waiting for a frozen shard tries again.
 const SHARD_FREEZE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
+/// How often the router reads its signals and feeds the degrade triggers.
 pub const SIGNALS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Cluster {

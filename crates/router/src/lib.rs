@@ -13,10 +13,14 @@
 mod audit;
 mod cluster;
 pub mod degrade;
+pub mod moves;
 pub mod protect;
 
 pub use audit::{AuditReport, ClusterAudit, AUDIT_ATTEMPTS_MAX};
 pub use cluster::{Cluster, RelayHandle, Routed};
 pub use degrade::{Action, Degrade, Mode, Plan, Signals, UnknownSwitch};
+pub use moves::{
+    move_shard, resume_moves, MapAuthority, MoveError, MoveLimits, MoveReport, Mover, MoverFigures, Resumed, SwapError,
+};
 pub use protect::rules::{FlowRules, Route, RulesError};
 pub use protect::{Admission, Layer, Protection, RouteError};

@@ -188,3 +188,56 @@ pub async fn actions(
         .map_err(|e| ApiError::new(ErrorCode::CellUnavailable, format!("the operator log cannot be read: {e}")))?;
     Ok(Json(json!({"actions": actions})).into_response())
 }
+
+/// The body of `POST /v1/admin/shards/{id}/move`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveBody {
+    to: u32,
+}
+
+fn mover(state: &AppState) -> Result<&std::sync::Arc<cellpay_router::Mover>, ApiError> {
+    state.mover.get().ok_or_else(|| ApiError::new(ErrorCode::CellUnavailable, "this server cannot move shards yet"))
+}
+
+/// `POST /v1/admin/shards/{id}/move` with `{"to": cell}`: moves the shard
+/// while payments flow and answers the move's report (its write pause among it).
+pub async fn move_shard(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    admin_only(caller.role, "moving a shard")?;
+    let bytes = body::read(&headers, request, state.limits.body_bytes_max).await?;
+    let body: MoveBody =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("a move needs {{\"to\": cell}}: {e}")))?;
+    let shard = id.parse::<u32>().map_err(|_| ApiError::invalid(format!("{id:?} is not a shard number")))?;
+    let mover = mover(&state)?;
+    let report = mover.move_shard(shard, cellpay_core::CellId(body.to)).await.map_err(|e| {
+        use cellpay_router::MoveError as E;
+        let code = match &e {
+            E::Invalid(_) => ErrorCode::InvalidRequest,
+            E::Drain(_) | E::Lost(_) => ErrorCode::Conflict,
+            E::Cell { .. } | E::Undecided { .. } => ErrorCode::CellUnavailable,
+        };
+        ApiError::new(code, e.to_string())
+    })?;
+    let args = serde_json::to_value(&report).unwrap_or(Value::Null);
+    state.record(Action { caller, by: &Authority::Admin, action: "shard_move", args: args.clone() });
+    Ok(Json(args).into_response())
+}
+
+/// `POST /v1/admin/moves/resume`: finishes the moves a stop left half done, the way the map says.
+pub async fn resume_moves(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    admin_only(caller.role, "resuming shard moves")?;
+    let resumed =
+        mover(&state)?.resume().await.map_err(|e| ApiError::new(ErrorCode::CellUnavailable, e.to_string()))?;
+    let args = json!({"resumed": resumed});
+    state.record(Action { caller, by: &Authority::Admin, action: "shard_moves_resumed", args: args.clone() });
+    Ok(Json(args).into_response())
+}

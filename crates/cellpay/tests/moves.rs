@@ -1,0 +1,176 @@
+//! Shard moves on a real server: a shard leaves its cell while payments to,
+//! from and within it flow, every acknowledged payment is there exactly once
+//! afterwards, the audit is exact, and a `kill -9` after the move finds the
+//! shard at its new owner.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cellpay_core::ShardMap;
+use common::*;
+use serde_json::{json, Value};
+
+const SHARDS: u32 = 16;
+const CELLS: u32 = 3;
+
+fn map() -> ShardMap {
+    ShardMap::round_robin(SHARDS, CELLS).unwrap()
+}
+
+/// `n` account ids in `shard`.
+fn ids_in_shard(shard: u32, n: usize, prefix: &str) -> Vec<String> {
+    let map = map();
+    (0..).map(|i| format!("{prefix}-{i}")).filter(|id| map.shard_of(id).0 == shard).take(n).collect()
+}
+
+/// An acknowledged payment: (id, payer, payee, amount).
+type Paid = (String, String, String, i64);
+
+/// Pays `from[k] → to[k]` in a loop until `stop`, retrying each payment with
+/// its own id until it is answered for good; records what was acknowledged.
+fn pay_loop(s: &Server, tag: &str, pairs: &[(String, String)], stop: &AtomicBool, paid: &Mutex<Vec<Paid>>) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let (from, to) = &pairs[n as usize % pairs.len()];
+        let id = format!("{tag}-{n}");
+        let body = json!({"id": id, "from": from, "to": to, "amount": 1});
+        loop {
+            let r = s.post("/v1/transfers", CLIENT, &body);
+            match r.status {
+                200 | 201 => {
+                    paid.lock().unwrap().push((id.clone(), from.clone(), to.clone(), 1));
+                    break;
+                }
+                503 | 429 => std::thread::sleep(Duration::from_millis(5)),
+                other => panic!("payment {id} answered {other}: {}", r.body),
+            }
+        }
+        n += 1;
+    }
+}
+
+fn audit(s: &Server) -> Value {
+    let r = s.get("/v1/audit?full=true", ADMIN);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+fn settled(s: &Server) -> Value {
+    let mut last = Value::Null;
+    s.eventually("every credit settles and the audit is exact", || {
+        last = audit(s);
+        last["ok"] == true && last["in_flight"] == 0
+    });
+    last
+}
+
+fn move_shard(s: &Server, shard: u32, to: u32) -> Value {
+    let r = s.post(&format!("/v1/admin/shards/{shard}/move"), ADMIN, &json!({"to": to}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    conforms(&r.body, "ShardMove");
+    r.body
+}
+
+#[test]
+fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cells = CELLS.to_string();
+    let shards = SHARDS.to_string();
+    let s = Server::start(dir.path(), &["--cells", &cells, "--shards", &shards]);
+    // Shard 4 lives in cell 1; it moves to cell 2 and then to cell 0.
+    let moving = ids_in_shard(4, 4, "mv");
+    let elsewhere: Vec<String> = [0u32, 2, 3, 5].iter().flat_map(|&sh| ids_in_shard(sh, 1, "ot")).collect();
+    let bank = ids_in_shard(0, 1, "bank").remove(0);
+    open(&s, ADMIN, &bank, true);
+    for id in moving.iter().chain(&elsewhere) {
+        open(&s, CLIENT, id, false);
+        let r = s.post(
+            "/v1/transfers",
+            ADMIN,
+            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 100_000}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    settled(&s);
+    // Out of the shard (to every cell), into it (from every cell), and within it.
+    let out: Vec<(String, String)> =
+        moving.iter().zip(elsewhere.iter().cycle()).map(|(a, b)| (a.clone(), b.clone())).collect();
+    let inn: Vec<(String, String)> =
+        elsewhere.iter().zip(moving.iter().cycle()).map(|(a, b)| (a.clone(), b.clone())).collect();
+    let within = vec![(moving[0].clone(), moving[1].clone()), (moving[2].clone(), moving[3].clone())];
+    let stop = AtomicBool::new(false);
+    let paid = Mutex::new(Vec::new());
+    let reports = std::thread::scope(|scope| {
+        scope.spawn(|| pay_loop(&s, "out", &out, &stop, &paid));
+        scope.spawn(|| pay_loop(&s, "in", &inn, &stop, &paid));
+        scope.spawn(|| pay_loop(&s, "within", &within, &stop, &paid));
+        std::thread::sleep(Duration::from_millis(300));
+        let first = move_shard(&s, 4, 2);
+        std::thread::sleep(Duration::from_millis(300));
+        let second = move_shard(&s, 4, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        vec![first, second]
+    });
+    eprintln!("moves: {}", serde_json::to_string(&reports).unwrap());
+    assert_eq!((reports[0]["from"].as_u64(), reports[0]["to"].as_u64()), (Some(1), Some(2)));
+    assert_eq!((reports[1]["from"].as_u64(), reports[1]["to"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(reports[0]["accounts"], 4, "{}", reports[0]);
+    assert!(reports[0]["records"].as_u64().unwrap() >= 4, "the shard's idempotency records travel: {}", reports[0]);
+    let audit = settled(&s);
+    assert_eq!(audit["findings"], json!([]), "{audit}");
+    assert_eq!(audit["balances"], 0, "money is conserved: the bank's overdraft is everything else");
+    let paid = paid.into_inner().unwrap();
+    eprintln!("{} payments acknowledged", paid.len());
+    assert!(paid.len() > 30, "payments flowed through the moves: {}", paid.len());
+    // Every acknowledged payment is there exactly once: balances equal what was acknowledged.
+    let mut expected: std::collections::HashMap<String, i64> =
+        moving.iter().chain(&elsewhere).map(|id| (id.clone(), 100_000)).collect();
+    for (_, from, to, amount) in &paid {
+        *expected.get_mut(from).unwrap() -= amount;
+        *expected.get_mut(to).unwrap() += amount;
+    }
+    for (id, want) in &expected {
+        assert_eq!(balance(&s, id), *want, "{id}");
+    }
+    // A retry of a payment made before the moves is recognised at the new owner.
+    let (id, from, to, amount) = paid.iter().find(|p| p.0.starts_with("out")).unwrap().clone();
+    let r = s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}));
+    assert_eq!((r.status, r.cell), (200, Some(0)), "{}", r.body);
+    assert_eq!(balance(&s, &from), expected[&from], "the retry paid nothing");
+    // The write pause of each move is reported.
+    for r in &reports {
+        assert!(r["pause_us"].as_u64().unwrap() < 10_000_000, "{r}");
+    }
+    // After a kill -9 the shard is at its new owner, with its money.
+    s.kill9();
+    let s = Server::start(dir.path(), &["--cells", &cells, "--shards", &shards]);
+    let r = s.get(&format!("/v1/accounts/{}", moving[0]), CLIENT);
+    assert_eq!((r.status, r.cell), (200, Some(0)), "{}", r.body);
+    assert_eq!(r.body["balance"].as_i64(), Some(expected[&moving[0]]));
+    let audit = settled(&s);
+    assert_eq!(audit["findings"], json!([]), "{audit}");
+}
+
+#[test]
+fn a_move_to_the_same_cell_or_an_unknown_one_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "3", "--shards", "16"]);
+    for (shard, body, code) in [
+        ("4", json!({"to": 1}), "invalid_request"),
+        ("4", json!({"to": 7}), "invalid_request"),
+        ("99", json!({"to": 0}), "invalid_request"),
+        ("x", json!({"to": 0}), "invalid_request"),
+        ("4", json!({"to": 0, "extra": 1}), "invalid_request"),
+    ] {
+        let r = s.post(&format!("/v1/admin/shards/{shard}/move"), ADMIN, &body);
+        assert_eq!((r.status, r.body["error"]["code"].as_str()), (400, Some(code)), "{shard} {body}: {}", r.body);
+    }
+    let r = s.post("/v1/admin/shards/4/move", CLIENT, &json!({"to": 0}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = s.get("/v1/digests", ADMIN);
+    assert_eq!(r.body["epoch"], 1, "nothing moved");
+}

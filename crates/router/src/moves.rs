@@ -1,0 +1,380 @@
+//! The coordinator of a shard move (the steps are in `cellpay_core::moves`).
+//!
+//! 1. Freeze the shard at its owner B (a command in B's log), wait for its
+//!    payers' messages in flight to close (bounded; else the move is undone).
+//! 2. Export it from B and install it at C (a command in C's log).
+//! 3. Win the epoch the move installs at the map authority by compare-and-set.
+//!    Two moves cannot both win it; a move that loses is undone.
+//! 4. Install the new map at C (it serves the shard from here on: the write
+//!    pause ends) and at B, which drops the shard as it installs the map.
+//!
+//! The map is the one decision. Each cell settles its part of a move from
+//! the map alone (see `CellState::settle_moves`): a coordinator killed at any
+//! step leaves a shard frozen at B and perhaps installed at C, and
+//! [`resume_moves`] finishes the move the way the map says, or, when no map
+//! has decided it, wins the move's epoch with a map that leaves the shard
+//! where it was. There is always exactly one owner: the map's.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellpay_cell::BoxFuture;
+use cellpay_cell::CellClient;
+use cellpay_core::{CellId, Command, ErrorCode, MoveRecord, Op, Outcome, Query, QueryAnswer, ShardId, ShardMap};
+
+/// Why the authority did not take a map.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SwapError {
+    /// Another map holds the epoch (or the authority moved past it).
+    #[error("the map authority holds another map: {0}")]
+    Lost(String),
+    /// The authority could not be reached: the map may or may not have been taken.
+    #[error("the map authority is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Where the cluster's shard map is decided: the control plane, or
+/// `cluster.toml` for a single process.
+pub trait MapAuthority: Send + Sync {
+    fn current(&self) -> BoxFuture<'_, Result<ShardMap, SwapError>>;
+    /// Takes `next` if the authority's map is still the one of epoch
+    /// `next.epoch() - 1` (compare-and-set).
+    fn swap(&self, next: ShardMap) -> BoxFuture<'_, Result<(), SwapError>>;
+}
+
+/// Limits of one move (I7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveLimits {
+    /// How long the frozen shard waits for its payers' messages in flight to
+    /// close before the move is undone (the write pause is at least this bound).
+    pub drain_max: Duration,
+    /// How long the coordinator keeps asking an unavailable authority while
+    /// the shard stays frozen; past it, `resume_moves` finishes the move later.
+    pub authority_wait_max: Duration,
+}
+
+impl Default for MoveLimits {
+    fn default() -> Self {
+        Self { drain_max: Duration::from_millis(500), authority_wait_max: Duration::from_secs(30) }
+    }
+}
+
+/// How long to wait between two looks at a draining shard or an unavailable authority.
+const POLL: Duration = Duration::from_millis(1);
+const AUTHORITY_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What a move did and how long payments of the shard waited.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MoveReport {
+    pub shard: u32,
+    pub from: u32,
+    pub to: u32,
+    /// The epoch the move installed.
+    pub epoch: u64,
+    pub accounts: u64,
+    /// Transfer records (idempotency) carried, both ledgers.
+    pub records: u64,
+    pub history_entries: u64,
+    /// Σ balances of the real ledger's accounts moved.
+    pub net: String,
+    /// Messages of the shard's payers in flight when it froze (closed before it left).
+    pub drained_messages: u64,
+    /// From the freeze being durable to the new owner serving: the write pause.
+    pub pause_us: u64,
+    /// From the start to the old owner dropping the shard.
+    pub total_us: u64,
+}
+
+/// Why a move did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cell {cell} answered {answer}")]
+    Cell { cell: u32, answer: String },
+    #[error("the shard's payers still had {0} messages in flight at the bound; the move was undone (try again)")]
+    Drain(u64),
+    #[error("another shard map won epoch {0}; the move was undone (try again)")]
+    Lost(u64),
+    #[error(
+        "the map authority stayed unavailable; shard {shard} stays frozen at cell {from} until `resume` decides its move"
+    )]
+    Undecided { shard: u32, from: u32 },
+}
+
+fn cell_error(cell: CellId, answer: impl std::fmt::Debug) -> MoveError {
+    MoveError::Cell { cell: cell.0, answer: format!("{answer:?}") }
+}
+
+async fn submit_one(cell: &Arc<dyn CellClient>, op: Op) -> Result<Outcome, MoveError> {
+    let mut out = cell.submit(vec![Command::real(op)]).await.map_err(|e| cell_error(cell.cell(), e))?;
+    Ok(out.pop().expect("one outcome per command"))
+}
+
+/// The map with `shard` given to `to`, at `epoch`.
+fn moved(map: &ShardMap, shard: u32, to: CellId, epoch: u64) -> ShardMap {
+    let mut owners = map.owners().to_vec();
+    owners[shard as usize] = to;
+    ShardMap::new(epoch, owners).expect("the same shard count")
+}
+
+/// Installs `map` at `cell` (a map it has already is fine).
+async fn install_map(cell: &Arc<dyn CellClient>, map: &ShardMap) -> Result<(), MoveError> {
+    match submit_one(cell, Op::InstallShardMap(map.clone())).await? {
+        Outcome::ShardMapInstalled { .. } => Ok(()),
+        Outcome::Rejected(r) if r.code == ErrorCode::InvalidRequest && cell.status().epoch >= map.epoch() => Ok(()),
+        Outcome::Rejected(r) if r.message.contains("higher epoch") => Ok(()),
+        other => Err(cell_error(cell.cell(), other)),
+    }
+}
+
+/// Moves `shard` to cell `to` while payments flow. `cells` are every cell of
+/// the cluster, in id order.
+pub async fn move_shard(
+    cells: &[Arc<dyn CellClient>],
+    authority: &dyn MapAuthority,
+    shard: u32,
+    to: CellId,
+    limits: MoveLimits,
+) -> Result<MoveReport, MoveError> {
+    let start = Instant::now();
+    let map = authority.current().await.map_err(|e| MoveError::Invalid(e.to_string()))?;
+    if shard >= map.shards() {
+        return Err(MoveError::Invalid(format!("no shard {shard}: the cluster has {}", map.shards())));
+    }
+    if to.0 as usize >= cells.len() {
+        return Err(MoveError::Invalid(format!("no cell {to}: the cluster has {}", cells.len())));
+    }
+    let from = map.owner(ShardId(shard));
+    if from == to {
+        return Err(MoveError::Invalid(format!("shard {shard} is at cell {to} already")));
+    }
+    let (b, c) = (&cells[from.0 as usize], &cells[to.0 as usize]);
+    let epoch = map.epoch() + 1;
+    // The source must work at the authority's map before it freezes for the next epoch.
+    install_map(b, &map).await?;
+    install_map(c, &map).await?;
+    let freeze = Op::FreezeShard { shard, move_id: epoch, to };
+    let drained_messages = match submit_one(b, freeze.clone()).await? {
+        Outcome::MoveStep { open_messages, .. } => open_messages,
+        other => return Err(cell_error(from, other)),
+    };
+    let frozen_at = Instant::now();
+    let undo = |why: MoveError| async move {
+        let _ = submit_one(c, Op::DiscardShard { shard, move_id: epoch }).await;
+        let _ = submit_one(b, Op::UnfreezeShard { shard, move_id: epoch }).await;
+        why
+    };
+    // Wait for the payers' messages in flight to close, then export.
+    let export = loop {
+        match b.query(Query::ExportShard { shard }).await.map_err(|e| cell_error(from, e))? {
+            QueryAnswer::ShardExport(export) => break export,
+            QueryAnswer::Rejected(r) if r.code == ErrorCode::ShardFrozen => {
+                if frozen_at.elapsed() >= limits.drain_max {
+                    let open = match submit_one(b, freeze.clone()).await {
+                        Ok(Outcome::MoveStep { open_messages, .. }) => open_messages,
+                        _ => 0,
+                    };
+                    return Err(undo(MoveError::Drain(open)).await);
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            other => return Err(undo(cell_error(from, other)).await),
+        }
+    };
+    let counts = (
+        export.real.accounts.len() as u64,
+        (export.real.records.len() + export.shadow.records.len()) as u64,
+        (export.real.history.len() + export.shadow.history.len()) as u64,
+        export.real.net(),
+    );
+    match submit_one(c, Op::InstallShard(export)).await? {
+        Outcome::MoveStep { .. } => {}
+        other => return Err(undo(cell_error(to, other)).await),
+    }
+    let next = moved(&map, shard, to, epoch);
+    match decide(authority, &next, shard, limits).await {
+        Decided::Forward => {}
+        Decided::Back => return Err(undo(MoveError::Lost(epoch)).await),
+        Decided::Unknown => return Err(MoveError::Undecided { shard, from: from.0 }),
+    }
+    install_map(c, &next).await?;
+    let pause = frozen_at.elapsed();
+    install_map(b, &next).await?;
+    for other in cells.iter().filter(|x| x.cell() != from && x.cell() != to) {
+        // Best effort: the payers' cells reroute credits once they know the map.
+        let _ = install_map(other, &next).await;
+    }
+    Ok(MoveReport {
+        shard,
+        from: from.0,
+        to: to.0,
+        epoch,
+        accounts: counts.0,
+        records: counts.1,
+        history_entries: counts.2,
+        net: counts.3.to_string(),
+        drained_messages,
+        pause_us: pause.as_micros() as u64,
+        total_us: start.elapsed().as_micros() as u64,
+    })
+}
+
+enum Decided {
+    Forward,
+    Back,
+    Unknown,
+}
+
+/// Offers `next` for its epoch until the authority answers which map holds
+/// it: ours (forward), another (back), or nobody could tell in time.
+async fn decide(authority: &dyn MapAuthority, next: &ShardMap, shard: u32, limits: MoveLimits) -> Decided {
+    let deadline = Instant::now() + limits.authority_wait_max;
+    loop {
+        match authority.swap(next.clone()).await {
+            Ok(()) => return Decided::Forward,
+            Err(SwapError::Lost(_)) => {
+                // Ours may have been taken by an earlier try whose answer was lost.
+                if let Ok(now) = authority.current().await {
+                    let ours = now.epoch() >= next.epoch() && now.owner(ShardId(shard)) == next.owner(ShardId(shard));
+                    return if ours { Decided::Forward } else { Decided::Back };
+                }
+            }
+            Err(SwapError::Unavailable(why)) => {
+                tracing::warn!(
+                    shard,
+                    epoch = next.epoch(),
+                    "the map authority is unavailable, the shard stays frozen: {why}"
+                );
+            }
+        }
+        if Instant::now() >= deadline {
+            return Decided::Unknown;
+        }
+        tokio::time::sleep(AUTHORITY_BACKOFF).await;
+    }
+}
+
+/// What [`resume_moves`] did with one frozen shard.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Resumed {
+    pub shard: u32,
+    pub from: u32,
+    pub to: u32,
+    pub epoch: u64,
+    /// True when the move went ahead, false when it was undone.
+    pub moved: bool,
+}
+
+/// Finishes every move a coordinator left half done: each shard frozen at
+/// some cell goes the way the authority's map says; one no map has decided
+/// yet stays where it was, by winning its epoch with a map that keeps it
+/// there (so a late answer to the dead coordinator's offer cannot win it).
+pub async fn resume_moves(
+    cells: &[Arc<dyn CellClient>],
+    authority: &dyn MapAuthority,
+) -> Result<Vec<Resumed>, MoveError> {
+    let mut frozen: Vec<MoveRecord> = Vec::new();
+    for cell in cells {
+        match cell.query(Query::Figures { shadow: false }).await.map_err(|e| cell_error(cell.cell(), e))? {
+            QueryAnswer::Figures(f) => frozen.extend(f.frozen),
+            other => return Err(cell_error(cell.cell(), other)),
+        }
+    }
+    let mut done = Vec::new();
+    for m in frozen {
+        let map = loop {
+            let map = authority.current().await.map_err(|e| MoveError::Invalid(e.to_string()))?;
+            if map.epoch() >= m.id {
+                break map;
+            }
+            // Nobody decided: take the epoch with the shard where it is.
+            let stay = ShardMap::new(m.id, map.owners().to_vec()).expect("the same shards");
+            match authority.swap(stay).await {
+                Ok(()) | Err(SwapError::Lost(_)) => {}
+                Err(e) => return Err(MoveError::Invalid(e.to_string())),
+            }
+        };
+        let moved = map.owner(ShardId(m.shard)) != m.from;
+        // Each cell settles its part as it installs the map.
+        install_map(&cells[m.to.0 as usize], &map).await?;
+        install_map(&cells[m.from.0 as usize], &map).await?;
+        done.push(Resumed { shard: m.shard, from: m.from.0, to: m.to.0, epoch: m.id, moved });
+    }
+    Ok(done)
+}
+
+/// Moves shards one at a time for a cluster (the admin API, `cluster
+/// move-shard`, `add-cell`, `drain-cell`), and keeps their figures for
+/// `/metrics`, the dashboard and the readiness report.
+pub struct Mover {
+    cells: Vec<Arc<dyn CellClient>>,
+    authority: Arc<dyn MapAuthority>,
+    limits: MoveLimits,
+    /// One move at a time: each wins the next epoch.
+    one: tokio::sync::Mutex<()>,
+    figures: std::sync::Mutex<MoverFigures>,
+}
+
+/// The moves this process ran, for metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MoverFigures {
+    pub moved: u64,
+    pub undone: u64,
+    pub failed: u64,
+    /// The write pause of each move, µs, newest last (at most [`PAUSES_KEPT`]).
+    pub pauses_us: std::collections::VecDeque<u64>,
+    pub last: Option<MoveReport>,
+    /// A move under way: (shard, from, to).
+    pub moving: Option<(u32, u32, u32)>,
+}
+
+/// How many move pauses a mover keeps for its figures (I7).
+pub const PAUSES_KEPT: usize = 4096;
+
+impl Mover {
+    pub fn new(cells: Vec<Arc<dyn CellClient>>, authority: Arc<dyn MapAuthority>, limits: MoveLimits) -> Self {
+        Self { cells, authority, limits, one: tokio::sync::Mutex::new(()), figures: Default::default() }
+    }
+
+    pub fn cells(&self) -> &[Arc<dyn CellClient>] {
+        &self.cells
+    }
+
+    pub fn authority(&self) -> &Arc<dyn MapAuthority> {
+        &self.authority
+    }
+
+    pub fn figures(&self) -> MoverFigures {
+        self.figures.lock().expect("mover figures lock").clone()
+    }
+
+    /// Moves `shard` to `to` (waiting for a move under way to finish first).
+    pub async fn move_shard(&self, shard: u32, to: CellId) -> Result<MoveReport, MoveError> {
+        let _one = self.one.lock().await;
+        let from = self.authority.current().await.ok().map(|m| m.owner(ShardId(shard.min(m.shards() - 1))).0);
+        self.figures.lock().expect("mover figures lock").moving = from.map(|f| (shard, f, to.0));
+        let result = move_shard(&self.cells, self.authority.as_ref(), shard, to, self.limits).await;
+        let mut f = self.figures.lock().expect("mover figures lock");
+        f.moving = None;
+        match &result {
+            Ok(report) => {
+                f.moved += 1;
+                if f.pauses_us.len() == PAUSES_KEPT {
+                    f.pauses_us.pop_front();
+                }
+                f.pauses_us.push_back(report.pause_us);
+                f.last = Some(report.clone());
+            }
+            Err(MoveError::Drain(_) | MoveError::Lost(_)) => f.undone += 1,
+            Err(_) => f.failed += 1,
+        }
+        result
+    }
+
+    /// Finishes the moves a stop left half done.
+    pub async fn resume(&self) -> Result<Vec<Resumed>, MoveError> {
+        let _one = self.one.lock().await;
+        resume_moves(&self.cells, self.authority.as_ref()).await
+    }
+}
