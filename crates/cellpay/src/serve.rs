@@ -328,7 +328,7 @@ impl LocalCells {
 }
 
 /// The drill endpoints' view of the local cells.
-struct Drills(Arc<LocalCells>);
+struct Drills(Arc<LocalCells>, Arc<Cluster>);
 
 impl cellpay_api::CellControl for Drills {
     fn halt(&self, cell: u32) -> BoxFuture<'_, Result<String, String>> {
@@ -348,6 +348,12 @@ impl cellpay_api::CellControl for Drills {
             .await
             .map_err(|e| e.to_string())??;
             cells.slots[cell as usize].install(handle);
+            // A move may have changed the map while the cell was down.
+            let map = self.1.map().as_ref().clone();
+            let slot = &cells.slots[cell as usize];
+            if slot.status().epoch < map.epoch() {
+                let _ = slot.submit(vec![cellpay_core::Command::real(cellpay_core::Op::InstallShardMap(map))]).await;
+            }
             Ok(message)
         })
     }
@@ -434,7 +440,7 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
         running: cells.into_iter().map(|c| std::sync::Mutex::new(Some(c))).collect(),
     });
     if config.drills {
-        let _ = state.0.control.set(Arc::new(Drills(local.clone())));
+        let _ = state.0.control.set(Arc::new(Drills(local.clone(), cluster.clone())));
         say!("drills enabled: POST /v1/admin/cells/{{id}}/halt and /restart are open to admin tokens");
     }
     let oplog_path = config.data_dir.join("operator.log");
@@ -449,6 +455,14 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
         map: tokio::sync::Mutex::new(cluster.map().as_ref().clone()),
         cluster: cluster.clone(),
     });
+    // Every cell works at the authority's map (one may have stopped before a move reached it).
+    let current = cluster.map().as_ref().clone();
+    for cell in cluster.cells() {
+        let install = cellpay_core::Command::real(cellpay_core::Op::InstallShardMap(current.clone()));
+        if cell.status().epoch < current.epoch() {
+            let _ = cell.submit(vec![install]).await;
+        }
+    }
     let mover = Arc::new(cellpay_router::Mover::new(
         cluster.cells().to_vec(),
         authority,

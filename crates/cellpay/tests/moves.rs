@@ -174,3 +174,57 @@ fn a_move_to_the_same_cell_or_an_unknown_one_is_refused_and_changes_nothing() {
     let r = s.get("/v1/digests", ADMIN);
     assert_eq!(r.body["epoch"], 1, "nothing moved");
 }
+
+/// The coordinator killed at each step of a move: on restart the move goes
+/// the way the map says (forward once the map took it, back before), the
+/// shard has one owner, its money is all there and the audit is exact.
+#[test]
+fn a_coordinator_killed_at_any_step_leaves_one_owner_and_every_payment() {
+    for (step, owner_after) in [("frozen", 1u32), ("installed", 1), ("swapped", 2), ("served", 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ["--cells", "3", "--shards", "16"];
+        let s = Server::start_with_env(dir.path(), &args, &[("CELLPAY_TEST_CRASH_MOVE_AT", step)]);
+        let moving = ids_in_shard(4, 2, "mv");
+        let other = ids_in_shard(2, 1, "ot").remove(0);
+        let bank = ids_in_shard(0, 1, "bank").remove(0);
+        open(&s, ADMIN, &bank, true);
+        for id in moving.iter().chain([&other]) {
+            open(&s, CLIENT, id, false);
+            let r = s.post(
+                "/v1/transfers",
+                ADMIN,
+                &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 1000}),
+            );
+            assert_eq!(r.status, 201, "{}", r.body);
+        }
+        let r = s.post("/v1/transfers", CLIENT, &json!({"id": "p1", "from": moving[0], "to": other, "amount": 10}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        settled(&s);
+        let body = json!({"to": 2}).to_string();
+        let crashed = s.try_request("POST", "/v1/admin/shards/4/move", ADMIN, &body);
+        assert!(
+            crashed.is_none(),
+            "{step}: the server aborted mid-move, it did not answer {:?}",
+            crashed.map(|r| r.body)
+        );
+        s.kill9();
+        let s = Server::start(dir.path(), &args);
+        let cluster = s.get("/v1/cluster", ADMIN);
+        assert_eq!(cluster.body["shard_map"][4], owner_after, "{step}: {}", cluster.body);
+        let r = s.get(&format!("/v1/accounts/{}", moving[0]), CLIENT);
+        assert_eq!((r.status, r.cell, r.body["balance"].as_i64()), (200, Some(owner_after), Some(990)), "{step}");
+        // The shard serves: a retry is recognised, a new payment goes through.
+        let r = s.post("/v1/transfers", CLIENT, &json!({"id": "p1", "from": moving[0], "to": other, "amount": 10}));
+        assert_eq!(r.status, 200, "{step}: {}", r.body);
+        let r = s.post("/v1/transfers", CLIENT, &json!({"id": "p2", "from": moving[1], "to": moving[0], "amount": 5}));
+        assert_eq!(r.status, 201, "{step}: {}", r.body);
+        let audit = settled(&s);
+        assert_eq!(audit["findings"], json!([]), "{step}: {audit}");
+        assert_eq!(balance(&s, &other), 1010, "{step}");
+        // And it can move again.
+        let again = move_shard(&s, 4, if owner_after == 1 { 2 } else { 1 });
+        assert_eq!(again["accounts"], 2, "{step}: {again}");
+        assert_eq!(settled(&s)["findings"], json!([]), "{step}");
+        s.terminate();
+    }
+}

@@ -59,6 +59,17 @@ impl Default for MoveLimits {
     }
 }
 
+/// A test seam: `CELLPAY_TEST_CRASH_MOVE_AT=<step>` aborts the process at
+/// that step of a move (`frozen`, `installed`, `swapped`, `served`), as a
+/// `kill -9` of the coordinator would; the tests then check that the move
+/// resumes or rolls back.
+fn crash_point(step: &str) {
+    if std::env::var("CELLPAY_TEST_CRASH_MOVE_AT").is_ok_and(|at| at == step) {
+        eprintln!("cellpay: aborting at move step {step} (CELLPAY_TEST_CRASH_MOVE_AT)");
+        std::process::abort();
+    }
+}
+
 /// How long to wait between two looks at a draining shard or an unavailable authority.
 const POLL: Duration = Duration::from_millis(1);
 const AUTHORITY_BACKOFF: Duration = Duration::from_millis(100);
@@ -160,6 +171,7 @@ pub async fn move_shard(
         other => return Err(cell_error(from, other)),
     };
     let frozen_at = Instant::now();
+    crash_point("frozen");
     let undo = |why: MoveError| async move {
         let _ = submit_one(c, Op::DiscardShard { shard, move_id: epoch }).await;
         let _ = submit_one(b, Op::UnfreezeShard { shard, move_id: epoch }).await;
@@ -192,14 +204,17 @@ pub async fn move_shard(
         Outcome::MoveStep { .. } => {}
         other => return Err(undo(cell_error(to, other)).await),
     }
+    crash_point("installed");
     let next = moved(&map, shard, to, epoch);
     match decide(authority, &next, shard, limits).await {
         Decided::Forward => {}
         Decided::Back => return Err(undo(MoveError::Lost(epoch)).await),
         Decided::Unknown => return Err(MoveError::Undecided { shard, from: from.0 }),
     }
+    crash_point("swapped");
     install_map(c, &next).await?;
     let pause = frozen_at.elapsed();
+    crash_point("served");
     install_map(b, &next).await?;
     for other in cells.iter().filter(|x| x.cell() != from && x.cell() != to) {
         // Best effort: the payers' cells reroute credits once they know the map.
