@@ -219,6 +219,16 @@ impl Relay {
         let source = self.source.cell();
         let credits = messages.iter().map(|m| self.credit(source, m)).collect();
         let answers = self.dest.submit(credits).await.map_err(unavailable)?;
+        // A credit refused because its payee's shard moved away goes on to the
+        // new owner under the source's map: give the source the destination's
+        // map first (the one that moved the shard), in case it lags.
+        if answers.iter().any(|a| matches!(a, Outcome::CreditRefused { code: ErrorCode::ShardMoved, .. })) {
+            if let Some(map) = self.dest.shard_map().await {
+                if map.epoch() > self.source.status().epoch {
+                    let _ = self.source.submit(vec![Command::real(Op::InstallShardMap(map))]).await;
+                }
+            }
+        }
         let mut acks = Vec::with_capacity(messages.len());
         for (m, answer) in messages.iter().zip(answers) {
             let op = match answer {

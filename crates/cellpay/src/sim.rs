@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use cellpay_sim::{run as run_seed, SimConfig};
+use cellpay_sim::{run as run_seed, Mutation, SimConfig};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,6 +29,29 @@ pub struct Args {
     /// Show the cells' own log lines (recovery's errors about damaged files are expected).
     #[arg(long)]
     verbose: bool,
+    /// Put in a wrong way to move a shard, which the run must catch (it fails).
+    #[arg(long, value_enum)]
+    mutation: Option<MutationArg>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MutationArg {
+    /// The source serves the shard again before the new map is durable.
+    LiftFreezeEarly,
+    /// A relay sends a credit stuck for the old owner to the new one under its old number.
+    RerouteByOldSeq,
+    /// The audit leaves the move records out.
+    SkipMoveRecord,
+}
+
+impl From<MutationArg> for Mutation {
+    fn from(m: MutationArg) -> Self {
+        match m {
+            MutationArg::LiftFreezeEarly => Mutation::LiftFreezeEarly,
+            MutationArg::RerouteByOldSeq => Mutation::RerouteByOldSeq,
+            MutationArg::SkipMoveRecord => Mutation::SkipMoveRecord,
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -38,8 +61,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut ran = 0u64;
     let mut failure = None;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
-        let config =
-            SimConfig { seed, steps: args.steps, cells: args.cells, accounts: args.accounts, faults: !args.no_faults };
+        let config = SimConfig {
+            seed,
+            steps: args.steps,
+            cells: args.cells,
+            accounts: args.accounts,
+            faults: !args.no_faults,
+            mutation: args.mutation.map(Mutation::from),
+        };
         let outcome = if args.verbose {
             run_seed(config)
         } else {

@@ -149,6 +149,9 @@ pub struct LedgerFigures {
     /// The shards this cell holds frozen for a move, as their move records
     /// would read now (empty outside a move).
     pub frozen: Vec<crate::moves::MoveRecord>,
+    /// The shards installed here for a move that no map has decided yet, as
+    /// their move-in records read (empty outside a move).
+    pub arrived: Vec<crate::moves::MoveRecord>,
 }
 
 impl LedgerFigures {
@@ -236,7 +239,12 @@ pub enum Finding {
 impl Finding {
     /// True when a second try may not find it (the pair moved too far between reads).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Finding::Unverified { .. } | Finding::MoveDiverged { transient: true, .. })
+        // A move that completes between the reads of its two cells (they are
+        // read at once, not in order) shows as lost or diverged once.
+        matches!(
+            self,
+            Finding::Unverified { .. } | Finding::MoveLost { .. } | Finding::MoveDiverged { transient: true, .. }
+        )
     }
 
     /// The contract's short name of the finding.
@@ -359,7 +367,7 @@ pub fn audit_states<S: std::borrow::Borrow<CellState>>(cells: &[S], shadow: bool
 
 /// The moves of the pair a → b, from each side's figures (a read first).
 pub fn reconcile_figures_moves(a: CellId, fa: &LedgerFigures, b: CellId, fb: &LedgerFigures) -> Option<Finding> {
-    crate::moves::reconcile_moves(a, &fa.moves_with(b), &fa.frozen, b, &fb.moves_with(a))
+    crate::moves::reconcile_moves(a, &fa.moves_with(b), &fa.frozen, b, &fb.moves_with(a), &fb.arrived)
 }
 
 /// The pair a → b of one ledger, its three reads made on states in hand.

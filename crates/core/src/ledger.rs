@@ -251,7 +251,10 @@ pub(crate) struct Place<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     /// Undelivered cross-cell credits per destination cell (and ledger);
-    /// past it a cross-cell transfer is refused with `outbox_full` (I7).
+    /// past it a cross-cell transfer is refused with `outbox_full` (I7). A
+    /// credit a shard move reroutes is not refused (it was admitted within
+    /// the limit of the stream it leaves), so an outbox may hold this many
+    /// plus the credits rerouted into it: at most this many per other cell.
     pub outbox_messages_max: u64,
     /// The idempotency window promised to clients, in milliseconds: a retry
     /// finds its transfer's record while the record is younger than this (and
@@ -1257,19 +1260,13 @@ impl Ledger {
     /// The payee's shard moved away from `dest`, which refused message `seq`
     /// for that: the credit goes to the shard's owner under this cell's map,
     /// under that stream's next number (or applies here, if the shard moved
-    /// here). The pair with `dest` counts it refused, as `dest` does.
+    /// here). The pair with `dest` counts it refused, as `dest` does. The
+    /// relay gives this cell `dest`'s map first, so a map that still names
+    /// `dest` means the shard went back there: the credit goes to `dest`
+    /// again, under a new number.
     fn reroute(&mut self, place: &Place<'_>, dest: CellId, seq: u64) -> Outcome {
         let entry = self.outbox[&dest].entries[&seq].clone();
         let owner = place.map.owner_of(entry.to.as_str());
-        if owner == dest {
-            let msg = format!(
-                "cell {dest} says the shard of {} moved away, and this cell's map (epoch {}) still names it: \
-                 the newer map comes first",
-                entry.to,
-                place.map.epoch()
-            );
-            return Outcome::rejected(ErrorCode::WrongCell, msg);
-        }
         if owner != place.cell {
             // Commit point.
             self.close_as(dest, seq, true, TransferStatus::Pending);
@@ -1399,6 +1396,7 @@ impl Ledger {
             inbox: self.inbox.values().map(|i| i.figures).collect(),
             moves: self.move_figures(),
             frozen: Vec::new(),
+            arrived: Vec::new(),
         }
     }
 

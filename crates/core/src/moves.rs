@@ -444,48 +444,67 @@ impl Ledger {
     }
 }
 
+/// The most moves in flight between one pair the reconciliation tells apart
+/// (it tries each way they may stand); past it a mismatch is only transient.
+const PENDING_MOVES_COMPARED_MAX: usize = 12;
+
 /// Reconciles the moves of one ordered pair B → C from B's figures and C's:
-/// every move B counts out must be counted in by C with the same accounts,
-/// net and digest. A move C counts in that B does not count out is fine
-/// only while B still holds the shard frozen for it (`b_frozen`: the records
-/// B would write for its frozen shards, as they stand).
+/// every move B counts out (it dropped the shard) must be counted in by C
+/// with the same accounts, net and digest, and every move C counts in and
+/// serves must be counted out by B. A move in flight may stand half done:
+/// frozen at B (`b_frozen`, as it would be recorded now) and counted in at
+/// C, or dropped at B and still undecided at C (`c_arrived`: installs no map
+/// has decided at C), or undone at B while C has not yet undone its copy.
 pub fn reconcile_moves(
     b: CellId,
     b_moves: &MoveFigures,
     b_frozen: &[MoveRecord],
     c: CellId,
     c_moves: &MoveFigures,
+    c_arrived: &[MoveRecord],
 ) -> Option<crate::audit::Finding> {
     use crate::audit::Finding;
-    let (x_n, x_net, x_mix) = (b_moves.out_moves, b_moves.out_net, b_moves.out_mix);
-    let (y_n, y_net, y_mix) = (c_moves.in_moves, c_moves.in_net, c_moves.in_mix);
-    if (x_n, x_net, x_mix) == (y_n, y_net, y_mix) {
+    let x = (b_moves.out_moves, b_moves.out_net, b_moves.out_mix);
+    let y = (c_moves.in_moves, c_moves.in_net, c_moves.in_mix);
+    if x == y {
         return None;
     }
-    if y_n < x_n {
-        return Some(Finding::MoveLost { source: b, dest: c, moves: x_n - y_n, amount: x_net - y_net });
-    }
-    // Moves C installed that B has not dropped yet: B must hold each frozen, as it was exported.
-    let pending: Vec<&MoveRecord> = b_frozen.iter().filter(|r| r.to == c).collect();
-    if pending.len() <= 16 {
-        for subset in 1u32..(1 << pending.len()) {
-            let chosen = pending.iter().enumerate().filter(|(k, _)| subset & (1 << k) != 0).map(|(_, r)| *r);
-            let (mut n, mut net, mut mix) = (x_n, x_net, x_mix);
-            for r in chosen {
-                n += 1;
-                net += r.net;
-                mix = mix.wrapping_add(r.mix());
-            }
-            if (n, net, mix) == (y_n, y_net, y_mix) {
+    let frozen: Vec<&MoveRecord> = b_frozen.iter().filter(|r| r.to == c).collect();
+    let arrived: Vec<&MoveRecord> = c_arrived.iter().filter(|r| r.from == b).collect();
+    let add = |t: (u64, i128, u64), r: &MoveRecord| (t.0 + 1, t.1 + r.net, t.2.wrapping_add(r.mix()));
+    // What C counts in and serves (or served): its installs minus those undecided.
+    let decided = arrived.iter().fold(y, |t, r| (t.0 - 1, t.1 - r.net, t.2.wrapping_sub(r.mix())));
+    let pending = frozen.len() + arrived.len();
+    if pending <= PENDING_MOVES_COMPARED_MAX {
+        for k in 0u32..(1 << pending) {
+            // Frozen at B and already served at C; dropped at B and still undecided at C.
+            let pick = |i: usize| k & (1 << i) != 0;
+            let out = frozen.iter().enumerate().filter(|(i, _)| pick(*i)).fold(x, |t, (_, r)| add(t, r));
+            let inn =
+                arrived.iter().enumerate().filter(|(i, _)| pick(frozen.len() + i)).fold(decided, |t, (_, r)| add(t, r));
+            if out == inn {
                 return None;
             }
         }
     }
+    if y.0 < x.0 {
+        return Some(Finding::MoveLost { source: b, dest: c, moves: x.0 - y.0, amount: x.1 - y.1 });
+    }
     let detail = format!(
-        "cell {b} moved out {x_n} shards holding {x_net}, cell {c} moved in {y_n} holding {y_net}{}",
-        if y_n == x_n && y_net == x_net { " (the shards' digests or accounts differ)" } else { "" }
+        "cell {b} moved out {} shards holding {}, cell {c} moved in {} holding {}{}",
+        x.0,
+        x.1,
+        y.0,
+        y.1,
+        if x.0 == y.0 && x.1 == y.1 { " (the shards' digests or accounts differ)" } else { "" }
     );
-    Some(Finding::MoveDiverged { source: b, dest: c, detail, transient: y_n > x_n })
+    // More moves in at C than B accounts for: B may have started one between the reads.
+    Some(Finding::MoveDiverged {
+        source: b,
+        dest: c,
+        detail,
+        transient: decided.0 > x.0 || pending > PENDING_MOVES_COMPARED_MAX,
+    })
 }
 
 /// The most accounts, records or entries one ledger's export may carry (I7).

@@ -77,6 +77,8 @@ impl CellState {
                 MoveRecord { id, shard, from: self.cell, to, accounts, net, digest: ledger.shard_digest(shard) }
             })
             .collect();
+        figures.arrived =
+            self.arrived.iter().filter_map(|(&shard, &id)| ledger.moves.find(id, shard)).copied().collect();
         figures
     }
 
@@ -201,6 +203,14 @@ impl CellState {
     /// transfer whose key is not in memory asks `older`, the records outside
     /// memory looked up for this batch before it ran.
     pub fn admit_with(&mut self, cmd: &Command, admission: &Admission, older: &dyn OlderRecords) -> Outcome {
+        // A move carries the records in memory only: with records in a disk
+        // tier it would shorten the shard's idempotency window. An admission
+        // check (replay applies what was logged), and the export checks again.
+        if let (Op::FreezeShard { .. }, true) = (&cmd.op, admission.lookup) {
+            if let Some(why) = self.records_out_of_memory() {
+                return Outcome::rejected(ErrorCode::InvalidRequest, why);
+            }
+        }
         let outcome = match &cmd.op {
             Op::InstallShardMap(next) => self.install_shard_map(next),
             Op::FreezeShard { shard, move_id, to } => self.freeze_shard(*shard, *move_id, *to),
@@ -259,7 +269,9 @@ impl CellState {
         let arrived: Vec<(u32, u64)> =
             self.arrived.iter().filter(|(_, &id)| id <= self.map.epoch()).map(|(&s, &id)| (s, id)).collect();
         for (shard, id) in arrived {
-            if self.map.owner(crate::shard::ShardId(shard)) != self.cell {
+            if self.map.owner(crate::shard::ShardId(shard)) == self.cell {
+                self.moved_away.remove(&shard);
+            } else {
                 self.real.discard_shard(id, shard);
                 self.shadow.discard_shard(id, shard);
             }
@@ -308,12 +320,6 @@ impl CellState {
             let msg = format!("{FROZEN_SHARDS_MAX} shards are frozen here already: moves go a few at a time");
             return Outcome::rejected(ErrorCode::Overloaded, msg);
         }
-        for ledger in [&self.real, &self.shadow] {
-            if ledger.spill && ledger.records_first_seq > 0 {
-                let msg = "this cell's older transfer records live in its disk tier, and a move does not carry                            those yet: moving the shard would shorten its idempotency window";
-                return Outcome::rejected(ErrorCode::InvalidRequest, msg);
-            }
-        }
         // Commit point.
         self.frozen.insert(shard, (move_id, to));
         Outcome::MoveStep { open_messages: self.open_messages_of(shard), duplicate: false }
@@ -357,7 +363,8 @@ impl CellState {
             let ledger = if shadow { &mut self.shadow } else { &mut self.real };
             ledger.install_shard(export.ledger(shadow), record, shards);
         }
-        self.moved_away.remove(&export.shard);
+        // `moved_away` stays until a map gives this cell the shard: undecided,
+        // a credit still on its way here for it is refused and goes on.
         self.arrived.insert(export.shard, export.move_id);
         Outcome::MoveStep { open_messages: 0, duplicate: false }
     }
@@ -409,8 +416,20 @@ impl CellState {
         Outcome::MoveStep { open_messages: 0, duplicate: false }
     }
 
+    /// Why a move cannot carry this cell's idempotency records whole, if it cannot.
+    fn records_out_of_memory(&self) -> Option<String> {
+        [&self.real, &self.shadow].iter().any(|l| l.spill && l.records_first_seq > 0).then(|| {
+            "this cell's older transfer records live in its disk tier, and a move does not carry those yet: \
+             moving a shard would shorten its idempotency window"
+                .to_string()
+        })
+    }
+
     /// The export of a frozen shard whose payers' messages are all closed.
     fn export_shard(&self, shard: u32) -> QueryAnswer {
+        if let Some(why) = self.records_out_of_memory() {
+            return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why));
+        }
         let Some(&(move_id, to)) = self.frozen.get(&shard) else {
             let msg = format!("shard {shard} is not frozen for a move here");
             return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
@@ -525,7 +544,8 @@ impl CellState {
             }
             Query::Audit { shadow } => {
                 let mut audit = self.ledger(*shadow).audit(self.cell);
-                audit.figures.frozen = self.figures(*shadow).frozen;
+                let figures = self.figures(*shadow);
+                (audit.figures.frozen, audit.figures.arrived) = (figures.frozen, figures.arrived);
                 QueryAnswer::Audit(audit)
             }
             Query::Figures { shadow } => QueryAnswer::Figures(self.figures(*shadow)),

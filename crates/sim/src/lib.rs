@@ -13,4 +13,4 @@ pub mod net;
 pub mod rng;
 mod sim;
 
-pub use sim::{run, SimConfig, SimFailure, SimReport};
+pub use sim::{run, Mutation, SimConfig, SimFailure, SimReport};

@@ -35,12 +35,27 @@ pub struct SimConfig {
     pub accounts: u32,
     /// Crashes, disk and network faults.
     pub faults: bool,
+    /// A fault put in on purpose, that the run must catch (see [`Mutation`]).
+    pub mutation: Option<Mutation>,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        Self { seed: 1, steps: 2_000, cells: 3, accounts: 12, faults: true }
+        Self { seed: 1, steps: 2_000, cells: 3, accounts: 12, faults: true, mutation: None }
     }
+}
+
+/// A wrong way to move a shard, which the simulator's checks must catch:
+/// each proves that a check can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// The source serves the shard again before the new map is durable.
+    LiftFreezeEarly,
+    /// A relay sends a credit stuck for the old owner straight to the new
+    /// one, under the old stream's sequence number.
+    RerouteByOldSeq,
+    /// The audit leaves the move records out.
+    SkipMoveRecord,
 }
 
 /// What a run did, and the digest of where it ended (the same seed gives the same digest).
@@ -75,6 +90,11 @@ pub struct SimReport {
     pub behind_refusals: u64,
     /// Payments refused because the outbox towards the payee's cell was full (I7).
     pub outbox_full: u64,
+    /// Shard moves that went ahead, and those undone (their coordinator died, or a step failed).
+    pub moves: u64,
+    pub moves_undone: u64,
+    /// Times the mutation was put in.
+    pub mutations: u64,
     pub digest: u64,
 }
 
@@ -103,6 +123,30 @@ const OUTBOX_MESSAGES_MAX: u64 = 12;
 const ROUND_MESSAGES_MAX: usize = 16;
 
 type CallFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// Where a shard move stands (the coordinator's steps, one call at a time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoveStep {
+    Freeze,
+    Export,
+    Install,
+}
+
+/// A shard move in flight: the simulated coordinator.
+struct MoveRun {
+    shard: u32,
+    from: usize,
+    to: usize,
+    id: u64,
+    step: MoveStep,
+    call: Option<CallFuture<Result<MoveAnswer, EngineError>>>,
+    export: Option<Box<cellpay_core::ShardExport>>,
+}
+
+enum MoveAnswer {
+    Outcome(Outcome),
+    Answer(QueryAnswer),
+}
 
 /// One cell of the simulated cluster.
 struct SimCell {
@@ -169,6 +213,11 @@ struct Sim {
     next_id: u64,
     /// `SIM_TRACE` set: print each tick, answer and round to stderr.
     trace: bool,
+    /// The shard move in flight, if any.
+    moving: Option<MoveRun>,
+    /// Moves decided by the map whose shard the rogue relay of
+    /// [`Mutation::RerouteByOldSeq`] still watches: (shard, old owner, new owner).
+    rerouting: Vec<(u32, usize, usize)>,
 }
 
 /// The engine as the simulation runs it; `steps` bounds the payments a run makes.
@@ -250,6 +299,8 @@ impl Sim {
             report: SimReport { seed: config.seed, ..SimReport::default() },
             next_id: 0,
             trace: std::env::var_os("SIM_TRACE").is_some(),
+            moving: None,
+            rerouting: Vec::new(),
         };
         for i in 0..config.cells {
             let id = CellId(i);
@@ -373,7 +424,10 @@ impl Sim {
         let Some(engine) = &self.cells[i].engine else { return Ok(()) };
         let state = engine.state();
         for ((shadow, from, id), acked) in &self.acked {
-            if self.map.owner_of(from.as_str()) != self.cells[i].id {
+            // A shard that moved here is checked once the cell works at the map that says so.
+            if self.map.owner_of(from.as_str()) != self.cells[i].id
+                || state.shard_map().owner_of(from.as_str()) != self.cells[i].id
+            {
                 continue;
             }
             let q = Query::Transfer { shadow: *shadow, id: id.clone(), from: Some(from.clone()), by: Authority::Admin };
@@ -411,11 +465,12 @@ impl Sim {
     fn check_audit(&self) -> Result<(), SimFailure> {
         let states: Vec<&CellState> = self.cells.iter().filter_map(|c| c.engine.as_ref().map(|e| e.state())).collect();
         for shadow in [false, true] {
-            // I7: the outbox towards each cell stays within its limit.
+            // I7: the outbox towards each cell stays within its limit, plus the
+            // credits a shard move rerouted to it (each admitted within the
+            // limit of the stream it left: at most one limit per other cell).
+            let bound = OUTBOX_MESSAGES_MAX * self.cells.len() as u64;
             for s in &states {
-                if let Some(o) =
-                    s.ledger(shadow).figures().outbox.iter().find(|o| o.open_messages() > OUTBOX_MESSAGES_MAX)
-                {
+                if let Some(o) = s.ledger(shadow).figures().outbox.iter().find(|o| o.open_messages() > bound) {
                     return Err(self.fail(format!(
                         "cell {}'s outbox to cell {} holds {} messages, above its limit",
                         s.cell(),
@@ -427,6 +482,18 @@ impl Sim {
             if let Some(f) = audit_states(&states, shadow).first() {
                 let ledger = if shadow { "shadow" } else { "real" };
                 return Err(self.fail(format!("the audit of the {ledger} ledger found: {f}")));
+            }
+            if self.config.mutation == Some(Mutation::SkipMoveRecord) {
+                // An audit that leaves the move records out: each cell's own identity.
+                for s in &states {
+                    let mut f = s.figures(shadow);
+                    f.moves.clear();
+                    f.frozen.clear();
+                    f.arrived.clear();
+                    if let Some(found) = f.own_findings(s.cell()).first() {
+                        return Err(self.fail(format!("the audit without move records found: {found}")));
+                    }
+                }
             }
         }
         Ok(())
@@ -535,7 +602,8 @@ impl Sim {
                     let p = self.payments.swap_remove(i);
                     match answer {
                         Ok(outcomes) if p.misrouted => {
-                            let refused = matches!(outcomes.first(), Some(Outcome::Rejected(r)) if r.code == ErrorCode::WrongCell);
+                            // (A shard frozen for a move at its old owner is refused there too.)
+                            let refused = matches!(outcomes.first(), Some(Outcome::Rejected(r)) if matches!(r.code, ErrorCode::WrongCell | ErrorCode::ShardFrozen));
                             if !refused {
                                 return Err(self.fail(format!(
                                     "payment {}/{} sent to a cell that does not own its payer answered {outcomes:?}",
@@ -596,12 +664,136 @@ impl Sim {
     /// so callers run ahead of cells and cells ahead of callers.
     fn new_map(&mut self) {
         let next = ShardMap::new(self.map.epoch() + 1, self.map.owners().to_vec()).expect("a valid successor");
+        self.publish(next);
+    }
+
+    /// The control plane takes `next`; each cell and the router learn it at its own time.
+    fn publish(&mut self, next: ShardMap) {
         self.map = next;
         for at in &mut self.learns_map_at {
             *at = self.tick + self.rng.below(60);
         }
         self.router_learns_map_at = Some(self.tick + self.rng.below(60));
         self.report.map_changes += 1;
+    }
+
+    /// Starts moving a random shard to a random other cell (one move at a time).
+    fn start_move(&mut self) {
+        if self.moving.is_some() || self.cells.len() < 2 {
+            return;
+        }
+        let shard = self.rng.below(u64::from(self.map.shards())) as u32;
+        let from = self.map.owner(cellpay_core::ShardId(shard)).0 as usize;
+        let to = (from + 1 + self.rng.below(self.cells.len() as u64 - 1) as usize) % self.cells.len();
+        let id = self.map.epoch() + 1;
+        self.moving = Some(MoveRun { shard, from, to, id, step: MoveStep::Freeze, call: None, export: None });
+    }
+
+    /// The coordinator's next call, or what the last one answered.
+    fn step_move(&mut self) {
+        let Some(m) = &mut self.moving else { return };
+        // Another map took the move's epoch (the shard stays): the cells undo it as they learn the map.
+        if self.map.epoch() >= m.id {
+            self.moving = None;
+            self.report.moves_undone += 1;
+            return;
+        }
+        if self.config.faults && self.rng.chance(2_000) {
+            // The coordinator dies; the next one decides the move from the map.
+            self.resume_move();
+            return;
+        }
+        let m = self.moving.as_mut().expect("checked above");
+        if let Some(call) = &mut m.call {
+            let Some(answer) = poll_once(call) else { return };
+            m.call = None;
+            match (m.step, answer) {
+                (MoveStep::Freeze, Ok(MoveAnswer::Outcome(Outcome::MoveStep { .. }))) => m.step = MoveStep::Export,
+                (MoveStep::Export, Ok(MoveAnswer::Answer(QueryAnswer::ShardExport(export)))) => {
+                    m.export = Some(export);
+                    m.step = MoveStep::Install;
+                }
+                (MoveStep::Install, Ok(MoveAnswer::Outcome(Outcome::MoveStep { .. }))) => return self.decide_move(),
+                // Lost, unavailable, refused for now (a cell behind the map, a shard still draining): again.
+                _ => {}
+            }
+            return;
+        }
+        let (shard, id, to) = (m.shard, m.id, CellId(m.to as u32));
+        let call: CallFuture<Result<MoveAnswer, EngineError>> = match m.step {
+            MoveStep::Freeze => {
+                let link = self.links[m.from].clone();
+                let op = Op::FreezeShard { shard, move_id: id, to };
+                Box::pin(async move {
+                    link.submit(vec![Command::real(op)]).await.map(|mut o| MoveAnswer::Outcome(o.remove(0)))
+                })
+            }
+            MoveStep::Export => {
+                let link = self.links[m.from].clone();
+                Box::pin(async move { link.query(Query::ExportShard { shard }).await.map(MoveAnswer::Answer) })
+            }
+            MoveStep::Install => {
+                let link = self.links[m.to].clone();
+                let op = Op::InstallShard(m.export.clone().expect("exported before the install"));
+                Box::pin(async move {
+                    link.submit(vec![Command::real(op)]).await.map(|mut o| MoveAnswer::Outcome(o.remove(0)))
+                })
+            }
+        };
+        m.call = Some(call);
+    }
+
+    /// The compare-and-set: the move's map takes its epoch.
+    fn decide_move(&mut self) {
+        let m = self.moving.take().expect("a move in flight");
+        if self.config.mutation == Some(Mutation::LiftFreezeEarly) {
+            if let Some(engine) = &mut self.cells[m.from].engine {
+                let _ =
+                    engine.handle().submit(vec![Command::real(Op::UnfreezeShard { shard: m.shard, move_id: m.id })]);
+                engine.step();
+                // It struck if the source serves the shard again (its batch may have failed).
+                if engine.ended().is_none() && !engine.state().frozen_shards().contains_key(&m.shard) {
+                    self.report.mutations += 1;
+                }
+            }
+        }
+        let mut owners = self.map.owners().to_vec();
+        owners[m.shard as usize] = CellId(m.to as u32);
+        self.publish(ShardMap::new(m.id, owners).expect("a valid successor"));
+        self.report.moves += 1;
+        if self.config.mutation == Some(Mutation::RerouteByOldSeq) {
+            self.rerouting.push((m.shard, m.from, m.to));
+        }
+    }
+
+    /// A coordinator that finds a move no map decided takes its epoch with the shard where it was.
+    fn resume_move(&mut self) {
+        let Some(m) = self.moving.take() else { return };
+        if self.map.epoch() < m.id {
+            self.new_map();
+        }
+        self.report.moves_undone += 1;
+    }
+
+    /// [`Mutation::RerouteByOldSeq`]: a relay that sends each credit still
+    /// queued for a moved shard's old owner to its new one, under the old
+    /// stream's number, and closes it at the payer's cell as delivered.
+    fn reroute_by_old_seq(&mut self) {
+        for (shard, old, new) in self.rerouting.clone() {
+            for a in (0..self.cells.len()).filter(|a| *a != old) {
+                let Some(source) = &self.cells[a].engine else { continue };
+                let q = Query::Outbox { shadow: false, dest: CellId(old as u32), after_seq: 0, limit: 1 };
+                let QueryAnswer::Outbox(msgs) = source.state().query(&q) else { continue };
+                let Some(m) = msgs.first().filter(|m| self.map.shard_of(m.to.as_str()).0 == shard) else { continue };
+                let settle = Command::real(Op::Settle { dest: CellId(old as u32), seq: m.seq });
+                let credit = Command::real(Op::Credit(m.credit(CellId(a as u32))));
+                if let Some(dest) = &self.cells[new].engine {
+                    let _ = dest.handle().submit(vec![credit]);
+                }
+                let _ = source.handle().submit(vec![settle]);
+                self.report.mutations += 1;
+            }
+        }
     }
 
     /// The control plane's follow: a cell due to learn the newest map installs
@@ -720,6 +912,11 @@ impl Sim {
     fn random_phase(&mut self) -> Result<(), SimFailure> {
         for _ in 0..self.config.steps {
             self.tick();
+            if self.rng.chance(5_000) {
+                self.start_move();
+            }
+            self.step_move();
+            self.reroute_by_old_seq();
             match self.rng.below(100) {
                 0..=34 => self.new_payment(),
                 35..=74 => {
@@ -753,6 +950,8 @@ impl Sim {
         for c in &self.cells {
             c.disk.lock().expect("one thread").fail_next_fsync = false;
         }
+        // The last coordinator stops: a move it left is decided by the map.
+        self.resume_move();
         for i in 0..self.cells.len() {
             if self.cells[i].engine.is_none() {
                 self.cells[i].up_at = 0;
@@ -836,6 +1035,13 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     sim.random_phase()?;
     sim.drain()?;
     sim.final_checks()?;
+    if config.mutation == Some(Mutation::SkipMoveRecord) {
+        // It struck where a move carried money (a move of no money changes no sum).
+        for c in sim.cells.iter().filter_map(|c| c.engine.as_ref()) {
+            let moved = c.state().figures(false).moves.iter().any(|m| m.out_net != 0 || m.in_net != 0);
+            sim.report.mutations += u64::from(moved);
+        }
+    }
     let net = sim.net.lock().expect("one thread");
     sim.report.lost_requests = net.lost_requests;
     sim.report.lost_replies = net.lost_replies;

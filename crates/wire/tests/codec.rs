@@ -271,6 +271,7 @@ fn ledger_figures() -> LedgerFigures {
             net: 1 << 65,
             digest: 3,
         }],
+        arrived: vec![MoveRecord { id: 5, shard: 2, from: CellId(0), to: CellId(1), accounts: 1, net: -7, digest: 9 }],
     }
 }
 
@@ -327,7 +328,7 @@ fn every_answer() -> Vec<QueryAnswer> {
         QueryAnswer::Audit(LedgerAudit { figures: ledger_figures(), findings: every_finding() }),
         QueryAnswer::Audit(LedgerAudit::default()),
         QueryAnswer::Figures(ledger_figures()),
-        QueryAnswer::Figures(LedgerFigures { moves: vec![], frozen: vec![], ..ledger_figures() }),
+        QueryAnswer::Figures(LedgerFigures { moves: vec![], frozen: vec![], arrived: vec![], ..ledger_figures() }),
         QueryAnswer::Audit(LedgerAudit { figures: LedgerFigures::default(), findings: vec![] }),
         QueryAnswer::InboxAt(vec![
             InboxAt {
@@ -377,7 +378,7 @@ fn every_status() -> Vec<StatusReport> {
     for (i, health) in healths.into_iter().enumerate() {
         let figures = CellFigures {
             // A status carries no shard moves (the audit reads them).
-            real: LedgerFigures { moves: vec![], frozen: vec![], ..ledger_figures() },
+            real: LedgerFigures { moves: vec![], frozen: vec![], arrived: vec![], ..ledger_figures() },
             shadow: LedgerFigures::default(),
             clock_ms: 1_800_000_000_000,
             reach_real: IdempotencyReach { records_held: 10, records_dropped: 2, oldest_at_ms: Some(5) },

@@ -111,7 +111,7 @@ pub(super) fn read_outbox_at(r: &mut Reader<'_>) -> Result<OutboxAt, DecodeError
 /// Whether figures carry shard moves: version 1 bodies do not (a status
 /// never does; an answer does under its own tag, only when there are any).
 pub(super) fn has_moves(f: &LedgerFigures) -> bool {
-    !f.moves.is_empty() || !f.frozen.is_empty()
+    !f.moves.is_empty() || !f.frozen.is_empty() || !f.arrived.is_empty()
 }
 
 pub(super) fn write_figures(w: &mut Writer, f: &LedgerFigures, with_moves: bool) {
@@ -123,6 +123,7 @@ pub(super) fn write_figures(w: &mut Writer, f: &LedgerFigures, with_moves: bool)
     if with_moves {
         write_list(w, &f.moves, CELLS_MAX, cellpay_core::moves::encode_move_figures);
         write_list(w, &f.frozen, cellpay_core::FROZEN_SHARDS_MAX, cellpay_core::moves::encode_move_record);
+        write_list(w, &f.arrived, CELLS_MAX, cellpay_core::moves::encode_move_record);
     }
 }
 
@@ -135,11 +136,13 @@ pub(super) fn read_figures(r: &mut Reader<'_>, with_moves: bool) -> Result<Ledge
         inbox: read_list(r, CELLS_MAX, INBOX_FIGURES_BYTES, read_inbox_figures)?,
         moves: Vec::new(),
         frozen: Vec::new(),
+        arrived: Vec::new(),
     };
     if with_moves {
         f.moves = read_list(r, CELLS_MAX, MOVE_FIGURES_BYTES, cellpay_core::moves::decode_move_figures)?;
         f.frozen =
             read_list(r, cellpay_core::FROZEN_SHARDS_MAX, MOVE_RECORD_BYTES, cellpay_core::moves::decode_move_record)?;
+        f.arrived = read_list(r, CELLS_MAX, MOVE_RECORD_BYTES, cellpay_core::moves::decode_move_record)?;
     }
     Ok(f)
 }
