@@ -182,6 +182,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/actions", get(admin::actions))
         .route("/v1/admin/shards/{id}/move", post(admin::move_shard))
         .route("/v1/admin/moves/resume", post(admin::resume_moves))
+        .route("/v1/admin/moves", get(admin::moves))
+        .route("/v1/admin/cells/{id}/drain", post(admin::drain_cell))
+        .route("/v1/admin/rebalance", post(admin::rebalance))
         // Innermost: layer 0 of the protection stack. Its permit is taken only
         // once the body is in memory, so a slow client never holds one.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), guard::edge))

@@ -294,7 +294,7 @@ impl Relay {
     }
 
     fn credit(&self, source: CellId, m: &OutboxMessage) -> Command {
-        Command { shadow: self.shadow, op: Op::Credit(m.credit(source)) }
+        Command { shadow: self.shadow, op: Op::Credit(m.credit_to(source, self.dest.cell())) }
     }
 }
 

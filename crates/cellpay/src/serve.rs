@@ -97,8 +97,9 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
         let stored: ClusterFile = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
         let map = stored.map().with_context(|| format!("{} is damaged", path.display()))?;
         anyhow::ensure!(
-            stored.cells == config.cells,
-            "{} holds a cluster of {} cells, but {} were asked for; moving shards between cells is not supported yet",
+            stored.cells <= config.cells,
+            "{} holds a cluster of {} cells, but {} were asked for; a cluster grows, and a drained cell stays \
+             in it owning no shard",
             config.data_dir.display(),
             stored.cells,
             config.cells
@@ -110,6 +111,22 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
             stored.shards,
             config.shards
         );
+        if stored.cells < config.cells {
+            // New cells start empty: the map keeps every shard where it is,
+            // and a rebalance fills them (`POST /v1/admin/rebalance`).
+            let grown = ClusterFile {
+                cells: config.cells,
+                shards: config.shards,
+                epoch: Some(map.epoch()),
+                owners: Some(map.owners().iter().map(|c| c.0).collect()),
+            };
+            write_private(&path, &toml::to_string(&grown)?, 0o644)?;
+            say!(
+                "cellpay: the cluster grows from {} to {} cells; the new cells own no shard until a rebalance",
+                stored.cells,
+                config.cells
+            );
+        }
         Ok(map)
     } else {
         let text =

@@ -228,3 +228,86 @@ fn a_coordinator_killed_at_any_step_leaves_one_owner_and_every_payment() {
         s.terminate();
     }
 }
+
+/// Waits for the plan of moves under way to finish; answers `GET /v1/admin/moves`.
+fn plan_done(s: &Server) -> Value {
+    let mut last = Value::Null;
+    s.eventually("the plan of moves finishes", || {
+        last = s.get("/v1/admin/moves", ADMIN).body;
+        last["plan"]["running"] == false
+    });
+    last
+}
+
+fn shards_of(s: &Server) -> Vec<u64> {
+    let c = s.get("/v1/cluster", ADMIN).body;
+    c["cells"].as_array().unwrap().iter().map(|cell| cell["shards"].as_u64().unwrap()).collect()
+}
+
+/// A cell added to a running cluster fills up by measured load, and a drained
+/// cell empties, while payments flow; afterwards every acknowledged payment
+/// is there once and the audit is exact.
+#[test]
+fn a_cell_added_fills_up_and_a_drained_cell_empties_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--cells", "2", "--shards", "16"]);
+    let accounts: Vec<String> = (0..16).flat_map(|sh| ids_in_shard(sh, 1, "ac")).collect();
+    let bank = ids_in_shard(0, 1, "bank").remove(0);
+    open(&s, ADMIN, &bank, true);
+    for id in &accounts {
+        open(&s, CLIENT, id, false);
+        let r = s.post(
+            "/v1/transfers",
+            ADMIN,
+            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 100_000}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    settled(&s);
+    assert_eq!(s.terminate(), Some(0));
+    // The cluster grows by a cell: it starts empty.
+    let s = Server::start(dir.path(), &["--cells", "3", "--shards", "16"]);
+    assert_eq!(shards_of(&s), vec![8, 8, 0]);
+    let pairs: Vec<(String, String)> =
+        (0..accounts.len()).map(|i| (accounts[i].clone(), accounts[(i * 5 + 3) % accounts.len()].clone())).collect();
+    let stop = AtomicBool::new(false);
+    let paid = Mutex::new(Vec::new());
+    let (filled, drained) = std::thread::scope(|scope| {
+        scope.spawn(|| pay_loop(&s, "a", &pairs[..8], &stop, &paid));
+        scope.spawn(|| pay_loop(&s, "b", &pairs[8..], &stop, &paid));
+        std::thread::sleep(Duration::from_millis(300));
+        let r = s.post("/v1/admin/rebalance", ADMIN, &json!({"pace_ms": 5}));
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert!(
+            r.body["moves"].as_array().unwrap().iter().all(|m| m[2] == 2),
+            "every move fills the new cell: {}",
+            r.body
+        );
+        let filled = plan_done(&s);
+        let r = s.post("/v1/admin/cells/0/drain", ADMIN, &json!({"pace_ms": 5}));
+        assert_eq!(r.status, 202, "{}", r.body);
+        let drained = plan_done(&s);
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        (filled, drained)
+    });
+    eprintln!("rebalance: {filled}\ndrain: {drained}");
+    assert_eq!((filled["plan"]["failed"].as_u64(), drained["plan"]["failed"].as_u64()), (Some(0), Some(0)));
+    let shards = shards_of(&s);
+    assert_eq!(shards[0], 0, "the drained cell owns nothing: {shards:?}");
+    assert!(shards[2] >= 4, "the new cell took a share: {shards:?}");
+    let audit = settled(&s);
+    assert_eq!(audit["findings"], json!([]), "{audit}");
+    assert_eq!(audit["balances"], 0);
+    let paid = paid.into_inner().unwrap();
+    let mut expected: std::collections::HashMap<String, i64> =
+        accounts.iter().map(|id| (id.clone(), 100_000)).collect();
+    for (_, from, to, amount) in &paid {
+        *expected.get_mut(from).unwrap() -= amount;
+        *expected.get_mut(to).unwrap() += amount;
+    }
+    for (id, want) in &expected {
+        assert_eq!(balance(&s, id), *want, "{id}");
+    }
+    assert!(paid.len() > 50, "payments flowed: {}", paid.len());
+}

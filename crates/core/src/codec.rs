@@ -227,6 +227,8 @@ const TAG_UNFREEZE: u8 = 8;
 const TAG_INSTALL_SHARD: u8 = 9;
 const TAG_DISCARD_SHARD: u8 = 10;
 const TAG_DROP_SHARD: u8 = 11;
+/// A credit that names the cell it is meant for.
+const TAG_CREDIT_TO: u8 = 12;
 
 pub fn encode_shard_map(w: &mut Writer, map: &ShardMap) {
     w.u64(map.epoch());
@@ -271,7 +273,7 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             // transfer was admitted, and a logged command applies again as is.
         }
         Op::Credit(c) => {
-            w.u8(TAG_CREDIT);
+            w.u8(if c.dest.is_some() { TAG_CREDIT_TO } else { TAG_CREDIT });
             w.bool(cmd.shadow);
             w.u32(c.source.0);
             w.u64(c.seq);
@@ -280,6 +282,9 @@ pub fn encode_command(w: &mut Writer, cmd: &Command) {
             w.id(c.to.as_str());
             w.i64(c.amount);
             w.currency(c.currency);
+            if let Some(dest) = c.dest {
+                w.u32(dest.0);
+            }
         }
         Op::Settle { dest, seq } => {
             w.u8(TAG_SETTLE);
@@ -348,15 +353,22 @@ pub fn decode_command(r: &mut Reader<'_>) -> Result<Command, DecodeError> {
             // Replay needs no authority check: the command was admitted once.
             Op::Transfer(Transfer { id, from, to, amount, currency, memo, by: Authority::Admin })
         }
-        TAG_CREDIT => Op::Credit(Credit {
-            source: CellId(r.u32()?),
-            seq: r.u64()?,
-            transfer: r.transfer_id()?,
-            from: r.account_id()?,
-            to: r.account_id()?,
-            amount: r.i64()?,
-            currency: r.currency()?,
-        }),
+        TAG_CREDIT | TAG_CREDIT_TO => {
+            let mut c = Credit {
+                source: CellId(r.u32()?),
+                dest: None,
+                seq: r.u64()?,
+                transfer: r.transfer_id()?,
+                from: r.account_id()?,
+                to: r.account_id()?,
+                amount: r.i64()?,
+                currency: r.currency()?,
+            };
+            if tag == TAG_CREDIT_TO {
+                c.dest = Some(CellId(r.u32()?));
+            }
+            Op::Credit(c)
+        }
         TAG_SETTLE => Op::Settle { dest: CellId(r.u32()?), seq: r.u64()? },
         TAG_COMPENSATE => Op::Compensate { dest: CellId(r.u32()?), seq: r.u64()?, reason: r.error_code()? },
         TAG_SHARD_MAP => Op::InstallShardMap(decode_shard_map(r)?),
@@ -447,11 +459,22 @@ mod tests {
             })),
             Command::real(Op::Credit(Credit {
                 source: CellId(3),
+                dest: None,
                 seq: 9,
                 transfer: TransferId::new("t3").unwrap(),
+                from: b.clone(),
+                to: a.clone(),
+                amount: 5,
+                currency: cny,
+            })),
+            Command::real(Op::Credit(Credit {
+                source: CellId(3),
+                dest: Some(CellId(1)),
+                seq: 10,
+                transfer: TransferId::new("t4").unwrap(),
                 from: b,
                 to: a,
-                amount: 5,
+                amount: 6,
                 currency: cny,
             })),
             Command::real(Op::Settle { dest: CellId(1), seq: 2 }),

@@ -126,6 +126,10 @@ pub struct Transfer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credit {
     pub source: CellId,
+    /// The cell the credit is meant for (a relay always says; `None` in logs
+    /// from before it did). Another cell refuses it `wrong_cell` and changes
+    /// nothing: since shards move, owning the payee is not enough to tell.
+    pub dest: Option<CellId>,
     /// Position in the source → this cell stream, from 1, without gaps.
     pub seq: u64,
     pub transfer: TransferId,
@@ -189,6 +193,8 @@ pub enum Query {
     ExportShard {
         shard: u32,
     },
+    /// Commands that changed each shard since the cell started: the load a rebalance weighs.
+    ShardLoad,
     /// Undelivered outbox messages to `dest` after `after_seq`, oldest first, at most `limit`.
     Outbox {
         shadow: bool,
@@ -278,10 +284,16 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
+    /// The credit that carries this message from cell `source` to cell `dest`.
+    pub fn credit_to(&self, source: CellId, dest: CellId) -> Credit {
+        Credit { dest: Some(dest), ..self.credit(source) }
+    }
+
     /// The credit that carries this message from cell `source` to the payee's cell.
     pub fn credit(&self, source: CellId) -> Credit {
         Credit {
             source,
+            dest: None,
             seq: self.seq,
             transfer: self.transfer.clone(),
             from: self.from.clone(),
@@ -371,5 +383,7 @@ pub enum QueryAnswer {
     OutboxAt(Vec<OutboxAt>),
     Outbox(Vec<OutboxMessage>),
     ShardExport(Box<ShardExport>),
+    /// Per shard, in shard order.
+    ShardLoad(Vec<u64>),
     Rejected(Rejection),
 }

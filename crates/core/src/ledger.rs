@@ -1103,6 +1103,11 @@ impl Ledger {
     }
 
     pub(crate) fn credit(&mut self, place: &Place<'_>, c: &Credit) -> Outcome {
+        if let Some(dest) = c.dest.filter(|d| *d != place.cell) {
+            let msg =
+                format!("credit {} from cell {} is meant for cell {dest}, not cell {}", c.seq, c.source, place.cell);
+            return Outcome::rejected(ErrorCode::WrongCell, msg);
+        }
         // A credit for a payee this cell does not own at its epoch is not for
         // it: refused before its inbox is read or made (a message meant for
         // another cell must not look like a reused or out-of-order number
@@ -1278,6 +1283,7 @@ impl Ledger {
         }
         let credit = Credit {
             source: place.cell,
+            dest: None,
             seq,
             transfer: entry.transfer.clone(),
             from: entry.from.clone(),

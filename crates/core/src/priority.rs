@@ -78,7 +78,8 @@ impl Query {
             | Query::Figures { .. }
             | Query::InboxAt { .. }
             | Query::OutboxAt { .. }
-            | Query::ExportShard { .. } => Priority::Critical,
+            | Query::ExportShard { .. }
+            | Query::ShardLoad => Priority::Critical,
             // The full audit walks every account: it waits behind everything real.
             Query::Audit { .. } => Priority::Shadow,
         }

@@ -267,6 +267,7 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
     let applied = r.u64()?;
     let clock_ms = r.u64()?;
     let map = decode_shard_map(&mut r)?;
+    let map_shards = map.shards();
     let (real, real_dups) = decode_ledger(&mut r, &map)?;
     let (shadow, shadow_dups) = decode_ledger(&mut r, &map)?;
     let mut state = CellState {
@@ -279,6 +280,7 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
         frozen: BTreeMap::new(),
         moved_away: BTreeMap::new(),
         arrived: BTreeMap::new(),
+        load: crate::state::ShardLoad(vec![0; map_shards as usize]),
     };
     decode_moves(&mut r, &mut state, [real_dups, shadow_dups])?;
     if !r.is_empty() {

@@ -46,6 +46,20 @@ pub struct CellState {
     pub(crate) moved_away: BTreeMap<u32, (CellId, u64)>,
     /// Shards installed here for a move that no map has decided yet: shard → move id.
     pub(crate) arrived: BTreeMap<u32, u64>,
+    /// Commands that changed each shard since the cell started (both
+    /// ledgers): the measured load a rebalance weighs shards by.
+    pub(crate) load: ShardLoad,
+}
+
+/// Commands per shard since the cell started: a measure, not state (not in
+/// a snapshot, not compared).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ShardLoad(pub Vec<u64>);
+
+impl PartialEq for ShardLoad {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl CellState {
@@ -61,6 +75,7 @@ impl CellState {
             frozen: BTreeMap::new(),
             moved_away: BTreeMap::new(),
             arrived: BTreeMap::new(),
+            load: ShardLoad(vec![0; shards as usize]),
         }
     }
 
@@ -222,6 +237,18 @@ impl CellState {
         };
         if outcome.changed_state() {
             self.applied += 1;
+            let account = match &cmd.op {
+                Op::Transfer(t) => Some(&t.from),
+                Op::Credit(c) => Some(&c.to),
+                Op::OpenAccount(o) => Some(&o.id),
+                _ => None,
+            };
+            if let Some(id) = account {
+                let shard = self.map.shard_of(id.as_str()).0 as usize;
+                if let Some(n) = self.load.0.get_mut(shard) {
+                    *n += 1;
+                }
+            }
         }
         outcome
     }
@@ -550,6 +577,7 @@ impl CellState {
             }
             Query::Figures { shadow } => QueryAnswer::Figures(self.figures(*shadow)),
             Query::ExportShard { shard } => self.export_shard(*shard),
+            Query::ShardLoad => QueryAnswer::ShardLoad(self.load.0.clone()),
             Query::InboxAt { shadow, asked } => QueryAnswer::InboxAt(self.ledger(*shadow).inbox_at(asked)),
             Query::OutboxAt { shadow, asked } => QueryAnswer::OutboxAt(self.ledger(*shadow).outbox_at(asked)),
             Query::Outbox { shadow, dest, after_seq, limit } => {

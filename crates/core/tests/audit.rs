@@ -102,6 +102,7 @@ fn a_credit_applied_twice_under_two_numbers_is_created_money() {
     assert!(matches!(a.query(&q), QueryAnswer::Transfers(t) if t.len() == 1));
     let dup = Credit {
         source: CellId(0),
+        dest: None,
         seq: 2,
         transfer: TransferId::new("t1").unwrap(),
         from: id(&payer),

@@ -457,3 +457,18 @@ fn a_freeze_lifted_before_the_new_epoch_is_durable_is_caught() {
     let found = w.audit();
     assert!(found.iter().any(|f| matches!(f, Finding::MoveDiverged { .. })), "{found:?}");
 }
+
+#[test]
+fn a_credit_meant_for_another_cell_is_refused_even_when_its_payee_moved_here() {
+    // A stale address delivers a relay's call for the old owner to the new one.
+    let (mut w, bank, _payer, payee) = funded();
+    w.freeze(1, 2);
+    assert!(matches!(w.pay("m1", &bank, &payee, 10), Outcome::Transferred { .. }));
+    w.finish_move(1);
+    let q = Query::Outbox { shadow: false, dest: CellId(1), after_seq: 0, limit: 10 };
+    let QueryAnswer::Outbox(msgs) = w.cells[0].query(&q) else { panic!() };
+    let before = w.cells[2].clone();
+    let out = w.cells[2].apply(&Command::real(Op::Credit(msgs[0].credit_to(CellId(0), CellId(1)))));
+    assert!(matches!(&out, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell), "{out:?}");
+    assert_eq!(w.cells[2], before, "nothing changed");
+}

@@ -67,6 +67,7 @@ fn commands() -> Vec<Command> {
         })),
         Command::real(Op::Credit(Credit {
             source: CellId(1),
+            dest: None,
             seq: 1,
             transfer: transfer_id("t3"),
             from: account("carol"),
@@ -124,6 +125,7 @@ fn cell_state() -> CellState {
     state.apply(&pay("x2", local[1], remote[1], 20, None));
     state.apply(&Command::real(Op::Credit(Credit {
         source: CellId(1),
+        dest: None,
         seq: 1,
         transfer: transfer_id("in1"),
         from: account(remote[0]),

@@ -20,7 +20,8 @@ pub use audit::{AuditReport, ClusterAudit, AUDIT_ATTEMPTS_MAX};
 pub use cluster::{Cluster, RelayHandle, Routed};
 pub use degrade::{Action, Degrade, Mode, Plan, Signals, UnknownSwitch};
 pub use moves::{
-    move_shard, resume_moves, MapAuthority, MoveError, MoveLimits, MoveReport, Mover, MoverFigures, Resumed, SwapError,
+    move_shard, resume_moves, MapAuthority, MoveError, MoveLimits, MoveReport, Mover, MoverFigures, PlanProgress,
+    Resumed, SwapError,
 };
 pub use protect::rules::{FlowRules, Route, RulesError};
 pub use protect::{Admission, Layer, Protection, RouteError};

@@ -329,6 +329,8 @@ pub struct Mover {
     /// One move at a time: each wins the next epoch.
     one: tokio::sync::Mutex<()>,
     figures: std::sync::Mutex<MoverFigures>,
+    /// Cells drained by this process: a rebalance over every cell leaves them out.
+    drained: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 /// The moves this process ran, for metrics.
@@ -342,14 +344,40 @@ pub struct MoverFigures {
     pub last: Option<MoveReport>,
     /// A move under way: (shard, from, to).
     pub moving: Option<(u32, u32, u32)>,
+    /// The plan of moves being carried out (or the last one).
+    pub plan: Option<PlanProgress>,
 }
+
+/// A plan of moves (a drain, a rebalance) and how far it got.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PlanProgress {
+    /// `drain` or `rebalance`.
+    pub kind: String,
+    /// The moves planned: (shard, from, to).
+    pub moves: Vec<(u32, u32, u32)>,
+    pub done: u64,
+    pub failed: u64,
+    pub running: bool,
+    pub last_error: Option<String>,
+}
+
+/// How many moves one plan may hold (I7): a rebalance moves a share of the
+/// shards, a few at a time, never the whole map in one go.
+pub const PLAN_MOVES_MAX: usize = 4096;
 
 /// How many move pauses a mover keeps for its figures (I7).
 pub const PAUSES_KEPT: usize = 4096;
 
 impl Mover {
     pub fn new(cells: Vec<Arc<dyn CellClient>>, authority: Arc<dyn MapAuthority>, limits: MoveLimits) -> Self {
-        Self { cells, authority, limits, one: tokio::sync::Mutex::new(()), figures: Default::default() }
+        Self {
+            cells,
+            authority,
+            limits,
+            one: tokio::sync::Mutex::new(()),
+            figures: Default::default(),
+            drained: Default::default(),
+        }
     }
 
     pub fn cells(&self) -> &[Arc<dyn CellClient>] {
@@ -385,6 +413,138 @@ impl Mover {
             Err(_) => f.failed += 1,
         }
         result
+    }
+
+    /// The measured load of each shard (commands that changed it since its
+    /// owner started), from each shard's owner, plus one per shard so that an
+    /// idle shard still weighs something.
+    pub async fn shard_weights(&self, map: &ShardMap) -> Result<Vec<u64>, MoveError> {
+        let mut per_cell = Vec::with_capacity(self.cells.len());
+        for cell in &self.cells {
+            match cell.query(Query::ShardLoad).await.map_err(|e| cell_error(cell.cell(), e))? {
+                QueryAnswer::ShardLoad(load) => per_cell.push(load),
+                other => return Err(cell_error(cell.cell(), other)),
+            }
+        }
+        Ok(map
+            .owners()
+            .iter()
+            .enumerate()
+            .map(|(s, owner)| 1 + per_cell[owner.0 as usize].get(s).copied().unwrap_or(0))
+            .collect())
+    }
+
+    /// Every shard of `cell` to the other cells, each to the one with the
+    /// least measured load at that point of the plan.
+    pub async fn plan_drain(&self, cell: CellId) -> Result<Vec<(u32, u32, u32)>, MoveError> {
+        if cell.0 as usize >= self.cells.len() || self.cells.len() < 2 {
+            return Err(MoveError::Invalid(format!("cannot drain cell {cell} of a cluster of {}", self.cells.len())));
+        }
+        let map = self.authority.current().await.map_err(|e| MoveError::Invalid(e.to_string()))?;
+        let weights = self.shard_weights(&map).await?;
+        let mut totals = vec![0u64; self.cells.len()];
+        for (s, owner) in map.owners().iter().enumerate() {
+            totals[owner.0 as usize] += weights[s];
+        }
+        self.drained.lock().expect("drained lock").insert(cell.0);
+        let mut plan = Vec::new();
+        let mut mine: Vec<usize> = (0..map.shards() as usize).filter(|s| map.owners()[*s] == cell).collect();
+        // Heaviest first, so the last moves even out what is left.
+        mine.sort_by_key(|s| std::cmp::Reverse(weights[*s]));
+        for s in mine {
+            let to =
+                (0..self.cells.len()).filter(|c| *c != cell.0 as usize).min_by_key(|c| totals[*c]).expect("two cells");
+            totals[to] += weights[s];
+            plan.push((s as u32, cell.0, to as u32));
+        }
+        Ok(plan)
+    }
+
+    /// Moves that even out the measured load over `cells` (every cell when
+    /// empty): from the busiest cell, the shard that best closes its gap with
+    /// the idlest, while one does; at most `moves_max`.
+    pub async fn plan_rebalance(&self, cells: &[CellId], moves_max: usize) -> Result<Vec<(u32, u32, u32)>, MoveError> {
+        let map = self.authority.current().await.map_err(|e| MoveError::Invalid(e.to_string()))?;
+        let among: Vec<usize> = if cells.is_empty() {
+            let drained = self.drained.lock().expect("drained lock").clone();
+            (0..self.cells.len()).filter(|c| !drained.contains(&(*c as u32))).collect()
+        } else {
+            let mut drained = self.drained.lock().expect("drained lock");
+            cells.iter().for_each(|c| {
+                drained.remove(&c.0);
+            });
+            cells.iter().map(|c| c.0 as usize).filter(|c| *c < self.cells.len()).collect()
+        };
+        if among.len() < 2 {
+            return Err(MoveError::Invalid("a rebalance needs two cells or more".into()));
+        }
+        let weights = self.shard_weights(&map).await?;
+        let mut owners: Vec<usize> = map.owners().iter().map(|c| c.0 as usize).collect();
+        let mut totals = vec![0u64; self.cells.len()];
+        for (s, owner) in owners.iter().enumerate() {
+            totals[*owner] += weights[s];
+        }
+        let mut plan = Vec::new();
+        while plan.len() < moves_max.min(PLAN_MOVES_MAX) {
+            let busiest = *among.iter().max_by_key(|c| totals[**c]).expect("two cells");
+            let idlest = *among.iter().min_by_key(|c| totals[**c]).expect("two cells");
+            let gap = totals[busiest] - totals[idlest];
+            // A shard of weight w narrows the gap to |gap - 2w|: worth it while w < gap.
+            let best = (0..owners.len())
+                .filter(|s| owners[*s] == busiest && weights[*s] < gap)
+                .min_by_key(|s| (gap as i128 - 2 * weights[*s] as i128).unsigned_abs());
+            let Some(s) = best else { break };
+            owners[s] = idlest;
+            totals[busiest] -= weights[s];
+            totals[idlest] += weights[s];
+            plan.push((s as u32, busiest as u32, idlest as u32));
+        }
+        Ok(plan)
+    }
+
+    /// Carries out `plan` in the background, one move at a time with `pace`
+    /// between moves (so payments keep their latency), and answers at once.
+    /// A move that fails is tried once more after `pace`, then counted failed.
+    pub fn start_plan(
+        self: &Arc<Self>,
+        kind: &str,
+        plan: Vec<(u32, u32, u32)>,
+        pace: Duration,
+    ) -> Result<PlanProgress, MoveError> {
+        let progress =
+            PlanProgress { kind: kind.into(), moves: plan.clone(), running: true, ..PlanProgress::default() };
+        {
+            let mut f = self.figures.lock().expect("mover figures lock");
+            if f.plan.as_ref().is_some_and(|p| p.running) {
+                return Err(MoveError::Invalid("a plan of moves is running already".into()));
+            }
+            f.plan = Some(progress.clone());
+        }
+        let mover = self.clone();
+        tokio::spawn(async move {
+            for (shard, _, to) in plan {
+                let mut result = mover.move_shard(shard, CellId(to)).await;
+                if result.is_err() {
+                    tokio::time::sleep(pace).await;
+                    result = mover.move_shard(shard, CellId(to)).await;
+                }
+                {
+                    let mut f = mover.figures.lock().expect("mover figures lock");
+                    let p = f.plan.as_mut().expect("set above");
+                    match result {
+                        Ok(_) => p.done += 1,
+                        Err(e) => {
+                            p.failed += 1;
+                            p.last_error = Some(e.to_string());
+                        }
+                    }
+                }
+                tokio::time::sleep(pace).await;
+            }
+            let mut f = mover.figures.lock().expect("mover figures lock");
+            f.plan.as_mut().expect("set above").running = false;
+        });
+        Ok(progress)
     }
 
     /// Finishes the moves a stop left half done.

@@ -99,6 +99,7 @@ fn every_command() -> Vec<Command> {
         })),
         Command::real(Op::Credit(Credit {
             source: CellId(3),
+            dest: Some(CellId(0)),
             seq: 9,
             transfer: transfer_id("t3"),
             from: account("carol"),
@@ -219,6 +220,7 @@ fn every_query(by: Authority) -> Vec<Query> {
         Query::OutboxAt { shadow: false, asked: vec![(CellId(1), 0)] },
         Query::Outbox { shadow: false, dest: CellId(2), after_seq: 99, limit: 4096 },
         Query::ExportShard { shard: 1023 },
+        Query::ShardLoad,
     ]
 }
 
@@ -351,6 +353,7 @@ fn every_answer() -> Vec<QueryAnswer> {
         }]),
         QueryAnswer::Rejected(Rejection::new(ErrorCode::Forbidden, "not your account")),
         QueryAnswer::ShardExport(Box::new(shard_export())),
+        QueryAnswer::ShardLoad(vec![0, 7, u64::MAX]),
     ]
 }
 
@@ -673,10 +676,17 @@ fn command_strategy() -> impl Strategy<Value = Command> {
             op: Op::OpenAccount(OpenAccount { id: account(&id), currency, overdraft, tenant: tenant(&t) }),
         },
     );
-    let credit = (any::<u32>(), any::<u64>(), (id_strategy(), id_strategy(), id_strategy()), any::<i64>()).prop_map(
-        |(source, seq, (t, from, to), amount)| {
+    let credit = (
+        any::<u32>(),
+        prop::option::of(any::<u32>()),
+        any::<u64>(),
+        (id_strategy(), id_strategy(), id_strategy()),
+        any::<i64>(),
+    )
+        .prop_map(|(source, dest, seq, (t, from, to), amount)| {
             Command::real(Op::Credit(Credit {
                 source: CellId(source),
+                dest: dest.map(CellId),
                 seq,
                 transfer: transfer_id(&t),
                 from: account(&from),
@@ -684,8 +694,7 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 amount,
                 currency: cny(),
             }))
-        },
-    );
+        });
     let close =
         (any::<u32>(), any::<u64>(), prop::option::of(0..ErrorCode::ALL.len())).prop_map(|(dest, seq, code)| {
             let dest = CellId(dest);

@@ -241,3 +241,118 @@ pub async fn resume_moves(
     state.record(Action { caller, by: &Authority::Admin, action: "shard_moves_resumed", args: args.clone() });
     Ok(Json(args).into_response())
 }
+
+/// The body of `POST /v1/admin/cells/{id}/drain` and `POST /v1/admin/rebalance`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PlanBody {
+    /// The cells a rebalance spreads the load over (default: every cell not drained).
+    #[serde(default)]
+    cells: Vec<u32>,
+    /// The most moves of a rebalance (default 64).
+    #[serde(default)]
+    moves_max: Option<usize>,
+    /// Milliseconds between two moves (default 50), so payments keep their latency.
+    #[serde(default)]
+    pace_ms: Option<u64>,
+}
+
+/// The pause between two moves of a plan, unless the body says otherwise.
+const PLAN_PACE_DEFAULT_MS: u64 = 50;
+/// The longest pause between two moves a body may ask for (I7).
+const PLAN_PACE_MAX_MS: u64 = 60_000;
+/// The most moves of a rebalance, unless the body says otherwise.
+const REBALANCE_MOVES_DEFAULT: usize = 64;
+
+async fn plan_body(state: &AppState, headers: &HeaderMap, request: Body) -> Result<PlanBody, ApiError> {
+    let bytes = body::read(headers, request, state.limits.body_bytes_max).await?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(PlanBody::default());
+    }
+    let body: PlanBody = serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("a plan body: {e}")))?;
+    if body.pace_ms.is_some_and(|p| p > PLAN_PACE_MAX_MS) {
+        return Err(ApiError::invalid(format!("pace_ms is at most {PLAN_PACE_MAX_MS}")));
+    }
+    if body.moves_max == Some(0) || body.moves_max.is_some_and(|m| m > cellpay_router::moves::PLAN_MOVES_MAX) {
+        return Err(ApiError::invalid(format!("moves_max is between 1 and {}", cellpay_router::moves::PLAN_MOVES_MAX)));
+    }
+    Ok(body)
+}
+
+fn plan_error(e: cellpay_router::MoveError) -> ApiError {
+    match e {
+        cellpay_router::MoveError::Invalid(m) => ApiError::new(ErrorCode::Conflict, m),
+        other => ApiError::new(ErrorCode::CellUnavailable, other.to_string()),
+    }
+}
+
+/// `POST /v1/admin/cells/{id}/drain`: moves every shard of the cell to the
+/// others, least loaded first, in the background; answers the plan (202).
+/// Progress: `GET /v1/admin/moves`. Once done the cell owns nothing and can be stopped.
+pub async fn drain_cell(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    admin_only(caller.role, "draining a cell")?;
+    let body = plan_body(&state, &headers, request).await?;
+    let mover = mover(&state)?;
+    let cell = id
+        .parse::<u32>()
+        .ok()
+        .filter(|c| (*c as usize) < mover.cells().len())
+        .ok_or_else(|| ApiError::invalid(format!("no cell {id:?} in this cluster of {}", mover.cells().len())))?;
+    let plan = mover.plan_drain(cellpay_core::CellId(cell)).await.map_err(plan_error)?;
+    let pace = std::time::Duration::from_millis(body.pace_ms.unwrap_or(PLAN_PACE_DEFAULT_MS));
+    let progress = mover.start_plan("drain", plan, pace).map_err(plan_error)?;
+    let args = json!({"cell": cell, "moves": progress.moves.len()});
+    state.record(Action { caller, by: &Authority::Admin, action: "cell_drain", args });
+    Ok((axum::http::StatusCode::ACCEPTED, Json(progress)).into_response())
+}
+
+/// `POST /v1/admin/rebalance`: moves shards from the busiest cells to the
+/// idlest by measured load (a new, empty cell fills up), in the background;
+/// answers the plan (202).
+pub async fn rebalance(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    request: Body,
+) -> Result<Response, ApiError> {
+    admin_only(caller.role, "rebalancing the shards")?;
+    let body = plan_body(&state, &headers, request).await?;
+    let mover = mover(&state)?;
+    if let Some(c) = body.cells.iter().find(|c| **c as usize >= mover.cells().len()) {
+        return Err(ApiError::invalid(format!("no cell {c} in this cluster of {}", mover.cells().len())));
+    }
+    let cells: Vec<cellpay_core::CellId> = body.cells.iter().map(|c| cellpay_core::CellId(*c)).collect();
+    let plan =
+        mover.plan_rebalance(&cells, body.moves_max.unwrap_or(REBALANCE_MOVES_DEFAULT)).await.map_err(plan_error)?;
+    let pace = std::time::Duration::from_millis(body.pace_ms.unwrap_or(PLAN_PACE_DEFAULT_MS));
+    let progress = mover.start_plan("rebalance", plan, pace).map_err(plan_error)?;
+    let args = json!({"cells": body.cells, "moves": progress.moves.len()});
+    state.record(Action { caller, by: &Authority::Admin, action: "rebalance", args });
+    Ok((axum::http::StatusCode::ACCEPTED, Json(progress)).into_response())
+}
+
+/// `GET /v1/admin/moves`: the moves this server ran (counts, each move's
+/// write pause, the last report) and the plan under way.
+pub async fn moves(State(state): State<AppState>, Extension(role): Extension<Role>) -> Result<Response, ApiError> {
+    admin_only(role, "reading the shard moves")?;
+    let f = mover(&state)?.figures();
+    let mut pauses: Vec<u64> = f.pauses_us.iter().copied().collect();
+    pauses.sort_unstable();
+    let at = |q: f64| pauses.get(((pauses.len() as f64 - 1.0) * q).round() as usize).copied();
+    Ok(Json(json!({
+        "moved": f.moved,
+        "undone": f.undone,
+        "failed": f.failed,
+        "pause_us": {"p50": at(0.5), "p99": at(0.99), "max": pauses.last(), "count": pauses.len()},
+        "moving": f.moving.map(|(shard, from, to)| json!({"shard": shard, "from": from, "to": to})),
+        "last": f.last,
+        "plan": f.plan,
+    }))
+    .into_response())
+}

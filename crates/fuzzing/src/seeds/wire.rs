@@ -41,6 +41,7 @@ fn batch(local: &[&str], remote: &[&str]) -> Vec<Command> {
         tenant_pay,
         Command::real(Op::Credit(Credit {
             source: CellId(1),
+            dest: None,
             seq: 1,
             transfer: transfer_id("in1"),
             from: account(remote[0]),

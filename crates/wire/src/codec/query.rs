@@ -23,6 +23,7 @@ const QUERY_INBOX_AT: u8 = 6;
 const QUERY_OUTBOX_AT: u8 = 7;
 const QUERY_OUTBOX: u8 = 8;
 const QUERY_EXPORT_SHARD: u8 = 9;
+const QUERY_SHARD_LOAD: u8 = 10;
 
 fn write_asked(w: &mut Writer, asked: &[(CellId, u64)]) {
     write_list(w, asked, CELLS_MAX, |w, (cell, seq)| {
@@ -92,6 +93,10 @@ pub(super) fn write_query(w: &mut Writer, query: &Query) {
             w.bool(false);
             w.u32(*shard);
         }
+        Query::ShardLoad => {
+            w.u8(QUERY_SHARD_LOAD);
+            w.bool(false);
+        }
     }
 }
 
@@ -135,6 +140,7 @@ pub(super) fn read_query(r: &mut Reader<'_>) -> Result<Query, DecodeError> {
             limit: read_limit(r, ANSWER_OUTBOX_MESSAGES_MAX)?,
         },
         QUERY_EXPORT_SHARD => Query::ExportShard { shard: r.u32()? },
+        QUERY_SHARD_LOAD => Query::ShardLoad,
         other => return Err(r.error(format!("unknown query tag {other}"))),
     })
 }
@@ -155,6 +161,7 @@ const ANSWER_SHARD_EXPORT: u8 = 10;
 /// never moved a shard writes version 1 bodies byte for byte).
 const ANSWER_AUDIT_MOVES: u8 = 11;
 const ANSWER_FIGURES_MOVES: u8 = 12;
+const ANSWER_SHARD_LOAD: u8 = 13;
 
 pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
     match answer {
@@ -205,6 +212,10 @@ pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
             w.u8(ANSWER_SHARD_EXPORT);
             cellpay_core::moves::encode_export(w, export);
         }
+        QueryAnswer::ShardLoad(load) => {
+            w.u8(ANSWER_SHARD_LOAD);
+            write_list(w, load, DIGESTS_MAX, |w, n| w.u64(*n));
+        }
     }
 }
 
@@ -242,6 +253,7 @@ pub(super) fn read_answer(r: &mut Reader<'_>) -> Result<QueryAnswer, DecodeError
         )?),
         ANSWER_REJECTED => QueryAnswer::Rejected(view::read_rejection(r)?),
         ANSWER_SHARD_EXPORT => QueryAnswer::ShardExport(Box::new(cellpay_core::moves::decode_export(r)?)),
+        ANSWER_SHARD_LOAD => QueryAnswer::ShardLoad(read_list(r, DIGESTS_MAX, DIGEST_BYTES, |r| r.u64())?),
         other => return Err(r.error(format!("unknown answer tag {other}"))),
     })
 }
