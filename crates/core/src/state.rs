@@ -369,6 +369,16 @@ impl CellState {
         if self.real.moves.find(export.move_id, export.shard).is_some() {
             return Outcome::MoveStep { open_messages: 0, duplicate: true };
         }
+        if export.move_id <= self.map.epoch() {
+            // A late delivery: a map has decided the move's epoch already (without it).
+            let msg = format!(
+                "move {} of shard {} is decided by the map at epoch {}",
+                export.move_id,
+                export.shard,
+                self.map.epoch()
+            );
+            return Outcome::rejected(ErrorCode::InvalidRequest, msg);
+        }
         let owner = self.map.owner(crate::shard::ShardId(export.shard));
         if export.to != self.cell || owner == self.cell || export.from == self.cell {
             let msg = format!(

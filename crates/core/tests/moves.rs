@@ -472,3 +472,20 @@ fn a_credit_meant_for_another_cell_is_refused_even_when_its_payee_moved_here() {
     assert!(matches!(&out, Outcome::Rejected(r) if r.code == ErrorCode::WrongCell), "{out:?}");
     assert_eq!(w.cells[2], before, "nothing changed");
 }
+
+#[test]
+fn an_install_that_arrives_after_the_map_decided_its_move_is_refused() {
+    let (mut w, _bank, payer, _payee) = funded();
+    w.freeze(1, 2);
+    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1 }) else { panic!() };
+    // The coordinator died; the next one took the epoch with the shard where it was.
+    let stay = ShardMap::new(2, w.map.owners().to_vec()).unwrap();
+    for c in &mut w.cells {
+        c.apply(&Command::real(Op::InstallShardMap(stay.clone())));
+    }
+    // The dead coordinator's install arrives late.
+    let late = w.cells[2].apply(&Command::real(Op::InstallShard(export)));
+    assert!(matches!(&late, Outcome::Rejected(r) if r.code == ErrorCode::InvalidRequest), "{late:?}");
+    assert!(w.cells[2].ledger(false).account(&id(&payer)).is_none());
+    assert_eq!(w.audit(), vec![]);
+}
