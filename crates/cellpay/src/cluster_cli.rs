@@ -25,6 +25,111 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Moves one shard to another cell while payments flow (through a
+    /// router's admin API, or `serve`'s); prints the move's report, its
+    /// write pause among it.
+    MoveShard {
+        shard: u32,
+        #[arg(long)]
+        to: u32,
+        #[command(flatten)]
+        api: AdminApi,
+    },
+    /// Fills a cell that owns nothing yet (a cell just added: `serve --cells
+    /// N+1`, or a new `cellpay cell` process) with a fair share of the
+    /// measured load, a few shards at a time.
+    AddCell {
+        #[arg(long)]
+        cell: u32,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Moves every shard of a cell to the others; once done it owns nothing
+    /// and can be stopped.
+    DrainCell {
+        #[arg(long)]
+        cell: u32,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Evens out the measured load over the cells (every cell not drained).
+    Rebalance {
+        /// The most moves.
+        #[arg(long, default_value_t = 64)]
+        moves_max: usize,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// The shard moves the server ran and the plan under way.
+    Moves {
+        #[command(flatten)]
+        api: AdminApi,
+    },
+}
+
+/// A router's (or `serve`'s) admin API.
+#[derive(clap::Args)]
+pub struct AdminApi {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    server: String,
+    /// An admin token.
+    #[arg(long, env = "CELLPAY_ADMIN_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(clap::Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    api: AdminApi,
+    /// Milliseconds between two moves, so payments keep their latency.
+    #[arg(long, default_value_t = 50)]
+    pace_ms: u64,
+    /// Return once the plan has started, not when it is done.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// Calls the admin API; answers the JSON body, or the server's refusal as an error.
+async fn admin(
+    api: &AdminApi,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let http = cellpay_stress::http::Http::new(&api.server, &api.token, false);
+    let answer = http
+        .send(method, path, body.map(|b| b.to_string()))
+        .await
+        .map_err(|e| anyhow::anyhow!("{} {path}: {e}", api.server))?;
+    let json: serde_json::Value = serde_json::from_slice(&answer.body).unwrap_or(serde_json::Value::Null);
+    anyhow::ensure!(answer.status < 300, "{method} {path} answered {}: {json}", answer.status);
+    Ok(json)
+}
+
+/// Starts a plan and, unless asked not to, follows it to its end.
+async fn run_plan(plan: &PlanArgs, path: &str, mut body: serde_json::Value) -> anyhow::Result<ExitCode> {
+    body["pace_ms"] = plan.pace_ms.into();
+    let started = admin(&plan.api, "POST", path, Some(body)).await?;
+    let total = started["moves"].as_array().map_or(0, Vec::len);
+    say!("{total} shard moves planned: {}", started["moves"]);
+    if plan.no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let moves = admin(&plan.api, "GET", "/v1/admin/moves", None).await?;
+        let p = &moves["plan"];
+        say!("moved {} of {total}, {} failed; pause p99 {} µs", p["done"], p["failed"], moves["pause_us"]["p99"]);
+        if p["running"] == false {
+            let failed = p["failed"].as_u64().unwrap_or(0);
+            if failed > 0 {
+                say!("last error: {}", p["last_error"]);
+                return Ok(ExitCode::FAILURE);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -45,6 +150,30 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 } else {
                     print_status(&view, &actions);
                 }
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::MoveShard { shard, to, api } => {
+                let report =
+                    admin(&api, "POST", &format!("/v1/admin/shards/{shard}/move"), Some(serde_json::json!({"to": to})))
+                        .await?;
+                say!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::AddCell { cell, plan } => {
+                let cluster = admin(&plan.api, "GET", "/v1/cluster", None).await?;
+                let cells = cluster["cells"].as_array().map_or(0, Vec::len) as u32;
+                anyhow::ensure!(cell < cells, "the cluster has {cells} cells: start cell {cell} first");
+                let every: Vec<u32> = (0..cells).collect();
+                run_plan(&plan, "/v1/admin/rebalance", serde_json::json!({"cells": every})).await
+            }
+            Command::DrainCell { cell, plan } => {
+                run_plan(&plan, &format!("/v1/admin/cells/{cell}/drain"), serde_json::json!({})).await
+            }
+            Command::Rebalance { moves_max, plan } => {
+                run_plan(&plan, "/v1/admin/rebalance", serde_json::json!({"moves_max": moves_max})).await
+            }
+            Command::Moves { api } => {
+                say!("{}", admin(&api, "GET", "/v1/admin/moves", None).await?);
                 Ok(ExitCode::SUCCESS)
             }
         }

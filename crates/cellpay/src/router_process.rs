@@ -87,6 +87,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let _ =
             state.0.shared.set(Arc::new(ControlSettings { url: args.control.control.clone(), router: name.clone() }));
         apply_settings(&cluster, &view, &mut None);
+        let authority = Arc::new(ControlAuthority { url: args.control.control.clone(), who: name.clone() });
+        let mover =
+            cellpay_router::Mover::new(cluster.cells().to_vec(), authority, cellpay_router::MoveLimits::default());
+        let _ = state.0.mover.set(Arc::new(mover));
         let _ = state.0.cluster.set(cluster.clone());
 
         // Keep the cells' addresses current, and report this router every second.
@@ -209,6 +213,35 @@ impl cellpay_api::SharedSettings for ControlSettings {
             let json = serde_json::to_string(rules).map_err(|e| e.to_string())?;
             let control = Control::connect(&self.url).await.map_err(|e| e.to_string())?;
             control.set_rules(&json, &self.router).await.map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// The shard map's authority for processes: the control plane, whose
+/// `set_map` is a compare-and-set on the epoch.
+struct ControlAuthority {
+    url: String,
+    who: String,
+}
+
+impl cellpay_router::MapAuthority for ControlAuthority {
+    fn current(&self) -> cellpay_cell::BoxFuture<'_, Result<cellpay_core::ShardMap, cellpay_router::SwapError>> {
+        Box::pin(async move {
+            let unavailable = |e: cellpay_control::ControlError| cellpay_router::SwapError::Unavailable(e.to_string());
+            let control = Control::connect(&self.url).await.map_err(unavailable)?;
+            Ok(control.view().await.map_err(unavailable)?.map)
+        })
+    }
+
+    fn swap(&self, next: cellpay_core::ShardMap) -> cellpay_cell::BoxFuture<'_, Result<(), cellpay_router::SwapError>> {
+        Box::pin(async move {
+            use cellpay_router::SwapError;
+            let control = Control::connect(&self.url).await.map_err(|e| SwapError::Unavailable(e.to_string()))?;
+            match control.set_map(&next, &format!("router {} (shard move)", self.who)).await {
+                Ok(()) => Ok(()),
+                Err(cellpay_control::ControlError::Mismatch(why)) => Err(SwapError::Lost(why)),
+                Err(e) => Err(SwapError::Unavailable(e.to_string())),
+            }
         })
     }
 }

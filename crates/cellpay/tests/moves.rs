@@ -311,3 +311,61 @@ fn a_cell_added_fills_up_and_a_drained_cell_empties_under_load() {
     }
     assert!(paid.len() > 50, "payments flowed: {}", paid.len());
 }
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay")).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Cells as processes, the map in the control plane (PostgreSQL): the
+/// operator's CLI moves a shard and drains a cell through a router, while
+/// payments flow; the router and the cells follow the control plane's map.
+#[test]
+fn shards_move_between_cell_processes_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::up(dir.path(), 3, 1, &["--shards", "16"]);
+    let accounts: Vec<String> = (0..16).flat_map(|sh| ids_in_shard(sh, 1, "pr")).collect();
+    let bank = ids_in_shard(0, 1, "bank").remove(0);
+    open(&s, ADMIN, &bank, true);
+    for id in &accounts {
+        open(&s, CLIENT, id, false);
+        let r = s.post(
+            "/v1/transfers",
+            ADMIN,
+            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 10_000}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let pairs: Vec<(String, String)> =
+        (0..accounts.len()).map(|i| (accounts[i].clone(), accounts[(i * 7 + 1) % accounts.len()].clone())).collect();
+    let stop = AtomicBool::new(false);
+    let paid = Mutex::new(Vec::new());
+    let (moved, drained) = std::thread::scope(|scope| {
+        scope.spawn(|| pay_loop(&s, "p", &pairs, &stop, &paid));
+        std::thread::sleep(Duration::from_millis(300));
+        let moved = cli(&["cluster", "move-shard", "4", "--to", "2", "--server", &s.base, "--token", ADMIN]);
+        let drained =
+            cli(&["cluster", "drain-cell", "--cell", "0", "--pace-ms", "5", "--server", &s.base, "--token", ADMIN]);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        (moved, drained)
+    });
+    assert!(moved.0, "{}", moved.1);
+    assert!(moved.1.contains("\"pause_us\""), "{}", moved.1);
+    assert!(drained.0, "{}", drained.1);
+    s.eventually("the router follows the control plane's map", || shards_of(&s)[0] == 0);
+    assert_eq!(s.get("/v1/cluster", ADMIN).body["shard_map"][4], 2);
+    let audit = settled(&s);
+    assert_eq!(audit["findings"], json!([]), "{audit}");
+    let paid = paid.into_inner().unwrap();
+    let mut expected: std::collections::HashMap<String, i64> = accounts.iter().map(|id| (id.clone(), 10_000)).collect();
+    for (_, from, to, amount) in &paid {
+        *expected.get_mut(from).unwrap() -= amount;
+        *expected.get_mut(to).unwrap() += amount;
+    }
+    for (id, want) in &expected {
+        assert_eq!(balance(&s, id), *want, "{id}");
+    }
+    assert!(paid.len() > 20, "payments flowed: {}", paid.len());
+}
