@@ -65,6 +65,11 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_degrade_active", Kind::Gauge, "1 while a degrade switch is on."),
     fam("cellpay_degrade_changes_total", Kind::Counter, "Degrade switch changes, by switch and the state it went to."),
     fam("cellpay_rules_changes_total", Kind::Counter, "Times the flow rules were replaced."),
+    // Shard moves run by this server.
+    fam("cellpay_shard_moves_total", Kind::Counter, "Shard moves this server ran, by outcome (moved; undone: messages in flight at the bound or another map won the epoch; failed)."),
+    fam("cellpay_shard_move_pause_seconds", Kind::Gauge, "The write pause of this server's recent shard moves (freeze to the new owner serving), by quantile (0.5, 0.99, 1)."),
+    fam("cellpay_shard_moves_planned", Kind::Gauge, "Moves of the plan under way (a drain or a rebalance), by state (planned, done, failed); 0 with none."),
+    fam("cellpay_shard_map_epoch", Kind::Gauge, "The epoch of the shard map the router works at."),
     // Cells, read from what each engine publishes.
     fam("cellpay_cell_failed", Kind::Gauge, "1 while a cell does not serve (failed or stalled); the reason is in /readyz."),
     fam("cellpay_cell_stalled", Kind::Gauge, "1 while a cell is stalled (one batch ran longer than stall_after_ms)."),
@@ -306,6 +311,27 @@ pub async fn render(state: &AppState) -> String {
         counter!("cellpay_retries_total").absolute(p.counters.retries.load(Relaxed));
         counter!("cellpay_retries_refused_by_budget_total").absolute(p.counters.retries_refused.load(Relaxed));
         counter!("cellpay_hot_keys_untracked_total").absolute(p.layers().hot_keys.untracked.load(Relaxed));
+        gauge!("cellpay_shard_map_epoch").set(cluster.map().epoch() as f64);
+        if let Some(mover) = state.mover.get() {
+            let f = mover.figures();
+            for (outcome, n) in [("moved", f.moved), ("undone", f.undone), ("failed", f.failed)] {
+                counter!("cellpay_shard_moves_total", "outcome" => outcome).absolute(n);
+            }
+            let mut pauses: Vec<u64> = f.pauses_us.iter().copied().collect();
+            pauses.sort_unstable();
+            if let Some(max) = pauses.last() {
+                for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
+                    let at = pauses[((pauses.len() - 1) as f64 * q).round() as usize];
+                    gauge!("cellpay_shard_move_pause_seconds", "quantile" => label).set(at as f64 / 1e6);
+                }
+                gauge!("cellpay_shard_move_pause_seconds", "quantile" => "1").set(*max as f64 / 1e6);
+            }
+            let (planned, done, failed) =
+                f.plan.as_ref().filter(|p| p.running).map_or((0, 0, 0), |p| (p.moves.len() as u64, p.done, p.failed));
+            for (state, n) in [("planned", planned), ("done", done), ("failed", failed)] {
+                gauge!("cellpay_shard_moves_planned", "state" => state).set(n as f64);
+            }
+        }
         // The figures each cell published with its latest batch: O(cells²), no work queued.
         for cell in cluster.cells() {
             let figures = cell.figures();

@@ -141,10 +141,18 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     let r = s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}));
     assert_eq!((r.status, r.cell), (200, Some(0)), "{}", r.body);
     assert_eq!(balance(&s, &from), expected[&from], "the retry paid nothing");
-    // The write pause of each move is reported.
+    // The write pause of each move is reported, and the moves show in /metrics and the dashboard.
     for r in &reports {
         assert!(r["pause_us"].as_u64().unwrap() < 10_000_000, "{r}");
     }
+    let metrics = s.get("/metrics", ADMIN).body;
+    let text = metrics.as_str().unwrap();
+    assert!(text.contains("cellpay_shard_moves_total{outcome=\"moved\"} 2"), "{text}");
+    assert!(text.contains("cellpay_shard_move_pause_seconds{quantile=\"0.99\"}"), "{text}");
+    let dashboard = s.get("/dashboard/data", ADMIN).body;
+    assert_eq!(dashboard["moves"]["moved"], 2, "{}", dashboard["moves"]);
+    let actions = s.get("/v1/admin/actions", ADMIN).body;
+    assert_eq!(actions.to_string().matches("shard_move").count(), 2, "the operator log records each move: {actions}");
     // After a kill -9 the shard is at its new owner, with its money.
     s.kill9();
     let s = Server::start(dir.path(), &["--cells", &cells, "--shards", &shards]);
