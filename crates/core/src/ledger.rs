@@ -370,6 +370,9 @@ pub struct Ledger {
     pub(crate) touched: Option<TouchedMarks>,
     /// The shards that moved in and out of this ledger (see `moves`).
     pub(crate) moves: crate::moves::Moves,
+    /// Positions of each shard's accounts (derived from `accounts`; not
+    /// compared, rebuilt when a snapshot is read).
+    pub(crate) members: Vec<Vec<u32>>,
 }
 
 /// The accounts and transfer records changed since the last `take_touched`.
@@ -452,6 +455,7 @@ impl Ledger {
             negative_accounts: 0,
             touched: None,
             moves: crate::moves::Moves::default(),
+            members: vec![Vec::new(); shards as usize],
         }
     }
 
@@ -794,6 +798,7 @@ impl Ledger {
             history_head: 0,
         });
         self.index.insert(o.id.clone(), i);
+        self.members[shard as usize].push(i);
         let d = &mut self.digests[shard as usize];
         *d = d.wrapping_add(digest::account_term(id_hash, 0));
         if let Some(t) = &mut self.touched {

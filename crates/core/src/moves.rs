@@ -226,18 +226,17 @@ impl Moves {
 impl Ledger {
     /// Positions of the live accounts of `shard`, in position order.
     fn shard_accounts(&self, shard: u32) -> Vec<u32> {
-        (0..self.accounts.len() as u32).filter(|&i| self.accounts[i as usize].shard == shard).collect()
+        let mut members = self.members.get(shard as usize).cloned().unwrap_or_default();
+        members.sort_unstable();
+        debug_assert!(members.iter().all(|&i| self.accounts[i as usize].shard == shard));
+        members
     }
 
     /// Σ balances and the count of `shard`'s accounts.
     pub(crate) fn shard_net(&self, shard: u32) -> (u64, i128) {
-        let mut n = 0;
-        let mut net = 0i128;
-        for a in self.accounts.iter().filter(|a| a.shard == shard) {
-            n += 1;
-            net += i128::from(a.balance);
-        }
-        (n, net)
+        let members = self.members.get(shard as usize).map_or(&[][..], Vec::as_slice);
+        let net = members.iter().map(|&i| i128::from(self.accounts[i as usize].balance)).sum();
+        (members.len() as u64, net)
     }
 
     /// The shard's digest as it stands.
@@ -270,10 +269,18 @@ impl Ledger {
                 tenant: self.tenants[a.tenant as usize].clone(),
             });
         }
+        // The shard's accounts as a bitmap over positions: one cached bit per
+        // record to tell the shard's records from the others'.
+        let mut mine = vec![0u64; self.accounts.len().div_ceil(64)];
+        for &i in &members {
+            mine[i as usize / 64] |= 1 << (i % 64);
+        }
+        let is_mine = |i: u32| mine[i as usize / 64] & (1 << (i % 64)) != 0;
         let records = self
             .records
             .iter()
             .chain(self.evicted_pending.values())
+            .filter(|r| is_mine(r.from))
             .filter_map(|r| {
                 let from = *position.get(&r.from)?;
                 Some(ExportedRecord {
@@ -289,9 +296,20 @@ impl Ledger {
                 })
             })
             .collect();
-        let history = self
-            .history
+        // Each account's entries are linked newest to oldest: walk them, then
+        // put them back in the ring's order.
+        let mut held: Vec<u64> = Vec::new();
+        for &i in &members {
+            let mut next = self.accounts[i as usize].history_head;
+            while let Some(seq) = next.checked_sub(1).filter(|s| *s >= self.history_first_seq) {
+                held.push(seq);
+                next = self.history[(seq - self.history_first_seq) as usize].prev;
+            }
+        }
+        held.sort_unstable();
+        let history = held
             .iter()
+            .map(|&seq| &self.history[(seq - self.history_first_seq) as usize])
             .filter_map(|e| {
                 let account = *position.get(&e.account)?;
                 Some(ExportedEntry {
@@ -347,6 +365,7 @@ impl Ledger {
                 history_head: 0,
             });
             self.index.insert(a.id.clone(), i);
+            self.members[record.shard as usize].push(i);
             self.balance_sum += i128::from(a.balance);
             if !a.overdraft && a.balance < 0 {
                 self.negative_accounts += 1;
@@ -410,6 +429,7 @@ impl Ledger {
             let id = a.id.clone();
             self.index.remove(&id);
         }
+        self.members[shard as usize].clear();
         self.digests[shard as usize] = 0;
         (members.len() as u64, net)
     }

@@ -283,6 +283,11 @@ pub fn decode(bytes: &[u8]) -> Result<CellState, DecodeError> {
         load: crate::state::ShardLoad(vec![0; map_shards as usize]),
     };
     decode_moves(&mut r, &mut state, [real_dups, shadow_dups])?;
+    for l in [&mut state.real, &mut state.shadow] {
+        for (i, a) in l.accounts.iter().enumerate().filter(|(_, a)| a.shard != crate::moves::GONE) {
+            l.members[a.shard as usize].push(i as u32);
+        }
+    }
     if !r.is_empty() {
         return Err(r.error("trailing bytes after the snapshot"));
     }

@@ -94,6 +94,21 @@ pub struct MoveReport {
     pub pause_us: u64,
     /// From the start to the old owner dropping the shard.
     pub total_us: u64,
+    /// Where the pause went, µs: the freeze's batch at the source, the wait
+    /// for messages in flight, the export, the install's batch at the
+    /// destination, the compare-and-set, the new map's batch at the destination.
+    pub steps_us: MoveSteps,
+}
+
+/// The steps of a move's write pause, µs each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MoveSteps {
+    pub freeze: u64,
+    pub drain: u64,
+    pub export: u64,
+    pub install: u64,
+    pub swap: u64,
+    pub serve: u64,
 }
 
 /// Why a move did not happen.
@@ -120,6 +135,13 @@ fn cell_error(cell: CellId, answer: impl std::fmt::Debug) -> MoveError {
 async fn submit_one(cell: &Arc<dyn CellClient>, op: Op) -> Result<Outcome, MoveError> {
     let mut out = cell.submit(vec![Command::real(op)]).await.map_err(|e| cell_error(cell.cell(), e))?;
     Ok(out.pop().expect("one outcome per command"))
+}
+
+/// µs since `mark`, which moves to now.
+fn lap(mark: &mut Instant) -> u64 {
+    let us = mark.elapsed().as_micros() as u64;
+    *mark = Instant::now();
+    us
 }
 
 /// The map with `shard` given to `to`, at `epoch`.
@@ -166,11 +188,14 @@ pub async fn move_shard(
     install_map(b, &map).await?;
     install_map(c, &map).await?;
     let freeze = Op::FreezeShard { shard, move_id: epoch, to };
+    let mut steps = MoveSteps::default();
+    let mut mark = Instant::now();
     let drained_messages = match submit_one(b, freeze.clone()).await? {
         Outcome::MoveStep { open_messages, .. } => open_messages,
         other => return Err(cell_error(from, other)),
     };
     let frozen_at = Instant::now();
+    steps.freeze = lap(&mut mark);
     crash_point("frozen");
     let undo = |why: MoveError| async move {
         let _ = submit_one(c, Op::DiscardShard { shard, move_id: epoch }).await;
@@ -178,9 +203,10 @@ pub async fn move_shard(
         why
     };
     // Wait for the payers' messages in flight to close, then export.
-    let export = loop {
+    let (export, export_at) = loop {
+        let export_at = Instant::now();
         match b.query(Query::ExportShard { shard }).await.map_err(|e| cell_error(from, e))? {
-            QueryAnswer::ShardExport(export) => break export,
+            QueryAnswer::ShardExport(export) => break (export, export_at),
             QueryAnswer::Rejected(r) if r.code == ErrorCode::ShardFrozen => {
                 if frozen_at.elapsed() >= limits.drain_max {
                     let open = match submit_one(b, freeze.clone()).await {
@@ -194,6 +220,9 @@ pub async fn move_shard(
             other => return Err(undo(cell_error(from, other)).await),
         }
     };
+    steps.drain = export_at.duration_since(mark).as_micros() as u64;
+    mark = export_at;
+    steps.export = lap(&mut mark);
     let counts = (
         export.real.accounts.len() as u64,
         (export.real.records.len() + export.shadow.records.len()) as u64,
@@ -204,6 +233,7 @@ pub async fn move_shard(
         Outcome::MoveStep { .. } => {}
         other => return Err(undo(cell_error(to, other)).await),
     }
+    steps.install = lap(&mut mark);
     crash_point("installed");
     let next = moved(&map, shard, to, epoch);
     match decide(authority, &next, shard, limits).await {
@@ -211,9 +241,11 @@ pub async fn move_shard(
         Decided::Back => return Err(undo(MoveError::Lost(epoch)).await),
         Decided::Unknown => return Err(MoveError::Undecided { shard, from: from.0 }),
     }
+    steps.swap = lap(&mut mark);
     crash_point("swapped");
     install_map(c, &next).await?;
     let pause = frozen_at.elapsed();
+    steps.serve = lap(&mut mark);
     crash_point("served");
     install_map(b, &next).await?;
     for other in cells.iter().filter(|x| x.cell() != from && x.cell() != to) {
@@ -232,6 +264,7 @@ pub async fn move_shard(
         drained_messages,
         pause_us: pause.as_micros() as u64,
         total_us: start.elapsed().as_micros() as u64,
+        steps_us: steps,
     })
 }
 
