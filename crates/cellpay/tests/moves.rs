@@ -26,6 +26,16 @@ fn ids_in_shard(shard: u32, n: usize, prefix: &str) -> Vec<String> {
     (0..).map(|i| format!("{prefix}-{i}")).filter(|id| map.shard_of(id).0 == shard).take(n).collect()
 }
 
+/// Sets `stop` when dropped, so the payers stop even when the test panics
+/// (a scope waits for its threads before it lets a panic through).
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// An acknowledged payment: (id, payer, payee, amount).
 type Paid = (String, String, String, i64);
 
@@ -37,15 +47,16 @@ fn pay_loop(s: &Server, tag: &str, pairs: &[(String, String)], stop: &AtomicBool
         let (from, to) = &pairs[n as usize % pairs.len()];
         let id = format!("{tag}-{n}");
         let body = json!({"id": id, "from": from, "to": to, "amount": 1});
-        loop {
+        // Retried with its id until answered for good; 10 s of refusals fail the test.
+        for attempt in 0.. {
             let r = s.post("/v1/transfers", CLIENT, &body);
             match r.status {
                 200 | 201 => {
                     paid.lock().unwrap().push((id.clone(), from.clone(), to.clone(), 1));
                     break;
                 }
-                503 | 429 => std::thread::sleep(Duration::from_millis(5)),
-                other => panic!("payment {id} answered {other}: {}", r.body),
+                503 | 429 if attempt < 2000 => std::thread::sleep(Duration::from_millis(5)),
+                other => panic!("payment {id} answered {other} (attempt {attempt}): {}", r.body),
             }
         }
         n += 1;
@@ -104,6 +115,7 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     let stop = AtomicBool::new(false);
     let paid = Mutex::new(Vec::new());
     let reports = std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
         scope.spawn(|| pay_loop(&s, "out", &out, &stop, &paid));
         scope.spawn(|| pay_loop(&s, "in", &inn, &stop, &paid));
         scope.spawn(|| pay_loop(&s, "within", &within, &stop, &paid));
@@ -281,16 +293,14 @@ fn a_cell_added_fills_up_and_a_drained_cell_empties_under_load() {
     let stop = AtomicBool::new(false);
     let paid = Mutex::new(Vec::new());
     let (filled, drained) = std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
         scope.spawn(|| pay_loop(&s, "a", &pairs[..8], &stop, &paid));
         scope.spawn(|| pay_loop(&s, "b", &pairs[8..], &stop, &paid));
         std::thread::sleep(Duration::from_millis(300));
         let r = s.post("/v1/admin/rebalance", ADMIN, &json!({"pace_ms": 5}));
         assert_eq!(r.status, 202, "{}", r.body);
-        assert!(
-            r.body["moves"].as_array().unwrap().iter().all(|m| m[2] == 2),
-            "every move fills the new cell: {}",
-            r.body
-        );
+        let to_new = r.body["moves"].as_array().unwrap().iter().filter(|m| m[2] == 2).count();
+        assert!(to_new >= 3, "the new cell takes a share: {}", r.body);
         let filled = plan_done(&s);
         let r = s.post("/v1/admin/cells/0/drain", ADMIN, &json!({"pace_ms": 5}));
         assert_eq!(r.status, 202, "{}", r.body);
@@ -350,6 +360,7 @@ fn shards_move_between_cell_processes_through_the_cli() {
     let stop = AtomicBool::new(false);
     let paid = Mutex::new(Vec::new());
     let (moved, drained) = std::thread::scope(|scope| {
+        let _stop = StopOnDrop(&stop);
         scope.spawn(|| pay_loop(&s, "p", &pairs, &stop, &paid));
         std::thread::sleep(Duration::from_millis(300));
         let moved = cli(&["cluster", "move-shard", "4", "--to", "2", "--server", &s.base, "--token", ADMIN]);

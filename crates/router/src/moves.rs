@@ -151,13 +151,29 @@ fn moved(map: &ShardMap, shard: u32, to: CellId, epoch: u64) -> ShardMap {
     ShardMap::new(epoch, owners).expect("the same shard count")
 }
 
-/// Installs `map` at `cell` (a map it has already is fine).
+/// How long the coordinator keeps offering a map to a cell that is
+/// catching up with it (a cell process also follows the control plane).
+const INSTALL_MAP_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Installs `map` at `cell` (a map it has already, or a newer one, is fine).
+/// A cell in another process refuses calls from a sender at a newer map
+/// while it catches up (`wrong_cell`): offered again until it has it.
 async fn install_map(cell: &Arc<dyn CellClient>, map: &ShardMap) -> Result<(), MoveError> {
-    match submit_one(cell, Op::InstallShardMap(map.clone())).await? {
-        Outcome::ShardMapInstalled { .. } => Ok(()),
-        Outcome::Rejected(r) if r.code == ErrorCode::InvalidRequest && cell.status().epoch >= map.epoch() => Ok(()),
-        Outcome::Rejected(r) if r.message.contains("higher epoch") => Ok(()),
-        other => Err(cell_error(cell.cell(), other)),
+    let deadline = Instant::now() + INSTALL_MAP_WAIT_MAX;
+    loop {
+        let answer = match submit_one(cell, Op::InstallShardMap(map.clone())).await {
+            Ok(Outcome::ShardMapInstalled { .. }) => return Ok(()),
+            Ok(Outcome::Rejected(r)) if r.message.contains("higher epoch") => return Ok(()),
+            Ok(other) => cell_error(cell.cell(), other),
+            Err(e) => e,
+        };
+        if cell.status().epoch >= map.epoch() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(answer);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -243,11 +259,18 @@ pub async fn move_shard(
     }
     steps.swap = lap(&mut mark);
     crash_point("swapped");
-    install_map(c, &next).await?;
+    // The map decided: the move is done whatever happens next (each cell
+    // settles its part when it gets the map; a cell process also follows
+    // the control plane).
+    if let Err(e) = install_map(c, &next).await {
+        tracing::warn!(shard, cell = %to, "the new owner has not taken the map yet: {e}");
+    }
     let pause = frozen_at.elapsed();
     steps.serve = lap(&mut mark);
     crash_point("served");
-    install_map(b, &next).await?;
+    if let Err(e) = install_map(b, &next).await {
+        tracing::warn!(shard, cell = %from, "the old owner has not taken the map yet: {e}");
+    }
     for other in cells.iter().filter(|x| x.cell() != from && x.cell() != to) {
         // Best effort: the payers' cells reroute credits once they know the map.
         let _ = install_map(other, &next).await;
