@@ -300,18 +300,20 @@ fn cross_cell(s: &Server) {
 }
 
 #[test]
-fn a_different_cell_count_than_the_stored_cluster_is_a_clear_error() {
+fn fewer_cells_than_the_stored_cluster_is_a_clear_error() {
+    // A cluster grows (a new cell starts empty) but never drops a cell that
+    // may own shards: fewer cells are refused, with the reason.
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--cells", "2"]);
+    let s = Server::start(dir.path(), &["--cells", "3"]);
     assert_eq!(s.terminate(), Some(0));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cellpay"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--cells", "3", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--cells", "2", "--data-dir"])
         .arg(dir.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("holds a cluster of 2 cells, but 3 were asked for"), "{stderr}");
+    assert!(stderr.contains("holds a cluster of 3 cells, but 2 were asked for"), "{stderr}");
 }
 
 #[test]

@@ -135,3 +135,65 @@ fn a_window_shorter_than_the_retry_horizon_is_no_go() {
     assert_eq!(shadow.len(), 4, "{metrics}");
     assert!(shadow.iter().all(|&w| w < 86_400.0), "{shadow:?}");
 }
+
+/// Shards move while the run goes: a rebalance, one shard, a drain and a
+/// refill, as profile events. Every answer still comes from the owner at the
+/// epoch it was served at, the audit holds, the run says go, and the report
+/// carries the capacity plan for the profile's target peak.
+#[test]
+fn shards_move_during_a_run_and_every_answer_comes_from_the_owner_at_its_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &["--cells", "3", "--shards", "16"]);
+    let moving = PROFILE
+        .replace("duration_s = 3", "duration_s = 5")
+        .replace("batch_size = 10", "batch_size = 10\ntarget_peak_per_s = 100000\nheadroom = 0.5")
+        .replace(
+            "[mix]",
+            r#"[[events]]
+at_s = 0.5
+action = "move_shards"
+shard = 5
+cell = 0
+[[events]]
+at_s = 1.0
+action = "move_shards"
+moves = 3
+[[events]]
+at_s = 2.0
+action = "drain_cell"
+cell = 2
+[[events]]
+at_s = 3.5
+action = "add_cell"
+cell = 2
+[mix]"#,
+        );
+    let profile = dir.path().join("moving.toml");
+    std::fs::write(&profile, moving).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["stress", "--quiet", "--target", &s.base, "--token", ADMIN, "--profile"])
+        .arg(&profile)
+        .arg("--report")
+        .arg(dir.path().join("report"))
+        .output()
+        .unwrap();
+    assert!(dir.path().join("report").join("report.json").exists(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = report(dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", r["readiness"]);
+    let statuses: Vec<u64> = r["events"].as_array().unwrap().iter().map(|e| e["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, vec![200, 202, 202, 202], "{}", r["events"]);
+    assert_eq!(r["checks"]["wrong_cell_answers"], 0, "{}", r["checks"]);
+    assert_eq!(r["checks"]["audit_failures"], 0);
+    assert_eq!(r["checks"]["real_digests_changed"], 0, "moving a shard changes no real digest");
+    let moves = s.get("/v1/admin/moves", ADMIN).body;
+    assert!(moves["moved"].as_u64().unwrap() >= 5, "{moves}");
+    let cluster = s.get("/v1/cluster", ADMIN).body;
+    assert!(cluster["cells"][2]["shards"].as_u64().unwrap() > 0, "the drained cell was filled again: {cluster}");
+    let c = &r["capacity"];
+    assert!(c["payments_per_s_at_slo"].as_f64().unwrap() > 0.0, "{c}");
+    let per_cell = c["per_cell_per_s"].as_f64().unwrap();
+    let needed = c["cells_needed"].as_u64().unwrap();
+    assert_eq!(needed, (100_000.0 * 1.5 / per_cell).ceil() as u64, "{c}");
+    let html = std::fs::read_to_string(dir.path().join("report").join("report.html")).unwrap();
+    assert!(html.contains("Capacity plan") && html.contains(&format!("{needed} cells")), "the HTML carries the plan");
+}

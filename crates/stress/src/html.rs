@@ -197,6 +197,34 @@ figure{{margin:1em 0}}figcaption{{font-weight:600}}</style></head><body>\
         vec!["idempotency window held, shortest (s)".into(), fmt_opt(r.idempotency.window_held_min_s)],
     ];
     html.push_str(&table(&["check", "value"], &rows));
+    let c = &r.capacity;
+    html.push_str("<h2>Capacity plan</h2>");
+    let needs = match (c.target_peak_per_s, c.cells_needed) {
+        (Some(t), Some(n)) => format!(
+            "{t:.0} payments/s with {:.0} % headroom needs <b>{n} cells</b> ({} cores of server CPU)",
+            c.headroom * 100.0,
+            fmt_opt(c.cores_needed)
+        ),
+        (Some(t), None) => format!("{t:.0} payments/s: no second of this run met the SLOs, so no plan"),
+        (None, _) => "no target_peak_per_s in the profile".into(),
+    };
+    let _ = write!(html, "<p>{}</p>", needs);
+    let rows: Vec<Vec<String>> = vec![
+        vec!["payments/s at the SLO (busiest second within them)".into(), format!("{:.0}", c.payments_per_s_at_slo)],
+        vec![
+            "seconds within the SLO / with load".into(),
+            format!("{} / {}", c.seconds_within_slo, c.seconds_with_load),
+        ],
+        vec!["cells measured".into(), c.cells.to_string()],
+        vec!["payments/s per cell at the SLO".into(), format!("{:.0}", c.per_cell_per_s)],
+        vec!["server cores used".into(), fmt_opt(c.server_cores_used)],
+        vec!["payments/s per server core at the SLO".into(), fmt_opt(c.per_core_per_s)],
+        vec!["bottleneck".into(), c.bottleneck.clone()],
+        vec!["server CPU µs per payment at that size".into(), fmt_opt(c.server_cpu_us_per_payment)],
+        vec!["bytes written per payment at that size".into(), fmt_opt(c.bytes_per_payment)],
+        vec!["assumes".into(), c.assumes.clone()],
+    ];
+    html.push_str(&table(&["figure", "value"], &rows));
     html.push_str("</body></html>\n");
     html
 }

@@ -63,6 +63,8 @@ pub struct Http {
 pub struct Answer {
     pub status: u16,
     pub cell: Option<u32>,
+    /// The shard map epoch the serving cell worked at (`X-Cellpay-Epoch`).
+    pub epoch: Option<u64>,
     pub body: Bytes,
 }
 
@@ -146,8 +148,9 @@ impl Http {
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
         let cell = resp.headers().get("x-cellpay-cell").and_then(|v| v.to_str().ok()?.parse().ok());
+        let epoch = resp.headers().get("x-cellpay-epoch").and_then(|v| v.to_str().ok()?.parse().ok());
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok(Answer { status, cell, body })
+        Ok(Answer { status, cell, epoch, body })
     }
 
     /// An idle connection that is still open, or a new one; and whether it was kept.

@@ -113,6 +113,21 @@ pub struct Event {
     pub action: String,
     #[serde(default)]
     pub cell: Option<u32>,
+    /// `move_shards`: the shard to move to `cell`; without it, a rebalance of `moves` moves.
+    #[serde(default)]
+    pub shard: Option<u32>,
+    #[serde(default)]
+    pub moves: Option<usize>,
+}
+
+/// The events a profile may hold.
+pub const EVENT_ACTIONS: [&str; 5] = ["halt_cell", "restart_cell", "add_cell", "drain_cell", "move_shards"];
+
+impl Event {
+    /// Whether the event moves shards (the run then follows the map's epochs).
+    pub fn moves_shards(&self) -> bool {
+        matches!(self.action.as_str(), "add_cell" | "drain_cell" | "move_shards")
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +154,17 @@ pub struct Profile {
     /// the idempotency window the cells held during the run was shorter.
     #[serde(default = "retry_horizon_s")]
     pub retry_horizon_s: u64,
+    /// The peak the day must hold, in payments per second: the readiness
+    /// report's capacity plan says how many cells it needs.
+    #[serde(default)]
+    pub target_peak_per_s: Option<f64>,
+    /// The spare capacity the plan keeps above the target (0.3: 30 %).
+    #[serde(default = "headroom")]
+    pub headroom: f64,
+}
+
+fn headroom() -> f64 {
+    0.3
 }
 
 fn batch_size() -> usize {
@@ -171,6 +197,12 @@ impl Profile {
         }
         if self.stages.is_empty() {
             return Err("a profile needs at least one stage".into());
+        }
+        if self.target_peak_per_s.is_some_and(|t| !(t > 0.0 && t.is_finite())) {
+            return Err("target_peak_per_s must be a positive number of payments per second".into());
+        }
+        if !(0.0..=10.0).contains(&self.headroom) {
+            return Err("headroom must be between 0 (none) and 10 (eleven times the target)".into());
         }
         if !(1..=366 * 86_400).contains(&self.retry_horizon_s) {
             return Err("retry_horizon_s must be between 1 and 31622400 (a year)".into());
@@ -207,8 +239,16 @@ impl Profile {
             }
         }
         for e in &self.events {
-            if !matches!(e.action.as_str(), "halt_cell" | "restart_cell") || e.cell.is_none() {
-                return Err(format!("event at {} s: action is halt_cell or restart_cell, with a cell", e.at_s));
+            let needs_cell = e.action != "move_shards" || e.shard.is_some();
+            if !EVENT_ACTIONS.contains(&e.action.as_str()) || (needs_cell && e.cell.is_none()) {
+                return Err(format!(
+                    "event at {} s: action is one of {} with a cell (move_shards: a shard and a cell, or a number of moves)",
+                    e.at_s,
+                    EVENT_ACTIONS.join(", ")
+                ));
+            }
+            if e.moves.is_some_and(|m| !(1..=4096).contains(&m)) {
+                return Err(format!("event at {} s: moves is between 1 and 4096", e.at_s));
             }
             if !(e.at_s.is_finite() && (0.0..=self.duration_s()).contains(&e.at_s)) {
                 return Err(format!("event at {} s: at_s must fall within the run", e.at_s));

@@ -99,8 +99,12 @@ pub struct SloVerdict {
 /// Invariant and routing checks made while the run went on.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Checks {
-    /// Answers from another cell than the shard map names (each fails the run).
+    /// Answers from another cell than the shard map names at the epoch they
+    /// were served at (each fails the run).
     pub wrong_cell_answers: u64,
+    /// Answers served at an epoch whose map the run did not see (shards moved
+    /// faster than it followed): not judged either way.
+    pub owner_unverified: u64,
     pub audit_polls: u64,
     /// Polls at which Σ ≠ 0 or a negative balance showed, real or shadow ledger.
     pub audit_failures: u64,
@@ -163,6 +167,98 @@ pub struct Placement {
     pub mode: String,
     pub server: SideCpu,
     pub generator: SideCpu,
+}
+
+/// How many cells a target peak needs, from what this run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CapacityPlan {
+    /// The busiest second whose answers all met the profile's SLOs (latency
+    /// and error rate), in payments per second.
+    pub payments_per_s_at_slo: f64,
+    /// Seconds of the run that met the SLOs, of those that carried load.
+    pub seconds_within_slo: u64,
+    pub seconds_with_load: u64,
+    pub cells: usize,
+    pub per_cell_per_s: f64,
+    /// The server's CPU use during the run, in cores (CPU seconds over the run's seconds).
+    pub server_cores_used: Option<f64>,
+    /// Payments per second per server core used, at the SLO.
+    pub per_core_per_s: Option<f64>,
+    pub bottleneck: String,
+    /// The profile's target peak and headroom, and what they need.
+    pub target_peak_per_s: Option<f64>,
+    pub headroom: f64,
+    pub cells_needed: Option<u64>,
+    pub cores_needed: Option<f64>,
+    /// The cost of a payment at that size: server CPU-µs and bytes the cells write.
+    pub server_cpu_us_per_payment: Option<f64>,
+    pub bytes_per_payment: Option<f64>,
+    /// What the plan assumes.
+    pub assumes: String,
+}
+
+/// What a capacity plan needs to know of the run besides its seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    pub payments_per_request: f64,
+    pub cells: usize,
+    /// The server's CPU seconds during the run.
+    pub server_cpu_s: Option<f64>,
+    pub duration_s: f64,
+}
+
+impl CapacityPlan {
+    /// The plan from the run's seconds, its cells, CPU and cost.
+    pub fn of(
+        timeline: &[Second],
+        slo: &BTreeMap<Operation, Slo>,
+        shape: RunShape,
+        bottleneck: &str,
+        cost: &Cost,
+        target_peak_per_s: Option<f64>,
+        headroom: f64,
+    ) -> Self {
+        let RunShape { payments_per_request, cells, server_cpu_s, duration_s } = shape;
+        let loaded: Vec<&Second> = timeline.iter().filter(|s| s.requests.values().sum::<u64>() > 0).collect();
+        let within = |s: &&Second| {
+            let requests: u64 = s.requests.values().sum();
+            slo.iter().all(|(op, limit)| {
+                let p99 = s.p99_ms.get(op.as_str()).copied().unwrap_or(0.0);
+                p99 <= limit.p99_ms
+            }) && s.errors as f64
+                <= slo.values().map(|l| l.error_rate).fold(f64::INFINITY, f64::min).min(1.0) * requests as f64
+        };
+        let good: Vec<&&Second> = loaded.iter().filter(|s| within(s)).collect();
+        let best = good.iter().map(|s| s.requests.values().sum::<u64>()).max().unwrap_or(0) as f64;
+        let at_slo = best * payments_per_request;
+        let per_cell = at_slo / cells.max(1) as f64;
+        let cores = server_cpu_s.filter(|_| duration_s > 0.0).map(|s| s / duration_s);
+        let per_core = cores.filter(|c| *c > 0.0).map(|c| at_slo / c);
+        let needed = |t: f64| t * (1.0 + headroom);
+        let cells_needed =
+            target_peak_per_s.filter(|_| per_cell > 0.0).map(|t| (needed(t) / per_cell).ceil().max(1.0) as u64);
+        let cores_needed = target_peak_per_s.zip(cost.server_cpu_us_per_payment).map(|(t, us)| needed(t) * us / 1e6);
+        Self {
+            payments_per_s_at_slo: at_slo,
+            seconds_within_slo: good.len() as u64,
+            seconds_with_load: loaded.len() as u64,
+            cells,
+            per_cell_per_s: per_cell,
+            server_cores_used: cores,
+            per_core_per_s: per_core,
+            bottleneck: bottleneck.to_string(),
+            target_peak_per_s,
+            headroom,
+            cells_needed,
+            cores_needed,
+            server_cpu_us_per_payment: cost.server_cpu_us_per_payment,
+            bytes_per_payment: cost.bytes_per_payment,
+            assumes: "capacity grows with cells, each on cores of its own like the ones measured here (a cell's \
+                      engine is one writer thread); the busiest second within the SLOs stands for what a cell \
+                      holds, so a run that never pushed the cells to their limit understates it"
+                .into(),
+        }
+    }
 }
 
 /// One side's CPUs and the CPU time its process used.
@@ -243,6 +339,8 @@ pub struct Report {
     pub cost: Cost,
     pub idempotency: Idempotency,
     pub bottleneck: String,
+    /// How many cells the profile's target peak needs, from this run.
+    pub capacity: CapacityPlan,
     pub go: bool,
     pub readiness: String,
 }
@@ -307,5 +405,56 @@ pub fn readiness(
         (true, format!("GO: every SLO ({} thresholds) and every check held", slo.len()))
     } else {
         (false, format!("NO-GO: {}", reasons.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    fn second(t: u64, requests: u64, p99_ms: f64, errors: u64) -> Second {
+        Second {
+            t,
+            stage: "s".into(),
+            intended_rate: 0.0,
+            requests: [("transfer".to_string(), requests)].into(),
+            errors,
+            p99_ms: [("transfer".to_string(), p99_ms)].into(),
+            cells: BTreeMap::new(),
+            queue_depth: BTreeMap::new(),
+            owners: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_plan_takes_the_busiest_second_within_the_slo_and_sizes_the_target_with_headroom() {
+        let timeline = vec![
+            second(0, 0, 0.0, 0),
+            second(1, 100, 10.0, 0),
+            second(2, 200, 20.0, 1),
+            second(3, 300, 90.0, 0),  // too slow
+            second(4, 250, 20.0, 30), // too many errors
+        ];
+        let slo = [(Operation::Transfer, Slo { p99_ms: 50.0, p999_ms: 200.0, error_rate: 0.01 })].into();
+        let cost = Cost {
+            payments: 1,
+            cpu_us_per_payment: None,
+            server_cpu_us_per_payment: Some(50.0),
+            bytes_per_payment: Some(300.0),
+        };
+        let shape = RunShape { payments_per_request: 1.0, cells: 2, server_cpu_s: Some(8.0), duration_s: 4.0 };
+        let plan = CapacityPlan::of(&timeline, &slo, shape, "cell 0", &cost, Some(1000.0), 0.3);
+        assert_eq!(plan.payments_per_s_at_slo, 200.0);
+        assert_eq!((plan.seconds_within_slo, plan.seconds_with_load), (2, 4));
+        assert_eq!(plan.per_cell_per_s, 100.0);
+        assert_eq!(plan.server_cores_used, Some(2.0));
+        assert_eq!(plan.per_core_per_s, Some(100.0));
+        assert_eq!(plan.cells_needed, Some(13), "1,000/s × 1.3 over 100/s per cell");
+        assert!((plan.cores_needed.unwrap() - 0.065).abs() < 1e-9, "1,300/s × 50 µs");
+        // No second within the SLO: no plan, rather than a plan from nothing.
+        let slow = vec![second(1, 100, 90.0, 0)];
+        let shape = RunShape { payments_per_request: 1.0, cells: 2, server_cpu_s: None, duration_s: 1.0 };
+        let none = CapacityPlan::of(&slow, &slo, shape, "x", &cost, Some(1000.0), 0.3);
+        assert_eq!((none.payments_per_s_at_slo, none.cells_needed), (0.0, None));
     }
 }

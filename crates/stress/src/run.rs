@@ -69,6 +69,9 @@ struct SecondRecord {
 /// Acknowledged transfer ids kept to check after the run that none was lost (I7).
 pub const ACKED_SAMPLE_MAX: usize = 2000;
 
+/// Shard maps a run keeps to judge answers by their epoch (I7).
+pub const MAPS_KEPT: usize = 4096;
+
 /// Everything the request tasks record.
 struct Record {
     ops: BTreeMap<Operation, (Histogram<u64>, u64, u64)>,
@@ -79,6 +82,8 @@ struct Record {
     errors: BTreeMap<String, u64>,
     seconds: Vec<SecondRecord>,
     wrong_cell: u64,
+    /// Answers served at an epoch whose map the run did not see.
+    owner_unverified: u64,
     payments: u64,
     /// Single transfers to a hot merchant: sent, admitted, refused `rate_limited`.
     hot: (u64, u64, u64),
@@ -91,8 +96,11 @@ struct Record {
 /// What one request was, for the record.
 struct Sent {
     answer: Result<Answer, String>,
-    /// The cell the shard map says owns it (payer or account); none for a batch.
+    /// The cell the shard map says owns it (payer or account) at the epoch
+    /// it was served at; none for a batch.
     expected: Option<u32>,
+    /// Served at an epoch whose map the run did not see: not judged.
+    unverified: bool,
     payments: u64,
     /// For a single transfer: whether its payee is a hot merchant.
     hot: Option<bool>,
@@ -110,6 +118,7 @@ impl Record {
             errors: BTreeMap::new(),
             seconds: (0..seconds).map(|_| SecondRecord::default()).collect(),
             wrong_cell: 0,
+            owner_unverified: 0,
             payments: 0,
             hot: (0, 0, 0),
             cold_payments: histogram(),
@@ -159,6 +168,9 @@ pub struct Runner {
     keys: Keys,
     run_id: String,
     recent: Mutex<VecDeque<(String, usize)>>,
+    /// The shard maps seen during the run, by epoch: each answer is checked
+    /// against the owner at the epoch it was served at (shards may move).
+    maps: Mutex<BTreeMap<u64, ShardMap>>,
     acked: Mutex<Vec<String>>,
 }
 
@@ -215,6 +227,7 @@ impl Runner {
             run_id,
             recent: Mutex::new(VecDeque::new()),
             acked: Mutex::new(Vec::new()),
+            maps: Mutex::new([(map.epoch(), map)].into()),
         };
         runner.seed().await?;
         Ok(runner)
@@ -304,9 +317,55 @@ impl Runner {
 
     /// One request of operation `op`; answers what to record.
     async fn request(&self, op: Operation, rng: &mut SmallRng, n: u64) -> Sent {
-        let (answer, expected, payments, transfer) = self.request_inner(op, rng, n).await;
+        let (answer, account, payments, transfer) = self.request_inner(op, rng, n).await;
         let (hot, transfer_id) = transfer.unzip();
-        Sent { answer, expected, payments, hot, transfer_id }
+        // The owner at the epoch the answer was served at; an epoch the run
+        // has not seen a map of is counted apart, not judged.
+        let epoch = answer.as_ref().ok().and_then(|a| a.epoch);
+        let (expected, unverified) = match (account, epoch) {
+            (None, _) => (None, false),
+            (Some(i), None) => (Some(self.keys.cell_of[i]), false),
+            (Some(i), Some(e)) => match self.maps.lock().expect("maps lock").get(&e) {
+                Some(map) => (Some(map.owner_of(&self.keys.ids[i]).0), false),
+                None => (None, true),
+            },
+        };
+        Sent { answer, expected, payments, hot, transfer_id, unverified }
+    }
+
+    /// Follows the cluster's shard map while the run moves shards: every
+    /// epoch it sees, kept (at most [`MAPS_KEPT`]).
+    fn spawn_map_follower(
+        self: &Arc<Self>,
+        done: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.profile.events.iter().any(crate::profile::Event::moves_shards) {
+            return None;
+        }
+        let runner = self.clone();
+        Some(tokio::spawn(async move {
+            while !done.load(Relaxed) {
+                if let Ok(c) = runner.http.send("GET", "/v1/cluster", None).await {
+                    let v = c.json();
+                    let owners: Vec<CellId> = v["shard_map"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|o| o.as_u64())
+                        .map(|o| CellId(o as u32))
+                        .collect();
+                    if let (Some(epoch), Ok(map)) =
+                        (v["epoch"].as_u64(), ShardMap::new(v["epoch"].as_u64().unwrap_or(0), owners))
+                    {
+                        let mut maps = runner.maps.lock().expect("maps lock");
+                        if maps.len() < MAPS_KEPT {
+                            maps.entry(epoch).or_insert(map);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }))
     }
 
     async fn request_inner(
@@ -314,9 +373,10 @@ impl Runner {
         op: Operation,
         rng: &mut SmallRng,
         n: u64,
-    ) -> (Result<Answer, String>, Option<u32>, u64, Option<(bool, String)>) {
+    ) -> (Result<Answer, String>, Option<usize>, u64, Option<(bool, String)>) {
         let ids = &self.keys.ids;
-        let expect = |i: usize| Some(self.keys.cell_of[i]);
+        // The account whose owner should answer (payer, or the account read).
+        let expect = |i: usize| Some(i);
         match op {
             Operation::Transfer => {
                 let (a, b) = self.payer_payee(rng);
@@ -588,6 +648,7 @@ impl Runner {
             })
         };
         let events = self.spawn_events(start);
+        let follower = self.spawn_map_follower(done.clone());
         let mut generator = Generator {
             intended_requests: arrivals.len() as u64,
             in_flight_max: self.options.in_flight_max,
@@ -653,6 +714,9 @@ impl Runner {
         }
         done.store(true, Relaxed);
         let _ = poller.await;
+        if let Some(follower) = follower {
+            let _ = follower.await;
+        }
         let ledger = if self.options.shadow { "shadow" } else { "real" };
         sample_window(&self.http, ledger, &window_held_min_ms, &window_promised_ms).await;
         let events = events.await.unwrap_or_default();
@@ -693,6 +757,7 @@ impl Runner {
         let record =
             Arc::try_unwrap(record).ok().expect("every request task is done").into_inner().expect("record lock");
         checks.wrong_cell_answers = record.wrong_cell;
+        checks.owner_unverified = record.owner_unverified;
         let per = |a: Option<f64>, b: Option<f64>, scale: f64| match (a, b) {
             (Some(a), Some(b)) if record.payments > 0 => Some((b - a) * scale / record.payments as f64),
             _ => None,
@@ -717,20 +782,34 @@ impl Runner {
 
     /// Acts on the profile's events at their times: `halt_cell` and
     /// `restart_cell` call the drill endpoints of the target (admin token,
-    /// `serve --drills true`).
+    /// `serve --drills true`); `add_cell`, `drain_cell` and `move_shards`
+    /// start shard moves (admin token).
     fn spawn_events(&self, start: tokio::time::Instant) -> tokio::task::JoinHandle<Vec<EventDone>> {
         let (http, events) = (self.http.with_shadow(false), self.profile.events.clone());
+        let cells = self.keys.by_cell.len();
         tokio::spawn(async move {
             let mut done = Vec::new();
             for e in events {
                 tokio::time::sleep_until(start + Duration::from_secs_f64(e.at_s)).await;
-                let verb = match e.action.as_str() {
-                    "halt_cell" => "halt",
-                    "restart_cell" => "restart",
-                    other => unreachable!("a checked profile has no event {other}"),
+                let cell = e.cell.unwrap_or(0);
+                let (path, body) = match (e.action.as_str(), e.shard) {
+                    ("halt_cell", _) => (format!("/v1/admin/cells/{cell}/halt"), None),
+                    ("restart_cell", _) => (format!("/v1/admin/cells/{cell}/restart"), None),
+                    ("drain_cell", _) => (format!("/v1/admin/cells/{cell}/drain"), Some("{}".to_string())),
+                    // A new cell owns nothing: a rebalance over every cell fills it.
+                    ("add_cell", _) => {
+                        let every: Vec<usize> = (0..cells).collect();
+                        ("/v1/admin/rebalance".into(), Some(format!("{{\"cells\": {every:?}}}")))
+                    }
+                    ("move_shards", Some(shard)) => {
+                        (format!("/v1/admin/shards/{shard}/move"), Some(format!("{{\"to\": {cell}}}")))
+                    }
+                    ("move_shards", None) => {
+                        ("/v1/admin/rebalance".into(), Some(format!("{{\"moves_max\": {}}}", e.moves.unwrap_or(1))))
+                    }
+                    (other, _) => unreachable!("a checked profile has no event {other}"),
                 };
-                let path = format!("/v1/admin/cells/{}/{verb}", e.cell.unwrap_or(0));
-                let answer = http.send("POST", &path, None).await;
+                let answer = http.send("POST", &path, body).await;
                 let (status, message) = match answer {
                     Ok(a) => (a.status, a.json()["message"].as_str().map_or_else(|| a.error_code(), str::to_string)),
                     Err(e) => (0, e),
@@ -867,6 +946,22 @@ impl Runner {
                 })
         };
         let (go, readiness) = readiness(&slo, &checks, &generator, &idempotency);
+        let requests: u64 = operations.values().map(|o| o.requests).sum();
+        let shape = crate::report::RunShape {
+            payments_per_request: cost.payments as f64 / requests.max(1) as f64,
+            cells: self.keys.by_cell.len(),
+            server_cpu_s: placement.server.cpu_s,
+            duration_s,
+        };
+        let capacity = crate::report::CapacityPlan::of(
+            &timeline,
+            &self.profile.slo,
+            shape,
+            &bottleneck,
+            &cost,
+            self.profile.target_peak_per_s,
+            self.profile.headroom,
+        );
         *self.acked.lock().expect("acked lock") = record.acked.iter().cloned().collect();
         let hot_merchant = HotMerchant {
             requests: record.hot.0,
@@ -896,6 +991,7 @@ impl Runner {
             cost,
             idempotency,
             bottleneck,
+            capacity,
             go,
             readiness,
         }
@@ -904,7 +1000,8 @@ impl Runner {
 
 impl Record {
     fn record(&mut self, op: Operation, second: usize, latency_us: u64, sent: Sent) {
-        let Sent { answer, expected, payments, hot, transfer_id } = sent;
+        let Sent { answer, expected, payments, hot, transfer_id, unverified } = sent;
+        self.owner_unverified += u64::from(unverified);
         let answer = &answer;
         let latency_us = latency_us.max(1);
         let ok = matches!(answer, Ok(a) if (200..300).contains(&a.status));
