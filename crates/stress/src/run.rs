@@ -321,10 +321,17 @@ impl Runner {
         let (hot, transfer_id) = transfer.unzip();
         // The owner at the epoch the answer was served at; an epoch the run
         // has not seen a map of is counted apart, not judged.
-        let epoch = answer.as_ref().ok().and_then(|a| a.epoch);
+        // A refusal is attributed to the owner under the newest map the run
+        // knows (a cell that is down answers at no epoch of its own).
+        let served = answer.as_ref().ok().filter(|a| (200..300).contains(&a.status));
+        let epoch = served.and_then(|a| a.epoch);
         let (expected, unverified) = match (account, epoch) {
             (None, _) => (None, false),
-            (Some(i), None) => (Some(self.keys.cell_of[i]), false),
+            (Some(i), None) => {
+                let maps = self.maps.lock().expect("maps lock");
+                let newest = maps.values().next_back().map(|m| m.owner_of(&self.keys.ids[i]).0);
+                (newest.or(Some(self.keys.cell_of[i])), false)
+            }
             (Some(i), Some(e)) => match self.maps.lock().expect("maps lock").get(&e) {
                 Some(map) => (Some(map.owner_of(&self.keys.ids[i]).0), false),
                 None => (None, true),
