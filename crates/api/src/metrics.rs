@@ -317,14 +317,11 @@ pub async fn render(state: &AppState) -> String {
             for (outcome, n) in [("moved", f.moved), ("undone", f.undone), ("failed", f.failed)] {
                 counter!("cellpay_shard_moves_total", "outcome" => outcome).absolute(n);
             }
-            let mut pauses: Vec<u64> = f.pauses_us.iter().copied().collect();
-            pauses.sort_unstable();
-            if let Some(max) = pauses.last() {
-                for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
-                    let at = pauses[((pauses.len() - 1) as f64 * q).round() as usize];
-                    gauge!("cellpay_shard_move_pause_seconds", "quantile" => label).set(at as f64 / 1e6);
+            let q = f.pause_quantiles();
+            for (label, at) in [("0.5", q.p50), ("0.99", q.p99), ("1", q.max)] {
+                if let Some(us) = at {
+                    gauge!("cellpay_shard_move_pause_seconds", "quantile" => label).set(us as f64 / 1e6);
                 }
-                gauge!("cellpay_shard_move_pause_seconds", "quantile" => "1").set(*max as f64 / 1e6);
             }
             let (planned, done, failed) =
                 f.plan.as_ref().filter(|p| p.running).map_or((0, 0, 0), |p| (p.moves.len() as u64, p.done, p.failed));

@@ -530,24 +530,8 @@ pub fn reconcile_moves(
 /// The most accounts, records or entries one ledger's export may carry (I7).
 pub const EXPORT_ITEMS_MAX: u64 = 1 << 24;
 
-fn kind_tag(k: EntryKind) -> u8 {
-    match k {
-        EntryKind::Debit => 0,
-        EntryKind::Credit => 1,
-        EntryKind::Reversal => 2,
-    }
-}
-
-fn decode_kind(r: &mut Reader<'_>) -> Result<EntryKind, DecodeError> {
-    match r.u8()? {
-        0 => Ok(EntryKind::Debit),
-        1 => Ok(EntryKind::Credit),
-        2 => Ok(EntryKind::Reversal),
-        k => Err(r.error(format!("unknown entry kind {k}"))),
-    }
-}
-
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::snapshot::{decode_kind, kind_tag};
 
 /// Appends a move record.
 pub fn encode_move_record(w: &mut Writer, m: &MoveRecord) {

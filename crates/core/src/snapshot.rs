@@ -33,7 +33,7 @@ const ENTRY_BYTES_MIN: usize = 4 + 8 + 2 + 5 + 1 + 8 + 8;
 /// An inbox mark that refused nothing.
 const MARK_BYTES_MIN: usize = 8 + 8 + 1 + 8;
 
-fn kind_tag(k: EntryKind) -> u8 {
+pub(crate) fn kind_tag(k: EntryKind) -> u8 {
     match k {
         EntryKind::Debit => 0,
         EntryKind::Credit => 1,
@@ -351,7 +351,7 @@ fn decode_ref(r: &mut Reader<'_>, accounts: usize) -> Result<AccountRef, DecodeE
     }
 }
 
-fn decode_kind(r: &mut Reader<'_>) -> Result<EntryKind, DecodeError> {
+pub(crate) fn decode_kind(r: &mut Reader<'_>) -> Result<EntryKind, DecodeError> {
     match r.u8()? {
         0 => Ok(EntryKind::Debit),
         1 => Ok(EntryKind::Credit),

@@ -421,6 +421,25 @@ pub struct PlanProgress {
 /// shards, a few at a time, never the whole map in one go.
 pub const PLAN_MOVES_MAX: usize = 4096;
 
+/// The write pauses a mover kept, µs, at a few quantiles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PauseQuantiles {
+    pub p50: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+    pub count: usize,
+}
+
+impl MoverFigures {
+    /// The kept pauses at p50, p99 and max (nearest rank); none while no move ran.
+    pub fn pause_quantiles(&self) -> PauseQuantiles {
+        let mut pauses: Vec<u64> = self.pauses_us.iter().copied().collect();
+        pauses.sort_unstable();
+        let at = |q: f64| pauses.get(((pauses.len().max(1) - 1) as f64 * q).round() as usize).copied();
+        PauseQuantiles { p50: at(0.5), p99: at(0.99), max: pauses.last().copied(), count: pauses.len() }
+    }
+}
+
 /// How many move pauses a mover keeps for its figures (I7).
 pub const PAUSES_KEPT: usize = 4096;
 

@@ -342,14 +342,11 @@ pub async fn rebalance(
 pub async fn moves(State(state): State<AppState>, Extension(role): Extension<Role>) -> Result<Response, ApiError> {
     admin_only(role, "reading the shard moves")?;
     let f = mover(&state)?.figures();
-    let mut pauses: Vec<u64> = f.pauses_us.iter().copied().collect();
-    pauses.sort_unstable();
-    let at = |q: f64| pauses.get(((pauses.len() as f64 - 1.0) * q).round() as usize).copied();
     Ok(Json(json!({
         "moved": f.moved,
         "undone": f.undone,
         "failed": f.failed,
-        "pause_us": {"p50": at(0.5), "p99": at(0.99), "max": pauses.last(), "count": pauses.len()},
+        "pause_us": f.pause_quantiles(),
         "moving": f.moving.map(|(shard, from, to)| json!({"shard": shard, "from": from, "to": to})),
         "last": f.last,
         "plan": f.plan,

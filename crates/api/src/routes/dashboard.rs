@@ -137,14 +137,10 @@ pub async fn data(State(state): State<AppState>) -> Response {
         "retries": p.counters.retries.load(Relaxed),
         "moves": state.mover.get().map(|mover| {
             let f = mover.figures();
-            let mut pauses: Vec<u64> = f.pauses_us.iter().copied().collect();
-            pauses.sort_unstable();
-            let at = |q: f64| -> Option<f64> {
-                let i = ((pauses.len().max(1) - 1) as f64 * q).round() as usize;
-                pauses.get(i).map(|us| *us as f64 / 1000.0)
-            };
+            let q = f.pause_quantiles();
+            let ms = |us: Option<u64>| us.map(|us| us as f64 / 1000.0);
             json!({"moved": f.moved, "undone": f.undone, "failed": f.failed,
-                   "pause_ms": [at(0.5), at(0.99), at(1.0)], "moving": f.moving, "plan": f.plan})
+                   "pause_ms": [ms(q.p50), ms(q.p99), ms(q.max)], "moving": f.moving, "plan": f.plan})
         }),
     }))
     .into_response()
