@@ -36,6 +36,43 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Opens an overdraft bank (in shard 0) and each of `ids`, funds each with
+/// `amount` from the bank.
+fn open_funded<'a>(s: &Server, ids: impl IntoIterator<Item = &'a String>, amount: i64) {
+    let bank = ids_in_shard(0, 1, "bank").remove(0);
+    open(s, ADMIN, &bank, true);
+    for id in ids {
+        open(s, CLIENT, id, false);
+        let r = s.post(
+            "/v1/transfers",
+            ADMIN,
+            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": amount}),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+}
+
+/// Each account's balance after its funding and the acknowledged payments.
+fn expected_balances<'a>(
+    ids: impl IntoIterator<Item = &'a String>,
+    funded: i64,
+    paid: &[Paid],
+) -> std::collections::HashMap<String, i64> {
+    let mut expected: std::collections::HashMap<String, i64> = ids.into_iter().map(|id| (id.clone(), funded)).collect();
+    for (_, from, to, amount) in paid {
+        *expected.get_mut(from).unwrap() -= amount;
+        *expected.get_mut(to).unwrap() += amount;
+    }
+    expected
+}
+
+/// Every acknowledged payment is there exactly once: each balance is what was acknowledged.
+fn assert_balances(s: &Server, expected: &std::collections::HashMap<String, i64>) {
+    for (id, want) in expected {
+        assert_eq!(balance(s, id), *want, "{id}");
+    }
+}
+
 /// An acknowledged payment: (id, payer, payee, amount).
 type Paid = (String, String, String, i64);
 
@@ -94,17 +131,7 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     // Shard 4 lives in cell 1; it moves to cell 2 and then to cell 0.
     let moving = ids_in_shard(4, 4, "mv");
     let elsewhere: Vec<String> = [0u32, 2, 3, 5].iter().flat_map(|&sh| ids_in_shard(sh, 1, "ot")).collect();
-    let bank = ids_in_shard(0, 1, "bank").remove(0);
-    open(&s, ADMIN, &bank, true);
-    for id in moving.iter().chain(&elsewhere) {
-        open(&s, CLIENT, id, false);
-        let r = s.post(
-            "/v1/transfers",
-            ADMIN,
-            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 100_000}),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
-    }
+    open_funded(&s, moving.iter().chain(&elsewhere), 100_000);
     settled(&s);
     // Out of the shard (to every cell), into it (from every cell), and within it.
     let out: Vec<(String, String)> =
@@ -139,15 +166,8 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     eprintln!("{} payments acknowledged", paid.len());
     assert!(paid.len() > 30, "payments flowed through the moves: {}", paid.len());
     // Every acknowledged payment is there exactly once: balances equal what was acknowledged.
-    let mut expected: std::collections::HashMap<String, i64> =
-        moving.iter().chain(&elsewhere).map(|id| (id.clone(), 100_000)).collect();
-    for (_, from, to, amount) in &paid {
-        *expected.get_mut(from).unwrap() -= amount;
-        *expected.get_mut(to).unwrap() += amount;
-    }
-    for (id, want) in &expected {
-        assert_eq!(balance(&s, id), *want, "{id}");
-    }
+    let expected = expected_balances(moving.iter().chain(&elsewhere), 100_000, &paid);
+    assert_balances(&s, &expected);
     // A retry of a payment made before the moves is recognised at the new owner.
     let (id, from, to, amount) = paid.iter().find(|p| p.0.starts_with("out")).unwrap().clone();
     let r = s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}));
@@ -206,17 +226,7 @@ fn a_coordinator_killed_at_any_step_leaves_one_owner_and_every_payment() {
         let s = Server::start_with_env(dir.path(), &args, &[("CELLPAY_TEST_CRASH_MOVE_AT", step)]);
         let moving = ids_in_shard(4, 2, "mv");
         let other = ids_in_shard(2, 1, "ot").remove(0);
-        let bank = ids_in_shard(0, 1, "bank").remove(0);
-        open(&s, ADMIN, &bank, true);
-        for id in moving.iter().chain([&other]) {
-            open(&s, CLIENT, id, false);
-            let r = s.post(
-                "/v1/transfers",
-                ADMIN,
-                &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 1000}),
-            );
-            assert_eq!(r.status, 201, "{}", r.body);
-        }
+        open_funded(&s, moving.iter().chain([&other]), 1000);
         let r = s.post("/v1/transfers", CLIENT, &json!({"id": "p1", "from": moving[0], "to": other, "amount": 10}));
         assert_eq!(r.status, 201, "{}", r.body);
         settled(&s);
@@ -272,17 +282,7 @@ fn a_cell_added_fills_up_and_a_drained_cell_empties_under_load() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), &["--cells", "2", "--shards", "16"]);
     let accounts: Vec<String> = (0..16).flat_map(|sh| ids_in_shard(sh, 1, "ac")).collect();
-    let bank = ids_in_shard(0, 1, "bank").remove(0);
-    open(&s, ADMIN, &bank, true);
-    for id in &accounts {
-        open(&s, CLIENT, id, false);
-        let r = s.post(
-            "/v1/transfers",
-            ADMIN,
-            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 100_000}),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
-    }
+    open_funded(&s, &accounts, 100_000);
     settled(&s);
     assert_eq!(s.terminate(), Some(0));
     // The cluster grows by a cell: it starts empty.
@@ -318,15 +318,8 @@ fn a_cell_added_fills_up_and_a_drained_cell_empties_under_load() {
     assert_eq!(audit["findings"], json!([]), "{audit}");
     assert_eq!(audit["balances"], 0);
     let paid = paid.into_inner().unwrap();
-    let mut expected: std::collections::HashMap<String, i64> =
-        accounts.iter().map(|id| (id.clone(), 100_000)).collect();
-    for (_, from, to, amount) in &paid {
-        *expected.get_mut(from).unwrap() -= amount;
-        *expected.get_mut(to).unwrap() += amount;
-    }
-    for (id, want) in &expected {
-        assert_eq!(balance(&s, id), *want, "{id}");
-    }
+    let expected = expected_balances(&accounts, 100_000, &paid);
+    assert_balances(&s, &expected);
     assert!(paid.len() > 50, "payments flowed: {}", paid.len());
 }
 
@@ -344,17 +337,7 @@ fn shards_move_between_cell_processes_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::up(dir.path(), 3, 1, &["--shards", "16"]);
     let accounts: Vec<String> = (0..16).flat_map(|sh| ids_in_shard(sh, 1, "pr")).collect();
-    let bank = ids_in_shard(0, 1, "bank").remove(0);
-    open(&s, ADMIN, &bank, true);
-    for id in &accounts {
-        open(&s, CLIENT, id, false);
-        let r = s.post(
-            "/v1/transfers",
-            ADMIN,
-            &json!({"id": format!("fund-{id}"), "from": bank, "to": id, "amount": 10_000}),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
-    }
+    open_funded(&s, &accounts, 10_000);
     let pairs: Vec<(String, String)> =
         (0..accounts.len()).map(|i| (accounts[i].clone(), accounts[(i * 7 + 1) % accounts.len()].clone())).collect();
     let stop = AtomicBool::new(false);
@@ -378,13 +361,7 @@ fn shards_move_between_cell_processes_through_the_cli() {
     let audit = settled(&s);
     assert_eq!(audit["findings"], json!([]), "{audit}");
     let paid = paid.into_inner().unwrap();
-    let mut expected: std::collections::HashMap<String, i64> = accounts.iter().map(|id| (id.clone(), 10_000)).collect();
-    for (_, from, to, amount) in &paid {
-        *expected.get_mut(from).unwrap() -= amount;
-        *expected.get_mut(to).unwrap() += amount;
-    }
-    for (id, want) in &expected {
-        assert_eq!(balance(&s, id), *want, "{id}");
-    }
+    let expected = expected_balances(&accounts, 10_000, &paid);
+    assert_balances(&s, &expected);
     assert!(paid.len() > 20, "payments flowed: {}", paid.len());
 }

@@ -4,38 +4,10 @@
 //! reconciliation name it. Also: transfer ids are unique per payer, and the
 //! outbox towards one cell is bounded.
 
+mod common;
+
 use cellpay_core::*;
-
-fn id(s: &str) -> AccountId {
-    AccountId::new(s).unwrap()
-}
-
-fn cny() -> Currency {
-    Currency::new("CNY").unwrap()
-}
-
-fn open(cell: &mut CellState, name: &str, overdraft: bool) {
-    let out = cell.apply(&Command::real(Op::OpenAccount(OpenAccount {
-        id: id(name),
-        currency: cny(),
-        overdraft,
-        tenant: TenantId::default_tenant(),
-    })));
-    assert!(matches!(out, Outcome::AccountOpened { created: true, .. }), "{out:?}");
-}
-
-fn transfer(tid: &str, from: &str, to: &str, amount: i64) -> Command {
-    let t = Transfer {
-        id: TransferId::new(tid).unwrap(),
-        from: id(from),
-        to: id(to),
-        amount,
-        currency: None,
-        memo: None,
-        by: Authority::Admin,
-    };
-    Command::real(Op::Transfer(t))
-}
+use common::{cny, id, open, transfer};
 
 /// Two cells; `payer` (overdraft) and `other` live in cell 0, `payee` in cell 1.
 fn two_cells() -> (CellState, CellState, String, String, String) {

@@ -4,37 +4,10 @@
 //! hides a loss. Each audit check is first shown to fail on the fault it is
 //! there for.
 
+mod common;
+
 use cellpay_core::*;
-
-fn id(s: &str) -> AccountId {
-    AccountId::new(s).unwrap()
-}
-
-fn cny() -> Currency {
-    Currency::new("CNY").unwrap()
-}
-
-fn open(cell: &mut CellState, name: &str, overdraft: bool) {
-    let out = cell.apply(&Command::real(Op::OpenAccount(OpenAccount {
-        id: id(name),
-        currency: cny(),
-        overdraft,
-        tenant: TenantId::default_tenant(),
-    })));
-    assert!(matches!(out, Outcome::AccountOpened { created: true, .. }), "{out:?}");
-}
-
-fn transfer(tid: &str, from: &str, to: &str, amount: i64) -> Command {
-    Command::real(Op::Transfer(Transfer {
-        id: TransferId::new(tid).unwrap(),
-        from: id(from),
-        to: id(to),
-        amount,
-        currency: None,
-        memo: None,
-        by: Authority::Admin,
-    }))
-}
+use common::{cny, id, open, transfer};
 
 fn balance(cell: &CellState, name: &str) -> i64 {
     cell.ledger(false).account(&id(name)).unwrap_or_else(|| panic!("{name} is not at cell {}", cell.cell())).balance
