@@ -59,7 +59,20 @@ pub struct EngineConfig {
     pub idempotency_window: Duration,
     /// The disk tier that keeps records once they leave memory (off: they are gone).
     pub tier: TierConfig,
+    /// The most commands and reads the engine applies a second (0: no
+    /// limit): past it the writer sleeps between batches. It sizes a cell as
+    /// if it had a machine of its own, so that on one host a cell's capacity
+    /// is its own and adding cells adds capacity (the scale-out drill). A
+    /// move's steps count one each. See [`PACE_WINDOW`].
+    pub commands_per_s_max: u32,
 }
+
+/// The window over which [`EngineConfig::commands_per_s_max`] is held:
+/// within it the writer may run ahead by one batch, never further.
+pub const PACE_WINDOW: Duration = Duration::from_millis(100);
+
+/// How often a pacing engine looks at its control lane while it sleeps.
+const PACE_SLICE: Duration = Duration::from_millis(1);
 
 /// The default of [`EngineConfig::outbox_messages_max`]: about 8 MiB of
 /// waiting credits per destination, a minute of a busy pair's traffic.
@@ -144,6 +157,7 @@ impl Default for EngineConfig {
             stall_after: Duration::from_secs(5),
             idempotency_window: Duration::from_millis(IDEMPOTENCY_WINDOW_MS_DEFAULT),
             tier: TierConfig::default(),
+            commands_per_s_max: 0,
         }
     }
 }
@@ -185,20 +199,22 @@ enum Work {
     Stop {
         checkpoint: bool,
     },
+    /// Wakes an idle engine to take what waits in the control lane.
+    Wake,
 }
 
 impl Work {
     fn priority(&self) -> Priority {
         match self {
             Work::Commands { class, .. } | Work::Query { class, .. } => *class,
-            Work::Stop { .. } => Priority::Critical,
+            Work::Stop { .. } | Work::Wake => Priority::Critical,
         }
     }
 
     fn queued_at(&self) -> Option<Instant> {
         match self {
             Work::Commands { queued_at, .. } | Work::Query { queued_at, .. } => Some(*queued_at),
-            Work::Stop { .. } => None,
+            Work::Stop { .. } | Work::Wake => None,
         }
     }
 
@@ -207,7 +223,7 @@ impl Work {
         match self {
             Work::Commands { reply, .. } => drop(reply.send(Err(err))),
             Work::Query { reply, .. } => drop(reply.send(Err(err))),
-            Work::Stop { .. } => {}
+            Work::Stop { .. } | Work::Wake => {}
         }
     }
 
@@ -216,7 +232,7 @@ impl Work {
         match (self, answer) {
             (Work::Commands { reply, .. }, Answer::Commands(outcomes)) => drop(reply.send(Ok(outcomes))),
             (Work::Query { reply, .. }, Answer::Query(a)) => drop(reply.send(Ok(a))),
-            (Work::Stop { .. }, Answer::Nothing) => {}
+            (Work::Stop { .. } | Work::Wake, Answer::Nothing) => {}
             _ => unreachable!("each answer is computed from the work at its position in the batch"),
         }
     }
@@ -226,8 +242,32 @@ impl Work {
         match self {
             Work::Commands { commands, .. } => commands.len().max(1),
             Work::Query { .. } => 1,
-            // Stop is never admitted against the queue limit, so it costs nothing.
-            Work::Stop { .. } => 0,
+            // Stop and Wake are never admitted against the queue limit, so they cost nothing.
+            Work::Stop { .. } | Work::Wake => 0,
+        }
+    }
+
+    /// A shard move's step or a map install: it goes in the control lane,
+    /// ahead of the payments queued, so that a move's write pause does not
+    /// wait behind a busy cell's queue once per step.
+    fn is_control(&self) -> bool {
+        match self {
+            Work::Commands { commands, .. } => {
+                !commands.is_empty()
+                    && commands.iter().all(|c| {
+                        matches!(
+                            c.op,
+                            Op::InstallShardMap(_)
+                                | Op::FreezeShard { .. }
+                                | Op::UnfreezeShard { .. }
+                                | Op::InstallShard(_)
+                                | Op::DiscardShard { .. }
+                                | Op::DropShard { .. }
+                        )
+                    })
+            }
+            Work::Query { query, .. } => matches!(query, Query::ExportShard { .. }),
+            Work::Stop { .. } | Work::Wake => false,
         }
     }
 }
@@ -255,6 +295,20 @@ struct Shared {
     tier: Option<Arc<TierShared>>,
     /// Looks a work's keys up in the tier as it is queued (see [`Prefetcher`]).
     prefetcher: Option<std::sync::Mutex<Prefetcher>>,
+    /// The control lane: move steps and map installs, taken at the start of
+    /// every batch before the queue (see [`Work::is_control`]).
+    control: std::sync::Mutex<std::collections::VecDeque<Work>>,
+}
+
+impl Shared {
+    /// Refuses what waits in the control lane: the engine will not take it.
+    fn refuse_control(&self, reason: &str) {
+        let lane: Vec<Work> = self.control.lock().expect("control lane lock").drain(..).collect();
+        for work in lane {
+            self.queued.fetch_sub(work.cost(), Relaxed);
+            work.refuse(EngineError::Unavailable { cell: self.cell, reason: reason.to_string() });
+        }
+    }
 }
 
 /// A cheap, cloneable way to send work to a cell.
@@ -375,6 +429,16 @@ impl CellHandle {
     fn send(&self, mut work: Work) -> Result<(), EngineError> {
         let cost = work.cost();
         self.admit(cost, work.priority())?;
+        if work.is_control() {
+            // Control work needs no prefetch (it reads no idempotency record).
+            self.shared.control.lock().expect("control lane lock").push_back(work);
+            // A full queue means a busy engine, which takes the lane at its
+            // next batch anyway; a closed one, an engine that has ended.
+            if let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Work::Wake) {
+                self.shared.refuse_control("the engine is not running");
+            }
+            return Ok(());
+        }
         // The channel's capacity equals the queue limit, so with the queue
         // admitted this only fails when the engine is gone.
         let sent = match &self.shared.prefetcher {
@@ -535,6 +599,38 @@ struct Engine {
     clock: BatchClock,
 }
 
+/// Holds an engine to its commands a second ([`EngineConfig::commands_per_s_max`]).
+struct Pace {
+    per_s: u64,
+    since: Instant,
+    done: u64,
+}
+
+impl Pace {
+    fn new(per_s: u64) -> Self {
+        Self { per_s, since: Instant::now(), done: 0 }
+    }
+
+    /// After a batch of `size` commands and reads: sleeps until what the
+    /// window did is within the pace, then starts a new window once this one
+    /// is [`PACE_WINDOW`] old. Work in the control lane ends the sleep: the
+    /// pace sizes the cell's payments, and a move's steps (which a cell of
+    /// that size would serve at once) never wait for it.
+    fn hold(&mut self, size: usize, shared: &Shared) {
+        if self.per_s == 0 {
+            return;
+        }
+        self.done += size as u64;
+        let earned = Duration::from_nanos(self.done.saturating_mul(1_000_000_000) / self.per_s);
+        while self.since.elapsed() < earned && shared.control.lock().expect("control lane lock").is_empty() {
+            std::thread::sleep((earned - self.since.elapsed().min(earned)).min(PACE_SLICE));
+        }
+        if self.since.elapsed() >= PACE_WINDOW {
+            *self = Self::new(self.per_s);
+        }
+    }
+}
+
 /// Where a batch's time comes from: the wall clock in production, the
 /// simulated clock in a simulation. Unix milliseconds.
 pub type BatchClock = Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -569,7 +665,9 @@ impl SteppedCell {
         if self.ended.is_some() {
             return false;
         }
-        let Some(first) = self.cycle.carry.take().or_else(|| self.engine.rx.try_recv().ok()) else {
+        let Some(first) =
+            (self.cycle.carry.take()).or_else(|| self.engine.next_control()).or_else(|| self.engine.rx.try_recv().ok())
+        else {
             return false;
         };
         if let Some(end) = self.engine.cycle(first, &mut self.cycle) {
@@ -617,6 +715,7 @@ impl Drop for EngineExit {
             self.0.watchdog.fail("the engine thread panicked");
         }
         self.0.watchdog.engine_ended();
+        self.0.refuse_control("the engine has ended");
     }
 }
 
@@ -687,7 +786,7 @@ impl Prefetcher {
                     look(*shadow, from, id, found);
                 }
             }
-            Work::Stop { .. } => {}
+            Work::Stop { .. } | Work::Wake => {}
         }
     }
 }
@@ -750,6 +849,7 @@ impl Engine {
             outbox_messages_max: AtomicU64::new(config.outbox_messages_max),
             figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
             tier: tier.as_ref().map(|t| t.shared.clone()),
+            control: Default::default(),
             prefetcher: tier.as_mut().map(|link| {
                 std::sync::Mutex::new(Prefetcher {
                     mem: SpillBuffer::default(),
@@ -784,13 +884,16 @@ impl Engine {
     fn run(mut self) -> Result<(), StoreError> {
         let _exit = EngineExit(self.shared.clone());
         let mut cycle = Cycle::default();
+        let mut pace = Pace::new(u64::from(self.shared.config.commands_per_s_max));
         loop {
-            let Some(first) = cycle.carry.take().or_else(|| self.rx.blocking_recv()) else {
+            let Some(first) = cycle.carry.take().or_else(|| self.next_control()).or_else(|| self.rx.blocking_recv())
+            else {
                 return self.final_checkpoint().map_err(Halt::into_store);
             };
             if let Some(end) = self.cycle(first, &mut cycle) {
                 return end;
             }
+            pace.hold(cycle.previous, &self.shared);
         }
     }
 
@@ -803,6 +906,11 @@ impl Engine {
         let mut size = first.cost();
         let stop = matches!(first, Work::Stop { .. });
         batch.push(first);
+        // The control lane goes first: what waits there joins this batch.
+        while let Some(control) = self.next_control() {
+            size += control.cost();
+            batch.push(control);
+        }
         // Smart batching: take what is already queued, up to the batch
         // limit; under concurrent load, linger once for more (group commit).
         let mut lingered = false;
@@ -855,6 +963,11 @@ impl Engine {
             Some(false) => Some(Ok(())),
             None => None,
         }
+    }
+
+    /// The next work waiting in the control lane.
+    fn next_control(&self) -> Option<Work> {
+        self.shared.control.lock().expect("control lane lock").pop_front()
     }
 
     /// Whether to wait [`EngineConfig::batch_linger`] for more work before
@@ -978,7 +1091,7 @@ impl Engine {
                     }
                     answers.push(Answer::Query(answer));
                 }
-                Work::Stop { .. } => answers.push(Answer::Nothing),
+                Work::Stop { .. } | Work::Wake => answers.push(Answer::Nothing),
             }
         }
         // Records beyond the memory limit leave memory between batches, never
@@ -1087,6 +1200,7 @@ impl Engine {
         let shared = &self.shared;
         shared.watchdog.fail(reason);
         self.rx.close();
+        shared.refuse_control(&format!("failed: {reason}"));
         let refusal = || EngineError::Unavailable { cell: shared.cell, reason: format!("failed: {reason}") };
         for work in taken.drain(..) {
             work.refuse(refusal());

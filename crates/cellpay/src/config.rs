@@ -86,6 +86,17 @@ settings! {
     /// Number of shards; fixed when the cluster is created [default: 1024].
     #[arg(long, env = "CELLPAY_SHARDS")]
     shards: u32 => shards;
+    /// Of the cells, how many start owning no shard (a fresh cluster only):
+    /// capacity standing by, which `cluster add-cell` or a rebalance fills
+    /// while payments flow [default: 0].
+    #[arg(long, env = "CELLPAY_SPARE_CELLS")]
+    spare_cells: u32 => spare_cells;
+    /// The most commands and reads each cell's writer applies a second; past
+    /// it the writer sleeps between batches. It sizes a cell as if it had a
+    /// machine of its own, so that on one host adding cells adds capacity
+    /// (`cellpay drill scale-out`); 0: no limit [default: 0].
+    #[arg(long, env = "CELLPAY_CELL_COMMANDS_PER_S_MAX")]
+    cell_commands_per_s_max: u32 => cell_commands_per_s_max;
     /// Address of the HTTP API [default: 127.0.0.1:7070]; port 0 picks a free one.
     #[arg(long, env = "CELLPAY_LISTEN")]
     listen: SocketAddr => listen;
@@ -247,6 +258,10 @@ impl FileToken {
 pub struct Config {
     pub cells: u32,
     pub shards: u32,
+    /// Cells that own no shard when the cluster is created.
+    pub spare_cells: u32,
+    /// Commands and reads each cell's writer applies a second at most (0: no limit).
+    pub cell_commands_per_s_max: u32,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// `embedded`, or the PostgreSQL URL the cells' stores live in.
@@ -285,6 +300,8 @@ impl Default for Config {
         Self {
             cells: 4,
             shards: cellpay_core::SHARDS_DEFAULT,
+            spare_cells: 0,
+            cell_commands_per_s_max: 0,
             listen: "127.0.0.1:7070".parse().expect("a valid address"),
             data_dir: PathBuf::from("./cellpay-data"),
             store: "embedded".to_string(),
@@ -371,6 +388,10 @@ impl Config {
             self.shards >= self.cells && self.shards <= cellpay_core::SHARDS_MAX,
             "shards must be between the cell count and {}",
             cellpay_core::SHARDS_MAX
+        );
+        anyhow::ensure!(
+            self.spare_cells < self.cells,
+            "spare_cells must be fewer than the cells: one cell at least owns the shards"
         );
         anyhow::ensure!(self.body_bytes_max >= 1024, "body_bytes_max must be at least 1024");
         anyhow::ensure!((1..=65_536).contains(&self.batch_commands_max), "batch_commands_max must be 1..=65536");

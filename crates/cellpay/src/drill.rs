@@ -1,4 +1,4 @@
-//! `cellpay drill <overload|hot-merchant|kill-cell|failover>`: the degrade plan and
+//! `cellpay drill <overload|hot-merchant|kill-cell|failover|scale-out>`: the degrade plan and
 //! the protection stack, tested ahead of the day on a fresh cluster.
 //!
 //! Each drill starts its own `cellpay serve`, drives it with the stress
@@ -26,6 +26,9 @@ pub enum Kind {
     /// Kill the PostgreSQL primary that holds every cell's data, promote its
     /// synchronous standby, fence the old primary (always on processes).
     Failover,
+    /// Add cells during a sustain above the current cells' capacity, then
+    /// drain them after the peak (each cell's writer held to a pace).
+    ScaleOut,
 }
 
 #[derive(clap::Args)]
@@ -108,10 +111,10 @@ pub(crate) struct Cluster {
 }
 
 /// Starts the drill's server where `placement` puts it, then pins the drill (the generator).
-fn start(placement: &Plan, extra: &[&str]) -> anyhow::Result<Cluster> {
+fn start(placement: &Plan, cells: u32, extra: &[&str]) -> anyhow::Result<Cluster> {
     let token = Alphanumeric.sample_string(&mut rand::rng(), 40);
     let (server, addr) =
-        crate::child::start_server_with(4, &token, placement, extra).context("starting a fresh cluster")?;
+        crate::child::start_server_with(cells, &token, placement, extra).context("starting a fresh cluster")?;
     placement.pin_generator()?;
     Ok(Cluster { server, target: format!("http://{addr}"), token, server_cpus: placement.server_cpus(), up: None })
 }
@@ -157,7 +160,7 @@ pub(crate) async fn run_prepared(runners: Vec<Runner>) -> anyhow::Result<Vec<(Re
 }
 
 /// Seeds and runs profiles at once against the cluster.
-async fn run_all(runs: Vec<(Profile, RunOptions)>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
+pub(crate) async fn run_all(runs: Vec<(Profile, RunOptions)>) -> anyhow::Result<Vec<(Report, u64, u64)>> {
     let mut runners = Vec::new();
     for (p, o) in runs {
         runners.push(Runner::prepare(p, o).await?);
@@ -249,25 +252,7 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     let mut real = Runner::prepare(seeded("drill-real", 2)?, c.options(false, progress)).await?;
     let flood = Runner::prepare(seeded("drill-flood", 5)?, c.options(false, progress)).await?;
     let found = run_all(vec![(find, c.options(false, progress))]).await?;
-    let ramp = &found[0].0;
-    let capacity = steps
-        .iter()
-        .filter_map(|rate| {
-            let name = format!("step-{rate:.0}");
-            // The first second of a step is a transition; judge the rest by
-            // the SLO: every second's payments p99 within it, and errors
-            // within the availability SLO's budget over the step.
-            let seconds: Vec<_> = ramp.timeline.iter().filter(|s| s.stage == name).skip(1).collect();
-            let (errors, requests) =
-                seconds.iter().fold((0, 0), |(e, n), s| (e + s.errors, n + s.requests.values().sum::<u64>()));
-            let held = !seconds.is_empty()
-                && errors as f64 <= (1.0 - AVAILABILITY_SLO) * requests as f64
-                && seconds.iter().all(|s| s.p99_ms.get("transfer").is_some_and(|p| *p <= PAYMENT_P99_SLO_MS));
-            held.then(|| {
-                seconds.iter().map(|s| s.requests.values().sum::<u64>() as f64).sum::<f64>() / seconds.len() as f64
-            })
-        })
-        .fold(0.0, f64::max);
+    let capacity = capacity_of(&found[0].0, &steps);
     anyhow::ensure!(capacity > 0.0, "the capacity ramp served nothing");
     let (real_rate, shadow_rate) = (2.4 * capacity, 0.6 * capacity);
     let at = |rate: f64| vec![Stage { name: "overload".into(), duration_s: hold_s, rate_from: rate, rate_to: rate }];
@@ -363,6 +348,29 @@ async fn overload(c: &Cluster, short: bool, progress: bool) -> anyhow::Result<(V
     reports.extend(runs.into_iter().map(|r| r.0));
     reports.push(flood_report);
     Ok((checks, figures, reports))
+}
+
+/// The capacity a ramp of constant-rate steps found: the answers per second
+/// of the fastest step that held the SLO throughout (0: none did). The first
+/// second of a step is a transition; the rest is judged by the SLO: every
+/// second's payments p99 within it, and errors within the availability
+/// SLO's budget over the step.
+pub(crate) fn capacity_of(ramp: &Report, steps: &[f64]) -> f64 {
+    steps
+        .iter()
+        .filter_map(|rate| {
+            let name = format!("step-{rate:.0}");
+            let seconds: Vec<_> = ramp.timeline.iter().filter(|s| s.stage == name).skip(1).collect();
+            let (errors, requests) =
+                seconds.iter().fold((0, 0), |(e, n), s| (e + s.errors, n + s.requests.values().sum::<u64>()));
+            let held = !seconds.is_empty()
+                && errors as f64 <= (1.0 - AVAILABILITY_SLO) * requests as f64
+                && seconds.iter().all(|s| s.p99_ms.get("transfer").is_some_and(|p| *p <= PAYMENT_P99_SLO_MS));
+            held.then(|| {
+                seconds.iter().map(|s| s.requests.values().sum::<u64>() as f64).sum::<f64>() / seconds.len() as f64
+            })
+        })
+        .fold(0.0, f64::max)
 }
 
 fn unix_ms() -> u64 {
@@ -688,6 +696,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Kind::HotMerchant => vec!["--rules".into(), hot_merchant_rules(files.path())?.display().to_string()],
         Kind::KillCell => vec!["--drills".into(), "true".into()],
         Kind::Failover => vec![],
+        Kind::ScaleOut => crate::scale_out::serve_args(args.short),
     };
     // The drill measures this cluster, not the writeback of whatever ran on
     // the machine before it: flush dirty pages first, so the cells' fsyncs do
@@ -712,7 +721,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         anyhow::ensure!(args.kind == Kind::KillCell, "--processes runs the kill-cell drill");
         start_processes(&placement, &args.postgres, &[])?
     } else {
-        start(&placement, &extra.iter().map(String::as_str).collect::<Vec<_>>())?
+        let cells = if args.kind == Kind::ScaleOut { crate::scale_out::CELLS } else { 4 };
+        start(&placement, cells, &extra.iter().map(String::as_str).collect::<Vec<_>>())?
     };
     let progress = !args.quiet;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -729,6 +739,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let how = crate::failover::How { stall: args.asynchronous, in_place: args.in_place };
                 crate::failover::failover(&cluster, pair, args.short, how, progress).await
             }
+            Kind::ScaleOut => crate::scale_out::scale_out(&cluster, args.short, progress).await,
         }?;
         anyhow::Ok(out)
     })?;
@@ -744,6 +755,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Kind::KillCell => "kill-cell",
         Kind::Failover if args.in_place => "failover --in-place",
         Kind::Failover => "failover",
+        Kind::ScaleOut => "scale-out",
     };
     for (i, r) in reports.iter().enumerate() {
         crate::stress::write_report(r, &args.report.join(format!("run-{i}-{}", r.profile)))?;

@@ -32,6 +32,7 @@ mod pg_pair;
 mod placement;
 mod rehearse;
 mod router_process;
+mod scale_out;
 mod serve;
 mod sim;
 mod stress;

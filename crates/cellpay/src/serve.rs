@@ -128,6 +128,17 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
             );
         }
         Ok(map)
+    } else if config.spare_cells > 0 {
+        // The spare cells own nothing: the shards go round-robin over the others.
+        let map = ShardMap::round_robin(config.shards, config.cells - config.spare_cells)?;
+        let file = ClusterFile {
+            cells: config.cells,
+            shards: config.shards,
+            epoch: Some(map.epoch()),
+            owners: Some(map.owners().iter().map(|c| c.0).collect()),
+        };
+        write_private(&path, &toml::to_string(&file)?, 0o644)?;
+        Ok(map)
     } else {
         let text =
             toml::to_string(&ClusterFile { cells: config.cells, shards: config.shards, epoch: None, owners: None })?;
@@ -206,6 +217,7 @@ pub(crate) fn engine_config(config: &Config) -> EngineConfig {
             options: TierOptions { bytes_max: config.idempotency_disk_bytes_max, ..TierOptions::default() },
             ..TierConfig::default()
         },
+        commands_per_s_max: config.cell_commands_per_s_max,
         ..EngineConfig::default()
     }
 }

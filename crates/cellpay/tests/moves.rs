@@ -305,15 +305,25 @@ fn a_cell_added_fills_up_and_a_drained_cell_empties_under_load() {
         let r = s.post("/v1/admin/cells/0/drain", ADMIN, &json!({"pace_ms": 5}));
         assert_eq!(r.status, 202, "{}", r.body);
         let drained = plan_done(&s);
+        let shards = shards_of(&s);
+        assert_eq!(shards[0], 0, "the drained cell owns nothing: {shards:?}");
+        assert!(shards[2] >= 4, "the new cell took a share: {shards:?}");
+        // A second drain sends nothing back to the cell drained first.
+        let r = s.post("/v1/admin/cells/1/drain", ADMIN, &json!({"pace_ms": 5}));
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert!(r.body["moves"].as_array().unwrap().iter().all(|m| m[2] == 2), "{}", r.body);
+        let again = plan_done(&s);
+        assert_eq!(again["plan"]["failed"].as_u64(), Some(0), "{again}");
         std::thread::sleep(Duration::from_millis(200));
         stop.store(true, Ordering::Relaxed);
         (filled, drained)
     });
     eprintln!("rebalance: {filled}\ndrain: {drained}");
     assert_eq!((filled["plan"]["failed"].as_u64(), drained["plan"]["failed"].as_u64()), (Some(0), Some(0)));
-    let shards = shards_of(&s);
-    assert_eq!(shards[0], 0, "the drained cell owns nothing: {shards:?}");
-    assert!(shards[2] >= 4, "the new cell took a share: {shards:?}");
+    assert_eq!(shards_of(&s), vec![0, 0, 16], "two cells drained: the third owns every shard");
+    // The last cell in service cannot be drained.
+    let r = s.post("/v1/admin/cells/2/drain", ADMIN, &json!({}));
+    assert_eq!((r.status, r.body["error"]["code"].as_str()), (409, Some("conflict")), "{}", r.body);
     let audit = settled(&s);
     assert_eq!(audit["findings"], json!([]), "{audit}");
     assert_eq!(audit["balances"], 0);

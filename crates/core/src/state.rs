@@ -558,7 +558,13 @@ impl CellState {
                         return forbidden(from);
                     }
                 }
-                QueryAnswer::Transfers(self.ledger(*shadow).transfers(id, from.as_ref(), by))
+                // Asked without the payer, every cell is asked: each answers
+                // only for the payers it owns at its epoch, so that a shard
+                // arrived here but not yet owned (or frozen on its way out)
+                // is answered once, by its owner.
+                let mut found = self.ledger(*shadow).transfers(id, from.as_ref(), by);
+                found.retain(|t| self.map.owner_of(t.from.as_str()) == self.cell);
+                QueryAnswer::Transfers(found)
             }
             Query::Entries { shadow, account, limit, before, by } => {
                 if let Some(refusal) = fenced(account.as_str()) {

@@ -279,18 +279,18 @@ impl Cluster {
             let query = Query::Transfer { shadow, id: id.clone(), from: Some(from.clone()), by: by.clone() };
             return self.query_account(from, query).await;
         }
-        let mut tasks = JoinSet::new();
-        for cell in &self.cells {
-            let (cell, id, protection, by) = (cell.clone(), id.clone(), self.protection.clone(), by.clone());
-            tasks.spawn(
-                async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id, from: None, by }).await },
-            );
+        // A shard that moved while the cells were asked could be answered by
+        // neither or by both: each cell answers for what it owns at its own
+        // epoch, so ask again until every cell was at one epoch from before
+        // it was asked until after it answered.
+        let mut answers = self.ask_every_cell(shadow, id, by).await;
+        for _ in 1..STATUS_ATTEMPTS_MAX {
+            if answers.1 {
+                break;
+            }
+            answers = self.ask_every_cell(shadow, id, by).await;
         }
-        let mut answers = Vec::with_capacity(self.cells.len());
-        while let Some(joined) = tasks.join_next().await {
-            answers.push(joined.expect("status tasks do not panic"));
-        }
-        answers.sort_by_key(|r| r.cell);
+        let mut answers = answers.0;
         if let Some(i) = answers.iter().position(|r| r.result.is_err()) {
             return answers.swap_remove(i);
         }
@@ -308,6 +308,27 @@ impl Cluster {
             }
         }
         Routed { cell: cell.0, epoch: cell.1, result: Ok(QueryAnswer::Transfers(found)) }
+    }
+
+    /// Asks every cell for the transfers with `id` at once; answers them
+    /// sorted by cell, and whether every cell stayed at one epoch, the same
+    /// for all, from before it was asked until after it answered.
+    async fn ask_every_cell(&self, shadow: bool, id: &TransferId, by: &Authority) -> (Vec<Routed<QueryAnswer>>, bool) {
+        let before: Vec<u64> = self.cells.iter().map(|c| c.status().epoch).collect();
+        let mut tasks = JoinSet::new();
+        for cell in &self.cells {
+            let (cell, id, protection, by) = (cell.clone(), id.clone(), self.protection.clone(), by.clone());
+            tasks.spawn(
+                async move { Self::ask(&protection, &cell, Query::Transfer { shadow, id, from: None, by }).await },
+            );
+        }
+        let mut answers = Vec::with_capacity(self.cells.len());
+        while let Some(joined) = tasks.join_next().await {
+            answers.push(joined.expect("status tasks do not panic"));
+        }
+        answers.sort_by_key(|r| r.cell);
+        let one_epoch = answers.iter().zip(&before).all(|(r, b)| r.epoch == *b && r.epoch == before[0]);
+        (answers, one_epoch)
     }
 
     /// Starts a relay for every ordered pair of cells and both ledgers. They
@@ -359,6 +380,10 @@ impl Cluster {
         Ok((map.epoch(), digests))
     }
 }
+
+/// How many times a status asked of every cell is asked while a shard move
+/// changes an epoch under it (see [`Cluster::transfer_status`]).
+const STATUS_ATTEMPTS_MAX: usize = 5;
 
 /// The longest a command waits for a shard frozen for a move (I7); a move's
 /// cutover takes milliseconds, and one that does not finish in time is undone.

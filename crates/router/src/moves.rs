@@ -417,6 +417,9 @@ pub struct PlanProgress {
     pub last_error: Option<String>,
 }
 
+/// How long a plan measures the shards' load over (see [`Mover::shard_weights`]).
+pub const LOAD_SAMPLE: Duration = Duration::from_millis(500);
+
 /// How many moves one plan may hold (I7): a rebalance moves a share of the
 /// shards, a few at a time, never the whole map in one go.
 pub const PLAN_MOVES_MAX: usize = 4096;
@@ -490,10 +493,22 @@ impl Mover {
         result
     }
 
-    /// The measured load of each shard (commands that changed it since its
-    /// owner started), from each shard's owner, plus one per shard so that an
-    /// idle shard still weighs something.
+    /// The measured load of each shard: the commands that changed it during
+    /// [`LOAD_SAMPLE`] (two samples of every owner's counts, so that what a
+    /// shard did long ago, its seeding say, weighs nothing), plus one per
+    /// shard so that an idle shard still weighs something. On a cluster idle
+    /// over the sample, the counts since each owner started.
     pub async fn shard_weights(&self, map: &ShardMap) -> Result<Vec<u64>, MoveError> {
+        let first = self.shard_loads(map).await?;
+        tokio::time::sleep(LOAD_SAMPLE).await;
+        let second = self.shard_loads(map).await?;
+        let recent: Vec<u64> = second.iter().zip(&first).map(|(b, a)| b.saturating_sub(*a)).collect();
+        let loads = if recent.iter().any(|n| *n > 0) { recent } else { second };
+        Ok(loads.into_iter().map(|n| 1 + n).collect())
+    }
+
+    /// Each shard's count of commands that changed it, from its owner under `map`.
+    async fn shard_loads(&self, map: &ShardMap) -> Result<Vec<u64>, MoveError> {
         let mut per_cell = Vec::with_capacity(self.cells.len());
         for cell in &self.cells {
             match cell.query(Query::ShardLoad).await.map_err(|e| cell_error(cell.cell(), e))? {
@@ -505,7 +520,7 @@ impl Mover {
             .owners()
             .iter()
             .enumerate()
-            .map(|(s, owner)| 1 + per_cell[owner.0 as usize].get(s).copied().unwrap_or(0))
+            .map(|(s, owner)| per_cell[owner.0 as usize].get(s).copied().unwrap_or(0))
             .collect())
     }
 
@@ -521,14 +536,23 @@ impl Mover {
         for (s, owner) in map.owners().iter().enumerate() {
             totals[owner.0 as usize] += weights[s];
         }
-        self.drained.lock().expect("drained lock").insert(cell.0);
+        // Shards go to the cells still in service: not to one drained before.
+        let targets: Vec<usize> = {
+            let mut drained = self.drained.lock().expect("drained lock");
+            let targets: Vec<usize> =
+                (0..self.cells.len()).filter(|c| *c != cell.0 as usize && !drained.contains(&(*c as u32))).collect();
+            if targets.is_empty() {
+                return Err(MoveError::Invalid(format!("cannot drain cell {cell}: every other cell is drained")));
+            }
+            drained.insert(cell.0);
+            targets
+        };
         let mut plan = Vec::new();
         let mut mine: Vec<usize> = (0..map.shards() as usize).filter(|s| map.owners()[*s] == cell).collect();
         // Heaviest first, so the last moves even out what is left.
         mine.sort_by_key(|s| std::cmp::Reverse(weights[*s]));
         for s in mine {
-            let to =
-                (0..self.cells.len()).filter(|c| *c != cell.0 as usize).min_by_key(|c| totals[*c]).expect("two cells");
+            let to = *targets.iter().min_by_key(|c| totals[**c]).expect("one target at least");
             totals[to] += weights[s];
             plan.push((s as u32, cell.0, to as u32));
         }

@@ -143,13 +143,35 @@ struct BatchBody<'a> {
     transfers: Vec<TransferBody<'a>>,
 }
 
-/// The seeded accounts, grouped by cell, and the chooser of keys.
+/// The seeded accounts and the chooser of keys.
 struct Keys {
     ids: Vec<String>,
-    by_cell: Vec<Vec<usize>>,
-    cell_of: Vec<u32>,
+    /// The cells of the cluster.
+    cells: usize,
     zipf_payer: Option<Zipf<f64>>,
     zipf_payee: Option<Zipf<f64>>,
+}
+
+/// The seeded accounts grouped by the cell that owns them under the newest
+/// map the run has seen: a cross-cell share stays what the profile says
+/// while shards move.
+struct Owners {
+    epoch: u64,
+    by_cell: Vec<Vec<usize>>,
+    cell_of: Vec<u32>,
+}
+
+impl Owners {
+    fn of(map: &ShardMap, ids: &[String], cells: usize) -> Self {
+        let mut by_cell = vec![Vec::new(); cells.max(1)];
+        let cell_of: Vec<u32> = ids.iter().map(|id| map.owner_of(id).0).collect();
+        for (i, c) in cell_of.iter().enumerate() {
+            if let Some(pool) = by_cell.get_mut(*c as usize) {
+                pool.push(i);
+            }
+        }
+        Self { epoch: map.epoch(), by_cell, cell_of }
+    }
 }
 
 impl Keys {
@@ -166,6 +188,7 @@ pub struct Runner {
     options: RunOptions,
     http: Http,
     keys: Keys,
+    owners: std::sync::RwLock<Arc<Owners>>,
     run_id: String,
     recent: Mutex<VecDeque<(String, usize)>>,
     /// The shard maps seen during the run, by epoch: each answer is checked
@@ -202,11 +225,7 @@ impl Runner {
             .map_err(|e| RunError::Target(format!("the cluster's shard map: {e}")))?;
         let cells = c["cells"].as_array().map_or(0, |v| v.len());
         let ids: Vec<String> = (0..profile.accounts).map(|i| account_name(&profile.name, i)).collect();
-        let mut by_cell = vec![Vec::new(); cells.max(1)];
-        let cell_of: Vec<u32> = ids.iter().map(|id| map.owner_of(id).0).collect();
-        for (i, c) in cell_of.iter().enumerate() {
-            by_cell[*c as usize].push(i);
-        }
+        let owners = std::sync::RwLock::new(Arc::new(Owners::of(&map, &ids, cells)));
         let zipf = |d: &Distribution| match d {
             Distribution::Uniform => None,
             Distribution::Zipf { exponent } => Zipf::new(ids.len() as f64, *exponent).ok(),
@@ -215,8 +234,7 @@ impl Runner {
             zipf_payer: zipf(&profile.keys.payer),
             zipf_payee: zipf(&profile.keys.payee),
             ids,
-            by_cell,
-            cell_of,
+            cells: cells.max(1),
         };
         let run_id: String = format!("{:08x}", rand::random::<u32>());
         let runner = Self {
@@ -224,6 +242,7 @@ impl Runner {
             options,
             http,
             keys,
+            owners,
             run_id,
             recent: Mutex::new(VecDeque::new()),
             acked: Mutex::new(Vec::new()),
@@ -291,22 +310,23 @@ impl Runner {
 
     fn payer_payee(&self, rng: &mut SmallRng) -> (usize, usize) {
         let k = &self.keys;
+        let at = self.owners.read().expect("owners lock").clone();
         let n = k.ids.len();
         let payer = k.pick(rng, &k.zipf_payer);
         let p = &self.profile.keys;
         let mut payee = if p.hot_share > 0.0 && rng.random_bool(p.hot_share) {
             rng.random_range(0..p.hot_merchants)
-        } else if k.by_cell.len() > 1 && rng.random_bool(p.cross_cell_share) {
-            let own = k.cell_of[payer] as usize;
-            let other = (own + rng.random_range(1..k.by_cell.len())) % k.by_cell.len();
-            let pool = &k.by_cell[other];
+        } else if at.by_cell.len() > 1 && rng.random_bool(p.cross_cell_share) {
+            let own = at.cell_of[payer] as usize;
+            let other = (own + rng.random_range(1..at.by_cell.len())) % at.by_cell.len();
+            let pool = &at.by_cell[other];
             if pool.is_empty() {
                 k.pick(rng, &k.zipf_payee)
             } else {
                 pool[rng.random_range(0..pool.len())]
             }
         } else {
-            let pool = &k.by_cell[k.cell_of[payer] as usize];
+            let pool = &at.by_cell[at.cell_of[payer] as usize];
             pool[rng.random_range(0..pool.len())]
         };
         if payee == payer {
@@ -330,7 +350,7 @@ impl Runner {
             (Some(i), None) => {
                 let maps = self.maps.lock().expect("maps lock");
                 let newest = maps.values().next_back().map(|m| m.owner_of(&self.keys.ids[i]).0);
-                (newest.or(Some(self.keys.cell_of[i])), false)
+                (newest.or(Some(self.owners.read().expect("owners lock").cell_of[i])), false)
             }
             (Some(i), Some(e)) => match self.maps.lock().expect("maps lock").get(&e) {
                 Some(map) => (Some(map.owner_of(&self.keys.ids[i]).0), false),
@@ -364,6 +384,11 @@ impl Runner {
                     if let (Some(epoch), Ok(map)) =
                         (v["epoch"].as_u64(), ShardMap::new(v["epoch"].as_u64().unwrap_or(0), owners))
                     {
+                        let newer = runner.owners.read().expect("owners lock").epoch < epoch;
+                        if newer {
+                            let owners = Arc::new(Owners::of(&map, &runner.keys.ids, runner.keys.cells));
+                            *runner.owners.write().expect("owners lock") = owners;
+                        }
                         let mut maps = runner.maps.lock().expect("maps lock");
                         if maps.len() < MAPS_KEPT {
                             maps.entry(epoch).or_insert(map);
@@ -392,10 +417,14 @@ impl Runner {
                 let body = TransferBody { id: &id, from: &ids[a], to: &ids[b], amount: rng.random_range(1..=100) };
                 let body = serde_json::to_string(&body).expect("a transfer serializes");
                 let answer = self.http.send("POST", "/v1/transfers", Some(body)).await;
-                let mut recent = self.recent.lock().expect("recent lock");
-                recent.push_back((id.clone(), a));
-                if recent.len() > 4096 {
-                    recent.pop_front();
+                // A status read asks for a transfer the cluster accepted: one
+                // it refused (shed above capacity) is rightly not found.
+                if answer.as_ref().is_ok_and(|a| (200..300).contains(&a.status)) {
+                    let mut recent = self.recent.lock().expect("recent lock");
+                    recent.push_back((id.clone(), a));
+                    if recent.len() > 4096 {
+                        recent.pop_front();
+                    }
                 }
                 (answer, expect(a), 1, Some((hot, format!("{id}?from={}", ids[a]))))
             }
@@ -793,7 +822,7 @@ impl Runner {
     /// start shard moves (admin token).
     fn spawn_events(&self, start: tokio::time::Instant) -> tokio::task::JoinHandle<Vec<EventDone>> {
         let (http, events) = (self.http.with_shadow(false), self.profile.events.clone());
-        let cells = self.keys.by_cell.len();
+        let cells = self.keys.cells;
         tokio::spawn(async move {
             let mut done = Vec::new();
             for e in events {
@@ -956,7 +985,7 @@ impl Runner {
         let requests: u64 = operations.values().map(|o| o.requests).sum();
         let shape = crate::report::RunShape {
             payments_per_request: cost.payments as f64 / requests.max(1) as f64,
-            cells: self.keys.by_cell.len(),
+            cells: self.keys.cells,
             server_cpu_s: placement.server.cpu_s,
             duration_s,
         };
