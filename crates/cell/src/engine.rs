@@ -693,6 +693,7 @@ impl Drop for SteppedCell {
         // Like an engine thread's end: the cell stops serving at once.
         self.engine.shared.watchdog.engine_ended();
         self.engine.rx.close();
+        self.engine.shared.refuse_control("the engine has ended");
     }
 }
 
