@@ -325,3 +325,32 @@ fn a_standing_queue_sheds_shadow_then_history_then_reads_and_never_payments() {
     let counted: Vec<u64> = h.stats().shed.iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).collect();
     assert_eq!(counted, shed.to_vec(), "the engine counts what it shed, per class");
 }
+
+/// A map install (like every step of a shard move) goes in the control lane:
+/// it is answered with the next batch, not after the payments queued before
+/// it. The engine is paced to 200 commands a second in batches of 10, so the
+/// 300 transfers queued first take 1.5 s; in one queue the install would wait
+/// for all of them.
+#[test]
+fn a_map_install_goes_ahead_of_queued_payments() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig { commands_per_s_max: 200, batch_commands_max: 10, ..EngineConfig::default() };
+    let cell = start(dir.path(), config);
+    let h = cell.handle();
+    h.submit(vec![open_cmd("bank", true), open_cmd("alice", false)]).unwrap().wait_blocking().unwrap();
+    let started = std::time::Instant::now();
+    let queued: Vec<_> =
+        (0..300).map(|i| h.submit(vec![transfer_cmd(&format!("q{i}"), "bank", "alice", 1)]).unwrap()).collect();
+    let next = ShardMap::new(2, one_cell_map().owners().to_vec()).unwrap();
+    let install = h.submit(vec![Command::real(Op::InstallShardMap(next))]).unwrap().wait_blocking().unwrap();
+    let control = started.elapsed();
+    assert!(install[0].changed_state(), "{install:?}");
+    for q in queued {
+        q.wait_blocking().unwrap();
+    }
+    let payments = started.elapsed();
+    assert!(payments >= std::time::Duration::from_millis(1200), "the pace held the payments: {payments:?}");
+    assert!(control * 3 < payments, "the install waited {control:?} of the payments' {payments:?}");
+    assert_eq!(h.epoch(), 2);
+    assert_eq!(balance(&cell, "alice"), 300);
+}
