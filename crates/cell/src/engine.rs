@@ -298,6 +298,8 @@ struct Shared {
     /// The control lane: move steps and map installs, taken at the start of
     /// every batch before the queue (see [`Work::is_control`]).
     control: std::sync::Mutex<std::collections::VecDeque<Work>>,
+    /// A `Work::Wake` is in the queue (there is at most one).
+    wake_queued: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -428,17 +430,10 @@ impl CellHandle {
 
     fn send(&self, mut work: Work) -> Result<(), EngineError> {
         let cost = work.cost();
-        self.admit(cost, work.priority())?;
         if work.is_control() {
-            // Control work needs no prefetch (it reads no idempotency record).
-            self.shared.control.lock().expect("control lane lock").push_back(work);
-            // A full queue means a busy engine, which takes the lane at its
-            // next batch anyway; a closed one, an engine that has ended.
-            if let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Work::Wake) {
-                self.shared.refuse_control("the engine is not running");
-            }
-            return Ok(());
+            return self.send_control(work, cost);
         }
+        self.admit(cost, work.priority())?;
         // The channel's capacity equals the queue limit, so with the queue
         // admitted this only fails when the engine is gone.
         let sent = match &self.shared.prefetcher {
@@ -453,6 +448,32 @@ impl CellHandle {
             self.shared.queued.fetch_sub(cost, Relaxed);
             EngineError::Unavailable { cell: self.shared.cell, reason: "the engine is not running".into() }
         })
+    }
+
+    /// Control work goes in the control lane, past the queue limit: a few
+    /// move steps at a time (the mover runs one move at a time), and a move
+    /// refused `overloaded` at a busy cell would hold its shard frozen longer.
+    fn send_control(&self, work: Work, cost: usize) -> Result<(), EngineError> {
+        let s = &self.shared;
+        let health = s.watchdog.health();
+        if !health.is_serving() {
+            return Err(EngineError::Unavailable { cell: s.cell, reason: health.to_string() });
+        }
+        s.queued.fetch_add(cost, Relaxed);
+        // Control work needs no prefetch (it reads no idempotency record).
+        s.control.lock().expect("control lane lock").push_back(work);
+        // One wake in the queue at a time (its slot is one more than the
+        // queue limit): a busy engine takes the lane at its next batch anyway.
+        if !s.wake_queued.swap(true, Relaxed) {
+            if let Err(e) = self.tx.try_send(Work::Wake) {
+                s.wake_queued.store(false, Relaxed);
+                if matches!(e, mpsc::error::TrySendError::Closed(_)) {
+                    // The engine has ended: it will not take the lane.
+                    s.refuse_control("the engine is not running");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Queues commands; the answer comes once their batch is durable.
@@ -665,8 +686,9 @@ impl SteppedCell {
         if self.ended.is_some() {
             return false;
         }
-        let Some(first) =
-            (self.cycle.carry.take()).or_else(|| self.engine.next_control()).or_else(|| self.engine.rx.try_recv().ok())
+        let Some(first) = (self.cycle.carry.take())
+            .or_else(|| self.engine.next_control())
+            .or_else(|| self.engine.rx.try_recv().ok().inspect(|w| self.engine.took(w)))
         else {
             return false;
         };
@@ -835,7 +857,8 @@ impl Engine {
             None => None,
         };
         // One slot more than the queue limit, kept for the single Stop.
-        let (tx, rx) = mpsc::channel(config.queue_commands_max + 1);
+        // The queue limit, plus a slot for Stop and one for a Wake.
+        let (tx, rx) = mpsc::channel(config.queue_commands_max + 2);
         let shared = Arc::new(Shared {
             cell,
             outbox: watch::Sender::new(0),
@@ -851,6 +874,7 @@ impl Engine {
             figures: std::sync::Mutex::new(Arc::new(CellFigures::of(&state, &config))),
             tier: tier.as_ref().map(|t| t.shared.clone()),
             control: Default::default(),
+            wake_queued: Default::default(),
             prefetcher: tier.as_mut().map(|link| {
                 std::sync::Mutex::new(Prefetcher {
                     mem: SpillBuffer::default(),
@@ -887,15 +911,27 @@ impl Engine {
         let mut cycle = Cycle::default();
         let mut pace = Pace::new(u64::from(self.shared.config.commands_per_s_max));
         loop {
-            let Some(first) = cycle.carry.take().or_else(|| self.next_control()).or_else(|| self.rx.blocking_recv())
+            let Some(first) = (cycle.carry.take())
+                .or_else(|| self.next_control())
+                .or_else(|| self.rx.blocking_recv().inspect(|w| self.took(w)))
             else {
-                return self.final_checkpoint().map_err(Halt::into_store);
+                let end = self.final_checkpoint().map_err(Halt::into_store);
+                return self.end(end);
             };
             if let Some(end) = self.cycle(first, &mut cycle) {
-                return end;
+                return self.end(end);
             }
             pace.hold(cycle.previous, &self.shared);
         }
+    }
+
+    /// The engine's end: the queue closes first, so that control work sent
+    /// from now on finds it closed and is refused by its sender, then what
+    /// waits in the lane is refused here.
+    fn end(&mut self, end: Result<(), StoreError>) -> Result<(), StoreError> {
+        self.rx.close();
+        self.shared.refuse_control("the engine has ended");
+        end
     }
 
     /// One batch: takes `first` and what else is queued (up to the batch
@@ -916,9 +952,10 @@ impl Engine {
         // limit; under concurrent load, linger once for more (group commit).
         let mut lingered = false;
         loop {
-            while !stop && carry.is_none() && size < self.shared.config.batch_commands_max {
+            while !stop && carry.is_none() && size < self.batch_max() {
                 let Ok(next) = self.rx.try_recv() else { break };
-                if size + next.cost() > self.shared.config.batch_commands_max {
+                self.took(&next);
+                if size + next.cost() > self.batch_max() {
                     *carry = Some(next);
                     break;
                 }
@@ -966,6 +1003,28 @@ impl Engine {
         }
     }
 
+    /// The most commands a batch takes from the queue: the batch limit, and
+    /// for a paced engine what the pace allows in one [`PACE_WINDOW`], so that
+    /// the sleep after a batch stays within the window.
+    fn batch_max(&self) -> usize {
+        let config = &self.shared.config;
+        match u64::from(config.commands_per_s_max) {
+            0 => config.batch_commands_max,
+            per_s => {
+                let per_window = (per_s * PACE_WINDOW.as_millis() as u64 / 1000).max(1);
+                config.batch_commands_max.min(usize::try_from(per_window).unwrap_or(usize::MAX))
+            }
+        }
+    }
+
+    /// Work just taken from the queue: a wake taken lets the next control
+    /// work send another (see `CellHandle::send_control`).
+    fn took(&self, work: &Work) {
+        if matches!(work, Work::Wake) {
+            self.shared.wake_queued.store(false, Relaxed);
+        }
+    }
+
     /// The next work waiting in the control lane.
     fn next_control(&self) -> Option<Work> {
         self.shared.control.lock().expect("control lane lock").pop_front()
@@ -981,7 +1040,7 @@ impl Engine {
         !closed
             && previous > 1
             && !self.shared.config.batch_linger.is_zero()
-            && size < self.shared.config.batch_commands_max
+            && size < self.batch_max()
             && batch.iter().any(|w| matches!(w, Work::Commands { .. }))
     }
 
@@ -992,7 +1051,9 @@ impl Engine {
     fn shed_late(&mut self, batch: &mut Vec<Work>) {
         let now = Instant::now();
         let mut longest = Duration::ZERO;
-        for work in batch.iter() {
+        // Control work waits for no queue (the control lane): counting its
+        // waits would tell the controller the queue drained when it did not.
+        for work in batch.iter().filter(|w| !w.is_control()) {
             if let Some(at) = work.queued_at() {
                 let waited = now.saturating_duration_since(at);
                 longest = longest.max(waited);
@@ -1012,7 +1073,7 @@ impl Engine {
         for work in batch.drain(..) {
             let class = work.priority();
             let waited = work.queued_at().map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
-            if QueueDelay::sheds(level, class) && waited > target {
+            if !work.is_control() && QueueDelay::sheds(level, class) && waited > target {
                 stats.shed[class.rank()].fetch_add(1, Relaxed);
                 work.refuse(EngineError::Shed {
                     cell,

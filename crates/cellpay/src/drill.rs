@@ -143,6 +143,7 @@ impl Cluster {
             in_flight_max: GENERATOR_IN_FLIGHT_MAX,
             progress,
             server_cpus: self.server_cpus.clone(),
+            follow_map: false,
         }
     }
 }

@@ -59,6 +59,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         in_flight_max: 1024,
         progress: !args.quiet,
         server_cpus: placement.server_cpus(),
+        follow_map: false,
     };
     let report = crate::stress::execute(profile, options, &args.report)?;
     Ok(crate::stress::verdict(&report, &args.report))

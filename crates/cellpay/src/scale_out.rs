@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use cellpay_stress::http::Http;
 use cellpay_stress::profile::Stage;
-use cellpay_stress::{Report, Runner};
+use cellpay_stress::{Report, RunOptions, Runner};
 use serde_json::{json, Value};
 
 use crate::drill::{
@@ -174,8 +174,11 @@ pub(crate) async fn scale_out(
         "name = \"drill-scale-in\"\naccounts = 4000\nseed = 13\n{}{mix}{keys}",
         stage("seed", 1.0, 1.0, 1.0)
     ))?;
-    let sustain = Runner::prepare(sustain, c.options(false, progress)).await?;
-    let after = Runner::prepare(after, c.options(false, progress)).await?;
+    // Both runs follow the shard map: the sustain's own event moves shards,
+    // and the drill drains cells during the second.
+    let options = RunOptions { follow_map: true, ..c.options(false, progress) };
+    let sustain = Runner::prepare(sustain, options.clone()).await?;
+    let after = Runner::prepare(after, options).await?;
     let found = run_all(vec![(find, c.options(false, progress))]).await?;
     let capacity = capacity_of(&found[0].0, &steps);
     anyhow::ensure!(capacity > 0.0, "the capacity ramp of one cell served nothing within the SLO");

@@ -96,6 +96,9 @@ fn cluster_file(config: &Config) -> anyhow::Result<ShardMap> {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let stored: ClusterFile = toml::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
         let map = stored.map().with_context(|| format!("{} is damaged", path.display()))?;
+        if config.spare_cells > 0 {
+            say!("cellpay: spare_cells applies when a cluster is created; this one exists and its shard map stands");
+        }
         anyhow::ensure!(
             stored.cells <= config.cells,
             "{} holds a cluster of {} cells, but {} were asked for; a cluster grows, and a drained cell stays \

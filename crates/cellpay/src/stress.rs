@@ -30,6 +30,11 @@ pub struct Args {
     /// Keep it below the server's connection limit (serve's default is 4096).
     #[arg(long, default_value_t = 1024)]
     pub in_flight_max: usize,
+    /// Follow the cluster's shard map during the run (shards moved by an
+    /// operator meanwhile): each answer is judged by the owner at its epoch.
+    /// On whenever the profile moves shards itself.
+    #[arg(long)]
+    pub follow_map: bool,
     /// Multiplies every stage's arrival rates (to find the rate at which a profile still passes).
     #[arg(long, default_value_t = 1.0)]
     pub rate_scale: f64,
@@ -78,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         in_flight_max: args.in_flight_max,
         progress: !args.quiet,
         server_cpus: placement.server_cpus(),
+        follow_map: args.follow_map,
     };
     let report = execute(profile, options, &args.report)?;
     Ok(verdict(&report, &args.report))

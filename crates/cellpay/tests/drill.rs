@@ -198,10 +198,13 @@ fn scale_out_adds_cells_under_load_and_drains_them_after() {
     assert!(matches!(code, Some(0 | 1)), "a verdict, not an error: {stdout}");
     verdict_line(&stdout, "scale-out", code == Some(0));
     let f = &report["figures"];
-    let p99 = f["payments_admitted_p99_ms"].as_f64().unwrap();
-    assert_eq!(check(&report, "payments_p99")["pass"], p99 <= 100.0, "{f}");
-    assert_eq!(report["pass"], report["checks"].as_array().unwrap().iter().all(|c| c["pass"] == true));
+    assert!(f["payments_admitted_p99_ms"].as_f64().unwrap() > 0.0, "{f}");
     assert!(f["rise"].as_f64().unwrap() >= 1.5, "{f}");
+    let moves = &f["scale_out_moves"];
+    assert!(moves["planned"].as_u64().unwrap() >= 30, "three cells take about 48 of 64 shards: {f}");
+    assert_eq!(moves["done"], moves["planned"], "{f}");
+    assert_eq!(f["all_moves"]["failed"], 0, "{f}");
+    assert!(f["drains"].as_array().unwrap().iter().all(|d| d["failed"] == 0 && d["done"].as_u64().unwrap() > 0), "{f}");
     assert_eq!(f["shards_per_cell"]["start"], serde_json::json!([64, 0, 0, 0]), "{f}");
     assert!(f["shards_per_cell"]["grown"].as_array().unwrap().iter().all(|n| n.as_u64().unwrap() > 0), "{f}");
     assert_eq!(f["shards_per_cell"]["drained"], serde_json::json!([64, 0, 0, 0]), "{f}");
@@ -209,7 +212,5 @@ fn scale_out_adds_cells_under_load_and_drains_them_after() {
     for name in ["throughput_rises", "no_failures", "cells_added", "cells_drained", "nothing_lost", "audit"] {
         assert_eq!(check(&report, name)["pass"], true, "{name}: {}", check(&report, name));
     }
-    // The verdict names the figure that decided it, and the report holds each run.
-    assert!(stdout.contains("on 1 cell"), "{stdout}");
     assert_eq!(report["runs"].as_array().unwrap().len(), 3, "{report}");
 }

@@ -284,10 +284,12 @@ impl Cluster {
         // epoch, so ask again until every cell was at one epoch from before
         // it was asked until after it answered.
         let mut answers = self.ask_every_cell(shadow, id, by).await;
-        for _ in 1..STATUS_ATTEMPTS_MAX {
-            if answers.1 {
+        for attempt in 1..STATUS_ATTEMPTS_MAX {
+            // An error is answered as it is (the transfer may be at that cell).
+            if answers.1 || answers.0.iter().any(|r| r.result.is_err()) {
                 break;
             }
+            tokio::time::sleep(STATUS_RETRY_BACKOFF * attempt as u32).await;
             answers = self.ask_every_cell(shadow, id, by).await;
         }
         let mut answers = answers.0;
@@ -384,6 +386,9 @@ impl Cluster {
 /// How many times a status asked of every cell is asked while a shard move
 /// changes an epoch under it (see [`Cluster::transfer_status`]).
 const STATUS_ATTEMPTS_MAX: usize = 5;
+/// The wait before the status's k-th attempt is k times this (a map install
+/// at a cell takes a batch: milliseconds).
+const STATUS_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The longest a command waits for a shard frozen for a move (I7); a move's
 /// cutover takes milliseconds, and one that does not finish in time is undone.

@@ -524,6 +524,12 @@ impl Mover {
             .collect())
     }
 
+    /// Marks `cell` drained once its drain plan started: later drains send it
+    /// nothing, and a rebalance over every cell leaves it out.
+    pub fn mark_drained(&self, cell: CellId) {
+        self.drained.lock().expect("drained lock").insert(cell.0);
+    }
+
     /// Every shard of `cell` to the other cells, each to the one with the
     /// least measured load at that point of the plan.
     pub async fn plan_drain(&self, cell: CellId) -> Result<Vec<(u32, u32, u32)>, MoveError> {
@@ -538,15 +544,12 @@ impl Mover {
         }
         // Shards go to the cells still in service: not to one drained before.
         let targets: Vec<usize> = {
-            let mut drained = self.drained.lock().expect("drained lock");
-            let targets: Vec<usize> =
-                (0..self.cells.len()).filter(|c| *c != cell.0 as usize && !drained.contains(&(*c as u32))).collect();
-            if targets.is_empty() {
-                return Err(MoveError::Invalid(format!("cannot drain cell {cell}: every other cell is drained")));
-            }
-            drained.insert(cell.0);
-            targets
+            let drained = self.drained.lock().expect("drained lock");
+            (0..self.cells.len()).filter(|c| *c != cell.0 as usize && !drained.contains(&(*c as u32))).collect()
         };
+        if targets.is_empty() {
+            return Err(MoveError::Invalid(format!("cannot drain cell {cell}: every other cell is drained")));
+        }
         let mut plan = Vec::new();
         let mut mine: Vec<usize> = (0..map.shards() as usize).filter(|s| map.owners()[*s] == cell).collect();
         // Heaviest first, so the last moves even out what is left.

@@ -166,6 +166,8 @@ struct Payment {
     shadow: bool,
     /// Sent to a cell that does not own the payer.
     misrouted: bool,
+    /// The cell it was sent to.
+    target: usize,
     transfer: Transfer,
     call: CallFuture<Result<Vec<Outcome>, EngineError>>,
 }
@@ -545,7 +547,7 @@ impl Sim {
         let link = self.links[target].clone();
         let command = Command { shadow, op: Op::Transfer(transfer.clone()) };
         let call: CallFuture<_> = Box::pin(async move { link.submit(vec![command]).await });
-        self.payments.push(Payment { shadow, transfer, call, misrouted });
+        self.payments.push(Payment { shadow, transfer, call, misrouted, target });
     }
 
     /// What a client learns from an answer.
@@ -601,7 +603,11 @@ impl Sim {
                 Some(answer) => {
                     let p = self.payments.swap_remove(i);
                     match answer {
-                        Ok(outcomes) if p.misrouted => {
+                        // A misrouted payment whose payer's shard has moved to
+                        // the cell it was sent to since is that cell's to serve.
+                        Ok(outcomes)
+                            if p.misrouted && self.map.owner_of(p.transfer.from.as_str()).0 as usize != p.target =>
+                        {
                             // (A shard frozen for a move at its old owner is refused there too.)
                             let refused = matches!(outcomes.first(), Some(Outcome::Rejected(r)) if matches!(r.code, ErrorCode::WrongCell | ErrorCode::ShardFrozen));
                             if !refused {

@@ -43,6 +43,10 @@ pub struct RunOptions {
     /// The CPUs the server runs on, for the report's placement; none when
     /// not known (a server started elsewhere).
     pub server_cpus: Option<Vec<usize>>,
+    /// Follows the cluster's shard map during the run even when the
+    /// profile moves no shard (someone else moves them: a drill, an operator),
+    /// so each answer is judged by the owner at its epoch.
+    pub follow_map: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,7 +370,7 @@ impl Runner {
         self: &Arc<Self>,
         done: Arc<std::sync::atomic::AtomicBool>,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        if !self.profile.events.iter().any(crate::profile::Event::moves_shards) {
+        if !self.options.follow_map && !self.profile.events.iter().any(crate::profile::Event::moves_shards) {
             return None;
         }
         let runner = self.clone();

@@ -81,7 +81,15 @@ fn profile(rate: u32, seconds: u32) -> Profile {
 }
 
 fn options(target: String) -> RunOptions {
-    RunOptions { target, token: "t".into(), shadow: true, in_flight_max: 4096, progress: false, server_cpus: None }
+    RunOptions {
+        target,
+        token: "t".into(),
+        shadow: true,
+        in_flight_max: 4096,
+        progress: false,
+        server_cpus: None,
+        follow_map: false,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

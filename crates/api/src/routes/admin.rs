@@ -307,6 +307,7 @@ pub async fn drain_cell(
     let plan = mover.plan_drain(cellpay_core::CellId(cell)).await.map_err(plan_error)?;
     let pace = std::time::Duration::from_millis(body.pace_ms.unwrap_or(PLAN_PACE_DEFAULT_MS));
     let progress = mover.start_plan("drain", plan, pace).map_err(plan_error)?;
+    mover.mark_drained(cellpay_core::CellId(cell));
     let args = json!({"cell": cell, "moves": progress.moves.len()});
     state.record(Action { caller, by: &Authority::Admin, action: "cell_drain", args });
     Ok((axum::http::StatusCode::ACCEPTED, Json(progress)).into_response())
