@@ -71,6 +71,11 @@ pub struct EngineConfig {
 /// within it the writer may run ahead by one batch, never further.
 pub const PACE_WINDOW: Duration = Duration::from_millis(100);
 
+/// The most works waiting in a cell's control lane (I7). The mover runs one
+/// move at a time, a step at a time; the rest are map installs, one at most
+/// from each relay that saw a shard move. Beyond it, `overloaded`.
+pub const CONTROL_LANE_MAX: usize = 4096;
+
 /// How often a pacing engine looks at its control lane while it sleeps.
 const PACE_SLICE: Duration = Duration::from_millis(1);
 
@@ -459,9 +464,15 @@ impl CellHandle {
         if !health.is_serving() {
             return Err(EngineError::Unavailable { cell: s.cell, reason: health.to_string() });
         }
-        s.queued.fetch_add(cost, Relaxed);
-        // Control work needs no prefetch (it reads no idempotency record).
-        s.control.lock().expect("control lane lock").push_back(work);
+        {
+            let mut lane = s.control.lock().expect("control lane lock");
+            if lane.len() >= CONTROL_LANE_MAX {
+                return Err(EngineError::Overloaded { cell: s.cell, queued: lane.len(), max: CONTROL_LANE_MAX });
+            }
+            s.queued.fetch_add(cost, Relaxed);
+            // Control work needs no prefetch (it reads no idempotency record).
+            lane.push_back(work);
+        }
         // One wake in the queue at a time (its slot is one more than the
         // queue limit): a busy engine takes the lane at its next batch anyway.
         if !s.wake_queued.swap(true, Relaxed) {
