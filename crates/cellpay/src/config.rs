@@ -467,7 +467,7 @@ mod tests {
             assert_eq!(resolved(&[&flag, default]), plain, "{flag} {default}");
             checked += 1;
         }
-        assert_eq!(checked, 33, "every setting but --config, --token, --rules and --degrade-plan");
+        assert_eq!(checked, 35, "every setting but --config, --token, --rules and --degrade-plan");
     }
 
     #[test]
