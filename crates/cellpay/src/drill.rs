@@ -480,13 +480,27 @@ fn hot_merchant_rules(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Shards each cell owns, from the cluster's shard map: one entry per cell
+/// up to the last owner, and at least `cells` (cells owning none count 0).
+pub(crate) async fn shards_per_cell(http: &cellpay_stress::http::Http, cells: usize) -> anyhow::Result<Vec<usize>> {
+    let view = http.send("GET", "/v1/cluster", None).await.map_err(anyhow::Error::msg)?.json();
+    let map = view["shard_map"].as_array().context("the cluster view has a shard map")?;
+    let mut owned = vec![0; cells];
+    for owner in map.iter().filter_map(Value::as_u64).map(|o| o as usize) {
+        if owner >= owned.len() {
+            owned.resize(owner + 1, 0);
+        }
+        owned[owner] += 1;
+    }
+    Ok(owned)
+}
+
 /// The share of all shards `cell` owns, from the cluster's shard map.
 async fn shard_share(c: &Cluster, cell: u32) -> anyhow::Result<f64> {
     let http = cellpay_stress::http::Http::new(&c.target, &c.token, false);
-    let map = http.send("GET", "/v1/cluster", None).await.map_err(anyhow::Error::msg)?.json();
-    let owners = map["shard_map"].as_array().context("the cluster view has a shard map")?;
-    let owned = owners.iter().filter(|o| o.as_u64() == Some(u64::from(cell))).count();
-    Ok(owned as f64 / owners.len().max(1) as f64)
+    let owned = shards_per_cell(&http, 0).await?;
+    let shards: usize = owned.iter().sum();
+    Ok(owned.get(cell as usize).copied().unwrap_or(0) as f64 / shards.max(1) as f64)
 }
 
 /// The cell the kill-cell drill halts.

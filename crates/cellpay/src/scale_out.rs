@@ -28,8 +28,8 @@ use cellpay_stress::{Report, RunOptions, Runner};
 use serde_json::{json, Value};
 
 use crate::drill::{
-    capacity_of, check, errors_by_code, nothing_lost_check, profile, run_all, run_prepared, stage, Check, Cluster,
-    PAYMENT_P99_SLO_MS,
+    capacity_of, check, errors_by_code, nothing_lost_check, profile, run_all, run_prepared, shards_per_cell, stage,
+    Check, Cluster, PAYMENT_P99_SLO_MS,
 };
 
 /// The drill's cells: one owns every shard at the start, the rest stand by.
@@ -94,19 +94,6 @@ fn failures(report: &Report) -> (u64, Vec<String>) {
     (total, named)
 }
 
-/// Shards each cell owns, from the cluster's map.
-async fn owned(http: &Http) -> anyhow::Result<Vec<usize>> {
-    let view = http.send("GET", "/v1/cluster", None).await.map_err(anyhow::Error::msg)?.json();
-    let map = view["shard_map"].as_array().context("the cluster view has a shard map")?;
-    let mut owned = vec![0; CELLS as usize];
-    for owner in map.iter().filter_map(Value::as_u64) {
-        if let Some(n) = owned.get_mut(owner as usize) {
-            *n += 1;
-        }
-    }
-    Ok(owned)
-}
-
 /// The mover's figures (`GET /v1/admin/moves`).
 async fn moves(http: &Http) -> anyhow::Result<Value> {
     let answer = http.send("GET", "/v1/admin/moves", None).await.map_err(anyhow::Error::msg)?;
@@ -156,7 +143,7 @@ pub(crate) async fn scale_out(
     } else {
         ((1..=16).map(|k| 250.0 * f64::from(k)).collect(), 4.0, 60.0, 15.0, 30.0)
     };
-    let before = owned(&http).await?;
+    let before = shards_per_cell(&http, CELLS as usize).await?;
     anyhow::ensure!(
         before[0] as u32 == SHARDS,
         "the drill's cluster starts with cell 0 owning every shard: {before:?}"
@@ -202,7 +189,7 @@ pub(crate) async fn scale_out(
         other => anyhow::bail!("the drill could not add the spare cells: {other:?}"),
     };
     let out_moves = plan_finished(&http, DRAIN_WAIT_MAX).await?;
-    let grown = owned(&http).await?;
+    let grown = shards_per_cell(&http, CELLS as usize).await?;
     let (good_before, good_after) =
         (goodput_between(report, 1.0, added_at.floor()), goodput_between(report, sustain_s * 2.0 / 3.0, sustain_s));
     let p99 = report.operations.get("transfer").map_or(0.0, |o| o.admitted_latency.p99_ms);
@@ -214,7 +201,7 @@ pub(crate) async fn scale_out(
     let after_runs = run_prepared(vec![after]).await?;
     let drained = drain.await.context("the drain task")??;
     let in_moves = moves(&http).await?;
-    let shrunk = owned(&http).await?;
+    let shrunk = shards_per_cell(&http, CELLS as usize).await?;
     let (after_report, after_checked, after_missing) = &after_runs[0];
     let (after_failed, after_failed_by) = failures(after_report);
 

@@ -4,18 +4,13 @@
 //! refused with `idempotency_expired` instead of being paid again. The clock
 //! is the cell's, set per batch, never the wall clock read inside the core.
 
+mod common;
+
 use cellpay_core::*;
+use common::{cny, id, open, transfer as pay};
 
 const WINDOW_MS: u64 = 60_000;
 const T0: u64 = 1_800_000_000_000;
-
-fn id(s: &str) -> AccountId {
-    AccountId::new(s).unwrap()
-}
-
-fn cny() -> Currency {
-    Currency::new("CNY").unwrap()
-}
 
 fn admission() -> Admission {
     Admission { idempotency_window_ms: WINDOW_MS, ..Admission::UNLIMITED }
@@ -26,25 +21,10 @@ fn cell(limits: Limits) -> CellState {
     let mut c = CellState::new(CellId(0), ShardMap::round_robin(16, 1).unwrap(), limits);
     c.advance_clock(T0);
     for (name, overdraft) in [("bank", true), ("p", false), ("q", false)] {
-        let open = OpenAccount { id: id(name), currency: cny(), overdraft, tenant: TenantId::default_tenant() };
-        assert!(c.apply(&Command::real(Op::OpenAccount(open))).changed_state());
+        open(&mut c, name, overdraft);
     }
     assert!(c.admit(&pay("fund", "bank", "p", 1_000_000), &admission()).changed_state());
     c
-}
-
-fn pay(tid: &str, from: &str, to: &str, amount: i64) -> Command {
-    let by = Authority::Admin;
-    let t = Transfer {
-        id: TransferId::new(tid).unwrap(),
-        from: id(from),
-        to: id(to),
-        amount,
-        currency: None,
-        memo: None,
-        by,
-    };
-    Command::real(Op::Transfer(t))
 }
 
 fn balance(c: &CellState, name: &str) -> i64 {

@@ -2,11 +2,10 @@
 //! cross-cell flow to `settled` and to `reversed`, history paging, and the
 //! retention limits.
 
-use cellpay_core::*;
+mod common;
 
-fn id(s: &str) -> AccountId {
-    AccountId::new(s).unwrap()
-}
+use cellpay_core::*;
+use common::{id, transfer};
 
 fn open(cell: &mut CellState, name: &str, currency: &str, overdraft: bool) -> Outcome {
     let currency = Currency::new(currency).unwrap();
@@ -19,16 +18,7 @@ fn open(cell: &mut CellState, name: &str, currency: &str, overdraft: bool) -> Ou
 }
 
 fn pay(cell: &mut CellState, tid: &str, from: &str, to: &str, amount: i64) -> Outcome {
-    let t = Transfer {
-        id: TransferId::new(tid).unwrap(),
-        from: id(from),
-        to: id(to),
-        amount,
-        currency: None,
-        memo: None,
-        by: Authority::Admin,
-    };
-    cell.apply(&Command::real(Op::Transfer(t)))
+    cell.apply(&transfer(tid, from, to, amount))
 }
 
 fn code(o: &Outcome) -> Option<ErrorCode> {

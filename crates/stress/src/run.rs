@@ -201,6 +201,18 @@ pub struct Runner {
     acked: Mutex<Vec<String>>,
 }
 
+/// The shard map in a `GET /v1/cluster` answer.
+fn shard_map(view: &serde_json::Value) -> Result<ShardMap, cellpay_core::shard::ShardMapError> {
+    let owners: Vec<CellId> = view["shard_map"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_u64())
+        .map(|o| CellId(o as u32))
+        .collect();
+    ShardMap::new(view["epoch"].as_u64().unwrap_or(0), owners)
+}
+
 fn account_name(profile: &str, i: usize) -> String {
     format!("stress-{profile}-{i}")
 }
@@ -218,15 +230,7 @@ impl Runner {
             )));
         }
         let c = cluster.json();
-        let owners: Vec<CellId> = c["shard_map"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_u64())
-            .map(|v| CellId(v as u32))
-            .collect();
-        let map = ShardMap::new(c["epoch"].as_u64().unwrap_or(0), owners)
-            .map_err(|e| RunError::Target(format!("the cluster's shard map: {e}")))?;
+        let map = shard_map(&c).map_err(|e| RunError::Target(format!("the cluster's shard map: {e}")))?;
         let cells = c["cells"].as_array().map_or(0, |v| v.len());
         let ids: Vec<String> = (0..profile.accounts).map(|i| account_name(&profile.name, i)).collect();
         let owners = std::sync::RwLock::new(Arc::new(Owners::of(&map, &ids, cells)));
@@ -378,16 +382,7 @@ impl Runner {
             while !done.load(Relaxed) {
                 if let Ok(c) = runner.http.send("GET", "/v1/cluster", None).await {
                     let v = c.json();
-                    let owners: Vec<CellId> = v["shard_map"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|o| o.as_u64())
-                        .map(|o| CellId(o as u32))
-                        .collect();
-                    if let (Some(epoch), Ok(map)) =
-                        (v["epoch"].as_u64(), ShardMap::new(v["epoch"].as_u64().unwrap_or(0), owners))
-                    {
+                    if let (Some(epoch), Ok(map)) = (v["epoch"].as_u64(), shard_map(&v)) {
                         let newer = runner.owners.read().expect("owners lock").epoch < epoch;
                         if newer {
                             let owners = Arc::new(Owners::of(&map, &runner.keys.ids, runner.keys.cells));
