@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use cellpay_core::codec::BatchEncoder;
 use cellpay_core::{
-    priority_of, snapshot, AccountId, Admission, CellId, CellState, Command, IdempotencyReach, LedgerFigures, Limits,
-    NoOlder, OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, ShardMap, TransferId,
-    IDEMPOTENCY_WINDOW_MS_DEFAULT,
+    priority_of, snapshot, AccountId, Admission, CellId, CellState, Command, ErrorCode, IdempotencyReach,
+    LedgerFigures, Limits, NoOlder, OlderRecords, Op, Outcome, Priority, Query, QueryAnswer, Rejection, ShardMap,
+    TransferId, IDEMPOTENCY_WINDOW_MS_DEFAULT,
 };
 use cellpay_store::{EmbeddedStore, Store, StoreError, StoreOptions};
 use cellpay_tier::Tier;
@@ -375,6 +375,55 @@ impl CellHandle {
         match &self.shared.tier {
             None => figures,
             Some(tier) => Arc::new(CellFigures { tier: Some(tier.figures()), ..(*figures).clone() }),
+        }
+    }
+
+    /// Answers a query about the disk tier (a copy of a moving shard's
+    /// records) off the writer, or completes a shard's export with the
+    /// records its tier holds; `None` for every other query.
+    pub(crate) async fn tier_query(&self, query: &Query) -> Option<Result<QueryAnswer, EngineError>> {
+        let no_tier = || {
+            let msg = "this cell keeps no disk tier of idempotency records";
+            Some(Ok(QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg))))
+        };
+        let refused = |why: String| Some(Ok(QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why))));
+        match query.clone() {
+            Query::TierPage { shard, snapshot, seq_after, cursor } => {
+                let Some(tier) = self.shared.tier.clone() else {
+                    // Nothing left this cell's memory to copy.
+                    return Some(Ok(QueryAnswer::TierPage(Box::default())));
+                };
+                let page =
+                    tokio::task::spawn_blocking(move || tier.page(shard, snapshot, seq_after, cursor)).await.ok()?;
+                Some(Ok(page.map_or_else(
+                    |why| QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why)),
+                    |p| QueryAnswer::TierPage(Box::new(p)),
+                )))
+            }
+            Query::TierImport { shard, move_id, part, keys_max, entries, last } => {
+                let Some(tier) = self.shared.tier.clone() else { return no_tier() };
+                match tier.import((shard, move_id, part), keys_max, entries, last).await {
+                    Ok(entries) => Some(Ok(QueryAnswer::TierImported { entries })),
+                    Err(why) => refused(why),
+                }
+            }
+            Query::ExportShard { shard, older_after } => {
+                let answer = match CellHandle::query(self, query.clone()) {
+                    Ok(submitted) => submitted.wait().await,
+                    Err(e) => return Some(Err(e)),
+                };
+                let (Some(tier), Ok(QueryAnswer::ShardExport(mut export))) = (self.shared.tier.clone(), answer.clone())
+                else {
+                    return Some(answer);
+                };
+                let older = tokio::task::spawn_blocking(move || tier.older_of(shard, older_after)).await.ok()?;
+                let added = older.and_then(|older| export.add_older(older));
+                Some(Ok(match added {
+                    Ok(_) => QueryAnswer::ShardExport(export),
+                    Err(why) => QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why)),
+                }))
+            }
+            _ => None,
         }
     }
 
@@ -839,7 +888,20 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a panic without a message")
 }
 
+/// Which shards `cell` owns in `map`, by shard.
+fn owned_shards(map: &ShardMap, cell: CellId) -> Vec<bool> {
+    map.owners().iter().map(|&c| c == cell).collect()
+}
+
 impl Engine {
+    /// Drops imported tier records of shards this cell no longer owns.
+    fn prune_imports(&self) {
+        if let Some(tier) = &self.tier {
+            let map = self.state.shard_map();
+            tier.shared.prune_imports(map.epoch(), owned_shards(map, self.shared.cell));
+        }
+    }
+
     /// Recovers the cell from `store` (and its tier) and builds its engine,
     /// not yet running.
     fn build(
@@ -900,6 +962,9 @@ impl Engine {
         if let Some(link) = &mut tier {
             let (real, shadow) = state.take_spilled();
             link.spill(real, shadow, state.clock_ms());
+        }
+        if let Some(link) = &tier {
+            link.shared.prune_imports(state.shard_map().epoch(), owned_shards(state.shard_map(), cell));
         }
         let engine = Engine {
             shared: shared.clone(),
@@ -1149,6 +1214,15 @@ impl Engine {
                     queries += 1;
                     seen_through = Some(found.through);
                     let mut answer = self.state.query(query);
+                    // A shard's export carries its records the tier may not
+                    // hold durably yet; the handle adds those it holds.
+                    if let (Some(tier), Query::ExportShard { shard, .. }, QueryAnswer::ShardExport(export)) =
+                        (&mut self.tier, query, &mut answer)
+                    {
+                        if let Err(why) = export.add_older(tier.unsettled_of(*shard)) {
+                            answer = QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why));
+                        }
+                    }
                     // A status read the payer's records in memory cannot answer: the tier may.
                     if let (
                         Some(tier),
@@ -1198,6 +1272,7 @@ impl Engine {
         if self.shared.epoch.load(Relaxed) != epoch {
             *self.shared.map.lock().expect("map lock") = Arc::new(self.state.shard_map().clone());
             self.shared.epoch.store(epoch, Relaxed);
+            self.prune_imports();
         }
         let shared = self.shared.clone();
         let s = &shared.stats;

@@ -81,8 +81,14 @@ impl CellClient for CellSlot {
     }
 
     fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>> {
-        let submitted = self.handle().ok_or_else(|| self.down()).and_then(|h| h.query(query));
-        Box::pin(async move { submitted?.wait().await })
+        // Through the handle's client: tier copies and exports are completed there.
+        let handle = self.handle();
+        Box::pin(async move {
+            match handle {
+                Some(h) => CellClient::query(&h, query).await,
+                None => Err(self.down()),
+            }
+        })
     }
 
     fn outbox_signal(&self) -> watch::Receiver<u64> {

@@ -30,8 +30,20 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use cellpay_core::{idempotency_key, AccountId, CopyMarks, OldRecord, OlderRecords, TransferId};
+use cellpay_core::{
+    idempotency_key, parse_idempotency_key, shard_key_range, AccountId, CopyMarks, OldRecord, OlderRecords, TierCursor,
+    TierEntry, TierPage, TransferId,
+};
 use cellpay_tier::{Entry, Tier, TierError, TierOptions, TierView};
+
+/// The most entries one page of a tier copy carries (I7; ~1.6 MB at ~100 B each).
+pub const TIER_PAGE_ENTRIES_MAX: usize = 1 << 14;
+/// The most tier snapshots a cell keeps open for copies in progress; a new
+/// one past it ends the oldest copy (which starts again), I7.
+pub const TIER_SNAPSHOTS_MAX: usize = 4;
+/// The most records of the disk tier a shard's export carries: the rest must
+/// have been copied before the freeze (see `Query::ExportShard`), I7.
+pub const EXPORT_OLDER_MAX: usize = 1 << 18;
 
 /// Whether a cell keeps a disk tier, and its tuning (I7: `options.bytes_max` bounds its disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,9 +118,17 @@ pub(crate) struct Published {
     pub figures: TierFigures,
 }
 
+/// The last snapshot id given, and the snapshots held: (id, view), oldest first.
+type Snapshots = (u64, std::collections::VecDeque<(u64, Arc<TierView>)>);
+
 pub(crate) struct TierShared {
     published: Mutex<Published>,
     changed: Condvar,
+    /// The way to the tier thread for imports and pruning (cleared as the thread stops).
+    work: Mutex<Option<mpsc::Sender<TierWork>>>,
+    /// Snapshots of copies in progress: (id, view), oldest first.
+    snapshots: Mutex<Snapshots>,
+    shards: u32,
     pub disk_reads: AtomicU64,
     pub disk_hits: AtomicU64,
     pub disk_read_ns: AtomicU64,
@@ -161,6 +181,128 @@ impl TierShared {
         self.changed.notify_all();
     }
 
+    /// A page of `shard`'s records from a snapshot (see `Query::TierPage`).
+    pub fn page(&self, shard: u32, snapshot: u64, seq_after: u64, cursor: TierCursor) -> Result<TierPage, String> {
+        let (snapshot, view) = {
+            let mut held = self.snapshots.lock().expect("snapshots lock");
+            if snapshot == 0 {
+                held.0 += 1;
+                let id = held.0;
+                let view = self.view();
+                if held.1.len() == TIER_SNAPSHOTS_MAX {
+                    held.1.pop_front();
+                }
+                held.1.push_back((id, view.clone()));
+                (id, view)
+            } else {
+                let view = held.1.iter().find(|(id, _)| *id == snapshot).map(|(_, v)| v.clone());
+                let view =
+                    view.ok_or_else(|| format!("tier snapshot {snapshot} is no longer held: start the copy again"))?;
+                (snapshot, view)
+            }
+        };
+        let seq_filter = (seq_after > 0).then_some(seq_after);
+        let sources = view.sources(seq_filter);
+        let through_seq = (view.durable_through() << SEQ_INDEX_BITS) | ((1 << SEQ_INDEX_BITS) - 1);
+        let parts = sources.len() as u32 * 2;
+        let (mut part, after) = (cursor.part, cursor.after_key);
+        while part < parts {
+            let source = sources[part as usize / 2];
+            let (from, to) = shard_key_range(part % 2 == 1, shard);
+            let (mut entries, more) = view
+                .scan(source, &from, &to, after.as_deref(), None, TIER_PAGE_ENTRIES_MAX)
+                .map_err(|e| e.to_string())?
+                .expect("a source of the view");
+            if entries.is_empty() && !more && after.is_none() {
+                part += 1;
+                continue;
+            }
+            let next = match entries.last() {
+                Some(last) if more => Some(TierCursor { part, after_key: Some(last.key.clone()) }),
+                _ => (part + 1 < parts).then(|| TierCursor { part: part + 1, after_key: None }),
+            };
+            if let Some(s) = seq_filter {
+                entries.retain(|e| e.seq > s);
+            }
+            let entries = entries
+                .into_iter()
+                .map(|e| TierEntry { key: e.key, seq: e.seq, at_ms: e.at_ms, value: e.value })
+                .collect();
+            let keys_max = view.estimate(source, &from, &to);
+            if next.is_none() {
+                self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
+            }
+            return Ok(TierPage { snapshot, through_seq, part, keys_max, entries, last: !more, next });
+        }
+        self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
+        Ok(TierPage { snapshot, through_seq, part, keys_max: 0, entries: Vec::new(), last: true, next: None })
+    }
+
+    /// Every record of `shard` in the tier's current view with a `seq` above
+    /// `seq_after` (0: all of them, imported ones too), decoded; refused past
+    /// [`EXPORT_OLDER_MAX`].
+    pub fn older_of(&self, shard: u32, seq_after: u64) -> Result<Vec<(bool, OldRecord)>, String> {
+        let mut out = Vec::new();
+        let (mut snapshot, mut cursor) = (0, Some(TierCursor::default()));
+        while let Some(at) = cursor.take() {
+            let page = self.page(shard, snapshot, seq_after, at)?;
+            snapshot = page.snapshot;
+            if out.len() + page.entries.len() > EXPORT_OLDER_MAX {
+                self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
+                return Err(format!(
+                    "shard {shard} has more than {EXPORT_OLDER_MAX} records in the disk tier after mark {seq_after}: \
+                     copy them to the new owner before the freeze"
+                ));
+            }
+            for e in page.entries {
+                let (shadow, from, id) =
+                    parse_idempotency_key(&e.key).ok_or("a tier key of the shard does not parse")?;
+                let r = OldRecord::decode_value(&from, &id, &e.value).map_err(|e| e.to_string())?;
+                out.push((shadow, r));
+            }
+            cursor = page.next;
+        }
+        self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
+        Ok(out)
+    }
+
+    /// Writes a page of a copy into the tier (see `Query::TierImport`);
+    /// answers the entries written.
+    pub async fn import(
+        &self,
+        (shard, move_id, part): (u32, u64, u32),
+        keys_max: u64,
+        entries: Vec<TierEntry>,
+        last: bool,
+    ) -> Result<u64, String> {
+        let ranges = [shard_key_range(false, shard), shard_key_range(true, shard)];
+        if let Some(e) = entries.iter().find(|e| !ranges.iter().any(|(lo, hi)| lo <= &e.key && &e.key < hi)) {
+            return Err(format!("an entry of {} key bytes is not a record of shard {shard}", e.key.len()));
+        }
+        if shard >= self.shards {
+            return Err(format!("no shard {shard}: the cell has {}", self.shards));
+        }
+        let n = entries.len() as u64;
+        let entries =
+            entries.into_iter().map(|e| Entry { key: e.key, seq: e.seq, at_ms: e.at_ms, value: e.value }).collect();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let work = TierWork::Import { part: (shard, move_id, part), keys_max, entries, last, reply };
+        let sent = self.work.lock().expect("work lock").as_ref().is_some_and(|tx| tx.send(work).is_ok());
+        if !sent {
+            return Err("the tier thread is not running".into());
+        }
+        answer.await.map_err(|_| "the tier thread stopped".to_string())??;
+        Ok(n)
+    }
+
+    /// Drops the imported records of shards this cell does not own at `epoch`
+    /// from moves decided by it (done, undone, or lost to another).
+    pub fn prune_imports(&self, epoch: u64, owned: Vec<bool>) {
+        if let Some(tx) = self.work.lock().expect("work lock").as_ref() {
+            let _ = tx.send(TierWork::PruneImports { epoch, owned });
+        }
+    }
+
     fn fail(&self, reason: String) {
         tracing::error!("the idempotency tier failed: {reason}");
         let mut p = self.published.lock().expect("tier lock");
@@ -174,6 +316,16 @@ pub(crate) enum TierWork {
     Spill { gen: u64, records: Generation, clock_ms: u64 },
     /// Write what is gathered now: a checkpoint waits for it.
     Flush,
+    /// A page of records copied from another cell's tier: (shard, move, part).
+    Import {
+        part: (u32, u64, u32),
+        keys_max: u64,
+        entries: Vec<Entry>,
+        last: bool,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Drop imports of shards not owned at `epoch` from moves up to it.
+    PruneImports { epoch: u64, owned: Vec<bool> },
 }
 
 /// Records handed to the tier that some lookup may not see in the tier yet,
@@ -292,6 +444,10 @@ pub(crate) struct TierLink {
     /// Per generation, the ledgers' copy marks (see `CellState::copy_out`),
     /// until the records before them may leave memory.
     marks: std::collections::VecDeque<(u64, CopyMarks)>,
+    /// The generations handed to the tier that it may not hold durably yet:
+    /// a shard's export carries its records from them (see [`TierLink::unsettled_of`]).
+    unsettled: std::collections::VecDeque<(u64, Generation)>,
+    shards: u32,
 }
 
 impl TierLink {
@@ -303,15 +459,28 @@ impl TierLink {
             disk_reads: AtomicU64::new(0),
             disk_hits: AtomicU64::new(0),
             disk_read_ns: AtomicU64::new(0),
+            work: Mutex::new(None),
+            snapshots: Mutex::new((0, Default::default())),
+            shards,
         });
         shared.publish(&tier, None);
         let gen = tier.durable_through();
         let (tx, rx) = mpsc::channel();
+        *shared.work.lock().expect("work lock") = Some(tx.clone());
         let thread = {
             let shared = shared.clone();
             std::thread::Builder::new().name(name).spawn(move || run(tier, rx, shared, config, window_ms, shards))?
         };
-        Ok(Self { shared, tx: Some(tx), prefetch_tx: None, thread: Some(thread), gen, marks: Default::default() })
+        Ok(Self {
+            shared,
+            tx: Some(tx),
+            prefetch_tx: None,
+            thread: Some(thread),
+            gen,
+            marks: Default::default(),
+            unsettled: Default::default(),
+            shards,
+        })
     }
 
     /// The channel on which the prefetch thread receives every generation.
@@ -331,6 +500,11 @@ impl TierLink {
         records.extend(real.into_iter().map(|r| (false, r)));
         records.extend(shadow.into_iter().map(|r| (true, r)));
         let records = Arc::new(records);
+        let durable = self.shared.view().durable_through();
+        while self.unsettled.front().is_some_and(|(g, _)| *g <= durable) {
+            self.unsettled.pop_front();
+        }
+        self.unsettled.push_back((self.gen, records.clone()));
         if let Some(tx) = &self.prefetch_tx {
             // A prefetch thread that is gone has nothing left to look up.
             let _ = tx.send((self.gen, records.clone()));
@@ -339,6 +513,19 @@ impl TierLink {
         if self.tx.as_ref().is_none_or(|tx| tx.send(work).is_err()) {
             self.shared.fail("the tier thread is gone".into());
         }
+    }
+
+    /// The records of `shard` in generations the tier may not hold durably
+    /// yet (those it holds, a reader of its view finds).
+    pub fn unsettled_of(&mut self, shard: u32) -> Vec<(bool, OldRecord)> {
+        let durable = self.shared.view().durable_through();
+        while self.unsettled.front().is_some_and(|(g, _)| *g <= durable) {
+            self.unsettled.pop_front();
+        }
+        let shards = u64::from(self.shards.max(1));
+        let in_shard =
+            |r: &OldRecord| cellpay_core::stable_hash(r.from.as_str().as_bytes()) % shards == u64::from(shard);
+        self.unsettled.iter().flat_map(|(_, g)| g.iter()).filter(|(_, r)| in_shard(r)).cloned().collect()
     }
 
     /// Notes the copy marks of the batch just spilled (generation `gen`).
@@ -386,6 +573,7 @@ impl Drop for TierLink {
     fn drop(&mut self) {
         // Closing the channel lets the thread write what it gathered and end.
         self.tx.take();
+        self.shared.work.lock().expect("work lock").take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -479,6 +667,27 @@ fn run(
                 gathered.append(&mut entries);
             }
             Ok(TierWork::Flush) => flush = true,
+            Ok(TierWork::Import { part, keys_max, entries, last, reply }) => {
+                let done = tier.import(part, keys_max, &entries, last);
+                if last && done.is_ok() {
+                    shared.publish(&tier, bound_floor);
+                }
+                let _ = reply.send(done.map(|_| ()).map_err(|e| e.to_string()));
+                continue;
+            }
+            Ok(TierWork::PruneImports { epoch, owned }) => {
+                let doomed =
+                    |group: u32, tag: u64| tag <= epoch && !owned.get(group as usize).copied().unwrap_or(false);
+                match tier.drop_imports(doomed) {
+                    Ok(0) => {}
+                    Ok(_) => shared.publish(&tier, bound_floor),
+                    Err(e) => {
+                        fail(e);
+                        return;
+                    }
+                }
+                continue;
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 open = false;

@@ -127,7 +127,10 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     let dir = tempfile::tempdir().unwrap();
     let cells = CELLS.to_string();
     let shards = SHARDS.to_string();
-    let s = Server::start(dir.path(), &["--cells", &cells, "--shards", &shards]);
+    // 32 records of each ledger stay in a cell's memory: most reach its disk
+    // tier, some while the shard is being copied, frozen or exported.
+    let args = ["--cells", &cells, "--shards", &shards, "--transfers-retained-max", "32"];
+    let s = Server::start(dir.path(), &args);
     // Shard 4 lives in cell 1; it moves to cell 2 and then to cell 0.
     let moving = ids_in_shard(4, 4, "mv");
     let elsewhere: Vec<String> = [0u32, 2, 3, 5].iter().flat_map(|&sh| ids_in_shard(sh, 1, "ot")).collect();
@@ -168,11 +171,14 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     // Every acknowledged payment is there exactly once: balances equal what was acknowledged.
     let expected = expected_balances(moving.iter().chain(&elsewhere), 100_000, &paid);
     assert_balances(&s, &expected);
-    // A retry of a payment made before the moves is recognised at the new owner.
-    let (id, from, to, amount) = paid.iter().find(|p| p.0.starts_with("out")).unwrap().clone();
-    let r = s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}));
-    assert_eq!((r.status, r.cell), (200, Some(0)), "{}", r.body);
-    assert_eq!(balance(&s, &from), expected[&from], "the retry paid nothing");
+    // A retry of a payment made before, during or between the moves is
+    // recognised at the shard's owner, from memory or from the disk tier.
+    let out: Vec<&Paid> = paid.iter().filter(|p| p.0.starts_with("out") || p.0.starts_with("within")).collect();
+    for (id, from, to, amount) in out.iter().step_by(out.len().div_ceil(150)) {
+        let r = s.post("/v1/transfers", CLIENT, &json!({"id": id, "from": from, "to": to, "amount": amount}));
+        assert_eq!((r.status, r.cell), (200, Some(0)), "a retry of {id}: {}", r.body);
+    }
+    assert_balances(&s, &expected);
     // The write pause of each move is reported, and the moves show in /metrics and the dashboard.
     for r in &reports {
         assert!(r["pause_us"].as_u64().unwrap() < 10_000_000, "{r}");
@@ -187,7 +193,7 @@ fn a_shard_moves_while_payments_flow_and_every_payment_is_there_once() {
     assert_eq!(actions.to_string().matches("shard_move").count(), 2, "the operator log records each move: {actions}");
     // After a kill -9 the shard is at its new owner, with its money.
     s.kill9();
-    let s = Server::start(dir.path(), &["--cells", &cells, "--shards", &shards]);
+    let s = Server::start(dir.path(), &args);
     let r = s.get(&format!("/v1/accounts/{}", moving[0]), CLIENT);
     assert_eq!((r.status, r.cell), (200, Some(0)), "{}", r.body);
     assert_eq!(r.body["balance"].as_i64(), Some(expected[&moving[0]]));
@@ -374,4 +380,65 @@ fn shards_move_between_cell_processes_through_the_cli() {
     let expected = expected_balances(&accounts, 10_000, &paid);
     assert_balances(&s, &expected);
     assert!(paid.len() > 20, "payments flowed: {}", paid.len());
+}
+
+/// The records of the real ledger in each cell's disk tier, by cell.
+fn tier_records(s: &Server) -> Vec<f64> {
+    let metrics = s.get("/metrics", ADMIN).body;
+    let prefix = "cellpay_idempotency_tier_records{";
+    metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Retries each of `paid` (payer, id) at the shard's owner: every one is
+/// answered as the original (200), none pays again.
+fn retries_pay_nothing(s: &Server, paid: &[(String, String)], payee: &str, owner: u32, when: &str) {
+    for (from, id) in paid {
+        let r = s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": payee, "amount": 1}));
+        assert_eq!((r.status, r.cell), (200, Some(owner)), "{when}: a retry of {id} by {from}: {}", r.body);
+        assert_eq!(r.body["id"], id.as_str(), "{when}: {}", r.body);
+    }
+}
+
+#[test]
+fn a_shard_moves_with_the_records_in_its_disk_tier_and_no_retry_pays_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    // 16 records of each ledger stay in a cell's memory: the rest go to its disk tier.
+    let args = ["--cells", "3", "--shards", "16", "--transfers-retained-max", "16"];
+    let s = Server::start(dir.path(), &args);
+    let payers = ids_in_shard(4, 2, "mv");
+    let payee = ids_in_shard(1, 1, "shop").remove(0);
+    open_funded(&s, payers.iter().chain([&payee]), 100_000);
+    let mut paid = Vec::new();
+    for n in 0..400 {
+        let (from, id) = (payers[n % 2].clone(), format!("old-{n}"));
+        let r = s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": payee, "amount": 1}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        paid.push((from, id));
+    }
+    s.eventually("the payments' records reach cell 1's disk tier", || tier_records(&s)[1] >= 380.0);
+    let balances = |s: &Server| payers.iter().chain([&payee]).map(|id| balance(s, id)).collect::<Vec<_>>();
+    let before = balances(&s);
+    let moved = move_shard(&s, 4, 2);
+    let carried = moved["tier_records"].as_u64().unwrap() + moved["records"].as_u64().unwrap();
+    assert!(moved["tier_records"].as_u64().unwrap() >= 300, "copied before the freeze: {moved}");
+    assert!(carried >= 400, "every record of the shard travels: {moved}");
+    retries_pay_nothing(&s, &paid, &payee, 2, "after the move");
+    assert_eq!(balances(&s), before, "no retry paid again");
+    // The copied records are durable at the new owner.
+    s.kill9();
+    let s = Server::start(dir.path(), &args);
+    retries_pay_nothing(&s, &paid, &payee, 2, "after a kill -9");
+    // And they travel on: back to cell 1, imported records included.
+    let back = move_shard(&s, 4, 1);
+    assert!(back["tier_records"].as_u64().unwrap() + back["records"].as_u64().unwrap() >= 400, "{back}");
+    retries_pay_nothing(&s, &paid, &payee, 1, "after the move back");
+    assert_eq!(balances(&s), before, "no retry paid again");
+    let audit = settled(&s);
+    assert_eq!(audit["findings"], json!([]), "{audit}");
 }

@@ -63,6 +63,11 @@ impl Writer {
         self.u32(s.len() as u32);
         self.buf.extend_from_slice(s.as_bytes());
     }
+    /// Bytes with their length (u32).
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.u32(b.len() as u32);
+        self.buf.extend_from_slice(b);
+    }
     pub fn currency(&mut self, c: Currency) {
         self.buf.extend_from_slice(&c.bytes());
     }
@@ -154,6 +159,14 @@ impl<'a> Reader<'a> {
         let len = self.u32()? as usize;
         let bytes = self.take(len)?;
         std::str::from_utf8(bytes).map_err(|_| self.error("string is not UTF-8"))
+    }
+    /// Bytes written by `Writer::bytes`, at most `max` of them.
+    pub fn bytes(&mut self, max: usize) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32()? as usize;
+        if len > max {
+            return Err(self.error(format!("{len} bytes exceed the limit {max}")));
+        }
+        self.take(len)
     }
     fn id_bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let len = usize::from(self.u8()?);

@@ -7,7 +7,7 @@ use crate::audit::{InboxAt, LedgerAudit, LedgerFigures, OutboxAt};
 use crate::error::{ErrorCode, Rejection};
 use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::money::Currency;
-use crate::moves::ShardExport;
+use crate::moves::{ShardExport, TierCursor, TierEntry, TierPage};
 use crate::shard::ShardMap;
 
 /// The longest memo a transfer may carry, in bytes (I7).
@@ -192,6 +192,32 @@ pub enum Query {
     /// to install in the cell it moves to (both ledgers).
     ExportShard {
         shard: u32,
+        /// With a disk tier: the export carries the shard's records that left
+        /// memory after this mark (`TierPage::through_seq` of the last copy);
+        /// 0 carries them all.
+        older_after: u64,
+    },
+    /// A page of a shard's records in this cell's disk tier, read from a
+    /// snapshot of it, to copy to the cell the shard moves to before it
+    /// freezes (see `moves::TierPage`).
+    TierPage {
+        shard: u32,
+        /// 0 takes a new snapshot; else the one a previous page named.
+        snapshot: u64,
+        /// 0: every record (imported ones too); else only those of the
+        /// tier's own runs above this mark.
+        seq_after: u64,
+        cursor: TierCursor,
+    },
+    /// Writes entries of a shard's records copied from another cell's tier
+    /// into this cell's tier, as part `part` of the copy for move `move_id`.
+    TierImport {
+        shard: u32,
+        move_id: u64,
+        part: u32,
+        keys_max: u64,
+        entries: Vec<TierEntry>,
+        last: bool,
     },
     /// Commands that changed each shard since the cell started: the load a rebalance weighs.
     ShardLoad,
@@ -383,6 +409,11 @@ pub enum QueryAnswer {
     OutboxAt(Vec<OutboxAt>),
     Outbox(Vec<OutboxMessage>),
     ShardExport(Box<ShardExport>),
+    TierPage(Box<TierPage>),
+    /// A page of an import written (the part durable when it was the last page).
+    TierImported {
+        entries: u64,
+    },
     /// Per shard, in shard order.
     ShardLoad(Vec<u64>),
     Rejected(Rejection),

@@ -49,9 +49,9 @@ pub use ledger::{Admission, IdempotencyReach, Ledger, Limits, Touched, TransferR
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use moves::{
     reconcile_moves, ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures, MoveRecord,
-    ShardExport, FROZEN_SHARDS_MAX, MOVES_RETAINED,
+    ShardExport, TierCursor, TierEntry, TierPage, FROZEN_SHARDS_MAX, MOVES_RETAINED,
 };
-pub use older::{idempotency_key, NoOlder, OldRecord, OlderRecords};
+pub use older::{idempotency_key, parse_idempotency_key, shard_key_range, NoOlder, OldRecord, OlderRecords};
 pub use priority::{priority_of, Priority};
 pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};
 pub use state::{CellState, CopyMarks, ENTRIES_PAGE_MAX};

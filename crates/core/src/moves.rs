@@ -31,6 +31,7 @@ use crate::digest;
 use crate::ids::{AccountId, CellId, TenantId, TransferId};
 use crate::ledger::{AccountRef, Ledger};
 use crate::money::Currency;
+use crate::older::OldRecord;
 use crate::shard::{mix64, stable_hash};
 
 /// The most shards one cell may have frozen at once (I7): moves go a few at a time.
@@ -196,6 +197,93 @@ impl ShardExport {
             digest: l.digest,
         }
     }
+}
+
+impl ShardExport {
+    /// Adds records of the shard that had left the source's memory (its disk
+    /// tier) to the export, oldest first and ahead of those in memory, so the
+    /// receiving cell answers their retries. A record the export holds
+    /// already (copied to the tier but still in memory) is left out; one
+    /// whose payer the export does not carry is answered as an error.
+    pub fn add_older(&mut self, older: Vec<(bool, OldRecord)>) -> Result<u64, String> {
+        let mut added = 0;
+        for shadow in [false, true] {
+            let ledger = if shadow { &mut self.shadow } else { &mut self.real };
+            let position: std::collections::HashMap<&AccountId, u32> =
+                ledger.accounts.iter().enumerate().map(|(k, a)| (&a.id, k as u32)).collect();
+            let held: std::collections::HashSet<(u32, &TransferId)> =
+                ledger.records.iter().map(|r| (r.from, &r.id)).collect();
+            let mut fresh: Vec<ExportedRecord> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            let mut mine: Vec<&OldRecord> = older.iter().filter(|(s, _)| *s == shadow).map(|(_, r)| r).collect();
+            // Newest first, so the newest version of a key is the one kept.
+            mine.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
+            for r in mine {
+                let Some(&from) = position.get(&r.from) else {
+                    return Err(format!(
+                        "a record of transfer {} names payer {}, not in shard {}",
+                        r.id, r.from, self.shard
+                    ));
+                };
+                if held.contains(&(from, &r.id)) || !seen.insert((from, r.id.clone())) {
+                    continue;
+                }
+                fresh.push(ExportedRecord {
+                    id: r.id.clone(),
+                    from,
+                    to: r.to.clone(),
+                    amount: r.amount,
+                    currency: r.currency,
+                    currency_given: r.currency_given,
+                    memo_hash: r.memo_hash,
+                    status: r.status,
+                    at_s: (r.at_ms / 1000).min(u64::from(u32::MAX)) as u32,
+                });
+            }
+            fresh.reverse();
+            added += fresh.len() as u64;
+            fresh.append(&mut ledger.records);
+            ledger.records = fresh;
+        }
+        Ok(added)
+    }
+}
+
+/// One record of a cell's disk tier on its way to another cell's: raw key,
+/// version, time and value (see `older::idempotency_key`, `OldRecord::encode_value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierEntry {
+    pub key: Vec<u8>,
+    pub seq: u64,
+    pub at_ms: u64,
+    pub value: Vec<u8>,
+}
+
+/// Where the next page of a tier copy starts: a part (a source run of the
+/// snapshot × 2 + the ledger) and the last key read in it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TierCursor {
+    pub part: u32,
+    pub after_key: Option<Vec<u8>>,
+}
+
+/// A page of a shard's records in a cell's disk tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TierPage {
+    /// The snapshot read (name it in the next page's query).
+    pub snapshot: u64,
+    /// The highest `seq` of the tier's own records in the snapshot: a later
+    /// copy (or the export) reads above it.
+    pub through_seq: u64,
+    /// The part the entries belong to, and at most how many entries it holds.
+    pub part: u32,
+    pub keys_max: u64,
+    /// In key order.
+    pub entries: Vec<TierEntry>,
+    /// True when this page ends its part.
+    pub last: bool,
+    /// Where the next page starts; `None` once the snapshot is read.
+    pub next: Option<TierCursor>,
 }
 
 /// The moves a ledger took part in: per peer sums, and the newest records.

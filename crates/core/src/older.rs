@@ -95,6 +95,33 @@ pub fn idempotency_key(shadow: bool, shards: u32, payer: &AccountId, id: &Transf
     key
 }
 
+/// The keys of one ledger's records of one shard: `from <= key < to`.
+pub fn shard_key_range(shadow: bool, shard: u32) -> (Vec<u8>, Vec<u8>) {
+    let bound = |s: u64| {
+        let mut k = vec![u8::from(shadow)];
+        k.extend_from_slice(&(s as u32).to_be_bytes());
+        if s > u64::from(u32::MAX) {
+            // Past the last shard: the next ledger's first key.
+            return vec![u8::from(shadow) + 1];
+        }
+        k
+    };
+    (bound(u64::from(shard)), bound(u64::from(shard) + 1))
+}
+
+/// The ledger, payer and transfer id of a key made by [`idempotency_key`].
+pub fn parse_idempotency_key(key: &[u8]) -> Option<(bool, AccountId, TransferId)> {
+    let shadow = match *key.first()? {
+        0 => false,
+        1 => true,
+        _ => return None,
+    };
+    let len = *key.get(5)? as usize;
+    let payer = std::str::from_utf8(key.get(6..6 + len)?).ok()?;
+    let id = std::str::from_utf8(key.get(6 + len..)?).ok()?;
+    Some((shadow, AccountId::new(payer).ok()?, TransferId::new(id).ok()?))
+}
+
 /// Records looked up outside memory for one batch, before it runs.
 pub trait OlderRecords {
     /// The newest record of payer `from` and transfer `id` in the shadow or
@@ -140,5 +167,15 @@ mod tests {
         let a = idempotency_key(false, 8, &AccountId::new("ab").unwrap(), &TransferId::new("c").unwrap());
         let b = idempotency_key(false, 8, &AccountId::new("a").unwrap(), &TransferId::new("bc").unwrap());
         assert_ne!(a, b);
+        // A key parses back, and falls in its shard's range.
+        let (shadow, from, id) = parse_idempotency_key(&k).unwrap();
+        assert_eq!((shadow, &from, &id), (false, &r.from, &r.id));
+        let shard = (stable_hash(b"alice") % 1024) as u32;
+        let (lo, hi) = shard_key_range(false, shard);
+        assert!(lo.as_slice() <= k.as_slice() && k.as_slice() < hi.as_slice());
+        let (lo, hi) = shard_key_range(false, shard + 1);
+        assert!(k.as_slice() < lo.as_slice() && lo < hi);
+        assert_eq!(parse_idempotency_key(&[2, 0, 0, 0, 0, 1, b'a']), None);
+        assert_eq!(shard_key_range(true, u32::MAX).1, vec![2]);
     }
 }

@@ -79,6 +79,8 @@ impl Query {
             | Query::InboxAt { .. }
             | Query::OutboxAt { .. }
             | Query::ExportShard { .. }
+            | Query::TierPage { .. }
+            | Query::TierImport { .. }
             | Query::ShardLoad => Priority::Critical,
             // The full audit walks every account: it waits behind everything real.
             Query::Audit { .. } => Priority::Shadow,

@@ -218,14 +218,6 @@ impl CellState {
     /// transfer whose key is not in memory asks `older`, the records outside
     /// memory looked up for this batch before it ran.
     pub fn admit_with(&mut self, cmd: &Command, admission: &Admission, older: &dyn OlderRecords) -> Outcome {
-        // A move carries the records in memory only: with records in a disk
-        // tier it would shorten the shard's idempotency window. An admission
-        // check (replay applies what was logged), and the export checks again.
-        if let (Op::FreezeShard { .. }, true) = (&cmd.op, admission.lookup) {
-            if let Some(why) = self.records_out_of_memory() {
-                return Outcome::rejected(ErrorCode::InvalidRequest, why);
-            }
-        }
         let outcome = match &cmd.op {
             Op::InstallShardMap(next) => self.install_shard_map(next),
             Op::FreezeShard { shard, move_id, to } => self.freeze_shard(*shard, *move_id, *to),
@@ -453,20 +445,8 @@ impl CellState {
         Outcome::MoveStep { open_messages: 0, duplicate: false }
     }
 
-    /// Why a move cannot carry this cell's idempotency records whole, if it cannot.
-    fn records_out_of_memory(&self) -> Option<String> {
-        [&self.real, &self.shadow].iter().any(|l| l.spill && l.records_first_seq > 0).then(|| {
-            "this cell's older transfer records live in its disk tier, and a move does not carry those yet: \
-             moving a shard would shorten its idempotency window"
-                .to_string()
-        })
-    }
-
     /// The export of a frozen shard whose payers' messages are all closed.
     fn export_shard(&self, shard: u32) -> QueryAnswer {
-        if let Some(why) = self.records_out_of_memory() {
-            return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why));
-        }
         let Some(&(move_id, to)) = self.frozen.get(&shard) else {
             let msg = format!("shard {shard} is not frozen for a move here");
             return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
@@ -592,7 +572,13 @@ impl CellState {
                 QueryAnswer::Audit(audit)
             }
             Query::Figures { shadow } => QueryAnswer::Figures(self.figures(*shadow)),
-            Query::ExportShard { shard } => self.export_shard(*shard),
+            Query::ExportShard { shard, .. } => self.export_shard(*shard),
+            // A cell without a disk tier has no records outside memory to copy.
+            Query::TierPage { .. } => QueryAnswer::TierPage(Box::default()),
+            Query::TierImport { .. } => QueryAnswer::Rejected(Rejection::new(
+                ErrorCode::InvalidRequest,
+                "this cell keeps no disk tier of idempotency records",
+            )),
             Query::ShardLoad => QueryAnswer::ShardLoad(self.load.0.clone()),
             Query::InboxAt { shadow, asked } => QueryAnswer::InboxAt(self.ledger(*shadow).inbox_at(asked)),
             Query::OutboxAt { shadow, asked } => QueryAnswer::OutboxAt(self.ledger(*shadow).outbox_at(asked)),

@@ -96,7 +96,8 @@ impl World {
     /// The rest of a move after the freeze: export, install, the new map everywhere, drop.
     fn finish_move(&mut self, shard: u32) -> ShardExport {
         let from = self.map.owner(ShardId(shard)).0 as usize;
-        let QueryAnswer::ShardExport(export) = self.cells[from].query(&Query::ExportShard { shard }) else {
+        let QueryAnswer::ShardExport(export) = self.cells[from].query(&Query::ExportShard { shard, older_after: 0 })
+        else {
             panic!("shard {shard} could not be exported")
         };
         let to = export.to.0 as usize;
@@ -291,7 +292,7 @@ fn a_payer_with_a_message_in_flight_is_closed_before_the_shard_leaves() {
     assert!(matches!(out, Outcome::AccountOpened { .. }));
     assert!(matches!(w.pay("x1", &payer, &usd_payee, 100), Outcome::Transferred { .. }));
     assert!(matches!(w.freeze(1, 2), Outcome::MoveStep { open_messages: 1, .. }));
-    let early = w.cells[1].query(&Query::ExportShard { shard: 1 });
+    let early = w.cells[1].query(&Query::ExportShard { shard: 1, older_after: 0 });
     assert!(matches!(&early, QueryAnswer::Rejected(r) if r.code == ErrorCode::ShardFrozen), "{early:?}");
     // The payee's cell refuses during the freeze: the payer is compensated at its cell.
     let refused = w.relay(1, 0, false);
@@ -317,7 +318,10 @@ fn the_audit_catches_a_move_that_lost_or_changed_money() {
     // Changed: the destination installed a shard whose balance was altered on the way.
     let (mut w, _, _, _) = funded();
     w.freeze(1, 2);
-    let QueryAnswer::ShardExport(mut export) = w.cells[1].query(&Query::ExportShard { shard: 1 }) else { panic!() };
+    let QueryAnswer::ShardExport(mut export) = w.cells[1].query(&Query::ExportShard { shard: 1, older_after: 0 })
+    else {
+        panic!()
+    };
     let k = export.real.accounts.iter().position(|a| a.id.as_str() == payer).unwrap();
     export.real.accounts[k].balance += 1;
     w.cells[2].apply(&Command::real(Op::InstallShard(export)));
@@ -373,7 +377,9 @@ fn a_snapshot_keeps_moves_freezes_and_shards_that_came_back() {
 fn the_log_codec_carries_every_move_step() {
     let (mut w, _, _, _) = funded();
     w.freeze(1, 2);
-    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1 }) else { panic!() };
+    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1, older_after: 0 }) else {
+        panic!()
+    };
     let commands = [
         Command::real(Op::FreezeShard { shard: 1, move_id: 2, to: CellId(2) }),
         Command::real(Op::UnfreezeShard { shard: 1, move_id: 2 }),
@@ -397,7 +403,9 @@ impl World {
 fn a_move_that_loses_its_epoch_is_undone_on_both_sides_by_the_map() {
     let (mut w, _bank, payer, payee) = funded();
     w.freeze(1, 2);
-    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1 }) else { panic!() };
+    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1, older_after: 0 }) else {
+        panic!()
+    };
     w.cells[2].apply(&Command::real(Op::InstallShard(export)));
     // Another map won epoch 2 (the shard stays at cell 1): both cells follow it.
     let other = ShardMap::new(2, w.map.owners().to_vec()).unwrap();
@@ -417,7 +425,9 @@ fn a_freeze_lifted_before_the_new_epoch_is_durable_is_caught() {
     // while the destination holds its copy, then the map gives it away.
     let (mut w, _bank, payer, payee) = funded();
     w.freeze(1, 2);
-    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1 }) else { panic!() };
+    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1, older_after: 0 }) else {
+        panic!()
+    };
     w.cells[2].apply(&Command::real(Op::InstallShard(export.clone())));
     w.cells[1].apply(&Command::real(Op::UnfreezeShard { shard: 1, move_id: export.move_id }));
     assert!(matches!(w.pay("late", &payer, &payee, 5), Outcome::Transferred { created: true, .. }));
@@ -450,7 +460,9 @@ fn a_credit_meant_for_another_cell_is_refused_even_when_its_payee_moved_here() {
 fn an_install_that_arrives_after_the_map_decided_its_move_is_refused() {
     let (mut w, _bank, payer, _payee) = funded();
     w.freeze(1, 2);
-    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1 }) else { panic!() };
+    let QueryAnswer::ShardExport(export) = w.cells[1].query(&Query::ExportShard { shard: 1, older_after: 0 }) else {
+        panic!()
+    };
     // The coordinator died; the next one took the epoch with the shard where it was.
     let stay = ShardMap::new(2, w.map.owners().to_vec()).unwrap();
     for c in &mut w.cells {

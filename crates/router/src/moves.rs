@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use cellpay_cell::BoxFuture;
 use cellpay_cell::CellClient;
-use cellpay_core::{CellId, Command, ErrorCode, MoveRecord, Op, Outcome, Query, QueryAnswer, ShardId, ShardMap};
+use cellpay_core::{
+    CellId, Command, ErrorCode, MoveRecord, Op, Outcome, Query, QueryAnswer, ShardId, ShardMap, TierCursor,
+};
 
 /// Why the authority did not take a map.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -85,6 +87,11 @@ pub struct MoveReport {
     pub accounts: u64,
     /// Transfer records (idempotency) carried, both ledgers.
     pub records: u64,
+    /// Records of the source's disk tier copied before the freeze (the
+    /// export carries those that spilled after the copy, in `records`).
+    pub tier_records: u64,
+    /// How long that copy took, µs (before the freeze: no write pause).
+    pub tier_copy_us: u64,
     pub history_entries: u64,
     /// Σ balances of the real ledger's accounts moved.
     pub net: String,
@@ -177,6 +184,63 @@ async fn install_map(cell: &Arc<dyn CellClient>, map: &ShardMap) -> Result<(), M
     }
 }
 
+/// The most rounds of copying a shard's disk-tier records before the freeze:
+/// each copies what spilled during the one before.
+const TIER_COPY_ROUNDS_MAX: u32 = 4;
+/// A round that copied fewer records than this ends the copy: the export
+/// carries the rest during the freeze.
+const TIER_COPY_SETTLED: u64 = 4096;
+
+/// Copies the records of `shard` in `b`'s disk tier to `c`'s before the
+/// freeze, as part of move `epoch`: everything, then what spilled meanwhile.
+/// Answers the mark the export carries records above, and how many it copied.
+async fn copy_tier(
+    b: &Arc<dyn CellClient>,
+    c: &Arc<dyn CellClient>,
+    shard: u32,
+    epoch: u64,
+) -> Result<(u64, u64), MoveError> {
+    let (mut seq_after, mut total) = (0u64, 0u64);
+    for round in 0..TIER_COPY_ROUNDS_MAX {
+        let (mut snapshot, mut cursor, mut copied) = (0, Some(TierCursor::default()), 0u64);
+        let mut through = seq_after;
+        let mut started = std::collections::HashSet::new();
+        while let Some(at) = cursor.take() {
+            let page = match b.query(Query::TierPage { shard, snapshot, seq_after, cursor: at }).await {
+                Ok(QueryAnswer::TierPage(page)) => page,
+                Ok(other) => return Err(cell_error(b.cell(), other)),
+                Err(e) => return Err(cell_error(b.cell(), e)),
+            };
+            (snapshot, through, cursor) = (page.snapshot, page.through_seq, page.next.clone());
+            let part = (round << 20) | page.part;
+            if page.entries.is_empty() && !(page.last && started.contains(&part)) {
+                continue;
+            }
+            started.insert(part);
+            copied += page.entries.len() as u64;
+            let import = Query::TierImport {
+                shard,
+                move_id: epoch,
+                part,
+                keys_max: page.keys_max,
+                entries: page.entries,
+                last: page.last,
+            };
+            match c.query(import).await {
+                Ok(QueryAnswer::TierImported { .. }) => {}
+                Ok(other) => return Err(cell_error(c.cell(), other)),
+                Err(e) => return Err(cell_error(c.cell(), e)),
+            }
+        }
+        total += copied;
+        seq_after = through;
+        if copied < TIER_COPY_SETTLED {
+            break;
+        }
+    }
+    Ok((seq_after, total))
+}
+
 /// Moves `shard` to cell `to` while payments flow. `cells` are every cell of
 /// the cluster, in id order.
 pub async fn move_shard(
@@ -203,6 +267,10 @@ pub async fn move_shard(
     // The source must work at the authority's map before it freezes for the next epoch.
     install_map(b, &map).await?;
     install_map(c, &map).await?;
+    // The records that left B's memory go first, while the shard serves.
+    let copy_started = Instant::now();
+    let (older_after, tier_records) = copy_tier(b, c, shard, epoch).await?;
+    let tier_copy_us = copy_started.elapsed().as_micros() as u64;
     let freeze = Op::FreezeShard { shard, move_id: epoch, to };
     let mut steps = MoveSteps::default();
     let mut mark = Instant::now();
@@ -221,7 +289,7 @@ pub async fn move_shard(
     // Wait for the payers' messages in flight to close, then export.
     let (export, export_at) = loop {
         let export_at = Instant::now();
-        match b.query(Query::ExportShard { shard }).await.map_err(|e| cell_error(from, e))? {
+        match b.query(Query::ExportShard { shard, older_after }).await.map_err(|e| cell_error(from, e))? {
             QueryAnswer::ShardExport(export) => break (export, export_at),
             QueryAnswer::Rejected(r) if r.code == ErrorCode::ShardFrozen => {
                 if frozen_at.elapsed() >= limits.drain_max {
@@ -282,6 +350,8 @@ pub async fn move_shard(
         epoch,
         accounts: counts.0,
         records: counts.1,
+        tier_records,
+        tier_copy_us,
         history_entries: counts.2,
         net: counts.3.to_string(),
         drained_messages,

@@ -736,7 +736,9 @@ impl Sim {
             }
             MoveStep::Export => {
                 let link = self.links[m.from].clone();
-                Box::pin(async move { link.query(Query::ExportShard { shard }).await.map(MoveAnswer::Answer) })
+                Box::pin(async move {
+                    link.query(Query::ExportShard { shard, older_after: 0 }).await.map(MoveAnswer::Answer)
+                })
             }
             MoveStep::Install => {
                 let link = self.links[m.to].clone();

@@ -21,6 +21,7 @@
 //! <dir>/<lo, 20 digits>-<hi, 20 digits>.run   one run, generations lo..=hi
 //! <dir>/<…>.run.tmp                       a run being written; removed on open
 //! <dir>/DURABLE                           the highest durable generation, once its run is gone
+//! <dir>/imp-<group>-<tag>-<part>.run      a run imported from another tier (a moved shard's records)
 //! ```
 //!
 //! A run file, little-endian:
@@ -70,7 +71,7 @@ mod run;
 mod tier;
 
 pub use run::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
-pub use tier::{Tier, TierView};
+pub use tier::{Source, Tier, TierView, IMPORTS_OPEN_MAX};
 
 use std::path::PathBuf;
 
@@ -138,7 +139,10 @@ pub struct RunInfo {
 /// What a tier holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TierStats {
+    /// Runs, imported ones included.
     pub runs: usize,
+    /// Runs imported from another tier (a shard that moved here).
+    pub imported_runs: usize,
     /// Entries summed over runs (a key in two runs counts twice until they merge).
     pub entries: u64,
     /// Bytes of run files on disk.
@@ -177,6 +181,8 @@ pub enum TierError {
     OutOfOrder { lo: u64, hi: u64, durable_through: u64 },
     #[error("an entry with a key of {key_bytes} bytes and a value of {value_bytes} exceeds the limits ({KEY_BYTES_MAX}, {VALUE_BYTES_MAX})")]
     TooLarge { key_bytes: usize, value_bytes: usize },
+    #[error("part {part} of import {tag} in group {group} did not come in strictly ascending key order")]
+    Unsorted { group: u32, tag: u64, part: u32 },
     #[error("invalid tier options: {reason}")]
     Options { reason: &'static str },
     #[error("an earlier change failed; the tier refuses further changes until it is reopened")]

@@ -57,6 +57,23 @@ pub(crate) fn parse_run_name(name: &str) -> Option<(u64, u64)> {
     Some((lo.parse().ok()?, hi.parse().ok()?))
 }
 
+/// The file name of an imported run: part `part` of import `tag` in group
+/// `group` (a cell uses the shard and the move).
+pub(crate) fn import_name(group: u32, tag: u64, part: u32) -> String {
+    format!("imp-{group:010}-{tag:020}-{part:010}.run")
+}
+
+/// The group, tag and part an imported run's file name holds, if it is one.
+pub(crate) fn parse_import_name(name: &str) -> Option<(u32, u64, u32)> {
+    let stem = name.strip_prefix("imp-")?.strip_suffix(".run")?;
+    let mut parts = stem.split('-');
+    let (g, t, p) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || g.len() != 10 || t.len() != 20 || p.len() != 10 {
+        return None;
+    }
+    Some((g.parse().ok()?, t.parse().ok()?, p.parse().ok()?))
+}
+
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), TierError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(TierError::io(dir))
 }
@@ -464,6 +481,54 @@ impl Run {
         Ok(None)
     }
 
+    /// The entries with `from <= key < to` (and `key > after`, when given),
+    /// at most `limit` of them, in key order; and whether more are left.
+    pub fn range(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, bool), TierError> {
+        let start = after.map_or(from, |a| a.max(from));
+        let mut block = self.index.block_of(start).unwrap_or(0);
+        let mut out = Vec::new();
+        while block < self.index.blocks() && self.index.first_key(block) < to {
+            for e in self.block_entries(block)? {
+                if e.key.as_slice() >= to {
+                    return Ok((out, false));
+                }
+                if e.key.as_slice() < from || after.is_some_and(|a| e.key.as_slice() <= a) {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(e);
+            }
+            block += 1;
+        }
+        Ok((out, false))
+    }
+
+    /// At most how many entries have `from <= key < to` (whole blocks counted).
+    pub fn estimate(&self, from: &[u8], to: &[u8]) -> u64 {
+        let first = self.index.block_of(from).unwrap_or(0);
+        let end = partition_point(self.index.blocks(), |i| self.index.first_key(i) < to);
+        (end.saturating_sub(first) as u64 * u64::from(BLOCK_ENTRIES_MAX)).min(self.meta.entries)
+    }
+
+    /// The bytes every key of the run starts with (empty for an empty run):
+    /// the common prefix of its first and last key.
+    pub fn key_prefix(&self) -> Result<Vec<u8>, TierError> {
+        let blocks = self.index.blocks();
+        if blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let last = self.block_entries(blocks - 1)?.pop().map(|e| e.key).unwrap_or_default();
+        Ok(self.index.first_key(0).iter().zip(&last).take_while(|(a, b)| a == b).map(|(a, _)| *a).collect())
+    }
+
     /// The entries of block `block`, in key order.
     fn block_entries(&self, block: usize) -> Result<Vec<Entry>, TierError> {
         let (offset, buf) = self.read_block(block)?;
@@ -528,7 +593,19 @@ pub(crate) struct RunWriter {
 impl RunWriter {
     /// Starts the run covering `lo..=hi` in `dir`, its filter sized for `keys_max` keys.
     pub fn create(dir: &Path, lo: u64, hi: u64, keys_max: u64, bits_per_key: u32) -> Result<RunWriter, TierError> {
-        let path = dir.join(run_name(lo, hi));
+        Self::create_named(dir, &run_name(lo, hi), lo, hi, keys_max, bits_per_key)
+    }
+
+    /// Starts a run under the file name `name` (an import: see [`import_name`]).
+    pub fn create_named(
+        dir: &Path,
+        name: &str,
+        lo: u64,
+        hi: u64,
+        keys_max: u64,
+        bits_per_key: u32,
+    ) -> Result<RunWriter, TierError> {
+        let path = dir.join(name);
         let tmp = path.with_extension("run.tmp");
         let file = OpenOptions::new()
             .read(true)
@@ -569,6 +646,11 @@ impl RunWriter {
         self.out.write_all(bytes).map_err(TierError::io(&self.tmp))?;
         self.at += bytes.len() as u64;
         Ok(())
+    }
+
+    /// The last key pushed, if any.
+    pub fn last_key(&self) -> Option<&[u8]> {
+        (self.entries > 0).then_some(self.last_key.as_slice())
     }
 
     /// Appends one entry; keys must come strictly ascending and within the size limits.

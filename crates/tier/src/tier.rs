@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::bloom::key_hash;
 use crate::mark::{read_mark, write_mark, MARK_TMP_NAME};
 use crate::policy::MergePolicy;
-use crate::run::{parse_run_name, sync_dir, ReadCounters, Run, RunCursor, RunWriter};
+use crate::run::{import_name, parse_import_name, parse_run_name, sync_dir, ReadCounters, Run, RunCursor, RunWriter};
 use crate::{Entry, ReadStats, RunInfo, TierError, TierOptions, TierStats, KEY_BYTES_MAX, VALUE_BYTES_MAX};
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -21,28 +21,126 @@ const RUNS_PER_BYTES_MAX: u64 = 16;
 pub struct TierView {
     /// In generation order, ranges disjoint.
     runs: Vec<Arc<Run>>,
+    /// Runs imported from another tier (see [`Tier::import`]), oldest part first.
+    imports: Vec<Arc<Imported>>,
     durable_through: u64,
     counters: Arc<ReadCounters>,
 }
 
+/// A run copied in from another tier: part `part` of import `tag` in `group`.
+#[derive(Debug)]
+pub(crate) struct Imported {
+    pub group: u32,
+    pub tag: u64,
+    pub part: u32,
+    /// The bytes every key of the run starts with: a lookup of another key skips it.
+    pub prefix: Vec<u8>,
+    pub run: Arc<Run>,
+}
+
+impl Imported {
+    fn open(path: &Path, group: u32, tag: u64, part: u32) -> Result<Imported, TierError> {
+        let run = Arc::new(Run::open(path, 0, 0)?);
+        Self::of(run, group, tag, part)
+    }
+
+    fn of(run: Arc<Run>, group: u32, tag: u64, part: u32) -> Result<Imported, TierError> {
+        let prefix = run.key_prefix()?;
+        Ok(Imported { group, tag, part, prefix, run })
+    }
+}
+
+/// Which of two versions of a key is newer: the later time, then the higher
+/// `seq`. Within one tier both grow together; across tiers (an imported run)
+/// only the time orders them, and two versions of one key differ only when
+/// an id was used again after its window.
+fn newer(a: &Entry, b: &Entry) -> bool {
+    (a.at_ms, a.seq) > (b.at_ms, b.seq)
+}
+
+/// Where [`TierView::scan`] reads: a run of the tier, or an imported one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Run { lo: u64, hi: u64 },
+    Import { group: u32, tag: u64, part: u32 },
+}
+
 impl TierView {
+    /// The same view with other runs.
+    fn with(&self, runs: Vec<Arc<Run>>, mut imports: Vec<Arc<Imported>>, durable_through: u64) -> Arc<TierView> {
+        imports.sort_by_key(|i| (i.group, i.tag, i.part));
+        Arc::new(TierView { runs, imports, durable_through, counters: Arc::clone(&self.counters) })
+    }
+
     /// The entry with this key (the highest `seq` across runs), or `None`.
     /// A run's filter answers first, so a missing key rarely reads the disk;
     /// a damaged block read on the way is an error naming its file.
     pub fn get(&self, key: &[u8]) -> Result<Option<Entry>, TierError> {
         let hash = key_hash(key);
         let mut best: Option<Entry> = None;
-        for run in self.runs.iter().rev() {
-            if best.as_ref().is_some_and(|b| b.seq >= run.meta.seq_max) {
+        let imports = self.imports.iter().rev().filter(|i| key.starts_with(&i.prefix)).map(|i| &i.run);
+        for run in self.runs.iter().rev().chain(imports) {
+            if best.as_ref().is_some_and(|b| (b.at_ms, b.seq) >= (run.meta.at_ms_max, run.meta.seq_max)) {
                 continue;
             }
             if let Some(found) = run.get(key, hash, &self.counters)? {
-                if best.as_ref().is_none_or(|b| found.seq > b.seq) {
+                if best.as_ref().is_none_or(|b| newer(&found, b)) {
                     best = Some(found);
                 }
             }
         }
         Ok(best)
+    }
+
+    /// Where entries may be read from: every run and every imported run; or,
+    /// with `seq_after`, only the tier's own runs holding a `seq` above it.
+    pub fn sources(&self, seq_after: Option<u64>) -> Vec<Source> {
+        let runs = self
+            .runs
+            .iter()
+            .filter(|r| seq_after.is_none_or(|s| r.meta.seq_max > s))
+            .map(|r| Source::Run { lo: r.meta.lo, hi: r.meta.hi });
+        let imports = self.imports.iter().filter(|_| seq_after.is_none()).map(|i| Source::Import {
+            group: i.group,
+            tag: i.tag,
+            part: i.part,
+        });
+        runs.chain(imports).collect()
+    }
+
+    fn source(&self, source: Source) -> Option<&Arc<Run>> {
+        match source {
+            Source::Run { lo, hi } => self.runs.iter().find(|r| (r.meta.lo, r.meta.hi) == (lo, hi)),
+            Source::Import { group, tag, part } => {
+                self.imports.iter().find(|i| (i.group, i.tag, i.part) == (group, tag, part)).map(|i| &i.run)
+            }
+        }
+    }
+
+    /// Up to `limit` entries of `source` with `from <= key < to`, after
+    /// `after` (exclusive) when given, and with a `seq` above `seq_after`
+    /// when given; and whether the range holds more. `None` when the view
+    /// has no such source.
+    pub fn scan(
+        &self,
+        source: Source,
+        from: &[u8],
+        to: &[u8],
+        after: Option<&[u8]>,
+        seq_after: Option<u64>,
+        limit: usize,
+    ) -> Result<Option<(Vec<Entry>, bool)>, TierError> {
+        let Some(run) = self.source(source) else { return Ok(None) };
+        let (mut entries, more) = run.range(from, to, after, limit)?;
+        if let Some(s) = seq_after {
+            entries.retain(|e| e.seq > s);
+        }
+        Ok(Some((entries, more)))
+    }
+
+    /// At most how many entries `source` holds with `from <= key < to`.
+    pub fn estimate(&self, source: Source, from: &[u8], to: &[u8]) -> u64 {
+        self.source(source).map_or(0, |r| r.estimate(from, to))
     }
 
     /// The highest spill generation durable in the tier (0 for none).
@@ -52,18 +150,24 @@ impl TierView {
 
     /// The time of the oldest entry held, or `None` when the tier holds none.
     pub fn oldest_at_ms(&self) -> Option<u64> {
-        self.runs.iter().filter(|r| r.meta.entries > 0).map(|r| r.meta.at_ms_min).min()
+        self.all_runs().filter(|r| r.meta.entries > 0).map(|r| r.meta.at_ms_min).min()
+    }
+
+    /// The tier's own runs, then the imported ones.
+    fn all_runs(&self) -> impl Iterator<Item = &Arc<Run>> + '_ {
+        self.runs.iter().chain(self.imports.iter().map(|i| &i.run))
     }
 
     /// What the view holds.
     pub fn stats(&self) -> TierStats {
-        let with_entries = || self.runs.iter().filter(|r| r.meta.entries > 0);
+        let with_entries = || self.all_runs().filter(|r| r.meta.entries > 0);
         TierStats {
-            runs: self.runs.len(),
-            entries: self.runs.iter().map(|r| r.meta.entries).sum(),
-            bytes: self.runs.iter().map(|r| r.meta.bytes).sum(),
-            filter_bytes: self.runs.iter().map(|r| r.filter_bytes() as u64).sum(),
-            index_bytes: self.runs.iter().map(|r| r.index_bytes() as u64).sum(),
+            runs: self.runs.len() + self.imports.len(),
+            imported_runs: self.imports.len(),
+            entries: self.all_runs().map(|r| r.meta.entries).sum(),
+            bytes: self.all_runs().map(|r| r.meta.bytes).sum(),
+            filter_bytes: self.all_runs().map(|r| r.filter_bytes() as u64).sum(),
+            index_bytes: self.all_runs().map(|r| r.index_bytes() as u64).sum(),
             oldest_at_ms: self.oldest_at_ms(),
             newest_at_ms: with_entries().map(|r| r.meta.at_ms_max).max(),
             durable_through: self.durable_through,
@@ -89,6 +193,26 @@ pub struct Tier {
     /// The generation the `DURABLE` mark holds.
     mark: u64,
     poisoned: bool,
+    /// Imports being written, oldest first (at most [`IMPORTS_OPEN_MAX`]).
+    importing: Vec<Importing>,
+}
+
+/// The most imported runs [`Tier::import`] writes at once; a new one past it
+/// abandons the oldest (a copy whose sender went away), I7.
+pub const IMPORTS_OPEN_MAX: usize = 8;
+
+/// An imported run part way written.
+struct Importing {
+    group: u32,
+    tag: u64,
+    part: u32,
+    writer: RunWriter,
+}
+
+impl std::fmt::Debug for Importing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Importing({}, {}, {})", self.group, self.tag, self.part)
+    }
 }
 
 /// A run file found in the directory.
@@ -121,9 +245,18 @@ fn lock(dir: &Path) -> Result<File, TierError> {
     }
 }
 
+/// An imported run found in the directory.
+struct FoundImport {
+    group: u32,
+    tag: u64,
+    part: u32,
+    path: PathBuf,
+}
+
 /// Lists the run files and removes temporary ones; answers whether it removed any.
-fn scan(dir: &Path) -> Result<(Vec<Found>, bool), TierError> {
+fn scan(dir: &Path) -> Result<(Vec<Found>, Vec<FoundImport>, bool), TierError> {
     let mut found = Vec::new();
+    let mut imports = Vec::new();
     let mut removed = false;
     for entry in fs::read_dir(dir).map_err(TierError::io(dir))? {
         let entry = entry.map_err(TierError::io(dir))?;
@@ -135,9 +268,12 @@ fn scan(dir: &Path) -> Result<(Vec<Found>, bool), TierError> {
             removed = true;
         } else if let Some((lo, hi)) = parse_run_name(&name) {
             found.push(Found { lo, hi, path });
+        } else if let Some((group, tag, part)) = parse_import_name(&name) {
+            imports.push(FoundImport { group, tag, part, path });
         }
     }
-    Ok((found, removed))
+    imports.sort_by_key(|i| (i.group, i.tag, i.part));
+    Ok((found, imports, removed))
 }
 
 /// Splits runs into live ones (generation order) and those another run's
@@ -187,7 +323,7 @@ fn merge_into(inputs: &[Arc<Run>], writer: &mut RunWriter) -> Result<(), TierErr
             let Some(entry) = head else { continue };
             let better = pick.is_none_or(|p| {
                 let best = heads[p].as_ref().expect("a picked head is present");
-                entry.key.cmp(&best.key).then(best.seq.cmp(&entry.seq)) == Ordering::Less
+                entry.key.cmp(&best.key).then((best.at_ms, best.seq).cmp(&(entry.at_ms, entry.seq))) == Ordering::Less
             });
             if better {
                 pick = Some(i);
@@ -219,10 +355,14 @@ impl Tier {
             sync_dir(parent)?;
         }
         let lock = lock(dir)?;
-        let (found, removed_tmp) = scan(dir)?;
+        let (found, found_imports, removed_tmp) = scan(dir)?;
         let (live, covered) = split_covered(found)?;
         // Verify the covering runs before deleting what they cover.
         let runs = live.iter().map(|f| Run::open(&f.path, f.lo, f.hi).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let imports = found_imports
+            .iter()
+            .map(|i| Imported::open(&i.path, i.group, i.tag, i.part).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         for run in &covered {
             fs::remove_file(&run.path).map_err(TierError::io(&run.path))?;
         }
@@ -235,9 +375,10 @@ impl Tier {
             dir: dir.to_path_buf(),
             opts,
             _lock: lock,
-            view: Arc::new(TierView { runs, durable_through, counters: Arc::default() }),
+            view: Arc::new(TierView { runs, imports, durable_through, counters: Arc::default() }),
             mark,
             poisoned: false,
+            importing: Vec::new(),
         })
     }
 
@@ -263,7 +404,7 @@ impl Tier {
         if let Some(e) = entries.iter().find(|e| e.key.len() > KEY_BYTES_MAX || e.value.len() > VALUE_BYTES_MAX) {
             return Err(TierError::TooLarge { key_bytes: e.key.len(), value_bytes: e.value.len() });
         }
-        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key).then(b.seq.cmp(&a.seq)));
+        entries.sort_unstable_by(|a, b| a.key.cmp(&b.key).then((b.at_ms, b.seq).cmp(&(a.at_ms, a.seq))));
         entries.dedup_by(|later, kept| later.key == kept.key);
         self.change(|tier| {
             let run = build_run(&tier.dir, lo, hi, entries.len() as u64, &tier.opts, |writer| {
@@ -272,7 +413,7 @@ impl Tier {
             let info = RunInfo { lo, hi, entries: run.meta.entries, bytes: run.meta.bytes, path: run.path.clone() };
             let mut runs = tier.view.runs.clone();
             runs.push(Arc::new(run));
-            tier.view = Arc::new(TierView { runs, durable_through: hi, counters: Arc::clone(&tier.view.counters) });
+            tier.view = tier.view.with(runs, tier.view.imports.clone(), hi);
             Ok(info)
         })
     }
@@ -291,10 +432,20 @@ impl Tier {
     /// empty runs); answers how many entries went.
     pub fn expire(&mut self, before_at_ms: u64) -> Result<u64, TierError> {
         self.change(|tier| {
-            let doomed: Vec<bool> =
-                tier.view.runs.iter().map(|r| r.meta.entries == 0 || r.meta.at_ms_max < before_at_ms).collect();
-            let dropped = tier.view.runs.iter().zip(&doomed).filter(|(_, d)| **d).map(|(r, _)| r.meta.entries).sum();
-            tier.delete_runs(&doomed)?;
+            let old = |r: &Run| r.meta.entries == 0 || r.meta.at_ms_max < before_at_ms;
+            let doomed: Vec<bool> = tier.view.runs.iter().map(|r| old(r)).collect();
+            let doomed_imports: Vec<bool> = tier.view.imports.iter().map(|i| old(&i.run)).collect();
+            let dropped =
+                tier.view.runs.iter().zip(&doomed).filter(|(_, d)| **d).map(|(r, _)| r.meta.entries).sum::<u64>()
+                    + tier
+                        .view
+                        .imports
+                        .iter()
+                        .zip(&doomed_imports)
+                        .filter(|(_, d)| **d)
+                        .map(|(i, _)| i.run.meta.entries)
+                        .sum::<u64>();
+            tier.delete_runs(&doomed, &doomed_imports)?;
             Ok(dropped)
         })
     }
@@ -305,34 +456,46 @@ impl Tier {
     /// answers for anything older, so the caller's window shrank. Else `None`.
     pub fn enforce_bytes_max(&mut self) -> Result<Option<u64>, TierError> {
         self.change(|tier| {
-            let runs = &tier.view.runs;
-            let mut bytes: u64 = runs.iter().map(|r| r.meta.bytes).sum();
+            let (runs, imports) = (&tier.view.runs, &tier.view.imports);
+            let mut bytes: u64 = tier.view.all_runs().map(|r| r.meta.bytes).sum();
             let mut doomed = vec![false; runs.len()];
-            for (run, doom) in runs.iter().zip(doomed.iter_mut()) {
+            let mut doomed_imports = vec![false; imports.len()];
+            // The oldest first, the tier's own runs and imported ones alike.
+            let mut order: Vec<(u64, bool, usize)> =
+                runs.iter().enumerate().map(|(k, r)| (r.meta.at_ms_max, false, k)).collect();
+            order.extend(imports.iter().enumerate().map(|(k, i)| (i.run.meta.at_ms_max, true, k)));
+            order.sort_unstable();
+            let mut newest_dropped: Option<u64> = None;
+            for (at_ms_max, imported, k) in order {
                 if bytes <= tier.opts.bytes_max {
                     break;
                 }
+                let run = if imported { &imports[k].run } else { &runs[k] };
                 bytes -= run.meta.bytes;
-                *doom = true;
+                if imported {
+                    doomed_imports[k] = true;
+                } else {
+                    doomed[k] = true;
+                }
+                if run.meta.entries > 0 {
+                    newest_dropped = newest_dropped.max(Some(at_ms_max));
+                }
             }
-            let newest_dropped = runs
-                .iter()
-                .zip(&doomed)
-                .filter(|(r, d)| **d && r.meta.entries > 0)
-                .map(|(r, _)| r.meta.at_ms_max)
-                .max();
-            tier.delete_runs(&doomed)?;
+            tier.delete_runs(&doomed, &doomed_imports)?;
             Ok(newest_dropped.map(|newest| tier.view.oldest_at_ms().unwrap_or(newest.saturating_add(1))))
         })
     }
 
-    /// Deletes the runs marked doomed and publishes the view without them.
-    fn delete_runs(&mut self, doomed: &[bool]) -> Result<(), TierError> {
-        if !doomed.contains(&true) {
+    /// Deletes the runs and imported runs marked doomed and publishes the view without them.
+    fn delete_runs(&mut self, doomed: &[bool], doomed_imports: &[bool]) -> Result<(), TierError> {
+        if !doomed.contains(&true) && !doomed_imports.contains(&true) {
             return Ok(());
         }
         let (gone, kept): (Vec<_>, Vec<_>) = self.view.runs.iter().cloned().zip(doomed).partition(|(_, d)| **d);
         let kept: Vec<Arc<Run>> = kept.into_iter().map(|(r, _)| r).collect();
+        let (gone_imports, kept_imports): (Vec<_>, Vec<_>) =
+            self.view.imports.iter().cloned().zip(doomed_imports).partition(|(_, d)| **d);
+        let kept_imports: Vec<Arc<Imported>> = kept_imports.into_iter().map(|(i, _)| i).collect();
         let durable_through = self.view.durable_through;
         let kept_through = kept.last().map_or(0, |r| r.meta.hi);
         if kept_through < durable_through && self.mark < durable_through {
@@ -340,11 +503,11 @@ impl Tier {
             write_mark(&self.dir, durable_through)?;
             self.mark = durable_through;
         }
-        for (run, _) in &gone {
-            fs::remove_file(&run.path).map_err(TierError::io(&run.path))?;
+        for path in gone.iter().map(|(r, _)| &r.path).chain(gone_imports.iter().map(|(i, _)| &i.run.path)) {
+            fs::remove_file(path).map_err(TierError::io(path))?;
         }
         sync_dir(&self.dir)?;
-        self.view = Arc::new(TierView { runs: kept, durable_through, counters: Arc::clone(&self.view.counters) });
+        self.view = self.view.with(kept, kept_imports, durable_through);
         Ok(())
     }
 
@@ -377,11 +540,7 @@ impl Tier {
             sync_dir(&tier.dir)?;
             let mut runs = tier.view.runs.clone();
             runs.splice(range, [Arc::new(merged)]);
-            tier.view = Arc::new(TierView {
-                runs,
-                durable_through: tier.view.durable_through,
-                counters: Arc::clone(&tier.view.counters),
-            });
+            tier.view = tier.view.with(runs, tier.view.imports.clone(), tier.view.durable_through);
             Ok(true)
         })
     }
@@ -389,6 +548,99 @@ impl Tier {
     /// What the tier holds now.
     pub fn stats(&self) -> TierStats {
         self.view.stats()
+    }
+
+    /// Writes part of an imported run: `entries` of part `part` of import
+    /// `tag` in `group`, keys strictly ascending across the calls of one part
+    /// (the first call of a part starts it, its filter sized for `keys_max`
+    /// keys). With `last`, the part is made durable and joins the view;
+    /// answers it then. Imported runs are looked up with the tier's own, the
+    /// newer version of a key winning by time; they expire and count against
+    /// `bytes_max` like the tier's own, and are never merged into them.
+    pub fn import(
+        &mut self,
+        (group, tag, part): (u32, u64, u32),
+        keys_max: u64,
+        entries: &[Entry],
+        last: bool,
+    ) -> Result<Option<RunInfo>, TierError> {
+        if let Some(e) = entries.iter().find(|e| e.key.len() > KEY_BYTES_MAX || e.value.len() > VALUE_BYTES_MAX) {
+            return Err(TierError::TooLarge { key_bytes: e.key.len(), value_bytes: e.value.len() });
+        }
+        let at = match self.importing.iter().position(|i| (i.group, i.tag, i.part) == (group, tag, part)) {
+            Some(at) => at,
+            None => {
+                if self.importing.len() == IMPORTS_OPEN_MAX {
+                    let abandoned = self.importing.remove(0);
+                    let _ = fs::remove_file(abandoned.writer.tmp_path());
+                }
+                let name = import_name(group, tag, part);
+                let writer = RunWriter::create_named(&self.dir, &name, 0, 0, keys_max, self.opts.bloom_bits_per_key)?;
+                self.importing.push(Importing { group, tag, part, writer });
+                self.importing.len() - 1
+            }
+        };
+        let writer = &mut self.importing[at].writer;
+        let mut last_key = writer.last_key().map(<[u8]>::to_vec);
+        for e in entries {
+            if last_key.as_ref().is_some_and(|k| e.key <= *k) {
+                let abandoned = self.importing.remove(at);
+                let _ = fs::remove_file(abandoned.writer.tmp_path());
+                return Err(TierError::Unsorted { group, tag, part });
+            }
+            last_key = Some(e.key.clone());
+        }
+        if let Err(e) = entries.iter().try_for_each(|e| writer.push(e)) {
+            let abandoned = self.importing.remove(at);
+            let _ = fs::remove_file(abandoned.writer.tmp_path());
+            return Err(e);
+        }
+        if !last {
+            return Ok(None);
+        }
+        let Importing { writer, .. } = self.importing.remove(at);
+        self.change(|tier| {
+            let run = Arc::new(writer.finish()?);
+            let info =
+                RunInfo { lo: 0, hi: 0, entries: run.meta.entries, bytes: run.meta.bytes, path: run.path.clone() };
+            let imported = Arc::new(Imported::of(run, group, tag, part)?);
+            let mut imports: Vec<Arc<Imported>> =
+                tier.view.imports.iter().filter(|i| (i.group, i.tag, i.part) != (group, tag, part)).cloned().collect();
+            imports.push(imported);
+            tier.view = tier.view.with(tier.view.runs.clone(), imports, tier.view.durable_through);
+            Ok(Some(info))
+        })
+    }
+
+    /// Deletes the imported runs for which `doomed(group, tag)` holds, and
+    /// abandons such imports part way written; answers how many runs went.
+    pub fn drop_imports(&mut self, doomed: impl Fn(u32, u64) -> bool) -> Result<usize, TierError> {
+        self.importing.retain(|i| {
+            let keep = !doomed(i.group, i.tag);
+            if !keep {
+                let _ = fs::remove_file(i.writer.tmp_path());
+            }
+            keep
+        });
+        let marks: Vec<bool> = self.view.imports.iter().map(|i| doomed(i.group, i.tag)).collect();
+        let n = marks.iter().filter(|d| **d).count();
+        if n > 0 {
+            let none = vec![false; self.view.runs.len()];
+            self.change(|tier| tier.delete_runs(&none, &marks))?;
+        }
+        Ok(n)
+    }
+
+    /// The imports the tier holds: (group, tag, parts), in order.
+    pub fn imports(&self) -> Vec<(u32, u64, u32)> {
+        let mut out: Vec<(u32, u64, u32)> = Vec::new();
+        for i in &self.view.imports {
+            match out.last_mut() {
+                Some(last) if (last.0, last.1) == (i.group, i.tag) => last.2 += 1,
+                _ => out.push((i.group, i.tag, 1)),
+            }
+        }
+        out
     }
 
     /// The directory the tier lives in.

@@ -235,3 +235,77 @@ fn a_tier_opens_in_a_directory_it_creates() {
     drop(tier);
     assert_eq!(open(&path).view().get(&key(1)).expect("get").expect("present").seq, 1);
 }
+
+/// Keys of `group` as a cell makes them: a prefix per group, then the record.
+fn group_key(group: u8, n: u64) -> Vec<u8> {
+    let mut k = vec![0, 0, 0, 0, group];
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn group_entry(group: u8, n: u64, seq: u64, at_ms: u64) -> cellpay_tier::Entry {
+    cellpay_tier::Entry { key: group_key(group, n), seq, at_ms, value: value(n, seq) }
+}
+
+#[test]
+fn an_import_written_in_parts_is_found_survives_reopen_and_can_be_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut tier = open(dir.path());
+        // The tier's own run holds record 5 of group 3 at time 100 (an id used again later elsewhere).
+        tier.write_run(1, 1, vec![group_entry(3, 5, 1 << 30, 100), group_entry(4, 1, 1, 100)]).expect("write");
+        // Import 9 of group 3 comes in two calls: records 0..100 (seq low: another tier's numbering).
+        let first: Vec<_> = (0..50).map(|n| group_entry(3, n, n, 1000 + n)).collect();
+        let rest: Vec<_> = (50..100).map(|n| group_entry(3, n, n, 1000 + n)).collect();
+        assert_eq!(tier.import((3, 9, 0), 100, &first, false).expect("part"), None);
+        // Not in the view before its last call.
+        assert_eq!(tier.view().get(&group_key(3, 7)).expect("get"), None);
+        let info = tier.import((3, 9, 0), 100, &rest, true).expect("part").expect("done");
+        assert_eq!(info.entries, 100);
+        assert_eq!(tier.imports(), vec![(3, 9, 1)]);
+    }
+    let mut tier = open(dir.path());
+    let view = tier.view();
+    for n in 0..100 {
+        let found = view.get(&group_key(3, n)).expect("get").expect("imported");
+        assert_eq!(found.value, value(n, n), "record {n}");
+    }
+    // Record 5 is in both: the later time wins, though the tier's own seq is higher.
+    assert_eq!(view.get(&group_key(3, 5)).expect("get").expect("present").at_ms, 1005);
+    // Another group's keys skip the import's prefix.
+    assert_eq!(view.get(&group_key(4, 1)).expect("get").expect("own").seq, 1);
+    assert_eq!(view.get(&group_key(4, 2)).expect("get"), None);
+    // A scan reads the import's range in pages; the estimate bounds it.
+    let source = view.sources(None).into_iter().find(|s| matches!(s, cellpay_tier::Source::Import { .. })).unwrap();
+    let (from, to) = (group_key(3, 0), group_key(3, u64::MAX));
+    assert!(view.estimate(source, &from, &to) >= 100);
+    let (page, more) = view.scan(source, &from, &to, None, None, 60).expect("scan").expect("source");
+    assert_eq!((page.len(), more), (60, true));
+    let last = page.last().unwrap().key.clone();
+    let (page, more) = view.scan(source, &from, &to, Some(&last), None, 60).expect("scan").expect("source");
+    assert_eq!((page.len(), more), (40, false));
+    // Only the tier's own runs with a seq above the mark, for a delta.
+    assert_eq!(view.sources(Some(1 << 30)), vec![]);
+    assert_eq!(view.sources(Some(1)).len(), 1);
+    assert_eq!(tier.stats().imported_runs, 1);
+    // Dropped: gone from the view and the disk.
+    assert_eq!(tier.drop_imports(|group, tag| group == 3 && tag <= 9).expect("drop"), 1);
+    assert_eq!(tier.view().get(&group_key(3, 7)).expect("get"), None);
+    assert_eq!(run_files(dir.path()).len(), 1);
+    drop(tier);
+    assert_eq!(open(dir.path()).imports(), vec![]);
+}
+
+#[test]
+fn an_import_out_of_order_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut tier = open(dir.path());
+    tier.import((1, 2, 0), 10, &[group_entry(1, 5, 1, 1)], false).expect("part");
+    let refused = tier.import((1, 2, 0), 10, &[group_entry(1, 4, 1, 1)], true);
+    assert!(matches!(refused, Err(TierError::Unsorted { group: 1, tag: 2, part: 0 })), "{refused:?}");
+    assert!(common::stray_files(dir.path()).is_empty(), "{:?}", common::stray_files(dir.path()));
+    // An import that expires goes like the tier's own runs.
+    tier.import((1, 3, 0), 10, &[group_entry(1, 5, 1, 50)], true).expect("part");
+    assert_eq!(tier.expire(51).expect("expire"), 1);
+    assert_eq!(tier.imports(), vec![]);
+}

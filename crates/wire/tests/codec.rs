@@ -16,7 +16,8 @@ use cellpay_core::{
     Transfer, TransferId, TransferStatus, TransferView,
 };
 use cellpay_core::{
-    ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures, MoveRecord, ShardExport,
+    ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures, MoveRecord, ShardExport, TierCursor,
+    TierEntry, TierPage,
 };
 use cellpay_wire::codec::*;
 use proptest::prelude::*;
@@ -219,7 +220,21 @@ fn every_query(by: Authority) -> Vec<Query> {
         Query::OutboxAt { shadow: true, asked: vec![] },
         Query::OutboxAt { shadow: false, asked: vec![(CellId(1), 0)] },
         Query::Outbox { shadow: false, dest: CellId(2), after_seq: 99, limit: 4096 },
-        Query::ExportShard { shard: 1023 },
+        Query::ExportShard { shard: 1023, older_after: 1 << 40 },
+        Query::TierPage {
+            shard: 7,
+            snapshot: 3,
+            seq_after: 9,
+            cursor: TierCursor { part: 4, after_key: Some(vec![0, 1, 255]) },
+        },
+        Query::TierImport {
+            shard: 7,
+            move_id: 12,
+            part: 3,
+            keys_max: 100,
+            entries: vec![TierEntry { key: vec![1, 2], seq: 5, at_ms: 6, value: vec![] }],
+            last: true,
+        },
         Query::ShardLoad,
     ]
 }
@@ -353,6 +368,16 @@ fn every_answer() -> Vec<QueryAnswer> {
         }]),
         QueryAnswer::Rejected(Rejection::new(ErrorCode::Forbidden, "not your account")),
         QueryAnswer::ShardExport(Box::new(shard_export())),
+        QueryAnswer::TierPage(Box::new(TierPage {
+            snapshot: 2,
+            through_seq: 99,
+            part: 1,
+            keys_max: 64,
+            entries: vec![TierEntry { key: vec![0, 0, 0, 0, 7], seq: 1, at_ms: 2, value: b"v".to_vec() }],
+            last: false,
+            next: Some(TierCursor { part: 1, after_key: Some(vec![0, 0, 0, 0, 7]) }),
+        })),
+        QueryAnswer::TierImported { entries: 17 },
         QueryAnswer::ShardLoad(vec![0, 7, u64::MAX]),
     ]
 }

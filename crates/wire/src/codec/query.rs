@@ -2,7 +2,7 @@
 //! has one, and the answer.
 
 use cellpay_core::codec::{DecodeError, Reader, Writer};
-use cellpay_core::{CellId, Query, QueryAnswer};
+use cellpay_core::{CellId, Query, QueryAnswer, TierCursor, TierEntry, TierPage};
 
 use super::submit::{read_authority, write_authority};
 use super::{audit, read_cell, read_list, read_opt, read_opt_u64, read_usize, view, write_list, write_opt};
@@ -24,6 +24,41 @@ const QUERY_OUTBOX_AT: u8 = 7;
 const QUERY_OUTBOX: u8 = 8;
 const QUERY_EXPORT_SHARD: u8 = 9;
 const QUERY_SHARD_LOAD: u8 = 10;
+const QUERY_TIER_PAGE: u8 = 11;
+const QUERY_TIER_IMPORT: u8 = 12;
+
+/// The most entries one tier page or import carries (a page the cell
+/// answers is smaller: `cellpay_cell::TIER_PAGE_ENTRIES_MAX`).
+pub const TIER_ENTRIES_MAX: usize = 1 << 16;
+/// Bytes of the smallest tier entry: two lengths, seq and time.
+const TIER_ENTRY_BYTES_MIN: usize = 4 + 8 + 8 + 4;
+/// The longest key and value a tier entry may carry (the tier's own limits).
+const TIER_KEY_BYTES_MAX: usize = 1024;
+const TIER_VALUE_BYTES_MAX: usize = 64 << 10;
+
+fn write_tier_entry(w: &mut Writer, e: &TierEntry) {
+    w.bytes(&e.key);
+    w.u64(e.seq);
+    w.u64(e.at_ms);
+    w.bytes(&e.value);
+}
+
+fn read_tier_entry(r: &mut Reader<'_>) -> Result<TierEntry, DecodeError> {
+    let key = r.bytes(TIER_KEY_BYTES_MAX)?.to_vec();
+    let seq = r.u64()?;
+    let at_ms = r.u64()?;
+    let value = r.bytes(TIER_VALUE_BYTES_MAX)?.to_vec();
+    Ok(TierEntry { key, seq, at_ms, value })
+}
+
+fn write_cursor(w: &mut Writer, c: &TierCursor) {
+    w.u32(c.part);
+    write_opt(w, c.after_key.as_ref(), |w, k| w.bytes(k));
+}
+
+fn read_cursor(r: &mut Reader<'_>) -> Result<TierCursor, DecodeError> {
+    Ok(TierCursor { part: r.u32()?, after_key: read_opt(r, |r| Ok(r.bytes(TIER_KEY_BYTES_MAX)?.to_vec()))? })
+}
 
 fn write_asked(w: &mut Writer, asked: &[(CellId, u64)]) {
     write_list(w, asked, CELLS_MAX, |w, (cell, seq)| {
@@ -88,10 +123,29 @@ pub(super) fn write_query(w: &mut Writer, query: &Query) {
             w.u64(*after_seq);
             write_usize(w, *limit);
         }
-        Query::ExportShard { shard } => {
+        Query::ExportShard { shard, older_after } => {
             w.u8(QUERY_EXPORT_SHARD);
             w.bool(false);
             w.u32(*shard);
+            w.u64(*older_after);
+        }
+        Query::TierPage { shard, snapshot, seq_after, cursor } => {
+            w.u8(QUERY_TIER_PAGE);
+            w.bool(false);
+            w.u32(*shard);
+            w.u64(*snapshot);
+            w.u64(*seq_after);
+            write_cursor(w, cursor);
+        }
+        Query::TierImport { shard, move_id, part, keys_max, entries, last } => {
+            w.u8(QUERY_TIER_IMPORT);
+            w.bool(false);
+            w.u32(*shard);
+            w.u64(*move_id);
+            w.u32(*part);
+            w.u64(*keys_max);
+            write_list(w, entries, TIER_ENTRIES_MAX, write_tier_entry);
+            w.bool(*last);
         }
         Query::ShardLoad => {
             w.u8(QUERY_SHARD_LOAD);
@@ -139,7 +193,18 @@ pub(super) fn read_query(r: &mut Reader<'_>) -> Result<Query, DecodeError> {
             after_seq: r.u64()?,
             limit: read_limit(r, ANSWER_OUTBOX_MESSAGES_MAX)?,
         },
-        QUERY_EXPORT_SHARD => Query::ExportShard { shard: r.u32()? },
+        QUERY_EXPORT_SHARD => Query::ExportShard { shard: r.u32()?, older_after: r.u64()? },
+        QUERY_TIER_PAGE => {
+            Query::TierPage { shard: r.u32()?, snapshot: r.u64()?, seq_after: r.u64()?, cursor: read_cursor(r)? }
+        }
+        QUERY_TIER_IMPORT => Query::TierImport {
+            shard: r.u32()?,
+            move_id: r.u64()?,
+            part: r.u32()?,
+            keys_max: r.u64()?,
+            entries: read_list(r, TIER_ENTRIES_MAX, TIER_ENTRY_BYTES_MIN, read_tier_entry)?,
+            last: r.bool()?,
+        },
         QUERY_SHARD_LOAD => Query::ShardLoad,
         other => return Err(r.error(format!("unknown query tag {other}"))),
     })
@@ -162,6 +227,8 @@ const ANSWER_SHARD_EXPORT: u8 = 10;
 const ANSWER_AUDIT_MOVES: u8 = 11;
 const ANSWER_FIGURES_MOVES: u8 = 12;
 const ANSWER_SHARD_LOAD: u8 = 13;
+const ANSWER_TIER_PAGE: u8 = 14;
+const ANSWER_TIER_IMPORTED: u8 = 15;
 
 pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
     match answer {
@@ -216,6 +283,20 @@ pub(super) fn write_answer(w: &mut Writer, answer: &QueryAnswer) {
             w.u8(ANSWER_SHARD_LOAD);
             write_list(w, load, DIGESTS_MAX, |w, n| w.u64(*n));
         }
+        QueryAnswer::TierPage(page) => {
+            w.u8(ANSWER_TIER_PAGE);
+            w.u64(page.snapshot);
+            w.u64(page.through_seq);
+            w.u32(page.part);
+            w.u64(page.keys_max);
+            write_list(w, &page.entries, TIER_ENTRIES_MAX, write_tier_entry);
+            w.bool(page.last);
+            write_opt(w, page.next.as_ref(), write_cursor);
+        }
+        QueryAnswer::TierImported { entries } => {
+            w.u8(ANSWER_TIER_IMPORTED);
+            w.u64(*entries);
+        }
     }
 }
 
@@ -254,6 +335,16 @@ pub(super) fn read_answer(r: &mut Reader<'_>) -> Result<QueryAnswer, DecodeError
         ANSWER_REJECTED => QueryAnswer::Rejected(view::read_rejection(r)?),
         ANSWER_SHARD_EXPORT => QueryAnswer::ShardExport(Box::new(cellpay_core::moves::decode_export(r)?)),
         ANSWER_SHARD_LOAD => QueryAnswer::ShardLoad(read_list(r, DIGESTS_MAX, DIGEST_BYTES, |r| r.u64())?),
+        ANSWER_TIER_PAGE => QueryAnswer::TierPage(Box::new(TierPage {
+            snapshot: r.u64()?,
+            through_seq: r.u64()?,
+            part: r.u32()?,
+            keys_max: r.u64()?,
+            entries: read_list(r, TIER_ENTRIES_MAX, TIER_ENTRY_BYTES_MIN, read_tier_entry)?,
+            last: r.bool()?,
+            next: read_opt(r, read_cursor)?,
+        })),
+        ANSWER_TIER_IMPORTED => QueryAnswer::TierImported { entries: r.u64()? },
         other => return Err(r.error(format!("unknown answer tag {other}"))),
     })
 }
