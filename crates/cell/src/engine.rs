@@ -382,10 +382,6 @@ impl CellHandle {
     /// records) off the writer, or completes a shard's export with the
     /// records its tier holds; `None` for every other query.
     pub(crate) async fn tier_query(&self, query: &Query) -> Option<Result<QueryAnswer, EngineError>> {
-        let no_tier = || {
-            let msg = "this cell keeps no disk tier of idempotency records";
-            Some(Ok(QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg))))
-        };
         let refused = |why: String| Some(Ok(QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why))));
         match query.clone() {
             Query::TierPage { shard, snapshot, seq_after, cursor } => {
@@ -395,13 +391,15 @@ impl CellHandle {
                 };
                 let page =
                     tokio::task::spawn_blocking(move || tier.page(shard, snapshot, seq_after, cursor)).await.ok()?;
-                Some(Ok(page.map_or_else(
-                    |why| QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why)),
-                    |p| QueryAnswer::TierPage(Box::new(p)),
-                )))
+                match page {
+                    Ok(page) => Some(Ok(QueryAnswer::TierPage(Box::new(page)))),
+                    Err(why) => refused(why),
+                }
             }
             Query::TierImport { shard, move_id, part, keys_max, entries, last } => {
-                let Some(tier) = self.shared.tier.clone() else { return no_tier() };
+                let Some(tier) = self.shared.tier.clone() else {
+                    return refused("this cell keeps no disk tier of idempotency records".into());
+                };
                 match tier.import((shard, move_id, part), keys_max, entries, last).await {
                     Ok(entries) => Some(Ok(QueryAnswer::TierImported { entries })),
                     Err(why) => refused(why),
@@ -412,16 +410,16 @@ impl CellHandle {
                     Ok(submitted) => submitted.wait().await,
                     Err(e) => return Some(Err(e)),
                 };
-                let (Some(tier), Ok(QueryAnswer::ShardExport(mut export))) = (self.shared.tier.clone(), answer.clone())
-                else {
-                    return Some(answer);
+                let Some(tier) = self.shared.tier.clone() else { return Some(answer) };
+                let mut export = match answer {
+                    Ok(QueryAnswer::ShardExport(export)) => export,
+                    other => return Some(other),
                 };
                 let older = tokio::task::spawn_blocking(move || tier.older_of(shard, older_after)).await.ok()?;
-                let added = older.and_then(|older| export.add_older(older));
-                Some(Ok(match added {
-                    Ok(_) => QueryAnswer::ShardExport(export),
-                    Err(why) => QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why)),
-                }))
+                match older.and_then(|older| export.add_older(older)) {
+                    Ok(_) => Some(Ok(QueryAnswer::ShardExport(export))),
+                    Err(why) => refused(why),
+                }
             }
             _ => None,
         }

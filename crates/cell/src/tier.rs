@@ -43,7 +43,7 @@ pub const TIER_PAGE_ENTRIES_MAX: usize = 1 << 14;
 pub const TIER_SNAPSHOTS_MAX: usize = 4;
 /// The most records of the disk tier a shard's export carries: the rest must
 /// have been copied before the freeze (see `Query::ExportShard`), I7.
-pub const EXPORT_OLDER_MAX: usize = 1 << 18;
+pub const EXPORT_OLDER_MAX: usize = 1 << 16;
 
 /// Whether a cell keeps a disk tier, and its tuning (I7: `options.bytes_max` bounds its disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -425,6 +425,7 @@ fn a_shard_moves_with_the_records_in_its_disk_tier_and_no_retry_pays_twice() {
     let balances = |s: &Server| payers.iter().chain([&payee]).map(|id| balance(s, id)).collect::<Vec<_>>();
     let before = balances(&s);
     let moved = move_shard(&s, 4, 2);
+    eprintln!("the move: {moved}");
     let carried = moved["tier_records"].as_u64().unwrap() + moved["records"].as_u64().unwrap();
     assert!(moved["tier_records"].as_u64().unwrap() >= 300, "copied before the freeze: {moved}");
     assert!(carried >= 400, "every record of the shard travels: {moved}");
@@ -436,6 +437,7 @@ fn a_shard_moves_with_the_records_in_its_disk_tier_and_no_retry_pays_twice() {
     retries_pay_nothing(&s, &paid, &payee, 2, "after a kill -9");
     // And they travel on: back to cell 1, imported records included.
     let back = move_shard(&s, 4, 1);
+    eprintln!("the move back: {back}");
     assert!(back["tier_records"].as_u64().unwrap() + back["records"].as_u64().unwrap() >= 400, "{back}");
     retries_pay_nothing(&s, &paid, &payee, 1, "after the move back");
     assert_eq!(balances(&s), before, "no retry paid again");
