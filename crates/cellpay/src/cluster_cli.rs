@@ -15,6 +15,10 @@ pub enum Command {
         cells: u32,
         #[arg(long, default_value_t = 1024)]
         shards: u32,
+        /// Of the cells, how many stand by owning no shard, for `cluster
+        /// add-cell` to fill while payments flow (start their processes first).
+        #[arg(long, default_value_t = 0)]
+        spare_cells: u32,
     },
     /// Shows cells (address, process, last report), the shard map's epoch and
     /// each cell's shards, the routers, and the latest operator actions.
@@ -136,9 +140,13 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         match command {
-            Command::Init { control, cells, shards } => {
-                let map = Control::connect(&control).await?.init(cells, shards).await?;
-                say!("control plane ready: {cells} cells, {} shards, epoch {}", map.shards(), map.epoch());
+            Command::Init { control, cells, shards, spare_cells } => {
+                let map = Control::connect(&control).await?.init(cells, shards, spare_cells).await?;
+                say!(
+                    "control plane ready: {cells} cells ({spare_cells} standing by), {} shards, epoch {}",
+                    map.shards(),
+                    map.epoch()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Command::Status { control, json } => {

@@ -142,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let mut shutdown = ShutdownSignal::install()?;
         ensure_database(&args.control).await?;
         let control = Control::connect(&args.control).await?;
-        let map = control.init(config.cells, config.shards).await?;
+        let map = control.init(config.cells, config.shards, config.spare_cells).await?;
         let _ = control
             .record("cellpay up", &format!("starting {} cells and {} routers", config.cells, args.routers))
             .await;

@@ -346,12 +346,15 @@ fn cli(args: &[&str]) -> (bool, String) {
 }
 
 /// Cells as processes, the map in the control plane (PostgreSQL): the
-/// operator's CLI moves a shard and drains a cell through a router, while
-/// payments flow; the router and the cells follow the control plane's map.
+/// operator's CLI adds a cell that stood by, moves a shard and drains a cell
+/// through a router, while payments flow; the router and the cells follow
+/// the control plane's map.
 #[test]
 fn shards_move_between_cell_processes_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::up(dir.path(), 3, 1, &["--shards", "16"]);
+    // Four cell processes; cell 3 stands by, owning nothing.
+    let s = Server::up(dir.path(), 4, 1, &["--shards", "16", "--spare-cells", "1"]);
+    assert_eq!(shards_of(&s), vec![6, 5, 5, 0]);
     let accounts: Vec<String> = (0..16).flat_map(|sh| ids_in_shard(sh, 1, "pr")).collect();
     open_funded(&s, &accounts, 10_000);
     let pairs: Vec<(String, String)> =
@@ -362,6 +365,9 @@ fn shards_move_between_cell_processes_through_the_cli() {
         let _stop = StopOnDrop(&stop);
         scope.spawn(|| pay_loop(&s, "p", &pairs, &stop, &paid));
         std::thread::sleep(Duration::from_millis(300));
+        let added =
+            cli(&["cluster", "add-cell", "--cell", "3", "--pace-ms", "5", "--server", &s.base, "--token", ADMIN]);
+        assert!(added.0, "{}", added.1);
         let moved = cli(&["cluster", "move-shard", "4", "--to", "2", "--server", &s.base, "--token", ADMIN]);
         let drained =
             cli(&["cluster", "drain-cell", "--cell", "0", "--pace-ms", "5", "--server", &s.base, "--token", ADMIN]);
@@ -373,6 +379,7 @@ fn shards_move_between_cell_processes_through_the_cli() {
     assert!(moved.1.contains("\"pause_us\""), "{}", moved.1);
     assert!(drained.0, "{}", drained.1);
     s.eventually("the router follows the control plane's map", || shards_of(&s)[0] == 0);
+    assert!(shards_of(&s)[3] >= 3, "the added cell took a fair share: {:?}", shards_of(&s));
     assert_eq!(s.get("/v1/cluster", ADMIN).body["shard_map"][4], 2);
     let audit = settled(&s);
     assert_eq!(audit["findings"], json!([]), "{audit}");

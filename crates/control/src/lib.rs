@@ -163,13 +163,20 @@ impl Control {
     }
 
     /// Creates the tables and the cluster: `cells` cells, `shards` shards
-    /// dealt round-robin, epoch 1. Run again on the same shape it changes
-    /// nothing and answers the map; on another shape it refuses.
-    pub async fn init(&self, cells: u32, shards: u32) -> Result<ShardMap, ControlError> {
+    /// dealt round-robin over all but the last `spare` (which stand by, owning
+    /// nothing, until `cluster add-cell` fills them), epoch 1. Run again on
+    /// the same shape it changes nothing and answers the map; on another
+    /// shape it refuses.
+    pub async fn init(&self, cells: u32, shards: u32, spare: u32) -> Result<ShardMap, ControlError> {
         if cells == 0 || cells > CELLS_MAX {
             return Err(ControlError::Mismatch(format!("a cluster has 1 to {CELLS_MAX} cells, not {cells}")));
         }
-        let wanted = ShardMap::round_robin(shards, cells).map_err(|e| ControlError::Mismatch(e.to_string()))?;
+        if spare >= cells {
+            return Err(ControlError::Mismatch(format!(
+                "{spare} spare cells of {cells}: one cell at least owns the shards"
+            )));
+        }
+        let wanted = ShardMap::round_robin(shards, cells - spare).map_err(|e| ControlError::Mismatch(e.to_string()))?;
         timed(self.client.batch_execute(&format!(
             "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
              CREATE TABLE IF NOT EXISTS {SCHEMA}.cluster (
@@ -217,7 +224,8 @@ impl Control {
                 ))
                 .await?;
             }
-            self.record("cluster init", &format!("{cells} cells, {shards} shards, epoch {}", wanted.epoch())).await?;
+            let what = format!("{cells} cells ({spare} standing by), {shards} shards, epoch {}", wanted.epoch());
+            self.record("cluster init", &what).await?;
             return Ok(wanted);
         }
         let view = self.view().await?;
