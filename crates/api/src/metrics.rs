@@ -97,6 +97,11 @@ pub const FAMILIES: &[Family] = &[
     fam("cellpay_idempotency_tier_bytes", Kind::Gauge, "Bytes of idempotency records in the cell's disk tier."),
     fam("cellpay_idempotency_tier_records", Kind::Gauge, "Idempotency records in the cell's disk tier."),
     fam("cellpay_idempotency_tier_runs", Kind::Gauge, "Sorted runs in the cell's disk tier."),
+    fam(
+        "cellpay_idempotency_tier_imported_runs",
+        Kind::Gauge,
+        "Runs of the cell's disk tier copied from another cell's with a shard that moved here.",
+    ),
     fam("cellpay_idempotency_tier_memory_bytes", Kind::Gauge, "Memory the cell's disk tier uses (indexes and filters)."),
     fam("cellpay_idempotency_disk_reads_total", Kind::Counter, "Idempotency lookups that read the disk tier."),
     fam("cellpay_idempotency_disk_hits_total", Kind::Counter, "Idempotency lookups the disk tier answered with a record."),
@@ -360,6 +365,7 @@ pub async fn render(state: &AppState) -> String {
                 gauge!("cellpay_idempotency_tier_bytes", "cell" => id.clone()).set(t.bytes as f64);
                 gauge!("cellpay_idempotency_tier_records", "cell" => id.clone()).set(t.entries as f64);
                 gauge!("cellpay_idempotency_tier_runs", "cell" => id.clone()).set(t.runs as f64);
+                gauge!("cellpay_idempotency_tier_imported_runs", "cell" => id.clone()).set(t.imported_runs as f64);
                 gauge!("cellpay_idempotency_tier_memory_bytes", "cell" => id.clone()).set(t.memory_bytes as f64);
                 counter!("cellpay_idempotency_disk_reads_total", "cell" => id.clone()).absolute(t.disk_reads);
                 counter!("cellpay_idempotency_disk_hits_total", "cell" => id).absolute(t.disk_hits);

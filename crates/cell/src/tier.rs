@@ -70,7 +70,10 @@ impl Default for TierConfig {
 /// The tier's figures, for metrics and the window held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TierFigures {
+    /// Runs, imported ones included.
     pub runs: u64,
+    /// Runs imported from another cell's tier with a shard that moved here.
+    pub imported_runs: u64,
     pub entries: u64,
     pub bytes: u64,
     /// Memory the filters and indexes take.
@@ -171,6 +174,7 @@ impl TierShared {
         p.view = tier.view();
         p.figures = TierFigures {
             runs: stats.runs as u64,
+            imported_runs: stats.imported_runs as u64,
             entries: stats.entries,
             bytes: stats.bytes,
             memory_bytes: stats.filter_bytes + stats.index_bytes,

@@ -389,17 +389,23 @@ fn shards_move_between_cell_processes_through_the_cli() {
     assert!(paid.len() > 20, "payments flowed: {}", paid.len());
 }
 
-/// The records of the real ledger in each cell's disk tier, by cell.
-fn tier_records(s: &Server) -> Vec<f64> {
-    let metrics = s.get("/metrics", ADMIN).body;
-    let prefix = "cellpay_idempotency_tier_records{";
-    metrics
-        .as_str()
-        .unwrap()
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-        .collect()
+/// A per-cell gauge of the disk tier (`records`, `imported_runs`), by cell id.
+fn tier_gauge(s: &Server, name: &str) -> std::collections::BTreeMap<u32, f64> {
+    // /metrics answers at most 20 scrapes a second: an eager poll waits its turn.
+    let mut r = s.get("/metrics", ADMIN);
+    while r.status == 429 {
+        std::thread::sleep(Duration::from_millis(60));
+        r = s.get("/metrics", ADMIN);
+    }
+    let metrics = r.body.as_str().unwrap_or_else(|| panic!("/metrics answered {}: {}", r.status, r.body));
+    let prefix = format!("cellpay_idempotency_tier_{name}{{cell=\"");
+    let mut by_cell = std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(rest) = line.strip_prefix(&prefix) else { continue };
+        let (cell, value) = rest.split_once("\"} ").unwrap();
+        by_cell.insert(cell.parse().unwrap(), value.parse().unwrap());
+    }
+    by_cell
 }
 
 /// Retries each of `paid` (payer, id) at the shard's owner: every one is
@@ -428,7 +434,7 @@ fn a_shard_moves_with_the_records_in_its_disk_tier_and_no_retry_pays_twice() {
         assert_eq!(r.status, 201, "{}", r.body);
         paid.push((from, id));
     }
-    s.eventually("the payments' records reach cell 1's disk tier", || tier_records(&s)[1] >= 380.0);
+    s.eventually("the payments' records reach cell 1's disk tier", || tier_gauge(&s, "records")[&1] >= 380.0);
     let balances = |s: &Server| payers.iter().chain([&payee]).map(|id| balance(s, id)).collect::<Vec<_>>();
     let before = balances(&s);
     let moved = move_shard(&s, 4, 2);
@@ -448,6 +454,46 @@ fn a_shard_moves_with_the_records_in_its_disk_tier_and_no_retry_pays_twice() {
     assert!(back["tier_records"].as_u64().unwrap() + back["records"].as_u64().unwrap() >= 400, "{back}");
     retries_pay_nothing(&s, &paid, &payee, 1, "after the move back");
     assert_eq!(balances(&s), before, "no retry paid again");
+    let audit = settled(&s);
+    assert_eq!(audit["findings"], json!([]), "{audit}");
+}
+
+/// A coordinator killed once the tier's records are copied, before the
+/// freeze: the shard stays where it was, the copy is durable at the would-be
+/// owner, and the next map that decides the move's epoch without it prunes
+/// the copy there. Then the shard moves for real and no retry pays twice.
+#[test]
+fn a_copy_left_by_a_crashed_move_is_pruned_and_the_shard_moves_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--cells", "3", "--shards", "16", "--transfers-retained-max", "16"];
+    let s = Server::start_with_env(dir.path(), &args, &[("CELLPAY_TEST_CRASH_MOVE_AT", "copied")]);
+    let payers = ids_in_shard(4, 2, "mv");
+    let payee = ids_in_shard(1, 1, "shop").remove(0);
+    open_funded(&s, payers.iter().chain([&payee]), 100_000);
+    let mut paid = Vec::new();
+    for n in 0..200 {
+        let (from, id) = (payers[n % 2].clone(), format!("old-{n}"));
+        let r = s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": payee, "amount": 1}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        paid.push((from, id));
+    }
+    s.eventually("the payments' records reach cell 1's disk tier", || tier_gauge(&s, "records")[&1] >= 180.0);
+    let body = json!({"to": 2}).to_string();
+    assert!(s.try_request("POST", "/v1/admin/shards/4/move", ADMIN, &body).is_none(), "the server aborted mid-move");
+    s.kill9();
+    let s = Server::start(dir.path(), &args);
+    assert!(tier_gauge(&s, "imported_runs")[&2] >= 1.0, "the copy is durable at cell 2");
+    assert_eq!(s.get("/v1/cluster", ADMIN).body["shard_map"][4], 1, "the shard never froze: it stays");
+    retries_pay_nothing(&s, &paid, &payee, 1, "after the crash");
+    // Another shard's move wins the crashed move's epoch; cell 2 installs that map.
+    move_shard(&s, 7, 0);
+    s.eventually("cell 2 prunes the copy of a move the map decided without it", || {
+        tier_gauge(&s, "imported_runs")[&2] == 0.0
+    });
+    let moved = move_shard(&s, 4, 2);
+    assert!(moved["tier_records"].as_u64().unwrap() >= 150, "{moved}");
+    retries_pay_nothing(&s, &paid, &payee, 2, "after the move");
+    assert!(tier_gauge(&s, "imported_runs")[&2] >= 1.0);
     let audit = settled(&s);
     assert_eq!(audit["findings"], json!([]), "{audit}");
 }

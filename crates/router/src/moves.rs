@@ -62,7 +62,7 @@ impl Default for MoveLimits {
 }
 
 /// A test seam: `CELLPAY_TEST_CRASH_MOVE_AT=<step>` aborts the process at
-/// that step of a move (`frozen`, `installed`, `swapped`, `served`), as a
+/// that step of a move (`copied`, `frozen`, `installed`, `swapped`, `served`), as a
 /// `kill -9` of the coordinator would; the tests then check that the move
 /// resumes or rolls back.
 fn crash_point(step: &str) {
@@ -271,6 +271,7 @@ pub async fn move_shard(
     let copy_started = Instant::now();
     let (older_after, tier_records) = copy_tier(b, c, shard, epoch).await?;
     let tier_copy_us = copy_started.elapsed().as_micros() as u64;
+    crash_point("copied");
     let freeze = Op::FreezeShard { shard, move_id: epoch, to };
     let mut steps = MoveSteps::default();
     let mut mark = Instant::now();

@@ -393,6 +393,7 @@ fn tier_figures() -> TierFigures {
         disk_reads: 12,
         disk_hits: 2,
         disk_read_ns: 99_000,
+        imported_runs: 1,
     }
 }
 

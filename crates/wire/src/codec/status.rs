@@ -109,6 +109,7 @@ fn write_tier(w: &mut Writer, t: &TierFigures) {
     w.u64(t.disk_reads);
     w.u64(t.disk_hits);
     w.u64(t.disk_read_ns);
+    w.u64(t.imported_runs);
 }
 
 fn read_tier(r: &mut Reader<'_>) -> Result<TierFigures, DecodeError> {
@@ -122,5 +123,6 @@ fn read_tier(r: &mut Reader<'_>) -> Result<TierFigures, DecodeError> {
         disk_reads: r.u64()?,
         disk_hits: r.u64()?,
         disk_read_ns: r.u64()?,
+        imported_runs: r.u64()?,
     })
 }
