@@ -396,11 +396,11 @@ impl CellHandle {
                     Err(why) => refused(why),
                 }
             }
-            Query::TierImport { shard, move_id, part, keys_max, entries, last } => {
+            Query::TierImport { shard, move_id, part, keys_max, entries, first, last } => {
                 let Some(tier) = self.shared.tier.clone() else {
                     return refused("this cell keeps no disk tier of idempotency records".into());
                 };
-                match tier.import((shard, move_id, part), keys_max, entries, last).await {
+                match tier.import((shard, move_id, part), keys_max, entries, (first, last)).await {
                     Ok(entries) => Some(Ok(QueryAnswer::TierImported { entries })),
                     Err(why) => refused(why),
                 }
@@ -416,8 +416,8 @@ impl CellHandle {
                     other => return Some(other),
                 };
                 let older = tokio::task::spawn_blocking(move || tier.older_of(shard, older_after)).await.ok()?;
-                match older.and_then(|older| export.add_older(older)) {
-                    Ok(_) => Some(Ok(QueryAnswer::ShardExport(export))),
+                match older.and_then(|older| export.add_older(older)).and_then(|_| crate::tier::export_fits(&export)) {
+                    Ok(()) => Some(Ok(QueryAnswer::ShardExport(export))),
                     Err(why) => refused(why),
                 }
             }

@@ -40,4 +40,4 @@ pub use recovery::{recover, recover_with_tier, DamagedCheckpoint, RecoveryError,
 pub use relay::{Relay, RelayConfig, RelayGate, RelayStats, RoundError};
 pub use slot::CellSlot;
 pub use stats::{EngineStats, Percentiles, StatsSnapshot};
-pub use tier::{TierConfig, TierFigures};
+pub use tier::{TierConfig, TierFigures, EXPORT_BYTES_MAX, EXPORT_OLDER_MAX, TIER_PAGE_ENTRIES_MAX};

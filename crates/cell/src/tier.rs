@@ -34,13 +34,19 @@ use cellpay_core::{
     idempotency_key, parse_idempotency_key, shard_key_range, AccountId, CopyMarks, OldRecord, OlderRecords, TierCursor,
     TierEntry, TierPage, TransferId,
 };
-use cellpay_tier::{Entry, Tier, TierError, TierOptions, TierView};
+use cellpay_tier::{Entry, ImportPage, Tier, TierError, TierOptions, TierView};
 
 /// The most entries one page of a tier copy carries (I7; ~1.6 MB at ~100 B each).
 pub const TIER_PAGE_ENTRIES_MAX: usize = 1 << 14;
 /// The most tier snapshots a cell keeps open for copies in progress; a new
 /// one past it ends the oldest copy (which starts again), I7.
 pub const TIER_SNAPSHOTS_MAX: usize = 4;
+/// The most bytes a shard's export may take encoded: it travels to the new
+/// owner in one install (a cell process's request body is at most 16 MiB), I7.
+pub const EXPORT_BYTES_MAX: usize = 15 << 20;
+/// Exports of fewer items than this are far below [`EXPORT_BYTES_MAX`]
+/// (an item encodes in well under 500 bytes): their size is not measured.
+const EXPORT_ITEMS_UNMEASURED: usize = 20_000;
 /// The most records of the disk tier a shard's export carries: the rest must
 /// have been copied before the freeze (see `Query::ExportShard`), I7.
 pub const EXPORT_OLDER_MAX: usize = 1 << 16;
@@ -119,6 +125,34 @@ pub(crate) struct Published {
     /// Why the tier stopped, if it did: the cell must not go on without it.
     pub failed: Option<String>,
     pub figures: TierFigures,
+}
+
+/// Whether a shard's export fits in one install ([`EXPORT_BYTES_MAX`]).
+pub(crate) fn export_fits(export: &cellpay_core::ShardExport) -> Result<(), String> {
+    let items = [&export.real, &export.shadow]
+        .iter()
+        .map(|l| l.accounts.len() + l.records.len() + l.history.len())
+        .sum::<usize>();
+    if items < EXPORT_ITEMS_UNMEASURED {
+        return Ok(());
+    }
+    let mut w = cellpay_core::codec::Writer::with_capacity(items * 64);
+    cellpay_core::moves::encode_export(&mut w, export);
+    if w.buf.len() > EXPORT_BYTES_MAX {
+        return Err(format!(
+            "shard {}'s export is {} bytes, over the {EXPORT_BYTES_MAX} one install carries: \
+             its records and history in memory are too large to move in one piece",
+            export.shard,
+            w.buf.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A random 32-bit start (the clock's nanoseconds, mixed).
+fn rand_start() -> u32 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    (cellpay_core::stable_hash(&nanos.to_le_bytes()) >> 32) as u32
 }
 
 /// The last snapshot id given, and the snapshots held: (id, view), oldest first.
@@ -246,13 +280,19 @@ impl TierShared {
     /// `seq_after` (0: all of them, imported ones too), decoded; refused past
     /// [`EXPORT_OLDER_MAX`].
     pub fn older_of(&self, shard: u32, seq_after: u64) -> Result<Vec<(bool, OldRecord)>, String> {
+        let mut snapshot = 0;
+        let older = self.older_from(shard, seq_after, &mut snapshot);
+        self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
+        older
+    }
+
+    fn older_from(&self, shard: u32, seq_after: u64, snapshot: &mut u64) -> Result<Vec<(bool, OldRecord)>, String> {
         let mut out = Vec::new();
-        let (mut snapshot, mut cursor) = (0, Some(TierCursor::default()));
+        let mut cursor = Some(TierCursor::default());
         while let Some(at) = cursor.take() {
-            let page = self.page(shard, snapshot, seq_after, at)?;
-            snapshot = page.snapshot;
+            let page = self.page(shard, *snapshot, seq_after, at)?;
+            *snapshot = page.snapshot;
             if out.len() + page.entries.len() > EXPORT_OLDER_MAX {
-                self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
                 return Err(format!(
                     "shard {shard} has more than {EXPORT_OLDER_MAX} records in the disk tier after mark {seq_after}: \
                      copy them to the new owner before the freeze"
@@ -266,7 +306,6 @@ impl TierShared {
             }
             cursor = page.next;
         }
-        self.snapshots.lock().expect("snapshots lock").1.retain(|(id, _)| *id != snapshot);
         Ok(out)
     }
 
@@ -277,20 +316,37 @@ impl TierShared {
         (shard, move_id, part): (u32, u64, u32),
         keys_max: u64,
         entries: Vec<TierEntry>,
-        last: bool,
+        (first, last): (bool, bool),
     ) -> Result<u64, String> {
-        let ranges = [shard_key_range(false, shard), shard_key_range(true, shard)];
-        if let Some(e) = entries.iter().find(|e| !ranges.iter().any(|(lo, hi)| lo <= &e.key && &e.key < hi)) {
-            return Err(format!("an entry of {} key bytes is not a record of shard {shard}", e.key.len()));
-        }
         if shard >= self.shards {
             return Err(format!("no shard {shard}: the cell has {}", self.shards));
+        }
+        // Every entry must be a record of the shard this cell can read back:
+        // one that does not decode would stop the cell at its first lookup.
+        let shards = u64::from(self.shards);
+        for e in &entries {
+            let bad = |why: &str| {
+                Err(format!("an entry of {} key bytes is not a record of shard {shard}: {why}", e.key.len()))
+            };
+            let Some((shadow, from, id)) = parse_idempotency_key(&e.key) else { return bad("its key does not parse") };
+            let of = cellpay_core::stable_hash(from.as_str().as_bytes()) % shards;
+            if of != u64::from(shard)
+                || e.key[1..5] != shard.to_be_bytes()
+                || idempotency_key(shadow, self.shards, &from, &id) != e.key
+            {
+                return bad("its payer is in another shard");
+            }
+            match OldRecord::decode_value(&from, &id, &e.value) {
+                Ok(r) if r.at_ms == e.at_ms => {}
+                Ok(_) => return bad("its time and its record's differ"),
+                Err(err) => return bad(&err.to_string()),
+            }
         }
         let n = entries.len() as u64;
         let entries =
             entries.into_iter().map(|e| Entry { key: e.key, seq: e.seq, at_ms: e.at_ms, value: e.value }).collect();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let work = TierWork::Import { part: (shard, move_id, part), keys_max, entries, last, reply };
+        let work = TierWork::Import { part: (shard, move_id, part), keys_max, entries, first, last, reply };
         let sent = self.work.lock().expect("work lock").as_ref().is_some_and(|tx| tx.send(work).is_ok());
         if !sent {
             return Err("the tier thread is not running".into());
@@ -325,6 +381,7 @@ pub(crate) enum TierWork {
         part: (u32, u64, u32),
         keys_max: u64,
         entries: Vec<Entry>,
+        first: bool,
         last: bool,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
@@ -464,7 +521,8 @@ impl TierLink {
             disk_hits: AtomicU64::new(0),
             disk_read_ns: AtomicU64::new(0),
             work: Mutex::new(None),
-            snapshots: Mutex::new((0, Default::default())),
+            // Ids start at a random point, so an id from before a restart names nothing now.
+            snapshots: Mutex::new((u64::from(rand_start()) << 20, Default::default())),
             shards,
         });
         shared.publish(&tier, None);
@@ -671,13 +729,12 @@ fn run(
                 gathered.append(&mut entries);
             }
             Ok(TierWork::Flush) => flush = true,
-            Ok(TierWork::Import { part, keys_max, entries, last, reply }) => {
-                let done = tier.import(part, keys_max, &entries, last);
+            Ok(TierWork::Import { part, keys_max, entries, first, last, reply }) => {
+                let done = tier.import(part, ImportPage { keys_max, first, last, entries: &entries });
                 if last && done.is_ok() {
                     shared.publish(&tier, bound_floor);
                 }
                 let _ = reply.send(done.map(|_| ()).map_err(|e| e.to_string()));
-                continue;
             }
             Ok(TierWork::PruneImports { epoch, owned }) => {
                 let doomed =
@@ -690,7 +747,6 @@ fn run(
                         return;
                     }
                 }
-                continue;
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {

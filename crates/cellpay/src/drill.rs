@@ -46,7 +46,8 @@ pub struct Args {
     quiet: bool,
     /// Run the drill on a many-process cluster (`cellpay up`: 4 cell
     /// processes and a router); kill-cell then kills a cell process with
-    /// SIGKILL and measures the outage until its supervisor has it serving again.
+    /// SIGKILL and measures the outage until its supervisor has it serving
+    /// again; scale-out fills the three cell processes standing by.
     #[arg(long)]
     processes: bool,
     /// The PostgreSQL a many-process drill keeps its control plane in (a fresh
@@ -733,8 +734,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let cluster = if let Some(pair) = &pair {
         start_processes(&placement, &args.postgres, &["--store", &pair.url()])?
     } else if args.processes {
-        anyhow::ensure!(args.kind == Kind::KillCell, "--processes runs the kill-cell drill");
-        start_processes(&placement, &args.postgres, &[])?
+        anyhow::ensure!(
+            matches!(args.kind, Kind::KillCell | Kind::ScaleOut),
+            "--processes runs the kill-cell and scale-out drills"
+        );
+        // Kill-cell kills a process itself: it needs no drill endpoints.
+        let extra: Vec<&str> = match args.kind {
+            Kind::ScaleOut => extra.iter().map(String::as_str).collect(),
+            _ => Vec::new(),
+        };
+        start_processes(&placement, &args.postgres, &extra)?
     } else {
         let cells = if args.kind == Kind::ScaleOut { crate::scale_out::CELLS } else { 4 };
         start(&placement, cells, &extra.iter().map(String::as_str).collect::<Vec<_>>())?
@@ -770,6 +779,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Kind::KillCell => "kill-cell",
         Kind::Failover if args.in_place => "failover --in-place",
         Kind::Failover => "failover",
+        Kind::ScaleOut if args.processes => "scale-out --processes",
         Kind::ScaleOut => "scale-out",
     };
     for (i, r) in reports.iter().enumerate() {

@@ -217,6 +217,9 @@ pub enum Query {
         part: u32,
         keys_max: u64,
         entries: Vec<TierEntry>,
+        /// The part's first page (it starts the part afresh) and its last
+        /// (it makes the part durable).
+        first: bool,
         last: bool,
     },
     /// Commands that changed each shard since the cell started: the load a rebalance weighs.

@@ -216,7 +216,7 @@ async fn copy_tier(
             if page.entries.is_empty() && !(page.last && started.contains(&part)) {
                 continue;
             }
-            started.insert(part);
+            let first = started.insert(part);
             copied += page.entries.len() as u64;
             let import = Query::TierImport {
                 shard,
@@ -224,6 +224,7 @@ async fn copy_tier(
                 part,
                 keys_max: page.keys_max,
                 entries: page.entries,
+                first,
                 last: page.last,
             };
             match c.query(import).await {
@@ -290,7 +291,11 @@ pub async fn move_shard(
     // Wait for the payers' messages in flight to close, then export.
     let (export, export_at) = loop {
         let export_at = Instant::now();
-        match b.query(Query::ExportShard { shard, older_after }).await.map_err(|e| cell_error(from, e))? {
+        let answer = match b.query(Query::ExportShard { shard, older_after }).await {
+            Ok(answer) => answer,
+            Err(e) => return Err(undo(cell_error(from, e)).await),
+        };
+        match answer {
             QueryAnswer::ShardExport(export) => break (export, export_at),
             QueryAnswer::Rejected(r) if r.code == ErrorCode::ShardFrozen => {
                 if frozen_at.elapsed() >= limits.drain_max {
@@ -314,9 +319,12 @@ pub async fn move_shard(
         (export.real.history.len() + export.shadow.history.len()) as u64,
         export.real.net(),
     );
-    match submit_one(c, Op::InstallShard(export)).await? {
-        Outcome::MoveStep { .. } => {}
-        other => return Err(undo(cell_error(to, other)).await),
+    // An install that may or may not have happened is discarded by the undo
+    // (a discard of nothing changes nothing).
+    match submit_one(c, Op::InstallShard(export)).await {
+        Ok(Outcome::MoveStep { .. }) => {}
+        Ok(other) => return Err(undo(cell_error(to, other)).await),
+        Err(e) => return Err(undo(e).await),
     }
     steps.install = lap(&mut mark);
     crash_point("installed");

@@ -71,7 +71,7 @@ mod run;
 mod tier;
 
 pub use run::{KEY_BYTES_MAX, VALUE_BYTES_MAX};
-pub use tier::{Source, Tier, TierView, IMPORTS_OPEN_MAX};
+pub use tier::{ImportPage, Source, Tier, TierView, IMPORTS_OPEN_MAX, IMPORT_KEYS_MAX};
 
 use std::path::PathBuf;
 
@@ -183,6 +183,10 @@ pub enum TierError {
     TooLarge { key_bytes: usize, value_bytes: usize },
     #[error("part {part} of import {tag} in group {group} did not come in strictly ascending key order")]
     Unsorted { group: u32, tag: u64, part: u32 },
+    #[error("part {part} of import {tag} in group {group} is not open here (its beginning was lost): send it again from its first page")]
+    ImportNotOpen { group: u32, tag: u64, part: u32 },
+    #[error("part {part} of import {tag} in group {group} brought more than the {keys_max} entries it declared")]
+    ImportTooLong { group: u32, tag: u64, part: u32, keys_max: u64 },
     #[error("invalid tier options: {reason}")]
     Options { reason: &'static str },
     #[error("an earlier change failed; the tier refuses further changes until it is reopened")]

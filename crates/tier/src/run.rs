@@ -648,6 +648,11 @@ impl RunWriter {
         Ok(())
     }
 
+    /// Entries pushed so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
     /// The last key pushed, if any.
     pub fn last_key(&self) -> Option<&[u8]> {
         (self.entries > 0).then_some(self.last_key.as_slice())

@@ -201,11 +201,29 @@ pub struct Tier {
 /// abandons the oldest (a copy whose sender went away), I7.
 pub const IMPORTS_OPEN_MAX: usize = 8;
 
+/// The most keys one imported run may hold (its filter is sized for the
+/// keys the sender declares, clamped to this), I7.
+pub const IMPORT_KEYS_MAX: u64 = 1 << 24;
+
+/// One call's worth of an import (see [`Tier::import`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ImportPage<'a> {
+    /// At most how many entries the part holds: its filter is sized for them
+    /// (clamped to [`IMPORT_KEYS_MAX`]) and a part that brings more is refused.
+    pub keys_max: u64,
+    /// The part's first call: it starts the part afresh.
+    pub first: bool,
+    /// The part's last call: it makes the part durable.
+    pub last: bool,
+    pub entries: &'a [Entry],
+}
+
 /// An imported run part way written.
 struct Importing {
     group: u32,
     tag: u64,
     part: u32,
+    keys_max: u64,
     writer: RunWriter,
 }
 
@@ -550,66 +568,87 @@ impl Tier {
         self.view.stats()
     }
 
-    /// Writes part of an imported run: `entries` of part `part` of import
-    /// `tag` in `group`, keys strictly ascending across the calls of one part
-    /// (the first call of a part starts it, its filter sized for `keys_max`
-    /// keys). With `last`, the part is made durable and joins the view;
-    /// answers it then. Imported runs are looked up with the tier's own, the
-    /// newer version of a key winning by time; they expire and count against
-    /// `bytes_max` like the tier's own, and are never merged into them.
+    /// Writes part of an imported run: the entries of one call of part
+    /// `part` of import `tag` in `group`, keys strictly ascending across the
+    /// calls of one part. The part's first call starts it afresh (a part left
+    /// half written is abandoned); a later call finds it open or is refused
+    /// ([`TierError::ImportNotOpen`]: the writer restarted, so the sender must
+    /// start the part again rather than finish it without its beginning).
+    /// With `last`, the part is made durable and joins the view; answers it
+    /// then. Imported runs are looked up with the tier's own, the newer
+    /// version of a key winning by time; they expire and count against
+    /// `bytes_max` like the tier's own (the oldest records go first, loudly,
+    /// see [`Tier::enforce_bytes_max`]), and are never merged into them.
     pub fn import(
         &mut self,
         (group, tag, part): (u32, u64, u32),
-        keys_max: u64,
-        entries: &[Entry],
-        last: bool,
+        page: ImportPage<'_>,
     ) -> Result<Option<RunInfo>, TierError> {
-        if let Some(e) = entries.iter().find(|e| e.key.len() > KEY_BYTES_MAX || e.value.len() > VALUE_BYTES_MAX) {
+        if let Some(e) = page.entries.iter().find(|e| e.key.len() > KEY_BYTES_MAX || e.value.len() > VALUE_BYTES_MAX) {
             return Err(TierError::TooLarge { key_bytes: e.key.len(), value_bytes: e.value.len() });
         }
-        let at = match self.importing.iter().position(|i| (i.group, i.tag, i.part) == (group, tag, part)) {
-            Some(at) => at,
-            None => {
+        let keys_max = page.keys_max.clamp(1, IMPORT_KEYS_MAX);
+        let open = self.importing.iter().position(|i| (i.group, i.tag, i.part) == (group, tag, part));
+        let at = match (open, page.first) {
+            (Some(at), false) => at,
+            (None, false) => return Err(TierError::ImportNotOpen { group, tag, part }),
+            (open, true) => {
+                if let Some(at) = open {
+                    self.abandon(at);
+                }
                 if self.importing.len() == IMPORTS_OPEN_MAX {
-                    let abandoned = self.importing.remove(0);
-                    let _ = fs::remove_file(abandoned.writer.tmp_path());
+                    self.abandon(0);
                 }
                 let name = import_name(group, tag, part);
                 let writer = RunWriter::create_named(&self.dir, &name, 0, 0, keys_max, self.opts.bloom_bits_per_key)?;
-                self.importing.push(Importing { group, tag, part, writer });
+                self.importing.push(Importing { group, tag, part, keys_max, writer });
                 self.importing.len() - 1
             }
         };
-        let writer = &mut self.importing[at].writer;
-        let mut last_key = writer.last_key().map(<[u8]>::to_vec);
-        for e in entries {
+        let importing = &mut self.importing[at];
+        if importing.writer.entries() + page.entries.len() as u64 > importing.keys_max {
+            self.abandon(at);
+            return Err(TierError::ImportTooLong { group, tag, part, keys_max });
+        }
+        let mut last_key = importing.writer.last_key().map(<[u8]>::to_vec);
+        for e in page.entries {
             if last_key.as_ref().is_some_and(|k| e.key <= *k) {
-                let abandoned = self.importing.remove(at);
-                let _ = fs::remove_file(abandoned.writer.tmp_path());
+                self.abandon(at);
                 return Err(TierError::Unsorted { group, tag, part });
             }
             last_key = Some(e.key.clone());
         }
-        if let Err(e) = entries.iter().try_for_each(|e| writer.push(e)) {
-            let abandoned = self.importing.remove(at);
-            let _ = fs::remove_file(abandoned.writer.tmp_path());
+        if let Err(e) = page.entries.iter().try_for_each(|e| self.importing[at].writer.push(e)) {
+            self.abandon(at);
             return Err(e);
         }
-        if !last {
+        if !page.last {
             return Ok(None);
         }
         let Importing { writer, .. } = self.importing.remove(at);
-        self.change(|tier| {
-            let run = Arc::new(writer.finish()?);
-            let info =
-                RunInfo { lo: 0, hi: 0, entries: run.meta.entries, bytes: run.meta.bytes, path: run.path.clone() };
-            let imported = Arc::new(Imported::of(run, group, tag, part)?);
-            let mut imports: Vec<Arc<Imported>> =
-                tier.view.imports.iter().filter(|i| (i.group, i.tag, i.part) != (group, tag, part)).cloned().collect();
-            imports.push(imported);
-            tier.view = tier.view.with(tier.view.runs.clone(), imports, tier.view.durable_through);
-            Ok(Some(info))
-        })
+        let tmp = writer.tmp_path().to_path_buf();
+        // A part that fails to reach the disk is the sender's to send again:
+        // it does not poison the tier, whose own runs are untouched.
+        let run = match writer.finish() {
+            Ok(run) => Arc::new(run),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let info = RunInfo { lo: 0, hi: 0, entries: run.meta.entries, bytes: run.meta.bytes, path: run.path.clone() };
+        let imported = Arc::new(Imported::of(run, group, tag, part)?);
+        let mut imports: Vec<Arc<Imported>> =
+            self.view.imports.iter().filter(|i| (i.group, i.tag, i.part) != (group, tag, part)).cloned().collect();
+        imports.push(imported);
+        self.view = self.view.with(self.view.runs.clone(), imports, self.view.durable_through);
+        Ok(Some(info))
+    }
+
+    /// Abandons the import part way written at `at`, removing its temporary file.
+    fn abandon(&mut self, at: usize) {
+        let abandoned = self.importing.remove(at);
+        let _ = fs::remove_file(abandoned.writer.tmp_path());
     }
 
     /// Deletes the imported runs for which `doomed(group, tag)` holds, and

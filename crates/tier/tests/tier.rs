@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use cellpay_tier::{Tier, TierError, TierOptions};
+use cellpay_tier::{ImportPage, Tier, TierError, TierOptions};
 use common::{entry, key, open, roomy, run_files, value};
 
 #[test]
@@ -257,10 +257,11 @@ fn an_import_written_in_parts_is_found_survives_reopen_and_can_be_dropped() {
         // Import 9 of group 3 comes in two calls: records 0..100 (seq low: another tier's numbering).
         let first: Vec<_> = (0..50).map(|n| group_entry(3, n, n, 1000 + n)).collect();
         let rest: Vec<_> = (50..100).map(|n| group_entry(3, n, n, 1000 + n)).collect();
-        assert_eq!(tier.import((3, 9, 0), 100, &first, false).expect("part"), None);
+        let page = |entries, first, last| ImportPage { keys_max: 100, first, last, entries };
+        assert_eq!(tier.import((3, 9, 0), page(&first, true, false)).expect("part"), None);
         // Not in the view before its last call.
         assert_eq!(tier.view().get(&group_key(3, 7)).expect("get"), None);
-        let info = tier.import((3, 9, 0), 100, &rest, true).expect("part").expect("done");
+        let info = tier.import((3, 9, 0), page(&rest, false, true)).expect("part").expect("done");
         assert_eq!(info.entries, 100);
         assert_eq!(tier.imports(), vec![(3, 9, 1)]);
     }
@@ -300,12 +301,32 @@ fn an_import_written_in_parts_is_found_survives_reopen_and_can_be_dropped() {
 fn an_import_out_of_order_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut tier = open(dir.path());
-    tier.import((1, 2, 0), 10, &[group_entry(1, 5, 1, 1)], false).expect("part");
-    let refused = tier.import((1, 2, 0), 10, &[group_entry(1, 4, 1, 1)], true);
+    let page = |entries, first, last| ImportPage { keys_max: 3, first, last, entries };
+    let (five, four, six, nine) =
+        ([group_entry(1, 5, 1, 1)], [group_entry(1, 4, 1, 1)], [group_entry(1, 6, 1, 1)], [group_entry(1, 9, 1, 1)]);
+    tier.import((1, 2, 0), page(&five, true, false)).expect("part");
+    let refused = tier.import((1, 2, 0), page(&four, false, true));
     assert!(matches!(refused, Err(TierError::Unsorted { group: 1, tag: 2, part: 0 })), "{refused:?}");
     assert!(common::stray_files(dir.path()).is_empty(), "{:?}", common::stray_files(dir.path()));
+    // A later page of a part that is not open (the writer restarted, say) is
+    // refused, not written as a part without its beginning.
+    let refused = tier.import((1, 2, 0), page(&six, false, true));
+    assert!(matches!(refused, Err(TierError::ImportNotOpen { .. })), "{refused:?}");
+    // A part that brings more entries than it declared is refused.
+    let three: Vec<_> = (0..3).map(|n| group_entry(1, n, 1, 1)).collect();
+    tier.import((1, 2, 1), page(&three, true, false)).expect("part");
+    let refused = tier.import((1, 2, 1), page(&nine, false, true));
+    assert!(matches!(refused, Err(TierError::ImportTooLong { keys_max: 3, .. })), "{refused:?}");
+    // A first page starts a part afresh, whatever was left of it.
+    tier.import((1, 2, 2), page(&three, true, false)).expect("part");
+    tier.import((1, 2, 2), page(&three[..1], true, true)).expect("part").expect("done");
+    assert_eq!(tier.view().get(&group_key(1, 2)).expect("get"), None, "the abandoned start is gone");
+    assert!(tier.view().get(&group_key(1, 0)).expect("get").is_some());
+    assert!(common::stray_files(dir.path()).is_empty(), "{:?}", common::stray_files(dir.path()));
+    tier.drop_imports(|_, _| true).expect("drop");
     // An import that expires goes like the tier's own runs.
-    tier.import((1, 3, 0), 10, &[group_entry(1, 5, 1, 50)], true).expect("part");
+    let late = [group_entry(1, 5, 1, 50)];
+    tier.import((1, 3, 0), page(&late, true, true)).expect("part");
     assert_eq!(tier.expire(51).expect("expire"), 1);
     assert_eq!(tier.imports(), vec![]);
 }

@@ -40,8 +40,11 @@ use cellpay_core::{CellId, Command, Outcome, Priority, Query, QueryAnswer, Shard
 
 pub use audit::{WALK_FIGURES, WALK_FIGURE_UNKNOWN};
 
-/// The protocol version this build writes.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version this build writes. Version 2 added the disk tier's
+/// copy of a moving shard (`ExportShard`'s mark, the `TierPage` and
+/// `TierImport` queries, a tier's imported runs); a version-1 body reads as
+/// it did, with those zero.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// The oldest protocol version this build still reads.
 pub const PROTOCOL_VERSION_MIN: u8 = 1;
 /// The most commands one submit call may carry (I7).
@@ -138,6 +141,17 @@ pub fn decode_map(bytes: &[u8]) -> Result<ShardMap, DecodeError> {
     decode_body(bytes, "shard map", cellpay_core::codec::decode_shard_map)
 }
 
+thread_local! {
+    /// The version of the body being read (see [`decode_body`]).
+    static BODY_VERSION: std::cell::Cell<u8> = const { std::cell::Cell::new(PROTOCOL_VERSION) };
+}
+
+/// The protocol version of the body being read: a reader of a field added
+/// after version 1 reads it only from a body that has it.
+pub(crate) fn body_version() -> u8 {
+    BODY_VERSION.with(std::cell::Cell::get)
+}
+
 /// A writer holding the version byte every body starts with.
 fn open_body() -> Writer {
     let mut w = Writer::with_capacity(64);
@@ -159,7 +173,10 @@ fn decode_body<'a, T>(
             "protocol version {version} is not one this build reads ({PROTOCOL_VERSION_MIN}..={PROTOCOL_VERSION})"
         )));
     }
-    let value = read(&mut r)?;
+    let outer = BODY_VERSION.with(|v| v.replace(version));
+    let value = read(&mut r);
+    BODY_VERSION.with(|v| v.set(outer));
+    let value = value?;
     if !r.is_empty() {
         return Err(r.error(format!("trailing bytes after the {what}")));
     }

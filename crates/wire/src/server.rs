@@ -40,6 +40,7 @@ use crate::secret::ClusterSecret;
 /// The largest request body a cell accepts (I7): a submit of the engine's
 /// largest batch with the longest ids and memos fits well inside.
 pub const BODY_BYTES_MAX: usize = 16 << 20;
+const _: () = assert!(cellpay_cell::EXPORT_BYTES_MAX < BODY_BYTES_MAX, "an export must fit in one install's body");
 /// Most open connections to one cell process (I7). Routers and relays keep
 /// one each; the rest is room for restarts.
 pub const CONNECTIONS_MAX: usize = 1024;

@@ -233,6 +233,7 @@ fn every_query(by: Authority) -> Vec<Query> {
             part: 3,
             keys_max: 100,
             entries: vec![TierEntry { key: vec![1, 2], seq: 5, at_ms: 6, value: vec![] }],
+            first: false,
             last: true,
         },
         Query::ShardLoad,

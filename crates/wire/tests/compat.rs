@@ -222,3 +222,20 @@ async fn a_cell_serves_a_version_1_caller_and_refuses_a_version_it_does_not_spea
     slot.clear();
     cell.stop().unwrap();
 }
+
+/// A field added in version 2 reads as zero from a version-1 body: a
+/// version-1 coordinator's export asks for every record outside memory.
+#[test]
+fn a_version_1_export_query_reads_with_no_copy_mark() {
+    // version 1 | the export query's tag (9) | not shadow | shard 7
+    let v1 = [1u8, 9, 0, 7, 0, 0, 0];
+    assert_eq!(decode_query(&v1).unwrap(), Query::ExportShard { shard: 7, older_after: 0 });
+    // The same query written now is version 2 and carries its mark.
+    let now = encode_query(&Query::ExportShard { shard: 7, older_after: 1 << 30 });
+    assert_eq!(now[0], PROTOCOL_VERSION);
+    assert_eq!(decode_query(&now).unwrap(), Query::ExportShard { shard: 7, older_after: 1 << 30 });
+    // A version-2 body cut to version 1's length is refused, not misread.
+    let mut cut = now[..7].to_vec();
+    cut[0] = 2;
+    assert!(decode_query(&cut).is_err());
+}

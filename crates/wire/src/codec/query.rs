@@ -137,7 +137,7 @@ pub(super) fn write_query(w: &mut Writer, query: &Query) {
             w.u64(*seq_after);
             write_cursor(w, cursor);
         }
-        Query::TierImport { shard, move_id, part, keys_max, entries, last } => {
+        Query::TierImport { shard, move_id, part, keys_max, entries, first, last } => {
             w.u8(QUERY_TIER_IMPORT);
             w.bool(false);
             w.u32(*shard);
@@ -145,6 +145,7 @@ pub(super) fn write_query(w: &mut Writer, query: &Query) {
             w.u32(*part);
             w.u64(*keys_max);
             write_list(w, entries, TIER_ENTRIES_MAX, write_tier_entry);
+            w.bool(*first);
             w.bool(*last);
         }
         Query::ShardLoad => {
@@ -193,7 +194,9 @@ pub(super) fn read_query(r: &mut Reader<'_>) -> Result<Query, DecodeError> {
             after_seq: r.u64()?,
             limit: read_limit(r, ANSWER_OUTBOX_MESSAGES_MAX)?,
         },
-        QUERY_EXPORT_SHARD => Query::ExportShard { shard: r.u32()?, older_after: r.u64()? },
+        QUERY_EXPORT_SHARD => {
+            Query::ExportShard { shard: r.u32()?, older_after: if super::body_version() >= 2 { r.u64()? } else { 0 } }
+        }
         QUERY_TIER_PAGE => {
             Query::TierPage { shard: r.u32()?, snapshot: r.u64()?, seq_after: r.u64()?, cursor: read_cursor(r)? }
         }
@@ -203,6 +206,7 @@ pub(super) fn read_query(r: &mut Reader<'_>) -> Result<Query, DecodeError> {
             part: r.u32()?,
             keys_max: r.u64()?,
             entries: read_list(r, TIER_ENTRIES_MAX, TIER_ENTRY_BYTES_MIN, read_tier_entry)?,
+            first: r.bool()?,
             last: r.bool()?,
         },
         QUERY_SHARD_LOAD => Query::ShardLoad,

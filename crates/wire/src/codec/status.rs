@@ -123,6 +123,6 @@ fn read_tier(r: &mut Reader<'_>) -> Result<TierFigures, DecodeError> {
         disk_reads: r.u64()?,
         disk_hits: r.u64()?,
         disk_read_ns: r.u64()?,
-        imported_runs: r.u64()?,
+        imported_runs: if super::body_version() >= 2 { r.u64()? } else { 0 },
     })
 }
