@@ -93,6 +93,14 @@ impl Cluster {
         self.owner(account).cell() != first.cell()
     }
 
+    /// Whether `routed` was refused `wrong_cell` by the cell the router's map
+    /// names as `account`'s owner: that cell has not installed the map yet (a
+    /// cell process follows the control plane; it catches up in
+    /// milliseconds), so the call waits for it as for a frozen shard.
+    fn behind<T>(&self, routed: &Routed<T>, account: &AccountId) -> bool {
+        matches!(routed.result, Err(RouteError::WrongCell { .. })) && self.owner(account).cell() == routed.cell
+    }
+
     /// Installs checked flow rules: the router's layers, and each cell's outbox limit.
     pub fn replace_rules(&self, rules: crate::FlowRules) {
         let outbox_max = rules.outbox_messages_max;
@@ -178,7 +186,7 @@ impl Cluster {
                 routed = Self::on(&self.protection, self.owner(account), &commands).await;
             }
             let frozen = matches!(&routed.result, Ok(v) if matches!(v.first(), Some(Outcome::Rejected(r)) if r.code == ErrorCode::ShardFrozen));
-            if !frozen || tokio::time::Instant::now() >= deadline {
+            if !(frozen || self.behind(&routed, account)) || tokio::time::Instant::now() >= deadline {
                 break routed;
             }
             tokio::time::sleep(SHARD_FREEZE_POLL).await;
@@ -253,14 +261,21 @@ impl Cluster {
     }
 
     /// A read about one account, at the cell that owns it (once more at the
-    /// owner under a newer map, as for a command).
+    /// owner under a newer map, as for a command; waiting, as a command does,
+    /// for an owner that has not installed the router's map yet).
     pub async fn query_account(&self, account: &AccountId, query: Query) -> Routed<QueryAnswer> {
-        let first = self.owner(account);
-        let routed = Self::ask(&self.protection, first, query.clone()).await;
-        if self.moved(&routed, first, account).await {
-            return Self::ask(&self.protection, self.owner(account), query).await;
+        let deadline = tokio::time::Instant::now() + SHARD_FREEZE_WAIT_MAX;
+        loop {
+            let first = self.owner(account);
+            let mut routed = Self::ask(&self.protection, first, query.clone()).await;
+            if self.moved(&routed, first, account).await {
+                routed = Self::ask(&self.protection, self.owner(account), query.clone()).await;
+            }
+            if !self.behind(&routed, account) || tokio::time::Instant::now() >= deadline {
+                return routed;
+            }
+            tokio::time::sleep(SHARD_FREEZE_POLL).await;
         }
-        routed
     }
 
     /// The transfers with id `id`. A transfer id is unique per payer, so with
