@@ -276,9 +276,20 @@ pub async fn move_shard(
     let freeze = Op::FreezeShard { shard, move_id: epoch, to };
     let mut steps = MoveSteps::default();
     let mut mark = Instant::now();
-    let drained_messages = match submit_one(b, freeze.clone()).await? {
+    // The export goes with the freeze. In the cell's control lane it comes
+    // right after it, usually in the same batch: when none of the shard's
+    // payers has a message in flight, the export is ready once the freeze is
+    // durable, a batch sooner. If it came first, or messages were in flight,
+    // the loop below asks again.
+    let (frozen, early) =
+        tokio::join!(submit_one(b, freeze.clone()), b.query(Query::ExportShard { shard, older_after }));
+    let drained_messages = match frozen? {
         Outcome::MoveStep { open_messages, .. } => open_messages,
         other => return Err(cell_error(from, other)),
+    };
+    let mut early = match early {
+        Ok(QueryAnswer::ShardExport(export)) => Some(export),
+        _ => None,
     };
     let frozen_at = Instant::now();
     steps.freeze = lap(&mut mark);
@@ -291,6 +302,9 @@ pub async fn move_shard(
     // Wait for the payers' messages in flight to close, then export.
     let (export, export_at) = loop {
         let export_at = Instant::now();
+        if let Some(export) = early.take() {
+            break (export, export_at);
+        }
         let answer = match b.query(Query::ExportShard { shard, older_after }).await {
             Ok(answer) => answer,
             Err(e) => return Err(undo(cell_error(from, e)).await),
