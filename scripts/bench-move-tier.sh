@@ -101,6 +101,8 @@ def summary(rs):
         return {}
     med = lambda xs: sorted(xs)[len(xs) // 2]
     return {"moves": len(rs), "pause_ms": sorted(round(r["pause_us"] / 1000, 1) for r in rs),
+            # The freeze's batch (the export's work is in it) and the pause: what a payment of the shard can wait.
+            "freeze_and_pause_ms": sorted(round((r["pause_us"] + r["steps_us"]["freeze"]) / 1000, 1) for r in rs),
             "tier_records_median": med([r["tier_records"] for r in rs]), "tier_copy_s_median": round(med([r["tier_copy_us"] for r in rs]) / 1e6, 2),
             "export_records_median": med([r["records"] for r in rs]),
             "history_entries_median": med([r["history_entries"] for r in rs]),
