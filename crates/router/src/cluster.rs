@@ -98,7 +98,20 @@ impl Cluster {
     /// cell process follows the control plane; it catches up in
     /// milliseconds), so the call waits for it as for a frozen shard.
     fn behind<T>(&self, routed: &Routed<T>, account: &AccountId) -> bool {
-        matches!(routed.result, Err(RouteError::WrongCell { .. })) && self.owner(account).cell() == routed.cell
+        matches!(routed.result, Err(RouteError::WrongCell { .. }))
+            && self.owner(account).cell() == routed.cell
+            && routed.epoch < self.map().epoch()
+    }
+
+    /// Waits, without calling it, until `cell` reports the router's epoch, for
+    /// at most [`BEHIND_POLL_MAX`] and never past `deadline`.
+    async fn wait_caught_up(&self, cell: CellId, deadline: tokio::time::Instant) {
+        let target = self.map().epoch();
+        let until = (tokio::time::Instant::now() + BEHIND_POLL_MAX).min(deadline);
+        let client = &self.cells[cell.0 as usize];
+        while client.status().epoch < target && tokio::time::Instant::now() < until {
+            tokio::time::sleep(SHARD_FREEZE_POLL).await;
+        }
     }
 
     /// Installs checked flow rules: the router's layers, and each cell's outbox limit.
@@ -186,10 +199,15 @@ impl Cluster {
                 routed = Self::on(&self.protection, self.owner(account), &commands).await;
             }
             let frozen = matches!(&routed.result, Ok(v) if matches!(v.first(), Some(Outcome::Rejected(r)) if r.code == ErrorCode::ShardFrozen));
-            if !(frozen || self.behind(&routed, account)) || tokio::time::Instant::now() >= deadline {
+            let behind = self.behind(&routed, account);
+            if !(frozen || behind) || tokio::time::Instant::now() >= deadline {
                 break routed;
             }
-            tokio::time::sleep(SHARD_FREEZE_POLL).await;
+            if behind {
+                self.wait_caught_up(routed.cell, deadline).await;
+            } else {
+                tokio::time::sleep(SHARD_FREEZE_POLL).await;
+            }
         };
 
         Routed {
@@ -274,7 +292,7 @@ impl Cluster {
             if !self.behind(&routed, account) || tokio::time::Instant::now() >= deadline {
                 return routed;
             }
-            tokio::time::sleep(SHARD_FREEZE_POLL).await;
+            self.wait_caught_up(routed.cell, deadline).await;
         }
     }
 
@@ -411,6 +429,11 @@ pub const SHARD_FREEZE_WAIT_MAX: std::time::Duration = std::time::Duration::from
 
 /// How often a command waiting for a frozen shard tries again.
 const SHARD_FREEZE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The longest a call waits for a cell behind the router's map before it
+/// tries that cell again (a cell process's status, which names its epoch,
+/// is polled every 100 ms; a try costs a call).
+const BEHIND_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How often the router reads its signals and feeds the degrade triggers.
 pub const SIGNALS_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);

@@ -288,7 +288,7 @@ pub async fn move_shard(
         other => return Err(cell_error(from, other)),
     };
     let mut early = match early {
-        Ok(QueryAnswer::ShardExport(export)) => Some(export),
+        Ok(QueryAnswer::ShardExport(export)) if export.move_id == epoch && export.to == to => Some(export),
         _ => None,
     };
     let frozen_at = Instant::now();
@@ -333,12 +333,12 @@ pub async fn move_shard(
         (export.real.history.len() + export.shadow.history.len()) as u64,
         export.real.net(),
     );
-    // An install that may or may not have happened is discarded by the undo
-    // (a discard of nothing changes nothing).
-    match submit_one(c, Op::InstallShard(export)).await {
-        Ok(Outcome::MoveStep { .. }) => {}
-        Ok(other) => return Err(undo(cell_error(to, other)).await),
-        Err(e) => return Err(undo(e).await),
+    // An install whose answer was lost may have happened: the shard stays
+    // frozen at B (no undo, which could leave C holding a copy B then
+    // outgrows) until `resume_moves` or the next map decides the move.
+    match submit_one(c, Op::InstallShard(export)).await? {
+        Outcome::MoveStep { .. } => {}
+        other => return Err(undo(cell_error(to, other)).await),
     }
     steps.install = lap(&mut mark);
     crash_point("installed");

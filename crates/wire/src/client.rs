@@ -245,7 +245,8 @@ impl Inner {
                 .method(method)
                 .uri(format!("http://{address}{path}"))
                 .header(hyper::header::AUTHORIZATION, self.secret.header())
-                .header(PROTOCOL_HEADER, codec::PROTOCOL_VERSION.to_string())
+                // The body's own version: a cell of the version before reads every body but the tier copy's.
+                .header(PROTOCOL_HEADER, body.first().copied().unwrap_or(1).to_string())
                 .header(REQUEST_ID_HEADER, &request_id)
                 .header(CELL_HEADER, self.cell.0.to_string());
             let epoch = self.sender_epoch.load(Relaxed);

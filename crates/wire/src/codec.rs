@@ -40,10 +40,13 @@ use cellpay_core::{CellId, Command, Outcome, Priority, Query, QueryAnswer, Shard
 
 pub use audit::{WALK_FIGURES, WALK_FIGURE_UNKNOWN};
 
-/// The protocol version this build writes. Version 2 added the disk tier's
-/// copy of a moving shard (`ExportShard`'s mark, the `TierPage` and
-/// `TierImport` queries, a tier's imported runs); a version-1 body reads as
-/// it did, with those zero.
+/// The newest protocol version this build reads and writes. Version 2 added
+/// the disk tier's copy of a moving shard (`ExportShard`'s mark, the
+/// `TierPage` and `TierImport` queries and answers, a tier's imported runs);
+/// a version-1 body reads as it did, with those zero. A body is written in
+/// the oldest version that carries it, so a cell of the version before
+/// still reads everything but the copy (a rolling upgrade keeps the reader
+/// one version ahead of the writer).
 pub const PROTOCOL_VERSION: u8 = 2;
 /// The oldest protocol version this build still reads.
 pub const PROTOCOL_VERSION_MIN: u8 = 1;
@@ -107,25 +110,29 @@ pub fn decode_outcomes(bytes: &[u8]) -> Result<Result<Vec<Outcome>, EngineError>
     })
 }
 pub fn encode_query(query: &Query) -> Vec<u8> {
-    let mut w = open_body();
-    query::write_query(&mut w, query);
-    w.buf
+    let version = match query {
+        Query::TierPage { .. } | Query::TierImport { .. } => 2,
+        Query::ExportShard { older_after, .. } if *older_after != 0 => 2,
+        _ => 1,
+    };
+    write_body(version, |w| query::write_query(w, query))
 }
 pub fn decode_query(bytes: &[u8]) -> Result<Query, DecodeError> {
     decode_body(bytes, "query", query::read_query)
 }
 pub fn encode_answer(result: &Result<QueryAnswer, EngineError>) -> Vec<u8> {
-    let mut w = open_body();
-    write_engine_result(&mut w, result, query::write_answer);
-    w.buf
+    let version = match result {
+        Ok(QueryAnswer::TierPage(_) | QueryAnswer::TierImported { .. }) => 2,
+        _ => 1,
+    };
+    write_body(version, |w| write_engine_result(w, result, query::write_answer))
 }
 pub fn decode_answer(bytes: &[u8]) -> Result<Result<QueryAnswer, EngineError>, DecodeError> {
     decode_body(bytes, "answer", |r| read_engine_result(r, query::read_answer))
 }
 pub fn encode_status(report: &StatusReport) -> Vec<u8> {
-    let mut w = open_body();
-    status::write_report(&mut w, report);
-    w.buf
+    let version = if report.figures.tier.is_some_and(|t| t.imported_runs > 0) { 2 } else { 1 };
+    write_body(version, |w| status::write_report(w, report))
 }
 pub fn decode_status(bytes: &[u8]) -> Result<StatusReport, DecodeError> {
     decode_body(bytes, "status", status::read_report)
@@ -146,16 +153,28 @@ thread_local! {
     static BODY_VERSION: std::cell::Cell<u8> = const { std::cell::Cell::new(PROTOCOL_VERSION) };
 }
 
-/// The protocol version of the body being read: a reader of a field added
-/// after version 1 reads it only from a body that has it.
+/// The protocol version of the body being read or written: a field added
+/// after version 1 is read from, and written to, only a body of a version
+/// that has it.
 pub(crate) fn body_version() -> u8 {
     BODY_VERSION.with(std::cell::Cell::get)
 }
 
-/// A writer holding the version byte every body starts with.
+/// Writes a body of `version` with `write`.
+fn write_body(version: u8, write: impl FnOnce(&mut Writer)) -> Vec<u8> {
+    let mut w = Writer::with_capacity(64);
+    w.u8(version);
+    let outer = BODY_VERSION.with(|v| v.replace(version));
+    write(&mut w);
+    BODY_VERSION.with(|v| v.set(outer));
+    w.buf
+}
+
+/// A writer holding the version byte every body starts with: version 1,
+/// for bodies that have not changed since.
 fn open_body() -> Writer {
     let mut w = Writer::with_capacity(64);
-    w.u8(PROTOCOL_VERSION);
+    w.u8(1);
     w
 }
 

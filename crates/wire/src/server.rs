@@ -129,7 +129,8 @@ fn behind(served: &Served, headers: &HeaderMap) -> Option<Rejection> {
 }
 
 fn binary(body: Vec<u8>) -> Response {
-    ([(PROTOCOL_HEADER, codec::PROTOCOL_VERSION.to_string())], body).into_response()
+    let version = body.first().copied().unwrap_or(1).to_string();
+    ([(PROTOCOL_HEADER, version)], body).into_response()
 }
 
 async fn submit(State(served): State<Served>, headers: HeaderMap, body: Bytes) -> Response {

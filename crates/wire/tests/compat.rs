@@ -133,9 +133,8 @@ fn version_1_bodies_are_read_as_they_were_and_written_byte_for_byte() {
         let frozen = std::fs::read(golden(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(frozen[0], 1, "{name} is a version-1 body");
         assert!(reads(&frozen), "{name}: this build reads a version-1 body as the value it stood for");
-        if PROTOCOL_VERSION == 1 {
-            assert_eq!(written, frozen, "{name}: this build writes version 1 exactly as before");
-        }
+        // A body with nothing of a later version is still written as version 1, byte for byte.
+        assert_eq!(written, frozen, "{name}: this build writes version 1 exactly as before");
     }
     const { assert!(PROTOCOL_VERSION_MIN <= 1, "dropping version 1 is a breaking change: say so and bump MIN on purpose") };
 }
@@ -230,9 +229,11 @@ fn a_version_1_export_query_reads_with_no_copy_mark() {
     // version 1 | the export query's tag (9) | not shadow | shard 7
     let v1 = [1u8, 9, 0, 7, 0, 0, 0];
     assert_eq!(decode_query(&v1).unwrap(), Query::ExportShard { shard: 7, older_after: 0 });
-    // The same query written now is version 2 and carries its mark.
+    // Without a mark it is still written as version 1, byte for byte.
+    assert_eq!(encode_query(&Query::ExportShard { shard: 7, older_after: 0 }), v1);
+    // With one it is version 2, and carries it.
     let now = encode_query(&Query::ExportShard { shard: 7, older_after: 1 << 30 });
-    assert_eq!(now[0], PROTOCOL_VERSION);
+    assert_eq!(now[0], 2);
     assert_eq!(decode_query(&now).unwrap(), Query::ExportShard { shard: 7, older_after: 1 << 30 });
     // A version-2 body cut to version 1's length is refused, not misread.
     let mut cut = now[..7].to_vec();

@@ -127,7 +127,9 @@ pub(super) fn write_query(w: &mut Writer, query: &Query) {
             w.u8(QUERY_EXPORT_SHARD);
             w.bool(false);
             w.u32(*shard);
-            w.u64(*older_after);
+            if super::body_version() >= 2 {
+                w.u64(*older_after);
+            }
         }
         Query::TierPage { shard, snapshot, seq_after, cursor } => {
             w.u8(QUERY_TIER_PAGE);

@@ -109,7 +109,9 @@ fn write_tier(w: &mut Writer, t: &TierFigures) {
     w.u64(t.disk_reads);
     w.u64(t.disk_hits);
     w.u64(t.disk_read_ns);
-    w.u64(t.imported_runs);
+    if super::body_version() >= 2 {
+        w.u64(t.imported_runs);
+    }
 }
 
 fn read_tier(r: &mut Reader<'_>) -> Result<TierFigures, DecodeError> {
