@@ -255,7 +255,12 @@ impl Cluster {
                     }
                 }
                 Err(e) => {
-                    for i in positions {
+                    // A batch of one is refused `wrong_cell` as a single command is.
+                    let wrong = matches!(e, RouteError::WrongCell { .. });
+                    for (i, cmd) in positions.into_iter().zip(cmds) {
+                        if wrong {
+                            misrouted.push((i, cmd));
+                        }
                         out[i] = Some(Routed { cell: routed.cell, epoch: routed.epoch, result: Err(e.clone()) });
                     }
                 }
@@ -264,13 +269,23 @@ impl Cluster {
         if let Some((i, _)) = misrouted.first() {
             let refused_by = out[*i].as_ref().expect("routed").cell;
             self.refresh_from(&self.cells[refused_by.0 as usize]).await;
+            // The items go again one by one, within one bound for the whole
+            // batch: past it, the rest keep the refusal they had.
+            let deadline = tokio::time::Instant::now() + SHARD_FREEZE_WAIT_MAX;
             for (i, cmd) in misrouted {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
                 let Op::Transfer(t) = &cmd.op else { unreachable!("a batch holds transfers only") };
                 // Only where the map now names another owner (the same cell would
-                // refuse again), or where the shard was frozen (it waits for the move).
+                // refuse again), where the shard was frozen (it waits for the
+                // move), or where the cell is behind the router's map (it waits
+                // for the cell).
                 let before = out[i].as_ref().expect("routed");
                 let frozen = matches!(&before.result, Ok(Outcome::Rejected(r)) if r.code == ErrorCode::ShardFrozen);
-                if frozen || self.owner(&t.from).cell() != before.cell {
+                let owner = self.owner(&t.from).cell();
+                let behind = owner == before.cell && before.epoch < self.map().epoch();
+                if frozen || behind || owner != before.cell {
                     out[i] = Some(self.submit_one(cmd).await);
                 }
             }

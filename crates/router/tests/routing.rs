@@ -44,3 +44,42 @@ async fn a_read_waits_for_an_owner_behind_the_routers_map() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_item_waits_for_an_owner_behind_the_routers_map() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let map = ShardMap::round_robin(4, 2).unwrap();
+    let open = |c: u32| Cell::open_embedded(dirs[c as usize].path(), CellId(c), &map, EngineConfig::default()).unwrap();
+    let cells = [open(0), open(1)];
+    let clients: Vec<Arc<dyn CellClient>> =
+        cells.iter().map(|c| Arc::new(c.handle().clone()) as Arc<dyn CellClient>).collect();
+    let protection = Arc::new(Protection::new(Default::default(), Plan { switches: vec![] }, vec![], 2));
+    let cluster = Cluster::new(map.clone(), clients.clone(), protection);
+    let mut owners = map.owners().to_vec();
+    owners[0] = CellId(1);
+    let next = ShardMap::new(2, owners).unwrap();
+    assert!(cluster.set_map(next.clone()));
+    let payer = (0..).map(|i| format!("acct{i}")).find(|n| next.shard_of(n).0 == 0).unwrap();
+    let transfer = Command::real(Op::Transfer(Transfer {
+        id: TransferId::new("t1").unwrap(),
+        from: AccountId::new(&payer).unwrap(),
+        to: AccountId::new("shop").unwrap(),
+        amount: 1,
+        currency: None,
+        memo: None,
+        by: Authority::Admin,
+    }));
+    let late = clients[1].clone();
+    let installer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        late.submit(vec![Command::real(Op::InstallShardMap(next))]).await.unwrap()
+    });
+    let routed = cluster.submit_transfers(vec![transfer]).await.remove(0);
+    installer.await.unwrap();
+    // Answered by cell 1 at the new map: the payer is not there (nobody opened it).
+    assert_eq!(routed.cell, CellId(1));
+    match routed.result {
+        Ok(Outcome::Rejected(r)) => assert_eq!(r.code, ErrorCode::AccountNotFound, "{r:?}"),
+        other => panic!("the batch item gave up on a cell catching up with the map: {other:?}"),
+    }
+}
