@@ -104,11 +104,7 @@ impl CellClient for CellHandle {
 
     fn query(&self, query: Query) -> BoxFuture<'_, Result<QueryAnswer, EngineError>> {
         if matches!(query, Query::TierPage { .. } | Query::TierImport { .. } | Query::ExportShard { .. }) {
-            return Box::pin(async move {
-                self.tier_query(&query).await.unwrap_or_else(|| {
-                    Err(EngineError::Unavailable { cell: self.cell(), reason: "a tier task was lost".into() })
-                })
-            });
+            return Box::pin(self.tier_query(query));
         }
         let submitted = CellHandle::query(self, query);
         Box::pin(async move { submitted?.wait().await })

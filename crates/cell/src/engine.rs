@@ -380,19 +380,21 @@ impl CellHandle {
 
     /// Answers a query about the disk tier (a copy of a moving shard's
     /// records) off the writer, or completes a shard's export with the
-    /// records its tier holds; `None` for every other query.
-    pub(crate) async fn tier_query(&self, query: &Query) -> Option<Result<QueryAnswer, EngineError>> {
-        let refused = |why: String| Some(Ok(QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why))));
-        match query.clone() {
+    /// records its tier holds; any other query goes to the writer as it is.
+    pub(crate) async fn tier_query(&self, query: Query) -> Result<QueryAnswer, EngineError> {
+        let refused = |why: String| Ok(QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, why)));
+        let lost = || EngineError::Unavailable { cell: self.cell(), reason: "a tier task was lost".into() };
+        match query {
             Query::TierPage { shard, snapshot, seq_after, cursor } => {
                 let Some(tier) = self.shared.tier.clone() else {
                     // Nothing left this cell's memory to copy.
-                    return Some(Ok(QueryAnswer::TierPage(Box::default())));
+                    return Ok(QueryAnswer::TierPage(Box::default()));
                 };
-                let page =
-                    tokio::task::spawn_blocking(move || tier.page(shard, snapshot, seq_after, cursor)).await.ok()?;
+                let page = tokio::task::spawn_blocking(move || tier.page(shard, snapshot, seq_after, cursor))
+                    .await
+                    .map_err(|_| lost())?;
                 match page {
-                    Ok(page) => Some(Ok(QueryAnswer::TierPage(Box::new(page)))),
+                    Ok(page) => Ok(QueryAnswer::TierPage(Box::new(page))),
                     Err(why) => refused(why),
                 }
             }
@@ -401,27 +403,25 @@ impl CellHandle {
                     return refused("this cell keeps no disk tier of idempotency records".into());
                 };
                 match tier.import((shard, move_id, part), keys_max, entries, (first, last)).await {
-                    Ok(entries) => Some(Ok(QueryAnswer::TierImported { entries })),
+                    Ok(entries) => Ok(QueryAnswer::TierImported { entries }),
                     Err(why) => refused(why),
                 }
             }
             Query::ExportShard { shard, older_after } => {
-                let answer = match CellHandle::query(self, query.clone()) {
-                    Ok(submitted) => submitted.wait().await,
-                    Err(e) => return Some(Err(e)),
-                };
-                let Some(tier) = self.shared.tier.clone() else { return Some(answer) };
+                let answer = CellHandle::query(self, query)?.wait().await;
+                let Some(tier) = self.shared.tier.clone() else { return answer };
                 let mut export = match answer {
                     Ok(QueryAnswer::ShardExport(export)) => export,
-                    other => return Some(other),
+                    other => return other,
                 };
-                let older = tokio::task::spawn_blocking(move || tier.older_of(shard, older_after)).await.ok()?;
+                let older =
+                    tokio::task::spawn_blocking(move || tier.older_of(shard, older_after)).await.map_err(|_| lost())?;
                 match older.and_then(|older| export.add_older(older)).and_then(|_| crate::tier::export_fits(&export)) {
-                    Ok(()) => Some(Ok(QueryAnswer::ShardExport(export))),
+                    Ok(()) => Ok(QueryAnswer::ShardExport(export)),
                     Err(why) => refused(why),
                 }
             }
-            _ => None,
+            other => CellHandle::query(self, other)?.wait().await,
         }
     }
 

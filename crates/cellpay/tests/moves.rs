@@ -418,23 +418,33 @@ fn retries_pay_nothing(s: &Server, paid: &[(String, String)], payee: &str, owner
     }
 }
 
+/// Opens two payers in shard 4 (cell 1) and a payee in shard 1 (cell 1), pays
+/// `n` transfers of 1, and waits until all but 20 of their records are in
+/// cell 1's disk tier (16 of each ledger stay in memory); answers the payers,
+/// the payee and each payment's (payer, id).
+fn pay_into_the_tier(s: &Server, n: usize) -> (Vec<String>, String, Vec<(String, String)>) {
+    let payers = ids_in_shard(4, 2, "mv");
+    let payee = ids_in_shard(1, 1, "shop").remove(0);
+    open_funded(s, payers.iter().chain([&payee]), 100_000);
+    let mut paid = Vec::new();
+    for k in 0..n {
+        let (from, id) = (payers[k % 2].clone(), format!("old-{k}"));
+        let r = s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": payee, "amount": 1}));
+        assert_eq!(r.status, 201, "{}", r.body);
+        paid.push((from, id));
+    }
+    let tiered = (n - 20) as f64;
+    s.eventually("the payments' records reach cell 1's disk tier", || tier_gauge(s, "records")[&1] >= tiered);
+    (payers, payee, paid)
+}
+
 #[test]
 fn a_shard_moves_with_the_records_in_its_disk_tier_and_no_retry_pays_twice() {
     let dir = tempfile::tempdir().unwrap();
     // 16 records of each ledger stay in a cell's memory: the rest go to its disk tier.
     let args = ["--cells", "3", "--shards", "16", "--transfers-retained-max", "16"];
     let s = Server::start(dir.path(), &args);
-    let payers = ids_in_shard(4, 2, "mv");
-    let payee = ids_in_shard(1, 1, "shop").remove(0);
-    open_funded(&s, payers.iter().chain([&payee]), 100_000);
-    let mut paid = Vec::new();
-    for n in 0..400 {
-        let (from, id) = (payers[n % 2].clone(), format!("old-{n}"));
-        let r = s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": payee, "amount": 1}));
-        assert_eq!(r.status, 201, "{}", r.body);
-        paid.push((from, id));
-    }
-    s.eventually("the payments' records reach cell 1's disk tier", || tier_gauge(&s, "records")[&1] >= 380.0);
+    let (payers, payee, paid) = pay_into_the_tier(&s, 400);
     let balances = |s: &Server| payers.iter().chain([&payee]).map(|id| balance(s, id)).collect::<Vec<_>>();
     let before = balances(&s);
     let moved = move_shard(&s, 4, 2);
@@ -467,17 +477,7 @@ fn a_copy_left_by_a_crashed_move_is_pruned_and_the_shard_moves_after() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--cells", "3", "--shards", "16", "--transfers-retained-max", "16"];
     let s = Server::start_with_env(dir.path(), &args, &[("CELLPAY_TEST_CRASH_MOVE_AT", "copied")]);
-    let payers = ids_in_shard(4, 2, "mv");
-    let payee = ids_in_shard(1, 1, "shop").remove(0);
-    open_funded(&s, payers.iter().chain([&payee]), 100_000);
-    let mut paid = Vec::new();
-    for n in 0..200 {
-        let (from, id) = (payers[n % 2].clone(), format!("old-{n}"));
-        let r = s.post("/v1/transfers", ADMIN, &json!({"id": id, "from": from, "to": payee, "amount": 1}));
-        assert_eq!(r.status, 201, "{}", r.body);
-        paid.push((from, id));
-    }
-    s.eventually("the payments' records reach cell 1's disk tier", || tier_gauge(&s, "records")[&1] >= 180.0);
+    let (_, payee, paid) = pay_into_the_tier(&s, 200);
     let body = json!({"to": 2}).to_string();
     assert!(s.try_request("POST", "/v1/admin/shards/4/move", ADMIN, &body).is_none(), "the server aborted mid-move");
     s.kill9();
