@@ -53,6 +53,13 @@ pub struct RemoteConfig {
     pub status_poll: Duration,
 }
 
+/// A call's body: one that starts with its protocol version (a codec body),
+/// or raw bytes (a limit, or nothing) that speak version 1.
+enum Body {
+    Versioned(Vec<u8>),
+    Raw(Vec<u8>),
+}
+
 impl Default for RemoteConfig {
     fn default() -> Self {
         Self {
@@ -235,7 +242,13 @@ impl Inner {
     }
 
     /// One call: `body` to `path`, the answer's bytes, within the deadline.
-    async fn call(&self, method: hyper::Method, path: &str, body: Vec<u8>) -> Result<Bytes, EngineError> {
+    /// The header names the body's protocol version: a versioned body's own
+    /// (its first byte), 1 for a raw or empty one.
+    async fn call(&self, method: hyper::Method, path: &str, body: Body) -> Result<Bytes, EngineError> {
+        let (version, body) = match body {
+            Body::Versioned(b) => (b.first().copied().unwrap_or(1), b),
+            Body::Raw(b) => (1, b),
+        };
         let deadline = self.config.call_timeout;
         let attempt = async {
             let mut sender = self.connection().await?;
@@ -245,8 +258,8 @@ impl Inner {
                 .method(method)
                 .uri(format!("http://{address}{path}"))
                 .header(hyper::header::AUTHORIZATION, self.secret.header())
-                // The body's own version: a cell of the version before reads every body but the tier copy's.
-                .header(PROTOCOL_HEADER, body.first().copied().unwrap_or(1).to_string())
+                // A cell of the version before reads every body but the tier copy's.
+                .header(PROTOCOL_HEADER, version.to_string())
                 .header(REQUEST_ID_HEADER, &request_id)
                 .header(CELL_HEADER, self.cell.0.to_string());
             let epoch = self.sender_epoch.load(Relaxed);
@@ -320,7 +333,7 @@ impl Inner {
         metrics::counter!("cellpay_cell_protocol_commands_total", "cell" => cell).increment(total as u64);
         let body = codec::encode_commands(&all);
         drop(all);
-        let answer = match self.call(hyper::Method::POST, "/cell/v1/submit", body).await {
+        let answer = match self.call(hyper::Method::POST, "/cell/v1/submit", Body::Versioned(body)).await {
             Ok(bytes) => match codec::decode_outcomes(&bytes) {
                 Ok(Ok(outcomes)) if outcomes.len() == total => Ok(outcomes),
                 Ok(Ok(outcomes)) => {
@@ -386,7 +399,8 @@ impl Inner {
 
     async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
         let _slot = self.query_slots.acquire().await.expect("the semaphore is never closed");
-        let bytes = self.call(hyper::Method::POST, "/cell/v1/query", codec::encode_query(&query)).await?;
+        let bytes =
+            self.call(hyper::Method::POST, "/cell/v1/query", Body::Versioned(codec::encode_query(&query))).await?;
         codec::decode_answer(&bytes).unwrap_or_else(|e| Err(self.unavailable(format!("garbled answer: {e}"))))
     }
 
@@ -396,19 +410,19 @@ impl Inner {
         if max == 0 || self.outbox_max_delivered.load(Relaxed) {
             return;
         }
-        match self.call(hyper::Method::PUT, "/cell/v1/outbox-limit", max.to_le_bytes().to_vec()).await {
+        match self.call(hyper::Method::PUT, "/cell/v1/outbox-limit", Body::Raw(max.to_le_bytes().to_vec())).await {
             Ok(_) => self.outbox_max_delivered.store(self.outbox_max.load(Relaxed) == max, Relaxed),
             Err(e) => tracing::debug!(cell = %self.cell, "could not set the outbox limit yet: {e}"),
         }
     }
 
     async fn read_map(&self) -> Result<ShardMap, EngineError> {
-        let bytes = self.call(hyper::Method::GET, "/cell/v1/map", Vec::new()).await?;
+        let bytes = self.call(hyper::Method::GET, "/cell/v1/map", Body::Raw(Vec::new())).await?;
         codec::decode_map(&bytes).map_err(|e| self.unavailable(format!("garbled shard map: {e}")))
     }
 
     async fn read_status(&self) -> Result<codec::StatusReport, EngineError> {
-        let bytes = self.call(hyper::Method::GET, "/cell/v1/status", Vec::new()).await?;
+        let bytes = self.call(hyper::Method::GET, "/cell/v1/status", Body::Raw(Vec::new())).await?;
         codec::decode_status(&bytes).map_err(|e| self.unavailable(format!("garbled status: {e}")))
     }
 }
