@@ -76,6 +76,13 @@ pub const PACE_WINDOW: Duration = Duration::from_millis(100);
 /// from each relay that saw a shard move. Beyond it, `overloaded`.
 pub const CONTROL_LANE_MAX: usize = 4096;
 
+/// How long a cell holds a shard's export that is not ready yet (the
+/// shard's freeze not applied, or its payers' messages in flight) before it
+/// answers why (I7); see `CellHandle::export_when_ready`.
+pub const EXPORT_WAIT_MAX: Duration = Duration::from_millis(100);
+/// How often a held export is asked for again.
+const EXPORT_WAIT_POLL: Duration = Duration::from_millis(1);
+
 /// How often a pacing engine looks at its control lane while it sleeps.
 const PACE_SLICE: Duration = Duration::from_millis(1);
 
@@ -257,20 +264,7 @@ impl Work {
     /// wait behind a busy cell's queue once per step.
     fn is_control(&self) -> bool {
         match self {
-            Work::Commands { commands, .. } => {
-                !commands.is_empty()
-                    && commands.iter().all(|c| {
-                        matches!(
-                            c.op,
-                            Op::InstallShardMap(_)
-                                | Op::FreezeShard { .. }
-                                | Op::UnfreezeShard { .. }
-                                | Op::InstallShard(_)
-                                | Op::DiscardShard { .. }
-                                | Op::DropShard { .. }
-                        )
-                    })
-            }
+            Work::Commands { commands, .. } => cellpay_core::is_control(commands),
             Work::Query { query, .. } => matches!(query, Query::ExportShard { .. }),
             Work::Stop { .. } | Work::Wake => false,
         }
@@ -378,6 +372,22 @@ impl CellHandle {
         }
     }
 
+    /// Asks the writer for a shard's export until it is ready or
+    /// [`EXPORT_WAIT_MAX`] has passed: the coordinator sends the export with
+    /// the freeze, and from another process the export may arrive first.
+    async fn export_when_ready(&self, query: Query) -> Result<QueryAnswer, EngineError> {
+        let deadline = Instant::now() + EXPORT_WAIT_MAX;
+        loop {
+            let answer = CellHandle::query(self, query.clone())?.wait().await;
+            match &answer {
+                Ok(QueryAnswer::Rejected(r)) if cellpay_core::export_not_ready(r) && Instant::now() < deadline => {
+                    tokio::time::sleep(EXPORT_WAIT_POLL).await;
+                }
+                _ => return answer,
+            }
+        }
+    }
+
     /// Answers a query about the disk tier (a copy of a moving shard's
     /// records) off the writer, or completes a shard's export with the
     /// records its tier holds; any other query goes to the writer as it is.
@@ -408,7 +418,7 @@ impl CellHandle {
                 }
             }
             Query::ExportShard { shard, older_after } => {
-                let answer = CellHandle::query(self, query)?.wait().await;
+                let answer = self.export_when_ready(query).await;
                 let Some(tier) = self.shared.tier.clone() else { return answer };
                 let mut export = match answer {
                     Ok(QueryAnswer::ShardExport(export)) => export,

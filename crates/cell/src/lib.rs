@@ -28,7 +28,7 @@ pub use buckets::{BucketCounts, Buckets, BATCH_SIZE_BOUNDS, LATENCY_BOUNDS_S};
 pub use client::{behind_refusal, BoxFuture, CellClient, CellStatus};
 pub use codel::{QueueDelay, SHED_LEVEL_MAX};
 pub use engine::{
-    BatchClock, Cell, CellFigures, CellHandle, EngineConfig, EngineError, SteppedCell, Submission,
+    BatchClock, Cell, CellFigures, CellHandle, EngineConfig, EngineError, SteppedCell, Submission, EXPORT_WAIT_MAX,
     OUTBOX_MESSAGES_MAX_DEFAULT, QUEUE_SHARE_PERCENT,
 };
 pub use health::Health;

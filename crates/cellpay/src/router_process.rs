@@ -87,9 +87,28 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let _ =
             state.0.shared.set(Arc::new(ControlSettings { url: args.control.control.clone(), router: name.clone() }));
         apply_settings(&cluster, &view, &mut None);
-        let authority = Arc::new(ControlAuthority { url: args.control.control.clone(), who: name.clone() });
+        // Shard moves run on a lane of their own, with their own connections
+        // to the cells and to the control plane (see `Mover::on_lane`).
+        let lane = cellpay_router::moves::start_lane().context("starting the shard mover's thread")?;
+        let mover_remotes: Vec<RemoteCell> = {
+            let _on_lane = lane.enter();
+            view.cells
+                .iter()
+                .map(|c| {
+                    let address = c.address.as_deref().unwrap_or("");
+                    RemoteCell::start(c.id, address, secret.clone(), RemoteConfig::default())
+                })
+                .collect()
+        };
+        let authority = Arc::new(ControlAuthority {
+            url: args.control.control.clone(),
+            who: name.clone(),
+            held: Default::default(),
+            lane: lane.clone(),
+        });
+        let mover_cells = mover_remotes.iter().map(|r| Arc::new(r.clone()) as Arc<dyn CellClient>).collect();
         let mover =
-            cellpay_router::Mover::new(cluster.cells().to_vec(), authority, cellpay_router::MoveLimits::default());
+            cellpay_router::Mover::new(mover_cells, authority, cellpay_router::MoveLimits::default()).on_lane(lane);
         let _ = state.0.mover.set(Arc::new(mover));
         let _ = state.0.cluster.set(cluster.clone());
 
@@ -110,6 +129,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             let Some(view) = views.borrow_and_update().clone() else { continue };
                             saver.save(&view);
                             for (remote, entry) in remotes.iter().zip(view.cells.iter()) {
+                                if let Some(a) = entry.address.as_deref() {
+                                    remote.set_address(a);
+                                }
+                            }
+                            for (remote, entry) in mover_remotes.iter().zip(view.cells.iter()) {
                                 if let Some(a) = entry.address.as_deref() {
                                     remote.set_address(a);
                                 }
@@ -218,29 +242,63 @@ impl cellpay_api::SharedSettings for ControlSettings {
 }
 
 /// The shard map's authority for processes: the control plane, whose
-/// `set_map` is a compare-and-set on the epoch.
+/// `set_map` is a compare-and-set on the epoch. It keeps one connection
+/// open (a new one costs a PostgreSQL backend's start, on a move's pause).
 struct ControlAuthority {
     url: String,
     who: String,
+    held: tokio::sync::Mutex<Option<Arc<Control>>>,
+    /// The mover's runtime, which drives the held connection.
+    lane: tokio::runtime::Handle,
+}
+
+impl ControlAuthority {
+    /// The open connection, or a new one.
+    async fn control(&self) -> Result<Arc<Control>, cellpay_control::ControlError> {
+        let mut held = self.held.lock().await;
+        if let Some(control) = held.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(control.clone());
+        }
+        let url = self.url.clone();
+        let connected = self.lane.spawn(async move { Control::connect(&url).await }).await;
+        let control = Arc::new(connected.map_err(|_| cellpay_control::ControlError::Lost)??);
+        *held = Some(control.clone());
+        Ok(control)
+    }
+
+    /// Drops the held connection after a failed call: the next call opens a
+    /// new one (a connection stuck past the statement timeout is not closed).
+    async fn forget(&self) {
+        *self.held.lock().await = None;
+    }
 }
 
 impl cellpay_router::MapAuthority for ControlAuthority {
     fn current(&self) -> cellpay_cell::BoxFuture<'_, Result<cellpay_core::ShardMap, cellpay_router::SwapError>> {
         Box::pin(async move {
             let unavailable = |e: cellpay_control::ControlError| cellpay_router::SwapError::Unavailable(e.to_string());
-            let control = Control::connect(&self.url).await.map_err(unavailable)?;
-            Ok(control.view().await.map_err(unavailable)?.map)
+            let control = self.control().await.map_err(unavailable)?;
+            match control.view().await {
+                Ok(view) => Ok(view.map),
+                Err(e) => {
+                    self.forget().await;
+                    Err(unavailable(e))
+                }
+            }
         })
     }
 
     fn swap(&self, next: cellpay_core::ShardMap) -> cellpay_cell::BoxFuture<'_, Result<(), cellpay_router::SwapError>> {
         Box::pin(async move {
             use cellpay_router::SwapError;
-            let control = Control::connect(&self.url).await.map_err(|e| SwapError::Unavailable(e.to_string()))?;
+            let control = self.control().await.map_err(|e| SwapError::Unavailable(e.to_string()))?;
             match control.set_map(&next, &format!("router {} (shard move)", self.who)).await {
                 Ok(()) => Ok(()),
                 Err(cellpay_control::ControlError::Mismatch(why)) => Err(SwapError::Lost(why)),
-                Err(e) => Err(SwapError::Unavailable(e.to_string())),
+                Err(e) => {
+                    self.forget().await;
+                    Err(SwapError::Unavailable(e.to_string()))
+                }
             }
         })
     }

@@ -271,8 +271,11 @@ pub(crate) async fn scale_out(
         "goodput_per_owning_cell_after_per_s": good_after / grown.iter().filter(|n| **n > 0).count().max(1) as f64,
         "payments_admitted_p99_ms": p99,
         "shards_per_cell": {"start": before, "grown": grown, "drained": shrunk},
-        "scale_out_moves": {"planned": out_planned, "done": out_done, "pause_us": out_moves["pause_us"]},
-        "all_moves": {"moved": in_moves["moved"], "undone": in_moves["undone"], "failed": in_moves["failed"], "pause_us": in_moves["pause_us"]},
+        "scale_out_moves": {"planned": out_planned, "done": out_done, "pause_us": out_moves["pause_us"], "steps_us": out_moves["steps_us"]},
+        "all_moves": {
+            "moved": in_moves["moved"], "undone": in_moves["undone"], "failed": in_moves["failed"],
+            "pause_us": in_moves["pause_us"], "steps_us": in_moves["steps_us"],
+        },
         "drains": drained.iter().map(|(cell, done, failed)| json!({"cell": cell, "done": done, "failed": failed})).collect::<Vec<_>>(),
     });
     let mut reports = vec![found.into_iter().next().expect("one run").0];

@@ -495,11 +495,11 @@ async fn serve(config: Config, map: ShardMap, auth: Auth, protection: Arc<Protec
             let _ = cell.submit(vec![install]).await;
         }
     }
-    let mover = Arc::new(cellpay_router::Mover::new(
-        cluster.cells().to_vec(),
-        authority,
-        cellpay_router::MoveLimits::default(),
-    ));
+    let lane = cellpay_router::moves::start_lane().context("starting the shard mover's thread")?;
+    let mover = Arc::new(
+        cellpay_router::Mover::new(cluster.cells().to_vec(), authority, cellpay_router::MoveLimits::default())
+            .on_lane(lane),
+    );
     // A move a crash left half done goes the way the map says before anything is served.
     match mover.resume().await {
         Ok(resumed) if resumed.is_empty() => {}

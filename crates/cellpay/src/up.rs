@@ -53,6 +53,7 @@ const LIVENESS: RemoteConfig = RemoteConfig {
     call_timeout: Duration::from_secs(1),
     in_flight_max: 1,
     queries_in_flight_max: 1,
+    control_in_flight_max: 1,
     coalesce_commands_max: 1,
     queued_commands_max: 1,
     status_poll: Duration::from_millis(500),

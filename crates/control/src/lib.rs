@@ -358,25 +358,46 @@ impl Control {
     /// then on (`wrong_cell`). Moving a shard that holds accounts also moves
     /// its data, which is the move's job, not this call's.
     pub async fn set_map(&self, next: &ShardMap, who: &str) -> Result<(), ControlError> {
+        // One statement, one commit: the compare-and-set on the epoch (a
+        // concurrent one waits for the row and then finds the epoch moved),
+        // its line in the action log and the notification. It is on a shard
+        // move's write pause.
+        let owners: Vec<i32> = next.owners().iter().map(|c| c.0 as i32).collect();
+        let what = format!("shard map epoch {} installed", next.epoch());
+        let swapped = timed(self.client.query_one(
+            &format!(
+                "WITH up AS (
+                     UPDATE {SCHEMA}.cluster SET epoch = $1, owners = $2
+                      WHERE epoch < $1 AND cardinality(owners) = cardinality($2::integer[])
+                        AND (SELECT coalesce(max(o), -1) FROM unnest($2::integer[]) AS o)
+                            < (SELECT count(*) FROM {SCHEMA}.cells)
+                     RETURNING epoch),
+                 logged AS (INSERT INTO {SCHEMA}.actions (who, what) SELECT $3, $4 FROM up)
+                 SELECT count(*) FROM up, LATERAL (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS notified"
+            ),
+            &[&(next.epoch() as i64), &owners, &who, &what],
+        ))
+        .await;
+        match swapped {
+            Ok(row) if row.get::<_, i64>(0) == 1 => return Ok(()),
+            Ok(_) => {}
+            Err(ControlError::Db(e)) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                return Err(ControlError::NotInitialised)
+            }
+            Err(e) => return Err(e),
+        }
+        // Refused: say why.
         let view = self.view().await?;
         view.map.check_successor(next).map_err(|e| ControlError::Mismatch(e.to_string()))?;
         if let Some(unknown) = next.owners().iter().find(|o| o.0 as usize >= view.cells.len()) {
             return Err(ControlError::Mismatch(format!("the map names cell {unknown}, which the cluster lacks")));
         }
-        let owners: Vec<i32> = next.owners().iter().map(|c| c.0 as i32).collect();
-        let updated = timed(self.client.execute(
-            &format!("UPDATE {SCHEMA}.cluster SET epoch = $1, owners = $2 WHERE epoch = $3"),
-            &[&(next.epoch() as i64), &owners, &(view.map.epoch() as i64)],
-        ))
-        .await?;
-        if updated != 1 {
-            return Err(ControlError::Mismatch(format!(
-                "the map changed under this call (it was at epoch {})",
-                view.map.epoch()
-            )));
-        }
-        self.record(who, &format!("shard map epoch {} installed", next.epoch())).await?;
-        self.notify().await
+        Err(ControlError::Mismatch(format!("the map changed under this call (it is at epoch {})", view.map.epoch())))
+    }
+
+    /// Whether the connection has ended (a new one is needed).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
     }
 
     /// An operator's degrade switch, for every router.

@@ -48,10 +48,10 @@ pub use ids::{AccountId, CellId, IdError, TenantId, TransferId, TENANT_DEFAULT};
 pub use ledger::{Admission, IdempotencyReach, Ledger, Limits, Touched, TransferRow, IDEMPOTENCY_WINDOW_MS_DEFAULT};
 pub use money::{amount_is_valid, Currency, AMOUNT_MAX};
 pub use moves::{
-    reconcile_moves, ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures, MoveRecord,
-    ShardExport, TierCursor, TierEntry, TierPage, FROZEN_SHARDS_MAX, MOVES_RETAINED,
+    export_not_ready, reconcile_moves, ExportedAccount, ExportedEntry, ExportedRecord, LedgerExport, MoveFigures,
+    MoveRecord, ShardExport, TierCursor, TierEntry, TierPage, FROZEN_SHARDS_MAX, MOVES_RETAINED,
 };
 pub use older::{idempotency_key, parse_idempotency_key, shard_key_range, NoOlder, OldRecord, OlderRecords};
-pub use priority::{priority_of, Priority};
+pub use priority::{is_control, priority_of, Priority};
 pub use shard::{shard_of, stable_hash, ShardId, ShardMap, SHARDS_DEFAULT, SHARDS_MAX};
 pub use state::{CellState, CopyMarks, ENTRIES_PAGE_MAX};

@@ -34,6 +34,23 @@ use crate::money::Currency;
 use crate::older::OldRecord;
 use crate::shard::{mix64, stable_hash};
 
+/// How a shard's export is refused while the shard is not frozen for a move.
+const NOT_FROZEN: &str = "is not frozen for a move here";
+
+/// The refusal of an export of `shard`, which the cell has not frozen (yet).
+pub(crate) fn export_not_frozen(shard: u32) -> crate::Rejection {
+    crate::Rejection::new(crate::ErrorCode::InvalidRequest, format!("shard {shard} {NOT_FROZEN}"))
+}
+
+/// Whether an export was refused only for not being ready yet: the shard's
+/// freeze has not been applied, or its payers' messages are still in flight.
+/// A coordinator sends the export together with the freeze, and the export
+/// may reach the cell first (see `CellHandle`'s wait for it).
+pub fn export_not_ready(r: &crate::Rejection) -> bool {
+    r.code == crate::ErrorCode::ShardFrozen
+        || (r.code == crate::ErrorCode::InvalidRequest && r.message.ends_with(NOT_FROZEN))
+}
+
 /// The most shards one cell may have frozen at once (I7): moves go a few at a time.
 pub const FROZEN_SHARDS_MAX: usize = 64;
 

@@ -53,20 +53,43 @@ impl Priority {
 impl Command {
     /// Commands that move or create money are critical; shadow ones are shadow.
     pub fn priority(&self) -> Priority {
-        match self.op {
+        if self.op.is_control() {
             // A shard map is installed by the operator, never shed.
-            Op::InstallShardMap(_)
-            | Op::FreezeShard { .. }
-            | Op::UnfreezeShard { .. }
-            | Op::InstallShard(_)
-            | Op::DiscardShard { .. }
-            | Op::DropShard { .. } => Priority::Critical,
-            _ => Priority::of(self.shadow, Priority::Critical),
+            return Priority::Critical;
         }
+        Priority::of(self.shadow, Priority::Critical)
     }
 }
 
+impl Op {
+    /// A shard move's step or a shard map's install: the cluster's control
+    /// work, which goes ahead of queued payments at a cell (its control lane)
+    /// and on the way to it (a call of its own), so that a move's write pause
+    /// never waits behind a busy cell's payments once per step.
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Op::InstallShardMap(_)
+                | Op::FreezeShard { .. }
+                | Op::UnfreezeShard { .. }
+                | Op::InstallShard(_)
+                | Op::DiscardShard { .. }
+                | Op::DropShard { .. }
+        )
+    }
+}
+
+/// Whether a whole submission is control work (see [`Op::is_control`]).
+pub fn is_control(commands: &[Command]) -> bool {
+    !commands.is_empty() && commands.iter().all(|c| c.op.is_control())
+}
+
 impl Query {
+    /// A shard move's reads: its export and its copy of the disk tier.
+    pub fn is_control(&self) -> bool {
+        matches!(self, Query::ExportShard { .. } | Query::TierPage { .. } | Query::TierImport { .. })
+    }
+
     pub fn priority(&self) -> Priority {
         match self {
             Query::Account { shadow, .. } => Priority::of(*shadow, Priority::Reads),

@@ -448,8 +448,7 @@ impl CellState {
     /// The export of a frozen shard whose payers' messages are all closed.
     fn export_shard(&self, shard: u32) -> QueryAnswer {
         let Some(&(move_id, to)) = self.frozen.get(&shard) else {
-            let msg = format!("shard {shard} is not frozen for a move here");
-            return QueryAnswer::Rejected(Rejection::new(ErrorCode::InvalidRequest, msg));
+            return QueryAnswer::Rejected(crate::moves::export_not_frozen(shard));
         };
         let open = self.open_messages_of(shard);
         if open > 0 {

@@ -133,6 +133,9 @@ pub enum MoveError {
         "the map authority stayed unavailable; shard {shard} stays frozen at cell {from} until `resume` decides its move"
     )]
     Undecided { shard: u32, from: u32 },
+    /// The move's task ended before the move did (its runtime stopped).
+    #[error("the move stopped before it finished ({0}); `resume` decides it")]
+    Interrupted(String),
 }
 
 fn cell_error(cell: CellId, answer: impl std::fmt::Debug) -> MoveError {
@@ -476,10 +479,12 @@ pub struct Mover {
     authority: Arc<dyn MapAuthority>,
     limits: MoveLimits,
     /// One move at a time: each wins the next epoch.
-    one: tokio::sync::Mutex<()>,
-    figures: std::sync::Mutex<MoverFigures>,
+    one: Arc<tokio::sync::Mutex<()>>,
+    figures: Arc<std::sync::Mutex<MoverFigures>>,
     /// Cells drained by this process: a rebalance over every cell leaves them out.
     drained: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    /// Where the moves run, if not on the caller's runtime: see [`Mover::on_lane`].
+    lane: Option<tokio::runtime::Handle>,
 }
 
 /// The moves this process ran, for metrics.
@@ -490,6 +495,8 @@ pub struct MoverFigures {
     pub failed: u64,
     /// The write pause of each move, µs, newest last (at most [`PAUSES_KEPT`]).
     pub pauses_us: std::collections::VecDeque<u64>,
+    /// Where each of those pauses went, in the same order.
+    pub steps_us: std::collections::VecDeque<MoveSteps>,
     pub last: Option<MoveReport>,
     /// A move under way: (shard, from, to).
     pub moving: Option<(u32, u32, u32)>,
@@ -526,14 +533,74 @@ pub struct PauseQuantiles {
     pub count: usize,
 }
 
+impl PauseQuantiles {
+    /// p50, p99 and max of `values` (nearest rank); none of them when empty.
+    fn of(mut values: Vec<u64>) -> Self {
+        values.sort_unstable();
+        let at = |q: f64| values.get(((values.len().max(1) - 1) as f64 * q).round() as usize).copied();
+        Self { p50: at(0.5), p99: at(0.99), max: values.last().copied(), count: values.len() }
+    }
+}
+
+/// Each step of the kept pauses at a few quantiles: which step a long pause spent its time in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StepQuantiles {
+    pub freeze: PauseQuantiles,
+    pub drain: PauseQuantiles,
+    pub export: PauseQuantiles,
+    pub install: PauseQuantiles,
+    pub swap: PauseQuantiles,
+    pub serve: PauseQuantiles,
+}
+
 impl MoverFigures {
+    /// Counts a move that ended.
+    fn count(&mut self, result: &Result<MoveReport, MoveError>) {
+        self.moving = None;
+        match result {
+            Ok(report) => {
+                self.moved += 1;
+                if self.pauses_us.len() == PAUSES_KEPT {
+                    self.pauses_us.pop_front();
+                    self.steps_us.pop_front();
+                }
+                self.pauses_us.push_back(report.pause_us);
+                self.steps_us.push_back(report.steps_us);
+                self.last = Some(report.clone());
+            }
+            Err(MoveError::Drain(_) | MoveError::Lost(_)) => self.undone += 1,
+            Err(_) => self.failed += 1,
+        }
+    }
+
     /// The kept pauses at p50, p99 and max (nearest rank); none while no move ran.
     pub fn pause_quantiles(&self) -> PauseQuantiles {
-        let mut pauses: Vec<u64> = self.pauses_us.iter().copied().collect();
-        pauses.sort_unstable();
-        let at = |q: f64| pauses.get(((pauses.len().max(1) - 1) as f64 * q).round() as usize).copied();
-        PauseQuantiles { p50: at(0.5), p99: at(0.99), max: pauses.last().copied(), count: pauses.len() }
+        PauseQuantiles::of(self.pauses_us.iter().copied().collect())
     }
+
+    /// The kept pauses' steps, each at p50, p99 and max.
+    pub fn step_quantiles(&self) -> StepQuantiles {
+        let of = |step: fn(&MoveSteps) -> u64| PauseQuantiles::of(self.steps_us.iter().map(step).collect());
+        StepQuantiles {
+            freeze: of(|s| s.freeze),
+            drain: of(|s| s.drain),
+            export: of(|s| s.export),
+            install: of(|s| s.install),
+            swap: of(|s| s.swap),
+            serve: of(|s| s.serve),
+        }
+    }
+}
+
+/// Starts a lane for [`Mover::on_lane`]: a runtime of one thread, driven
+/// until the process ends.
+pub fn start_lane() -> std::io::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("cellpay-mover".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
 }
 
 /// How many move pauses a mover keeps for its figures (I7).
@@ -545,10 +612,20 @@ impl Mover {
             cells,
             authority,
             limits,
-            one: tokio::sync::Mutex::new(()),
+            one: Default::default(),
             figures: Default::default(),
             drained: Default::default(),
+            lane: None,
         }
+    }
+
+    /// Runs each move on `lane`, a runtime of its own (a thread the router's
+    /// payments do not keep busy), whose tasks drive `cells`' connections:
+    /// a move's steps, on its write pause, then never wait in the run queue
+    /// behind thousands of payments' tasks.
+    pub fn on_lane(mut self, lane: tokio::runtime::Handle) -> Self {
+        self.lane = Some(lane);
+        self
     }
 
     pub fn cells(&self) -> &[Arc<dyn CellClient>] {
@@ -564,26 +641,24 @@ impl Mover {
     }
 
     /// Moves `shard` to `to` (waiting for a move under way to finish first).
+    /// On a lane, a move whose caller goes away still runs to its end (and
+    /// the next move waits for it).
     pub async fn move_shard(&self, shard: u32, to: CellId) -> Result<MoveReport, MoveError> {
-        let _one = self.one.lock().await;
+        let one = self.one.clone().lock_owned().await;
         let from = self.authority.current().await.ok().map(|m| m.owner(ShardId(shard.min(m.shards() - 1))).0);
         self.figures.lock().expect("mover figures lock").moving = from.map(|f| (shard, f, to.0));
-        let result = move_shard(&self.cells, self.authority.as_ref(), shard, to, self.limits).await;
-        let mut f = self.figures.lock().expect("mover figures lock");
-        f.moving = None;
-        match &result {
-            Ok(report) => {
-                f.moved += 1;
-                if f.pauses_us.len() == PAUSES_KEPT {
-                    f.pauses_us.pop_front();
-                }
-                f.pauses_us.push_back(report.pause_us);
-                f.last = Some(report.clone());
-            }
-            Err(MoveError::Drain(_) | MoveError::Lost(_)) => f.undone += 1,
-            Err(_) => f.failed += 1,
+        let (cells, authority, limits, figures) =
+            (self.cells.clone(), self.authority.clone(), self.limits, self.figures.clone());
+        let work = async move {
+            let result = move_shard(&cells, authority.as_ref(), shard, to, limits).await;
+            figures.lock().expect("mover figures lock").count(&result);
+            drop(one);
+            result
+        };
+        match &self.lane {
+            None => work.await,
+            Some(lane) => lane.spawn(work).await.unwrap_or_else(|e| Err(MoveError::Interrupted(e.to_string()))),
         }
-        result
     }
 
     /// The measured load of each shard: the commands that changed it during

@@ -23,7 +23,7 @@ use cellpay_cell::{BoxFuture, CellClient, CellFigures, CellStatus, EngineError};
 use cellpay_core::{priority_of, CellId, Command, Outcome, Priority, Query, QueryAnswer, ShardMap};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::codec;
@@ -44,6 +44,10 @@ pub struct RemoteConfig {
     /// Query calls in flight to this peer at once (apart, so a slow audit read
     /// never holds back payments).
     pub queries_in_flight_max: usize,
+    /// Control calls in flight to this peer at once: a shard move's steps and
+    /// map installs ([`cellpay_core::Op::is_control`]), each sent as a call of
+    /// its own, never queued behind payments for a submit or query slot.
+    pub control_in_flight_max: usize,
     /// The most commands coalesced into one call (a caller's own batch is
     /// never split, and goes alone when it is larger).
     pub coalesce_commands_max: usize,
@@ -67,6 +71,7 @@ impl Default for RemoteConfig {
             call_timeout: Duration::from_secs(5),
             in_flight_max: 2,
             queries_in_flight_max: 16,
+            control_in_flight_max: 4,
             coalesce_commands_max: 4096,
             queued_commands_max: 65_536,
             status_poll: Duration::from_millis(100),
@@ -97,6 +102,7 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
     slots: Arc<Semaphore>,
     query_slots: Arc<Semaphore>,
+    control_slots: Semaphore,
     /// Per priority class, in `Priority::ALL` order.
     queues: [Mutex<Queue>; 4],
     queued: AtomicU64,
@@ -116,12 +122,29 @@ struct Inner {
     /// The epoch of the shard map this client's owner works at (0: unknown),
     /// sent with every submit and query.
     sender_epoch: AtomicU64,
+    /// The runtime the client was started on: its tasks (connections,
+    /// flushes) run there, whichever runtime a call comes from.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         // The flusher waits on this: it wakes, finds no client, and ends.
         self.wake.notify_one();
+    }
+}
+
+/// Runs a connection's tasks on the runtime its client was started on.
+#[derive(Clone)]
+struct OnRuntime(tokio::runtime::Handle);
+
+impl<F> hyper::rt::Executor<F> for OnRuntime
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.0.spawn(future);
     }
 }
 
@@ -145,6 +168,7 @@ impl RemoteCell {
             conn: tokio::sync::Mutex::new(None),
             slots: Arc::new(Semaphore::new(config.in_flight_max)),
             query_slots: Arc::new(Semaphore::new(config.queries_in_flight_max)),
+            control_slots: Semaphore::new(config.control_in_flight_max.max(1)),
             queues: Default::default(),
             queued: AtomicU64::new(0),
             wake: Arc::new(tokio::sync::Notify::new()),
@@ -157,6 +181,7 @@ impl RemoteCell {
             calls: AtomicU64::new(0),
             commands_sent: AtomicU64::new(0),
             sender_epoch: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
         });
         tokio::spawn(poll_status(Arc::downgrade(&inner)));
         tokio::spawn(flush_queues(Arc::downgrade(&inner), inner.wake.clone()));
@@ -218,7 +243,7 @@ impl Inner {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        let mut builder = hyper::client::conn::http2::Builder::new(OnRuntime(self.runtime.clone()));
         builder
             .timer(TokioTimer::new())
             .adaptive_window(true)
@@ -232,7 +257,7 @@ impl Inner {
             Err(_) => return Err(self.unavailable(format!("HTTP/2 handshake with {address} timed out"))),
         };
         let cell = self.cell;
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%cell, "cell protocol connection ended: {e}");
             }
@@ -325,25 +350,7 @@ impl Inner {
             all.extend(w.commands);
             replies.push(w.reply);
         }
-        let total = all.len();
-        self.calls.fetch_add(1, Relaxed);
-        self.commands_sent.fetch_add(total as u64, Relaxed);
-        let cell = self.cell.0.to_string();
-        metrics::counter!("cellpay_cell_protocol_calls_total", "cell" => cell.clone()).increment(1);
-        metrics::counter!("cellpay_cell_protocol_commands_total", "cell" => cell).increment(total as u64);
-        let body = codec::encode_commands(&all);
-        drop(all);
-        let answer = match self.call(hyper::Method::POST, "/cell/v1/submit", Body::Versioned(body)).await {
-            Ok(bytes) => match codec::decode_outcomes(&bytes) {
-                Ok(Ok(outcomes)) if outcomes.len() == total => Ok(outcomes),
-                Ok(Ok(outcomes)) => {
-                    Err(self.unavailable(format!("the cell answered {} outcomes for {total} commands", outcomes.len())))
-                }
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(self.unavailable(format!("garbled answer: {e}"))),
-            },
-            Err(e) => Err(e),
-        };
+        let answer = self.send_commands(all).await;
         match answer {
             Ok(outcomes) => {
                 let mut rest = outcomes.into_iter();
@@ -365,6 +372,9 @@ impl Inner {
         }
         if commands.len() > codec::SUBMIT_COMMANDS_MAX {
             return Err(EngineError::TooLarge { commands: commands.len(), max: codec::SUBMIT_COMMANDS_MAX });
+        }
+        if cellpay_core::is_control(&commands) {
+            return self.submit_control(commands).await;
         }
         let n = commands.len();
         let queued = self.queued.fetch_add(n as u64, Relaxed);
@@ -397,8 +407,38 @@ impl Inner {
         }
     }
 
+    /// One submit call of `commands`, answered with one outcome each.
+    async fn send_commands(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, EngineError> {
+        let total = commands.len();
+        self.calls.fetch_add(1, Relaxed);
+        self.commands_sent.fetch_add(total as u64, Relaxed);
+        let cell = self.cell.0.to_string();
+        metrics::counter!("cellpay_cell_protocol_calls_total", "cell" => cell.clone()).increment(1);
+        metrics::counter!("cellpay_cell_protocol_commands_total", "cell" => cell).increment(total as u64);
+        let body = codec::encode_commands(&commands);
+        drop(commands);
+        let bytes = self.call(hyper::Method::POST, "/cell/v1/submit", Body::Versioned(body)).await?;
+        match codec::decode_outcomes(&bytes) {
+            Ok(Ok(outcomes)) if outcomes.len() == total => Ok(outcomes),
+            Ok(Ok(outcomes)) => {
+                Err(self.unavailable(format!("the cell answered {} outcomes for {total} commands", outcomes.len())))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(self.unavailable(format!("garbled answer: {e}"))),
+        }
+    }
+
+    /// Control work goes as a call of its own as soon as a control slot is
+    /// free: a move's step waits for no payment on the way to the cell
+    /// (where it goes in the control lane).
+    async fn submit_control(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, EngineError> {
+        let _slot = self.control_slots.acquire().await.expect("the semaphore is never closed");
+        self.send_commands(commands).await
+    }
+
     async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
-        let _slot = self.query_slots.acquire().await.expect("the semaphore is never closed");
+        let slots = if query.is_control() { &self.control_slots } else { &*self.query_slots };
+        let _slot = slots.acquire().await.expect("the semaphore is never closed");
         let bytes =
             self.call(hyper::Method::POST, "/cell/v1/query", Body::Versioned(codec::encode_query(&query))).await?;
         codec::decode_answer(&bytes).unwrap_or_else(|e| Err(self.unavailable(format!("garbled answer: {e}"))))
@@ -445,7 +485,7 @@ async fn flush_queues(inner: Weak<Inner>, wake: Arc<tokio::sync::Notify>) {
         let taken = (0..me.queues.len()).map(|class| me.take(class)).find(|t| !t.is_empty());
         match taken {
             Some(taken) => {
-                tokio::spawn(me.clone().flush(taken, slot));
+                me.runtime.spawn(me.clone().flush(taken, slot));
             }
             None => drop(slot),
         }

@@ -220,7 +220,7 @@ pub async fn move_shard(
         let code = match &e {
             E::Invalid(_) => ErrorCode::InvalidRequest,
             E::Drain(_) | E::Lost(_) => ErrorCode::Conflict,
-            E::Cell { .. } | E::Undecided { .. } => ErrorCode::CellUnavailable,
+            E::Cell { .. } | E::Undecided { .. } | E::Interrupted(_) => ErrorCode::CellUnavailable,
         };
         ApiError::new(code, e.to_string())
     })?;
@@ -348,6 +348,7 @@ pub async fn moves(State(state): State<AppState>, Extension(role): Extension<Rol
         "undone": f.undone,
         "failed": f.failed,
         "pause_us": f.pause_quantiles(),
+        "steps_us": f.step_quantiles(),
         "moving": f.moving.map(|(shard, from, to)| json!({"shard": shard, "from": from, "to": to})),
         "last": f.last,
         "plan": f.plan,
