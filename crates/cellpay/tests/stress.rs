@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Server, ADMIN, CLIENT};
+use common::{conforms, Server, ADMIN, CLIENT};
 use serde_json::{json, Value};
 
 const PROFILE: &str = r#"
@@ -187,6 +187,8 @@ cell = 2
     assert_eq!(r["checks"]["real_digests_changed"], 0, "moving a shard changes no real digest");
     let moves = s.get("/v1/admin/moves", ADMIN).body;
     assert!(moves["moved"].as_u64().unwrap() >= 5, "{moves}");
+    conforms(&moves, "MoverFigures");
+    assert_eq!(moves["steps_us"]["install"]["count"], moves["pause_us"]["count"], "each kept pause has its steps");
     let cluster = s.get("/v1/cluster", ADMIN).body;
     assert!(cluster["cells"][2]["shards"].as_u64().unwrap() > 0, "the drained cell was filled again: {cluster}");
     let c = &r["capacity"];

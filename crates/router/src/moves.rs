@@ -284,8 +284,10 @@ pub async fn move_shard(
     // payers has a message in flight, the export is ready once the freeze is
     // durable, a batch sooner. If it came first, or messages were in flight,
     // the loop below asks again.
-    let (frozen, early) =
-        tokio::join!(submit_one(b, freeze.clone()), b.query(Query::ExportShard { shard, older_after }));
+    // The pause starts when the freeze is durable, whenever the export comes.
+    let freezing = async { (submit_one(b, freeze.clone()).await, Instant::now()) };
+    let exporting = async { (b.query(Query::ExportShard { shard, older_after }).await, Instant::now()) };
+    let ((frozen, frozen_at), (early, early_at)) = tokio::join!(freezing, exporting);
     let drained_messages = match frozen? {
         Outcome::MoveStep { open_messages, .. } => open_messages,
         other => return Err(cell_error(from, other)),
@@ -294,8 +296,7 @@ pub async fn move_shard(
         Ok(QueryAnswer::ShardExport(export)) if export.move_id == epoch && export.to == to => Some(export),
         _ => None,
     };
-    let frozen_at = Instant::now();
-    steps.freeze = lap(&mut mark);
+    steps.freeze = frozen_at.duration_since(mark).as_micros() as u64;
     crash_point("frozen");
     let undo = |why: MoveError| async move {
         let _ = submit_one(c, Op::DiscardShard { shard, move_id: epoch }).await;
@@ -303,17 +304,19 @@ pub async fn move_shard(
         why
     };
     // Wait for the payers' messages in flight to close, then export.
-    let (export, export_at) = loop {
-        let export_at = Instant::now();
+    // (The export, when it was asked for the last time, when it came.)
+    let (export, export_at, exported_at) = loop {
         if let Some(export) = early.take() {
-            break (export, export_at);
+            // Held at the cell until it was ready: any drain is in the export's time.
+            break (export, frozen_at, early_at.max(frozen_at));
         }
+        let export_at = Instant::now();
         let answer = match b.query(Query::ExportShard { shard, older_after }).await {
             Ok(answer) => answer,
             Err(e) => return Err(undo(cell_error(from, e)).await),
         };
         match answer {
-            QueryAnswer::ShardExport(export) => break (export, export_at),
+            QueryAnswer::ShardExport(export) => break (export, export_at, Instant::now()),
             QueryAnswer::Rejected(r) if r.code == ErrorCode::ShardFrozen => {
                 if frozen_at.elapsed() >= limits.drain_max {
                     let open = match submit_one(b, freeze.clone()).await {
@@ -327,9 +330,9 @@ pub async fn move_shard(
             other => return Err(undo(cell_error(from, other)).await),
         }
     };
-    steps.drain = export_at.duration_since(mark).as_micros() as u64;
-    mark = export_at;
-    steps.export = lap(&mut mark);
+    steps.drain = export_at.duration_since(frozen_at).as_micros() as u64;
+    steps.export = exported_at.duration_since(export_at).as_micros() as u64;
+    mark = exported_at;
     let counts = (
         export.real.accounts.len() as u64,
         (export.real.records.len() + export.shadow.records.len()) as u64,
