@@ -266,10 +266,14 @@ impl ControlAuthority {
         Ok(control)
     }
 
-    /// Drops the held connection after a failed call: the next call opens a
-    /// new one (a connection stuck past the statement timeout is not closed).
-    async fn forget(&self) {
-        *self.held.lock().await = None;
+    /// Drops `failed`, the held connection a call failed on: the next call
+    /// opens a new one (a connection stuck past the statement timeout is not
+    /// closed). One another caller opened since stays.
+    async fn forget(&self, failed: &Arc<Control>) {
+        let mut held = self.held.lock().await;
+        if held.as_ref().is_some_and(|h| Arc::ptr_eq(h, failed)) {
+            *held = None;
+        }
     }
 }
 
@@ -281,7 +285,7 @@ impl cellpay_router::MapAuthority for ControlAuthority {
             match control.view().await {
                 Ok(view) => Ok(view.map),
                 Err(e) => {
-                    self.forget().await;
+                    self.forget(&control).await;
                     Err(unavailable(e))
                 }
             }
@@ -296,7 +300,7 @@ impl cellpay_router::MapAuthority for ControlAuthority {
                 Ok(()) => Ok(()),
                 Err(cellpay_control::ControlError::Mismatch(why)) => Err(SwapError::Lost(why)),
                 Err(e) => {
-                    self.forget().await;
+                    self.forget(&control).await;
                     Err(SwapError::Unavailable(e.to_string()))
                 }
             }

@@ -362,7 +362,9 @@ impl Control {
         // concurrent one waits for the row and then finds the epoch moved),
         // its line in the action log and the notification. It is on a shard
         // move's write pause.
-        let owners: Vec<i32> = next.owners().iter().map(|c| c.0 as i32).collect();
+        let Ok(owners) = next.owners().iter().map(|c| i32::try_from(c.0)).collect::<Result<Vec<i32>, _>>() else {
+            return Err(ControlError::Mismatch("the map names a cell id beyond any cluster's".into()));
+        };
         let what = format!("shard map epoch {} installed", next.epoch());
         let swapped = timed(self.client.query_one(
             &format!(
@@ -371,9 +373,10 @@ impl Control {
                       WHERE epoch < $1 AND cardinality(owners) = cardinality($2::integer[])
                         AND (SELECT coalesce(max(o), -1) FROM unnest($2::integer[]) AS o)
                             < (SELECT count(*) FROM {SCHEMA}.cells)
+                        AND (SELECT coalesce(min(o), 0) FROM unnest($2::integer[]) AS o) >= 0
                      RETURNING epoch),
                  logged AS (INSERT INTO {SCHEMA}.actions (who, what) SELECT $3, $4 FROM up)
-                 SELECT count(*) FROM up, LATERAL (SELECT pg_notify('{NOTIFY_CHANNEL}', '')) AS notified"
+                 SELECT count(*) FROM (SELECT pg_notify('{NOTIFY_CHANNEL}', '') FROM up) AS notified"
             ),
             &[&(next.epoch() as i64), &owners, &who, &what],
         ))

@@ -52,6 +52,7 @@ async fn one_map_wins_each_epoch_and_a_map_the_cluster_cannot_take_changes_nothi
 
     // Refused, each with its reason, and nothing changes.
     mismatch(control.set_map(&with(2, &[0, 1, 2, 0, 1, 2, 0, 7]), "test").await, "cell 7");
+    mismatch(control.set_map(&with(2, &[0, 1, 2, 0, 1, 2, 0, 1 << 31]), "test").await, "beyond");
     mismatch(control.set_map(&with(2, &[0; 9]), "test").await, "9");
     mismatch(control.set_map(&with(1, &[0; 8]), "test").await, "epoch");
     assert_eq!(control.view().await.unwrap().map, start);

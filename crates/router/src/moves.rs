@@ -101,9 +101,10 @@ pub struct MoveReport {
     pub pause_us: u64,
     /// From the start to the old owner dropping the shard.
     pub total_us: u64,
-    /// Where the pause went, µs: the freeze's batch at the source, the wait
-    /// for messages in flight, the export, the install's batch at the
-    /// destination, the compare-and-set, the new map's batch at the destination.
+    /// Where the move's time went, µs: the freeze's batch at the source
+    /// (before the pause), then the pause's steps: the wait for messages in
+    /// flight, the export, the install's batch at the destination, the
+    /// compare-and-set, the new map's batch at the destination.
     pub steps_us: MoveSteps,
 }
 
@@ -307,8 +308,10 @@ pub async fn move_shard(
     // (The export, when it was asked for the last time, when it came.)
     let (export, export_at, exported_at) = loop {
         if let Some(export) = early.take() {
-            // Held at the cell until it was ready: any drain is in the export's time.
-            break (export, frozen_at, early_at.max(frozen_at));
+            // Held at the cell until it was ready: with credits in flight at
+            // the freeze, that wait was the drain.
+            let ready_at = early_at.max(frozen_at);
+            break (export, if drained_messages > 0 { ready_at } else { frozen_at }, ready_at);
         }
         let export_at = Instant::now();
         let answer = match b.query(Query::ExportShard { shard, older_after }).await {
@@ -660,7 +663,12 @@ impl Mover {
         };
         match &self.lane {
             None => work.await,
-            Some(lane) => lane.spawn(work).await.unwrap_or_else(|e| Err(MoveError::Interrupted(e.to_string()))),
+            Some(lane) => lane.spawn(work).await.unwrap_or_else(|e| {
+                // The task ended before it counted the move.
+                let lost = Err(MoveError::Interrupted(e.to_string()));
+                self.figures.lock().expect("mover figures lock").count(&lost);
+                lost
+            }),
         }
     }
 

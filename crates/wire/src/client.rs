@@ -210,6 +210,42 @@ impl RemoteCell {
     }
 }
 
+/// Opens a connection to `address` (TCP, then the HTTP/2 handshake, each
+/// within the connect timeout) whose tasks run on `runtime`.
+async fn open_connection(
+    cell: CellId,
+    address: String,
+    config: RemoteConfig,
+    runtime: tokio::runtime::Handle,
+) -> Result<SendRequest<Full<Bytes>>, String> {
+    let connect = tokio::net::TcpStream::connect(address.as_str());
+    let tcp = match tokio::time::timeout(config.connect_timeout, connect).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(format!("cannot connect to {address}: {e}")),
+        Err(_) => return Err(format!("no connection to {address} within {} ms", config.connect_timeout.as_millis())),
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut builder = hyper::client::conn::http2::Builder::new(OnRuntime(runtime.clone()));
+    builder
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .keep_alive_interval(crate::server::KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(crate::server::KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    let handshake = builder.handshake(TokioIo::new(tcp));
+    let (sender, connection) = match tokio::time::timeout(config.connect_timeout, handshake).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return Err(format!("HTTP/2 handshake with {address} failed: {e}")),
+        Err(_) => return Err(format!("HTTP/2 handshake with {address} timed out")),
+    };
+    runtime.spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%cell, "cell protocol connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
 impl Inner {
     fn unavailable(&self, reason: String) -> EngineError {
         EngineError::Unavailable { cell: self.cell, reason }
@@ -233,35 +269,13 @@ impl Inner {
         }
         *conn = None;
         let address = self.address.read().expect("address lock").clone();
-        let connect = tokio::net::TcpStream::connect(address.as_str());
-        let tcp = match tokio::time::timeout(self.config.connect_timeout, connect).await {
-            Ok(Ok(tcp)) => tcp,
-            Ok(Err(e)) => return Err(self.unavailable(format!("cannot connect to {address}: {e}"))),
-            Err(_) => {
-                let ms = self.config.connect_timeout.as_millis();
-                return Err(self.unavailable(format!("no connection to {address} within {ms} ms")));
-            }
+        // The socket and the connection's tasks belong to the client's own
+        // runtime, whichever runtime this call came from.
+        let opened = self.runtime.spawn(open_connection(self.cell, address, self.config, self.runtime.clone()));
+        let sender = match opened.await {
+            Ok(opened) => opened.map_err(|why| self.unavailable(why))?,
+            Err(e) => return Err(self.unavailable(format!("the connecting task was lost: {e}"))),
         };
-        let _ = tcp.set_nodelay(true);
-        let mut builder = hyper::client::conn::http2::Builder::new(OnRuntime(self.runtime.clone()));
-        builder
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(crate::server::KEEP_ALIVE_INTERVAL)
-            .keep_alive_timeout(crate::server::KEEP_ALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let handshake = builder.handshake(TokioIo::new(tcp));
-        let (sender, connection) = match tokio::time::timeout(self.config.connect_timeout, handshake).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(self.unavailable(format!("HTTP/2 handshake with {address} failed: {e}"))),
-            Err(_) => return Err(self.unavailable(format!("HTTP/2 handshake with {address} timed out"))),
-        };
-        let cell = self.cell;
-        self.runtime.spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%cell, "cell protocol connection ended: {e}");
-            }
-        });
         *conn = Some(sender.clone());
         Ok(sender)
     }
@@ -432,13 +446,28 @@ impl Inner {
     /// free: a move's step waits for no payment on the way to the cell
     /// (where it goes in the control lane).
     async fn submit_control(&self, commands: Vec<Command>) -> Result<Vec<Outcome>, EngineError> {
-        let _slot = self.control_slots.acquire().await.expect("the semaphore is never closed");
+        let _slot = self.control_slot().await?;
         self.send_commands(commands).await
     }
 
+    /// A control slot, waited for at most one call deadline.
+    async fn control_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, EngineError> {
+        match tokio::time::timeout(self.config.call_timeout, self.control_slots.acquire()).await {
+            Ok(slot) => Ok(slot.expect("the semaphore is never closed")),
+            Err(_) => Err(self.unavailable(format!(
+                "no control call slot within {} ms ({} in flight)",
+                self.config.call_timeout.as_millis(),
+                self.config.control_in_flight_max
+            ))),
+        }
+    }
+
     async fn query(self: Arc<Self>, query: Query) -> Result<QueryAnswer, EngineError> {
-        let slots = if query.is_control() { &self.control_slots } else { &*self.query_slots };
-        let _slot = slots.acquire().await.expect("the semaphore is never closed");
+        let _slot = if query.is_control() {
+            self.control_slot().await?
+        } else {
+            self.query_slots.acquire().await.expect("the semaphore is never closed")
+        };
         let bytes =
             self.call(hyper::Method::POST, "/cell/v1/query", Body::Versioned(codec::encode_query(&query))).await?;
         codec::decode_answer(&bytes).unwrap_or_else(|e| Err(self.unavailable(format!("garbled answer: {e}"))))

@@ -1,8 +1,9 @@
-//! A shard move's steps on a live cell server, as a router in another
-//! process sends them: they overtake the payments queued for a busy cell
-//! (a call of their own, then the cell's control lane), and an export sent
-//! together with its freeze is answered once the freeze is applied, even
-//! when it reaches the cell first.
+//! The cluster's control calls on a live cell server, as a router in
+//! another process sends them: a shard move's steps overtake the payments
+//! queued for a busy cell (a call of their own, then the cell's control
+//! lane); an export sent together with its freeze is answered once the
+//! freeze is applied, even when it reaches the cell first; and the outbox
+//! limit the flow rules set reaches the cell.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,8 +35,12 @@ struct Served {
 
 /// Cell 0 of a two-cell map at epoch 3 (it owns every shard), served on loopback.
 async fn serve(config: EngineConfig) -> Served {
+    serve_map(config, ShardMap::new(3, vec![CellId(0); SHARDS as usize]).unwrap()).await
+}
+
+/// Cell 0 of `map`, served on loopback.
+async fn serve_map(config: EngineConfig, map: ShardMap) -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let map = ShardMap::new(3, vec![CellId(0); SHARDS as usize]).unwrap();
     let cell = Cell::open_embedded(dir.path(), CellId(0), &map, config).unwrap();
     let slot = Arc::new(CellSlot::new(CellId(0)));
     slot.install(cell.handle());
@@ -114,4 +119,54 @@ async fn an_export_sent_before_its_freeze_is_answered_once_the_freeze_is_applied
         "{answer:?}"
     );
     assert!(took >= EXPORT_WAIT_MAX && took < EXPORT_WAIT_MAX + Duration::from_secs(2), "held {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_limit_the_router_sets_reaches_the_cell() {
+    // Cell 0 owns the even shards; credits for the odd ones wait in its
+    // outbox (no cell 1 runs to take them).
+    let owners = (0..SHARDS).map(|s| CellId(s % 2)).collect();
+    let s = serve_map(EngineConfig::default(), ShardMap::new(3, owners).unwrap()).await;
+    let config = RemoteConfig { status_poll: Duration::from_millis(20), ..RemoteConfig::default() };
+    let client = RemoteCell::start(CellId(0), &s.addr, s.secret.clone(), config);
+    let named = |prefix: &str, odd: u32| {
+        (0..).map(|i| format!("{prefix}-{i}")).find(|n| shard_of(n, SHARDS).0 % 2 == odd).unwrap()
+    };
+    let (payer, payee) = (named("payer", 0), named("payee", 1));
+    let opened = client
+        .submit(vec![Command::real(Op::OpenAccount(OpenAccount {
+            id: AccountId::new(&payer).unwrap(),
+            tenant: TenantId::new("t").unwrap(),
+            currency: Currency::new("CNY").unwrap(),
+            overdraft: true,
+        }))])
+        .await
+        .unwrap();
+    assert!(matches!(opened[0], Outcome::AccountOpened { .. }), "{opened:?}");
+
+    // 256 is sent as the bytes 00 01 00 …: a body that starts with 0.
+    const LIMIT: usize = 256;
+    client.set_outbox_messages_max(LIMIT as u64);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let transfers: Vec<Command> = (0..LIMIT + 1)
+        .map(|i| {
+            Command::real(Op::Transfer(cellpay_core::Transfer {
+                id: cellpay_core::TransferId::new(&format!("t-{i}")).unwrap(),
+                from: AccountId::new(&payer).unwrap(),
+                to: AccountId::new(&payee).unwrap(),
+                amount: 1,
+                currency: None,
+                memo: None,
+                by: cellpay_core::Authority::Admin,
+            }))
+        })
+        .collect();
+    let outcomes = client.submit(transfers).await.unwrap();
+    let accepted = outcomes.iter().take_while(|o| matches!(o, Outcome::Transferred { .. })).count();
+    assert_eq!(accepted, LIMIT, "the credits the outbox took before refusing: {:?}", outcomes.last());
+    assert!(
+        matches!(&outcomes[LIMIT], Outcome::Rejected(r) if r.code == ErrorCode::OutboxFull),
+        "{:?}",
+        outcomes[LIMIT]
+    );
 }
