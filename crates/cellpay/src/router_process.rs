@@ -58,13 +58,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let (rules, plan) = protection_files(&config)?;
         let cells = view.cells.len();
         let protection = Arc::new(Protection::new(rules, plan, auth.token_roles(), cells));
-        let remotes: Vec<RemoteCell> = view
-            .cells
-            .iter()
-            .map(|c| {
+        // A client of every cell, started on the runtime this is called on.
+        let start_remotes = || -> Vec<RemoteCell> {
+            let start = |c: &cellpay_control::CellEntry| {
                 RemoteCell::start(c.id, c.address.as_deref().unwrap_or(""), secret.clone(), RemoteConfig::default())
-            })
-            .collect();
+            };
+            view.cells.iter().map(start).collect()
+        };
+        let remotes = start_remotes();
         let clients: Vec<Arc<dyn CellClient>> =
             remotes.iter().map(|r| Arc::new(r.clone()) as Arc<dyn CellClient>).collect();
         let cluster = Arc::new(Cluster::new(view.map.clone(), clients, protection));
@@ -90,15 +91,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         // Shard moves run on a lane of their own, with their own connections
         // to the cells and to the control plane (see `Mover::on_lane`).
         let lane = cellpay_router::moves::start_lane().context("starting the shard mover's thread")?;
-        let mover_remotes: Vec<RemoteCell> = {
+        let mover_remotes = {
             let _on_lane = lane.enter();
-            view.cells
-                .iter()
-                .map(|c| {
-                    let address = c.address.as_deref().unwrap_or("");
-                    RemoteCell::start(c.id, address, secret.clone(), RemoteConfig::default())
-                })
-                .collect()
+            start_remotes()
         };
         let authority = Arc::new(ControlAuthority {
             url: args.control.control.clone(),
@@ -128,12 +123,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             if changed.is_err() { return }
                             let Some(view) = views.borrow_and_update().clone() else { continue };
                             saver.save(&view);
-                            for (remote, entry) in remotes.iter().zip(view.cells.iter()) {
-                                if let Some(a) = entry.address.as_deref() {
-                                    remote.set_address(a);
-                                }
-                            }
-                            for (remote, entry) in mover_remotes.iter().zip(view.cells.iter()) {
+                            let clients = remotes.iter().zip(&view.cells).chain(mover_remotes.iter().zip(&view.cells));
+                            for (remote, entry) in clients {
                                 if let Some(a) = entry.address.as_deref() {
                                     remote.set_address(a);
                                 }

@@ -283,8 +283,9 @@ pub async fn move_shard(
     // The export goes with the freeze. In the cell's control lane it comes
     // right after it, usually in the same batch: when none of the shard's
     // payers has a message in flight, the export is ready once the freeze is
-    // durable, a batch sooner. If it came first, or messages were in flight,
-    // the loop below asks again.
+    // durable, a batch sooner. From another process it may come first: the
+    // cell holds it until it is ready, for a bound; past that (messages
+    // still in flight) the loop below asks again.
     // The pause starts when the freeze is durable, whenever the export comes.
     let freezing = async { (submit_one(b, freeze.clone()).await, Instant::now()) };
     let exporting = async { (b.query(Query::ExportShard { shard, older_after }).await, Instant::now()) };

@@ -5,53 +5,23 @@
 //! freeze is applied, even when it reaches the cell first; and the outbox
 //! limit the flow rules set reaches the cell.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use cellpay_cell::{Cell, CellClient, CellSlot, EngineConfig, EXPORT_WAIT_MAX};
+use cellpay_cell::{CellClient, EngineConfig, EXPORT_WAIT_MAX};
 use cellpay_core::{
     shard_of, AccountId, CellId, Command, Currency, ErrorCode, Op, OpenAccount, Outcome, Query, QueryAnswer, ShardMap,
     TenantId,
 };
-use cellpay_wire::{ClusterSecret, RemoteCell, RemoteConfig};
+use cellpay_wire::{RemoteCell, RemoteConfig};
+use common::{open, Served};
 
 const SHARDS: u32 = 8;
 
-fn open(id: &str) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount {
-        id: AccountId::new(id).unwrap(),
-        tenant: TenantId::new("t").unwrap(),
-        currency: Currency::new("CNY").unwrap(),
-        overdraft: false,
-    }))
-}
-
-struct Served {
-    _dir: tempfile::TempDir,
-    addr: String,
-    secret: ClusterSecret,
-    _stop: tokio::sync::watch::Sender<bool>,
-}
-
 /// Cell 0 of a two-cell map at epoch 3 (it owns every shard), served on loopback.
 async fn serve(config: EngineConfig) -> Served {
-    serve_map(config, ShardMap::new(3, vec![CellId(0); SHARDS as usize]).unwrap()).await
-}
-
-/// Cell 0 of `map`, served on loopback.
-async fn serve_map(config: EngineConfig, map: ShardMap) -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let cell = Cell::open_embedded(dir.path(), CellId(0), &map, config).unwrap();
-    let slot = Arc::new(CellSlot::new(CellId(0)));
-    slot.install(cell.handle());
-    std::mem::forget(cell);
-    let secret = ClusterSecret::new("control-test-cluster-secret").unwrap();
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = tcp.local_addr().unwrap().to_string();
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let app = cellpay_wire::app(slot as Arc<dyn CellClient>, secret.clone(), Arc::new(tokio::sync::Notify::new()));
-    tokio::spawn(cellpay_wire::serve(tcp, app, stop));
-    Served { _dir: dir, addr, secret, _stop: stop_tx }
+    common::serve(config, ShardMap::new(3, vec![CellId(0); SHARDS as usize]).unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +96,7 @@ async fn the_outbox_limit_the_router_sets_reaches_the_cell() {
     // Cell 0 owns the even shards; credits for the odd ones wait in its
     // outbox (no cell 1 runs to take them).
     let owners = (0..SHARDS).map(|s| CellId(s % 2)).collect();
-    let s = serve_map(EngineConfig::default(), ShardMap::new(3, owners).unwrap()).await;
+    let s = common::serve(EngineConfig::default(), ShardMap::new(3, owners).unwrap()).await;
     let config = RemoteConfig { status_poll: Duration::from_millis(20), ..RemoteConfig::default() };
     let client = RemoteCell::start(CellId(0), &s.addr, s.secret.clone(), config);
     let named = |prefix: &str, odd: u32| {

@@ -4,54 +4,22 @@
 //! holds, the map call answers that map, and a call meant for another cell
 //! (an address gone stale) reaches no engine.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use cellpay_cell::{Cell, CellClient, CellSlot, EngineConfig, EngineError};
-use cellpay_core::{
-    AccountId, Authority, CellId, Command, Currency, ErrorCode, Op, OpenAccount, Outcome, Query, QueryAnswer, ShardMap,
-    TenantId,
-};
-use cellpay_wire::{ClusterSecret, RemoteCell, RemoteConfig};
-
-fn open(id: &str) -> Command {
-    Command::real(Op::OpenAccount(OpenAccount {
-        id: AccountId::new(id).unwrap(),
-        tenant: TenantId::new("t").unwrap(),
-        currency: Currency::new("CNY").unwrap(),
-        overdraft: false,
-    }))
-}
+use cellpay_cell::{CellClient, EngineConfig, EngineError};
+use cellpay_core::{AccountId, Authority, CellId, Command, ErrorCode, Op, Outcome, Query, QueryAnswer, ShardMap};
+use cellpay_wire::{RemoteCell, RemoteConfig};
+use common::{open, Served};
 
 fn account(id: &str) -> Query {
     Query::Account { shadow: false, id: AccountId::new(id).unwrap(), by: Authority::Admin }
 }
 
-struct Served {
-    _dir: tempfile::TempDir,
-    slot: Arc<CellSlot>,
-    addr: String,
-    behind: Arc<tokio::sync::Notify>,
-    secret: ClusterSecret,
-    _stop: tokio::sync::watch::Sender<bool>,
-}
-
 /// Cell 0 of a two-cell map at `epoch` (every shard its own), served on loopback.
 async fn serve(epoch: u64) -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let map = ShardMap::new(epoch, vec![CellId(0); 8]).unwrap();
-    let cell = Cell::open_embedded(dir.path(), CellId(0), &map, EngineConfig::default()).unwrap();
-    let slot = Arc::new(CellSlot::new(CellId(0)));
-    slot.install(cell.handle());
-    std::mem::forget(cell);
-    let secret = ClusterSecret::new("epoch-test-cluster-secret").unwrap();
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = tcp.local_addr().unwrap().to_string();
-    let behind = Arc::new(tokio::sync::Notify::new());
-    let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let app = cellpay_wire::app(slot.clone() as Arc<dyn CellClient>, secret.clone(), behind.clone());
-    tokio::spawn(cellpay_wire::serve(tcp, app, stop));
-    Served { _dir: dir, slot, addr, behind, secret, _stop: stop_tx }
+    common::serve(EngineConfig::default(), ShardMap::new(epoch, vec![CellId(0); 8]).unwrap()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
